@@ -1,0 +1,1 @@
+"""The `dietcl-fast` command line (installed as dietcl_fast.cli)."""

@@ -1,0 +1,203 @@
+"""`dietcl-fast`: thin click front end. Parse, build the config, call the library."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from dietcl_fast.config import Config, ConfigError, apply_dict, load_yaml
+
+# (option name, config section.key) for every train option that maps onto the config tree
+TRAIN_OPTIONS = {
+    "method": "method.name", "data": "stream.data", "scenario": "stream.scenario",
+    "time_steps": "stream.time_steps", "label_rate": "stream.label_rate",
+    "eval_fraction": "stream.eval_fraction", "budget": "run.budget",
+    "batch_size": "run.batch_size", "preset": "model.preset", "pretrained": "model.pretrained",
+    "seed": "run.seed", "out": "run.out", "ckpt_every": "run.ckpt_every",
+    "device": "run.device", "split": "method.split", "mixup": "method.mixup",
+    "recon_weight": "method.recon_weight", "unlabeled_fraction": "method.unlabeled_fraction",
+    "loader": "loader.backend", "on_bad_image": "loader.on_bad_image",
+    "engine": "engine.engine", "micro_batch": "engine.micro_batch",
+    "blr": "optim.blr", "min_lr": "optim.min_lr", "layer_decay": "optim.layer_decay",
+    "weight_decay": "optim.weight_decay", "progress": "run.progress",
+    "stop_after_steps": "run.stop_after_steps",
+}
+
+
+def _fail(msg: str) -> None:
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+def _explicit(ctx: click.Context, name: str) -> bool:
+    src = ctx.get_parameter_source(name)
+    return src is not None and src != click.core.ParameterSource.DEFAULT
+
+
+def build_config(ctx: click.Context, params: dict) -> Config:
+    """defaults <- --config FILE <- options given on the command line."""
+    cfg = Config()
+    if params.get("config"):
+        apply_dict(cfg, load_yaml(params["config"]), source=params["config"])
+    overrides: dict[str, dict] = {}
+    for opt, path in TRAIN_OPTIONS.items():
+        # an option counts when typed on the command line, or when no file set it
+        if opt in params and (_explicit(ctx, opt) or not params.get("config")):
+            sec, key = path.split(".")
+            if params[opt] is None and not _explicit(ctx, opt):
+                continue
+            overrides.setdefault(sec, {})[key] = params[opt]
+    apply_dict(cfg, overrides, source="command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data; the stream builder checks the rest before any compute."""
+    s = cfg.stream
+    if not (0.0 < s.label_rate <= 1.0):
+        raise ConfigError(f"--label-rate {s.label_rate}: must be in (0, 1]")
+    if s.time_steps < 1:
+        raise ConfigError(f"--time-steps {s.time_steps}: must be >= 1")
+    if s.scenario not in ("class", "time"):
+        raise ConfigError(f"--scenario {s.scenario!r}: choose class or time")
+    b = cfg.run.budget
+    if b < 1:
+        raise ConfigError(f"--budget {b}: must be >= 1 training step per time step")
+    if cfg.run.batch_size is not None and cfg.run.batch_size < 2:
+        raise ConfigError(f"--batch-size {cfg.run.batch_size}: must be >= 2")
+    if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
+        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file")
+
+
+def default_run_dir(cfg: Config) -> str:
+    data = cfg.stream.data.replace(os.sep, "_").replace(":", "_").strip("_")[-40:]
+    return os.path.join("runs", f"{cfg.method.name}-{data}-{cfg.stream.scenario}-"
+                                f"lr{cfg.stream.label_rate:g}-b{cfg.run.budget:g}-s{cfg.run.seed}")
+
+
+def _method_choices():
+    from dietcl_fast.methods import METHODS
+    return sorted(METHODS)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="dietcl-fast")
+def main():
+    """dietcl-fast: semi-supervised continual learning under a compute budget (DietCL and
+    baselines) with an exact FLOP ledger."""
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--method", default="dietcl", help="Method to train (dietcl, er, finetune, ...).")
+@click.option("--data", default="animal-mnist",
+              help="Dataset: animal-mnist (embedded), digits (sklearn), folder:PATH "
+                   "(root/<class>/*.jpg), csv:PATH (path,label[,timestamp]) or a path.")
+@click.option("--scenario", default="class", type=click.Choice(["class", "time"]),
+              help="class-incremental, or time-incremental (embedded sets drift over time).")
+@click.option("--time-steps", default=5, type=int, help="Number of time steps T.")
+@click.option("--budget", default=500, type=float,
+              help="Training steps per time step at the global batch (one unit = one "
+                   "forward+backward of the global batch, whatever mix of paths).")
+@click.option("--label-rate", default=0.01, type=float, help="Fraction of each class labeled, in (0, 1].")
+@click.option("--eval-fraction", default=0.2, type=float, help="Held-out evaluation share per step.")
+@click.option("--batch-size", default=None, type=int,
+              help="Global batch [default: the preset's: 1024 for vit-b16, 64 for cpu-tiny].")
+@click.option("--micro-batch", default=None, type=int,
+              help="Micro-batch (gradient accumulation makes up the global batch) [default: preset's].")
+@click.option("--preset", default="auto", type=click.Choice(["auto", "cpu-tiny", "vit-b16"]),
+              help="Model size; auto = vit-b16 on a GPU, cpu-tiny on the CPU.")
+@click.option("--pretrained", default=None, type=click.Path(dir_okay=False),
+              help="Official MAE checkpoint (weights under 'model', with decoder); strict mapping.")
+@click.option("--split", default="ratio:0.8",
+              help="DietCL budget split: ratio:F (F joint, rest buffer-only) or threshold:N (paper).")
+@click.option("--mixup/--no-mixup", default=True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
+@click.option("--recon-weight", default=50.0, type=float, help="w_r, weight of the MAE loss Lr.")
+@click.option("--unlabeled-fraction", default=0.4, type=float, help="Share of each joint batch for Lr.")
+@click.option("--blr", default=None, type=float, help="Base LR (lr = blr x batch / 256) [default: preset's].")
+@click.option("--min-lr", default=None, type=float, help="Cosine floor [default: preset's].")
+@click.option("--layer-decay", default=None, type=float, help="Layer-wise LR decay [default: preset's].")
+@click.option("--weight-decay", default=0.05, type=float, help="AdamW weight decay (none on 1-D params).")
+@click.option("--loader", default="auto", type=click.Choice(["auto", "memory", "torch", "dali"]),
+              help="Data loader backend.")
+@click.option("--on-bad-image", default="error", type=click.Choice(["error", "skip"]),
+              help="A corrupt/missing image stops the run (error) or is skipped and listed.")
+@click.option("--engine", default="torch", type=click.Choice(["torch", "deepspeed", "auto"]),
+              help="Training engine.")
+@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="Device.")
+@click.option("--seed", default=0, type=int, help="One seed drives splits, masks, sampling and init.")
+@click.option("--out", default=None, help="Run directory [default: runs/<method>-<data>-...].")
+@click.option("--ckpt-every", default=0, type=int,
+              help="Also checkpoint every N training steps (always at each time-step end).")
+@click.option("--resume", default=None, type=click.Path(file_okay=False),
+              help="Continue a killed run from its directory (uses the run's saved config).")
+@click.option("--config", "config", default=None, type=click.Path(dir_okay=False),
+              help="YAML config file (sections stream/model/method/optim/loader/engine/run); "
+                   "options typed on the command line override it.")
+@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
+@click.option("--stop-after-steps", default=None, type=int, hidden=True,
+              help="Testing aid: exit abruptly after N optimiser steps, as if killed.")
+@click.pass_context
+def train(ctx, **params):
+    """Train a continual learner on a stream under a per-step compute budget; writes
+    results.json, curve.png, config.yaml and checkpoints into the run directory."""
+    from dietcl_fast import checkpoint as ckpt_io
+    from dietcl_fast.trainer import Trainer
+    try:
+        if params["resume"]:
+            run_dir = params["resume"]
+            state = ckpt_io.load_checkpoint(run_dir)
+            cfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
+            ignored = [o for o in TRAIN_OPTIONS if o in params and _explicit(ctx, o)
+                       and o not in ("progress", "stop_after_steps")]
+            if ignored:
+                click.echo(f"note: --resume uses the run's saved config; ignoring "
+                           f"{', '.join('--' + o.replace('_', '-') for o in ignored)}", err=True)
+            if _explicit(ctx, "stop_after_steps"):
+                cfg.run.stop_after_steps = params["stop_after_steps"]
+            else:
+                cfg.run.stop_after_steps = None
+            cfg.run.progress = params["progress"]
+            trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
+            trainer.run(run_dir, resume_state=state)
+        else:
+            cfg = build_config(ctx, params)
+            run_dir = cfg.run.out or default_run_dir(cfg)
+            cfg.run.out = run_dir
+            if os.path.exists(os.path.join(run_dir, "latest.pt")):
+                _fail(f"--out {run_dir!r} already holds a run; use --resume {run_dir} to continue "
+                      "it, or choose another --out")
+            trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
+            trainer.run(run_dir)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--embed-dim", default=768, type=int)
+@click.option("--depth", default=12, type=int)
+@click.option("--heads", default=12, type=int)
+@click.option("--patch", default=16, type=int)
+@click.option("--img-size", default=224, type=int)
+@click.option("--in-chans", default=3, type=int)
+@click.option("--num-classes", default=1000, type=int)
+@click.option("--mlp-ratio", default=4.0, type=float)
+@click.option("--mask-ratio", default=0.75, type=float)
+@click.option("--decoder-dim", default=512, type=int)
+@click.option("--decoder-depth", default=8, type=int)
+@click.option("--decoder-heads", default=16, type=int)
+def flops(**kw):
+    """Exact FLOPs per image (FlopCounterMode convention, attention as plain matmuls) of the
+    ViT classifier and the MAE path, as JSON."""
+    from dietcl_fast.ledger import flops_report
+    try:
+        rep = flops_report(**kw)
+    except ValueError as e:
+        _fail(str(e))
+    click.echo(json.dumps(rep, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The typed config tree: the one place defaults live.
+
+A run's config is built from (defaults) <- (YAML file) <- (CLI overrides), validated before any
+compute, and saved resolved (`config.yaml` in the run directory) next to the results.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """Bad configuration value; the message names the option and the value."""
+
+
+@dataclass
+class StreamConfig:
+    data: str = "animal-mnist"          # animal-mnist | digits | folder:PATH | csv:PATH | PATH
+    scenario: str = "class"             # class | time
+    time_steps: int = 5
+    label_rate: float = 0.01
+    eval_fraction: float = 0.2
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "auto"                # auto | cpu-tiny | vit-b16
+    pretrained: Optional[str] = None    # official MAE checkpoint (weights under `model`)
+    mask_ratio: float = 0.75
+
+
+@dataclass
+class MethodConfig:
+    name: str = "dietcl"
+    split: str = "ratio:0.8"            # ratio:F (reference code) | threshold:N (paper)
+    unlabeled_fraction: float = 0.4     # of each joint batch (Lr); the rest is split Lm / Lb
+    recon_weight: float = 50.0          # w_r in w_r*Lr + Lm + Lb (reference code)
+    buffer_lr_scale: float = 0.1        # buffer-only phase LR multiplier
+    mixup: bool = True                  # Mixup 0.8 / CutMix 1.0 on labeled batches
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    label_smoothing: float = 0.1
+    buffer_replacement: bool = False
+    buffer_class_balanced: bool = False
+    options: dict = field(default_factory=dict)   # method-specific extras (baselines)
+
+
+@dataclass
+class OptimConfig:
+    blr: Optional[float] = None         # base LR; lr = blr * batch / 256 (None: preset's)
+    min_lr: Optional[float] = None      # cosine floor (None: preset's)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.05
+    layer_decay: Optional[float] = None  # None: preset's
+
+
+@dataclass
+class LoaderConfig:
+    backend: str = "auto"               # auto | memory | torch | dali
+    workers: int = 0
+    on_bad_image: str = "error"         # error | skip
+    fallback: str = "loud"              # loud: fall back with a warning | stop
+
+
+@dataclass
+class EngineConfig:
+    engine: str = "torch"               # torch | deepspeed | auto
+    zero_stage: int = 0
+    micro_batch: Optional[int] = None   # None: the preset's
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    budget: float = 500                 # training steps per time step at the global batch
+    batch_size: Optional[int] = None    # global batch (None: preset's; paper 1024)
+    seed: int = 0
+    out: Optional[str] = None           # run directory (None: runs/<method>-<data>-s<seed>)
+    ckpt_every: int = 0                 # extra checkpoints every N training steps (0: off)
+    device: str = "auto"                # auto | cpu | cuda
+    eval_batch_size: int = 512
+    progress: bool = True
+    stop_after_steps: Optional[int] = None  # testing aid: stop (as if killed) after N steps
+
+
+@dataclass
+class Config:
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, *, source: str = "config") -> "Config":
+        cfg = cls()
+        apply_dict(cfg, d, source=source)
+        return cfg
+
+
+def apply_dict(cfg: Config, d: dict, *, source: str = "config") -> None:
+    """Merge a nested dict into cfg; unknown sections/keys are errors naming them."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+    sections = {f.name: f for f in fields(cfg)}
+    for sec, values in d.items():
+        if sec not in sections:
+            raise ConfigError(f"{source}: unknown section {sec!r}; known: {', '.join(sections)}")
+        obj = getattr(cfg, sec)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {sec!r} must be a mapping")
+        known = {f.name: f for f in fields(obj)}
+        for k, v in values.items():
+            if k not in known:
+                raise ConfigError(f"{source}: unknown key {sec}.{k}; known: {', '.join(known)}")
+            setattr(obj, k, _coerce(v, getattr(obj, k), f"{source}: {sec}.{k}"))
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    if value is None or current is None:
+        return value
+    try:
+        if isinstance(current, bool):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if isinstance(current, int) and not isinstance(current, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}={value!r} is not a valid {type(current).__name__}") from None
+    return value
+
+
+def load_yaml(path: str) -> dict:
+    import os
+
+    import yaml
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path!r}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path!r}: not valid YAML ({e})") from e
+    return d
+
+
+def save_yaml(cfg: Config, path: str) -> None:
+    import yaml
+    from .checkpoint import atomic_write_bytes
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+def replace(obj, **kw):
+    return dataclasses.replace(obj, **kw)

@@ -1,0 +1,177 @@
+"""Compute ledger (SPEC §1): the single source of truth for budget accounting.
+
+One unit = one forward+backward pass of ``global_batch`` images (default 1024), whatever mix of
+paths (classifier, MAE, ...) they take.  Per-image FLOPs come from the exact FLOP model of the
+native core (``flops_per_image``), in torch ``FlopCounterMode`` conventions with attention as
+plain matmuls (timm fused attention off); ``*_flash`` keys count the attention backward at
+2.5x forward as FlopCounterMode does for flash attention.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from dietcl_fast import _core
+
+__all__ = ["ViTSpec", "flops_per_image", "flops_report", "Ledger", "BudgetExceeded"]
+
+BudgetExceeded = _core.BudgetExceeded  # subclass of ValueError
+
+
+@dataclass
+class ViTSpec:
+    img_size: int = 224
+    patch: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_token: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+    mask_ratio: float = 0.75
+
+    def _to_core(self) -> "_core.ViTSpec":
+        s = _core.ViTSpec()
+        for k, v in asdict(self).items():
+            if k in ("mlp_ratio", "mask_ratio"):
+                v = float(v)
+            elif k == "class_token":
+                v = bool(v)
+            else:
+                if isinstance(v, bool) or int(v) != v:
+                    raise ValueError(f"ViTSpec: {k} = {v!r} is invalid: must be an integer")
+                v = int(v)
+            setattr(s, k, v)
+        return s
+
+
+def flops_per_image(spec: ViTSpec) -> dict:
+    """Per-image FLOPs: classify_fwd, classify_fwd_bwd, mae_fwd, mae_fwd_bwd, *_flash."""
+    if isinstance(spec, dict):
+        spec = ViTSpec(**spec)
+    return dict(_core.flops_per_image(spec._to_core()))
+
+
+def flops_report(embed_dim, depth, heads, patch, img_size, in_chans, num_classes, mask_ratio,
+                 decoder_dim, decoder_depth, decoder_heads, mlp_ratio=4.0) -> dict:
+    """Backs the ``dietcl-fast flops`` CLI: per-image FLOPs plus the config they describe."""
+    spec = ViTSpec(img_size=img_size, patch=patch, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
+                   heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes, decoder_dim=decoder_dim,
+                   decoder_depth=decoder_depth, decoder_heads=decoder_heads, mask_ratio=mask_ratio)
+    out = flops_per_image(spec)
+    out["convention"] = ("torch FlopCounterMode, attention as plain matmuls (timm fused attn off); "
+                         "*_flash: attention backward 2.5x forward")
+    out["config"] = asdict(spec)
+    return out
+
+
+class Ledger:
+    """Budget ledger; thin wrapper over ``dietcl::Ledger`` (see module docstring)."""
+
+    def __init__(self, global_batch: int = 1024, *, _core_ledger=None):
+        self._l = _core_ledger if _core_ledger is not None else _core.Ledger(int(global_batch))
+
+    @property
+    def global_batch(self) -> int:
+        return self._l.global_batch
+
+    def register_path(self, name: str, fwd_flops_per_image: int, fwd_bwd_flops_per_image: int) -> None:
+        self._l.register_path(str(name), int(fwd_flops_per_image), int(fwd_bwd_flops_per_image))
+
+    def register_vit(self, spec: ViTSpec, classify: str = "classify", mae: str = "mae") -> dict:
+        """Register (or update) the classifier and MAE paths of a ViT spec; returns the FLOPs."""
+        f = flops_per_image(spec)
+        self.register_path(classify, f["classify_fwd"], f["classify_fwd_bwd"])
+        if spec.decoder_dim > 0:
+            self.register_path(mae, f["mae_fwd"], f["mae_fwd_bwd"])
+        return f
+
+    def paths(self) -> dict:
+        return dict(self._l.paths())
+
+    def begin_step(self, t: int, budget_units: float) -> None:
+        self._l.begin_step(int(t), float(budget_units))
+
+    @property
+    def current_step(self) -> int:
+        return self._l.current_step
+
+    def units_for(self, path: str, images: int, backward: bool = True) -> float:
+        return self._l.units_for(path, int(images), bool(backward))
+
+    def can_charge(self, path: str, images: int, backward: bool = True) -> bool:
+        return self._l.can_charge(path, int(images), bool(backward))
+
+    def charge(self, path: str, images: int, backward: bool = True) -> float:
+        """Charge ``images`` through ``path``; returns units.  Raises BudgetExceeded."""
+        return self._l.charge(path, int(images), bool(backward))
+
+    def budget_units(self) -> float:
+        return self._l.budget_units()
+
+    def spent_units(self) -> float:
+        return self._l.spent_units()
+
+    def remaining_units(self) -> float:
+        return self._l.remaining_units()
+
+    def steps(self) -> list[dict]:
+        return self._l.steps()
+
+    def records(self) -> list[dict]:
+        return self._l.records()
+
+    @property
+    def flops_total(self) -> int:
+        return self._l.flops_total
+
+    @property
+    def num_charges(self) -> int:
+        return self._l.num_charges
+
+    def to_dict(self) -> dict:
+        steps = self._l.steps()
+        per_path: dict[str, dict] = {}
+        costs = self._l.paths()
+        for r in self._l.records():
+            p = per_path.setdefault(r["path"], {"images_fwd_bwd": 0, "images_fwd": 0, "flops": 0, "units": 0.0,
+                                                "charges": 0})
+            p["images_fwd_bwd" if r["backward"] else "images_fwd"] += r["images"]
+            p["flops"] += r["flops"]
+            p["units"] += r["units"]
+            p["charges"] += r["charges"]
+        for name, (fwd, fwd_bwd) in costs.items():
+            p = per_path.setdefault(name, {"images_fwd_bwd": 0, "images_fwd": 0, "flops": 0, "units": 0.0,
+                                           "charges": 0})
+            p["fwd_flops_per_image"] = fwd
+            p["fwd_bwd_flops_per_image"] = fwd_bwd
+        return {
+            "global_batch": self.global_batch,
+            "steps": [s["t"] for s in steps],
+            "budget_per_step": [s["budget"] for s in steps],
+            "steps_per_step": [s["units"] for s in steps],
+            "flops_per_step": [s["flops"] for s in steps],
+            "flops_total": self._l.flops_total,
+            "num_charges": self._l.num_charges,
+            "per_path": per_path,
+        }
+
+    def state_bytes(self) -> bytes:
+        return self._l.state_bytes()
+
+    @classmethod
+    def from_state_bytes(cls, b: bytes) -> "Ledger":
+        if not isinstance(b, (bytes, bytearray, memoryview)):
+            raise ValueError(f"Ledger state: expected bytes, got {type(b).__name__}")
+        return cls(_core_ledger=_core.Ledger.from_state_bytes(bytes(b)))
+
+    def state_dict(self) -> dict:
+        return {"bytes": self.state_bytes()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "bytes" not in state:
+            raise ValueError("Ledger.load_state_dict: expected a dict with key 'bytes'")
+        self._l = type(self).from_state_bytes(state["bytes"])._l

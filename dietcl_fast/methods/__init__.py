@@ -1,0 +1,23 @@
+"""Method registry: one module per method; `build_method(cfg)` by name."""
+from __future__ import annotations
+
+from .base import SOURCES, MicroBatch, Method, Phase
+
+METHODS: dict[str, type] = {}
+
+
+def register(cls):
+    METHODS[cls.name] = cls
+    return cls
+
+
+def build_method(cfg) -> Method:
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ValueError(f"--method {name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    return METHODS[name](cfg)
+
+
+from . import dietcl, er, finetune  # noqa: E402,F401  (registration)
+
+__all__ = ["METHODS", "register", "build_method", "Method", "Phase", "MicroBatch", "SOURCES"]

@@ -1,0 +1,143 @@
+"""DietCL's model: a timm ViT encoder (global average pool after the final norm), the MAE
+decoder, and a growable linear head. Names follow facebookresearch/mae."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .head import GrowableHead
+from .pos_embed import sincos_2d
+from .spec import ModelSpec
+
+
+def _timm():
+    try:
+        import timm  # noqa: F401
+        from timm.models.vision_transformer import Block, VisionTransformer
+    except Exception as e:  # timm breaks beside some torch/torchvision pairs: say so plainly
+        raise RuntimeError(
+            f"timm could not be imported ({type(e).__name__}: {e}); dietcl-fast needs timm with a "
+            "torchvision that matches the installed torch") from e
+    return Block, VisionTransformer
+
+
+class DietModel(nn.Module):
+    """Encoder + MAE decoder + head.
+
+    classify(imgs [N, C, S, S]) -> logits [N, K]
+    forward_mae(imgs, generator) -> (loss, pred [N, L, p*p*C], mask [N, L])
+    """
+
+    def __init__(self, spec: ModelSpec, num_classes: int = 0):
+        super().__init__()
+        spec.validate()
+        self.spec = spec
+        Block, VisionTransformer = _timm()
+        # fc_norm=False keeps timm's final `norm` before the average pool (SPEC §4: "global
+        # average pool after the final norm"); that also matches the MAE checkpoint's `norm.*`.
+        self.encoder = VisionTransformer(
+            img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans,
+            num_classes=0, global_pool="avg", fc_norm=False, embed_dim=spec.embed_dim,
+            depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
+            class_token=True)
+        grid = spec.img_size // spec.patch_size
+        # MAE: fixed sin-cos positions (not learned) for encoder and decoder.
+        self.encoder.pos_embed.data.copy_(torch.from_numpy(sincos_2d(spec.embed_dim, grid)).unsqueeze(0))
+        self.encoder.pos_embed.requires_grad_(False)
+
+        d = spec.decoder_embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.decoder_embed = nn.Linear(spec.embed_dim, d, bias=True)
+        self.decoder_pos_embed = nn.Parameter(
+            torch.from_numpy(sincos_2d(d, grid)).unsqueeze(0), requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([
+            Block(d, spec.decoder_num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
+                  norm_layer=nn.LayerNorm)
+            for _ in range(spec.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(d)
+        self.decoder_pred = nn.Linear(d, spec.patch_size ** 2 * spec.in_chans, bias=True)
+        torch.nn.init.normal_(self.mask_token, std=0.02)
+        self.head = GrowableHead(spec.embed_dim, num_classes)
+
+    # ------------------------------------------------------------------ classification
+    def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [N, C, S, S] -> pooled features [N, D]."""
+        return self.encoder(imgs)
+
+    def classify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [N, C, S, S] -> logits [N, K]."""
+        return self.head(self.forward_features(imgs))
+
+    forward = classify
+
+    # ------------------------------------------------------------------ MAE
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator=None):
+        """imgs [N, C, S, S] -> latent [N, 1+K, D], mask [N, L], ids_restore [N, L]."""
+        from dietcl_fast.kernels import random_masking
+
+        enc = self.encoder
+        x = enc.patch_embed(imgs)                                    # [N, L, D]
+        # Fused: add positions and keep K random tokens per sample (MAE's argsort of noise).
+        x, mask, ids_restore = random_masking(x, enc.pos_embed[:, 1:, :], mask_ratio,
+                                              generator=generator)
+        cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = enc.blocks(x)
+        x = enc.norm(x)
+        return x, mask, ids_restore
+
+    def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent [N, 1+K, D] -> pred [N, L, p*p*C]."""
+        x = self.decoder_embed(latent)                               # [N, 1+K, Dd]
+        n, l = ids_restore.shape
+        mask_tokens = self.mask_token.to(x.dtype).expand(n, l + 1 - x.shape[1], -1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)            # [N, L, Dd]
+        x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        x = self.decoder_norm(x)
+        x = self.decoder_pred(x)
+        return x[:, 1:, :]
+
+    def forward_mae(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator=None):
+        """Lr of SPEC §4: MSE on masked patches of per-patch-normalised targets."""
+        from dietcl_fast.kernels import mae_loss
+
+        ratio = self.spec.mask_ratio if mask_ratio is None else mask_ratio
+        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
+        pred = self.forward_decoder(latent, ids_restore)
+        loss = mae_loss(imgs, pred, mask, self.spec.patch_size, norm_pix=self.spec.norm_pix_loss)
+        return loss, pred, mask
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def grow_head(self, num_classes: int) -> bool:
+        return self.head.grow(num_classes)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # The head's row count is structural: grow to the saved size before copying weights.
+        k = state_dict.get("head.num_classes_t")
+        if k is not None and int(k) > self.head.num_classes:
+            self.head.grow(int(k))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def param_groups_lrd(self, weight_decay: float, layer_decay: float):
+        from .optim import param_groups_lrd
+        return param_groups_lrd(self, weight_decay, layer_decay)
+
+
+def set_fused_attention(model: nn.Module, enabled: bool) -> None:
+    """Switch timm's fused SDPA attention on every attention module (it is read at construction,
+    so timm.layers.set_fused_attn alone does not reach existing modules). Off = attention as
+    plain matmuls, the ledger's counting convention."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = enabled
+
+
+def build_model(spec: ModelSpec, num_classes: int = 0) -> DietModel:
+    return DietModel(spec, num_classes)

@@ -1,0 +1,84 @@
+"""Results: results.json, curve.png, and the terminal table."""
+from __future__ import annotations
+
+import json
+import os
+
+from .checkpoint import atomic_write_bytes
+
+
+def versions() -> dict:
+    import platform
+
+    import numpy
+    import torch
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        import timm
+        out["timm"] = timm.__version__
+    except Exception:
+        pass
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except Exception:
+        pass
+    from . import __version__
+    out["dietcl_fast"] = __version__
+    out["cuda"] = torch.version.cuda
+    out["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return out
+
+
+def write_json(path: str, obj: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def plot_curve(results: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acc = results["accuracy_matrix"]
+    T = len(acc)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ax = axes[0]
+    ax.plot(range(1, T + 1), results["A"], "o-", lw=2, label="A(t)")
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{results['method']} on {results['dataset']} ({results['scenario']}), "
+                 f"Ā={results['average_accuracy']:.1f}")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax = axes[1]
+    for k in range(T):
+        ys = [acc[t][k] for t in range(k, T)]
+        ax.plot(range(k + 1, T + 1), ys, ".-", label=f"step {k}")
+    ax.set_xlabel("after time step t")
+    ax.set_ylabel("accuracy on step k (%)")
+    ax.set_title("per-step accuracy acc[t][k]")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    if T <= 10:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def table(results: dict) -> str:
+    acc = results["accuracy_matrix"]
+    T = len(acc)
+    head = "after t | " + " ".join(f"k={k:<5d}" for k in range(T)) + " |  A(t)"
+    lines = [head, "-" * len(head)]
+    for t in range(T):
+        cells = " ".join(f"{acc[t][k]:6.1f}" if k <= t else "     ." for k in range(T))
+        lines.append(f"{t:7d} | {cells} | {results['A'][t]:5.1f}")
+    f = results["forgetting"]
+    lines.append(f"A(T) = {results['final_accuracy']:.2f}%   Ā = {results['average_accuracy']:.2f}%   "
+                 f"forgetting = {'n/a' if f is None else f'{f:.2f}'}   "
+                 f"budget = {results['budget']} steps/step, FLOPs = {results['ledger']['flops_total']:.3e}")
+    return "\n".join(lines)

@@ -1,0 +1,329 @@
+"""Indexed image sources for DietCL streams (numpy + PIL only; no torch).
+
+A :class:`Source` is an indexed dataset: ``len(source)`` samples with original class ids
+``labels`` (int64, ``0..C-1``), ``class_names``, optional ``timestamps`` and either in-memory
+``images`` (``kind == "array"``) or image ``paths`` (``kind == "files"``).
+
+Spec strings accepted by :func:`load_source`:
+
+* ``animal-mnist`` (default) – the embedded Animal-MNIST file (10 x 1,000 grayscale 28x28).
+* ``digits`` – scikit-learn's 8x8 digits (1,797 images), values 0..16 scaled to 0..255.
+* ``folder:PATH`` or an existing directory – ``PATH/<class>/<image>``; class directories
+  are sorted by name and numbered 0..C-1; only files whose extension (case-insensitive) is
+  one of :data:`IMAGE_EXTENSIONS` count; other files, hidden files/dirs and files directly
+  in ``PATH`` are ignored. A class directory without images is an error.
+* ``csv:PATH`` or a path ending in ``.csv`` – header ``path,label[,timestamp]`` (column names
+  case-insensitive, extra columns ignored); paths relative to the CSV's directory unless
+  absolute; every listed file must exist. Labels: if every label is an integer literal
+  they must be >= 0 and are re-mapped to contiguous ids by sorted integer value
+  (``class_names`` = the original integers as strings); otherwise every label is a class
+  name and names are numbered in sorted (string) order. Timestamps: a float (epoch seconds
+  or any monotone unit) or an ISO-8601 date/datetime (naive = UTC) -> epoch seconds.
+
+Relative paths in ``folder:``/``csv:`` specs are resolved against ``root`` when given,
+otherwise against the current directory. Named sources registered with
+:func:`register_source` are called as ``fn(root=root)``.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+__all__ = [
+    "StreamError",
+    "Source",
+    "SOURCES",
+    "IMAGE_EXTENSIONS",
+    "ANIMAL_MNIST_CLASSES",
+    "register_source",
+    "load_source",
+    "load_image_folder",
+    "load_csv",
+]
+
+
+class StreamError(ValueError):
+    """Bad stream/source input; the message names the option, file, field or value."""
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# Label order of the upstream Animal-MNIST package (README "Labels" table; verified visually).
+ANIMAL_MNIST_CLASSES = [
+    "bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra",
+]
+
+_EMBEDDED = Path(__file__).resolve().parent.parent / "embedded"
+
+
+@dataclass
+class Source:
+    name: str
+    labels: np.ndarray                       # int64 [N], original class ids 0..C-1
+    class_names: list
+    channels: int                            # 1 or 3
+    kind: str                                # "array" | "files"
+    images: Optional[np.ndarray] = None      # uint8 [N,H,W] or [N,H,W,3] (kind == "array")
+    paths: Optional[list] = None             # absolute file paths (kind == "files")
+    timestamps: Optional[np.ndarray] = None  # float64 [N] or None
+    image_size: Optional[tuple] = None       # (H, W) for array sources
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        n = self.labels.shape[0]
+        if self.kind not in ("array", "files"):
+            raise StreamError(f"source {self.name!r}: kind must be 'array' or 'files' (got {self.kind!r})")
+        if self.kind == "array":
+            if self.images is None or len(self.images) != n:
+                raise StreamError(f"source {self.name!r}: images missing or length != labels ({n})")
+        elif self.paths is None or len(self.paths) != n:
+            raise StreamError(f"source {self.name!r}: paths missing or length != labels ({n})")
+        if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            raise StreamError(f"source {self.name!r}: labels must lie in 0..{len(self.class_names) - 1}")
+        if self.timestamps is not None:
+            self.timestamps = np.asarray(self.timestamps, dtype=np.float64)
+            if self.timestamps.shape != (n,):
+                raise StreamError(f"source {self.name!r}: timestamps shape {self.timestamps.shape} != ({n},)")
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load_image(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8: the stored array, or the file decoded to RGB [H, W, 3]."""
+        if self.kind == "array":
+            return self.images[i]
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as im:
+            return np.asarray(im.convert("RGB"))
+
+    def __repr__(self) -> str:  # keep arrays out of logs
+        return (f"Source(name={self.name!r}, kind={self.kind!r}, n={len(self)}, "
+                f"classes={self.num_classes}, channels={self.channels}, "
+                f"timestamps={'yes' if self.timestamps is not None else 'no'})")
+
+
+# --------------------------------------------------------------------------- named sources
+def _animal_mnist(root=None) -> Source:
+    path = _EMBEDDED / "animal_mnist.npz"
+    if not path.exists():
+        raise StreamError(f"embedded Animal-MNIST file not found: {path}")
+    with np.load(path, allow_pickle=False) as d:
+        images = np.ascontiguousarray(d["images"], dtype=np.uint8)
+        labels = np.asarray(d["labels"], dtype=np.int64)
+    return Source(name="animal-mnist", labels=labels, class_names=list(ANIMAL_MNIST_CLASSES),
+                  channels=1, kind="array", images=images, image_size=tuple(images.shape[1:3]))
+
+
+def _digits(root=None) -> Source:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    return Source(name="digits", labels=np.asarray(d.target, dtype=np.int64),
+                  class_names=[str(i) for i in range(10)], channels=1, kind="array",
+                  images=images, image_size=tuple(images.shape[1:3]))
+
+
+SOURCES: dict = {"animal-mnist": _animal_mnist, "digits": _digits}
+
+
+def register_source(name: str, fn: Callable[..., Source]) -> None:
+    """Register a named source; ``fn(root=...)`` must return a :class:`Source`."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise StreamError(f"source name must be a non-empty string without ':' (got {name!r})")
+    if not callable(fn):
+        raise StreamError(f"source {name!r}: fn must be callable")
+    SOURCES[name.lower()] = fn
+
+
+def _resolve(path: str, root) -> str:
+    p = os.path.expanduser(path)
+    if root is not None and not os.path.isabs(p):
+        p = os.path.join(os.fspath(root), p)
+    return os.path.abspath(p)
+
+
+def load_source(spec: str = "animal-mnist", *, root=None) -> Source:
+    """Load a source from a spec string (see module docstring)."""
+    if isinstance(spec, Source):
+        return spec
+    if spec is None:
+        spec = "animal-mnist"
+    spec = os.fspath(spec).strip()
+    key = spec.lower()
+    if key in SOURCES:
+        src = SOURCES[key](root=root)
+        if not isinstance(src, Source):
+            raise StreamError(f"source {spec!r}: registered loader returned {type(src).__name__}, not Source")
+        return src
+    if key.startswith("folder:"):
+        return load_image_folder(_resolve(spec[7:], root))
+    if key.startswith("csv:"):
+        return load_csv(_resolve(spec[4:], root))
+    path = _resolve(spec, root)
+    if key.endswith(".csv"):
+        return load_csv(path)
+    if os.path.isdir(path):
+        return load_image_folder(path)
+    known = ", ".join(sorted(SOURCES))
+    if os.sep in spec or "/" in spec or spec.startswith("."):
+        raise StreamError(f"dataset path not found: {path!r} (from --dataset {spec!r})")
+    raise StreamError(f"unknown dataset {spec!r}; known: {known}; or folder:PATH, csv:PATH, "
+                      f"an image-folder directory, or a .csv file")
+
+
+# --------------------------------------------------------------------------- image folder
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_image_folder(path: str) -> Source:
+    """``path/<class>/*.{jpg,jpeg,png,bmp,webp}`` -> files Source (sorted classes and files)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise StreamError(f"image folder not found: {path!r}")
+    if not os.path.isdir(path):
+        raise StreamError(f"image folder is not a directory: {path!r}")
+    with os.scandir(path) as it:
+        class_dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    if not class_dirs:
+        raise StreamError(f"image folder {path!r} has no class sub-directories "
+                          f"(expected {path}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS)}}})")
+    paths: list = []
+    counts = []
+    for name in class_dirs:
+        d = os.path.join(path, name)
+        with os.scandir(d) as it:
+            files = sorted(e.name for e in it if _is_image(e.name) and e.is_file())
+        if not files:
+            raise StreamError(f"class directory {d!r} contains no images "
+                              f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        paths.extend(os.path.join(d, f) for f in files)
+        counts.append(len(files))
+    labels = np.repeat(np.arange(len(class_dirs), dtype=np.int64), counts)
+    return Source(name=f"folder:{path}", labels=labels, class_names=list(class_dirs), channels=3,
+                  kind="files", paths=paths, timestamps=None, image_size=None)
+
+
+# --------------------------------------------------------------------------- CSV index
+_INT_RE = re.compile(r"^[+-]?\d+$")
+
+
+def _parse_time(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        dt = datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith("Z") else s)
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        v = dt.timestamp()
+    if not math.isfinite(v):
+        raise ValueError(s)
+    return v
+
+
+def load_csv(path: str) -> Source:
+    """CSV index ``path,label[,timestamp]`` -> files Source (see module docstring)."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise StreamError(f"CSV index not found: {path!r}")
+    base = os.path.dirname(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise StreamError(f"CSV {path!r} is empty (expected header 'path,label[,timestamp]')")
+        cols = [h.strip().lower() for h in header]
+        for need in ("path", "label"):
+            if need not in cols:
+                raise StreamError(f"CSV {path!r} has no {need!r} column (header: {','.join(header)}); "
+                                  f"expected 'path,label[,timestamp]'")
+        ip, il = cols.index("path"), cols.index("label")
+        it = cols.index("timestamp") if "timestamp" in cols else None
+        width = max(ip, il, it if it is not None else 0) + 1
+        rows, lines = [], []
+        for r in reader:
+            if any(c.strip() for c in r):
+                rows.append(r)
+                lines.append(reader.line_num)
+    if not rows:
+        raise StreamError(f"CSV {path!r} has a header but no rows")
+
+    def where(k):  # data row number (1-based, blank lines skipped) and file line number
+        return f"CSV {path!r} row {k + 1} (line {lines[k]})"
+
+    for i, r in enumerate(rows):
+        if len(r) < width:
+            raise StreamError(f"{where(i)}: expected >= {width} fields, got {len(r)}: {r!r}")
+    raw_paths = [r[ip].strip() for r in rows]
+    raw_labels = np.array([r[il].strip() for r in rows], dtype=object).astype(str)
+
+    # ---- labels (parse unique values only)
+    uniq, inv = np.unique(raw_labels, return_inverse=True)
+    inv = inv.reshape(-1)
+
+    def first_row(j):
+        return int(np.flatnonzero(inv == j)[0])
+
+    if uniq.size and uniq[0] == "":
+        raise StreamError(f"{where(first_row(0))}: empty label")
+    if all(_INT_RE.match(u) for u in uniq):
+        ints = np.array([int(u) for u in uniq], dtype=np.int64)
+        if (ints < 0).any():
+            j = int(np.flatnonzero(ints < 0)[0])
+            raise StreamError(f"{where(first_row(j))}: invalid label {str(uniq[j])!r} "
+                              f"(integer labels must be >= 0)")
+        values, inv2 = np.unique(ints, return_inverse=True)   # several spellings ("3","03") merge
+        labels = inv2.reshape(-1)[inv].astype(np.int64)
+        class_names = [str(int(v)) for v in values]
+    else:
+        labels = inv.astype(np.int64)
+        class_names = [str(u) for u in uniq]
+
+    # ---- timestamps
+    timestamps = None
+    if it is not None:
+        raw_t = [r[it].strip() for r in rows]
+        try:
+            timestamps = np.array(raw_t, dtype=np.float64)
+            bad = ~np.isfinite(timestamps)
+            if bad.any():
+                k = int(np.flatnonzero(bad)[0])
+                raise StreamError(f"{where(k)}: invalid timestamp {raw_t[k]!r}")
+        except ValueError as e:
+            if isinstance(e, StreamError):
+                raise
+            timestamps = np.empty(len(raw_t), dtype=np.float64)
+            for k, s in enumerate(raw_t):
+                try:
+                    timestamps[k] = _parse_time(s)
+                except ValueError:
+                    what = "empty timestamp" if not s else f"invalid timestamp {s!r}"
+                    raise StreamError(f"{where(k)}: {what} "
+                                      f"(expected a number or an ISO-8601 date)") from None
+
+    # ---- files (eager existence check)
+    paths = []
+    for k, p in enumerate(raw_paths):
+        if not p:
+            raise StreamError(f"{where(k)}: empty path")
+        full = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+        if not os.path.exists(full):
+            raise StreamError(f"{where(k)}: file not found: {full!r}")
+        paths.append(full)
+    return Source(name=f"csv:{path}", labels=labels, class_names=class_names, channels=3,
+                  kind="files", paths=paths, timestamps=timestamps, image_size=None)

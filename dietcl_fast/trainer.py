@@ -1,0 +1,421 @@
+"""The training loop, top to bottom.
+
+    for each time step t:
+        grow the head, insert the step's labels into the buffer, open the step's budget
+        for each phase the method plans (e.g. DietCL: joint, then buffer-only):
+            fresh AdamW + cosine schedule
+            for each optimiser step:  draw ids per source -> micro-batches -> charge the ledger
+                                      -> method.loss -> backward;  optimiser step
+        evaluate on every seen step -> acc[t][:]; checkpoint
+
+Every pass is charged to the native ledger *before* it runs; the ledger refuses a pass that
+would exceed the step's budget, so no step can overspend. All randomness is derived from the
+seed and the position (t, phase, iteration, micro-batch), so a resumed run draws exactly what
+an uninterrupted one drew.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_io
+from .buffer import BalancedBuffer
+from .config import Config, ConfigError, save_yaml
+from .data.sampling import EpochSampler, derive_seed
+from .engine import build_engine
+from .evaluate import accuracy_on, summarise
+from .ledger import Ledger, ViTSpec, flops_per_image
+from .methods import MicroBatch, build_method
+from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint, resolve_preset
+from .results import plot_curve, table, versions, write_json
+
+# Datasheet dense bf16 peaks for MFU (the H200 figure is the one measured in SPEC §7).
+PEAK_FLOPS = {"H200": 791e12, "H100": 989e12, "A100": 312e12}
+
+# Preset optimiser defaults. The paper's recipe (blr 1e-4, floor 5e-5, layer decay 0.65) is
+# for fine-tuning a pretrained ViT-B; the tiny CPU model trains from scratch and needs more.
+PRESET_OPTIM = {
+    "vit-b16": dict(blr=1e-4, min_lr=5e-5, layer_decay=0.65, micro_batch=256),
+    "cpu-tiny": dict(blr=4e-3, min_lr=1e-5, layer_decay=0.9, micro_batch=None),
+}
+
+
+@dataclass
+class Position:
+    """Where the run is: the next (t, phase, iteration) to execute and optimiser steps so far."""
+    t: int = 0
+    phase: int = 0
+    it: int = 0
+    gstep: int = 0
+    step_started: bool = False      # head grown / buffer filled / budget opened for step t
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, log=print, train_region=None):
+        self.cfg = cfg
+        self.log = log
+        # A context factory wrapped around every training micro-batch (tests pass a FLOP counter
+        # here to prove the ledger charges every pass; evaluation stays outside it).
+        self.train_region = train_region or contextlib.nullcontext
+        self._setup()
+
+    # ------------------------------------------------------------------ setup
+    def _setup(self) -> None:
+        cfg = self.cfg
+        from .streams import build_stream, load_source
+
+        # device
+        want = cfg.run.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is visible")
+        if want not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device {want!r}: choose auto, cpu or cuda")
+        self.device = torch.device("cuda" if (want == "cuda" or (want == "auto" and torch.cuda.is_available())) else "cpu")
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+
+        if cfg.run.budget < 1 or not float(cfg.run.budget).is_integer():
+            raise ConfigError(f"--budget {cfg.run.budget}: must be a whole number of steps >= 1")
+        self.budget = int(cfg.run.budget)
+
+        # preset -> model spec, global batch, optimiser defaults (recorded in the resolved config)
+        preset = resolve_preset(cfg.model.preset, self.device.type == "cuda")
+        cfg.model.preset = preset
+        pdef = PRESETS[preset]
+        popt = PRESET_OPTIM[preset]
+        if cfg.run.batch_size is None:
+            cfg.run.batch_size = pdef["batch_size"]
+            if pdef["batch_size"] != 1024:
+                self.log(f"[preset {preset}] global batch {pdef['batch_size']} instead of the "
+                         f"paper's 1024 ({pdef['why']}); one budget unit = one fwd+bwd of "
+                         f"{pdef['batch_size']} images")
+        if cfg.run.batch_size < 2:
+            raise ConfigError(f"--batch-size {cfg.run.batch_size}: must be >= 2")
+        for k in ("blr", "min_lr", "layer_decay"):
+            if getattr(cfg.optim, k) is None:
+                setattr(cfg.optim, k, popt[k])
+        if cfg.engine.micro_batch is None:
+            cfg.engine.micro_batch = popt["micro_batch"] or cfg.run.batch_size
+        self.G = int(cfg.run.batch_size)
+        self.micro = min(int(cfg.engine.micro_batch), self.G)
+        if self.G % self.micro:
+            raise ConfigError(f"--batch-size {self.G} is not divisible by the micro-batch "
+                              f"{self.micro}")
+        self.accum = self.G // self.micro
+
+        # data
+        source = load_source(cfg.stream.data)
+        in_chans = source.channels if preset == "cpu-tiny" else 3
+        self.spec = ModelSpec(**pdef["spec"], in_chans=in_chans, mask_ratio=cfg.model.mask_ratio).validate()
+        # stream options are checked before any file is decoded
+        build_stream(source, scenario=cfg.stream.scenario, time_steps=cfg.stream.time_steps,
+                     label_rate=cfg.stream.label_rate, eval_fraction=cfg.stream.eval_fraction,
+                     seed=cfg.run.seed)
+        from .data import build_loader
+        self.loader, self.source = build_loader(source, cfg.loader, self.spec.img_size, in_chans,
+                                                self.device, log=self.log)
+        self.stream = build_stream(self.source, scenario=cfg.stream.scenario,
+                                   time_steps=cfg.stream.time_steps,
+                                   label_rate=cfg.stream.label_rate,
+                                   eval_fraction=cfg.stream.eval_fraction, seed=cfg.run.seed)
+
+        # method (validates its own options before any compute)
+        self.method = build_method(cfg)
+
+        # model: one seed drives init
+        torch.manual_seed(cfg.run.seed)
+        self.model = build_model(self.spec)
+        if cfg.model.pretrained:
+            report = load_mae_checkpoint(self.model, cfg.model.pretrained)
+            self.log(report.summary())
+        self.engine = build_engine(cfg.engine.engine, self.model, self.device, self.amp_dtype)
+
+        self.buffer = BalancedBuffer(seed=cfg.run.seed, replacement=cfg.method.buffer_replacement,
+                                     class_balanced=cfg.method.buffer_class_balanced)
+        self.ledger = Ledger(global_batch=self.G)
+        self.pos = Position()
+        self.acc: list[list[float]] = []
+        self.A: list[float] = []
+        self.wall_before = 0.0
+        self.data_seconds = 0.0
+        self.compute_seconds = 0.0
+
+    # ------------------------------------------------------------------ helpers
+    def _vit_spec(self, num_classes: int) -> ViTSpec:
+        s = self.spec
+        return ViTSpec(img_size=s.img_size, patch=s.patch_size, in_chans=s.in_chans,
+                       embed_dim=s.embed_dim, depth=s.depth, heads=s.num_heads,
+                       mlp_ratio=s.mlp_ratio, num_classes=num_classes,
+                       decoder_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
+                       decoder_heads=s.decoder_num_heads, mask_ratio=s.mask_ratio)
+
+    def _open_step(self, t: int) -> None:
+        """Grow the head, insert the step's labels (before sampling), open the step's budget."""
+        step = self.stream.steps[t]
+        k = self.stream.num_seen_classes(t)
+        torch.manual_seed(derive_seed(self.cfg.run.seed, t, 0x4EAD))   # new head rows
+        self.model.grow_head(k)
+        self.model.to(self.device)
+        if step.num_labeled:
+            self.buffer.add(t, step.labeled_ids, step.labeled_labels)
+        self._register_paths(k)
+        self.ledger.begin_step(t, float(self.budget))
+        self.pos.step_started = True
+
+    def _register_paths(self, k: int) -> None:
+        f = flops_per_image(self._vit_spec(k))
+        self.ledger.register_path("classify", f["classify_fwd"], f["classify_fwd_bwd"])
+        self.ledger.register_path("mae", f["mae_fwd"], f["mae_fwd_bwd"])
+        self.flops = f
+
+    def _lr(self, phase, it: int) -> float:
+        """Cosine from peak to floor over the phase, no warm-up (SPEC §4), both scaled."""
+        peak = self.cfg.optim.blr * self.G / 256 * phase.lr_scale
+        floor = min(self.cfg.optim.min_lr * phase.lr_scale, peak)
+        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * it / max(phase.steps, 1)))
+
+    def _fresh_optimizer(self) -> None:
+        groups = self.model.param_groups_lrd(self.cfg.optim.weight_decay, self.cfg.optim.layer_decay)
+        self.engine.build_optimizer(groups, lr=0.0, betas=(self.cfg.optim.beta1, self.cfg.optim.beta2))
+
+    def _split(self, n: int, j: int) -> slice:
+        """Micro-batch j's slice of n items spread over `accum` micro-batches."""
+        base, rem = divmod(n, self.accum)
+        start = j * base + min(j, rem)
+        return slice(start, start + base + (1 if j < rem else 0))
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "stream_fingerprint": self.stream.fingerprint(),
+            "model": self.model.state_dict(),
+            "engine": self.engine.state_dict(),
+            "buffer": self.buffer.state_bytes(),
+            "ledger": self.ledger.state_bytes(),
+            "method": self.method.state_dict(),
+            "position": vars(self.pos).copy(),
+            "acc": self.acc, "A": self.A,
+            "wall_seconds": self.wall_before + (time.perf_counter() - self._t0),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+        }
+
+    def load_state(self, st: dict) -> None:
+        fp = self.stream.fingerprint()
+        if st["stream_fingerprint"] != fp:
+            raise ckpt_io.CheckpointError(
+                f"checkpoint stream {st['stream_fingerprint']} differs from the rebuilt stream {fp}: "
+                "the data or the stream options changed since the run started")
+        self.pos = Position(**st["position"])
+        self.model.load_state_dict(st["model"])
+        self.model.to(self.device)
+        self.buffer = BalancedBuffer.from_state_bytes(st["buffer"])
+        self.ledger = Ledger.from_state_bytes(st["ledger"])
+        self.method.load_state_dict(st["method"])
+        self.acc, self.A = st["acc"], st["A"]
+        self.wall_before = st["wall_seconds"]
+        torch.set_rng_state(st["rng"]["torch"])
+        np.random.set_state(st["rng"]["numpy"])
+        self._pending_engine_state = st["engine"] if self.pos.it > 0 else None
+        if self.pos.step_started:
+            self._register_paths(self.stream.num_seen_classes(self.pos.t))
+
+    def save(self) -> None:
+        ckpt_io.save_checkpoint(self.run_dir, self.state_dict())
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, run_dir: str, resume_state: dict | None = None) -> dict:
+        cfg = self.cfg
+        self.run_dir = run_dir
+        os.makedirs(run_dir, exist_ok=True)
+        self._t0 = time.perf_counter()
+        self._pending_engine_state = None
+        if resume_state is not None:
+            self.load_state(resume_state)
+            self.log(f"resuming {run_dir} at time step {self.pos.t}, phase {self.pos.phase}, "
+                     f"iteration {self.pos.it} ({self.pos.gstep} optimiser steps done)")
+        else:
+            save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        T = self.stream.time_steps
+        self.log(f"device {self.device}{' (bf16 autocast)' if self.amp_dtype else ' (fp32)'}; "
+                 f"global batch {self.G} = {self.micro} x {self.accum} accumulation; "
+                 f"budget {self.budget} steps per time step; loader {self.loader.name}; "
+                 f"kernels {self._kernel_backend()}")
+
+        total_steps = T * self.budget
+        bar = None
+        if cfg.run.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total_steps, initial=min(self.pos.gstep, total_steps),
+                       unit="step", dynamic_ncols=True)
+        try:
+            while self.pos.t < T:
+                self._run_step(self.pos.t, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._finish()
+
+    def _kernel_backend(self) -> str:
+        try:
+            from dietcl_fast.kernels import backend_for
+            return backend_for(torch.empty(0, device=self.device))
+        except Exception as e:   # the kernels report their own errors when called
+            return f"unknown ({e})"
+
+    def _run_step(self, t: int, bar) -> None:
+        cfg = self.cfg
+        if not self.pos.step_started:
+            self._open_step(t)
+            if cfg.run.ckpt_every:
+                self.save()
+        step = self.stream.steps[t]
+        phases = self.method.phases(t, self.budget)
+        if sum(p.steps for p in phases) > self.budget:
+            raise RuntimeError(f"method {self.method.name} planned more steps than the budget")
+        step_classes = torch.as_tensor(np.array(step.classes), dtype=torch.long, device=self.device)
+        num_seen = self.stream.num_seen_classes(t)
+
+        while self.pos.phase < len(phases):
+            p_idx = self.pos.phase
+            phase = phases[p_idx]
+            self._fresh_optimizer()
+            if self._pending_engine_state is not None:
+                self.engine.load_state_dict(self._pending_engine_state)
+                self._pending_engine_state = None
+            counts = phase.counts(self.G)
+            samplers = {
+                "unlabeled": EpochSampler(step.unlabeled_ids, cfg.run.seed, (t, p_idx, 0)),
+                "labeled": EpochSampler(step.labeled_ids, cfg.run.seed, (t, p_idx, 1)),
+            }
+            for src in counts:
+                if src in samplers and len(samplers[src]) == 0:
+                    raise ConfigError(f"time step {t} has no {src} samples but phase "
+                                      f"{phase.name} of {self.method.name} needs them")
+            while self.pos.it < phase.steps:
+                self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen, bar)
+                if cfg.run.stop_after_steps is not None and self.pos.gstep >= cfg.run.stop_after_steps:
+                    # testing aid: die abruptly, exactly as a killed process would
+                    os._exit(17)
+            self.pos.phase += 1
+            self.pos.it = 0
+
+        # evaluation (not charged)
+        row = []
+        for k in range(t + 1):
+            ids, labels = self.stream.eval_for(t, k)
+            c, n = accuracy_on(self.model, self.loader, ids, labels, cfg.run.eval_batch_size,
+                               self.engine.autocast)
+            row.append(100.0 * c / n if n else float("nan"))
+        self.acc.append(row)
+        self.A.append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
+        spent = self.ledger.spent_units()
+        self.log(f"time step {t}: A({t}) = {self.A[-1]:.2f}%  acc = "
+                 f"[{', '.join(f'{a:.1f}' for a in row)}]  budget spent {spent:.3f}/{self.budget}")
+        self.method.on_step_end(t, self)
+        self.pos = Position(t=t + 1, phase=0, it=0, gstep=self.pos.gstep, step_started=False)
+        self.save()
+
+    def _train_iteration(self, t, p_idx, phase, counts, samplers, step_classes, num_seen, bar):
+        cfg = self.cfg
+        it = self.pos.it
+        if self.ledger.remaining_units() < 1.0 - 1e-9:
+            raise RuntimeError(f"budget of time step {t} exhausted before iteration {it} "
+                               f"(planned {phase.steps} steps)")
+        self.engine.set_lr(self._lr(phase, it))
+        t_data = time.perf_counter()
+        ids, labels = {}, {}
+        for src, n in counts.items():
+            if src == "buffer":
+                b_ids, b_labels, _ = self.buffer.sample(n, self.pos.gstep)
+                ids[src], labels[src] = b_ids, b_labels
+            else:
+                ids[src] = samplers[src].draw(it * n, n)
+                labels[src] = self.stream.labels_of(ids[src])
+        self.data_seconds += time.perf_counter() - t_data
+        logs_acc: dict[str, float] = {}
+        for j in range(self.accum):
+            key = derive_seed(cfg.run.seed, t, p_idx, it, j)
+            gen = torch.Generator().manual_seed(key)
+            mask_gen = gen if self.device.type == "cpu" else \
+                torch.Generator(device=self.device).manual_seed(key)
+            t_data = time.perf_counter()
+            xs, ys, n_global = {}, {}, {}
+            for src, n in counts.items():
+                sl = self._split(n, j)
+                if sl.stop == sl.start:
+                    continue
+                kind = "unlabeled" if src == "unlabeled" else "labeled"
+                xs[src] = self.loader.batch(ids[src][sl], kind, generator=gen)
+                ys[src] = torch.as_tensor(np.array(labels[src][sl]), dtype=torch.long, device=self.device)
+                n_global[src] = n
+            self.data_seconds += time.perf_counter() - t_data
+            # charge before running: the ledger refuses a pass that would overspend
+            for src, x in xs.items():
+                self.ledger.charge(self.method.paths[src], int(x.shape[0]), True)
+            mb = MicroBatch(x=xs, y=ys, n_global=n_global, step_classes=step_classes,
+                            num_seen=num_seen, generator=gen, mask_generator=mask_gen, t=t,
+                            phase=phase.name)
+            t_c = time.perf_counter()
+            with self.train_region():
+                with self.engine.autocast():
+                    loss, logs = self.method.loss(self.model, mb)
+                self.engine.backward(loss)
+            self.compute_seconds += time.perf_counter() - t_c
+            for k, v in logs.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + v / self.accum
+        self.engine.step()
+        self.pos.it += 1
+        self.pos.gstep += 1
+        if bar is not None:
+            bar.update(1)
+            if self.pos.gstep % 10 == 0 or self.pos.it == phase.steps:
+                post = {k: f"{float(v):.3f}" for k, v in logs_acc.items()}
+                bar.set_description(f"t={t + 1}/{self.stream.time_steps} {phase.name}")
+                post["spent"] = f"{self.ledger.spent_units():.0f}/{self.budget}"
+                bar.set_postfix(post, refresh=False)
+        if cfg.run.ckpt_every and self.pos.gstep % cfg.run.ckpt_every == 0:
+            self.save()
+
+    # ------------------------------------------------------------------ results
+    def _finish(self) -> dict:
+        cfg = self.cfg
+        wall = self.wall_before + (time.perf_counter() - self._t0)
+        led = self.ledger.to_dict()
+        res = {
+            "method": self.method.name,
+            "scenario": cfg.stream.scenario,
+            "dataset": cfg.stream.data,
+            "time_steps": self.stream.time_steps,
+            "budget": self.budget,
+            "label_rate": cfg.stream.label_rate,
+            "seed": cfg.run.seed,
+            "accuracy_matrix": self.acc,
+            **summarise(self.acc, self.A),
+            "ledger": led,
+            "wall_seconds": wall,
+            "steps_per_second": self.pos.gstep / wall if wall > 0 else None,
+            "global_batch": self.G,
+            "data_wait_fraction": self.data_seconds / max(self.data_seconds + self.compute_seconds, 1e-9),
+            "skipped_files": getattr(self.loader, "skipped_files", []),
+            "stream": self.stream.to_dict(),
+            "versions": versions(),
+            "config": cfg.to_dict(),
+        }
+        achieved = led["flops_total"] / max(self.compute_seconds, 1e-9)
+        res["achieved_flops_per_second"] = achieved
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in res["versions"].get("device", "")), None)
+        res["mfu"] = achieved / peak if peak else None
+        write_json(os.path.join(self.run_dir, "results.json"), res)
+        plot_curve(res, os.path.join(self.run_dir, "curve.png"))
+        self.log(table(res))
+        mfu = f", MFU {100 * res['mfu']:.1f}%" if res["mfu"] else ""
+        self.log(f"{self.pos.gstep} optimiser steps in {wall:.1f} s ({res['steps_per_second']:.2f} "
+                 f"steps/s; {achieved / 1e9:.1f} GFLOP/s in training compute{mfu}; data wait "
+                 f"{100 * res['data_wait_fraction']:.1f}%). Results in {self.run_dir}")
+        return res

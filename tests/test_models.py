@@ -1,0 +1,124 @@
+import pytest
+import torch
+
+from dietcl_fast.models import (ModelSpec, PretrainedMismatch, build_model, load_mae_checkpoint,
+                                param_groups_lrd, resolve_preset)
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+def test_shapes(tiny_spec, chans):
+    spec = ModelSpec(**{**tiny_spec.to_dict(), "in_chans": chans})
+    m = build_model(spec, num_classes=5)
+    x = torch.randn(3, chans, 16, 16)
+    assert m.classify(x).shape == (3, 5)
+    loss, pred, mask = m.forward_mae(x, generator=torch.Generator().manual_seed(0))
+    assert pred.shape == (3, 16, 16 * chans)
+    assert mask.shape == (3, 16)
+    assert torch.all(mask.sum(1) == 16 - spec.num_visible)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert m.decoder_pred.weight.grad is not None and m.encoder.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_head_growth_copies_old_rows(tiny_spec):
+    torch.manual_seed(0)
+    m = build_model(tiny_spec, num_classes=2)
+    w, b = m.head.fc.weight.detach().clone(), m.head.fc.bias.detach().clone()
+    assert m.grow_head(5) is True
+    assert m.head.fc.weight.shape == (5, tiny_spec.embed_dim)
+    assert torch.equal(m.head.fc.weight[:2], w) and torch.equal(m.head.fc.bias[:2], b)
+    assert not torch.equal(m.head.fc.weight[2:], torch.zeros(3, tiny_spec.embed_dim))
+    assert m.grow_head(5) is False
+    with pytest.raises(ValueError, match="shrink"):
+        m.grow_head(3)
+
+
+def test_state_dict_restores_grown_head(tiny_spec):
+    m = build_model(tiny_spec, num_classes=2)
+    m.grow_head(7)
+    fresh = build_model(tiny_spec, num_classes=0)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.num_classes == 7
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(fresh.classify(x), m.classify(x))
+
+
+def _official_checkpoint(model, path, drop=None, extra=None, reshape=None):
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("head."):
+            continue
+        name = k[len("encoder."):] if k.startswith("encoder.") else k
+        sd[name] = v.clone() + 0.5 if v.is_floating_point() else v.clone()
+    if drop:
+        sd.pop(drop)
+    if extra:
+        sd[extra] = torch.zeros(1)
+    if reshape:
+        sd[reshape] = torch.zeros(3, 3)
+    torch.save({"model": sd, "epoch": 1}, path)
+
+
+def test_pretrained_strict_loading(tiny_spec, tmp_path):
+    src = build_model(tiny_spec)
+    path = tmp_path / "mae.pth"
+    _official_checkpoint(src, path)
+    m = build_model(tiny_spec, num_classes=3)
+    rep = load_mae_checkpoint(m, str(path))
+    assert rep.ok and rep.fresh and all(k.startswith("head.") for k in rep.fresh)
+    assert torch.allclose(m.encoder.blocks[0].attn.qkv.weight, src.encoder.blocks[0].attn.qkv.weight + 0.5)
+    assert torch.allclose(m.decoder_pred.weight, src.decoder_pred.weight + 0.5)
+
+
+@pytest.mark.parametrize("kind,kw,msg", [
+    ("missing", {"drop": "decoder_pred.weight"}, "missing from the checkpoint"),
+    ("unexpected", {"extra": "fc_norm.weight"}, "in the checkpoint but not in the model"),
+    ("shape", {"reshape": "patch_embed.proj.weight"}, "shape mismatch"),
+])
+def test_pretrained_mismatch_is_reported(tiny_spec, tmp_path, kind, kw, msg):
+    src = build_model(tiny_spec)
+    path = tmp_path / f"{kind}.pth"
+    _official_checkpoint(src, path, **kw)
+    m = build_model(tiny_spec)
+    before = m.encoder.blocks[0].attn.qkv.weight.detach().clone()
+    with pytest.raises(PretrainedMismatch, match=msg):
+        load_mae_checkpoint(m, str(path))
+    assert torch.equal(before, m.encoder.blocks[0].attn.qkv.weight)   # nothing half-loaded
+
+
+def test_pretrained_bad_files(tiny_spec, tmp_path):
+    m = build_model(tiny_spec)
+    with pytest.raises(PretrainedMismatch, match="no such file"):
+        load_mae_checkpoint(m, str(tmp_path / "nope.pth"))
+    torch.save({"state_dict": {}}, tmp_path / "wrong.pth")
+    with pytest.raises(PretrainedMismatch, match="under 'model'"):
+        load_mae_checkpoint(m, str(tmp_path / "wrong.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(PretrainedMismatch, match="cannot be read"):
+        load_mae_checkpoint(m, str(tmp_path / "junk.pth"))
+
+
+def test_layer_decay_groups(tiny_spec):
+    m = build_model(tiny_spec, num_classes=3)
+    groups = param_groups_lrd(m, weight_decay=0.05, layer_decay=0.5)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert by_name["encoder.patch_embed.proj.weight"]["lr_scale"] == pytest.approx(0.5 ** 3)
+    assert by_name["encoder.blocks.1.mlp.fc1.weight"]["lr_scale"] == pytest.approx(0.5)
+    assert by_name["head.fc.weight"]["lr_scale"] == 1.0
+    assert by_name["encoder.cls_token"]["weight_decay"] == 0.0
+    assert by_name["encoder.blocks.0.norm1.weight"]["weight_decay"] == 0.0
+    assert by_name["head.fc.weight"]["weight_decay"] == 0.05
+    assert "encoder.pos_embed" not in by_name        # fixed sin-cos, not trained
+    n_trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == n_trainable
+
+
+def test_spec_validation_and_presets():
+    with pytest.raises(ValueError, match="img_size=30"):
+        ModelSpec(img_size=30, patch_size=4).validate()
+    with pytest.raises(ValueError, match="mask_ratio"):
+        ModelSpec(mask_ratio=1.0).validate()
+    assert resolve_preset("auto", False) == "cpu-tiny"
+    assert resolve_preset("auto", True) == "vit-b16"
+    with pytest.raises(ValueError, match="--preset 'huge'"):
+        resolve_preset("huge", False)

@@ -1,0 +1,195 @@
+"""End-to-end: budgeted trainer, ledger = FlopCounterMode for a whole run, resume, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dietcl_fast.config import Config
+from dietcl_fast.methods import MicroBatch, build_method
+from dietcl_fast.trainer import Trainer
+
+PY = sys.executable
+
+
+def tiny_cfg(method="dietcl", **run):
+    cfg = Config()
+    cfg.method.name = method
+    cfg.stream.time_steps = 2
+    cfg.stream.label_rate = 0.05
+    cfg.run.budget = run.pop("budget", 3)
+    cfg.run.batch_size = run.pop("batch_size", 16)
+    cfg.engine.micro_batch = run.pop("micro_batch", 8)
+    cfg.run.progress = False
+    cfg.run.eval_batch_size = 1024
+    for k, v in run.items():
+        setattr(cfg.run, k, v)
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["dietcl", "er", "finetune"])
+def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
+    cfg = tiny_cfg(method)
+    res = Trainer(cfg, log=lambda m: None).run(str(tmp_path))
+    for key in ("method", "scenario", "dataset", "time_steps", "budget", "label_rate", "seed",
+                "accuracy_matrix", "A", "final_accuracy", "average_accuracy", "forgetting",
+                "ledger", "wall_seconds", "versions", "config"):
+        assert key in res, key
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["accuracy_matrix"] == res["accuracy_matrix"]
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert (tmp_path / "config.yaml").exists()
+    led = res["ledger"]
+    assert led["steps_per_step"] == [pytest.approx(3.0)] * 2      # spent exactly, never more
+    assert len(res["accuracy_matrix"]) == 2 and len(res["accuracy_matrix"][1]) == 2
+    assert all(0 <= a <= 100 for row in res["accuracy_matrix"] for a in row)
+    assert res["average_accuracy"] == pytest.approx(np.mean(res["A"]))
+
+
+def test_ledger_equals_flopcounter_for_a_whole_run(tmp_path):
+    """Every training pass runs inside FlopCounterMode (attention as plain matmuls); the sum of
+    what it counts must equal what the ledger charged: no uncharged pass exists."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dietcl_fast.models import set_fused_attention
+    counted = []
+
+    class Region:
+        def __enter__(self):
+            self.m = FlopCounterMode(display=False)
+            self.m.__enter__()
+
+        def __exit__(self, *exc):
+            self.m.__exit__(*exc)
+            counted.append(self.m.get_total_flops())
+
+    cfg = tiny_cfg("dietcl", budget=4)
+    tr = Trainer(cfg, log=lambda m: None, train_region=Region)
+    set_fused_attention(tr.model, False)
+    res = tr.run(str(tmp_path))
+    ledger_total = res["ledger"]["flops_total"]
+    assert len(counted) == 2 * 4 * 2                   # steps x iterations x micro-batches
+    assert sum(counted) == pytest.approx(ledger_total, rel=5e-3)
+
+
+def test_budget_refusal_stops_overspending(tmp_path):
+    cfg = tiny_cfg("er", budget=2)
+    tr = Trainer(cfg, log=lambda m: None)
+    tr.run(str(tmp_path))
+    from dietcl_fast.ledger import BudgetExceeded
+    with pytest.raises(BudgetExceeded):
+        tr.ledger.charge("classify", 1, True)          # the step's budget is spent: refused
+
+
+def test_buffer_holds_every_labeled_sample(tmp_path):
+    cfg = tiny_cfg("dietcl", budget=2)
+    tr = Trainer(cfg, log=lambda m: None)
+    tr.run(str(tmp_path))
+    expected = sum(s.num_labeled for s in tr.stream.steps)
+    assert len(tr.buffer) == expected
+    sizes = tr.buffer.task_sizes()
+    assert [int(sizes[t]) for t in range(2)] == [s.num_labeled for s in tr.stream.steps]
+
+
+def test_logits_masking_gives_no_gradient_to_other_classes(tiny_spec):
+    from dietcl_fast.models import build_model
+    cfg = Config()
+    cfg.method.mixup = False
+    method = build_method(cfg)
+    model = build_model(tiny_spec, num_classes=6)
+    x = torch.randn(4, 1, 16, 16)
+    y = torch.tensor([2, 3, 2, 3])
+    mb = MicroBatch(x={"labeled": x}, y={"labeled": y}, n_global={"labeled": 4},
+                    step_classes=torch.tensor([2, 3]), num_seen=6,
+                    generator=torch.Generator(), mask_generator=torch.Generator())
+    loss, logs = method.loss(model, mb)
+    loss.backward()
+    g = model.head.fc.weight.grad
+    assert g[[0, 1, 4, 5]].abs().max() == 0
+    assert g[[2, 3]].abs().max() > 0
+    # and Lm equals cross-entropy over the step's classes only (with label smoothing 0.1)
+    logits = model.classify(x)[:, [2, 3]]
+    ref = torch.nn.functional.cross_entropy(logits, y - 2, label_smoothing=0.1)
+    assert float(logs["Lm"]) == pytest.approx(float(ref), rel=1e-5)
+
+
+def cli(*args, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", *args], capture_output=True, text=True,
+                       env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--micro-batch", "8",
+        "--label-rate", "0.05", "--no-progress"]
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    full = tmp_path / "full"
+    cli(*TINY, "--out", str(full))
+    # killed abruptly at optimiser step 7 (time step 1, mid joint phase); last checkpoint at 6
+    part = tmp_path / "part"
+    p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", "--stop-after-steps", "7", check=False)
+    assert p.returncode == 17, p.stderr
+    assert not (part / "results.json").exists()
+    ck = torch.load(part / "latest.pt", weights_only=False)
+    assert ck["position"]["gstep"] == 6 and ck["position"]["t"] == 1 and ck["position"]["it"] == 2
+    p = cli("train", "--resume", str(part), "--no-progress")
+    assert "resuming" in p.stderr
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((part / "results.json").read_text())
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]           # bit-identical on the CPU
+    assert a["ledger"]["flops_total"] == b["ledger"]["flops_total"]
+    assert a["ledger"]["steps_per_step"] == b["ledger"]["steps_per_step"]
+    # refusing to overwrite a run
+    p = cli(*TINY, "--out", str(full), check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "imagenet99"], "imagenet99"),
+    (["--data", "/no/such/dir"], "/no/such/dir"),
+    (["--label-rate", "0"], "--label-rate"),
+    (["--label-rate", "1.5"], "--label-rate"),
+    (["--budget", "0"], "--budget"),
+    (["--time-steps", "11"], "--time-steps"),
+    (["--label-rate", "0.0001"], "--label-rate"),
+    (["--pretrained", "/no/such.pth"], "--pretrained"),
+    (["--split", "ratio:2"], "--split"),
+])
+def test_bad_input_stops_before_compute(tmp_path, args, needle):
+    out = tmp_path / "run"
+    p = cli("train", "--out", str(out), "--no-progress", *args, check=False)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr
+    assert not (out / "latest.pt").exists()
+
+
+def test_yaml_config_and_cli_override(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("stream:\n  time_steps: 2\n  label_rate: 0.05\nrun:\n  budget: 2\n"
+                        "  batch_size: 8\nmethod:\n  name: er\n")
+    out = tmp_path / "run"
+    cli("train", "--config", str(cfg_file), "--budget", "3", "--out", str(out), "--no-progress")
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "er" and res["budget"] == 3 and res["time_steps"] == 2
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["run"]["budget"] == 3 and saved["model"]["preset"] == "cpu-tiny"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stream:\n  colour: red\n")
+    p = cli("train", "--config", str(bad), "--out", str(tmp_path / "r2"), check=False)
+    assert p.returncode == 2 and "stream.colour" in p.stderr
+
+
+def test_help_documents_every_option():
+    p = cli("train", "--help")
+    for opt in ("--method", "--data", "--scenario", "--time-steps", "--budget", "--label-rate",
+                "--batch-size", "--preset", "--seed", "--out", "--resume", "--config"):
+        assert opt in p.stdout
+    assert "default" in p.stdout

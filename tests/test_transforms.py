@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from dietcl_fast.data.mixup import mixup_cutmix, smooth_one_hot
+from dietcl_fast.data.sampling import EpochSampler, derive_seed
+from dietcl_fast.data.transforms import (Augment, eval_resize_crop, random_resized_crop_boxes,
+                                         to_channels)
+
+
+def test_rrc_boxes_inside_image_and_scaled():
+    g = torch.Generator().manual_seed(1)
+    x0, y0, w, h = random_resized_crop_boxes(2000, 28, 40, scale=(0.2, 1.0), generator=g)
+    assert torch.all(x0 >= 0) and torch.all(y0 >= 0)
+    assert torch.all(x0 + w <= 40) and torch.all(y0 + h <= 28)
+    area = (w * h) / (28 * 40)
+    assert area.min() >= 0.15 and area.max() <= 1.0
+    assert area.std() > 0.1                                   # really random
+
+
+def test_augment_shapes_determinism_and_flip():
+    aug = Augment(size=16, channels=3)
+    x = torch.randint(0, 256, (5, 1, 20, 20), dtype=torch.uint8)
+    a = aug(x, "labeled", generator=torch.Generator().manual_seed(3))
+    b = aug(x, "labeled", generator=torch.Generator().manual_seed(3))
+    c = aug(x, "labeled", generator=torch.Generator().manual_seed(4))
+    assert a.shape == (5, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    e = aug(x, "eval")
+    assert e.shape == (5, 3, 16, 16)
+    with pytest.raises(ValueError, match="unknown transform kind"):
+        aug(x, "test")
+
+
+def test_eval_resize_crop_is_centre():
+    x = torch.arange(32 * 32, dtype=torch.float32).view(1, 1, 32, 32)
+    y = eval_resize_crop(x, 28, crop_pct=0.875)     # 28 / 0.875 = 32: no resize, centre 28
+    assert torch.equal(y, x[:, :, 2:30, 2:30])
+
+
+def test_channel_conversion():
+    g = torch.rand(2, 1, 4, 4)
+    assert torch.equal(to_channels(g, 3)[:, 2], g[:, 0])
+    rgb = torch.rand(2, 3, 4, 4)
+    assert torch.allclose(to_channels(rgb, 1)[:, 0],
+                          0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])
+
+
+def test_mixup_targets_are_distributions():
+    x = torch.rand(6, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    for seed in range(10):
+        xm, t = mixup_cutmix(x, y, 3, torch.Generator().manual_seed(seed))
+        assert xm.shape == x.shape
+        assert torch.allclose(t.sum(1), torch.ones(6))
+        assert (t > 0).all()                                   # label smoothing
+    t0 = smooth_one_hot(y, 3, 0.1)
+    assert torch.allclose(t0[0], torch.tensor([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3]))
+
+
+def test_epoch_sampler_pure_function_and_epochs():
+    ids = np.arange(100, 110)
+    s = EpochSampler(ids, seed=0, key=(1, 2))
+    first = s.draw(0, 10)
+    assert sorted(first) == list(ids)                          # one epoch: each id once
+    assert np.array_equal(s.draw(3, 4), first[3:7])
+    assert np.array_equal(EpochSampler(ids, 0, (1, 2)).draw(12, 5), s.draw(12, 5))
+    second = s.draw(10, 10)
+    assert sorted(second) == list(ids) and not np.array_equal(first, second)
+    assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 2, 4)
