@@ -94,10 +94,11 @@ class BalancedBuffer:
         """This rank's shard of the global draw of ``n`` items at ``step``.
 
         Returns ``(ids int64, labels int64, tasks int32)`` numpy arrays (no copy)."""
-        n = _as_index(n, "n")
-        step = _as_index(step, "step")
-        rank = _as_index(rank, "rank")
-        world_size = _as_index(world_size, "world_size")
+        if not (type(n) is int and type(step) is int and type(rank) is int and type(world_size) is int):
+            n = _as_index(n, "n")
+            step = _as_index(step, "step")
+            rank = _as_index(rank, "rank")
+            world_size = _as_index(world_size, "world_size")
         return self._b.sample(n, step, rank, world_size)
 
     def __len__(self) -> int:

@@ -163,10 +163,13 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     (["--split", "ratio:2"], "--split"),
 ])
 def test_bad_input_stops_before_compute(tmp_path, args, needle):
+    from click.testing import CliRunner
+
+    from dietcl_fast.cli.main import main
     out = tmp_path / "run"
-    p = cli("train", "--out", str(out), "--no-progress", *args, check=False)
-    assert p.returncode == 2, p.stderr
-    assert needle in p.stderr and "Traceback" not in p.stderr
+    r = CliRunner().invoke(main, ["train", "--out", str(out), "--no-progress", *args])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert needle in r.stderr and "Traceback" not in r.stderr
     assert not (out / "latest.pt").exists()
 
 

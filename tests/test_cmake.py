@@ -1,0 +1,50 @@
+"""CMake build of the native core: configure, build, ctest, install, and a find_package consumer."""
+import os
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")]
+
+
+def run(*cmd, cwd=None):
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"{' '.join(map(str, cmd))}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def test_cmake_build_ctest_and_consume(tmp_path):
+    build, prefix = tmp_path / "build", tmp_path / "prefix"
+    jobs = str(min(2, os.cpu_count() or 1))
+    run("cmake", "-S", ROOT, "-B", build, "-DDIETCL_BUILD_PYTHON=OFF", f"-DCMAKE_INSTALL_PREFIX={prefix}")
+    run("cmake", "--build", build, "-j", jobs)
+    out = run("ctest", "--test-dir", build, "--output-on-failure")
+    assert "100% tests passed" in out
+    run("cmake", "--install", build)
+    assert (prefix / "include" / "dietcl" / "balanced_buffer.hpp").exists()
+
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "main.cpp").write_text(textwrap.dedent("""
+        #include <dietcl/balanced_buffer.hpp>
+        #include <cstdio>
+        int main() {
+            dietcl::BalancedBuffer b(1);
+            b.add(0, {1, 2, 3}, {0, 0, 1});
+            return b.sample(5, 0).ids.size() == 5 ? 0 : 1;
+        }
+    """))
+    (app / "CMakeLists.txt").write_text(textwrap.dedent("""
+        cmake_minimum_required(VERSION 3.18)
+        project(app CXX)
+        find_package(dietcl 0.1 CONFIG REQUIRED)
+        add_executable(app main.cpp)
+        target_link_libraries(app PRIVATE dietcl::core)
+    """))
+    run("cmake", "-S", app, "-B", app / "build", f"-DCMAKE_PREFIX_PATH={prefix}")
+    run("cmake", "--build", app / "build")
+    run(app / "build" / "app")
