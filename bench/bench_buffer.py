@@ -107,6 +107,13 @@ def main(argv=None):
         print(f"{name:10s} native {nat * 1e6:10.1f} us | numpy choice {npc * 1e6:10.1f} us "
               f"({npc / nat:5.1f}x) | numpy perm-slices {npp * 1e6:10.1f} us ({npp / nat:5.1f}x)")
 
+    # Issue targets: per-step sampling >= 20x numpy_choice, 1M draws <= 20 ms.
+    targets = {"step_speedup_vs_numpy_choice_min": 20.0, "draws_1M_max_s": 0.020}
+    targets["step_ok"] = r["step_1024"]["speedup_vs_numpy_choice"] >= targets["step_speedup_vs_numpy_choice_min"]
+    targets["draws_1M_ok"] = r["draws_1M"]["native_s"] <= targets["draws_1M_max_s"]
+    print(f"targets: 1,024-draw step >= 20x numpy choice: {'PASS' if targets['step_ok'] else 'FAIL'} | "
+          f"1M draws <= 20 ms: {'PASS' if targets['draws_1M_ok'] else 'FAIL'}")
+
     state = buf.state_bytes()
     result = {
         "benchmark": "buffer", "date": _dt.date.today().isoformat(),
@@ -114,7 +121,7 @@ def main(argv=None):
         "workload": {"tasks": T, "per_task": PER_TASK, "step_draws": STEP_N, "big_draws": BIG_N,
                      "repeats": args.repeats},
         "state_bytes": len(state), "state_bytes_per_sample": len(state) / len(buf),
-        **r,
+        **r, "targets": targets,
     }
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -19,7 +19,7 @@ TRAIN_OPTIONS = {
     "device": "run.device", "split": "method.split", "mixup": "method.mixup",
     "recon_weight": "method.recon_weight", "unlabeled_fraction": "method.unlabeled_fraction",
     "loader": "loader.backend", "on_bad_image": "loader.on_bad_image",
-    "engine": "engine.engine", "micro_batch": "engine.micro_batch",
+    "engine": "engine.engine", "micro_batch": "engine.micro_batch", "zero_stage": "engine.zero_stage",
     "blr": "optim.blr", "min_lr": "optim.min_lr", "layer_decay": "optim.layer_decay",
     "weight_decay": "optim.weight_decay", "progress": "run.progress",
     "stop_after_steps": "run.stop_after_steps",
@@ -124,8 +124,15 @@ def main():
               help="Data loader backend.")
 @click.option("--on-bad-image", default="error", type=click.Choice(["error", "skip"]),
               help="A corrupt/missing image stops the run (error) or is skipped and listed.")
-@click.option("--engine", default="torch", type=click.Choice(["torch", "deepspeed", "auto"]),
-              help="Training engine.")
+@click.option("--engine", default="auto", type=click.Choice(["torch", "deepspeed", "auto"]),
+              help="Training engine: torch (one process, or all-reduce across ranks under "
+                   "torchrun), deepspeed (ZeRO; needs the deepspeed extra), auto (deepspeed when "
+                   "started by the deepspeed launcher, else torch).")
+@click.option("--zero-stage", default=0, type=click.IntRange(0, 3),
+              help="DeepSpeed ZeRO stage (0: replicated optimiser, 1: sharded optimiser state, 2: "
+                   "+ sharded gradients; 3 is refused, see README 'Scaling out').")
+@click.option("--local_rank", "--local-rank", "local_rank", default=None, type=int, hidden=True,
+              help="Set by the deepspeed launcher; the process reads LOCAL_RANK instead.")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="Device.")
 @click.option("--seed", default=0, type=int, help="One seed drives splits, masks, sampling and init.")
 @click.option("--out", default=None, help="Run directory [default: runs/<method>-<data>-...].")
@@ -166,7 +173,7 @@ def train(ctx, **params):
             cfg = build_config(ctx, params)
             run_dir = cfg.run.out or default_run_dir(cfg)
             cfg.run.out = run_dir
-            if os.path.exists(os.path.join(run_dir, "latest.pt")):
+            if ckpt_io.has_checkpoint(run_dir):
                 _fail(f"--out {run_dir!r} already holds a run; use --resume {run_dir} to continue "
                       "it, or choose another --out")
             trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
@@ -197,6 +204,11 @@ def flops(**kw):
     except ValueError as e:
         _fail(str(e))
     click.echo(json.dumps(rep, indent=2))
+
+
+from dietcl_fast.cli.compare import make_compare  # noqa: E402
+
+main.add_command(make_compare(train, build_config, _fail))
 
 
 if __name__ == "__main__":

@@ -45,8 +45,28 @@ class CheckpointError(ValueError):
     pass
 
 
+def has_checkpoint(run_dir: str) -> bool:
+    """A torch-engine `latest.pt` or a DeepSpeed checkpoint pointer."""
+    from .engine.deepspeed_engine import read_pointer
+    return os.path.isfile(os.path.join(run_dir, CKPT_NAME)) or read_pointer(run_dir) is not None
+
+
 def load_checkpoint(run_dir: str) -> dict:
+    """The latest state of a run: `latest.pt` (torch engine), or the client state of the
+    DeepSpeed checkpoint named by `deepspeed/latest_dietcl` (deepspeed engine; its `engine`
+    entry then points at the tag so the engine can reload its ZeRO shards)."""
+    from .engine.deepspeed_engine import load_client_state, read_pointer
     path = os.path.join(run_dir, CKPT_NAME)
+    if read_pointer(run_dir) is not None and not os.path.isfile(path):
+        try:
+            state = load_client_state(run_dir)
+        except Exception as e:
+            raise CheckpointError(f"--resume {run_dir!r}: DeepSpeed checkpoint is unreadable "
+                                  f"({type(e).__name__}: {e})") from e
+        if state.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{run_dir}: format version {state.get('format_version')} is not "
+                                  f"{FORMAT_VERSION}")
+        return state
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {run_dir!r}: no checkpoint ({CKPT_NAME}) in that directory")
     try:

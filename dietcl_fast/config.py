@@ -62,11 +62,13 @@ class LoaderConfig:
     workers: int = 0
     on_bad_image: str = "error"         # error | skip
     fallback: str = "loud"              # loud: fall back with a warning | stop
+    scan: str = "full"                  # pre-flight file check: full decode | header (+ JPEG EOI, PNG CRC)
+    decode: str = "auto"                # torch backend: auto | pil | nvjpeg | tensor (decode_jpeg on the CPU)
 
 
 @dataclass
 class EngineConfig:
-    engine: str = "torch"               # torch | deepspeed | auto
+    engine: str = "auto"                # auto (deepspeed under its launcher, else torch) | torch | deepspeed
     zero_stage: int = 0
     micro_batch: Optional[int] = None   # None: the preset's
     compile: bool = False

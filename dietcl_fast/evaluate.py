@@ -23,6 +23,24 @@ def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: 
     return correct, len(ids)
 
 
+def eval_shard(n: int, rank: int, world_size: int) -> slice:
+    """Rank r's contiguous slice of n eval items; the W slices are disjoint and cover all n."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def sharded_accuracy(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: int,
+                     autocast, dist_info=None) -> tuple[int, int]:
+    """Exact (correct, total) over all ranks: rank r evaluates the r-th of W contiguous,
+    disjoint slices of the ids (no padding, no duplicates), then the counts are summed."""
+    if dist_info is None or dist_info.world_size == 1:
+        return accuracy_on(model, loader, ids, labels, batch_size, autocast)
+    sl = eval_shard(len(ids), dist_info.rank, dist_info.world_size)
+    c, n = accuracy_on(model, loader, ids[sl], labels[sl], batch_size, autocast)
+    c, n = dist_info.all_reduce_sum([c, n])
+    assert int(n) == len(ids), (n, len(ids))
+    return int(c), int(n)
+
+
 def summarise(acc: list[list[float]], A: list[float]) -> dict:
     """acc: rows t = 0..T-1 (model after step t), columns k <= t; A[t] = A(t)."""
     T = len(acc)

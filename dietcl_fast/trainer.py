@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +29,8 @@ from . import checkpoint as ckpt_io
 from .buffer import BalancedBuffer
 from .config import Config, ConfigError, save_yaml
 from .data.sampling import EpochSampler, derive_seed
-from .engine import build_engine
-from .evaluate import accuracy_on, summarise
+from .engine import build_engine, init_from_env, resolve_engine
+from .evaluate import sharded_accuracy, summarise
 from .ledger import Ledger, ViTSpec, flops_per_image
 from .methods import MicroBatch, build_method
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint, resolve_preset
@@ -76,7 +77,18 @@ class Trainer:
             raise ConfigError("--device cuda: no CUDA device is visible")
         if want not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device {want!r}: choose auto, cpu or cuda")
-        self.device = torch.device("cuda" if (want == "cuda" or (want == "auto" and torch.cuda.is_available())) else "cpu")
+        use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+        # processes: torchrun / the deepspeed launcher describe them in RANK, WORLD_SIZE, ...
+        cfg.engine.engine = resolve_engine(cfg.engine.engine)     # auto -> the recorded choice
+        if cfg.engine.engine == "deepspeed":
+            from .engine.deepspeed_engine import import_deepspeed
+            import_deepspeed()          # not installed: stop now, saying how to install it
+        self.dist = init_from_env("cuda" if use_cuda else "cpu",
+                                  force_group=cfg.engine.engine == "deepspeed")
+        self.device = torch.device("cuda", self.dist.local_rank) if use_cuda else torch.device("cpu")
+        if not self.dist.is_main:       # one voice: rank 0 logs, draws the bar and writes files
+            self.log = lambda m: None
+            cfg.run.progress = False
         self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
 
         if cfg.run.budget < 1 or not float(cfg.run.budget).is_integer():
@@ -99,17 +111,24 @@ class Trainer:
         for k in ("blr", "min_lr", "layer_decay"):
             if getattr(cfg.optim, k) is None:
                 setattr(cfg.optim, k, popt[k])
+        W = self.dist.world_size
         if cfg.engine.micro_batch is None:
-            cfg.engine.micro_batch = popt["micro_batch"] or cfg.run.batch_size
+            cfg.engine.micro_batch = popt["micro_batch"] or max(cfg.run.batch_size // W, 1)
         self.G = int(cfg.run.batch_size)
         self.micro = min(int(cfg.engine.micro_batch), self.G)
-        if self.G % self.micro:
-            raise ConfigError(f"--batch-size {self.G} is not divisible by the micro-batch "
-                              f"{self.micro}")
-        self.accum = self.G // self.micro
+        # global batch = micro-batch x accumulation x world size; G is fixed by the config, not by
+        # the number of processes, so the ledger and the results do not depend on it
+        if self.G % (self.micro * W):
+            raise ConfigError(
+                f"--batch-size {self.G} (the global batch) must equal micro-batch x accumulation x "
+                f"world size, but it is not divisible by micro-batch {self.micro} x world size {W} "
+                f"= {self.micro * W}; choose --micro-batch (or --batch-size) so that it divides")
+        self.n_micro = self.G // self.micro     # micro-batches per global batch (all ranks)
+        self.accum = self.n_micro // W          # of which each rank runs this many per step
 
         # data
-        source = load_source(cfg.stream.data)
+        source = load_source(cfg.stream.data,    # skip: a missing CSV file is skipped + listed
+                             missing="keep" if cfg.loader.on_bad_image == "skip" else "error")
         in_chans = source.channels if preset == "cpu-tiny" else 3
         self.spec = ModelSpec(**pdef["spec"], in_chans=in_chans, mask_ratio=cfg.model.mask_ratio).validate()
         # stream options are checked before any file is decoded
@@ -133,7 +152,10 @@ class Trainer:
         if cfg.model.pretrained:
             report = load_mae_checkpoint(self.model, cfg.model.pretrained)
             self.log(report.summary())
-        self.engine = build_engine(cfg.engine.engine, self.model, self.device, self.amp_dtype)
+        self.method.setup_model(self.model)     # method modules (projectors, prompts, ...)
+        self.engine = build_engine(cfg.engine.engine, self.model, self.device, self.amp_dtype,
+                                   dist_info=self.dist, zero_stage=cfg.engine.zero_stage,
+                                   micro_batch=self.micro, accum=self.accum)
 
         self.buffer = BalancedBuffer(seed=cfg.run.seed, replacement=cfg.method.buffer_replacement,
                                      class_balanced=cfg.method.buffer_class_balanced)
@@ -164,7 +186,8 @@ class Trainer:
         if step.num_labeled:
             self.buffer.add(t, step.labeled_ids, step.labeled_labels)
         self._register_paths(k)
-        self.ledger.begin_step(t, float(self.budget))
+        self.ledger.begin_step(t, self.method.step_budget(t, self.stream.time_steps, self.budget))
+        self.method.on_step_start(t, self)      # e.g. GDumb: update memory, re-initialise
         self.pos.step_started = True
 
     def _register_paths(self, k: int) -> None:
@@ -172,6 +195,9 @@ class Trainer:
         self.ledger.register_path("classify", f["classify_fwd"], f["classify_fwd_bwd"])
         self.ledger.register_path("mae", f["mae_fwd"], f["mae_fwd_bwd"])
         self.flops = f
+        self.method.G = self.G
+        self.method.units_for = lambda p, n, b=True: self.ledger.units_for(p, n, b)
+        self.method.register_paths(self, k)     # method paths (exact FLOPs, see methods/base)
 
     def _lr(self, phase, it: int) -> float:
         """Cosine from peak to floor over the phase, no warm-up (SPEC §4), both scaled."""
@@ -183,11 +209,92 @@ class Trainer:
         groups = self.model.param_groups_lrd(self.cfg.optim.weight_decay, self.cfg.optim.layer_decay)
         self.engine.build_optimizer(groups, lr=0.0, betas=(self.cfg.optim.beta1, self.cfg.optim.beta2))
 
+    def _my_micro(self) -> range:
+        """Global micro-batch indices this rank runs: r, r+W, ... (all of them in one process)."""
+        return range(self.dist.rank, self.n_micro, self.dist.world_size)
+
     def _split(self, n: int, j: int) -> slice:
-        """Micro-batch j's slice of n items spread over `accum` micro-batches."""
-        base, rem = divmod(n, self.accum)
-        start = j * base + min(j, rem)
-        return slice(start, start + base + (1 if j < rem else 0))
+        """Global micro-batch j's items within this rank's shard of a source's n-item draw.
+
+        Micro-batch j of the M = G / micro of a global batch holds the draw's items j, j+M, ...
+        whatever the world size (so results do not depend on it); rank r holds the shard r,
+        r+W, ... (the native buffer's `sample(n, step, r, W)`), where micro-batch j = r + kW is
+        the slice k::accum. Empty when the source has fewer than j+1 items."""
+        W = self.dist.world_size
+        n_local = len(range(self.dist.rank, n, W))
+        k = j // W
+        return slice(min(k, n_local), n_local, self.accum)
+
+    def _micro_len(self, n: int, j: int) -> int:
+        """Items of a source with n per global batch in global micro-batch j."""
+        return len(range(j, n, self.n_micro))
+
+    def _charge(self, phase, sizes: dict) -> None:
+        """Charge one micro-batch (images per source) before it runs: the ledger refuses a pass
+        that would overspend."""
+        for src, m in sizes.items():
+            self.ledger.charge(self.method.paths[src], m * phase.views.get(src, 1), True)
+        for src, path, k, backward in phase.extra:    # teacher / query passes
+            if src in sizes:
+                self.ledger.charge(path, sizes[src] * k, backward)
+
+    # ------------------------------------------------------------------ data (issue 5)
+    def _draw_ids(self, it: int, gstep: int, counts, samplers):
+        """Ids and labels of iteration `it` (a pure function of the position)."""
+        ids, labels = {}, {}
+        for src, n in counts.items():
+            r, W = self.dist.rank, self.dist.world_size     # this rank's shard of the draw
+            if src == "buffer":
+                b_ids, b_labels, _ = self.buffer.sample(n, gstep, r, W)
+                ids[src], labels[src] = b_ids, b_labels
+            else:
+                ids[src] = samplers[src].draw(it * n, n)
+                if W > 1:
+                    ids[src] = np.ascontiguousarray(ids[src][r::W])
+                labels[src] = self.stream.labels_of(ids[src])
+        return ids, labels
+
+    def _submit(self, t: int, p_idx: int, it: int, phase, counts, ids) -> list:
+        """Hand iteration `it`'s batches to the loader -> per micro-batch (ticket, keys). Each
+        request's augmentation is seeded by its position (t, phase, it, j, source, view) only."""
+        from .data import Request
+        out = []
+        for j in self._my_micro():
+            reqs, keys = [], []
+            for src, n in counts.items():
+                sl = self._split(n, j)
+                if sl.stop == sl.start:
+                    continue
+                kind = "unlabeled" if src == "unlabeled" else "labeled"
+                for v in range(phase.views.get(src, 1)):
+                    seed = derive_seed(self.cfg.run.seed, t, p_idx, it, j, 0xDA7A,
+                                       zlib.crc32(src.encode()), v)
+                    reqs.append(Request(ids[src][sl], kind, seed))
+                    keys.append(src)
+            out.append((self.loader.submit(reqs), keys))
+        return out
+
+    def _tickets(self, t: int, p_idx: int, it: int, phase, counts, ids, samplers) -> list:
+        """This iteration's tickets (submitted one iteration ahead when the ids match), and the
+        next iteration of the phase submitted now, so its loading overlaps this compute."""
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        tickets = None
+        if ahead is not None:
+            key, a_ids, a_tickets = ahead
+            if key == (t, p_idx, it) and a_ids.keys() == ids.keys() and \
+                    all(np.array_equal(a_ids[s], ids[s]) for s in ids):
+                tickets = a_tickets
+            else:
+                for tk, _ in a_tickets:
+                    self.loader.discard(tk)
+        if tickets is None:
+            tickets = self._submit(t, p_idx, it, phase, counts, ids)
+        if it + 1 < phase.steps:
+            n_counts = phase.counts(self.G, it + 1) if phase.mix_fn is not None else counts
+            n_ids, _ = self._draw_ids(it + 1, self.pos.gstep + 1, n_counts, samplers)
+            self._ahead = ((t, p_idx, it + 1), n_ids,
+                           self._submit(t, p_idx, it + 1, phase, n_counts, n_ids))
+        return tickets
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -226,7 +333,14 @@ class Trainer:
             self._register_paths(self.stream.num_seen_classes(self.pos.t))
 
     def save(self) -> None:
-        ckpt_io.save_checkpoint(self.run_dir, self.state_dict())
+        """All ranks call this (their states are identical): the deepspeed engine writes its ZeRO
+        shards with this state as client state; otherwise rank 0 writes `latest.pt`."""
+        if getattr(self.engine, "saves_checkpoints", False):
+            self.engine.save_checkpoint(self.run_dir, self.state_dict())
+            return
+        if self.dist.is_main:
+            ckpt_io.save_checkpoint(self.run_dir, self.state_dict())
+        self.dist.barrier()
 
     # ------------------------------------------------------------------ the loop
     def run(self, run_dir: str, resume_state: dict | None = None) -> dict:
@@ -239,11 +353,13 @@ class Trainer:
             self.load_state(resume_state)
             self.log(f"resuming {run_dir} at time step {self.pos.t}, phase {self.pos.phase}, "
                      f"iteration {self.pos.it} ({self.pos.gstep} optimiser steps done)")
-        else:
+        elif self.dist.is_main:
             save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
         T = self.stream.time_steps
         self.log(f"device {self.device}{' (bf16 autocast)' if self.amp_dtype else ' (fp32)'}; "
-                 f"global batch {self.G} = {self.micro} x {self.accum} accumulation; "
+                 f"global batch {self.G} = {self.micro} micro x {self.accum} accumulation x "
+                 f"{self.dist.world_size} processes (engine {self.engine.name}"
+                 f"{f', ZeRO-{cfg.engine.zero_stage}' if self.engine.name == 'deepspeed' else ''}); "
                  f"budget {self.budget} steps per time step; loader {self.loader.name}; "
                  f"kernels {self._kernel_backend()}")
 
@@ -259,6 +375,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self._ahead = None
+            self.loader.close()     # worker processes / loader thread (restarted on next use)
         return self._finish()
 
     def _kernel_backend(self) -> str:
@@ -276,8 +394,9 @@ class Trainer:
                 self.save()
         step = self.stream.steps[t]
         phases = self.method.phases(t, self.budget)
-        if sum(p.steps for p in phases) > self.budget:
-            raise RuntimeError(f"method {self.method.name} planned more steps than the budget")
+        planned = sum(p.planned_units(self.G, self.method.units_for, self.method.paths) for p in phases)
+        if planned + self.method.reserve_units(t, self.budget) > self.ledger.budget_units() + 1e-6:
+            raise RuntimeError(f"method {self.method.name} planned more than the budget")
         step_classes = torch.as_tensor(np.array(step.classes), dtype=torch.long, device=self.device)
         num_seen = self.stream.num_seen_classes(t)
 
@@ -289,9 +408,10 @@ class Trainer:
                 self.engine.load_state_dict(self._pending_engine_state)
                 self._pending_engine_state = None
             counts = phase.counts(self.G)
+            own = self.method.source_ids(t, self)   # e.g. joint: all steps' unlabeled ids
             samplers = {
-                "unlabeled": EpochSampler(step.unlabeled_ids, cfg.run.seed, (t, p_idx, 0)),
-                "labeled": EpochSampler(step.labeled_ids, cfg.run.seed, (t, p_idx, 1)),
+                "unlabeled": EpochSampler(own.get("unlabeled", step.unlabeled_ids), cfg.run.seed, (t, p_idx, 0)),
+                "labeled": EpochSampler(own.get("labeled", step.labeled_ids), cfg.run.seed, (t, p_idx, 1)),
             }
             for src in counts:
                 if src in samplers and len(samplers[src]) == 0:
@@ -309,8 +429,8 @@ class Trainer:
         row = []
         for k in range(t + 1):
             ids, labels = self.stream.eval_for(t, k)
-            c, n = accuracy_on(self.model, self.loader, ids, labels, cfg.run.eval_batch_size,
-                               self.engine.autocast)
+            c, n = sharded_accuracy(self.model, self.loader, ids, labels, cfg.run.eval_batch_size,
+                                    self.engine.autocast, self.dist)   # exact over ranks
             row.append(100.0 * c / n if n else float("nan"))
         self.acc.append(row)
         self.A.append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
@@ -324,43 +444,48 @@ class Trainer:
     def _train_iteration(self, t, p_idx, phase, counts, samplers, step_classes, num_seen, bar):
         cfg = self.cfg
         it = self.pos.it
-        if self.ledger.remaining_units() < 1.0 - 1e-9:
+        if phase.mix_fn is not None:
+            counts = phase.counts(self.G, it)
+        need = phase.iteration_units(self.G, self.method.units_for, self.method.paths, it)
+        if self.ledger.remaining_units() < need - 1e-9:
             raise RuntimeError(f"budget of time step {t} exhausted before iteration {it} "
                                f"(planned {phase.steps} steps)")
         self.engine.set_lr(self._lr(phase, it))
         t_data = time.perf_counter()
-        ids, labels = {}, {}
-        for src, n in counts.items():
-            if src == "buffer":
-                b_ids, b_labels, _ = self.buffer.sample(n, self.pos.gstep)
-                ids[src], labels[src] = b_ids, b_labels
-            else:
-                ids[src] = samplers[src].draw(it * n, n)
-                labels[src] = self.stream.labels_of(ids[src])
+        ids, labels = self._draw_ids(it, self.pos.gstep, counts, samplers)
+        tickets = self._tickets(t, p_idx, it, phase, counts, ids, samplers)
         self.data_seconds += time.perf_counter() - t_data
         logs_acc: dict[str, float] = {}
-        for j in range(self.accum):
+        for j in range(self.n_micro):       # the global batch's micro-batches, in order
+            if j % self.dist.world_size != self.dist.rank:
+                # another rank runs it; every rank charges the whole global batch in the same
+                # order, so all ledgers are identical (and equal to the one-process ledger)
+                self._charge(phase, {s: m for s, n in counts.items() if (m := self._micro_len(n, j))})
+                continue
             key = derive_seed(cfg.run.seed, t, p_idx, it, j)
             gen = torch.Generator().manual_seed(key)
             mask_gen = gen if self.device.type == "cpu" else \
                 torch.Generator(device=self.device).manual_seed(key)
             t_data = time.perf_counter()
-            xs, ys, n_global = {}, {}, {}
+            xs, ys, n_global, views = {}, {}, {}, {}
+            got: dict[str, list] = {}
+            for src, x in zip(tickets[j // self.dist.world_size][1], self.loader.fetch(tickets[j // self.dist.world_size][0])):
+                got.setdefault(src, []).append(x)
             for src, n in counts.items():
                 sl = self._split(n, j)
                 if sl.stop == sl.start:
                     continue
-                kind = "unlabeled" if src == "unlabeled" else "labeled"
-                xs[src] = self.loader.batch(ids[src][sl], kind, generator=gen)
+                xs[src] = got[src][0]
+                if phase.views.get(src, 1) > 1:     # further augmented views (own seeds)
+                    views[src] = got[src][1:]
                 ys[src] = torch.as_tensor(np.array(labels[src][sl]), dtype=torch.long, device=self.device)
                 n_global[src] = n
             self.data_seconds += time.perf_counter() - t_data
             # charge before running: the ledger refuses a pass that would overspend
-            for src, x in xs.items():
-                self.ledger.charge(self.method.paths[src], int(x.shape[0]), True)
+            self._charge(phase, {src: int(x.shape[0]) for src, x in xs.items()})
             mb = MicroBatch(x=xs, y=ys, n_global=n_global, step_classes=step_classes,
                             num_seen=num_seen, generator=gen, mask_generator=mask_gen, t=t,
-                            phase=phase.name)
+                            phase=phase.name, views=views)
             t_c = time.perf_counter()
             with self.train_region():
                 with self.engine.autocast():
@@ -411,8 +536,9 @@ class Trainer:
         res["achieved_flops_per_second"] = achieved
         peak = next((v for k, v in PEAK_FLOPS.items() if k in res["versions"].get("device", "")), None)
         res["mfu"] = achieved / peak if peak else None
-        write_json(os.path.join(self.run_dir, "results.json"), res)
-        plot_curve(res, os.path.join(self.run_dir, "curve.png"))
+        if self.dist.is_main:
+            write_json(os.path.join(self.run_dir, "results.json"), res)
+            plot_curve(res, os.path.join(self.run_dir, "curve.png"))
         self.log(table(res))
         mfu = f", MFU {100 * res['mfu']:.1f}%" if res["mfu"] else ""
         self.log(f"{self.pos.gstep} optimiser steps in {wall:.1f} s ({res['steps_per_second']:.2f} "

@@ -285,3 +285,55 @@ def test_begin_step_again_keeps_spent_for_resume():
     led.charge("classify", 512)
     led.begin_step(0, 2.0)
     assert led.spent_units() == 0.5 and led.remaining_units() == 1.5
+
+
+# --------------------------------------------------------------------------- the product's model
+@pytest.mark.parametrize("cfg", [
+    dict(img_size=28, patch_size=4, in_chans=1, embed_dim=64, depth=3, num_heads=2, mlp_ratio=2.0,
+         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, k=7),
+    dict(img_size=32, patch_size=8, in_chans=3, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4.0,
+         decoder_embed_dim=24, decoder_depth=2, decoder_num_heads=4, k=13, mask_ratio=0.6),
+    dict(img_size=20, patch_size=5, in_chans=3, embed_dim=30, depth=1, num_heads=5, mlp_ratio=3.0,
+         decoder_embed_dim=20, decoder_depth=3, decoder_num_heads=2, k=3, mask_ratio=0.9),
+    dict(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+         mlp_ratio=4.0, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, k=1000),
+])
+def test_ledger_equals_flopcounter_on_dietmodel(cfg):
+    """The ledger's per-image FLOPs equal FlopCounterMode on the DietModel the trainer runs
+    (attention as plain matmuls): classify fwd, fwd+bwd and the MAE path fwd+bwd."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dietcl_fast.ledger import ViTSpec, flops_per_image
+    from dietcl_fast.models import ModelSpec, build_model, set_fused_attention
+
+    cfg = dict(cfg)
+    k = cfg.pop("k")
+    spec = ModelSpec(**cfg).validate()
+    big = spec.img_size >= 224
+    dev = "meta" if big else "cpu"
+    with torch.device(dev):
+        model = build_model(spec, num_classes=k)
+    set_fused_attention(model, False)
+    n = 2
+    x = torch.randn(n, spec.in_chans, spec.img_size, spec.img_size, device=dev)
+    f = flops_per_image(ViTSpec(img_size=spec.img_size, patch=spec.patch_size,
+                                in_chans=spec.in_chans, embed_dim=spec.embed_dim, depth=spec.depth,
+                                heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, num_classes=k,
+                                decoder_dim=spec.decoder_embed_dim,
+                                decoder_depth=spec.decoder_depth,
+                                decoder_heads=spec.decoder_num_heads, mask_ratio=spec.mask_ratio))
+    with FlopCounterMode(display=False) as fc:
+        model.classify(x)
+    assert fc.get_total_flops() == pytest.approx(n * f["classify_fwd"], rel=5e-3)
+    with FlopCounterMode(display=False) as fc:
+        model.classify(x).sum().backward()
+    assert fc.get_total_flops() == pytest.approx(n * f["classify_fwd_bwd"], rel=5e-3)
+    if big:   # the MAE path's masking kernel needs real tensors; the classifier is the anchor
+        assert f["classify_fwd"] == pytest.approx(35.13e9, rel=1e-3)
+        assert f["classify_fwd_bwd"] == pytest.approx(105.15e9, rel=1e-3)
+        return
+    with FlopCounterMode(display=False) as fc:
+        loss, _, _ = model.forward_mae(x, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+    assert fc.get_total_flops() == pytest.approx(n * f["mae_fwd_bwd"], rel=5e-3)

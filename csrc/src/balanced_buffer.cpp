@@ -1,7 +1,9 @@
 #include "dietcl/balanced_buffer.hpp"
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -10,7 +12,44 @@
 #include "dietcl/rng.hpp"
 #include "dietcl/serialize.hpp"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace dietcl {
+
+namespace detail {
+namespace {
+constexpr size_t kHugePage = size_t(2) << 20;
+inline size_t huge_round(size_t bytes) { return (bytes + kHugePage - 1) & ~(kHugePage - 1); }
+}  // namespace
+
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+constexpr bool kUseHuge = true;
+#else
+constexpr bool kUseHuge = false;  // elsewhere: plain operator new (std::aligned_alloc may be absent)
+#endif
+
+void* entries_alloc(size_t bytes) {
+    if (!kUseHuge || bytes < kHugeMin) return ::operator new(bytes);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    void* p = std::aligned_alloc(kHugePage, huge_round(bytes));
+    if (p == nullptr) throw std::bad_alloc();
+    (void)madvise(p, huge_round(bytes), MADV_HUGEPAGE);  // advisory: failure only costs speed
+    return p;
+#else
+    return nullptr;  // unreachable
+#endif
+}
+
+void entries_free(void* p, size_t bytes) noexcept {
+    if (p == nullptr) return;
+    if (!kUseHuge || bytes < kHugeMin)
+        ::operator delete(p);
+    else
+        std::free(p);
+}
+}  // namespace detail
 
 namespace {
 constexpr char kMagic[8] = {'D', 'C', 'L', 'B', 'U', 'F', '0', '1'};
@@ -85,7 +124,8 @@ void BalancedBuffer::add(int64_t task, const int64_t* ids, const int64_t* labels
     std::unique_lock<std::shared_mutex> lk(mu_);
     TaskData& td = tasks_[static_cast<int32_t>(task)];
     const size_t old = td.entries.size();
-    td.entries.reserve(old + static_cast<size_t>(n));  // vector growth keeps amortised O(1)
+    if (td.entries.capacity() < old + static_cast<size_t>(n))  // geometric growth: amortised O(1)
+        td.entries.reserve(std::max(old + static_cast<size_t>(n), 2 * td.entries.capacity()));
     for (int64_t i = 0; i < n; ++i) td.entries.push_back(Entry{ids[i], labels[i]});
     if (class_balanced_) {
         auto by_label = [](const Entry& a, const Entry& b) { return a.label < b.label; };
@@ -160,26 +200,73 @@ struct Out {
 };
 
 constexpr int kBatch = FeistelPermutation::kMaxBatch;
+constexpr int kChunk = 4 * kBatch;                   // sources gathered per flush
+constexpr int kPrefetch = 32;                        // gather prefetch distance (items)
 constexpr int64_t kParallelMin = int64_t(1) << 17;  // items per call before threads are used
 constexpr int64_t kPerThreadMin = int64_t(1) << 16;
 
-// Fill this rank's items [kb, ke) of block b.
+using Entry = BalancedBuffer::Entry;
+
+// Two-pass output: pass 1 (pure arithmetic) resolves up to kChunk source entries, pass 2
+// gathers them with software prefetch a few items ahead (random reads into a large buffer
+// are the dominant cost; this keeps many cache misses in flight).
+class Gatherer {
+public:
+    Gatherer(const Out& o, int64_t pos) : o_(o), pos_(pos) {}
+    ~Gatherer() { flush(); }
+    // Room for at least `want` (<= kBatch) more sources, flushing if needed.
+    const Entry** reserve(int want) {
+        if (n_ + want > kChunk) flush();
+        return src_ + n_;
+    }
+    void commit(int m) { n_ += m; }
+    void flush() {
+        const int n = n_;
+        if (n == 0) return;
+        int64_t* __restrict oi = o_.ids + pos_;
+        int64_t* __restrict ol = o_.labels + pos_;
+        const int pre = n < kPrefetch ? n : kPrefetch;
+        for (int q = 0; q < pre; ++q) __builtin_prefetch(src_[q]);
+        int q = 0;
+        for (; q + kPrefetch < n; ++q) {
+            __builtin_prefetch(src_[q + kPrefetch]);
+            oi[q] = src_[q]->id;
+            ol[q] = src_[q]->label;
+        }
+        for (; q < n; ++q) {
+            oi[q] = src_[q]->id;
+            ol[q] = src_[q]->label;
+        }
+        pos_ += n;
+        n_ = 0;
+    }
+    Gatherer(const Gatherer&) = delete;
+    Gatherer& operator=(const Gatherer&) = delete;
+
+private:
+    Out o_;
+    int64_t pos_;
+    int n_ = 0;
+    const Entry* src_[kChunk];
+};
+
+// Fill this rank's items [kb, ke) of block b (outputs are written in order via g).
 void run_block(const Block& b, int64_t kb, int64_t ke, uint64_t W, uint64_t seed, bool replacement,
-               bool class_balanced, const Out& o) {
-    const auto* E = b.td->entries.data();
+               bool class_balanced, const Out& o, Gatherer& g) {
+    const Entry* E = b.td->entries.data();
     const uint64_t size = b.td->entries.size();
     const uint64_t task = static_cast<uint64_t>(b.task);
-    int64_t pos = b.out_off + kb;
-    auto emit = [&](uint64_t idx) {
-        o.ids[pos] = E[idx].id;
-        o.labels[pos] = E[idx].label;
-        o.tasks[pos] = b.task;
-        ++pos;
-    };
+    std::fill(o.tasks + b.out_off + kb, o.tasks + b.out_off + ke, b.task);
     if (!class_balanced && replacement) {
-        for (int64_t k = kb; k < ke; ++k) {
-            const uint64_t p = b.c + b.i0 + static_cast<uint64_t>(k) * W;
-            emit(bounded(hash_words(seed, kTagRepl, task, p), size));
+        const uint64_t h0 = hash_words(seed, kTagRepl, task);  // hash_words(seed, tag, task, p) prefix
+        int64_t k = kb;
+        while (k < ke) {
+            const int m = static_cast<int>(std::min<int64_t>(ke - k, kBatch));
+            const Entry** dst = g.reserve(m);
+            const uint64_t p0 = b.c + b.i0 + static_cast<uint64_t>(k) * W;
+            for (int q = 0; q < m; ++q) dst[q] = E + bounded(hash_combine(h0, p0 + static_cast<uint64_t>(q) * W), size);
+            g.commit(m);
+            k += m;
         }
         return;
     }
@@ -187,35 +274,28 @@ void run_block(const Block& b, int64_t kb, int64_t ke, uint64_t W, uint64_t seed
         const uint64_t tkey = hash_words(seed, kTagPerm, task, size);
         auto key = [&](uint64_t ep) { return mix64(tkey ^ mix64(ep)); };
         uint64_t p = b.c + b.i0 + static_cast<uint64_t>(kb) * W;
-        uint64_t e = p / size, off = p % size;
+        uint64_t e = p / size, off = p - e * size;
         FeistelPermutation perm(size, key(e));
-        uint64_t in[kBatch], idx[kBatch];
+        uint64_t idx[kBatch];
         int64_t k = kb;
-        int64_t* __restrict oi = o.ids;
-        int64_t* __restrict ol = o.labels;
-        int32_t* __restrict ot = o.tasks;
         while (k < ke) {
             // items left in this epoch at stride W, capped by the batch and the range
-            uint64_t run = W >= size ? 1 : (size - off + W - 1) / W;
+            const uint64_t left = size - off;
+            uint64_t run = W == 1 ? left : (W >= size ? 1 : (left + W - 1) / W);
             run = std::min<uint64_t>({run, static_cast<uint64_t>(ke - k), static_cast<uint64_t>(kBatch)});
             const int m = static_cast<int>(run);
-            for (int q = 0; q < m; ++q) in[q] = off + static_cast<uint64_t>(q) * W;
-            perm.map_batch(in, idx, m);
-            for (int q = 0; q < m; ++q) __builtin_prefetch(E + idx[q]);
-            for (int q = 0; q < m; ++q) {
-                const auto& en = E[idx[q]];
-                oi[pos + q] = en.id;
-                ol[pos + q] = en.label;
-                ot[pos + q] = b.task;
-            }
-            pos += m;
+            perm.map_stride(off, W, idx, m);
+            const Entry** dst = g.reserve(m);
+            for (int q = 0; q < m; ++q) dst[q] = E + idx[q];
+            g.commit(m);
             k += m;
             if (k < ke) {
                 p += run * W;
-                const uint64_t ne = p / size;
-                off = p % size;
-                if (ne != e) {
-                    e = ne;
+                if (run * W < left) {
+                    off += run * W;  // same epoch
+                } else {
+                    e = p / size;
+                    off = p - e * size;
                     perm = FeistelPermutation(size, key(e));
                 }
             }
@@ -231,16 +311,19 @@ void run_block(const Block& b, int64_t kb, int64_t ke, uint64_t W, uint64_t seed
         const uint64_t p = b.c + b.i0 + static_cast<uint64_t>(k) * W;
         const uint64_t cls = p % C, q = p / C;
         const uint64_t lo = offs[cls], cnt = offs[cls + 1] - lo;
+        uint64_t idx;
         if (replacement) {
-            emit(lo + bounded(hash_words(seed, kTagClassRepl, task, cls, q), cnt));
+            idx = lo + bounded(hash_words(seed, kTagClassRepl, task, cls, q), cnt);
         } else {
             const uint64_t e = q / cnt;
             if (cache_epoch[cls] != e) {
                 cache_epoch[cls] = e;
                 cache[cls] = FeistelPermutation(cnt, hash_words(hash_words(seed, kTagClassPerm, task, cls), e, cnt));
             }
-            emit(lo + cache[cls](q % cnt));
+            idx = lo + cache[cls](q % cnt);
         }
+        *g.reserve(1) = E + idx;
+        g.commit(1);
     }
 }
 
@@ -289,17 +372,20 @@ void BalancedBuffer::sample_into(int64_t n, int64_t step, int64_t rank, int64_t 
 
     // Process output range [lo, hi) of this rank's items (blocks are contiguous in the output).
     auto run_range = [&](int64_t lo, int64_t hi) {
+        Gatherer g(o, lo);
         for (const Block& b : blocks) {
             const int64_t kb = std::max<int64_t>(lo - b.out_off, 0);
             const int64_t ke = std::min<int64_t>(hi - b.out_off, b.count);
-            if (kb < ke) run_block(b, kb, ke, W, seed_, replacement_, class_balanced_, o);
+            if (kb < ke) run_block(b, kb, ke, W, seed_, replacement_, class_balanced_, o, g);
         }
     };
 
-    unsigned hw = std::thread::hardware_concurrency();
     int64_t nthreads = 1;
-    if (total >= kParallelMin && hw > 1)
-        nthreads = std::min<int64_t>({static_cast<int64_t>(hw), 16, total / kPerThreadMin});
+    if (total >= kParallelMin) {
+        // hardware_concurrency() reads /sys on glibc (~4 us): query once, and only for big draws.
+        static const unsigned hw = std::thread::hardware_concurrency();
+        if (hw > 1) nthreads = std::min<int64_t>({static_cast<int64_t>(hw), 16, total / kPerThreadMin});
+    }
     if (nthreads <= 1) {
         run_range(0, total);
         return;

@@ -33,8 +33,8 @@ def to_rgb_array(img) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def decode_file(path: str, size: int) -> np.ndarray:
-    """-> uint8 [size, size, 3]: shorter side resized to `size`, centre-cropped square."""
+def load_rgb(path: str) -> np.ndarray:
+    """Decode a whole file -> uint8 [H, W, 3]; BadImageError names the file and the reason."""
     import os
 
     from PIL import Image, UnidentifiedImageError
@@ -52,6 +52,28 @@ def decode_file(path: str, size: int) -> np.ndarray:
     h, w = arr.shape[:2]
     if h == 0 or w == 0:
         raise BadImageError(f"{path}: empty image ({w}x{h})")
+    return arr
+
+
+_PIL_RESAMPLE = {"bilinear": 2, "bicubic": 3}     # Image.BILINEAR, Image.BICUBIC
+
+
+def crop_resize(arr: np.ndarray, box, flip: bool, size: int, resample: str) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: the (fractional) box (x0, y0, x1, y1) resampled
+    to size x size with PIL's antialiased filter, then flipped left-right if `flip`."""
+    from PIL import Image
+
+    out = np.asarray(Image.fromarray(arr).resize((size, size), _PIL_RESAMPLE[resample],
+                                                 box=tuple(float(b) for b in box)))
+    return np.ascontiguousarray(out[:, ::-1]) if flip else out
+
+
+def decode_file(path: str, size: int) -> np.ndarray:
+    """-> uint8 [size, size, 3]: shorter side resized to `size`, centre-cropped square."""
+    from PIL import Image
+
+    arr = load_rgb(path)
+    h, w = arr.shape[:2]
     s = size / min(h, w)
     nh, nw = max(size, round(h * s)), max(size, round(w * s))
     im = Image.fromarray(arr).resize((nw, nh), Image.BICUBIC)
@@ -59,19 +81,31 @@ def decode_file(path: str, size: int) -> np.ndarray:
     return np.asarray(im)[top:top + size, left:left + size]
 
 
-def decode_all(paths: list[str], size: int, on_bad: str = "error", progress: bool = False):
-    """-> (images uint8 [N, size, size, 3], ok mask [N], skipped [{path, reason}])."""
+def decode_all(paths: list[str], size: int, on_bad: str = "error", progress: bool = False,
+               workers: int = 1):
+    """-> (images uint8 [N, size, size, 3], ok mask [N], skipped [{path, reason}]). `workers`
+    threads decode in parallel (PIL releases the GIL while decoding and resizing)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     ok = np.ones(len(paths), dtype=bool)
     skipped = []
-    it = paths
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(paths, desc="decode", unit="img", leave=False)
-    for i, p in enumerate(it):
+
+    def one(i):
         try:
-            out[i] = decode_file(p, size)
+            out[i] = decode_file(paths[i], size)      # written in place: no second copy
+            return None
         except BadImageError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        it = ex.map(one, range(len(paths)), chunksize=32)
+        if progress:
+            from tqdm import tqdm
+            it = tqdm(it, total=len(paths), desc="decode", unit="img", leave=False)
+        errors = list(it)
+    for i, (p, e) in enumerate(zip(paths, errors)):
+        if e is not None:
             if on_bad == "error":
                 raise BadImageError(f"{e} (use --on-bad-image skip to skip bad files)") from None
             ok[i] = False

@@ -8,10 +8,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .pipeline import Loader, Request
 from .transforms import Augment
 
 
-class MemoryLoader:
+class MemoryLoader(Loader):
+    """Synchronous: `submit` only records the requests, `fetch` indexes and augments on the
+    device (already asynchronous there on CUDA). The augmentation of a request is seeded by
+    `torch.Generator().manual_seed(request.seed)`."""
     name = "memory"
 
     def __init__(self, images: np.ndarray, augment: Augment, device: torch.device):
@@ -28,10 +32,20 @@ class MemoryLoader:
         self.augment = augment
         self.device = device
         self.skipped_files: list[dict] = []
+        self.wait_seconds = 0.0
+
+    def submit(self, requests: list[Request]):
+        return list(requests)
+
+    def fetch(self, ticket) -> list[torch.Tensor]:
+        return [self.batch(r.ids, r.kind, generator=torch.Generator().manual_seed(int(r.seed)),
+                           dtype=r.dtype) for r in ticket]
 
     def batch(self, ids: np.ndarray, kind: str, generator: torch.Generator | None = None,
-              dtype=torch.float32) -> torch.Tensor:
+              dtype=torch.float32, seed: int | None = None) -> torch.Tensor:
         """ids [n] -> [n, C, S, S] transformed for `kind` (labeled | unlabeled | eval)."""
-        idx = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(self.device)
+        if seed is not None:
+            generator = torch.Generator().manual_seed(int(seed))
+        idx = torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device)
         return self.augment(self.images.index_select(0, idx), kind, generator=generator,
                             dtype=dtype)

@@ -18,6 +18,7 @@ def build_method(cfg) -> Method:
     return METHODS[name](cfg)
 
 
-from . import dietcl, er, finetune  # noqa: E402,F401  (registration)
+from . import (ccic, cassle, dietcl, dualnet, er, ewc, finetune, gdumb, joint, l2p,  # noqa: E402,F401
+               mas, pretrain_ft)  # (registration)
 
 __all__ = ["METHODS", "register", "build_method", "Method", "Phase", "MicroBatch", "SOURCES"]

@@ -9,6 +9,7 @@ Sources a phase may draw from:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 
@@ -21,14 +22,39 @@ class Phase:
     steps: int                          # optimiser steps at the global batch (budget units)
     mix: dict[str, float]               # source -> fraction of the global batch (sums to 1)
     lr_scale: float = 1.0
+    # source -> augmented views per image; each view is a full forward+backward on the source's
+    # path, charged as such (contrastive methods: 2). Views beyond the first: MicroBatch.views.
+    views: dict[str, int] = field(default_factory=dict)
+    # extra passes per micro-batch, charged by the trainer BEFORE the loss runs:
+    # (source, ledger path, passes per image, backward) - e.g. a teacher's forward on 2 views:
+    # ("unlabeled", "teacher", 2, False). Charged only when the source is in the micro-batch.
+    extra: list = field(default_factory=list)
+    # optional per-iteration mix (DualNet's variable sampling); None: `mix` every iteration
+    mix_fn: Optional[Callable[[int], dict]] = None
 
-    def counts(self, global_batch: int) -> dict[str, int]:
+    def mix_at(self, it: int) -> dict[str, float]:
+        return self.mix if self.mix_fn is None else self.mix_fn(it)
+
+    def counts(self, global_batch: int, it: int | None = None) -> dict[str, int]:
         """Integer images per source per global batch; rounding remainder goes to the first
         source so the counts always sum to the global batch exactly."""
-        srcs = [s for s in SOURCES if self.mix.get(s, 0) > 0]
-        c = {s: int(round(self.mix[s] * global_batch)) for s in srcs}
+        mix = self.mix if it is None else self.mix_at(it)
+        srcs = [s for s in SOURCES if mix.get(s, 0) > 0]
+        c = {s: int(round(mix[s] * global_batch)) for s in srcs}
         c[srcs[0]] += global_batch - sum(c.values())
         return c
+
+    def iteration_units(self, global_batch: int, units_for, paths: dict, it: int = 0) -> float:
+        """Budget units one optimiser step of this phase charges (views and extra passes in)."""
+        c = self.counts(global_batch, it)
+        u = sum(units_for(paths[s], n * self.views.get(s, 1), True) for s, n in c.items())
+        u += sum(units_for(path, c[s] * k, bw) for s, path, k, bw in self.extra if s in c)
+        return u
+
+    def planned_units(self, global_batch: int, units_for, paths: dict) -> float:
+        if self.mix_fn is None:
+            return self.steps * self.iteration_units(global_batch, units_for, paths)
+        return sum(self.iteration_units(global_batch, units_for, paths, it) for it in range(self.steps))
 
 
 @dataclass
@@ -45,6 +71,7 @@ class MicroBatch:
     t: int = 0
     phase: str = ""
     extra: dict = field(default_factory=dict)
+    views: dict = field(default_factory=dict)   # source -> [view 2, view 3, ...] (Phase.views)
 
 
 class Method:
@@ -55,16 +82,52 @@ class Method:
     def __init__(self, cfg):
         self.cfg = cfg
         self.mcfg = cfg.method
+        self.G = cfg.run.batch_size or 1024     # the trainer sets the resolved global batch
+        self.units_for = None                   # the trainer binds ledger.units_for here
+
+    def opt(self, key: str, default):
+        """A method-specific option (config `method.options`), typed like its default."""
+        v = self.mcfg.options.get(key, default) if self.mcfg.options else default
+        return type(default)(v) if default is not None and v is not None else v
 
     # -- planning --------------------------------------------------------------------------
     def phases(self, t: int, budget: int) -> list[Phase]:
         raise NotImplementedError
+
+    def fit(self, phase: Phase, units: float) -> Phase:
+        """Set phase.steps to the most whole iterations whose charges fit in `units`."""
+        per = phase.iteration_units(self.G, self.units_for, self.paths)
+        phase.steps = max(0, int(units / per + 1e-9))
+        return phase
+
+    def step_budget(self, t: int, time_steps: int, budget: int) -> float:
+        """Units opened in the ledger for time step t (every method but `joint`: the budget)."""
+        return float(budget)
+
+    def reserve_units(self, t: int, budget: int) -> float:
+        """Units of step t kept for passes charged in on_step_end (importance estimates)."""
+        return 0.0
+
+    def source_ids(self, t: int, trainer) -> dict:
+        """Override the ids a phase draws for `unlabeled` / `labeled` (default: step t's)."""
+        return {}
+
+    # -- model / ledger hooks --------------------------------------------------------------
+    def setup_model(self, model) -> None:
+        """Add method modules (projectors, prompts) to the model, so that the optimiser and the
+        checkpoint see them; called once after the model is built, also on a meta-device copy."""
+
+    def register_paths(self, trainer, num_classes: int) -> None:
+        """Register the ledger paths this method charges beyond `classify` and `mae`."""
 
     # -- losses ----------------------------------------------------------------------------
     def loss(self, model, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     # -- hooks & state ---------------------------------------------------------------------
+    def on_step_start(self, t: int, trainer) -> None:
+        pass
+
     def on_step_end(self, t: int, trainer) -> None:
         pass
 
@@ -99,3 +162,33 @@ def remap_to_subset(y: torch.Tensor, subset: torch.Tensor, num_seen: int) -> tor
     if bool((out < 0).any()):
         raise RuntimeError("a labeled sample's class is not among the step's classes")
     return out
+
+
+def measure_path(trainer, method: Method, num_classes: int, fn, n: int = 2,
+                 backward: bool = True) -> tuple[int, int]:
+    """Exact per-image FLOPs (forward, forward+backward) of `fn(model, n) -> loss`, counted by
+    FlopCounterMode on a meta-device copy of the model (no compute, attention as plain matmuls:
+    the ledger's convention). fn's FLOPs must be linear in n. backward=False: a forward-only
+    pass, registered with fwd_bwd = 3 x fwd (what a training pass of it would cost), so a
+    forward-only charge costs a third of a unit per global batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dietcl_fast.models import build_model, set_fused_attention
+    with torch.device("meta"):
+        m = build_model(trainer.spec, num_classes)
+        method.setup_model(m)
+    set_fused_attention(m, False)
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            fn(m, n)
+    fwd = fc.get_total_flops()
+    if not backward:
+        return fwd // n, 3 * fwd // n
+    with FlopCounterMode(display=False) as fc:
+        fn(m, n).backward()
+    return fwd // n, fc.get_total_flops() // n
+
+
+def meta_images(trainer, n: int) -> torch.Tensor:
+    s = trainer.spec
+    return torch.empty(n, s.in_chans, s.img_size, s.img_size, device="meta")

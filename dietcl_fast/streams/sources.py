@@ -157,8 +157,9 @@ def _resolve(path: str, root) -> str:
     return os.path.abspath(p)
 
 
-def load_source(spec: str = "animal-mnist", *, root=None) -> Source:
-    """Load a source from a spec string (see module docstring)."""
+def load_source(spec: str = "animal-mnist", *, root=None, missing: str = "error") -> Source:
+    """Load a source from a spec string (see module docstring). ``missing="keep"`` keeps CSV rows
+    whose file does not exist (the loader then skips and records them: --on-bad-image skip)."""
     if isinstance(spec, Source):
         return spec
     if spec is None:
@@ -173,10 +174,10 @@ def load_source(spec: str = "animal-mnist", *, root=None) -> Source:
     if key.startswith("folder:"):
         return load_image_folder(_resolve(spec[7:], root))
     if key.startswith("csv:"):
-        return load_csv(_resolve(spec[4:], root))
+        return load_csv(_resolve(spec[4:], root), missing=missing)
     path = _resolve(spec, root)
     if key.endswith(".csv"):
-        return load_csv(path)
+        return load_csv(path, missing=missing)
     if os.path.isdir(path):
         return load_image_folder(path)
     known = ", ".join(sorted(SOURCES))
@@ -236,7 +237,7 @@ def _parse_time(s: str) -> float:
     return v
 
 
-def load_csv(path: str) -> Source:
+def load_csv(path: str, missing: str = "error") -> Source:
     """CSV index ``path,label[,timestamp]`` -> files Source (see module docstring)."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
@@ -322,7 +323,7 @@ def load_csv(path: str) -> Source:
         if not p:
             raise StreamError(f"{where(k)}: empty path")
         full = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
-        if not os.path.exists(full):
+        if not os.path.exists(full) and missing != "keep":
             raise StreamError(f"{where(k)}: file not found: {full!r}")
         paths.append(full)
     return Source(name=f"csv:{path}", labels=labels, class_names=class_names, channels=3,

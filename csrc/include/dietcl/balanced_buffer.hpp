@@ -27,6 +27,7 @@
 //    each rank's shard is itself task-balanced).  Shards are disjoint, their union is the
 //    global draw.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <mutex>
@@ -34,6 +35,31 @@
 #include <vector>
 
 namespace dietcl {
+
+namespace detail {
+// Allocation of per-task entry storage.  Sampling reads one random entry per draw, so with
+// 4 KiB pages a multi-MB buffer costs a TLB miss (page walk) on top of the cache miss.
+// Arrays of >= kHugeMin bytes are therefore 2 MiB-aligned, rounded up to whole 2 MiB pages
+// and madvise(MADV_HUGEPAGE)d (Linux; transparent huge pages in "madvise" or "always" mode):
+// at most 2 MiB - 1 extra bytes per task; smaller arrays use operator new.
+void* entries_alloc(size_t bytes);
+void entries_free(void* p, size_t bytes) noexcept;
+constexpr size_t kHugeMin = size_t(512) << 10;
+
+template <class T>
+struct EntryAllocator {
+    using value_type = T;
+    EntryAllocator() = default;
+    template <class U>
+    EntryAllocator(const EntryAllocator<U>&) noexcept {}
+    T* allocate(size_t n) { return static_cast<T*>(entries_alloc(n * sizeof(T))); }
+    void deallocate(T* p, size_t n) noexcept { entries_free(p, n * sizeof(T)); }
+    template <class U>
+    bool operator==(const EntryAllocator<U>&) const noexcept { return true; }
+    template <class U>
+    bool operator!=(const EntryAllocator<U>&) const noexcept { return false; }
+};
+}  // namespace detail
 
 struct SampleResult {
     std::vector<int64_t> ids;
@@ -74,7 +100,8 @@ public:
         return from_state_bytes(b.data(), b.size());
     }
 
-    // In-memory bytes per sample (entries only) and fixed per-task overhead (approximate).
+    // In-memory bytes per sample (entries only; plus vector slack and, for tasks of >= 512 KiB,
+    // rounding up to whole 2 MiB huge pages -- see detail::entries_alloc).
     static constexpr int kBytesPerSample = 16;
 
     struct Entry {
@@ -82,7 +109,7 @@ public:
         int64_t label;
     };
     struct TaskData {
-        std::vector<Entry> entries;            // class_balanced: stably sorted by label
+        std::vector<Entry, detail::EntryAllocator<Entry>> entries;  // class_balanced: sorted by label
         std::vector<int64_t> class_labels;     // class_balanced only
         std::vector<uint64_t> class_offsets;   // class_balanced only, size C + 1
     };

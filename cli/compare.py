@@ -1,0 +1,200 @@
+"""`dietcl-fast compare`: every method on the same stream, budget and seeds.
+
+Each (method, seed) runs in-process through the Trainer into OUT/<method>-s<seed>/; a run whose
+results.json exists with the same requested config is reused, a killed one (latest.pt) is
+resumed. Writes OUT/compare.csv (one row per run), OUT/compare.md (mean ± std over seeds of
+A(T) and Ā, FLOPs and budget units spent) and OUT/compare.png (A(t) per method, Figure 3
+style). The options are `train`'s (shared: the command is built from train's parameter list).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import sys
+
+import click
+import numpy as np
+
+# train options that compare sets itself (per run) or that make no sense for a batch of runs
+_NOT_SHARED = {"method", "seed", "out", "resume", "stop_after_steps", "help"}
+
+
+def _request(cfg) -> dict:
+    d = copy.deepcopy(cfg.to_dict())
+    d["run"].pop("progress", None)
+    d["run"].pop("out", None)
+    d["run"].pop("stop_after_steps", None)
+    return d
+
+
+def run_one(cfg, run_dir: str, log_path: str) -> dict:
+    """Run (or reuse, or resume) one configured run; returns its results dict."""
+    from dietcl_fast import checkpoint as ckpt_io
+    from dietcl_fast.config import Config
+    from dietcl_fast.trainer import Trainer
+    os.makedirs(run_dir, exist_ok=True)
+    req_path = os.path.join(run_dir, "compare_request.json")
+    req = _request(cfg)
+    if os.path.exists(req_path):
+        with open(req_path) as f:
+            old = json.load(f)
+        if old != req:
+            raise click.UsageError(f"{run_dir} holds a run with other options; use another --out")
+        res_path = os.path.join(run_dir, "results.json")
+        if os.path.exists(res_path):
+            with open(res_path) as f:
+                return json.load(f)
+    else:
+        with open(req_path, "w") as f:
+            json.dump(req, f, indent=1)
+    with open(log_path, "a") as logf:
+        def log(m):
+            logf.write(m + "\n")
+            logf.flush()
+        if os.path.exists(os.path.join(run_dir, "latest.pt")):
+            state = ckpt_io.load_checkpoint(run_dir)
+            rcfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
+            rcfg.run.progress, rcfg.run.stop_after_steps = False, cfg.run.stop_after_steps
+            return Trainer(rcfg, log=log).run(run_dir, resume_state=state)
+        return Trainer(cfg, log=log).run(run_dir)
+
+
+def summarise_runs(rows: list[dict]) -> dict:
+    out = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    return out
+
+
+def write_outputs(out: str, results: list[dict]) -> None:
+    rows = []
+    for r in results:
+        led = r["ledger"]
+        rows.append({
+            "method": r["method"], "seed": r["seed"], "label_rate": r["label_rate"],
+            "scenario": r["scenario"], "time_steps": r["time_steps"], "budget": r["budget"],
+            "A_T": round(r["final_accuracy"], 3), "A_bar": round(r["average_accuracy"], 3),
+            "forgetting": None if r["forgetting"] is None else round(r["forgetting"], 3),
+            "units_spent": round(sum(led["steps_per_step"]), 4),
+            "flops_total": led["flops_total"], "wall_seconds": round(r["wall_seconds"], 1),
+            "A_t": " ".join(f"{a:.2f}" for a in r["A"]),
+        })
+    with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    by = summarise_runs(rows)
+    r0 = results[0]
+    lines = [f"{r0['dataset']}, {r0['scenario']}-incremental, T={r0['time_steps']}, label rate "
+             f"{r0['label_rate']:g}, budget {r0['budget']:g} units/step (global batch "
+             f"{r0['global_batch']}), seeds {', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}",
+             "", "| method | A(T) % | Ā % | units spent | TFLOPs | runs |", "|---|---|---|---|---|---|"]
+
+    def ms(v):
+        v = np.asarray(v, dtype=float)
+        return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
+    order = sorted(by, key=lambda m: -np.mean([r["A_T"] for r in by[m]]))
+    for m in order:
+        rs = by[m]
+        abar = ms([r["A_bar"] for r in rs]) + (" (n/a†)" if m == "joint" else "")
+        lines.append(f"| {m} | {ms([r['A_T'] for r in rs])} | {abar} | "
+                     f"{np.mean([r['units_spent'] for r in rs]):.1f} | "
+                     f"{np.mean([r['flops_total'] for r in rs]) / 1e12:.2f} | {len(rs)} |")
+    if "joint" in by:
+        lines += ["", "† joint is not continual: it trains once at the last step with the whole "
+                  "run's budget, so only its A(T) is meaningful."]
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    plot(out, results, order)
+
+
+def plot(out: str, results: list[dict], order: list[str]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in order:
+        A = np.array([r["A"] for r in results if r["method"] == m], dtype=float)
+        x = np.arange(1, A.shape[1] + 1)
+        mu = A.mean(0)
+        style = "o-" if m == "dietcl" else ".--" if m == "joint" else ".-"
+        ax.plot(x, mu, style, lw=2.5 if m == "dietcl" else 1.3, label=m)
+        if len(A) > 1:
+            ax.fill_between(x, mu - A.std(0, ddof=1), mu + A.std(0, ddof=1), alpha=0.12)
+    r0 = results[0]
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("A(t): accuracy on all seen steps (%)")
+    ax.set_title(f"{r0['dataset']} ({r0['scenario']}), label rate {r0['label_rate']:g}, "
+                 f"budget {r0['budget']:g}/step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"), dpi=110)
+    plt.close(fig)
+
+
+def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
+    shared = [p for p in train_cmd.params if p.name not in _NOT_SHARED]
+    own = [
+        click.Option(["--methods"], default="all", show_default=True,
+                     help="Comma-separated methods, or 'all' (every registered method)."),
+        click.Option(["--seeds"], default="0,1,2", show_default=True, help="Comma-separated seeds."),
+        click.Option(["--out"], default=None,
+                     help="Directory for the runs and compare.* [default: runs/compare-<data>-"
+                          "<scenario>-lr<rate>-b<budget>]."),
+    ]
+
+    @click.pass_context
+    def callback(ctx, **params):
+        from tqdm import tqdm
+
+        from dietcl_fast.config import ConfigError
+        from dietcl_fast.methods import METHODS
+        try:
+            names = sorted(METHODS) if params["methods"] == "all" else \
+                [m.strip() for m in params["methods"].split(",") if m.strip()]
+            unknown = [m for m in names if m not in METHODS]
+            if unknown:
+                raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from "
+                                  f"{', '.join(sorted(METHODS))} or all")
+            try:
+                seeds = [int(s) for s in params["seeds"].split(",") if s.strip()]
+            except ValueError:
+                raise ConfigError(f"--seeds {params['seeds']!r}: expected integers like 0,1,2") from None
+            if not seeds:
+                raise ConfigError("--seeds: give at least one seed")
+            base = build_config(ctx, params)
+            out = params["out"] or os.path.join(
+                "runs", f"compare-{base.stream.data}-{base.stream.scenario}-"
+                        f"lr{base.stream.label_rate:g}-b{base.run.budget:g}".replace(os.sep, "_"))
+            os.makedirs(out, exist_ok=True)
+            jobs = [(m, s) for m in names for s in seeds]
+            results = []
+            bar = tqdm(jobs, unit="run", dynamic_ncols=True, disable=not params["progress"])
+            for m, s in bar:
+                cfg = copy.deepcopy(base)
+                cfg.method.name, cfg.run.seed, cfg.run.progress = m, s, False
+                run_dir = os.path.join(out, f"{m}-s{s}")
+                cfg.run.out = run_dir
+                bar.set_description(f"{m} seed {s}")
+                res = run_one(cfg, run_dir, os.path.join(run_dir, "train.log"))
+                results.append(res)
+                bar.set_postfix({"A(T)": f"{res['final_accuracy']:.1f}"})
+                tqdm.write(f"{m:12s} seed {s}: A(T) {res['final_accuracy']:6.2f}  "
+                           f"Ā {res['average_accuracy']:6.2f}  "
+                           f"{sum(res['ledger']['steps_per_step']):.1f} units  "
+                           f"{res['wall_seconds']:.0f} s", file=sys.stderr)
+            write_outputs(out, results)
+            click.echo(open(os.path.join(out, "compare.md")).read())
+            click.echo(f"wrote {out}/compare.csv, compare.md, compare.png", err=True)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            fail(str(e))
+
+    return click.Command(
+        "compare", params=own + shared, callback=callback,
+        context_settings={"show_default": True},
+        help="Run several methods on the same stream, budget and seeds; writes compare.csv, "
+             "compare.md (A(T), Ā mean ± std, FLOPs) and compare.png (A(t) per method). "
+             "Finished runs are reused, killed ones resumed. Other options as for `train`.")

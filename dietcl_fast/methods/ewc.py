@@ -1,0 +1,132 @@
+"""EWC (Kirkpatrick et al. 2017), online form: after each time step the diagonal Fisher of the
+step's labeled data is added to the accumulated importance (decay `ewc_gamma`) and the weights
+are anchored; training is fine-tuning on the current labels plus lambda/2 * sum F (w - w*)^2.
+
+Adaptations (documented): no replay (EWC is the regularisation baseline); the Fisher is the
+squared gradient of the mean CE loss of mini-batches of `importance_batch` images, weighted by
+their size (the per-batch approximation common in CL libraries); at most `importance_budget`
+(default 10%) of the step's budget is reserved for it, so it uses min(labeled, that many)
+images. Every importance pass is a forward+backward on `classify`, charged BEFORE it runs, in
+the step's budget (the training phase gets the rest). Head rows added later are not penalised.
+Options (config method.options): ewc_lambda (default 100), ewc_gamma (1.0), importance_batch
+(16), importance_budget (0.1).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.sampling import derive_seed
+from . import register
+from .base import Method, MicroBatch, Phase
+
+
+@register
+class EWC(Method):
+    name = "ewc"
+    default_lambda = 100.0
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.lam = self.opt("ewc_lambda", self.default_lambda)
+        self.gamma = self.opt("ewc_gamma", 1.0)
+        self.imp_batch = self.opt("importance_batch", 16)
+        self.imp_budget = self.opt("importance_budget", 0.1)
+        if self.lam < 0 or not 0 <= self.imp_budget < 1 or self.imp_batch < 1:
+            raise ValueError(f"--method {self.name}: bad options {self.mcfg.options}")
+        self.importance: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.stream = None
+
+    # -- budget ----------------------------------------------------------------------------
+    def register_paths(self, trainer, num_classes: int) -> None:
+        self.stream = trainer.stream
+
+    def importance_images(self, t: int, budget: int) -> int:
+        n = self.stream.steps[t].num_labeled
+        return min(n, int(self.imp_budget * budget * self.G))
+
+    def reserve_units(self, t: int, budget: int) -> float:
+        n = self.importance_images(t, budget)
+        return self.units_for("classify", n, True) if n else 0.0
+
+    def phases(self, t: int, budget: int) -> list[Phase]:
+        ph = self.fit(Phase("finetune", 0, {"labeled": 1.0}), budget - self.reserve_units(t, budget))
+        return [ph] if ph.steps else []
+
+    # -- loss ------------------------------------------------------------------------------
+    def penalty(self, model) -> torch.Tensor:
+        """lambda/2 * sum_i F_i (w_i - w*_i)^2 over the parameters importance was computed for
+        (zero before the first time step ends)."""
+        total = None
+        for name, p in model.named_parameters():
+            imp = self.importance.get(name)
+            if imp is None:
+                continue
+            if imp.device != p.device:
+                self.importance[name] = imp = imp.to(p.device)
+                self.anchor[name] = self.anchor[name].to(p.device)
+            sl = tuple(slice(0, s) for s in imp.shape)     # grown head: old rows only
+            term = (imp * (p[sl].float() - self.anchor[name]).pow(2)).sum()
+            total = term if total is None else total + term
+        if total is None:
+            return torch.zeros((), device=next(model.parameters()).device)
+        return 0.5 * self.lam * total
+
+    def loss(self, model, mb: MicroBatch):
+        x, tgt = self.mix(mb.x["labeled"], mb.y["labeled"], mb.num_seen, mb.generator)
+        ce = self.ce(model.classify(x), tgt, mb.n_global["labeled"])
+        share = x.shape[0] / mb.n_global["labeled"]          # the penalty once per global batch
+        pen = self.penalty(model)
+        return ce + share * pen, {"Ll": ce.detach() * mb.n_global["labeled"] / x.shape[0],
+                                  "pen": pen.detach()}
+
+    # -- importance ------------------------------------------------------------------------
+    def batch_importance(self, model, x, y) -> torch.Tensor:
+        """Scalar whose parameter gradients give the importance of this mini-batch (Fisher: the
+        mean CE; squared below)."""
+        return F.cross_entropy(model.classify(x).float(), y)
+
+    def transform_grad(self, g: torch.Tensor) -> torch.Tensor:
+        return g.pow(2)
+
+    def on_step_end(self, t: int, trainer) -> None:
+        n = self.importance_images(t, trainer.budget)
+        if n == 0:
+            return
+        step = trainer.stream.steps[t]
+        rng = np.random.default_rng(derive_seed(trainer.cfg.run.seed, t, 0xF15E))
+        ids = np.sort(rng.choice(step.labeled_ids, size=n, replace=False))
+        model = trainer.model
+        named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
+        new = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in named}
+        for s in range(0, n, self.imp_batch):
+            chunk = ids[s:s + self.imp_batch]
+            trainer.ledger.charge("classify", len(chunk), True)     # before the pass
+            x = trainer.loader.batch(chunk, "eval")
+            y = torch.as_tensor(trainer.stream.labels_of(chunk), dtype=torch.long, device=x.device)
+            with trainer.train_region():
+                with trainer.engine.autocast():
+                    obj = self.batch_importance(model, x, y)
+                grads = torch.autograd.grad(obj, [p for _, p in named], allow_unused=True)
+            for (k, _), g in zip(named, grads):
+                if g is not None:
+                    new[k] += self.transform_grad(g.float()) * (len(chunk) / n)
+        for k, p in named:
+            old = self.importance.get(k)
+            imp = new[k]
+            if old is not None:
+                sl = tuple(slice(0, s) for s in old.shape)
+                imp = imp.clone()
+                imp[sl] += self.gamma * old.to(imp.device)
+            self.importance[k] = imp
+            self.anchor[k] = p.detach().float().clone()
+
+    def state_dict(self) -> dict:
+        return {"importance": {k: v.cpu() for k, v in self.importance.items()},
+                "anchor": {k: v.cpu() for k, v in self.anchor.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.importance = dict(state.get("importance", {}))
+        self.anchor = dict(state.get("anchor", {}))

@@ -1,0 +1,46 @@
+"""Joint SSL upper bound (SPEC §5): not continual. The whole run's budget, T x B units, is
+spent once, at the last time step: 80% on MAE over the unlabeled images of ALL steps (an
+epoch sampler over their union: every image is seen once before any is seen twice, so one
+pass when the budget allows no more), then 20% fine-tuning on all labels (every step's
+labeled images) with cross-entropy over all classes.
+
+Ledger record: steps 0..T-2 are opened with a budget of 0 units and spend nothing (the model
+is evaluated untrained there, so A(t) for t < T-1 and Ā are not meaningful: report A(T));
+step T-1 is opened with T x B units. The run's total never exceeds T x B.
+Option: pretrain_fraction (0.8)."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import register
+from .base import MicroBatch, Phase
+from .pretrain_ft import PretrainFT
+
+
+@register
+class Joint(PretrainFT):
+    name = "joint"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.T = cfg.stream.time_steps
+
+    def step_budget(self, t: int, time_steps: int, budget: int) -> float:
+        self.T = time_steps
+        return float(time_steps * budget) if t == time_steps - 1 else 0.0
+
+    def source_ids(self, t: int, trainer) -> dict:
+        steps = trainer.stream.steps
+        return {"unlabeled": np.concatenate([s.unlabeled_ids for s in steps]),
+                "labeled": np.concatenate([s.labeled_ids for s in steps])}
+
+    def phases(self, t: int, budget: int) -> list[Phase]:
+        if t < self.T - 1:
+            return []
+        total = self.T * budget
+        pre = int(round(self.opt("pretrain_fraction", 0.8) * total))
+        out = [Phase("mae", pre, {"unlabeled": 1.0}), Phase("finetune", total - pre, {"labeled": 1.0})]
+        return [p for p in out if p.steps]
+
+    def loss(self, model, mb: MicroBatch):
+        return super().loss(model, mb)        # MAE on unlabeled; CE on labeled (all classes)

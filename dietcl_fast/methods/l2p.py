@@ -1,0 +1,107 @@
+"""L2P (Wang et al. 2022): a pool of prompts with keys on a FROZEN encoder. The query is the
+frozen encoder's pooled feature of the image (a forward-only pass, charged on path
+`l2p_query`); the top-k prompts by cosine key-query similarity are prepended after [CLS]
+(tokens [cls, prompts, patches], run through the timm blocks) and their outputs averaged into
+the feature for the linear head; a surrogate loss pulls the selected keys to the queries.
+Only prompts, keys and the head are trained. "Unlimited replay, limited steps": every step
+trains on draws from the buffer of all labeled data seen so far, within the step's budget.
+
+Adaptations: prompts carry no position embedding (as in L2P); the encoder is whatever the run
+starts from (the MAE checkpoint with --pretrained; a random frozen encoder on cpu-tiny, which
+is L2P's worst case - it relies on a pretrained encoder). Options: pool_size (10),
+prompt_length (5), top_k (5), key_weight (0.1). Path `l2p` FLOPs are counted exactly on a
+meta-device copy (methods/base.measure_path).
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register
+from .base import Method, MicroBatch, Phase, measure_path, meta_images
+
+
+class PromptPool(nn.Module):
+    def __init__(self, pool: int, length: int, dim: int, top_k: int):
+        super().__init__()
+        self.top_k, self.length = top_k, length
+        self.prompts = nn.Parameter(torch.empty(pool, length, dim).uniform_(-1, 1))
+        self.keys = nn.Parameter(torch.empty(pool, dim).uniform_(-1, 1))
+
+    def select(self, q: torch.Tensor):
+        """q [N, D] -> (indices [N, k], cosine similarity of the selected keys [N, k])."""
+        sim = F.normalize(q, dim=1) @ F.normalize(self.keys, dim=1).T      # [N, P]
+        idx = sim.detach().topk(self.top_k, dim=1).indices
+        return idx, sim.gather(1, idx)
+
+
+def query(model, x):
+    with torch.no_grad():
+        return model.encoder(x)                   # frozen encoder, pooled (no prompts)
+
+
+def prompted_features(model, x, q=None):
+    enc, pool = model.encoder, model.l2p
+    if q is None:
+        q = query(model, x)
+    idx, sim = pool.select(q)
+    tok = enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(x))))
+    p = pool.prompts[idx].reshape(x.shape[0], pool.top_k * pool.length, -1).to(tok.dtype)
+    tok = torch.cat([tok[:, :1], p, tok[:, 1:]], dim=1)
+    tok = enc.norm(enc.blocks(tok))
+    return tok[:, 1:1 + p.shape[1]].mean(1), sim
+
+
+@register
+class L2P(Method):
+    name = "l2p"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.pool_size = self.opt("pool_size", 10)
+        self.length = self.opt("prompt_length", 5)
+        self.top_k = self.opt("top_k", 5)
+        self.key_weight = self.opt("key_weight", 0.1)
+        if not 1 <= self.top_k <= self.pool_size or self.length < 1:
+            raise ValueError(f"--method l2p: need 1 <= top_k <= pool_size and prompt_length >= 1")
+        self.paths = {"unlabeled": "mae", "labeled": "l2p", "buffer": "l2p"}
+
+    def setup_model(self, model) -> None:
+        for p in model.parameters():              # frozen encoder (and unused MAE decoder)
+            p.requires_grad_(False)
+        model.l2p = PromptPool(self.pool_size, self.length, model.spec.embed_dim, self.top_k)
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+        model.forward_features = types.MethodType(lambda m, x: prompted_features(m, x)[0], model)
+
+    def register_paths(self, trainer, num_classes: int) -> None:
+        D = trainer.spec.embed_dim
+
+        def train_pass(m, n):
+            q = torch.empty(n, D, device="meta")
+            for p in m.head.parameters():         # the real head grows with requires_grad on
+                p.requires_grad_(True)
+            feat, sim = prompted_features(m, meta_images(trainer, n), q)
+            return m.head(feat).sum() + sim.sum()
+
+        trainer.ledger.register_path("l2p", *measure_path(trainer, self, num_classes, train_pass))
+        trainer.ledger.register_path("l2p_query", *measure_path(
+            trainer, self, num_classes, lambda m, n: query(m, meta_images(trainer, n)), backward=False))
+
+    def phases(self, t: int, budget: int) -> list[Phase]:
+        ph = self.fit(Phase("replay", 0, {"buffer": 1.0}, extra=[("buffer", "l2p_query", 1, False)]),
+                      budget)
+        return [ph] if ph.steps else []
+
+    def loss(self, model, mb: MicroBatch):
+        x0 = mb.x["buffer"]
+        x, tgt = self.mix(x0, mb.y["buffer"], mb.num_seen, mb.generator)
+        q = query(model, x)                       # charged: extra pass l2p_query
+        feat, sim = prompted_features(model, x, q)
+        ce = self.ce(model.head(feat), tgt, mb.n_global["buffer"])
+        share = x.shape[0] / mb.n_global["buffer"]
+        key = -self.key_weight * sim.sum(1).mean() * share
+        return ce + key, {"Lb": ce.detach() / share, "sim": sim.detach().mean()}
