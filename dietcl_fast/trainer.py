@@ -487,10 +487,9 @@ class Trainer:
                             num_seen=num_seen, generator=gen, mask_generator=mask_gen, t=t,
                             phase=phase.name, views=views)
             t_c = time.perf_counter()
+            last = j + self.dist.world_size >= self.n_micro     # this rank's last micro-batch
             with self.train_region():
-                with self.engine.autocast():
-                    loss, logs = self.method.loss(self.model, mb)
-                self.engine.backward(loss)
+                loss, logs = self.engine.forward_backward(self.method.loss, mb, sync=last)
             self.compute_seconds += time.perf_counter() - t_c
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / self.accum

@@ -127,6 +127,14 @@ class DeepSpeedEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def forward_backward(self, fn, mb, sync: bool = True):
+        """loss, logs = fn(model, mb) under autocast, then backward (DeepSpeed decides when to
+        reduce: at the accumulation boundary)."""
+        with self.autocast():
+            loss, logs = fn(self.model, mb)
+        self.backward(loss)
+        return loss, logs
+
     def backward(self, loss: torch.Tensor) -> None:
         # see the module docstring: undo DeepSpeed's /gas and its mean over ranks
         self.ds.backward(loss * self.world_size, scale_wrt_gas=False)

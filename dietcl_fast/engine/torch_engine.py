@@ -1,24 +1,36 @@
-"""The plain torch engine: one process, or data parallel across ranks under torchrun.
+"""The plain torch engine: one process, or DistributedDataParallel across ranks under torchrun.
 
 The seam every engine fills: `build_optimizer` (a fresh AdamW per phase), `set_lr`, `autocast`,
-`backward`, `step`, `state_dict`. Methods never see which engine runs.
+`forward_backward`, `step`, `state_dict`. Methods never see which engine runs.
 
-Across ranks this is DDP's `no_sync` pattern written out: every micro-batch's backward only
-accumulates local gradients, and at the optimiser step the gradients are summed over ranks in
-flat buckets (one all-reduce per ~25 MB). It is not `DistributedDataParallel` itself because
-DDP's reducer is armed by `module.forward`, while methods call several entry points
-(`classify`, `forward_mae`), twice per backward, and leave parts unused in some phases (the MAE
-decoder in buffer-only phases) -- patterns DDP rejects or mis-handles. The losses are already
-normalised by the *global* per-source counts, so the gradient of one rank's micro-batches is its
-share of the global-batch gradient and the SUM over ranks is exactly the one-process gradient
-(up to float summation order). A parameter no rank touched keeps `grad = None`, as in one
-process, so AdamW skips it there too.
+Across ranks the model is wrapped, per phase, in `DistributedDataParallel` around a tiny
+`LossModule` whose `forward(fn, mb)` runs the method's whole loss (`fn(model, mb)`): DDP's
+reducer is armed by `forward`, and a method calls several entry points (`classify`,
+`forward_mae`) for one backward, so the loss as a whole is the one forward DDP sees.
+`find_unused_parameters=True` because the parameter set used changes with the phase (the MAE
+decoder is idle in buffer-only phases); every micro-batch but a rank's last runs under
+`no_sync`, so gradients are all-reduced once per optimiser step. Losses are normalised by the
+*global* per-source counts, so a rank's gradient is its share of the global-batch gradient; DDP
+averages over ranks, hence the loss is multiplied by the world size and the result equals the
+one-process gradient (up to float summation order).
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+from torch import nn
+
+
+class LossModule(nn.Module):
+    """`forward(fn, mb) = fn(model, mb)`: the method's whole loss as one module call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, mb):
+        return fn(self.model, mb)
 
 
 class TorchEngine:
@@ -31,6 +43,7 @@ class TorchEngine:
         self.amp_dtype = amp_dtype          # bf16 on GPUs, None (fp32) on the CPU
         self.rank, self.world_size = rank, world_size
         self.optimizer = None
+        self.ddp = None
 
     def build_optimizer(self, param_groups: list[dict], lr: float, betas, weight_decay=None):
         for g in param_groups:
@@ -40,6 +53,11 @@ class TorchEngine:
         if self.device.type == "cuda":
             kw["fused"] = True              # one kernel for all parameters
         self.optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, **kw)
+        if self.world_size > 1:
+            # re-wrapped every phase: head growth changes the parameter set DDP registers
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.ddp = DDP(LossModule(self.model), device_ids=None, broadcast_buffers=False,
+                           find_unused_parameters=True)
         return self.optimizer
 
     def set_lr(self, lr: float) -> None:
@@ -51,44 +69,27 @@ class TorchEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
+    def forward_backward(self, fn, mb, sync: bool = True):
+        """loss, logs = fn(model, mb) under autocast, then backward. `sync=False` for every
+        micro-batch of a rank but its last (gradients accumulate locally, DDP's no_sync)."""
+        if self.world_size == 1:
+            with self.autocast():
+                loss, logs = fn(self.model, mb)
+            loss.backward()
+            return loss, logs
+        ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
+        with ctx:
+            with self.autocast():
+                loss, logs = self.ddp(fn, mb)
+            (loss * self.world_size).backward()     # DDP averages; we want the sum
+        return loss, logs
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
     def step(self) -> None:
-        if self.world_size > 1:
-            self._all_reduce_grads()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def _all_reduce_grads(self, bucket_bytes: int = 25 << 20) -> None:
-        import torch.distributed as dist
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
-        # which parameters got a gradient on any rank (the rest stay None everywhere)
-        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32,
-                           device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(has, op=dist.ReduceOp.MAX)
-        live = [p for p, h in zip(params, has.tolist()) if h]
-        for p in live:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket, size = [], 0
-        for p in live + [None]:
-            if p is not None:
-                bucket.append(p)
-                size += p.grad.numel() * p.grad.element_size()
-            if bucket and (p is None or size >= bucket_bytes):
-                by_dtype: dict = {}
-                for q in bucket:
-                    by_dtype.setdefault(q.grad.dtype, []).append(q)
-                for qs in by_dtype.values():
-                    flat = torch.cat([q.grad.reshape(-1) for q in qs])
-                    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                    off = 0
-                    for q in qs:
-                        n = q.grad.numel()
-                        q.grad.copy_(flat[off:off + n].view_as(q.grad))
-                        off += n
-                bucket, size = [], 0
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict() if self.optimizer else None}

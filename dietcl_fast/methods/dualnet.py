@@ -78,7 +78,8 @@ class DualNet(Method):
         def mix_fn(it):
             return ssl if self.slow_iteration(t, it) else sup
 
-        ph = Phase("dual", 0, {**ssl, **sup}, views={"unlabeled": 2}, mix_fn=mix_fn)
+        nominal = {k: v / 2 for k, v in {**ssl, **sup}.items()}   # every source the phase uses
+        ph = Phase("dual", 0, nominal, views={"unlabeled": 2}, mix_fn=mix_fn)
         spent, steps = 0.0, 0
         while True:
             u = ph.iteration_units(self.G, self.units_for, self.paths, steps)
