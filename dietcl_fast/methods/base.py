@@ -146,6 +146,23 @@ class Method:
         return mixup_cutmix(x, y, num_classes, generator, self.mcfg.mixup_alpha,
                             self.mcfg.cutmix_alpha, self.mcfg.label_smoothing)
 
+    def replay_loss(self, model, mb: MicroBatch):
+        """Cross-entropy over all seen classes on the labeled and buffer images of the
+        micro-batch, both sources in one classifier forward (ER's loss)."""
+        xs, targets, names = [], [], []
+        for name in ("labeled", "buffer"):
+            if name in mb.x:
+                x, tgt = self.mix(mb.x[name], mb.y[name], mb.num_seen, mb.generator)
+                xs.append(x), targets.append(tgt), names.append(name)
+        logits = model.classify(torch.cat(xs) if len(xs) > 1 else xs[0])
+        total, start, logs = 0.0, 0, {}
+        for name, tgt in zip(names, targets):
+            term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])
+            start += tgt.shape[0]
+            total = total + term
+            logs["L" + name[0]] = term.detach() * mb.n_global[name] / tgt.shape[0]
+        return total, logs
+
     @staticmethod
     def ce(logits: torch.Tensor, target: torch.Tensor, n_global: int) -> torch.Tensor:
         """Sum of soft cross-entropy over the micro-batch / images of that source in the global

@@ -15,7 +15,6 @@ Options: threshold (0.5), bt_lambda (5e-3), proj_dim (2 x embed dim).
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..data.sampling import derive_seed
@@ -93,16 +92,4 @@ class DualNet(Method):
         if "unlabeled" in mb.x:
             l = self.ssl_loss(model, mb.x["unlabeled"], mb.views["unlabeled"][0])
             return l * mb.x["unlabeled"].shape[0] / mb.n_global["unlabeled"], {"Lssl": l.detach()}
-        xs, targets, names = [], [], []
-        for name in ("labeled", "buffer"):
-            if name in mb.x:
-                x, tgt = self.mix(mb.x[name], mb.y[name], mb.num_seen, mb.generator)
-                xs.append(x), targets.append(tgt), names.append(name)
-        logits = model.classify(torch.cat(xs) if len(xs) > 1 else xs[0])
-        total, start, logs = 0.0, 0, {}
-        for name, tgt in zip(names, targets):
-            term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])
-            start += tgt.shape[0]
-            total = total + term
-            logs["L" + name[0]] = term.detach() * mb.n_global[name] / tgt.shape[0]
-        return total, logs
+        return self.replay_loss(model, mb)

@@ -3,7 +3,6 @@ half current labeled, half buffer draws (step 0: all current); cross-entropy ove
 classes, the whole budget in one phase."""
 from __future__ import annotations
 
-import torch
 
 from . import register
 from .base import Method, MicroBatch, Phase
@@ -18,16 +17,4 @@ class ER(Method):
         return [Phase("replay", budget, mix)]
 
     def loss(self, model, mb: MicroBatch):
-        xs, targets, names = [], [], []
-        for name in ("labeled", "buffer"):
-            if name in mb.x:
-                x, tgt = self.mix(mb.x[name], mb.y[name], mb.num_seen, mb.generator)
-                xs.append(x), targets.append(tgt), names.append(name)
-        logits = model.classify(torch.cat(xs) if len(xs) > 1 else xs[0])
-        total, start, logs = 0.0, 0, {}
-        for name, tgt in zip(names, targets):
-            term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])
-            start += tgt.shape[0]
-            total = total + term
-            logs["L" + name[0]] = term.detach() * mb.n_global[name] / tgt.shape[0]
-        return total, logs
+        return self.replay_loss(model, mb)

@@ -66,7 +66,9 @@ class L2P(Method):
         self.top_k = self.opt("top_k", 5)
         self.key_weight = self.opt("key_weight", 0.1)
         if not 1 <= self.top_k <= self.pool_size or self.length < 1:
-            raise ValueError(f"--method l2p: need 1 <= top_k <= pool_size and prompt_length >= 1")
+            raise ValueError(f"--method l2p: need 1 <= top_k <= pool_size and prompt_length >= 1 "
+                             f"(got top_k={self.top_k}, pool_size={self.pool_size}, "
+                             f"prompt_length={self.length})")
         self.paths = {"unlabeled": "mae", "labeled": "l2p", "buffer": "l2p"}
 
     def setup_model(self, model) -> None:
