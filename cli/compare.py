@@ -114,24 +114,30 @@ def plot(out: str, results: list[dict], order: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m in order:
+    colors = plt.get_cmap("tab20").colors     # 12 methods: no colour used twice
+    for i, m in enumerate(order):
         A = np.array([r["A"] for r in results if r["method"] == m], dtype=float)
         x = np.arange(1, A.shape[1] + 1)
         mu = A.mean(0)
         style = "o-" if m == "dietcl" else ".--" if m == "joint" else ".-"
-        ax.plot(x, mu, style, lw=2.5 if m == "dietcl" else 1.3, label=m)
-        if len(A) > 1:
-            ax.fill_between(x, mu - A.std(0, ddof=1), mu + A.std(0, ddof=1), alpha=0.12)
+        c = colors[(2 * i) % 20 + (2 * i) // 20]
+        ax.plot(x, mu, style, color=c, lw=2.5 if m == "dietcl" else 1.3, label=m)
+        if len(A) > 1 and (m == "dietcl" or len(order) <= 4):   # bands only where they stay legible
+            ax.fill_between(x, mu - A.std(0, ddof=1), mu + A.std(0, ddof=1), color=c, alpha=0.15)
     r0 = results[0]
     ax.set_xlabel("time step t")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("A(t): accuracy on all seen steps (%)")
     ax.set_title(f"{r0['dataset']} ({r0['scenario']}), label rate {r0['label_rate']:g}, "
                  f"budget {r0['budget']:g}/step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "compare.png"), dpi=110)
+    tmp = os.path.join(out, ".compare.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, os.path.join(out, "compare.png"))
     plt.close(fig)
 
 

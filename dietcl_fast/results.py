@@ -38,6 +38,7 @@ def plot_curve(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     acc = results["accuracy_matrix"]
     T = len(acc)
@@ -62,6 +63,8 @@ def plot_curve(results: dict, path: str) -> None:
     ax.grid(alpha=0.3)
     if T <= 10:
         ax.legend(fontsize=7)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
