@@ -19,6 +19,7 @@ TRAIN_OPTIONS = {
     "device": "run.device", "split": "method.split", "mixup": "method.mixup",
     "recon_weight": "method.recon_weight", "unlabeled_fraction": "method.unlabeled_fraction",
     "loader": "loader.backend", "on_bad_image": "loader.on_bad_image",
+    "fallback": "loader.fallback", "scan": "loader.scan",
     "engine": "engine.engine", "micro_batch": "engine.micro_batch", "zero_stage": "engine.zero_stage",
     "blr": "optim.blr", "min_lr": "optim.min_lr", "layer_decay": "optim.layer_decay",
     "weight_decay": "optim.weight_decay", "progress": "run.progress",
@@ -122,6 +123,12 @@ def main():
 @click.option("--weight-decay", default=0.05, type=float, help="AdamW weight decay (none on 1-D params).")
 @click.option("--loader", default="auto", type=click.Choice(["auto", "memory", "torch", "dali"]),
               help="Data loader backend.")
+@click.option("--fallback", default="loud", type=click.Choice(["loud", "stop"]),
+              help="A requested loader backend that is unavailable (e.g. DALI not installed): "
+                   "fall back with a warning, or stop.")
+@click.option("--scan", default="full", type=click.Choice(["full", "header"]),
+              help="Pre-flight check of image files before any budget is spent: decode every "
+                   "file (full) or only open headers (faster; the rest is caught at load time).")
 @click.option("--on-bad-image", default="error", type=click.Choice(["error", "skip"]),
               help="A corrupt/missing image stops the run (error) or is skipped and listed.")
 @click.option("--engine", default="auto", type=click.Choice(["torch", "deepspeed", "auto"]),

@@ -291,6 +291,23 @@ def test_auto_and_fallback(folder, monkeypatch):
     ld.close()
 
 
+def test_cli_fallback_stop_names_the_install(folder, tmp_path, monkeypatch):
+    """`--loader dali --fallback stop` without DALI stops before compute, saying how to install."""
+    from click.testing import CliRunner
+
+    import dietcl_fast.data.dali_loader as dl
+    from dietcl_fast.cli.main import main
+    monkeypatch.setattr(dl, "dali_available", lambda: (False, "DALI is not importable (test)"))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["train", "--data", f"folder:{folder}", "--loader", "dali",
+                                  "--fallback", "stop", "--scan", "header", "--time-steps", "2",
+                                  "--label-rate", "0.5", "--out", str(out),
+                                  "--no-progress"])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "dietcl-fast[dali]" in r.stderr and "Traceback" not in r.stderr
+    assert not (out / "latest.pt").exists()
+
+
 # ----------------------------------------------------------------------------- training
 @pytest.mark.parametrize("backend", ALL)
 def test_training_run_through_each_backend(folder, tmp_path, backend):
