@@ -67,3 +67,15 @@ def test_epoch_sampler_pure_function_and_epochs():
     second = s.draw(10, 10)
     assert sorted(second) == list(ids) and not np.array_equal(first, second)
     assert derive_seed(1, 2, 3) == derive_seed(1, 2, 3) != derive_seed(1, 2, 4)
+
+
+def test_rrc_falls_back_to_the_clamped_centre_crop():
+    from dietcl_fast.data.transforms import centre_fallback
+    assert centre_fallback(100, 10, (3 / 4, 4 / 3)) == (13, 10)      # too wide: clamp to 4:3
+    assert centre_fallback(10, 100, (3 / 4, 4 / 3)) == (10, 13)      # too tall: clamp to 3:4
+    assert centre_fallback(30, 28, (3 / 4, 4 / 3)) == (30, 28)
+    # a scale no random box can satisfy forces the fallback for every image
+    x0, y0, w, h = random_resized_crop_boxes(5, 10, 100, scale=(2.0, 3.0),
+                                             generator=torch.Generator().manual_seed(0))
+    assert torch.all(w == 13) and torch.all(h == 10)
+    assert torch.all(x0 == (100 - 13) // 2) and torch.all(y0 == 0)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .transforms import norm_stats, to_channels
+from .transforms import centre_fallback, norm_stats, to_channels
 
 # interpolation per kind (SPEC §4: unlabeled bicubic; the eval resize matches decode_file's)
 RESAMPLE = {"labeled": "bilinear", "unlabeled": "bicubic", "eval": "bicubic"}
@@ -57,13 +57,7 @@ def rrc_boxes(u: np.ndarray, heights: np.ndarray, widths: np.ndarray, scale, rat
     y0 = np.floor(u[ar, idx, 3] * (heights - h_s + 1))
     for i in np.flatnonzero(first < 0):          # centre crop of the clamped ratio
         H, W = int(heights[i]), int(widths[i])
-        r = W / H
-        if r < ratio[0]:
-            fw, fh = W, round(W / ratio[0])
-        elif r > ratio[1]:
-            fh, fw = H, round(H * ratio[1])
-        else:
-            fw, fh = W, H
+        fw, fh = centre_fallback(W, H, ratio)
         w_s[i], h_s[i], x0[i], y0[i] = fw, fh, (W - fw) // 2, (H - fh) // 2
     return x0, y0, w_s, h_s
 

@@ -37,6 +37,17 @@ def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels")
 
 
+def centre_fallback(width: int, height: int, ratio) -> tuple[int, int]:
+    """torchvision's fallback when no random box fits: the whole image with its aspect ratio
+    clamped into `ratio` -> (w, h) of the centre crop."""
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        return width, round(width / ratio[0])
+    if in_ratio > ratio[1]:
+        return round(height * ratio[1]), height
+    return width, height
+
+
 def random_resized_crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0),
                               ratio=(3 / 4, 4 / 3), generator=None, tries: int = 10):
     """torchvision's RandomResizedCrop.get_params, vectorised: 10 candidate boxes per image, the
@@ -56,14 +67,7 @@ def random_resized_crop_boxes(n: int, height: int, width: int, scale=(0.08, 1.0)
     w_s, h_s = w[ar, idx], h[ar, idx]
     x0 = torch.floor(u[ar, idx, 2] * (width - w_s + 1))
     y0 = torch.floor(u[ar, idx, 3] * (height - h_s + 1))
-    # fallback: centre crop with the ratio clamped into range
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fh, fw = height, round(height * ratio[1])
-    else:
-        fw, fh = width, height
+    fw, fh = centre_fallback(width, height, ratio)
     bad = first < 0
     w_s = torch.where(bad, torch.full_like(w_s, fw), w_s)
     h_s = torch.where(bad, torch.full_like(h_s, fh), h_s)
