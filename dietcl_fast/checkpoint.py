@@ -63,10 +63,7 @@ def load_checkpoint(run_dir: str) -> dict:
         except Exception as e:
             raise CheckpointError(f"--resume {run_dir!r}: DeepSpeed checkpoint is unreadable "
                                   f"({type(e).__name__}: {e})") from e
-        if state.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"{run_dir}: format version {state.get('format_version')} is not "
-                                  f"{FORMAT_VERSION}")
-        return state
+        return _checked(state, run_dir)
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {run_dir!r}: no checkpoint ({CKPT_NAME}) in that directory")
     try:
@@ -74,7 +71,11 @@ def load_checkpoint(run_dir: str) -> dict:
     except Exception as e:
         raise CheckpointError(f"--resume {run_dir!r}: checkpoint {path} is unreadable "
                               f"({type(e).__name__}: {e})") from e
+    return _checked(state, path)
+
+
+def _checked(state: dict, where: str) -> dict:
     if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {state.get('format_version')} is not "
+        raise CheckpointError(f"{where}: format version {state.get('format_version')} is not "
                               f"{FORMAT_VERSION}")
     return state

@@ -131,17 +131,16 @@ class Trainer:
                              missing="keep" if cfg.loader.on_bad_image == "skip" else "error")
         in_chans = source.channels if preset == "cpu-tiny" else 3
         self.spec = ModelSpec(**pdef["spec"], in_chans=in_chans, mask_ratio=cfg.model.mask_ratio).validate()
+        stream_args = dict(scenario=cfg.stream.scenario, time_steps=cfg.stream.time_steps,
+                           label_rate=cfg.stream.label_rate,
+                           eval_fraction=cfg.stream.eval_fraction, seed=cfg.run.seed)
         # stream options are checked before any file is decoded
-        build_stream(source, scenario=cfg.stream.scenario, time_steps=cfg.stream.time_steps,
-                     label_rate=cfg.stream.label_rate, eval_fraction=cfg.stream.eval_fraction,
-                     seed=cfg.run.seed)
+        self.stream = build_stream(source, **stream_args)
         from .data import build_loader
         self.loader, self.source = build_loader(source, cfg.loader, self.spec.img_size, in_chans,
                                                 self.device, log=self.log)
-        self.stream = build_stream(self.source, scenario=cfg.stream.scenario,
-                                   time_steps=cfg.stream.time_steps,
-                                   label_rate=cfg.stream.label_rate,
-                                   eval_fraction=cfg.stream.eval_fraction, seed=cfg.run.seed)
+        if self.source is not source:     # bad files skipped: split only what decodes
+            self.stream = build_stream(self.source, **stream_args)
 
         # method (validates its own options before any compute)
         self.method = build_method(cfg)

@@ -26,29 +26,8 @@ def tiny_cfg(method, budget=3, **opts):
     return cfg
 
 
-class Counted:
-    """train_region factory: every training pass (and importance pass) runs inside it."""
-    def __init__(self):
-        self.total = 0
-
-    def __call__(self):
-        from torch.utils.flop_counter import FlopCounterMode
-        outer = self
-
-        class Region:
-            def __enter__(self):
-                self.m = FlopCounterMode(display=False)
-                self.m.__enter__()
-
-            def __exit__(self, *exc):
-                self.m.__exit__(*exc)
-                outer.total += self.m.get_total_flops()
-        return Region()
-
-
-def run_counted(tmp_path, method, budget=3, **opts):
+def run_counted(tmp_path, counter, method, budget=3, **opts):
     from dietcl_fast.models import set_fused_attention
-    counter = Counted()
     tr = Trainer(tiny_cfg(method, budget, **opts), log=lambda m: None, train_region=counter)
     set_fused_attention(tr.model, False)
     res = tr.run(str(tmp_path))
@@ -56,8 +35,8 @@ def run_counted(tmp_path, method, budget=3, **opts):
 
 
 @pytest.mark.parametrize("method", ALL)
-def test_method_runs_within_budget_and_ledger_equals_flopcounter(tmp_path, method):
-    tr, res, counter = run_counted(tmp_path, method)
+def test_method_runs_within_budget_and_ledger_equals_flopcounter(tmp_path, flop_regions, method):
+    tr, res, counter = run_counted(tmp_path, flop_regions, method)
     led = res["ledger"]
     T, B = 2, 3
     spent = led["steps_per_step"]
@@ -75,13 +54,14 @@ def test_registry_lists_every_paper_baseline():
 
 # ---------------------------------------------------------------- EWC / MAS
 @pytest.mark.parametrize("method", ["ewc", "mas"])
-def test_penalty_zero_before_first_step_and_grows_with_importance(tmp_path, method, tiny_spec):
+def test_penalty_zero_before_first_step_and_grows_with_importance(tmp_path, flop_regions, method,
+                                                                  tiny_spec):
     from dietcl_fast.methods import build_method
     from dietcl_fast.models import build_model
     m = build_method(tiny_cfg(method))
     model = build_model(tiny_spec, num_classes=4)
     assert float(m.penalty(model)) == 0.0                # no importance before step 0 ends
-    tr, res, _ = run_counted(tmp_path, method, budget=3, importance_budget=0.3)
+    tr, res, _ = run_counted(tmp_path, flop_regions, method, budget=3, importance_budget=0.3)
     meth = tr.method
     assert meth.importance and all(torch.isfinite(v).all() for v in meth.importance.values())
     # importance passes were charged in the step's budget (classify fwd+bwd images)
@@ -109,8 +89,8 @@ def test_gdumb_memory_is_class_balanced_greedy():
     assert {c: len(v) for c, v in m.memory.items()} == {0: 2, 1: 2, 2: 2}
 
 
-def test_gdumb_retrains_from_scratch(tmp_path):
-    tr, res, _ = run_counted(tmp_path, "gdumb", budget=2)
+def test_gdumb_retrains_from_scratch(tmp_path, flop_regions):
+    tr, res, _ = run_counted(tmp_path, flop_regions, "gdumb", budget=2)
     assert tr.method.reinits == 2
     # at the start of step 1 the encoder equals the run's initial weights again
     from dietcl_fast.models import build_model
@@ -158,8 +138,8 @@ def test_l2p_selects_prompts_by_key_similarity_and_freezes_encoder(tmp_path):
 
 
 # ---------------------------------------------------------------- CaSSLe
-def test_cassle_charges_two_views_and_the_teacher(tmp_path):
-    tr, res, _ = run_counted(tmp_path, "cassle", budget=4)
+def test_cassle_charges_two_views_and_the_teacher(tmp_path, flop_regions):
+    tr, res, _ = run_counted(tmp_path, flop_regions, "cassle", budget=4)
     per = res["ledger"]["per_path"]
     ssl_steps = [p for p in tr.method.phases(1, 4) if p.name == "ssl"][0].steps
     # step 0: ssl steps at G images x 2 views; step 1 the same, plus the teacher on both views

@@ -49,30 +49,18 @@ def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     assert res["average_accuracy"] == pytest.approx(np.mean(res["A"]))
 
 
-def test_ledger_equals_flopcounter_for_a_whole_run(tmp_path):
+def test_ledger_equals_flopcounter_for_a_whole_run(tmp_path, flop_regions):
     """Every training pass runs inside FlopCounterMode (attention as plain matmuls); the sum of
     what it counts must equal what the ledger charged: no uncharged pass exists."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from dietcl_fast.models import set_fused_attention
-    counted = []
-
-    class Region:
-        def __enter__(self):
-            self.m = FlopCounterMode(display=False)
-            self.m.__enter__()
-
-        def __exit__(self, *exc):
-            self.m.__exit__(*exc)
-            counted.append(self.m.get_total_flops())
 
     cfg = tiny_cfg("dietcl", budget=4)
-    tr = Trainer(cfg, log=lambda m: None, train_region=Region)
+    tr = Trainer(cfg, log=lambda m: None, train_region=flop_regions)
     set_fused_attention(tr.model, False)
     res = tr.run(str(tmp_path))
     ledger_total = res["ledger"]["flops_total"]
-    assert len(counted) == 2 * 4 * 2                   # steps x iterations x micro-batches
-    assert sum(counted) == pytest.approx(ledger_total, rel=5e-3)
+    assert len(flop_regions.counts) == 2 * 4 * 2       # steps x iterations x micro-batches
+    assert flop_regions.total == pytest.approx(ledger_total, rel=5e-3)
 
 
 def test_budget_refusal_stops_overspending(tmp_path):

@@ -84,9 +84,6 @@ class TorchEngine:
             (loss * self.world_size).backward()     # DDP averages; we want the sum
         return loss, logs
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
-
     def step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
