@@ -1,26 +1,59 @@
-"""One module writes every stateful part of a run together, atomically.
+"""One module writes every stateful part of a run together, atomically, and reads it back safely.
 
-A checkpoint is `torch.save` of a dict of state_dicts (model, optimiser, scheduler, buffer,
-ledger, RNG, position, metrics so far). It is written to a temporary file in the same
-directory, fsynced, then renamed over `latest.pt`: a run killed mid-write leaves the previous
-checkpoint intact.
+A checkpoint file (`latest.pt`) is
+
+    MAGIC (12 bytes) | SHA-256 of the payload (32 bytes) | payload
+
+where the payload is `torch.save` of a dict holding only plain data: tensors, Python numbers,
+strings, bytes, None, and lists / tuples / dicts of those (model, optimiser, buffer, ledger, RNG,
+position, metrics so far). `encode_state` converts NumPy arrays and scalars to tensors and
+numbers and refuses anything else, naming the key.
+
+Reading never runs code from the file: the payload is loaded with `torch.load(weights_only=True)`
+(which only rebuilds tensors and containers) after its checksum has been verified, so a flipped
+bit anywhere in the tensor data is an error naming the file rather than a silently different run.
+A file that does not start with MAGIC (an older or foreign pickle) is refused before it is
+unpickled at all.
+
+Files are written to a temporary file in the same directory (created with mode 0666 minus the
+user's umask, like any other file the user creates), fsynced, then renamed over the target; the
+directory is fsynced too. A run killed mid-write leaves the previous checkpoint intact.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import os
-import tempfile
+import pickle
+import secrets
+import time
 
+import numpy as np
 import torch
 
 CKPT_NAME = "latest.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MAGIC = b"DIETCLCKPT\x00\x02"          # 12 bytes; the last one is FORMAT_VERSION
+_DIGEST = 32
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted or read; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only, ...); the message says what to free."""
+
+
+# ---------------------------------------------------------------------------------------- writing
 def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file + fsync + rename + directory fsync)."""
     d = os.path.dirname(os.path.abspath(path)) or "."
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
+    tmp = os.path.join(d, f".tmp-{secrets.token_hex(6)}-{os.path.basename(path)}")
+    # 0o666: the kernel applies the user's umask, as for any file the user creates
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -31,47 +64,166 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        dfd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:     # some filesystems refuse fsync on a directory; the rename is done
+        pass
 
 
-def save_checkpoint(run_dir: str, state: dict) -> str:
+def _plain(obj, where: str):
+    """obj with NumPy values turned into tensors / Python numbers; anything that is not plain data
+    (tensors, numbers, strings, bytes, None, containers of those) is a TypeError naming `where`."""
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.Size)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, tuple):
+        return tuple(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, (set, frozenset)):
+        return [_plain(v, f"{where}{{}}") for v in sorted(obj)]
+    raise TypeError(f"checkpoint state {where} is a {type(obj).__module__}.{type(obj).__name__}; "
+                    "checkpoints hold only tensors, numbers, strings and bytes (so that they load "
+                    "without unpickling code)")
+
+
+def encode_state(state: dict) -> bytes:
+    """The bytes of a checkpoint file for `state` (MAGIC | SHA-256 | payload)."""
     buf = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **state}, buf)
+    torch.save({"format_version": FORMAT_VERSION, **_plain(state, "state")}, buf)
+    payload = buf.getvalue()
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def save_checkpoint(run_dir: str, state: dict, *, retry_seconds: float = 0.0, log=None) -> str:
+    """Write `state` as `run_dir/latest.pt`; returns the path.
+
+    A failed write (disk full, quota, read-only) is retried with back-off for `retry_seconds`
+    (the encoded state stays in memory meanwhile), and then raises CheckpointWriteError saying how
+    much space the checkpoint needs and where; the previous checkpoint is left intact."""
+    data = encode_state(state)
     path = os.path.join(run_dir, CKPT_NAME)
-    atomic_write_bytes(path, buf.getvalue())
+    write_with_retry(path, data, retry_seconds=retry_seconds, log=log)
     return path
 
 
-class CheckpointError(ValueError):
-    pass
+def write_with_retry(path: str, data: bytes, *, retry_seconds: float = 0.0, log=None) -> None:
+    deadline = time.monotonic() + max(0.0, retry_seconds)
+    wait = 0.5
+    while True:
+        try:
+            atomic_write_bytes(path, data)
+            return
+        except OSError as e:
+            msg = write_failure_message(path, len(data), e)
+            if time.monotonic() + wait > deadline:
+                raise CheckpointWriteError(e.errno, msg) from e
+            if log is not None:
+                log(f"{msg}; retrying in {wait:.1f} s")
+            time.sleep(wait)
+            wait = min(wait * 2, 30.0)
 
 
+def write_failure_message(path: str, need: int, e: OSError) -> str:
+    d = os.path.dirname(os.path.abspath(path))
+    what = f"could not write checkpoint {path} ({need / 1e6:.1f} MB): {e.strerror or e}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        try:
+            import shutil
+            free = shutil.disk_usage(d).free
+            if need > free:
+                what += (f"; {free / 1e6:.1f} MB free on the filesystem of {d}: free at least "
+                         f"{(need - free) / 1e6:.1f} MB more there")
+            else:
+                what += (f"; a quota or file-size limit refused it ({free / 1e6:.1f} MB free on "
+                         f"the filesystem of {d}): raise the limit or free space")
+        except OSError:
+            what += f"; free at least {need / 1e6:.1f} MB in {d}"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what += f"; make {d} writable"
+    return what
+
+
+# ---------------------------------------------------------------------------------------- reading
 def has_checkpoint(run_dir: str) -> bool:
     """A torch-engine `latest.pt` or a DeepSpeed checkpoint pointer."""
-    from .engine.deepspeed_engine import read_pointer
-    return os.path.isfile(os.path.join(run_dir, CKPT_NAME)) or read_pointer(run_dir) is not None
+    from .engine.deepspeed_engine import POINTER, DS_SUBDIR
+    return os.path.isfile(os.path.join(run_dir, CKPT_NAME)) or \
+        os.path.isfile(os.path.join(run_dir, DS_SUBDIR, POINTER))
+
+
+def safe_torch_load(path: str, what: str = "checkpoint"):
+    """`torch.load(path, weights_only=True)` on the CPU; a file that would need to unpickle
+    anything else (code) is a CheckpointError naming it, and nothing in it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{what} {path} holds objects other than tensors, numbers and strings; refusing to "
+            f"unpickle it (it could run code). Only load checkpoints written by dietcl-fast. "
+            f"({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise CheckpointError(f"{what} {path} is unreadable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def decode_file(path: str) -> dict:
+    """Verify and load one checkpoint file (MAGIC | SHA-256 | payload)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({e.strerror or e})") from None
+    head = len(MAGIC) + _DIGEST
+    if not data.startswith(MAGIC[:-1]):
+        raise CheckpointError(f"checkpoint {path} is not a dietcl-fast checkpoint (no header; an "
+                              "older format or a foreign file); refusing to unpickle it")
+    if data[len(MAGIC) - 1] != MAGIC[-1]:
+        raise CheckpointError(f"checkpoint {path} has format version {data[len(MAGIC) - 1]}, this "
+                              f"dietcl-fast reads version {FORMAT_VERSION}")
+    if len(data) < head:
+        raise CheckpointError(f"checkpoint {path} is truncated ({len(data)} bytes)")
+    digest, payload = data[len(MAGIC):head], memoryview(data)[head:]
+    if hashlib.sha256(payload).digest() != digest:
+        raise CheckpointError(f"checkpoint {path} is corrupt: the SHA-256 of its payload does not "
+                              "match the one written with it (a truncated copy or a flipped bit); "
+                              "restore it from a copy or start the run again")
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors, numbers and strings; refusing to "
+            f"unpickle it (it could run code) ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict")
+    return _checked(state, path)
 
 
 def load_checkpoint(run_dir: str) -> dict:
     """The latest state of a run: `latest.pt` (torch engine), or the client state of the
     DeepSpeed checkpoint named by `deepspeed/latest_dietcl` (deepspeed engine; its `engine`
     entry then points at the tag so the engine can reload its ZeRO shards)."""
-    from .engine.deepspeed_engine import load_client_state, read_pointer
+    from .engine.deepspeed_engine import DS_SUBDIR, POINTER, load_client_state
     path = os.path.join(run_dir, CKPT_NAME)
-    if read_pointer(run_dir) is not None and not os.path.isfile(path):
-        try:
-            state = load_client_state(run_dir)
-        except Exception as e:
-            raise CheckpointError(f"--resume {run_dir!r}: DeepSpeed checkpoint is unreadable "
-                                  f"({type(e).__name__}: {e})") from e
-        return _checked(state, run_dir)
+    if os.path.isfile(os.path.join(run_dir, DS_SUBDIR, POINTER)) and not os.path.isfile(path):
+        state = load_client_state(run_dir)      # CheckpointError naming the file on any problem
+        return _checked(state, os.path.join(run_dir, DS_SUBDIR))
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"--resume {run_dir!r}: no such directory")
     if not os.path.isfile(path):
         raise CheckpointError(f"--resume {run_dir!r}: no checkpoint ({CKPT_NAME}) in that directory")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"--resume {run_dir!r}: checkpoint {path} is unreadable "
-                              f"({type(e).__name__}: {e})") from e
-    return _checked(state, path)
+    return decode_file(path)
 
 
 def _checked(state: dict, where: str) -> dict:

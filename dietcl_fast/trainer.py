@@ -47,6 +47,18 @@ PRESET_OPTIM = {
 }
 
 
+def numpy_rng_state() -> dict:
+    """NumPy's global RNG state as plain data (a checkpoint holds no pickled NumPy objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(st: dict) -> None:
+    np.random.set_state((st["name"], st["keys"].numpy().astype(np.uint32), int(st["pos"]),
+                         int(st["has_gauss"]), float(st["cached_gaussian"])))
+
+
 @dataclass
 class Position:
     """Where the run is: the next (t, phase, iteration) to execute and optimiser steps so far."""
@@ -308,7 +320,7 @@ class Trainer:
             "position": vars(self.pos).copy(),
             "acc": self.acc, "A": self.A,
             "wall_seconds": self.wall_before + (time.perf_counter() - self._t0),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
         }
 
     def load_state(self, st: dict) -> None:
@@ -326,7 +338,7 @@ class Trainer:
         self.acc, self.A = st["acc"], st["A"]
         self.wall_before = st["wall_seconds"]
         torch.set_rng_state(st["rng"]["torch"])
-        np.random.set_state(st["rng"]["numpy"])
+        set_numpy_rng_state(st["rng"]["numpy"])
         self._pending_engine_state = st["engine"] if self.pos.it > 0 else None
         if self.pos.step_started:
             self._register_paths(self.stream.num_seen_classes(self.pos.t))

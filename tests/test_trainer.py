@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dietcl_fast.checkpoint import decode_file
 from dietcl_fast.config import Config
 from dietcl_fast.methods import MicroBatch, build_method
 from dietcl_fast.trainer import Trainer
@@ -125,7 +126,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", "--stop-after-steps", "7", check=False)
     assert p.returncode == 17, p.stderr
     assert not (part / "results.json").exists()
-    ck = torch.load(part / "latest.pt", weights_only=False)
+    ck = decode_file(part / "latest.pt")
     assert ck["position"]["gstep"] == 6 and ck["position"]["t"] == 1 and ck["position"]["it"] == 2
     p = cli("train", "--resume", str(part), "--no-progress")
     assert "resuming" in p.stderr

@@ -36,7 +36,9 @@ at the paper's LR), and the decoder is not used for predictions.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
 
 import torch
@@ -166,6 +168,11 @@ class DeepSpeedEngine:
                 f"ends hold no optimiser state and resume on any world size).")
         if self.ds is None:
             raise RuntimeError("deepspeed engine: load_state_dict before build_optimizer")
+        tag_dir = checked_tag_dir(os.path.dirname(state["dir"]), state["tag"])
+        # DeepSpeed reads its shards through its checkpoint engine with the full unpickler; route
+        # those reads through the checksum check and weights_only=True
+        ce = self.ds.checkpoint_engine
+        ce.load = lambda path, map_location=None: safe_load_shard(path, tag_dir)
         path, _ = self.ds.load_checkpoint(state["dir"], tag=state["tag"], load_module_strict=True,
                                           load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
@@ -174,7 +181,7 @@ class DeepSpeedEngine:
 
     def save_checkpoint(self, run_dir: str, state: dict) -> str:
         """All ranks call this. Writes <run_dir>/deepspeed/<tag>/ and moves the pointer."""
-        from dietcl_fast.checkpoint import FORMAT_VERSION, atomic_write_bytes
+        from dietcl_fast.checkpoint import FORMAT_VERSION, _plain, atomic_write_bytes
         if self.ds is None:     # nothing trained yet (e.g. a checkpoint at the first step start)
             self.build_optimizer([{"params": [p for p in self.model.parameters() if p.requires_grad]}],
                                  lr=0.0, betas=(0.9, 0.95))
@@ -187,10 +194,13 @@ class DeepSpeedEngine:
         client = {k: v for k, v in state.items() if k != "model"}   # DeepSpeed saves the module
         client["format_version"] = FORMAT_VERSION
         client["engine"] = dict(self.state_dict())
+        client = _plain(client, "state")        # plain data only: loads with weights_only=True
         if self.dist.is_main and os.path.isdir(os.path.join(save_dir, tag)):
             shutil.rmtree(os.path.join(save_dir, tag))          # a stale partial write
         self.dist.barrier()
         self.ds.save_checkpoint(save_dir, tag=tag, client_state=client, save_latest=False)
+        write_checksums(os.path.join(save_dir, tag), self.rank)    # each rank: its own shards
+        self.dist.barrier()
         if self.dist.is_main:       # DeepSpeed's save ends with a barrier: every shard is written
             atomic_write_bytes(os.path.join(save_dir, POINTER), tag.encode())
             if old and old != tag:
@@ -199,12 +209,121 @@ class DeepSpeedEngine:
         return os.path.join(save_dir, tag)
 
 
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+SUM_SUFFIX = ".sha256"
+
+
+def _digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _own_files(tag_dir: str, rank: int) -> list[str]:
+    """The .pt files of a tag directory that `rank` wrote: its ZeRO shard(s), and for rank 0
+    every file that names no rank (the module states)."""
+    own = []
+    for name in sorted(os.listdir(tag_dir)):
+        if not name.endswith(".pt"):
+            continue
+        m = re.search(r"(?:^|_)rank_(\d+)_mp_rank", name)
+        if (m is not None and int(m.group(1)) == rank) or (m is None and rank == 0):
+            own.append(name)
+    return own
+
+
+def write_checksums(tag_dir: str, rank: int) -> None:
+    """Each rank writes `<file>.sha256` next to the files it wrote (no shared filesystem needed)."""
+    from dietcl_fast.checkpoint import atomic_write_bytes
+    for name in _own_files(tag_dir, rank):
+        p = os.path.join(tag_dir, name)
+        atomic_write_bytes(p + SUM_SUFFIX, _digest(p).encode())
+
+
+def checked_tag_dir(run_dir: str, tag: str) -> str:
+    """<run_dir>/deepspeed/<tag>, after checking that the tag is a plain name (no separators, no
+    '..') and that the directory really lies inside the run directory (no symlink out of it)."""
+    from dietcl_fast.checkpoint import CheckpointError
+    pointer = os.path.join(run_dir, DS_SUBDIR, POINTER)
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag) or ".." in tag:
+        raise CheckpointError(f"DeepSpeed checkpoint pointer {pointer} names {tag!r}, which is not a "
+                              "checkpoint tag (a plain name inside the run directory); refusing it")
+    base = os.path.realpath(os.path.join(run_dir, DS_SUBDIR))
+    d = os.path.realpath(os.path.join(base, tag))
+    if os.path.dirname(d) != base or not os.path.isdir(d):
+        raise CheckpointError(f"DeepSpeed checkpoint pointer {pointer} names {tag!r}, which is not a "
+                              f"directory inside {base}; refusing it")
+    return d
+
+
+# DeepSpeed's ZeRO shards pickle these plain data holders (an enum, a loss-scale record, a
+# fragment address); they are allowed when reading DeepSpeed's own shards, nothing else is.
+def _deepspeed_safe_globals() -> list:
+    out = []
+    for mod, name in (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                      ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+                      ("deepspeed.utils.tensor_fragment", "fragment_address")):
+        try:
+            import importlib
+            out.append(getattr(importlib.import_module(mod), name))
+        except Exception:
+            pass
+    return out
+
+
+def safe_load_shard(path: str, tag_dir: str):
+    """Read one file of a DeepSpeed checkpoint: it must lie in `tag_dir`, match the checksum its
+    writer recorded, and load with weights_only=True (nothing in it runs)."""
+    import io
+
+    from dietcl_fast.checkpoint import CheckpointError
+    real = os.path.realpath(path)
+    if os.path.dirname(real) != tag_dir:
+        raise CheckpointError(f"DeepSpeed checkpoint file {path} lies outside {tag_dir}; refusing it")
+    sums = path + SUM_SUFFIX
+    if not os.path.isfile(sums):
+        raise CheckpointError(f"DeepSpeed checkpoint file {path} has no checksum ({sums}); "
+                              "refusing to load it")
+    with open(sums, encoding="ascii", errors="replace") as f:
+        want = f.read().strip()
+    with open(path, "rb") as f:
+        data = f.read()
+    if hashlib.sha256(data).hexdigest() != want:
+        raise CheckpointError(f"DeepSpeed checkpoint file {path} is corrupt: its SHA-256 does not "
+                              f"match {sums} (a truncated copy or a flipped bit)")
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return _load_bytes(io.BytesIO(data), path)
+
+
+def _load_bytes(buf, path: str):
+    import pickle
+
+    from dietcl_fast.checkpoint import CheckpointError
+    try:
+        return torch.load(buf, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"DeepSpeed checkpoint file {path} holds objects other than tensors, numbers and "
+            f"strings; refusing to unpickle it (it could run code) ({str(e).splitlines()[0]})") from None
+    except Exception as e:
+        raise CheckpointError(f"DeepSpeed checkpoint file {path} is unreadable "
+                              f"({type(e).__name__}: {e})") from None
+
+
 def read_pointer(run_dir: str) -> str | None:
     p = os.path.join(run_dir, DS_SUBDIR, POINTER)
     if not os.path.isfile(p):
         return None
-    with open(p, encoding="utf-8") as f:
-        return f.read().strip() or None
+    with open(p, "rb") as f:
+        raw = f.read(4096)
+    try:
+        return raw.decode("utf-8").strip() or None
+    except UnicodeDecodeError:
+        from dietcl_fast.checkpoint import CheckpointError
+        raise CheckpointError(f"DeepSpeed checkpoint pointer {p} is not text; refusing it") from None
 
 
 def load_client_state(run_dir: str) -> dict | None:
@@ -213,9 +332,12 @@ def load_client_state(run_dir: str) -> dict | None:
     tag = read_pointer(run_dir)
     if tag is None:
         return None
-    d = os.path.join(run_dir, DS_SUBDIR, tag)
+    d = checked_tag_dir(run_dir, tag)
     path = os.path.join(d, "mp_rank_00_model_states.pt")
-    st = torch.load(path, map_location="cpu", weights_only=False)
+    if not os.path.isfile(path):
+        from dietcl_fast.checkpoint import CheckpointError
+        raise CheckpointError(f"DeepSpeed checkpoint {d} has no {os.path.basename(path)}")
+    st = safe_load_shard(path, d)
     out = {k: st[k] for k in ("config", "stream_fingerprint", "buffer", "ledger", "method",
                               "position", "acc", "A", "wall_seconds", "rng", "format_version",
                               "engine") if k in st}
