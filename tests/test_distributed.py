@@ -147,9 +147,9 @@ def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
     assert tag == "g4-t1-p0-i1-1", tag
     assert sorted(os.listdir(part / "deepspeed")) == [tag, "latest_dietcl", "zero_to_fp32.py",
                                                       "zero_to_torch.py"]   # older tags removed
-    assert sorted(os.listdir(part / "deepspeed" / tag)) == [
-        "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-        "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert sorted(os.listdir(part / "deepspeed" / tag)) == sorted(    # + each writer's checksum
+        f + s for f in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                        "zero_pp_rank_1_mp_rank_00_optim_states.pt") for s in ("", ".sha256"))
     # mid-phase ZeRO-2 state was sharded over 2 ranks: one process must refuse, clearly
     p = single("train", "--resume", str(part), "--no-progress")
     assert p.returncode == 2 and "sharded over 2 ranks" in p.stderr and "has 1" in p.stderr, \
