@@ -1,7 +1,9 @@
 """The training loop, top to bottom.
 
     for each time step t:
-        grow the head, insert the step's labels into the buffer, open the step's budget
+        grow the head, open the step's budget; insert the step's labels into the buffer here
+        (the method's `buffer_insertion` "before": DietCL) or after the step's training ("after":
+        ER, whose replay draws come from past steps only)
         for each phase the method plans (e.g. DietCL: joint, then buffer-only):
             fresh AdamW + cosine schedule
             for each optimiser step:  draw ids per source -> micro-batches -> charge the ledger
@@ -188,13 +190,14 @@ class Trainer:
                        decoder_heads=s.decoder_num_heads, mask_ratio=s.mask_ratio)
 
     def _open_step(self, t: int) -> None:
-        """Grow the head, insert the step's labels (before sampling), open the step's budget."""
+        """Grow the head, insert the step's labels when the method inserts before sampling (its
+        `buffer_insertion`), open the step's budget."""
         step = self.stream.steps[t]
         k = self.stream.num_seen_classes(t)
         torch.manual_seed(derive_seed(self.cfg.run.seed, t, 0x4EAD))   # new head rows
         self.model.grow_head(k)
         self.model.to(self.device)
-        if step.num_labeled:
+        if step.num_labeled and self.method.buffer_insertion == "before":
             self.buffer.add(t, step.labeled_ids, step.labeled_labels)
         self._register_paths(k)
         self.ledger.begin_step(t, self.method.step_budget(t, self.stream.time_steps, self.budget))
@@ -244,7 +247,8 @@ class Trainer:
         """Charge one micro-batch (images per source) before it runs: the ledger refuses a pass
         that would overspend."""
         for src, m in sizes.items():
-            self.ledger.charge(self.method.paths[src], m * phase.views.get(src, 1), True)
+            self.ledger.charge(self.method.paths[src], m * phase.views.get(src, 1),
+                               src not in phase.forward_only)
         for src, path, k, backward in phase.extra:    # teacher / query passes
             if src in sizes:
                 self.ledger.charge(path, sizes[src] * k, backward)
@@ -435,12 +439,17 @@ class Trainer:
                     os._exit(17)
             self.pos.phase += 1
             self.pos.it = 0
+        if step.num_labeled and self.method.buffer_insertion == "after":
+            # the step's labels join the buffer once its training is over (saved with the
+            # step-end checkpoint below; a resume mid-step still has only the past steps')
+            self.buffer.add(t, step.labeled_ids, step.labeled_labels)
 
-        # evaluation (not charged)
+        # evaluation (not charged); the method may classify differently at test time (CCIC: kNN)
+        eval_model = self.method.eval_model(self)
         row = []
         for k in range(t + 1):
             ids, labels = self.stream.eval_for(t, k)
-            c, n = sharded_accuracy(self.model, self.loader, ids, labels, cfg.run.eval_batch_size,
+            c, n = sharded_accuracy(eval_model, self.loader, ids, labels, cfg.run.eval_batch_size,
                                     self.engine.autocast, self.dist)   # exact over ranks
             row.append(100.0 * c / n if n else float("nan"))
         self.acc.append(row)

@@ -31,6 +31,11 @@ class Phase:
     extra: list = field(default_factory=list)
     # optional per-iteration mix (DualNet's variable sampling); None: `mix` every iteration
     mix_fn: Optional[Callable[[int], dict]] = None
+    # sources whose pass does not differentiate the encoder (CaSSLe's linear probe): charged as
+    # forward-only on their path, whose registered forward FLOPs are what runs (encoder forward,
+    # head forward+backward) and whose fwd_bwd FLOPs are a full training pass of it, so the
+    # charge is images / G x (what runs / a full training pass) units
+    forward_only: tuple = ()
 
     def mix_at(self, it: int) -> dict[str, float]:
         return self.mix if self.mix_fn is None else self.mix_fn(it)
@@ -47,7 +52,8 @@ class Phase:
     def iteration_units(self, global_batch: int, units_for, paths: dict, it: int = 0) -> float:
         """Budget units one optimiser step of this phase charges (views and extra passes in)."""
         c = self.counts(global_batch, it)
-        u = sum(units_for(paths[s], n * self.views.get(s, 1), True) for s, n in c.items())
+        u = sum(units_for(paths[s], n * self.views.get(s, 1), s not in self.forward_only)
+                for s, n in c.items())
         u += sum(units_for(path, c[s] * k, bw) for s, path, k, bw in self.extra if s in c)
         return u
 
@@ -78,6 +84,10 @@ class Method:
     name = "base"
     # ledger path of each source's pass
     paths = {"unlabeled": "mae", "labeled": "classify", "buffer": "classify"}
+    # when step t's labels join the replay buffer: "before" its training (DietCL: step t's
+    # buffer draws may hold step t's own labels) or "after" it (ER in the reference code: a
+    # step-t draw holds steps 0..t-1 only)
+    buffer_insertion = "before"
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -127,6 +137,11 @@ class Method:
     # -- hooks & state ---------------------------------------------------------------------
     def on_step_start(self, t: int, trainer) -> None:
         pass
+
+    def eval_model(self, trainer):
+        """What evaluation classifies with (`.classify(x) -> scores`, `.eval()`, `.train()`);
+        default the trained model itself."""
+        return trainer.model
 
     def on_step_end(self, t: int, trainer) -> None:
         pass

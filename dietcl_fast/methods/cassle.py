@@ -7,8 +7,12 @@ frozen, its forward not differentiated) for the remaining 20% ("4:1").
 
 Every pass is charged: both augmented views are full forward+backward passes (path
 `cassle_ssl`, 2 per image) and the teacher runs forward-only on both views (path `teacher`,
-2 per image, backward=False) from the second step on; the probe pass is path `probe`. Exact
-FLOPs of these paths are counted on a meta-device copy (methods/base.measure_path).
+2 per image, backward=False) from the second step on. The probe pass (path `probe`) runs the
+encoder forward-only and only the head forward+backward, so it is charged as what runs: a
+forward-only charge whose FLOPs are those of encoder forward + head forward+backward, in units
+of a full classifier training pass (images / G x run / full, about a third of a unit per global
+batch, not one). Exact FLOPs of all paths are counted on a meta-device copy
+(methods/base.measure_path).
 Adaptations: no BatchNorm in the projector (micro-batches may hold one image); Barlow Twins is
 computed per micro-batch; the unlabeled augmentation is the stream's (crop + flip).
 Options: ssl_fraction (0.8), bt_lambda (5e-3), proj_dim (2 x embed dim).
@@ -76,8 +80,14 @@ class CaSSLe(Method):
         trainer.ledger.register_path("teacher", *measure_path(
             trainer, self, num_classes, lambda m, n: self.embed(m, meta_images(trainer, n)),
             backward=False))
-        trainer.ledger.register_path("probe", *measure_path(
-            trainer, self, num_classes, lambda m, n: self.probe_logits(m, meta_images(trainer, n)).sum()))
+        # probe: forward FLOPs = what runs (no-grad encoder forward, head forward + backward);
+        # fwd_bwd = a full training pass of the classifier, so a forward-only charge costs
+        # images / G x (what runs / a full pass) units
+        _, runs = measure_path(trainer, self, num_classes,
+                               lambda m, n: self.probe_logits(m, meta_images(trainer, n)).sum())
+        _, full = measure_path(trainer, self, num_classes,
+                               lambda m, n: m.classify(meta_images(trainer, n)).sum())
+        trainer.ledger.register_path("probe", runs, full)
 
     def phases(self, t: int, budget: int) -> list[Phase]:
         extra = [("unlabeled", "teacher", 2, False)] if t > 0 else []
@@ -85,7 +95,7 @@ class CaSSLe(Method):
                        self.ssl_fraction * budget)
         used = ssl.planned_units(self.G, self.units_for, self.paths)
         mix = {"labeled": 1.0} if t == 0 else {"labeled": 0.5, "buffer": 0.5}
-        ft = self.fit(Phase("probe", 0, mix), budget - used)
+        ft = self.fit(Phase("probe", 0, mix, forward_only=tuple(mix)), budget - used)
         return [p for p in (ssl, ft) if p.steps]
 
     def loss(self, model, mb: MicroBatch):

@@ -2,12 +2,16 @@
 step's labeled data is added to the accumulated importance (decay `ewc_gamma`) and the weights
 are anchored; training is fine-tuning on the current labels plus lambda/2 * sum F (w - w*)^2.
 
-Adaptations (documented): no replay (EWC is the regularisation baseline); the Fisher is the
-squared gradient of the mean CE loss of mini-batches of `importance_batch` images, weighted by
-their size (the per-batch approximation common in CL libraries); at most `importance_budget`
-(default 10%) of the step's budget is reserved for it, so it uses min(labeled, that many)
-images. Every importance pass is a forward+backward on `classify`, charged BEFORE it runs, in
-the step's budget (the training phase gets the rest). Head rows added later are not penalised.
+The diagonal Fisher is the paper's: the mean over images of the SQUARED PER-IMAGE gradient of
+the log-likelihood of the image's label, F = 1/n sum_i (d log p(y_i | x_i) / dw)^2 (the
+empirical Fisher), computed with per-sample gradients (torch.func vmap + grad) over chunks of
+`importance_batch` images; not the square of a mini-batch's mean gradient, which averages the
+gradients before squaring and so underestimates F.
+Adaptations (budget): no replay (EWC is the regularisation baseline); at most
+`importance_budget` (default 10%) of the step's budget is reserved for the Fisher, so it uses
+min(labeled, that many) images. Every importance pass is a forward+backward on `classify`,
+charged BEFORE it runs, in the step's budget (the training phase gets the rest). Head rows
+added later are not penalised.
 Options (config method.options): ewc_lambda (default 100), ewc_gamma (1.0), importance_batch
 (16), importance_budget (0.1).
 """
@@ -83,13 +87,29 @@ class EWC(Method):
                                   "pen": pen.detach()}
 
     # -- importance ------------------------------------------------------------------------
-    def batch_importance(self, model, x, y) -> torch.Tensor:
-        """Scalar whose parameter gradients give the importance of this mini-batch (Fisher: the
-        mean CE; squared below)."""
-        return F.cross_entropy(model.classify(x).float(), y)
+    def sample_objective(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Scalar of ONE image (logits [C], label []) whose parameter gradient, transformed by
+        `transform_grad`, is that image's importance (Fisher: -log p(y | x); squared below)."""
+        return F.cross_entropy(logits.float().unsqueeze(0), y.unsqueeze(0))
 
     def transform_grad(self, g: torch.Tensor) -> torch.Tensor:
         return g.pow(2)
+
+    def importance_sum(self, model, named, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """sum_i transform_grad(d objective(x_i, y_i) / dw) over the images of x [n, C, H, W]
+        (labels y [n]), from per-sample gradients: {name: tensor shaped like the parameter}."""
+        from torch.func import functional_call, grad, vmap
+        params = {k: p.detach() for k, p in named}
+        names = set(params)
+        rest = {k: v.detach() for k, v in model.named_parameters() if k not in names}
+        rest.update(dict(model.named_buffers()))
+
+        def one(pr, xi, yi):
+            logits = functional_call(model, (pr, rest), (xi.unsqueeze(0),))[0]   # classify
+            return self.sample_objective(logits, yi)
+
+        g = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+        return {k: self.transform_grad(v.float()).sum(0) for k, v in g.items()}
 
     def on_step_end(self, t: int, trainer) -> None:
         n = self.importance_images(t, trainer.budget)
@@ -108,11 +128,9 @@ class EWC(Method):
             y = torch.as_tensor(trainer.stream.labels_of(chunk), dtype=torch.long, device=x.device)
             with trainer.train_region():
                 with trainer.engine.autocast():
-                    obj = self.batch_importance(model, x, y)
-                grads = torch.autograd.grad(obj, [p for _, p in named], allow_unused=True)
-            for (k, _), g in zip(named, grads):
-                if g is not None:
-                    new[k] += self.transform_grad(g.float()) * (len(chunk) / n)
+                    part = self.importance_sum(model, named, x, y)
+            for k, g in part.items():
+                new[k] += g / n
         for k, p in named:
             old = self.importance.get(k)
             imp = new[k]

@@ -1,9 +1,12 @@
-"""MAS (Aljundi et al. 2018): importance = mean |d ||f(x)||^2 / dw| (output sensitivity, no
-labels needed), accumulated over steps; the same quadratic penalty, budget reservation and
-charging as EWC (see ewc.py): every importance pass is a charged forward+backward on
-`classify`. Adaptations: importance from the step's labeled images (the same images EWC uses),
-per mini-batch of `importance_batch` images (|gradient of the batch mean|). Options:
-ewc_lambda (here the MAS lambda, default 1.0), ewc_gamma, importance_batch, importance_budget.
+"""MAS (Aljundi et al. 2018): importance = 1/n sum_i |d ||f(x_i)||^2 / dw|, the mean over
+images of the absolute PER-IMAGE gradient of the squared L2 norm of the output (no labels
+needed), from per-sample gradients (torch.func vmap + grad), accumulated over steps; the same
+quadratic penalty, budget reservation and charging as EWC (see ewc.py): every importance pass
+is a charged forward+backward on `classify`.
+Adaptations (budget): importance from at most `importance_budget` (10%) of the step's budget
+worth of the step's labeled images (the same images EWC uses; MAS itself may use any data).
+Options: ewc_lambda (here the MAS lambda, default 1.0), ewc_gamma, importance_batch,
+importance_budget.
 """
 from __future__ import annotations
 
@@ -16,8 +19,8 @@ class MAS(EWC):
     name = "mas"
     default_lambda = 1.0
 
-    def batch_importance(self, model, x, y):
-        return model.classify(x).float().pow(2).sum(1).mean()
+    def sample_objective(self, logits, y):
+        return logits.float().pow(2).sum()
 
     def transform_grad(self, g):
         return g.abs()

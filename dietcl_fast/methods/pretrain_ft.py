@@ -1,7 +1,12 @@
-"""Pretrain-then-fine-tune (reference code): at every step 80% of the budget is MAE
-reconstruction on the step's unlabeled images only, then 20% ER (half current labels, half
-task-balanced buffer; step 0 all current) with cross-entropy over all seen classes.
-Option: pretrain_fraction (0.8)."""
+"""Pretrain-then-fine-tune, the DietCL reference code's `pretrain` trainer: at every step 80%
+of the budget is MAE reconstruction on the step's unlabeled images only (LR scale 1), then 20%
+ER (half current labels, half task-balanced buffer of PAST steps, as ER: step t's labels join
+the buffer after the step; step 0 all current) with cross-entropy over all seen classes, at
+5x the base LR (the reference's `train_stage2_lr_scale: 5.0`).
+Options: pretrain_fraction (0.8), finetune_lr_scale (5.0).
+Adaptations: the cosine floor of the fine-tune stage is scaled with its LR like every phase's
+here (the reference keeps min_lr unscaled).
+"""
 from __future__ import annotations
 
 from . import register
@@ -16,7 +21,8 @@ class PretrainFT(ER):
     def phases(self, t: int, budget: int) -> list[Phase]:
         pre = int(round(self.opt("pretrain_fraction", 0.8) * budget))
         mix = {"labeled": 1.0} if t == 0 else {"labeled": 0.5, "buffer": 0.5}
-        out = [Phase("mae", pre, {"unlabeled": 1.0}), Phase("er", budget - pre, mix)]
+        out = [Phase("mae", pre, {"unlabeled": 1.0}),
+               Phase("er", budget - pre, mix, lr_scale=self.opt("finetune_lr_scale", 5.0))]
         return [p for p in out if p.steps]
 
     def loss(self, model, mb: MicroBatch):
