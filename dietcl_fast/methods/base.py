@@ -161,15 +161,16 @@ class Method:
         return mixup_cutmix(x, y, num_classes, generator, self.mcfg.mixup_alpha,
                             self.mcfg.cutmix_alpha, self.mcfg.label_smoothing)
 
-    def replay_loss(self, model, mb: MicroBatch):
+    def replay_loss(self, model, mb: MicroBatch, classify=None):
         """Cross-entropy over all seen classes on the labeled and buffer images of the
-        micro-batch, both sources in one classifier forward (ER's loss)."""
+        micro-batch, both sources in one classifier forward (ER's loss); `classify(x)` is the
+        logits function (default model.classify)."""
         xs, targets, names = [], [], []
         for name in ("labeled", "buffer"):
             if name in mb.x:
                 x, tgt = self.mix(mb.x[name], mb.y[name], mb.num_seen, mb.generator)
                 xs.append(x), targets.append(tgt), names.append(name)
-        logits = model.classify(torch.cat(xs) if len(xs) > 1 else xs[0])
+        logits = (classify or model.classify)(torch.cat(xs) if len(xs) > 1 else xs[0])
         total, start, logs = 0.0, 0, {}
         for name, tgt in zip(names, targets):
             term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])

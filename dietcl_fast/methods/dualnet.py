@@ -1,37 +1,103 @@
-"""DualNet (Pham et al. 2021) under the budget: a slow learner (the ViT encoder) trained with
-Barlow Twins self-supervision on the step's unlabeled images, and a fast learner (a residual
-MLP adapter placed in the encoder's head slot, feeding the linear head) trained with labels
-(current step + task-balanced buffer). Variable sampling: each iteration draws u ~ U(0, 1)
-from (seed, t, iteration); u < `threshold` (0.5) makes it a slow (SSL) iteration, otherwise a
-fast (supervised) one. Both views of an SSL iteration are charged (2 units per global batch,
-path `dualnet_ssl`); a fast iteration is one unit (path `dualnet_fast`: classifier + adapter).
-The phase takes iterations in that drawn order while they fit in the step's budget.
+"""DualNet (Pham et al., NeurIPS 2021) under the budget.
 
-Adaptations: the supervised loss also updates the slow learner (end-to-end through the adapter);
-the fast learner's feature modulation is the residual adapter (zero-initialised output, so it
-starts as the identity); projector without BatchNorm; Barlow Twins per micro-batch.
-Options: threshold (0.5), bt_lambda (5e-3), proj_dim (2 x embed dim).
+Slow learner: the ViT encoder, trained with Barlow Twins self-supervision on the step's
+unlabeled images (two augmented views) through a projector.
+Fast learner: the feature-wise transformation of the slow learner's features that defines
+DualNet. Its layer l transforms the previous fast output and gates it, element-wise, with the
+slow learner's l-th feature map (the original code's `m_l = f_l(m_{l-1}) * h_l`):
+
+    m_1 = g_1(x) * h_1,   m_l = g_l(m_{l-1}) * h_l  (l = 2..depth),   logits = W mean_tokens(m_depth)
+
+with h_l [N, L, D] the patch tokens after slow block l (the last one after the encoder's final
+norm), g_1 a patch embedding (Conv2d with the encoder's patch size, the analogue of the
+original's first conv on the image) and g_l (l >= 2) token-wise Linear(D, D); every g_l is
+followed by LayerNorm and ReLU. The linear head reads the pooled m_depth; evaluation classifies
+through the fast learner.
+
+The supervised loss (cross-entropy over all seen classes on current labels + task-balanced
+buffer) trains the fast learner and the head; as in the paper's procedure and the original
+code (whose supervised optimiser holds every parameter), its gradient also reaches the slow
+learner through h_l. Option `slow_supervised` (true) set false stops it there, so the slow
+learner learns only from the SSL objective; the encoder then runs forward-only in supervised
+iterations and is charged as such (path `dualnet_fast`, like CaSSLe's probe).
+
+Variable sampling: each iteration draws u ~ U(0, 1) from (seed, t, iteration); u < `threshold`
+(0.5) makes it a slow (SSL) iteration, otherwise a fast (supervised) one. Both views of an SSL
+iteration are charged (2 units per global batch, path `dualnet_ssl`); a fast iteration is one
+unit (path `dualnet_fast`). The phase takes iterations in that drawn order while they fit in
+the step's budget.
+
+Adaptations (budget / ViT): one fast layer per transformer block (the original: one per
+ResNet stage); LayerNorm in place of BatchNorm in the fast layers and no BatchNorm in the
+projector (micro-batches may hold one image); Barlow Twins per micro-batch; SSL on the step's
+unlabeled images (the semi-supervised setting) with the stream's augmentation (crop + flip);
+the original's inner/outer SSL loop with its `beta` interpolation and the logit-distillation
+term of its task-aware code are not used: one optimiser step per iteration, as every method
+here.
+Options: threshold (0.5), bt_lambda (5e-3), proj_dim (2 x embed dim), slow_supervised (true).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..data.sampling import derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase, measure_path, meta_images
-from .ssl import Projector, barlow_twins, pooled_slow
+from .ssl import Projector, barlow_twins
 
 
-class FastAdapter(nn.Module):
-    def __init__(self, dim: int):
+class FastLearner(nn.Module):
+    """The fast learner: `depth` feature-wise transformation layers (see the module doc)."""
+
+    def __init__(self, in_chans: int, patch: int, dim: int, depth: int):
         super().__init__()
-        self.mlp = Projector(dim, dim, dim)
-        nn.init.zeros_(self.mlp.fc2.weight)
-        nn.init.zeros_(self.mlp.fc2.bias)
+        self.embed = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
+        self.layers = nn.ModuleList([nn.Linear(dim, dim) for _ in range(depth - 1)])
+        self.norms = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
 
-    def forward(self, x):
-        return x + self.mlp(x)
+    def forward(self, x: torch.Tensor, hs: list) -> torch.Tensor:
+        """x [N, C, S, S], hs: depth slow feature maps [N, L, D] -> pooled [N, D]."""
+        m = self.embed(x).flatten(2).transpose(1, 2)            # [N, L, D]
+        m = F.relu(self.norms[0](m)) * hs[0]
+        for lin, norm, h in zip(self.layers, self.norms[1:], hs[1:]):
+            m = F.relu(norm(lin(m))) * h
+        return m.mean(1)
+
+
+def slow_features(model, x: torch.Tensor) -> list:
+    """The slow learner's per-block patch tokens [N, L, D] (the last after the final norm)."""
+    enc = model.encoder
+    z = enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(x))))
+    hs = []
+    for i, blk in enumerate(enc.blocks):
+        z = blk(z)
+        out = enc.norm(z) if i == len(enc.blocks) - 1 else z
+        hs.append(out[:, enc.num_prefix_tokens:])
+    return hs
+
+
+def pooled_slow(model, x: torch.Tensor) -> torch.Tensor:
+    """The slow learner's pooled representation [N, D] (the encoder's own avg pool)."""
+    return model.forward_features(x)
+
+
+class _FastClassifier:
+    """What evaluation classifies with: logits through the fast learner."""
+
+    def __init__(self, method, model):
+        self.method, self.model = method, model
+
+    def classify(self, x):
+        return self.method.fast_classify(self.model, x)
+
+    def eval(self):
+        self.model.eval()
+
+    def train(self):
+        self.model.train()
 
 
 @register
@@ -43,15 +109,31 @@ class DualNet(Method):
         self.threshold = self.opt("threshold", 0.5)
         self.lambd = self.opt("bt_lambda", 5e-3)
         self.proj_dim = self.opt("proj_dim", 0)
+        sv = self.mcfg.options.get("slow_supervised", True) if self.mcfg.options else True
+        if isinstance(sv, str):
+            if sv.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--method dualnet: slow_supervised {sv!r} must be true or false")
+            sv = sv.lower() in ("true", "1")
+        self.slow_supervised = bool(sv)
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"--method dualnet: threshold {self.threshold} must be in [0, 1]")
         self.paths = {"unlabeled": "dualnet_ssl", "labeled": "dualnet_fast", "buffer": "dualnet_fast"}
 
     def setup_model(self, model) -> None:
-        d = model.spec.embed_dim
-        model.encoder.head = FastAdapter(d)     # the fast learner: classify = head(adapter(slow))
-        p = self.proj_dim or 2 * d
-        model.ssl_proj = Projector(d, p, p)
+        s = model.spec
+        model.fast = FastLearner(s.in_chans, s.patch_size, s.embed_dim, s.depth)
+        p = self.proj_dim or 2 * s.embed_dim
+        model.ssl_proj = Projector(s.embed_dim, p, p)
+
+    # -- passes ----------------------------------------------------------------------------
+    def fast_classify(self, model, x):
+        """x [N, C, S, S] -> logits [N, K] through the fast learner."""
+        if self.slow_supervised:
+            hs = slow_features(model, x)
+        else:
+            with torch.no_grad():
+                hs = slow_features(model, x)
+        return model.head(model.fast(x, hs))
 
     def ssl_loss(self, model, v1, v2):
         return barlow_twins(model.ssl_proj(pooled_slow(model, v1)),
@@ -63,9 +145,21 @@ class DualNet(Method):
             return self.ssl_loss(m, x, x)
 
         trainer.ledger.register_path("dualnet_ssl", *measure_path(trainer, self, num_classes, ssl, n=4))
-        trainer.ledger.register_path("dualnet_fast", *measure_path(
-            trainer, self, num_classes, lambda m, n: m.classify(meta_images(trainer, n)).sum()))
+        fwd, runs = measure_path(trainer, self, num_classes,
+                                 lambda m, n: self.fast_classify(m, meta_images(trainer, n)).sum())
+        if self.slow_supervised:
+            trainer.ledger.register_path("dualnet_fast", fwd, runs)
+        else:   # encoder forward-only: charged forward-only at what runs / a full pass
+            sv, self.slow_supervised = self.slow_supervised, True
+            _, full = measure_path(trainer, self, num_classes,
+                                   lambda m, n: self.fast_classify(m, meta_images(trainer, n)).sum())
+            self.slow_supervised = sv
+            trainer.ledger.register_path("dualnet_fast", runs, full)
 
+    def eval_model(self, trainer):
+        return _FastClassifier(self, trainer.model)
+
+    # -- planning --------------------------------------------------------------------------
     def slow_iteration(self, t: int, it: int) -> bool:
         u = np.random.default_rng(derive_seed(self.cfg.run.seed, t, it, 0xD7A1)).random()
         return u < self.threshold
@@ -78,7 +172,8 @@ class DualNet(Method):
             return ssl if self.slow_iteration(t, it) else sup
 
         nominal = {k: v / 2 for k, v in {**ssl, **sup}.items()}   # every source the phase uses
-        ph = Phase("dual", 0, nominal, views={"unlabeled": 2}, mix_fn=mix_fn)
+        ph = Phase("dual", 0, nominal, views={"unlabeled": 2}, mix_fn=mix_fn,
+                   forward_only=() if self.slow_supervised else tuple(sup))
         spent, steps = 0.0, 0
         while True:
             u = ph.iteration_units(self.G, self.units_for, self.paths, steps)
@@ -92,4 +187,4 @@ class DualNet(Method):
         if "unlabeled" in mb.x:
             l = self.ssl_loss(model, mb.x["unlabeled"], mb.views["unlabeled"][0])
             return l * mb.x["unlabeled"].shape[0] / mb.n_global["unlabeled"], {"Lssl": l.detach()}
-        return self.replay_loss(model, mb)
+        return self.replay_loss(model, mb, classify=lambda x: self.fast_classify(model, x))

@@ -1,5 +1,5 @@
 """Pieces shared by the self-supervised baselines (CaSSLe, DualNet, CCIC): an MLP projector,
-the Barlow Twins loss and supervised contrastive loss. Not a method (nothing registered)."""
+the Barlow Twins loss and the supervised contrastive loss. Not a method (nothing registered)."""
 from __future__ import annotations
 
 import torch
@@ -42,9 +42,3 @@ def supcon(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.1) -> torch.
     pos = (y[:, None] == y[None, :]) & ~eye
     cnt = pos.sum(1).clamp(min=1)
     return -(logp * pos).sum(1).div(cnt).mean()
-
-
-def pooled_slow(model, x: torch.Tensor) -> torch.Tensor:
-    """Pooled encoder features before any head module placed in the encoder (DualNet's slot)."""
-    enc = model.encoder
-    return enc.forward_head(enc.forward_features(x), pre_logits=True)
