@@ -18,6 +18,7 @@ TRAIN_OPTIONS = {
     "seed": "run.seed", "out": "run.out", "ckpt_every": "run.ckpt_every",
     "device": "run.device", "split": "method.split", "mixup": "method.mixup",
     "recon_weight": "method.recon_weight", "unlabeled_fraction": "method.unlabeled_fraction",
+    "memory": "method.memory",
     "loader": "loader.backend", "on_bad_image": "loader.on_bad_image",
     "fallback": "loader.fallback", "scan": "loader.scan",
     "engine": "engine.engine", "micro_batch": "engine.micro_batch", "zero_stage": "engine.zero_stage",
@@ -69,6 +70,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--budget {b}: must be >= 1 training step per time step")
     if cfg.run.batch_size is not None and cfg.run.batch_size < 2:
         raise ConfigError(f"--batch-size {cfg.run.batch_size}: must be >= 2")
+    if cfg.method.memory is not None and cfg.method.memory < 1:
+        raise ConfigError(f"--memory {cfg.method.memory}: must be >= 1 sample (leave it out to "
+                          "keep every labeled sample)")
     if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
         raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file")
 
@@ -115,6 +119,8 @@ def main():
 @click.option("--split", default="ratio:0.8",
               help="DietCL budget split: ratio:F (F joint, rest buffer-only) or threshold:N (paper).")
 @click.option("--mixup/--no-mixup", default=True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
+@click.option("--memory", default=None, type=int,
+              help="GDumb: memory size in labeled samples [default: every label seen].")
 @click.option("--recon-weight", default=50.0, type=float, help="w_r, weight of the MAE loss Lr.")
 @click.option("--unlabeled-fraction", default=0.4, type=float, help="Share of each joint batch for Lr.")
 @click.option("--blr", default=None, type=float, help="Base LR (lr = blr x batch / 256) [default: preset's].")

@@ -43,6 +43,7 @@ class MethodConfig:
     label_smoothing: float = 0.1
     buffer_replacement: bool = False
     buffer_class_balanced: bool = False
+    memory: Optional[int] = None        # GDumb's memory in samples (None: every label seen)
     options: dict = field(default_factory=dict)   # method-specific extras (baselines)
 
 

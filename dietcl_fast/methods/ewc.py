@@ -108,7 +108,15 @@ class EWC(Method):
             logits = functional_call(model, (pr, rest), (xi.unsqueeze(0),))[0]   # classify
             return self.sample_objective(logits, yi)
 
-        g = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+        from ..models import set_fused_attention
+        fused = [getattr(mod, "fused_attn", None) for mod in model.modules()]
+        set_fused_attention(model, False)     # plain-matmul attention: batched by vmap
+        try:
+            g = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+        finally:
+            for mod, f in zip(model.modules(), fused):
+                if f is not None:
+                    mod.fused_attn = f
         return {k: self.transform_grad(v.float()).sum(0) for k, v in g.items()}
 
     def on_step_end(self, t: int, trainer) -> None:

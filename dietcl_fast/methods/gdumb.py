@@ -3,9 +3,12 @@ re-initialised from scratch trained on that memory only, within the step's budge
 
 Memory (greedy, class-balanced): the step's labeled samples arrive in a seeded order; a sample
 is stored while the memory has room; when full, it replaces a seeded-random sample of the
-largest class if its own class is smaller than that. `memory_size` (config method.options,
-default 0 = unbounded: every labeled sample seen so far, SPEC §1 says storage is not the
-constraint) caps it. "From scratch" = the initial weights of the run (a seeded re-build; with
+largest class if its own class is smaller than that. `--memory N` (config `method.memory`)
+bounds it to N samples; the default (none) keeps every labeled sample seen so far, since here
+storage is not the constraint, compute is (the paper sizes the memory to the benchmark's
+replay budget).
+Adaptations (budget): the retraining from scratch gets the step's budget (the paper trains to
+convergence on the memory). "From scratch" = the initial weights of the run (a seeded re-build; with
 --pretrained the MAE checkpoint is reloaded). CE over all seen classes.
 """
 from __future__ import annotations
@@ -24,9 +27,12 @@ class GDumb(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.memory_size = self.opt("memory_size", 0)
-        if self.memory_size < 0:
-            raise ValueError(f"--method gdumb: memory_size {self.memory_size} must be >= 0")
+        mem = cfg.method.memory
+        if mem is None:
+            mem = self.opt("memory_size", 0)          # older configs: method.options
+        if mem < 0 or (cfg.method.memory is not None and mem < 1):
+            raise ValueError(f"--memory {mem}: must be >= 1 sample")
+        self.memory_size = int(mem)                   # 0: unbounded
         self.memory: dict[int, list[int]] = {}      # class -> ids
         self.reinits = 0
 
