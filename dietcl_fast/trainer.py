@@ -155,6 +155,9 @@ class Trainer:
                                                 self.device, log=self.log)
         if self.source is not source:     # bad files skipped: split only what decodes
             self.stream = build_stream(self.source, **stream_args)
+        if self.stream.eval_split == "dataset":
+            self.log(f"evaluation on the dataset's own split ({sum(s.num_eval for s in self.stream.steps)} "
+                     f"images, all of each seen step's); --eval-fraction is not used")
 
         # method (validates its own options before any compute)
         self.method = build_method(cfg)
@@ -538,6 +541,7 @@ class Trainer:
             "time_steps": self.stream.time_steps,
             "budget": self.budget,
             "label_rate": cfg.stream.label_rate,
+            "eval_split": self.stream.eval_split,    # "dataset" (its own val split) | "carved"
             "seed": cfg.run.seed,
             "accuracy_matrix": self.acc,
             **summarise(self.acc, self.A),

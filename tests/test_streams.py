@@ -283,7 +283,7 @@ def test_time_uses_source_timestamps(tmp_path):
     rows = "".join(f"img/0.png,{'ab'[i % 2]},{100 - i}\n" for i in range(40))
     (tmp_path / "t.csv").write_text("path,label,timestamp\n" + rows)
     src = load_source(f"csv:{tmp_path / 't.csv'}")
-    st = build_stream(src, "time", time_steps=4, label_rate=0.5, eval_fraction=0.0, seed=0)
+    st = build_stream(src, "time", time_steps=4, label_rate=0.5, eval_fraction=0.2, seed=0)
     assert not st.synthetic_timestamps
     assert sorted(_all_ids(st.steps[0]).tolist()) == list(range(30, 40))  # latest rows = earliest time
     assert st.steps[0].t_start == 61.0 and st.steps[-1].t_end == 100.0

@@ -36,6 +36,8 @@ def subset_source(source, keep: np.ndarray):
         kw["images"] = source.images[idx]
     if source.timestamps is not None:
         kw["timestamps"] = source.timestamps[idx]
+    if getattr(source, "eval_mask", None) is not None:
+        kw["eval_mask"] = source.eval_mask[idx]
     return dataclasses.replace(source, **kw)
 
 

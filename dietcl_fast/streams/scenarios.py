@@ -16,6 +16,9 @@ Class-incremental (``scenario="class"``)
     ``--label-rate``, the class and the smallest rate that works (no silent bump).
     Evaluation: ``acc[t][k]`` = model after step t on step k's eval set; A(t) = mean over
     k <= t (``Stream.accuracy_upto``).
+    A source with its own evaluation split (``Source.eval_mask``: folder ``val/``, CSV
+    ``split=val``): nothing is carved; step k's eval set is ALL of that split's images of step
+    k's classes, and the per-class labeled share is taken of the class's training images.
 
 Time-incremental (``scenario="time"``)
     Samples are stably sorted by timestamp (ties by index) and cut into ``time_steps``
@@ -32,6 +35,11 @@ Time-incremental (``scenario="time"``)
     (classes never labeled come last, by first appearance), so classes seen by step t are
     ``0..num_seen_classes(t)-1``. Eval chunks may contain classes not yet seen (they count
     as errors, as in the paper's time-filtered test set).
+    A source with its own evaluation split: the training images are cut into the chunks; each
+    evaluation image goes to the chunk whose time span holds its timestamp (before chunk 1's
+    first time: chunk 0; from chunk k's first time on: chunk k), nothing is carved.
+    Every step must have at least one evaluation image (a :class:`StreamError` otherwise,
+    before any compute): an empty one would make acc[t][k] undefined.
     Evaluation: ``acc[t][k]`` = model after step t on step k's eval chunk; A(t) = accuracy on
     the union of eval chunks 0..t (``Stream.eval_union(t)``), i.e. the one test set filtered
     to time <= end of step t (exact up to timestamp ties at a chunk boundary, which belong
@@ -126,6 +134,7 @@ class Stream:
     timestamps: Optional[np.ndarray] = field(default=None, repr=False)  # time scenario
     synthetic_timestamps: bool = False
     _seen: tuple = field(default=(), repr=False)
+    eval_split: str = "carved"       # "carved" (--eval-fraction per class/chunk) | "dataset"
 
     # ---- labels / classes
     def labels_of(self, ids) -> np.ndarray:
@@ -183,7 +192,7 @@ class Stream:
         return {
             "scenario": self.scenario, "source": self.source_name, "time_steps": self.time_steps,
             "label_rate": self.label_rate, "eval_fraction": self.eval_fraction, "seed": self.seed,
-            "num_classes": self.num_classes,
+            "num_classes": self.num_classes, "eval_split": self.eval_split,
             "synthetic_timestamps": self.synthetic_timestamps,
             "labeled": sum(s.num_labeled for s in self.steps),
             "unlabeled": sum(s.num_unlabeled for s in self.steps),
@@ -196,6 +205,8 @@ class Stream:
         h = hashlib.sha256()
         cfg = [self.scenario, self.time_steps, repr(float(self.label_rate)),
                repr(float(self.eval_fraction)), self.seed, self.source_name, self.num_classes]
+        if self.eval_split != "carved":
+            cfg.append(self.eval_split)
         h.update(json.dumps(cfg).encode())
         h.update(np.ascontiguousarray(self.class_order, dtype=np.int64).tobytes())
         for s in self.steps:
@@ -277,8 +288,31 @@ def build_stream(source: Source, scenario: str = "class", time_steps: int = 5,
     T, lr, ef, seed, m = _validate(source, scenario, time_steps, label_rate, eval_fraction,
                                    seed, min_labeled_per_class)
     if scenario == "class":
-        return _build_class(source, T, lr, ef, seed, m)
-    return _build_time(source, T, lr, ef, seed, float(drift_sigma))
+        st = _build_class(source, T, lr, ef, seed, m)
+    else:
+        st = _build_time(source, T, lr, ef, seed, float(drift_sigma))
+    _check_eval_sets(st, source)
+    return st
+
+
+def _check_eval_sets(st: Stream, source: Source) -> None:
+    """Every step needs evaluation images: acc[t][k] of an empty set is undefined (it would
+    be a NaN spreading into A(t), Ā and forgetting)."""
+    for s in st.steps:
+        if s.num_eval:
+            continue
+        if st.eval_split == "dataset":
+            what = (f"classes {', '.join(str(st.class_names[c]) for c in s.classes)}"
+                    if st.scenario == "class" else
+                    f"time span {s.t_start:g} .. {s.t_end:g}")
+            raise StreamError(
+                f"time step {s.index} has no evaluation image: the dataset's own evaluation "
+                f"split ({source.name}) has none for its {what}; add some, or give the dataset "
+                f"without a val split to carve --eval-fraction out of the training images")
+        n = s.num_labeled + s.num_unlabeled
+        raise StreamError(
+            f"time step {s.index} has no evaluation image: --eval-fraction {st.eval_fraction:g} "
+            f"holds out none of its {n} samples; raise --eval-fraction")
 
 
 def _build_class(src: Source, T, lr, ef, seed, m) -> Stream:
@@ -301,7 +335,11 @@ def _build_class(src: Source, T, lr, ef, seed, m) -> Stream:
         step_of_class[g] = t
 
     n_c = counts_all[class_order]
-    n_eval = _round_half_up(ef * n_c)
+    own = src.eval_mask is not None
+    if own:     # the dataset's own split: its eval images, nothing carved
+        n_eval = np.bincount(labels[src.eval_mask], minlength=C)[class_order]
+    else:
+        n_eval = _round_half_up(ef * n_c)
     n_train = n_c - n_eval
     n_lab = np.minimum(_round_half_up(lr * n_train), n_train)
     bad = np.flatnonzero(n_lab < m)
@@ -311,8 +349,9 @@ def _build_class(src: Source, T, lr, ef, seed, m) -> Stream:
         if n_train[j] < m:
             raise StreamError(
                 f"--label-rate {lr:g}: class {name!r} has only {int(n_train[j])} training samples "
-                f"(of {int(n_c[j])}, --eval-fraction {ef:g}); no rate gives it "
-                f"{m} labeled sample(s)")
+                f"(of {int(n_c[j])}, " + ("its evaluation images are the dataset's own split"
+                                          if own else f"--eval-fraction {ef:g}") +
+                f"); no rate gives it {m} labeled sample(s)")
         need = float(np.max((m - 0.5) / n_train))
         raise StreamError(
             f"--label-rate {lr:g} gives class {name!r} ({int(n_train[j])} training samples) "
@@ -320,6 +359,8 @@ def _build_class(src: Source, T, lr, ef, seed, m) -> Stream:
             f"the smallest rate that works is {_fmt_rate_up(need)}")
 
     key = rng.random(labels.size)
+    if own:     # the split's eval images rank first in their class: exactly n_eval of them
+        key = np.where(src.eval_mask, 0.5 * key, 0.5 + 0.5 * key)
     # group = contiguous class; unused classes (-1) don't exist here (all present).
     order, rank, _ = _rank_within(clabels, key, K)
     cs = clabels[order]
@@ -345,7 +386,7 @@ def _build_class(src: Source, T, lr, ef, seed, m) -> Stream:
                   source_name=src.name, num_classes=K, class_order=_ro(class_order),
                   class_names=[src.class_names[c] for c in class_order], steps=steps,
                   labels=_ro(clabels), timestamps=None, synthetic_timestamps=False,
-                  _seen=tuple(seen))
+                  _seen=tuple(seen), eval_split="dataset" if own else "carved")
 
 
 def synthetic_timestamps(labels: np.ndarray, num_classes: int, seed: int,
@@ -374,18 +415,31 @@ def _build_time(src: Source, T, lr, ef, seed, sigma) -> Stream:
         ts = synthetic_timestamps(labels, C, seed, sigma)
         synthetic = True
     order = np.argsort(ts, kind="stable")
-    chunk_sizes = np.array([len(c) for c in np.array_split(np.arange(N), T)], dtype=np.int64)
-    chunk_sorted = np.repeat(np.arange(T, dtype=np.int64), chunk_sizes)
-    chunk = np.empty(N, dtype=np.int64)
-    chunk[order] = chunk_sorted
     pos = np.empty(N, dtype=np.int64)  # position in time order
     pos[order] = np.arange(N)
-
-    # eval: random round(ef * n_chunk) per chunk
-    n_eval = _round_half_up(ef * chunk_sizes)
-    o, rank, _ = _rank_within(chunk, rng.random(N), T)
-    is_eval = np.zeros(N, dtype=bool)
-    is_eval[o] = rank < n_eval[chunk[o]]
+    own = src.eval_mask is not None
+    chunk = np.empty(N, dtype=np.int64)
+    if own:     # chunks over the training images; eval images join the chunk of their time
+        is_eval = src.eval_mask.copy()
+        torder = order[~is_eval[order]]
+        if torder.size < T:
+            raise StreamError(f"source {src.name!r} has {torder.size} training samples, fewer "
+                              f"than --time-steps {T}")
+        chunk_sizes = np.array([len(c) for c in np.array_split(np.arange(torder.size), T)],
+                               dtype=np.int64)
+        chunk[torder] = np.repeat(np.arange(T, dtype=np.int64), chunk_sizes)
+        firsts = ts[torder[np.cumsum(chunk_sizes)[:-1]]]          # first time of chunks 1..T-1
+        chunk[is_eval] = np.searchsorted(firsts, ts[is_eval], side="right")
+        span = torder
+    else:
+        chunk_sizes = np.array([len(c) for c in np.array_split(np.arange(N), T)], dtype=np.int64)
+        chunk[order] = np.repeat(np.arange(T, dtype=np.int64), chunk_sizes)
+        # eval: random round(ef * n_chunk) per chunk
+        n_eval = _round_half_up(ef * chunk_sizes)
+        o, rank, _ = _rank_within(chunk, rng.random(N), T)
+        is_eval = np.zeros(N, dtype=bool)
+        is_eval[o] = rank < n_eval[chunk[o]]
+        span = order
 
     # labeled: round(lr * n) per (chunk, class) among training samples
     train = np.flatnonzero(~is_eval)
@@ -440,9 +494,10 @@ def _build_time(src: Source, T, lr, ef, seed, sigma) -> Stream:
             eval_ids=_ro(ev), eval_labels=_ro(clabels[ev]),
             label_counts={int(contig_of[c]): int(lab_counts[t, c])
                           for c in orig[np.argsort(contig_of[orig])]},
-            t_start=float(ts[order[starts[t]]]), t_end=float(ts[order[starts[t + 1] - 1]])))
+            t_start=float(ts[span[starts[t]]]), t_end=float(ts[span[starts[t + 1] - 1]])))
     return Stream(scenario="time", time_steps=T, label_rate=lr, eval_fraction=ef, seed=seed,
                   source_name=src.name, num_classes=K, class_order=_ro(class_order),
                   class_names=[src.class_names[c] for c in class_order], steps=steps,
                   labels=_ro(clabels), timestamps=_ro(ts, np.float64),
-                  synthetic_timestamps=synthetic, _seen=tuple(seen_n))
+                  synthetic_timestamps=synthetic, _seen=tuple(seen_n),
+                  eval_split="dataset" if own else "carved")

@@ -11,7 +11,10 @@ Spec strings accepted by :func:`load_source`:
 * ``folder:PATH`` or an existing directory – ``PATH/<class>/<image>``; class directories
   are sorted by name and numbered 0..C-1; only files whose extension (case-insensitive) is
   one of :data:`IMAGE_EXTENSIONS` count; other files, hidden files/dirs and files directly
-  in ``PATH`` are ignored. A class directory without images is an error.
+  in ``PATH`` are ignored. A class directory without images is an error. A folder with
+  ``PATH/train/<class>/`` and ``PATH/val/<class>/`` (both holding class directories) is a
+  dataset with its own evaluation split: classes are the ``train`` ones, ``val`` images are
+  evaluated on (a ``val`` class absent from ``train`` is an error).
 * ``csv:PATH`` or a path ending in ``.csv`` – header ``path,label[,timestamp]`` (column names
   case-insensitive, extra columns ignored); paths relative to the CSV's directory unless
   absolute; every listed file must exist. Labels: if every label is an integer literal
@@ -19,6 +22,8 @@ Spec strings accepted by :func:`load_source`:
   (``class_names`` = the original integers as strings); otherwise every label is a class
   name and names are numbered in sorted (string) order. Timestamps: a float (epoch seconds
   or any monotone unit) or an ISO-8601 date/datetime (naive = UTC) -> epoch seconds.
+  An optional ``split`` column (``train`` or ``val``; ``test`` is read as ``val``) gives the
+  dataset's own evaluation split: ``val`` rows are evaluated on, ``train`` rows are trained on.
 
 Relative paths in ``folder:``/``csv:`` specs are resolved against ``root`` when given,
 otherwise against the current directory. Named sources registered with
@@ -76,6 +81,9 @@ class Source:
     timestamps: Optional[np.ndarray] = None  # float64 [N] or None
     image_size: Optional[tuple] = None       # (H, W) for array sources
     meta: dict = field(default_factory=dict)
+    # the dataset's own evaluation split: True for samples of it (folder val/, csv split=val);
+    # None when the dataset has none (the stream then carves --eval-fraction out of each class)
+    eval_mask: Optional[np.ndarray] = None
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -93,6 +101,10 @@ class Source:
             self.timestamps = np.asarray(self.timestamps, dtype=np.float64)
             if self.timestamps.shape != (n,):
                 raise StreamError(f"source {self.name!r}: timestamps shape {self.timestamps.shape} != ({n},)")
+        if self.eval_mask is not None:
+            self.eval_mask = np.asarray(self.eval_mask, dtype=bool)
+            if self.eval_mask.shape != (n,):
+                raise StreamError(f"source {self.name!r}: eval_mask shape {self.eval_mask.shape} != ({n},)")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -192,13 +204,33 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _has_class_dirs(d: str) -> bool:
+    with os.scandir(d) as it:
+        return any(e.is_dir() and not e.name.startswith(".") for e in it)
+
+
 def load_image_folder(path: str) -> Source:
-    """``path/<class>/*.{jpg,jpeg,png,bmp,webp}`` -> files Source (sorted classes and files)."""
+    """``path/<class>/*.{jpg,jpeg,png,bmp,webp}`` -> files Source (sorted classes and files);
+    ``path/{train,val}/<class>/...`` -> the same with the dataset's own evaluation split."""
     path = os.path.abspath(path)
     if not os.path.exists(path):
         raise StreamError(f"image folder not found: {path!r}")
     if not os.path.isdir(path):
         raise StreamError(f"image folder is not a directory: {path!r}")
+    tr, va = os.path.join(path, "train"), os.path.join(path, "val")
+    if os.path.isdir(tr) and os.path.isdir(va) and _has_class_dirs(tr) and _has_class_dirs(va):
+        train = load_image_folder(tr)
+        val = load_image_folder(va)
+        index = {n: i for i, n in enumerate(train.class_names)}
+        extra = [n for n in val.class_names if n not in index]
+        if extra:
+            raise StreamError(f"image folder {path!r}: val/ has class(es) {', '.join(extra)} that "
+                              f"train/ does not have (every evaluated class must be trainable)")
+        vlabels = np.array([index[val.class_names[c]] for c in val.labels], dtype=np.int64)
+        return Source(name=f"folder:{path}", labels=np.concatenate([train.labels, vlabels]),
+                      class_names=list(train.class_names), channels=3, kind="files",
+                      paths=train.paths + val.paths,
+                      eval_mask=np.r_[np.zeros(len(train), bool), np.ones(len(val), bool)])
     with os.scandir(path) as it:
         class_dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
     if not class_dirs:
@@ -255,7 +287,8 @@ def load_csv(path: str, missing: str = "error") -> Source:
                                   f"expected 'path,label[,timestamp]'")
         ip, il = cols.index("path"), cols.index("label")
         it = cols.index("timestamp") if "timestamp" in cols else None
-        width = max(ip, il, it if it is not None else 0) + 1
+        isp = cols.index("split") if "split" in cols else None
+        width = max(ip, il, it if it is not None else 0, isp if isp is not None else 0) + 1
         rows, lines = [], []
         for r in reader:
             if any(c.strip() for c in r):
@@ -317,6 +350,21 @@ def load_csv(path: str, missing: str = "error") -> Source:
                     raise StreamError(f"{where(k)}: {what} "
                                       f"(expected a number or an ISO-8601 date)") from None
 
+    # ---- the dataset's own evaluation split
+    eval_mask = None
+    if isp is not None:
+        sp = [r[isp].strip().lower() for r in rows]
+        for k, v in enumerate(sp):
+            if v not in ("train", "val", "test"):
+                raise StreamError(f"{where(k)}: split {rows[k][isp].strip()!r} must be train or val "
+                                  f"(test is read as val)")
+        eval_mask = np.array([v != "train" for v in sp], dtype=bool)
+        trained = set(labels[~eval_mask].tolist())
+        missing_cls = sorted(set(labels[eval_mask].tolist()) - trained)
+        if missing_cls:
+            raise StreamError(f"CSV {path!r}: class(es) {', '.join(class_names[c] for c in missing_cls)} "
+                              f"appear only in split=val rows (every evaluated class must be trainable)")
+
     # ---- files (eager existence check)
     paths = []
     for k, p in enumerate(raw_paths):
@@ -327,4 +375,5 @@ def load_csv(path: str, missing: str = "error") -> Source:
             raise StreamError(f"{where(k)}: file not found: {full!r}")
         paths.append(full)
     return Source(name=f"csv:{path}", labels=labels, class_names=class_names, channels=3,
-                  kind="files", paths=paths, timestamps=timestamps, image_size=None)
+                  kind="files", paths=paths, timestamps=timestamps, image_size=None,
+                  eval_mask=eval_mask)
