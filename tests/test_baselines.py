@@ -232,3 +232,26 @@ def test_gdumb_memory_option_bounds_the_memory(tmp_path):
     r = CliRunner().invoke(cli, args[:4] + ["0"] + args[5:])
     assert r.exit_code != 0 and "--memory 0" in r.output
     assert build_method(tiny_cfg("gdumb")).memory_size == 0        # default: every label
+
+
+@pytest.mark.parametrize("kill_at,ckpt_every", [(4, 4), (7, 3)])
+def test_er_kill_and_resume_keeps_past_only_replay(tmp_path, kill_at, ckpt_every):
+    """Killed right after step 0's last iteration (its labels not yet in the buffer) or in the
+    middle of step 1: the resumed run equals the uninterrupted one."""
+    from dietcl_fast.checkpoint import load_checkpoint
+    from test_trainer import TINY, cli
+    args = [*TINY, "--method", "er"]
+    full = tmp_path / "full"
+    cli(*args, "--out", str(full))
+    part = tmp_path / "part"
+    p = cli(*args, "--out", str(part), "--ckpt-every", str(ckpt_every),
+            "--stop-after-steps", str(kill_at), check=False)
+    assert p.returncode == 17, p.stderr
+    from dietcl_fast.buffer import BalancedBuffer
+    ck = load_checkpoint(str(part))
+    buf = BalancedBuffer.from_state_bytes(ck["buffer"])
+    assert buf.num_tasks == (0 if kill_at == 4 else 1)      # step t joins only after step t
+    cli("train", "--resume", str(part), "--no-progress")
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((part / "results.json").read_text())
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
