@@ -13,6 +13,7 @@ from PIL import Image
 from dietcl_fast.config import Config, LoaderConfig
 from dietcl_fast.data import BadImageError, Request, build_loader
 from dietcl_fast.data.dali_loader import dali_available
+from dietcl_fast.data.pipeline import model_input
 from dietcl_fast.data.sampling import EpochSampler
 from dietcl_fast.streams.sources import load_source
 
@@ -98,6 +99,10 @@ def test_determinism_with_a_seed(folder, backend):
           ld.submit([Request(ids[:3], "labeled", 11)])]
     later = ld.fetch(tk[1])
     u, b = ld.fetch(tk[0])
+    # the trainer's requests come back in the transfer form: uint8 from the file backends,
+    # normalised on the device by model_input (the same values as a float batch)
+    assert b.dtype == (torch.float32 if backend == "memory" else torch.uint8)
+    u, b = model_input(u, 3), model_input(b, 3)
     assert torch.equal(a, b) and later[0].shape == (3, 3, S, S)
     assert torch.equal(u, ld.batch(ids, "unlabeled", seed=4))
     assert not torch.equal(a, ld.batch(ids, "labeled", seed=12))

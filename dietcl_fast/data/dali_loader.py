@@ -13,7 +13,11 @@ the same resize with the crop expressed as a fractional ROI, and per-sample inte
 (labeled bilinear, unlabeled and eval bicubic) means one pipeline serves all three streams and
 every time step: nothing is rebuilt. Files DALI should not decode itself (palette, CMYK, RGBA,
 16-bit, non-JPEG/PNG formats) are converted once on the host by PIL and fed as lossless PNG.
-Normalisation runs in torch on the device, shared with the other backends.
+The pipeline runs pipelined and asynchronously (`exec_pipelined`, `exec_async`, prefetch queue
+depth 2): a request larger than `max_batch` is fed chunk by chunk with up to two chunks in flight,
+so decoding chunk k+1 overlaps the copy-out of chunk k, and the whole pipeline works in the
+loader's background thread while the trainer computes. The output stays uint8 [n, S, S, 3];
+normalisation runs on the device right before the model (`pipeline.model_input`).
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ def dali_available() -> tuple[bool, str]:
 
 class DaliLoader(PrefetchLoader):
     max_batch = 256
+    queue_depth = 2                 # DALI prefetch queue: chunks in flight
 
     def __init__(self, paths, scan, size: int, channels: int, device, workers: int = 0,
                  on_bad: str = "error", log=print):
@@ -54,6 +59,7 @@ class DaliLoader(PrefetchLoader):
         self.gpu = self.device.type == "cuda"
         self._converted: dict[int, np.ndarray] = {}
         self._pipe = None
+        self._primed = False
         self.name = f"dali ({'mixed/nvjpeg' if self.gpu else 'cpu'} decoding, {self.threads} threads)"
 
     def _build(self):
@@ -63,7 +69,8 @@ class DaliLoader(PrefetchLoader):
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.threads,
                       device_id=(self.device.index or 0) if gpu else None,
-                      exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+                      exec_pipelined=True, exec_async=True,
+                      prefetch_queue_depth=self.queue_depth)
         def pipe():
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
             rs = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)
@@ -78,6 +85,7 @@ class DaliLoader(PrefetchLoader):
 
         p = pipe()
         p.build()
+        self._primed = False
         self._interp = {"bilinear": int(types.INTERP_LINEAR), "bicubic": int(types.INTERP_CUBIC)}
         return p
 
@@ -92,9 +100,8 @@ class DaliLoader(PrefetchLoader):
             return b
         return np.fromfile(self.paths[i], dtype=np.uint8)
 
-    def _run(self, encs, boxes, flips, resample):
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
+    def _feed(self, encs, boxes, flips, resample, schedule: bool = True) -> None:
+        """Queue one chunk's inputs and (by default) schedule its run (asynchronous)."""
         n = len(encs)
         p = self._pipe
         # ROI in tensor-shape order (H, W)
@@ -103,7 +110,14 @@ class DaliLoader(PrefetchLoader):
         p.feed_input("roi_end", [np.array([b[3], b[2]], np.float32) for b in boxes])
         p.feed_input("interp", [np.array(self._interp[resample], np.int32)] * n)
         p.feed_input("mirror", [np.array(int(f), np.int32) for f in flips])
-        out, = p.run()
+        if schedule:
+            p.schedule_run()
+
+    def _collect(self) -> torch.Tensor:
+        """The oldest scheduled chunk's output, copied out of DALI's buffers."""
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        out, = self._pipe.outputs()
         if self.gpu:
             t = out.as_tensor()
             x = torch.empty(t.shape(), dtype=torch.uint8, device=self.device)
@@ -112,11 +126,49 @@ class DaliLoader(PrefetchLoader):
         return torch.from_numpy(out.as_array())
 
     def _run_all(self, encs, good, boxes, flips, resample):
-        parts = []
-        for s in range(0, len(good), self.max_batch):
-            g = good[s:s + self.max_batch]
-            parts.append(self._run(encs[s:s + self.max_batch], boxes[g], flips[g], resample))
-        return parts
+        """All chunks of one request, up to `queue_depth` runs scheduled ahead of the copy-out.
+
+        A fresh pipeline's first `schedule_run` prefetches `queue_depth` runs at once, so it is
+        primed with that many fed chunks (a single chunk is split in two; a one-image request
+        is fed twice and the copy is dropped)."""
+        pieces = [(s, min(s + self.max_batch, len(good))) for s in range(0, len(good), self.max_batch)]
+        keep = [True] * len(pieces)
+        if not self._primed:
+            while len(pieces) < self.queue_depth:
+                s, e = pieces[-1]
+                if e - s >= 2:
+                    m = (s + e) // 2
+                    pieces[-1:] = [(s, m), (m, e)]
+                    keep.append(True)
+                else:
+                    pieces.append((s, e))
+                    keep.append(False)
+
+        def feed(k, schedule=True):
+            s, e = pieces[k]
+            g = good[s:e]
+            self._feed(encs[s:e], boxes[g], flips[g], resample, schedule=schedule)
+
+        parts, pending, k = [], 0, 0
+        try:
+            if not self._primed:
+                for k in range(self.queue_depth):
+                    feed(k, schedule=False)
+                self._pipe.schedule_run()          # prefetch: runs all queue_depth chunks
+                self._primed = True
+                pending = k = self.queue_depth
+            while k < len(pieces) or pending:
+                if k < len(pieces) and pending < self.queue_depth:
+                    feed(k)
+                    k += 1
+                    pending += 1
+                else:
+                    parts.append(self._collect())
+                    pending -= 1
+        except BaseException:
+            self._pipe = None           # scheduled runs of a failed request: rebuild next time
+            raise
+        return [x for x, kp in zip(parts, keep) if kp]
 
     def produce(self, requests: list[Request]) -> list[torch.Tensor]:
         from .pipeline import RESAMPLE

@@ -9,13 +9,15 @@ import numpy as np
 import torch
 
 from .pipeline import Loader, Request
-from .transforms import Augment
+from .transforms import Augment, host_to_device
 
 
 class MemoryLoader(Loader):
     """Synchronous: `submit` only records the requests, `fetch` indexes and augments on the
     device (already asynchronous there on CUDA). The augmentation of a request is seeded by
-    `torch.Generator().manual_seed(request.seed)`."""
+    `torch.Generator().manual_seed(request.seed)`. A request costs two small host->device
+    copies (the ids and the crop matrices), both pinned and non-blocking; the normalisation
+    constants are copied once. Output: normalised float (dtype None: float32)."""
     name = "memory"
 
     def __init__(self, images: np.ndarray, augment: Augment, device: torch.device):
@@ -39,13 +41,13 @@ class MemoryLoader(Loader):
 
     def fetch(self, ticket) -> list[torch.Tensor]:
         return [self.batch(r.ids, r.kind, generator=torch.Generator().manual_seed(int(r.seed)),
-                           dtype=r.dtype) for r in ticket]
+                           dtype=r.dtype or torch.float32) for r in ticket]
 
     def batch(self, ids: np.ndarray, kind: str, generator: torch.Generator | None = None,
               dtype=torch.float32, seed: int | None = None) -> torch.Tensor:
         """ids [n] -> [n, C, S, S] transformed for `kind` (labeled | unlabeled | eval)."""
         if seed is not None:
             generator = torch.Generator().manual_seed(int(seed))
-        idx = torch.from_numpy(np.array(ids, dtype=np.int64)).to(self.device)
+        idx = host_to_device(torch.from_numpy(np.array(ids, dtype=np.int64)), self.device)
         return self.augment(self.images.index_select(0, idx), kind, generator=generator,
-                            dtype=dtype)
+                            dtype=dtype or torch.float32)

@@ -16,6 +16,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def host_to_device(x: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    """A small host tensor -> device without blocking the host: pinned + non_blocking on CUDA
+    (the copy is ordered on the current stream before any kernel that reads it)."""
+    device = torch.device(device)
+    if dtype is not None:
+        x = x.to(dtype)
+    if device.type == "cpu":
+        return x
+    if device.type == "cuda":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 def norm_stats(channels: int):
     if channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
@@ -91,7 +104,7 @@ def crop_flip_resize(x: torch.Tensor, boxes, flip: torch.Tensor, size: int,
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = sy
     theta[:, 1, 2] = cy
-    theta = theta.to(device=x.device, dtype=x.dtype)
+    theta = host_to_device(theta.to(x.dtype), x.device)
     grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     out = F.grid_sample(x, grid, mode=mode, padding_mode="border", align_corners=False)
     return out.clamp_(0.0, 255.0) if mode == "bicubic" else out
@@ -126,6 +139,7 @@ class Augment:
         mean, std = norm_stats(channels)
         self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std).view(1, -1, 1, 1) * 255
+        self._on: dict = {}                 # device -> (mean, std) there, copied once
 
     def __call__(self, x_u8: torch.Tensor, kind: str, generator=None,
                  dtype=torch.float32) -> torch.Tensor:
@@ -141,5 +155,8 @@ class Augment:
                                  mode="bilinear" if kind == "labeled" else "bicubic")
         else:
             raise ValueError(f"unknown transform kind {kind!r}")
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        st = self._on.get(x.device)
+        if st is None:
+            st = self._on[x.device] = (self.mean.to(x.device), self.std.to(x.device))
+        x = (x - st[0]) / st[1]
         return x.to(dtype)
