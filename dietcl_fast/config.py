@@ -83,7 +83,7 @@ class RunConfig:
     out: Optional[str] = None           # run directory (None: runs/<method>-<data>-s<seed>)
     ckpt_every: int = 0                 # extra checkpoints every N training steps (0: off)
     device: str = "auto"                # auto | cpu | cuda
-    eval_batch_size: int = 512
+    eval_batch_size: int = 1024         # images per evaluation forward (>= 1,024 keeps the device busy)
     progress: bool = True
     stop_after_steps: Optional[int] = None  # testing aid: stop (as if killed) after N steps
 

@@ -1,26 +1,64 @@
-"""Metrics of SPEC §3: the accuracy matrix acc[t][k], A(t), A(T), Ā and forgetting (percent)."""
+"""Metrics: the accuracy matrix acc[t][k], A(t), A(T), Ā and forgetting (percent), and the
+evaluation pass that fills it.
+
+Evaluation stays off the training step's critical path as far as it can: batches (>= 1,024
+images by default) are submitted to the loader one ahead, so the next batch decodes while the
+current one runs; the forward runs under `torch.inference_mode`; correct predictions are
+counted on the device and read back once per call (one host sync, not one per batch). With
+`classify` compiled, the last partial batch is padded to the full size (padding rows are not
+counted), so one graph serves every batch.
+"""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from .data.pipeline import Request, model_input
+from .data.transforms import host_to_device
 
-@torch.no_grad()
+
 def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: int,
-                autocast) -> tuple[int, int]:
-    """-> (correct, total) of argmax over all head rows (no task id at test time)."""
-    if len(ids) == 0:
+                autocast, channels: int | None = None, classify=None,
+                pad: bool = False) -> tuple[int, int]:
+    """-> (correct, total) of argmax over all head rows (no task id at test time).
+
+    ids, labels: [n]. `classify(x [b, C, S, S]) -> logits [b, K]` (default `model.classify`);
+    `pad`: pad a partial last batch to `batch_size` (for a compiled classify)."""
+    n = len(ids)
+    if n == 0:
         return 0, 0
+    if batch_size < 1:
+        raise ValueError(f"run.eval_batch_size {batch_size}: must be >= 1")
+    spec = getattr(model, "spec", None)
+    channels = channels or getattr(spec, "in_chans", None)
+    classify = classify or model.classify
+    ids = np.asarray(ids, dtype=np.int64)
+    y_host = torch.as_tensor(np.array(labels), dtype=torch.long)
+    y = correct = None
+    was_training = getattr(model, "training", True)
     model.eval()
-    correct = 0
-    y_all = torch.as_tensor(np.array(labels), dtype=torch.long)
-    for s in range(0, len(ids), batch_size):
-        x = loader.batch(ids[s:s + batch_size], "eval")
-        with autocast():
-            pred = model.classify(x).argmax(-1).cpu()
-        correct += int((pred == y_all[s:s + batch_size]).sum())
-    model.train()
-    return correct, len(ids)
+    try:
+        with torch.inference_mode():
+            ticket = loader.submit([Request(ids[:batch_size], "eval")])
+            for s in range(0, n, batch_size):
+                nxt = (loader.submit([Request(ids[s + batch_size:s + 2 * batch_size], "eval")])
+                       if s + batch_size < n else None)
+                x = loader.fetch(ticket)[0]
+                x = model_input(x, channels or x.shape[1])
+                if y is None:           # labels and the counter live on the batches' device
+                    y = host_to_device(y_host, x.device)
+                    correct = torch.zeros((), dtype=torch.long, device=x.device)
+                m = x.shape[0]
+                if pad and m < batch_size:
+                    x = torch.cat([x, x[-1:].expand(batch_size - m, *x.shape[1:])])
+                with autocast():
+                    pred = classify(x)[:m].argmax(-1)
+                correct += (pred == y[s:s + m]).sum()
+                ticket = nxt
+    finally:
+        if was_training:
+            model.train()
+    return int(correct), n
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> slice:
@@ -29,13 +67,13 @@ def eval_shard(n: int, rank: int, world_size: int) -> slice:
 
 
 def sharded_accuracy(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: int,
-                     autocast, dist_info=None) -> tuple[int, int]:
+                     autocast, dist_info=None, **kw) -> tuple[int, int]:
     """Exact (correct, total) over all ranks: rank r evaluates the r-th of W contiguous,
     disjoint slices of the ids (no padding, no duplicates), then the counts are summed."""
     if dist_info is None or dist_info.world_size == 1:
-        return accuracy_on(model, loader, ids, labels, batch_size, autocast)
+        return accuracy_on(model, loader, ids, labels, batch_size, autocast, **kw)
     sl = eval_shard(len(ids), dist_info.rank, dist_info.world_size)
-    c, n = accuracy_on(model, loader, ids[sl], labels[sl], batch_size, autocast)
+    c, n = accuracy_on(model, loader, ids[sl], labels[sl], batch_size, autocast, **kw)
     c, n = dist_info.all_reduce_sum([c, n])
     assert int(n) == len(ids), (n, len(ids))
     return int(c), int(n)

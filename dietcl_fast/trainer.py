@@ -18,6 +18,7 @@ an uninterrupted one drew.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -29,6 +30,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .buffer import BalancedBuffer
+from .ckpt_writer import BackgroundCheckpointer
 from .config import Config, ConfigError, save_yaml
 from .data.sampling import EpochSampler, derive_seed
 from .engine import build_engine, init_from_env, resolve_engine
@@ -59,6 +61,19 @@ def numpy_rng_state() -> dict:
 def set_numpy_rng_state(st: dict) -> None:
     np.random.set_state((st["name"], st["keys"].numpy().astype(np.uint32), int(st["pos"]),
                          int(st["has_gauss"]), float(st["cached_gaussian"])))
+
+
+def device_inputs(loss, channels: int):
+    """`loss(model, mb)` with mb's images (and extra views) first turned into model inputs on
+    their device (`data.pipeline.model_input`: uint8 -> normalised float32)."""
+    from .data.pipeline import model_input
+
+    def fn(model, mb):
+        mb = dataclasses.replace(
+            mb, x={k: model_input(v, channels) for k, v in mb.x.items()},
+            views={k: [model_input(v, channels) for v in vs] for k, vs in mb.views.items()})
+        return loss(model, mb)
+    return fn
 
 
 @dataclass
@@ -161,6 +176,9 @@ class Trainer:
 
         # method (validates its own options before any compute)
         self.method = build_method(cfg)
+        # the loss the engine runs: the loader's uint8 batches are normalised on the device
+        # first, inside whatever region the engine compiles
+        self.loss_fn = device_inputs(self.method.loss, in_chans)
 
         # model: one seed drives init
         torch.manual_seed(cfg.run.seed)
@@ -182,6 +200,14 @@ class Trainer:
         self.wall_before = 0.0
         self.data_seconds = 0.0
         self.compute_seconds = 0.0
+        self.eval_seconds = 0.0
+        self.checkpointer = BackgroundCheckpointer()
+        self._sync_checkpoint_seconds = 0.0     # engines that write their own (DeepSpeed)
+        # per-iteration record [(t, phase, seconds, data seconds, FLOPs)]: `bench step` reads
+        # it; timing_sync makes each record end after the device finished the iteration
+        self.iteration_log: list[tuple] = []
+        self.timing_sync = False
+        self._eval_classify = None
 
     # ------------------------------------------------------------------ helpers
     def _vit_spec(self, num_classes: int) -> ViTSpec:
@@ -320,7 +346,8 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "stream_fingerprint": self.stream.fingerprint(),
             "model": self.model.state_dict(),
-            "engine": self.engine.state_dict(),
+            # a phase always starts with a fresh optimiser: its state matters only mid-phase
+            "engine": self.engine.state_dict() if self.pos.it > 0 else None,
             "buffer": self.buffer.state_bytes(),
             "ledger": self.ledger.state_bytes(),
             "method": self.method.state_dict(),
@@ -352,12 +379,15 @@ class Trainer:
 
     def save(self) -> None:
         """All ranks call this (their states are identical): the deepspeed engine writes its ZeRO
-        shards with this state as client state; otherwise rank 0 writes `latest.pt`."""
+        shards with this state as client state; otherwise rank 0 snapshots the state and a
+        background thread writes `latest.pt` atomically (`ckpt_writer`) while training goes on."""
         if getattr(self.engine, "saves_checkpoints", False):
+            t0 = time.perf_counter()
             self.engine.save_checkpoint(self.run_dir, self.state_dict())
+            self._sync_checkpoint_seconds += time.perf_counter() - t0
             return
         if self.dist.is_main:
-            ckpt_io.save_checkpoint(self.run_dir, self.state_dict())
+            self.checkpointer.submit(self.run_dir, self.state_dict())
         self.dist.barrier()
 
     # ------------------------------------------------------------------ the loop
@@ -395,7 +425,17 @@ class Trainer:
                 bar.close()
             self._ahead = None
             self.loader.close()     # worker processes / loader thread (restarted on next use)
+            self.checkpointer.wait()    # the last checkpoint is on disk before results.json
         return self._finish()
+
+    def _eval_fn(self):
+        """-> (classify, pad): `model.classify`, compiled (static shapes: partial batches
+        padded) when the run compiles."""
+        if not self.cfg.engine.compile:
+            return self.model.classify, False
+        if self._eval_classify is None:
+            self._eval_classify = torch.compile(self.model.classify, dynamic=False)
+        return self._eval_classify, True
 
     def _kernel_backend(self) -> str:
         try:
@@ -436,9 +476,17 @@ class Trainer:
                     raise ConfigError(f"time step {t} has no {src} samples but phase "
                                       f"{phase.name} of {self.method.name} needs them")
             while self.pos.it < phase.steps:
+                t_it, d0, f0 = time.perf_counter(), self.data_seconds, self.ledger.flops_total
                 self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen, bar)
+                if self.timing_sync and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.iteration_log.append((t, phase.name, time.perf_counter() - t_it,
+                                           self.data_seconds - d0, self.ledger.flops_total - f0))
                 if cfg.run.stop_after_steps is not None and self.pos.gstep >= cfg.run.stop_after_steps:
-                    # testing aid: die abruptly, exactly as a killed process would
+                    # testing aid: die abruptly, as a killed process would, once the checkpoint
+                    # write in flight is on disk (so the test resumes from a known position; a
+                    # real kill during a write resumes from the previous checkpoint)
+                    self.checkpointer.wait()
                     os._exit(17)
             self.pos.phase += 1
             self.pos.it = 0
@@ -449,12 +497,16 @@ class Trainer:
 
         # evaluation (not charged); the method may classify differently at test time (CCIC: kNN)
         eval_model = self.method.eval_model(self)
+        t_eval = time.perf_counter()
         row = []
+        classify, pad = self._eval_fn() if eval_model is self.model else (eval_model.classify, False)
         for k in range(t + 1):
             ids, labels = self.stream.eval_for(t, k)
             c, n = sharded_accuracy(eval_model, self.loader, ids, labels, cfg.run.eval_batch_size,
-                                    self.engine.autocast, self.dist)   # exact over ranks
+                                    self.engine.autocast, self.dist,       # exact over ranks
+                                    channels=self.spec.in_chans, classify=classify, pad=pad)
             row.append(100.0 * c / n if n else float("nan"))
+        self.eval_seconds += time.perf_counter() - t_eval
         self.acc.append(row)
         self.A.append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
         spent = self.ledger.spent_units()
@@ -512,7 +564,7 @@ class Trainer:
             t_c = time.perf_counter()
             last = j + self.dist.world_size >= self.n_micro     # this rank's last micro-batch
             with self.train_region():
-                loss, logs = self.engine.forward_backward(self.method.loss, mb, sync=last)
+                loss, logs = self.engine.forward_backward(self.loss_fn, mb, sync=last)
             self.compute_seconds += time.perf_counter() - t_c
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / self.accum
@@ -550,6 +602,11 @@ class Trainer:
             "steps_per_second": self.pos.gstep / wall if wall > 0 else None,
             "global_batch": self.G,
             "data_wait_fraction": self.data_seconds / max(self.data_seconds + self.compute_seconds, 1e-9),
+            # off the training step: evaluation passes, and checkpoint time on the training
+            # thread (snapshot + waiting for a write in flight) vs in the background writer
+            "eval_seconds": self.eval_seconds,
+            "checkpoint_seconds": self.checkpointer.critical_seconds + self._sync_checkpoint_seconds,
+            "checkpoint_write_seconds": self.checkpointer.write_seconds,
             "skipped_files": getattr(self.loader, "skipped_files", []),
             "stream": self.stream.to_dict(),
             "versions": versions(),

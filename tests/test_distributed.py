@@ -191,9 +191,14 @@ def test_sharded_evaluation_is_exact():
         def classify(self, x):
             return torch.nn.functional.one_hot(x.long() % 3, 3).float()
 
-    class Loader:
-        def batch(self, ids, kind):
-            return torch.as_tensor(np.asarray(ids))
+    from dietcl_fast.data.pipeline import Loader as LoaderBase
+
+    class Loader(LoaderBase):
+        def submit(self, requests):
+            return requests
+
+        def fetch(self, ticket):
+            return [torch.as_tensor(np.asarray(r.ids), dtype=torch.float32) for r in ticket]
 
     for n in (0, 1, 5, 10, 97):
         ids = np.arange(n)

@@ -1,0 +1,103 @@
+"""Checkpoints off the critical path: snapshot on the training thread, write in the background.
+
+`BackgroundCheckpointer.submit(run_dir, state)` copies every tensor of `state` to host memory
+(on CUDA into pinned buffers, non-blocking, with an event the writer waits for; on the CPU a
+clone), then returns: serialisation and the atomic write (`checkpoint.save_checkpoint`: temp
+file, fsync, rename) run in a background thread while training continues. One write is in
+flight at most: the next `submit` (and `wait`) first joins the previous one and re-raises its
+error, if any. A process killed during a write leaves the previous checkpoint intact (the
+rename is the commit point), so at worst the run resumes from the one before.
+
+`critical_seconds` is the time the training thread spent (snapshot + waiting for the previous
+write); `write_seconds` the background time (serialise + write + fsync).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt_io
+
+
+class CheckpointWriteError(RuntimeError):
+    pass
+
+
+def snapshot(obj, events: list):
+    """A copy of a nested state (dicts, lists, tuples, tensors, numpy arrays, plain values) that
+    training can no longer change. CUDA tensors go to pinned host memory without blocking;
+    an event recorded after the copies is appended to `events`."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        if t.device.type == "cuda":
+            out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+            out.copy_(t, non_blocking=True)
+            if not events:
+                events.append(None)         # placeholder: one event recorded at the end
+            return out
+        return t.clone()
+    if isinstance(obj, dict):
+        return type(obj)((k, snapshot(v, events)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [snapshot(v, events) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(snapshot(v, events) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    return obj                              # int, float, str, bytes, None, bool: immutable
+
+
+class BackgroundCheckpointer:
+    def __init__(self, save=ckpt_io.save_checkpoint):
+        self._save = save
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.critical_seconds = 0.0
+        self.write_seconds = 0.0
+        self.writes = 0
+
+    def submit(self, run_dir: str, state: dict) -> None:
+        t0 = time.perf_counter()
+        self._join()
+        events: list = []
+        snap = snapshot(state, events)
+        event = None
+        if events:
+            event = torch.cuda.Event()
+            event.record()                  # after every non-blocking copy on this stream
+        self._thread = threading.Thread(target=self._write, args=(run_dir, snap, event),
+                                        name="checkpoint-writer", daemon=False)
+        self._thread.start()
+        self.critical_seconds += time.perf_counter() - t0
+
+    def _write(self, run_dir, snap, event) -> None:
+        t0 = time.perf_counter()
+        try:
+            if event is not None:
+                event.synchronize()
+            self._save(run_dir, snap)
+            self.writes += 1
+        except BaseException as e:          # re-raised on the training thread by wait/submit
+            self._error = e
+        self.write_seconds += time.perf_counter() - t0
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise CheckpointWriteError(f"writing the checkpoint failed: {type(e).__name__}: {e}") from e
+
+    def wait(self) -> None:
+        """Block until the write in flight (if any) is on disk; raise its error."""
+        t0 = time.perf_counter()
+        self._join()
+        self.critical_seconds += time.perf_counter() - t0
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
