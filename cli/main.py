@@ -223,6 +223,10 @@ from dietcl_fast.cli.compare import make_compare  # noqa: E402
 
 main.add_command(make_compare(train, build_config, _fail))
 
+from dietcl_fast.cli.bench import bench  # noqa: E402
+
+main.add_command(bench)
+
 
 if __name__ == "__main__":
     main()

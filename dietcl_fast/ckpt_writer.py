@@ -58,6 +58,7 @@ class BackgroundCheckpointer:
         self.critical_seconds = 0.0
         self.write_seconds = 0.0
         self.writes = 0
+        self.log: list[float] = []          # training-thread seconds per submit
 
     def submit(self, run_dir: str, state: dict) -> None:
         t0 = time.perf_counter()
@@ -71,7 +72,8 @@ class BackgroundCheckpointer:
         self._thread = threading.Thread(target=self._write, args=(run_dir, snap, event),
                                         name="checkpoint-writer", daemon=False)
         self._thread.start()
-        self.critical_seconds += time.perf_counter() - t0
+        self.log.append(time.perf_counter() - t0)
+        self.critical_seconds += self.log[-1]
 
     def _write(self, run_dir, snap, event) -> None:
         t0 = time.perf_counter()

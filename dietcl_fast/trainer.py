@@ -201,6 +201,8 @@ class Trainer:
         self.data_seconds = 0.0
         self.compute_seconds = 0.0
         self.eval_seconds = 0.0
+        self.eval_log: list[float] = []        # evaluation seconds per time step
+        self.eval_images: list[int] = []
         self.checkpointer = BackgroundCheckpointer()
         self._sync_checkpoint_seconds = 0.0     # engines that write their own (DeepSpeed)
         # per-iteration record [(t, phase, seconds, data seconds, FLOPs)]: `bench step` reads
@@ -428,6 +430,27 @@ class Trainer:
             self.checkpointer.wait()    # the last checkpoint is on disk before results.json
         return self._finish()
 
+    def _evaluate(self, t: int) -> list[float]:
+        """Accuracy (%) on the eval split of every step k <= t with the current model (or what
+        the method classifies with at test time, e.g. CCIC's kNN); the seconds it took and the
+        images it saw are logged (`eval_log`, `eval_images`)."""
+        t_eval = time.perf_counter()
+        row, n_eval = [], 0
+        eval_model = self.method.eval_model(self)
+        classify, pad = self._eval_fn() if eval_model is self.model else (eval_model.classify, False)
+        for k in range(t + 1):
+            ids, labels = self.stream.eval_for(t, k)
+            c, n = sharded_accuracy(eval_model, self.loader, ids, labels,
+                                    self.cfg.run.eval_batch_size, self.engine.autocast,
+                                    self.dist, channels=self.spec.in_chans, classify=classify,
+                                    pad=pad)            # exact over ranks
+            row.append(100.0 * c / n if n else float("nan"))
+            n_eval += n
+        self.eval_log.append(time.perf_counter() - t_eval)
+        self.eval_images.append(n_eval)
+        self.eval_seconds += self.eval_log[-1]
+        return row
+
     def _eval_fn(self):
         """-> (classify, pad): `model.classify`, compiled (static shapes: partial batches
         padded) when the run compiles."""
@@ -495,18 +518,7 @@ class Trainer:
             # step-end checkpoint below; a resume mid-step still has only the past steps')
             self.buffer.add(t, step.labeled_ids, step.labeled_labels)
 
-        # evaluation (not charged); the method may classify differently at test time (CCIC: kNN)
-        eval_model = self.method.eval_model(self)
-        t_eval = time.perf_counter()
-        row = []
-        classify, pad = self._eval_fn() if eval_model is self.model else (eval_model.classify, False)
-        for k in range(t + 1):
-            ids, labels = self.stream.eval_for(t, k)
-            c, n = sharded_accuracy(eval_model, self.loader, ids, labels, cfg.run.eval_batch_size,
-                                    self.engine.autocast, self.dist,       # exact over ranks
-                                    channels=self.spec.in_chans, classify=classify, pad=pad)
-            row.append(100.0 * c / n if n else float("nan"))
-        self.eval_seconds += time.perf_counter() - t_eval
+        row = self._evaluate(t)                 # evaluation (not charged)
         self.acc.append(row)
         self.A.append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
         spent = self.ledger.spent_units()

@@ -48,6 +48,13 @@ def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     assert len(res["accuracy_matrix"]) == 2 and len(res["accuracy_matrix"][1]) == 2
     assert all(0 <= a <= 100 for row in res["accuracy_matrix"] for a in row)
     assert res["average_accuracy"] == pytest.approx(np.mean(res["A"]))
+    # evaluation and checkpoints are timed apart from training; the time-step-end checkpoint
+    # (written in the background) carries no optimiser state: each phase starts a fresh one
+    assert on_disk["eval_seconds"] > 0 and on_disk["checkpoint_seconds"] > 0
+    assert on_disk["checkpoint_write_seconds"] > 0
+    from dietcl_fast.checkpoint import load_checkpoint
+    st = load_checkpoint(str(tmp_path))
+    assert st["position"]["t"] == 2 and st["position"]["it"] == 0 and st["engine"] is None
 
 
 def test_ledger_equals_flopcounter_for_a_whole_run(tmp_path, flop_regions):

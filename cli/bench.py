@@ -1,0 +1,156 @@
+"""`dietcl-fast bench ...`: the benchmarks (library code in dietcl_fast.bench). Each prints a
+table, writes JSON with --out FILE and reports a ratio against a baseline measured in the
+same run."""
+from __future__ import annotations
+
+import click
+
+
+def _fail(msg: str) -> None:
+    import sys
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+def _run(fn, **kw):
+    try:
+        return fn(**kw)
+    except ValueError as e:             # ConfigError is a ValueError: bad option values
+        _fail(str(e))
+
+
+OUT = click.option("--out", default=None, type=click.Path(dir_okay=False),
+                   help="Write the JSON result here.")
+DEVICE = click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+                      help="Device (auto: cuda when visible).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+def bench():
+    """Benchmarks: step, kernels, loader, buffer, flops, engines (ratios against a baseline
+    measured in the same run)."""
+
+
+@bench.command(context_settings={"show_default": True})
+@click.option("--preset", default="cpu-tiny", type=click.Choice(["cpu-tiny", "vit-b16"]),
+              help="Model preset (and synthetic data size).")
+@click.option("--data", default=None,
+              help="Dataset as for train --data [default: synthetic JPEGs generated into a temp dir].")
+@click.option("--budget", default=500, type=int,
+              help="Steps per time step for the projected seconds per time step.")
+@click.option("--steps", default=5, type=int, help="Timed iterations per phase (time step 1).")
+@click.option("--warmup", default=2, type=int, help="Untimed iterations per phase before them.")
+@click.option("--split", default="ratio:0.8", help="DietCL split used for the projection.")
+@click.option("--batch-size", default=None, type=int, help="Global batch [default: preset's].")
+@click.option("--micro-batch", default=None, type=int, help="Micro-batch [default: preset's].")
+@click.option("--loader", default="auto", type=click.Choice(["auto", "memory", "torch", "dali"]))
+@click.option("--modes", default="eager,compiled", help="Comma list of eager, compiled.")
+@click.option("--label-rate", default=0.1, type=float, help="Label rate of the bench stream.")
+@click.option("--tiny-peak", is_flag=True, help="Short matmul-peak measurement (tests).")
+@DEVICE
+@OUT
+def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, loader, modes,
+         label_rate, tiny_peak, device, out):
+    """DietCL joint and buffer-only iterations through the real trainer, eager vs compiled:
+    s/iteration, images/s, data wait, eval and checkpoint seconds, MFU against the matmul
+    peak measured in the same run, projected seconds per time step; `speedup` = compiled
+    over eager."""
+    from dietcl_fast.bench.step import bench_step
+    _run(bench_step, preset=preset, data=data, device=device, budget=budget, steps=steps,
+         warmup=warmup, split=split, batch_size=batch_size, micro_batch=micro_batch,
+         loader=loader, modes=tuple(m for m in modes.split(",") if m), label_rate=label_rate,
+         out=out, tiny_peak=tiny_peak, echo=click.echo)
+
+
+@bench.command(context_settings={"show_default": True})
+@click.option("--tiny", is_flag=True, help="Tiny shapes (required on the CPU: Triton interpreter).")
+@click.option("--batch", default=256, type=int, help="Images for the timings (ViT-B/16 shapes).")
+@click.option("--compile-ref/--no-compile-ref", default=True,
+              help="Also time torch.compile of the reference (GPU).")
+@click.option("--check/--no-check", default=True,
+              help="Correctness vs float64 on the trainer's shapes, dtypes and strides.")
+@click.option("--timings/--no-timings", default=True, help="Time fused vs eager.")
+@click.option("--warmup-ms", default=100.0, type=float)
+@click.option("--rep-ms", default=500.0, type=float)
+@DEVICE
+@OUT
+def kernels(tiny, batch, compile_ref, check, timings, warmup_ms, rep_ms, device, out):
+    """Fused MAE loss and random masking: correctness vs float64 on the trainer's exact shapes
+    (fp32 images, the pred[:, 1:] view, uneven micro-batches), then fused vs eager timings
+    (`speedup`) and the memory floor."""
+    from dietcl_fast.bench.kernels import bench_kernels
+    _run(bench_kernels, device=device, tiny=tiny, batch=batch, compile_ref=compile_ref,
+         check=check, timings=timings, warmup_ms=warmup_ms, rep_ms=rep_ms, out=out,
+         echo=click.echo)
+
+
+@bench.command(context_settings={"show_default": True})
+@click.option("--preset", default="cpu-tiny", type=click.Choice(["cpu-tiny", "vit-b16"]),
+              help="Output size and the training step run beside the loader.")
+@click.option("--n", default=400, type=int, help="Synthetic JPEGs to generate.")
+@click.option("--batch", default=64, type=int, help="Images per loader request.")
+@click.option("--data", default=None, help="Dataset as for train --data instead of synthetic JPEGs.")
+@click.option("--backends", default=None,
+              help="Comma list (memory, torch-pil, torch-decode_jpeg-cpu, torch-nvjpeg, dali-cpu, "
+                   "dali-mixed) [default: all available here].")
+@click.option("--workers", default=0, type=int, help="Loader workers (0: all cores).")
+@click.option("--seconds", default=5.0, type=float, help="Seconds per measurement.")
+@click.option("--step-batch", default=None, type=int,
+              help="Images per training step [default: --batch on the CPU, 256 on a GPU].")
+@click.option("--tiny", is_flag=True, help="48 small JPEGs, 1-second measurements (tests).")
+@DEVICE
+@OUT
+def loader(preset, n, batch, data, backends, workers, seconds, step_batch, tiny, device, out):
+    """Loader images/s alone and while a training step runs, and the step's time alone and
+    while the loader runs (ratios from the same run)."""
+    from dietcl_fast.bench.loader import bench_loader
+    _run(bench_loader, preset=preset, n=n, batch=batch, data=data, backends=backends,
+         workers=workers, seconds=seconds, device=device, step_batch=step_batch, tiny=tiny,
+         out=out, echo=click.echo)
+
+
+@bench.command(context_settings={"show_default": True})
+@click.option("--tasks", default=20, type=int)
+@click.option("--per-task", default=50_000, type=int)
+@click.option("--steps", default=200, type=int, help="Successive steps per repeat.")
+@click.option("--repeats", default=7, type=int)
+@click.option("--tiny", is_flag=True, help="4 tasks x 2,000 samples (tests).")
+@OUT
+def buffer(tasks, per_task, steps, repeats, tiny, out):
+    """Native BalancedBuffer.sample vs numpy baselines (speed-up, same run)."""
+    from dietcl_fast.bench.buffer import bench_buffer
+    _run(bench_buffer, tasks=tasks, per_task=per_task, steps=steps, repeats=repeats, tiny=tiny,
+         out=out, echo=click.echo)
+
+
+@bench.command(context_settings={"show_default": True})
+@click.option("--preset", default="cpu-tiny", type=click.Choice(["cpu-tiny", "vit-b16"]))
+@click.option("--batch", default=None, type=int, help="Images per pass [default: 64 CPU, 256 GPU].")
+@click.option("--classes", default=100, type=int, help="Head size.")
+@click.option("--seconds", default=3.0, type=float, help="Seconds per timed pass.")
+@click.option("--tiny", is_flag=True, help="Short measurements (tests).")
+@DEVICE
+@OUT
+def flops(preset, batch, classes, seconds, tiny, device, out):
+    """Achieved FLOP/s of the classify and MAE passes vs the matmul peak measured in the same
+    run (MFU), after checking the ledger's FLOPs against FlopCounterMode."""
+    from dietcl_fast.bench.flops import bench_flops
+    _run(bench_flops, preset=preset, batch=batch, classes=classes, device=device,
+         seconds=seconds, tiny=tiny, out=out, echo=click.echo)
+
+
+@bench.command(context_settings={"show_default": True})
+@click.option("--engines", default="torch,ds0,ds1,ds2", help="Comma list of torch, ds0, ds1, ds2.")
+@click.option("--batch", default=1024, type=int, help="Global batch.")
+@click.option("--micro", default=256, type=int, help="Micro-batch.")
+@click.option("--classes", default=473, type=int)
+@click.option("--steps", default=20, type=int)
+@click.option("--warmup", default=3, type=int)
+@click.option("--tiny", is_flag=True, help="cpu-tiny model, batch 16, micro 4 (CPU smoke).")
+@DEVICE
+@OUT
+def engines(engines, batch, micro, classes, steps, warmup, tiny, device, out):
+    """ms/step of the torch engine vs DeepSpeed ZeRO 0/1/2 (ratio vs torch, same run)."""
+    from dietcl_fast.bench.engines import bench_engines
+    _run(bench_engines, engines=engines, batch=batch, micro=micro, classes=classes,
+         steps=steps, warmup=warmup, device=device, tiny=tiny, out=out, echo=click.echo)

@@ -1,0 +1,190 @@
+"""`bench step`: real DietCL iterations through the real Trainer, eager and compiled side by side.
+
+For each mode the Trainer runs two time steps of a DietCL stream (synthetic JPEGs generated
+into a temp dir, or `--data`) with the method's own loss, loader, engine, ledger, evaluation
+and checkpoints. Time step 0 is warm-up (all joint: first iterations, compilation); at time
+step 1 (buffer filled, head grown) the joint and buffer-only phases each run `warmup + steps`
+iterations, the first `warmup` of each are dropped and the rest timed (the device is
+synchronised at the end of each iteration). Per phase: seconds per iteration, images/s,
+data-wait fraction, ledger FLOPs per iteration and MFU against the matmul peak measured in the
+same run (bf16 on a GPU, fp32 on the CPU). The checkpoint seconds of time step 1 are those the
+Trainer's training thread spent; evaluation is timed on a second pass over time step 1's eval
+sets after the run (the first pass, which may include compilation, is reported beside it).
+
+Projection for `--budget` steps per time step at t >= 1, with the DietCL split given by
+`--split` (default: the method's): joint steps x s/iter(joint) + buffer steps x s/iter(buffer)
++ eval + checkpoint. `seconds_per_step` is that over the budget: end-to-end wall seconds per
+optimiser step, data wait included, eval and checkpoint amortised.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+
+import torch
+
+from .common import header, make_jpeg_folder, matmul_peak, pick_device, table, write_json
+
+PRESET_DATA = {                     # synthetic stream per preset: classes, per class, (w, h)
+    "cpu-tiny": dict(classes=10, per_class=40, size=(48, 40)),
+    "vit-b16": dict(classes=10, per_class=60, size=(400, 300)),
+}
+MODES = ("eager", "compiled")
+
+
+def _quiet(_msg):
+    pass
+
+
+def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int, warmup: int,
+             out_dir: str, batch_size: int | None, micro_batch: int | None, loader: str,
+             label_rate: float, log) -> dict:
+    from dietcl_fast.config import Config
+    from dietcl_fast.trainer import Trainer
+
+    per_phase = warmup + steps
+    cfg = Config()
+    cfg.stream.data = data
+    cfg.stream.time_steps = 2
+    cfg.stream.label_rate = label_rate
+    cfg.model.preset = preset
+    cfg.method.name = "dietcl"
+    cfg.method.split = "ratio:0.5"          # t = 1: per_phase joint + per_phase buffer-only
+    cfg.run.budget = 2 * per_phase
+    cfg.run.batch_size = batch_size
+    cfg.run.device = device.type
+    cfg.run.progress = False
+    cfg.run.out = out_dir
+    cfg.engine.micro_batch = micro_batch
+    cfg.engine.compile = mode == "compiled"
+    cfg.loader.backend = loader
+    trainer = Trainer(cfg, log=log)
+    trainer.timing_sync = True
+    res = trainer.run(out_dir)
+    first_eval = trainer.eval_log[-1]
+    trainer._evaluate(1)                    # again: steady state (compiled graphs warm)
+    trainer.loader.close()
+    log_ = trainer.iteration_log
+    phases = {}
+    for name in ("joint", "buffer"):
+        its = [r for r in log_ if r[0] == 1 and r[1] == name]
+        timed = its[warmup:]
+        if not timed:
+            raise RuntimeError(f"bench step: no timed {name} iterations at time step 1")
+        sec = [r[2] for r in timed]
+        s_it = sum(sec) / len(sec)
+        flops = sum(r[4] for r in timed) / len(timed)
+        phases[name] = {
+            "iterations": len(timed),
+            "seconds_per_iteration": s_it,
+            "seconds_per_iteration_median": statistics.median(sec),
+            "images_per_second": trainer.G / s_it,
+            "data_wait_fraction": sum(r[3] for r in timed) / sum(sec),
+            "flops_per_iteration": flops,
+            "achieved_flops_per_second": flops / s_it,
+        }
+    warm = [r for r in log_ if r[0] == 0]
+    return {
+        "compile": cfg.engine.compile,
+        "resolved_config": {"global_batch": trainer.G, "micro_batch": trainer.micro,
+                            "loader": trainer.loader.name, "engine": trainer.engine.name},
+        "phases": phases,
+        "eval_seconds": trainer.eval_log[-1],
+        "eval_seconds_first_pass": first_eval,
+        "eval_images": trainer.eval_images[-1],
+        "checkpoint_seconds": trainer.checkpointer.log[-1] if trainer.checkpointer.log else 0.0,
+        "checkpoint_write_seconds": res["checkpoint_write_seconds"],
+        "warmup_seconds_time_step_0": sum(r[2] for r in warm),
+        "wall_seconds": res["wall_seconds"],
+        "final_accuracy": res["final_accuracy"],
+        "global_batch": trainer.G,
+    }
+
+
+def project(mode_res: dict, budget: int, split: str) -> dict:
+    """Seconds per time step (t >= 1) of `budget` steps, and per optimiser step."""
+    from dietcl_fast.methods.dietcl import DietCL
+    from dietcl_fast.config import Config
+    cfg = Config()
+    cfg.method.split = split
+    joint = DietCL(cfg).joint_steps(1, budget)
+    n = {"joint": joint, "buffer": budget - joint}
+    train = sum(n[p] * mode_res["phases"][p]["seconds_per_iteration"] for p in n)
+    flops = sum(n[p] * mode_res["phases"][p]["flops_per_iteration"] for p in n)
+    total = train + mode_res["eval_seconds"] + mode_res["checkpoint_seconds"]
+    return {"steps": n, "training_seconds": train, "seconds_per_time_step": total,
+            "seconds_per_step": total / budget, "training_flops": flops}
+
+
+def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = "auto",
+               budget: int = 500, steps: int = 5, warmup: int = 2, split: str = "ratio:0.8",
+               batch_size: int | None = None, micro_batch: int | None = None,
+               loader: str = "auto", modes=MODES, label_rate: float = 0.1,
+               out: str | None = None, workdir: str | None = None, tiny_peak: bool = False,
+               echo=print, log=_quiet) -> dict:
+    from dietcl_fast.methods.dietcl import parse_split
+    dev = pick_device(device)
+    if preset not in PRESET_DATA:
+        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESET_DATA)}")
+    if budget < 1:
+        raise ValueError(f"--budget {budget}: must be >= 1")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps {steps} / --warmup {warmup}: need steps >= 1, warmup >= 0")
+    parse_split(split)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"--modes {','.join(modes)}: choose from {', '.join(MODES)}")
+    with tempfile.TemporaryDirectory(prefix="dietcl-bench-step-", dir=workdir) as tmp:
+        if data is None:
+            spec = PRESET_DATA[preset]
+            echo(f"generating {spec['classes'] * spec['per_class']} synthetic JPEGs "
+                 f"({spec['size'][0]}x{spec['size'][1]}) in {tmp}")
+            data = "folder:" + make_jpeg_folder(os.path.join(tmp, "data"), **spec)
+        peak = matmul_peak(dev, tiny=tiny_peak)
+        echo(f"matmul peak ({peak['dtype']}, n={peak['n']}): {peak['flops_per_second'] / 1e9:.1f} GFLOP/s")
+        res_modes = {}
+        for m in modes:
+            echo(f"running {m} ...")
+            r = run_mode(m, data, preset, dev, steps, warmup, os.path.join(tmp, m), batch_size,
+                         micro_batch, loader, label_rate, log)
+            for p in r["phases"].values():
+                p["mfu"] = p["achieved_flops_per_second"] / peak["flops_per_second"]
+            r["projection"] = project(r, budget, split)
+            r["mfu"] = (r["projection"]["training_flops"] / r["projection"]["training_seconds"]
+                        / peak["flops_per_second"])
+            res_modes[m] = r
+    G = next(iter(res_modes.values()))["global_batch"]
+    sps = {m: r["projection"]["seconds_per_step"] for m, r in res_modes.items()}
+    pst = {m: r["projection"]["seconds_per_time_step"] for m, r in res_modes.items()}
+    speedup = sps["eager"] / sps["compiled"] if {"eager", "compiled"} <= sps.keys() else None
+    result = {
+        **header("step", dev),
+        "preset": preset, "global_batch": G, "budget": budget, "split": split,
+        "data": data if not data.startswith("folder:" + tempfile.gettempdir()) else
+        "synthetic JPEGs " + "x".join(map(str, PRESET_DATA[preset]["size"])),
+        "steps_timed_per_phase": steps, "warmup_per_phase": warmup,
+        "modes": res_modes, "speedup": speedup,
+        "seconds_per_step": sps, "projected_seconds_per_time_step": pst,
+        "matmul_peak_flops": peak["flops_per_second"], "matmul_peak": peak,
+    }
+    rows = []
+    for m, r in res_modes.items():
+        for ph, p in r["phases"].items():
+            rows.append({"mode": m, "phase": ph, "s_it": p["seconds_per_iteration"],
+                         "ips": p["images_per_second"], "wait": p["data_wait_fraction"],
+                         "mfu": p["mfu"]})
+        rows.append({"mode": m, "phase": "eval (t=1)", "s_it": r["eval_seconds"]})
+        rows.append({"mode": m, "phase": "checkpoint (t=1)", "s_it": r["checkpoint_seconds"]})
+        rows.append({"mode": m, "phase": f"time step of {budget}", "s_it": pst[m],
+                     "mfu": r["mfu"]})
+    echo(f"\n{result['device']['name']} | {preset} | global batch {G} | budget {budget} | split {split}\n")
+    echo(table(rows, [("mode", "mode"), ("phase", "phase"), ("s_it", "s / iteration (or total)"),
+                      ("ips", "images/s"), ("wait", "data wait"), ("mfu", "MFU")]))
+    echo(f"\nseconds per step (eval + checkpoint amortised): "
+         + ", ".join(f"{m} {v:.4g}" for m, v in sps.items())
+         + (f"; speedup compiled / eager: {speedup:.3f}x" if speedup else ""))
+    write_json(out, result)
+    if out:
+        echo(f"wrote {out}")
+    return result
