@@ -5,7 +5,7 @@
 clone), then returns: serialisation and the atomic write (`checkpoint.save_checkpoint`: temp
 file, fsync, rename) run in a background thread while training continues. One write is in
 flight at most: the next `submit` (and `wait`) first joins the previous one and re-raises its
-error, if any. A process killed during a write leaves the previous checkpoint intact (the
+error, if any, on the training thread. A process killed during a write leaves the previous checkpoint intact (the
 rename is the commit point), so at worst the run resumes from the one before.
 
 `critical_seconds` is the time the training thread spent (snapshot + waiting for the previous
@@ -20,10 +20,6 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-
-
-class CheckpointWriteError(RuntimeError):
-    pass
 
 
 def snapshot(obj, events: list):
@@ -90,9 +86,9 @@ class BackgroundCheckpointer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
+        if self._error is not None:         # the writer's own error (e.g. CheckpointWriteError)
             e, self._error = self._error, None
-            raise CheckpointWriteError(f"writing the checkpoint failed: {type(e).__name__}: {e}") from e
+            raise e
 
     def wait(self) -> None:
         """Block until the write in flight (if any) is on disk; raise its error."""
