@@ -44,7 +44,8 @@ def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: 
                 nxt = (loader.submit([Request(ids[s + batch_size:s + 2 * batch_size], "eval")])
                        if s + batch_size < n else None)
                 x = loader.fetch(ticket)[0]
-                x = model_input(x, channels or x.shape[1])
+                if not x.is_floating_point():           # the loader's uint8 transfer form
+                    x = model_input(x, channels or x.shape[1])
                 if y is None:           # labels and the counter live on the batches' device
                     y = host_to_device(y_host, x.device)
                     correct = torch.zeros((), dtype=torch.long, device=x.device)
