@@ -46,7 +46,8 @@ def test_er_step_t_draws_hold_past_steps_only(tmp_path):
 
 def test_insertion_time_is_a_method_property():
     assert build_method(tiny_cfg("dietcl")).buffer_insertion == "before"   # DietCL: default
-    assert build_method(tiny_cfg("pretrain_ft")).buffer_insertion == "after"
+    for name in ("pretrain_ft", "ccic", "dualnet", "cassle"):
+        assert build_method(tiny_cfg(name)).buffer_insertion == "after", name
     tr = opened("dietcl", t=1)
     assert len(tr.buffer) == sum(s.num_labeled for s in tr.stream.steps)   # step 1 in already
     tr = opened("er", t=1)

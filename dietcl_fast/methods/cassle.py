@@ -2,8 +2,10 @@
 self-supervised learning on the step's unlabeled images with CaSSLe's predictive distillation
 (a predictor g maps the current projected embedding of each view to the frozen previous
 model's embedding of that view, the same Barlow Twins loss) for 80% of the budget, then a
-class-incremental linear head trained on labeled data (current step + buffer; the encoder
-frozen, its forward not differentiated) for the remaining 20% ("4:1").
+class-incremental linear head trained on labeled data for the remaining 20% ("4:1"): the
+encoder frozen (its forward not differentiated), the batch half current labels, half
+task-balanced buffer of PAST steps (step t's labels join the buffer after step t), the
+reference code's ER replay rule; CaSSLe itself has no replay.
 
 Every pass is charged: both augmented views are full forward+backward passes (path
 `cassle_ssl`, 2 per image) and the teacher runs forward-only on both views (path `teacher`,
@@ -31,6 +33,7 @@ from .ssl import Projector, barlow_twins
 @register
 class CaSSLe(Method):
     name = "cassle"
+    buffer_insertion = "after"      # the probe replays as the reference's ER: past steps only
 
     def __init__(self, cfg):
         super().__init__(cfg)

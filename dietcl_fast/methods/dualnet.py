@@ -15,7 +15,8 @@ followed by LayerNorm and ReLU. The linear head reads the pooled m_depth; evalua
 through the fast learner.
 
 The supervised loss (cross-entropy over all seen classes on current labels + task-balanced
-buffer) trains the fast learner and the head; as in the paper's procedure and the original
+buffer of PAST steps: as in the original code, whose `memory_sampling(t)` reads the memories
+of tasks 0..t-1 only, step t's labels join the buffer after step t) trains the fast learner and the head; as in the paper's procedure and the original
 code (whose supervised optimiser holds every parameter), its gradient also reaches the slow
 learner through h_l. Option `slow_supervised` (true) set false stops it there, so the slow
 learner learns only from the SSL objective; the encoder then runs forward-only in supervised
@@ -103,6 +104,7 @@ class _FastClassifier:
 @register
 class DualNet(Method):
     name = "dualnet"
+    buffer_insertion = "after"      # replay from past steps only (the original's memory_sampling)
 
     def __init__(self, cfg):
         super().__init__(cfg)
