@@ -227,6 +227,10 @@ from dietcl_fast.cli.bench import bench  # noqa: E402
 
 main.add_command(bench)
 
+from dietcl_fast.cli.plan import make_plan  # noqa: E402
+
+main.add_command(make_plan(train, build_config, _fail))
+
 
 if __name__ == "__main__":
     main()

@@ -612,6 +612,7 @@ class Trainer:
             "ledger": led,
             "wall_seconds": wall,
             "steps_per_second": self.pos.gstep / wall if wall > 0 else None,
+            "optimiser_steps": self.pos.gstep,
             "global_batch": self.G,
             "data_wait_fraction": self.data_seconds / max(self.data_seconds + self.compute_seconds, 1e-9),
             # off the training step: evaluation passes, and checkpoint time on the training
@@ -622,6 +623,9 @@ class Trainer:
             "skipped_files": getattr(self.loader, "skipped_files", []),
             "stream": self.stream.to_dict(),
             "versions": versions(),
+            "device": {"type": self.device.type, "count": self.dist.world_size,
+                       "name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                                else "cpu")},
             "config": cfg.to_dict(),
         }
         achieved = led["flops_total"] / max(self.compute_seconds, 1e-9)
