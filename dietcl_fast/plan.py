@@ -367,7 +367,7 @@ def render_table(plan: dict, explain: bool = False) -> str:
     if plan.get("warning"):
         lines.append(plan["warning"])
     w = plan["inputs"]
-    lines.append(f"Plan for L = {_fmt(w['labelers'])} labelers x {_fmt(w['labels_per_labeler_day'])} "
+    lines.append(f"Plan for L = {_fmt(w['labelers'])} labeler{'' if w['labelers'] == 1 else 's'} x {_fmt(w['labels_per_labeler_day'])} "
                  f"labels/day, V = {_fmt(w['images_per_day'])} images/day, {_fmt(w['steps'])} steps of "
                  f"{w['batch_size']:,} images per {_fmt(w['labels'])} labels"
                  + (f", {_fmt(w['gpu_hour_price'])} per GPU-hour" if w.get("gpu_hour_price") else ""))
