@@ -293,3 +293,27 @@ def test_sweep_on_tiny_runs_reuses_and_recommends(tmp_path):
     assert r.exit_code == 2 and "--require-gpu" in r.stderr
     r = invoke(*args[:-2], "--budgets", "0.5,2", "--out", str(tmp_path / "x"))
     assert r.exit_code == 2 and "--budgets" in r.stderr
+
+
+@pytest.mark.slow
+def test_plan_from_a_real_bench_step_file(tmp_path):
+    """The file `dietcl-fast bench step` writes (tiny, eager only) feeds `plan --from-bench`."""
+    exe = os.path.join(os.path.dirname(sys.executable), "dietcl-fast")
+    f = tmp_path / "step.json"
+    p = subprocess.run([exe, "bench", "step", "--steps", "1", "--warmup", "1", "--modes", "eager",
+                        "--tiny-peak", "--budget", "10", "--device", "cpu", "--out", str(f)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    b = json.loads(f.read_text())
+    r = invoke("--from-bench", str(f), "--bench-mode", "eager", "--json")
+    assert r.exit_code == 0, r.output
+    plan = json.loads(r.stdout)
+    assert plan["warning"].startswith("PLAN FROM A CPU MEASUREMENT")
+    m = plan["columns"][0]["figures"]
+    d = b["seconds_per_step"]["eager"] * b["device"]["count"] * 1024 / b["global_batch"]
+    assert m["device_seconds_per_step"] == pytest.approx(d)
+    assert m["gpu_hours_per_labeler_day"] == pytest.approx(200 * d / 3600)
+    r = invoke("--from-bench", str(f))                      # no compiled mode in this file
+    assert r.exit_code == 2 and "--bench-mode compiled" in r.stderr and "eager" in r.stderr
+    r = invoke("--from-bench", str(f), "--bench-mode", "eager", "--require-gpu")
+    assert r.exit_code == 2 and "--require-gpu" in r.stderr and str(f) in r.stderr
