@@ -5,8 +5,8 @@ Evaluation stays off the training step's critical path as far as it can: batches
 images by default) are submitted to the loader one ahead, so the next batch decodes while the
 current one runs; the forward runs under `torch.inference_mode`; correct predictions are
 counted on the device and read back once per call (one host sync, not one per batch). With
-`classify` compiled, the last partial batch is padded to the full size (padding rows are not
-counted), so one graph serves every batch.
+`classify` compiled, a partial batch is padded to the next power of two (at most the batch
+size; padding rows are not counted), so a handful of graphs serve every eval set.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: 
     """-> (correct, total) of argmax over all head rows (no task id at test time).
 
     ids, labels: [n]. `classify(x [b, C, S, S]) -> logits [b, K]` (default `model.classify`);
-    `pad`: pad a partial last batch to `batch_size` (for a compiled classify)."""
+    `pad`: pad a partial batch to the next power of two, at most `batch_size` (for a compiled
+    classify: few distinct shapes)."""
     n = len(ids)
     if n == 0:
         return 0, 0
@@ -50,8 +51,10 @@ def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: 
                     y = host_to_device(y_host, x.device)
                     correct = torch.zeros((), dtype=torch.long, device=x.device)
                 m = x.shape[0]
-                if pad and m < batch_size:
-                    x = torch.cat([x, x[-1:].expand(batch_size - m, *x.shape[1:])])
+                if pad:                 # static shapes: the next power of two, at most a batch
+                    b = min(batch_size, 1 << (m - 1).bit_length())
+                    if b > m:
+                        x = torch.cat([x, x[-1:].expand(b - m, *x.shape[1:])])
                 with autocast():
                     pred = classify(x)[:m].argmax(-1)
                 correct += (pred == y[s:s + m]).sum()

@@ -184,3 +184,34 @@ def test_background_writer_reports_a_failed_write(tmp_path):
         w.wait()
     w.wait()                                            # reported once
     assert not w.busy
+
+
+def test_evaluation_pads_partial_batches_to_powers_of_two_and_counts_only_real_rows():
+    from dietcl_fast.data.pipeline import Loader
+    from dietcl_fast.evaluate import accuracy_on
+
+    class Rows(Loader):
+        def submit(self, requests):
+            return requests
+
+        def fetch(self, ticket):
+            return [torch.as_tensor(np.asarray(r.ids), dtype=torch.float32)[:, None]
+                    .expand(-1, 3).contiguous() for r in ticket]
+
+    sizes = []
+
+    class Model(torch.nn.Module):
+        def classify(self, x):
+            sizes.append(x.shape[0])
+            return torch.nn.functional.one_hot(x[:, 0].long() % 4, 4).float()
+
+    ids = np.arange(13)
+    labels = ids % 4
+    labels[:3] = 0                                   # 13 - 2 correct (ids 1, 2 are wrong)
+    for pad, want in ((False, [8, 5]), (True, [8, 8])):
+        sizes.clear()
+        assert accuracy_on(Model(), Rows(), ids, labels, 8, torch.no_grad, pad=pad) == (11, 13)
+        assert sizes == want
+    sizes.clear()
+    accuracy_on(Model(), Rows(), ids[:3], labels[:3], 8, torch.no_grad, pad=True)
+    assert sizes == [4]
