@@ -215,3 +215,33 @@ def test_evaluation_pads_partial_batches_to_powers_of_two_and_counts_only_real_r
     sizes.clear()
     accuracy_on(Model(), Rows(), ids[:3], labels[:3], 8, torch.no_grad, pad=True)
     assert sizes == [4]
+
+
+def test_dali_pipelined_chunks_equal_one_batch(tmp_path):
+    """DALI runs pipelined and asynchronously (prefetch depth 2): a request split into several
+    chunks in flight gives exactly the batch of one chunk, for fresh and primed pipelines."""
+    from dietcl_fast.data.dali_loader import dali_available
+    if not dali_available()[0]:
+        pytest.skip("nvidia-dali not installed")
+    from dietcl_fast.bench.common import make_jpeg_folder
+    from dietcl_fast.config import LoaderConfig
+    from dietcl_fast.data import build_loader
+    from dietcl_fast.streams.sources import load_source
+    src = load_source("folder:" + make_jpeg_folder(str(tmp_path / "d"), 2, 6, (40, 32)))
+    cfg = LoaderConfig(backend="dali", workers=1, fallback="stop")
+    one, _ = build_loader(src, cfg, 16, 3, torch.device("cpu"), log=lambda m: None)
+    many, _ = build_loader(src, cfg, 16, 3, torch.device("cpu"), log=lambda m: None)
+    many.max_batch = 4                       # 11 images -> chunks of 4, 4, 3
+    assert one.queue_depth == 2
+    ids = np.arange(11)
+    for seed in (1, 2):                      # the first request primes the pipeline
+        a = one.fetch(one.submit([Request(ids, "labeled", seed)]))[0]
+        b = many.fetch(many.submit([Request(ids, "labeled", seed)]))[0]
+        assert a.dtype == torch.uint8 and torch.equal(a, b)
+    c = many.fetch(many.submit([Request(ids[:1], "eval", 0)]))[0]     # one image
+    assert torch.equal(c, one.batch(ids[:1], "eval", dtype=None))
+    fresh, _ = build_loader(src, cfg, 16, 3, torch.device("cpu"), log=lambda m: None)
+    d = fresh.fetch(fresh.submit([Request(ids[:1], "eval", 0)]))[0]   # primes with one image
+    assert d.shape[0] == 1 and torch.equal(d, c)
+    for ld in (one, many, fresh):
+        ld.close()
