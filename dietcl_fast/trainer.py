@@ -76,6 +76,23 @@ def device_inputs(loss, channels: int):
     return fn
 
 
+def cosine_lr(peak: float, min_lr: float, it: int, steps: int) -> float:
+    """LR of iteration `it` of a `steps`-iteration phase: cosine from `peak` to the floor.
+
+    The floor is `min_lr`, unless the phase's peak is below it (the buffer-only phase at 0.1x
+    LR on vit-b16: 4e-5 < 5e-5); then the floor is peak / 2 (the reference code's rule)."""
+    floor = min_lr if peak >= min_lr else peak / 2
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * it / max(steps, 1)))
+
+
+SCRATCH_VIT_B16_WARNING = (
+    "--preset vit-b16 without --pretrained: ViT-B/16 starts from a RANDOM initialisation and is "
+    "trained with a fine-tuning recipe (blr 1e-4, layer decay 0.65, cosine to 5e-5). The paper "
+    "starts from the MAE ImageNet-1K checkpoint with its decoder (mae_pretrain_vit_base_full.pth: "
+    "pass it with --pretrained PATH, or make one with `dietcl-fast pretrain`); accuracies of this "
+    "run are not comparable with the paper's.")
+
+
 @dataclass
 class Position:
     """Where the run is: the next (t, phase, iteration) to execute and optimiser steps so far."""
@@ -183,9 +200,13 @@ class Trainer:
         # model: one seed drives init
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(self.spec)
+        self.warnings: list[str] = []          # also written into results.json
         if cfg.model.pretrained:
             report = load_mae_checkpoint(self.model, cfg.model.pretrained)
             self.log(report.summary())
+        elif preset == "vit-b16":
+            self.warnings.append(SCRATCH_VIT_B16_WARNING)
+            self.log("=" * 78 + "\nWARNING: " + SCRATCH_VIT_B16_WARNING + "\n" + "=" * 78)
         self.method.setup_model(self.model)     # method modules (projectors, prompts, ...)
         self.engine = build_engine(cfg.engine.engine, self.model, self.device, self.amp_dtype,
                                    dist_info=self.dist, zero_stage=cfg.engine.zero_stage,
@@ -245,10 +266,9 @@ class Trainer:
         self.method.register_paths(self, k)     # method paths (exact FLOPs, see methods/base)
 
     def _lr(self, phase, it: int) -> float:
-        """Cosine from peak to floor over the phase, no warm-up (SPEC §4), both scaled."""
-        peak = self.cfg.optim.blr * self.G / 256 * phase.lr_scale
-        floor = min(self.cfg.optim.min_lr * phase.lr_scale, peak)
-        return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * it / max(phase.steps, 1)))
+        """Half-cycle cosine from the phase's peak to its floor, no warm-up (docs/algorithm.md)."""
+        return cosine_lr(self.cfg.optim.blr * self.G / 256 * phase.lr_scale, self.cfg.optim.min_lr,
+                         it, phase.steps)
 
     def _fresh_optimizer(self) -> None:
         groups = self.model.param_groups_lrd(self.cfg.optim.weight_decay, self.cfg.optim.layer_decay)
@@ -607,6 +627,8 @@ class Trainer:
             "label_rate": cfg.stream.label_rate,
             "eval_split": self.stream.eval_split,    # "dataset" (its own val split) | "carved"
             "seed": cfg.run.seed,
+            "initialisation": cfg.model.pretrained or "random",
+            "warnings": list(self.warnings),
             "accuracy_matrix": self.acc,
             **summarise(self.acc, self.A),
             "ledger": led,

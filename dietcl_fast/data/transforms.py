@@ -111,7 +111,8 @@ def crop_flip_resize(x: torch.Tensor, boxes, flip: torch.Tensor, size: int,
 
 
 def eval_resize_crop(x: torch.Tensor, size: int, crop_pct: float = 0.875) -> torch.Tensor:
-    """Resize the shorter side to round(size / crop_pct), then centre-crop size x size."""
+    """Resize the shorter side to round(size / crop_pct) (bicubic, antialiased, as the reference
+    code's evaluation transform and the file loaders), then centre-crop size x size."""
     n, c, h, w = x.shape
     short = round(size / crop_pct)
     if h <= w:
@@ -119,8 +120,8 @@ def eval_resize_crop(x: torch.Tensor, size: int, crop_pct: float = 0.875) -> tor
     else:
         nw, nh = short, max(short, round(h * short / w))
     if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False,
-                          antialias=True)
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False,
+                          antialias=True).clamp_(0.0, 255.0)
     top = (nh - size) // 2
     left = (nw - size) // 2
     return x[:, :, top:top + size, left:left + size]

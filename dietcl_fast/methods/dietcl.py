@@ -1,13 +1,24 @@
-"""DietCL (SPEC §4).
+"""DietCL (Zhang et al., ICLR 2024; docs/algorithm.md).
 
 Joint phase:  w_r * Lr + Lm + Lb
   Lr  MAE reconstruction on the current step's unlabeled images (mask 0.75, norm-pix, masked MSE)
-  Lm  cross-entropy on current labeled images, logits masked to the step's classes
+  Lm  cross-entropy on current labeled images with logits masked to the step's classes:
+        class-incremental: softmax over the step's classes only;
+        time-incremental:  log-softmax over all seen classes, and the per-class terms of the
+                           classes absent from step t (no labeled sample at t) set to zero
   Lb  cross-entropy over all seen classes on draws from the task-balanced buffer
 Buffer phase: Lb alone ("balanced fine-tuning") at `buffer_lr_scale` x LR.
 
 Budget split: `ratio:F` (reference code: F of the steps joint, the rest buffer-only; step 0 all
-joint) or `threshold:N` (paper: up to N steps joint, the rest buffer-only).
+joint), `threshold:N` (paper: up to N steps joint, the rest buffer-only; step 0 all joint) or
+`auto` (paper: N chosen by validation on the first 3 time steps, see dietcl_fast/tuning.py).
+
+Adaptations (also in the README's method table):
+  * time-incremental Lm keeps the classes present at step t (its labeled set), where the
+    reference code keeps the classes present in each labeled batch: the step's set does not
+    depend on how a global batch is cut into micro-batches or ranks.
+  * class-incremental Lm spreads label smoothing over the step's classes (targets sum to 1);
+    the reference smooths over all seen classes and then drops the old classes' columns.
 """
 from __future__ import annotations
 
@@ -18,11 +29,13 @@ from .base import Method, MicroBatch, Phase, remap_to_subset
 
 
 def parse_split(split: str) -> tuple[str, float]:
+    if split == "auto":
+        return "auto", float("nan")
     try:
         kind, val = split.split(":")
         v = float(val)
     except ValueError:
-        raise ValueError(f"--split {split!r}: expected ratio:F or threshold:N") from None
+        raise ValueError(f"--split {split!r}: expected ratio:F, threshold:N or auto") from None
     if kind == "ratio" and 0.0 <= v <= 1.0:
         return kind, v
     if kind == "threshold" and v >= 0 and float(v).is_integer():
@@ -41,12 +54,29 @@ class DietCL(Method):
             raise ValueError(f"--unlabeled-fraction {self.mcfg.unlabeled_fraction}: must be in (0, 1)")
 
     def joint_steps(self, t: int, budget: int) -> int:
+        """Joint-phase optimiser steps at time step t (the rest is buffer-only); step 0 has no
+        buffer yet and spends everything on the joint loss."""
         if t == 0:
             return budget
         kind, v = self.split
+        if kind == "auto":
+            raise RuntimeError("--split auto: the threshold has not been chosen yet "
+                               "(the trainer runs the validation protocol before step 0)")
         if kind == "ratio":
             return int(round(budget * v))
         return min(budget, int(v))
+
+    def set_threshold(self, n: int) -> None:
+        """--split auto: the threshold chosen by validation (saved with the method's state)."""
+        self.split = ("threshold", float(n))
+
+    def state_dict(self) -> dict:
+        return {"split": list(self.split)} if self.mcfg.split == "auto" else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("split"):
+            kind, v = state["split"]
+            self.split = (str(kind), float(v))
 
     def phases(self, t: int, budget: int) -> list[Phase]:
         u = self.mcfg.unlabeled_fraction
@@ -73,9 +103,13 @@ class DietCL(Method):
             logs["Lr"] = lr.detach()
         # one classifier forward for both labeled sources (SPEC §7: faster than two)
         xs, targets, names = [], [], []
+        time_scenario = self.cfg.stream.scenario == "time"
         if "labeled" in mb.x:
-            y_sub = remap_to_subset(mb.y["labeled"], mb.step_classes, mb.num_seen)
-            x, tgt = self.mix(mb.x["labeled"], y_sub, len(mb.step_classes), mb.generator)
+            if time_scenario:   # targets over all seen classes; absent classes masked in Lm
+                x, tgt = self.mix(mb.x["labeled"], mb.y["labeled"], mb.num_seen, mb.generator)
+            else:               # targets over the step's classes (positions in step_classes)
+                y_sub = remap_to_subset(mb.y["labeled"], mb.step_classes, mb.num_seen)
+                x, tgt = self.mix(mb.x["labeled"], y_sub, len(mb.step_classes), mb.generator)
             xs.append(x), targets.append(tgt), names.append("labeled")
         if "buffer" in mb.x:
             x, tgt = self.mix(mb.x["buffer"], mb.y["buffer"], mb.num_seen, mb.generator)
@@ -86,10 +120,32 @@ class DietCL(Method):
             for name, tgt in zip(names, targets):
                 lg = logits[start:start + tgt.shape[0]]
                 start += tgt.shape[0]
-                if name == "labeled":   # Lm: softmax only over the step's classes
-                    lg = lg.index_select(1, mb.step_classes)
-                term = self.ce(lg, tgt, mb.n_global[name])
+                if name == "labeled":
+                    term = masked_ce(lg, tgt, mb.step_classes, mb.num_seen, time_scenario,
+                                     mb.n_global[name])
+                else:
+                    term = self.ce(lg[:, :mb.num_seen], tgt, mb.n_global[name])
                 total = total + term
                 logs["Lm" if name == "labeled" else "Lb"] = term.detach() * (
                     mb.n_global[name] / tgt.shape[0])
         return total, logs
+
+
+def masked_ce(logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor, num_seen: int,
+              time_scenario: bool, n_global: int) -> torch.Tensor:
+    """Lm: cross-entropy with logits masked to the classes present at the step, summed over the
+    micro-batch and divided by the source's images in the global batch.
+
+    logits [n, >= num_seen] (columns past num_seen, if any, are ignored); present [P] class ids
+    with labeled samples at step t.
+    class-incremental: target [n, P] over `present` (positions); softmax over those columns.
+    time-incremental:  target [n, num_seen]; log-softmax over all seen classes, the terms of
+                       classes not in `present` multiplied by 0 (they still take part in the
+                       normaliser, so absent classes are pushed down).
+    """
+    if not time_scenario:
+        return Method.ce(logits.index_select(1, present), target, n_global)
+    logp = torch.log_softmax(logits[:, :num_seen].float(), dim=1)
+    keep = torch.zeros(num_seen, dtype=logp.dtype, device=logp.device)
+    keep[present.to(logp.device)] = 1.0
+    return -(target.to(logp.dtype) * logp * keep).sum() / n_global

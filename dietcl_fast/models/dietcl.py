@@ -2,6 +2,8 @@
 decoder, and a growable linear head. Names follow facebookresearch/mae."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -46,15 +48,16 @@ class DietModel(nn.Module):
         self.encoder.pos_embed.requires_grad_(False)
 
         d = spec.decoder_embed_dim
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)    # MAE's decoder (as timm's encoder)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_embed = nn.Linear(spec.embed_dim, d, bias=True)
         self.decoder_pos_embed = nn.Parameter(
             torch.from_numpy(sincos_2d(d, grid)).unsqueeze(0), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
             Block(d, spec.decoder_num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
-                  norm_layer=nn.LayerNorm)
+                  norm_layer=norm_layer)
             for _ in range(spec.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(d)
+        self.decoder_norm = norm_layer(d)
         self.decoder_pred = nn.Linear(d, spec.patch_size ** 2 * spec.in_chans, bias=True)
         torch.nn.init.normal_(self.mask_token, std=0.02)
         self.head = GrowableHead(spec.embed_dim, num_classes)

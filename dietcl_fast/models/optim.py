@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
+# The reference code exempts pos_embed and cls_token (and 1-D params) from weight decay; the
+# decoder's mask_token [1, 1, Dd] is decayed like any other weight there, and here.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "decoder_pos_embed")
 
 
 def layer_id(name: str, num_layers: int) -> int:
