@@ -33,7 +33,9 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "dietcl"
-    split: str = "ratio:0.8"            # ratio:F (reference code) | threshold:N (paper)
+    split: str = "ratio:0.8"            # ratio:F (reference code) | threshold:N (paper) | auto
+    # --split auto: candidate thresholds as shares of the budget, validated on the first 3 steps
+    auto_candidates: str = "0.6,0.7,0.8,0.9,1.0"
     unlabeled_fraction: float = 0.4     # of each joint batch (Lr); the rest is split Lm / Lb
     recon_weight: float = 50.0          # w_r in w_r*Lr + Lm + Lb (reference code)
     buffer_lr_scale: float = 0.1        # buffer-only phase LR multiplier
@@ -106,6 +108,26 @@ class Config:
         cfg = cls()
         apply_dict(cfg, d, source=source)
         return cfg
+
+
+@dataclass
+class PretrainConfig:
+    """`dietcl-fast pretrain`: MAE pretraining of encoder + decoder (dietcl_fast/pretrain.py)."""
+    data: str = "animal-mnist"          # any source `train --data` accepts; labels are not read
+    out: Optional[str] = None           # DIR: DIR/checkpoint.pth (official MAE layout)
+    budget: int = 1000                  # optimiser steps at the global batch (= budget units)
+    preset: str = "auto"                # auto | cpu-tiny | vit-b16
+    batch_size: Optional[int] = None    # None: the preset's global batch
+    micro_batch: Optional[int] = None   # None: the whole batch (cpu-tiny), 256 (vit-b16)
+    blr: Optional[float] = None         # None: 1.5e-4 (MAE) for vit-b16, 4e-3 for cpu-tiny
+    warmup_fraction: float = 0.05       # linear warm-up share of the steps (MAE: 40 of 800 epochs)
+    weight_decay: float = 0.05
+    mask_ratio: float = 0.75
+    seed: int = 0
+    device: str = "auto"
+    ckpt_every: int = 100               # resume checkpoint every N steps (and at the end)
+    progress: bool = True
+    stop_after_steps: Optional[int] = None  # testing aid: exit abruptly after N steps
 
 
 def apply_dict(cfg: Config, d: dict, *, source: str = "config") -> None:

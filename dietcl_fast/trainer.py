@@ -433,6 +433,8 @@ class Trainer:
                  f"budget {self.budget} steps per time step; loader {self.loader.name}; "
                  f"kernels {self._kernel_backend()}")
 
+        if getattr(self.method, "needs_split_tuning", False):
+            self._tune_split()
         total_steps = T * self.budget
         bar = None
         if cfg.run.progress:
@@ -479,6 +481,20 @@ class Trainer:
         if self._eval_classify is None:
             self._eval_classify = torch.compile(self.model.classify, dynamic=False)
         return self._eval_classify, True
+
+    def _tune_split(self) -> None:
+        """--split auto: choose the threshold by validation before step 0 (dietcl_fast/tuning.py);
+        its compute is recorded apart from the per-step budget, and saved at once so that a
+        resumed run does not tune again."""
+        from .tuning import choose_split, remove_stale_scratch
+        if self.dist.world_size > 1:
+            raise ConfigError("--split auto runs its validation in one process; choose the "
+                              "threshold there and pass --split threshold:N to the multi-process run")
+        remove_stale_scratch(self.run_dir)
+        rec = choose_split(self)
+        self.method.tuning = rec
+        self.method.set_threshold(rec["chosen_threshold"])
+        self.save()
 
     def _kernel_backend(self) -> str:
         try:
@@ -650,6 +666,11 @@ class Trainer:
                                 else "cpu")},
             "config": cfg.to_dict(),
         }
+        tuning = getattr(self.method, "tuning", None)
+        if tuning:      # --split auto: validation compute, apart from the per-step budget
+            led["tuning"] = {"units": tuning["units"], "flops": tuning["flops"],
+                             "what": "--split auto threshold validation"}
+            res["split_tuning"] = tuning
         achieved = led["flops_total"] / max(self.compute_seconds, 1e-9)
         res["achieved_flops_per_second"] = achieved
         peak = next((v for k, v in PEAK_FLOPS.items() if k in res["versions"].get("device", "")), None)

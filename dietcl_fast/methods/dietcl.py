@@ -50,6 +50,10 @@ class DietCL(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.split = parse_split(self.mcfg.split)
+        self.tuning = None          # --split auto: the validation record (dietcl_fast/tuning.py)
+        if self.split[0] == "auto":
+            from dietcl_fast.tuning import parse_candidates
+            parse_candidates(self.mcfg.auto_candidates)
         if not 0.0 < self.mcfg.unlabeled_fraction < 1.0:
             raise ValueError(f"--unlabeled-fraction {self.mcfg.unlabeled_fraction}: must be in (0, 1)")
 
@@ -66,17 +70,24 @@ class DietCL(Method):
             return int(round(budget * v))
         return min(budget, int(v))
 
+    @property
+    def needs_split_tuning(self) -> bool:
+        return self.split[0] == "auto"
+
     def set_threshold(self, n: int) -> None:
         """--split auto: the threshold chosen by validation (saved with the method's state)."""
         self.split = ("threshold", float(n))
 
     def state_dict(self) -> dict:
-        return {"split": list(self.split)} if self.mcfg.split == "auto" else {}
+        if self.mcfg.split != "auto":
+            return {}
+        return {"split": list(self.split), "tuning": self.tuning}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("split"):
             kind, v = state["split"]
             self.split = (str(kind), float(v))
+            self.tuning = state.get("tuning")
 
     def phases(self, t: int, budget: int) -> list[Phase]:
         u = self.mcfg.unlabeled_fraction
