@@ -141,8 +141,8 @@ class Pretrainer:
                 "wall_seconds": self.wall_before + time.perf_counter() - self._t0}
 
     def load_state(self, st: dict) -> None:
-        saved = {k: v for k, v in st["config"].items() if k not in ("progress", "ckpt_every")}
-        mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("progress", "ckpt_every")}
+        saved = {k: v for k, v in st["config"].items() if k not in ("progress", "ckpt_every", "stop_after_steps")}
+        mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("progress", "ckpt_every", "stop_after_steps")}
         if saved != mine:
             diff = sorted(k for k in mine if saved.get(k) != mine[k])
             raise ConfigError(f"--resume {self.cfg.out!r}: the saved pretraining differs in "
