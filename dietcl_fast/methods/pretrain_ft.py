@@ -4,8 +4,8 @@ ER (half current labels, half task-balanced buffer of PAST steps, as ER: step t'
 the buffer after the step; step 0 all current) with cross-entropy over all seen classes, at
 5x the base LR (the reference's `train_stage2_lr_scale: 5.0`).
 Options: pretrain_fraction (0.8), finetune_lr_scale (5.0).
-Adaptations: the cosine floor of the fine-tune stage is scaled with its LR like every phase's
-here (the reference keeps min_lr unscaled).
+Adaptations: none (the cosine floor is min_lr, unscaled, as in the reference; see the
+trainer's `cosine_lr`).
 """
 from __future__ import annotations
 
