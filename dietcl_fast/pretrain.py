@@ -160,6 +160,7 @@ class Pretrainer:
     # ------------------------------------------------------------------ loop
     def run(self, resume: bool = False) -> dict:
         from .data import Request
+        from .data.pipeline import model_input
         cfg = self.cfg
         os.makedirs(cfg.out, exist_ok=True)
         self._t0 = time.perf_counter()
@@ -192,6 +193,7 @@ class Pretrainer:
                     self.ledger.charge("mae", len(part), True)        # before the pass
                     seed = derive_seed(cfg.seed, 0xAE, it, j, 0xDA7A, zlib.crc32(b"unlabeled"))
                     x = self.loader.fetch(self.loader.submit([Request(part, "unlabeled", seed)]))[0]
+                    x = model_input(x, self.spec.in_chans)     # uint8 -> normalised float
                     gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0xAE, it, j))
                     with torch.autocast(self.device.type, dtype=self.amp_dtype,
                                         enabled=self.amp_dtype is not None):
