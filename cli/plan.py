@@ -248,7 +248,7 @@ def _write_sweep(out, rows, doc):
         lines += [doc["warning"], ""]
     lines.append(f"{inp['dataset']}, {inp['scenario']}-incremental, T={inp['time_steps']}, label rate "
                  f"{inp['label_rate']:g}, global batch {inp['global_batch']}, seeds "
-                 f"{', '.join(map(str, inp['seeds']))}; L = {inp['labelers']:g} labelers x "
+                 f"{', '.join(map(str, inp['seeds']))}; L = {inp['labelers']:g} labeler{'' if inp['labelers'] == 1 else 's'} x "
                  f"{inp['labels_per_labeler_day']:g} labels/day")
     for m, sp in doc["speeds"].items():
         lines.append(f"- speed for {m}: {sp['seconds_per_step']:.4g} s/step x {sp['gpus']} "
@@ -274,8 +274,10 @@ def _write_sweep(out, rows, doc):
         if r["reached"]:
             lines.append(f"- DietCL reaches {m}'s best A(T) ({r['target_A_T']:.2f}% at "
                          f"{r['target_cost']:.4g} {unit}-h per labeler-day) at {r['cost']:.4g} "
-                         f"(A(T) {r['A_T']:.2f}%): {r['factor']:.3g}x "
-                         f"{'fewer' if r['factor'] >= 1 else 'more'} {unit}-hours per labeler.")
+                         f"(A(T) {r['A_T']:.2f}%): {'at least ' if r['lower_bound'] else ''}"
+                         f"{r['factor']:.3g}x "
+                         f"{'fewer' if r['factor'] >= 1 else 'more'} {unit}-hours per labeler"
+                         + (" (already at the smallest budget swept)." if r["lower_bound"] else "."))
         else:
             lines.append(f"- DietCL does not reach {m}'s best A(T) ({r['target_A_T']:.2f}%) at any "
                          f"budget swept (its best: {r['best_A_T']:.2f}%).")

@@ -447,12 +447,14 @@ def recommend(points: list[tuple[float, float]], tolerance: float) -> dict:
 
 def reach(ours: list[tuple[float, float]], theirs: list[tuple[float, float]]) -> dict:
     """ours, theirs: [(GPU-hours per labeler-day, mean A(T))]. Does `ours` reach the best A(T)
-    of `theirs`, and at what cost relative to it? factor = their cost / our cost (> 1: cheaper)."""
+    of `theirs`, and at what cost relative to it? factor = their cost / our cost (> 1: cheaper);
+    lower_bound: `ours` reached it at its cheapest point, so a smaller budget might too."""
     x_t, a_t = max(theirs, key=lambda p: (p[1], -p[0]))
     hit = sorted(p for p in ours if p[1] >= a_t)
     if not hit:
         return {"reached": False, "target_A_T": a_t, "target_cost": x_t,
                 "best_A_T": max(a for _, a in ours)}
     x_o, a_o = hit[0]
+    # reached already at the cheapest point swept: the true factor may be larger
     return {"reached": True, "target_A_T": a_t, "target_cost": x_t, "cost": x_o, "A_T": a_o,
-            "factor": x_t / x_o}
+            "factor": x_t / x_o, "lower_bound": x_o == min(x for x, _ in ours)}

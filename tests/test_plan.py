@@ -89,6 +89,8 @@ def test_recommend_and_reach_by_hand():
     ours, theirs = [(0.1, 40.0), (0.2, 46.0), (0.4, 47.0)], [(0.3, 45.0), (0.6, 46.0)]
     x = P.reach(ours, theirs)
     assert x["reached"] and x["cost"] == 0.2 and x["factor"] == pytest.approx(3.0)
+    assert not x["lower_bound"]
+    assert P.reach([(0.1, 50.0)], theirs)["lower_bound"]
     assert not P.reach([(0.1, 30.0)], theirs)["reached"]
 
 
