@@ -245,10 +245,13 @@ def speed_from_bench(path: str, mode: str = "compiled") -> Speed:
         raise ConfigError(f"{opt} {path!r}: no seconds_per_step for --bench-mode {mode} (has: {have})")
     t = _positive(sps, mode, opt, path)
     batch = _positive(d, "global_batch", opt, path, int)
-    dtype, dname, count = _device(d.get("device"), opt, path)
+    dtype, dname, visible = _device(d.get("device"), opt, path)
+    # `bench step` runs one process on one device; device.count is what was visible, not used
+    used = _positive(d, "world_size", opt, path, int) if "world_size" in d else 1
     notes = [f"measured by `dietcl-fast bench step` ({mode} mode), preset {d.get('preset', '?')}, "
-             f"global batch {batch:,}, {count} x {dname}, on {d.get('date', '?')}"]
-    return Speed(seconds_per_step=t, gpus=count, batch=batch, device_type=dtype, device_name=dname,
+             f"global batch {batch:,}, {used} process{'es' if used > 1 else ''} on {dname} "
+             f"({visible} {'GPUs' if dtype == 'cuda' else 'cores'} visible), on {d.get('date', '?')}"]
+    return Speed(seconds_per_step=t, gpus=used, batch=batch, device_type=dtype, device_name=dname,
                  source=f"{path} ({mode})", notes=tuple(notes))
 
 

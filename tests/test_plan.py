@@ -108,8 +108,12 @@ def bench_file(path, device="cuda", count=1, compiled=0.5, eager=0.8, batch=1024
 
 
 def test_speed_from_bench_reads_and_validates(tmp_path):
+    # one process on one of the 8 visible GPUs (bench step's own run), unless it records a world size
     sp = P.speed_from_bench(bench_file(tmp_path / "b.json", count=8, compiled=0.25), "compiled")
-    assert (sp.seconds_per_step, sp.gpus, sp.batch, sp.device_type) == (0.25, 8, 1024, "cuda")
+    assert (sp.seconds_per_step, sp.gpus, sp.batch, sp.device_type) == (0.25, 1, 1024, "cuda")
+    assert "8 GPUs visible" in sp.notes[0]
+    sp = P.speed_from_bench(bench_file(tmp_path / "w.json", count=8, world_size=4), "compiled")
+    assert sp.gpus == 4
     assert P.speed_from_bench(str(tmp_path / "b.json"), "eager").seconds_per_step == 0.8
     with pytest.raises(ConfigError, match="--from-bench .*no such file"):
         P.speed_from_bench(str(tmp_path / "none.json"))
@@ -189,7 +193,7 @@ def test_cli_default_is_the_paper_reference_with_its_arithmetic(tmp_path):
 
 
 def test_cli_from_bench_gpu_and_cpu(tmp_path):
-    gpu = bench_file(tmp_path / "gpu.json", count=2, compiled=0.9)
+    gpu = bench_file(tmp_path / "gpu.json", count=2, compiled=0.9, world_size=2)
     r = invoke("--from-bench", gpu, "--json", "--require-gpu")
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)["columns"][0]
@@ -312,7 +316,7 @@ def test_plan_from_a_real_bench_step_file(tmp_path):
     plan = json.loads(r.stdout)
     assert plan["warning"].startswith("PLAN FROM A CPU MEASUREMENT")
     m = plan["columns"][0]["figures"]
-    d = b["seconds_per_step"]["eager"] * b["device"]["count"] * 1024 / b["global_batch"]
+    d = b["seconds_per_step"]["eager"] * b.get("world_size", 1) * 1024 / b["global_batch"]
     assert m["device_seconds_per_step"] == pytest.approx(d)
     assert m["gpu_hours_per_labeler_day"] == pytest.approx(200 * d / 3600)
     r = invoke("--from-bench", str(f))                      # no compiled mode in this file
