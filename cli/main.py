@@ -107,7 +107,9 @@ def main():
               help="Training steps per time step at the global batch (one unit = one "
                    "forward+backward of the global batch, whatever mix of paths).")
 @click.option("--label-rate", default=0.01, type=float, help="Fraction of each class labeled, in (0, 1].")
-@click.option("--eval-fraction", default=0.2, type=float, help="Held-out evaluation share per step.")
+@click.option("--eval-fraction", default=0.2, type=float,
+              help="Held-out evaluation share per class (or time chunk); a dataset with its own "
+                   "val split (folder train/+val/, CSV split column) is evaluated on that instead.")
 @click.option("--batch-size", default=None, type=int,
               help="Global batch [default: the preset's: 1024 for vit-b16, 64 for cpu-tiny].")
 @click.option("--micro-batch", default=None, type=int,
