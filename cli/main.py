@@ -22,10 +22,23 @@ TRAIN_OPTIONS = {
     "loader": "loader.backend", "on_bad_image": "loader.on_bad_image",
     "fallback": "loader.fallback", "scan": "loader.scan",
     "engine": "engine.engine", "micro_batch": "engine.micro_batch", "zero_stage": "engine.zero_stage",
+    "compile": "engine.compile",
     "blr": "optim.blr", "min_lr": "optim.min_lr", "layer_decay": "optim.layer_decay",
     "weight_decay": "optim.weight_decay", "progress": "run.progress",
     "stop_after_steps": "run.stop_after_steps",
 }
+
+
+class MicroBatchType(click.ParamType):
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto" or isinstance(value, int):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r}: a whole number or auto", param, ctx)
 
 
 def _fail(msg: str) -> None:
@@ -112,8 +125,13 @@ def main():
                    "val split (folder train/+val/, CSV split column) is evaluated on that instead.")
 @click.option("--batch-size", default=None, type=int,
               help="Global batch [default: the preset's: 1024 for vit-b16, 64 for cpu-tiny].")
-@click.option("--micro-batch", default=None, type=int,
-              help="Micro-batch (gradient accumulation makes up the global batch) [default: preset's].")
+@click.option("--micro-batch", default=None, type=MicroBatchType(),
+              help="Micro-batch (gradient accumulation makes up the global batch), or auto: on a "
+                   "GPU the largest that fits, probed once and recorded in config.yaml "
+                   "[default: preset's].")
+@click.option("--compile/--no-compile", default=None,
+              help="Compile each micro-batch's loss and backward whole (torch.compile, no graph "
+                   "break) [default: on for CUDA, off on the CPU, where it measured slower].")
 @click.option("--preset", default="auto", type=click.Choice(["auto", "cpu-tiny", "vit-b16"]),
               help="Model size; auto = vit-b16 on a GPU, cpu-tiny on the CPU.")
 @click.option("--pretrained", default=None, type=click.Path(dir_okay=False),

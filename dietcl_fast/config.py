@@ -73,8 +73,8 @@ class LoaderConfig:
 class EngineConfig:
     engine: str = "auto"                # auto (deepspeed under its launcher, else torch) | torch | deepspeed
     zero_stage: int = 0
-    micro_batch: Optional[int] = None   # None: the preset's
-    compile: bool = False
+    micro_batch: Optional[int] = None   # None: the preset's; "auto": the largest that fits (probed)
+    compile: Optional[bool] = None      # torch.compile the step; None: on for CUDA, off on the CPU
 
 
 @dataclass

@@ -104,9 +104,12 @@ class Position:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, log=print, train_region=None):
+    def __init__(self, cfg: Config, *, log=print, train_region=None, micro_fits=None):
         self.cfg = cfg
         self.log = log
+        # `--micro-batch auto`: micro_fits(m) -> bool says whether micro-batch m fits in memory
+        # (None: a trial step on the device; tests inject one)
+        self.micro_fits = micro_fits
         # A context factory wrapped around every training micro-batch (tests pass a FLOP counter
         # here to prove the ledger charges every pass; evaluation stays outside it).
         self.train_region = train_region or contextlib.nullcontext
@@ -160,6 +163,11 @@ class Trainer:
         W = self.dist.world_size
         if cfg.engine.micro_batch is None:
             cfg.engine.micro_batch = popt["micro_batch"] or max(cfg.run.batch_size // W, 1)
+        probe_micro = cfg.engine.micro_batch == "auto"      # resolved below, once the model exists
+        if probe_micro:
+            cfg.engine.micro_batch = max(cfg.run.batch_size // W, 1)
+        elif not isinstance(cfg.engine.micro_batch, int) or cfg.engine.micro_batch < 1:
+            raise ConfigError(f"--micro-batch {cfg.engine.micro_batch!r}: a whole number >= 1 or auto")
         self.G = int(cfg.run.batch_size)
         self.micro = min(int(cfg.engine.micro_batch), self.G)
         # global batch = micro-batch x accumulation x world size; G is fixed by the config, not by
@@ -194,12 +202,13 @@ class Trainer:
         # method (validates its own options before any compute)
         self.method = build_method(cfg)
         # the loss the engine runs: the loader's uint8 batches are normalised on the device
-        # first, inside whatever region the engine compiles
-        self.loss_fn = device_inputs(self.method.loss, in_chans)
+        # first (eager, one elementwise kernel per source), then the method's loss (compiled
+        # whole with --compile)
+        self.loss_fn = device_inputs(self._loss_fn(use_cuda), in_chans)
 
-        # model: one seed drives init
+        # model: one seed drives init; the head has a row for every class of the stream
         torch.manual_seed(cfg.run.seed)
-        self.model = build_model(self.spec)
+        self.model = build_model(self.spec, head_capacity=self.stream.num_classes)
         self.warnings: list[str] = []          # also written into results.json
         if cfg.model.pretrained:
             report = load_mae_checkpoint(self.model, cfg.model.pretrained)
@@ -208,6 +217,11 @@ class Trainer:
             self.warnings.append(SCRATCH_VIT_B16_WARNING)
             self.log("=" * 78 + "\nWARNING: " + SCRATCH_VIT_B16_WARNING + "\n" + "=" * 78)
         self.method.setup_model(self.model)     # method modules (projectors, prompts, ...)
+        if probe_micro:
+            self._probe_micro_batch(self.micro_fits or self._micro_fits_on_device)
+        # static-shape methods: every micro-batch of a phase has the same per-source counts
+        self.granule = self.n_micro if self.method.static_shapes else 1
+        self.method.granule = self.granule
         self.engine = build_engine(cfg.engine.engine, self.model, self.device, self.amp_dtype,
                                    dist_info=self.dist, zero_stage=cfg.engine.zero_stage,
                                    micro_batch=self.micro, accum=self.accum)
@@ -232,6 +246,65 @@ class Trainer:
         self.timing_sync = False
         self._eval_classify = None
 
+    # ------------------------------------------------------------------ compiled step
+    def _loss_fn(self, use_cuda: bool):
+        """The method's loss, compiled whole (`fullgraph=True`: a graph break is an error, not
+        a slow path) when `--compile` is on; its backward is compiled by AOTAutograd.
+        Default (None): on for CUDA, off on the CPU (measured: bench/RESULTS.md)."""
+        want = self.cfg.engine.compile
+        if want not in (None, True, False):
+            raise ConfigError(f"--compile {want!r}: true, false or unset (device default)")
+        if want and not self.method.static_shapes:
+            raise ConfigError(
+                f"--compile: method {self.method.name} draws random numbers inside its loss and "
+                "has varying shapes, so it runs eager only; use --no-compile")
+        on = bool(want) if want is not None else (use_cuda and self.method.static_shapes)
+        self.cfg.engine.compile = on           # the resolved choice, recorded in config.yaml
+        if not on:
+            return self.method.loss
+        return torch.compile(self.method.loss, fullgraph=True, dynamic=False)
+
+    def _probe_micro_batch(self, fits) -> None:
+        """`--micro-batch auto`: the largest divisor m of the per-process batch with fits(m),
+        probed once; recorded in the config (config.yaml). The global batch, and so the ledger
+        and the data of every micro-batch position, do not depend on it."""
+        W = self.dist.world_size
+        per_rank = self.G // W
+        for m in sorted((d for d in range(1, per_rank + 1) if per_rank % d == 0), reverse=True):
+            if fits(m):
+                break
+        else:
+            raise ConfigError("--micro-batch auto: not even a micro-batch of 1 fits in memory")
+        self.cfg.engine.micro_batch = self.micro = m
+        self.n_micro = self.G // m
+        self.accum = self.n_micro // W
+        self.log(f"--micro-batch auto: {m} (the largest divisor of {per_rank} that fits)")
+
+    def _micro_fits_on_device(self, m: int) -> bool:
+        """One trial forward+backward of the heaviest path (MAE + classification, m images
+        each) on the device; fits when no out-of-memory error occurs and the peak stays under
+        90% of the device memory. On the CPU every size fits (no device memory to probe)."""
+        if self.device.type != "cuda":
+            return True
+        s = self.spec
+        model = self.model.to(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            x = torch.randn(m, s.in_chans, s.img_size, s.img_size, device=self.device)
+            with torch.autocast("cuda", dtype=self.amp_dtype):
+                loss = model.forward_mae(x)[0] + model.classify_all(x).float().logsumexp(-1).sum()
+            loss.backward()
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            ok = peak < 0.9 * torch.cuda.get_device_properties(self.device).total_memory
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        finally:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        return ok
+
     # ------------------------------------------------------------------ helpers
     def _vit_spec(self, num_classes: int) -> ViTSpec:
         s = self.spec
@@ -252,18 +325,27 @@ class Trainer:
         if step.num_labeled and self.method.buffer_insertion == "before":
             self.buffer.add(t, step.labeled_ids, step.labeled_labels)
         self._register_paths(k)
+        self._class_sets(t)
         self.ledger.begin_step(t, self.method.step_budget(t, self.stream.time_steps, self.budget))
         self.method.on_step_start(t, self)      # e.g. GDumb: update memory, re-initialise
         self.pos.step_started = True
 
     def _register_paths(self, k: int) -> None:
-        f = flops_per_image(self._vit_spec(k))
+        # static-shape methods run the head over all its preallocated rows: count what runs
+        f = flops_per_image(self._vit_spec(self.model.head.capacity if self.method.static_shapes else k))
         self.ledger.register_path("classify", f["classify_fwd"], f["classify_fwd_bwd"])
         self.ledger.register_path("mae", f["mae_fwd"], f["mae_fwd_bwd"])
         self.flops = f
         self.method.G = self.G
         self.method.units_for = lambda p, n, b=True: self.ledger.units_for(p, n, b)
         self.method.register_paths(self, k)     # method paths (exact FLOPs, see methods/base)
+
+    def _class_sets(self, t: int) -> None:
+        """Step t's class sets on the device, made once per time step (no per-step transfer)."""
+        from .methods.base import ClassSet
+        cap, s = self.model.head.capacity, self.cfg.method.label_smoothing
+        self.seen_set = ClassSet.of(range(self.stream.num_seen_classes(t)), cap, s, self.device)
+        self.step_set = ClassSet.of(self.stream.steps[t].classes, cap, s, self.device)
 
     def _lr(self, phase, it: int) -> float:
         """Half-cycle cosine from the phase's peak to its floor, no warm-up (docs/algorithm.md)."""
@@ -306,7 +388,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ data (issue 5)
     def _draw_ids(self, it: int, gstep: int, counts, samplers):
-        """Ids and labels of iteration `it` (a pure function of the position)."""
+        """Ids of iteration `it` (a pure function of the position) and the labels of its
+        labeled sources (the unlabeled source's labels are never looked up)."""
         ids, labels = {}, {}
         for src, n in counts.items():
             r, W = self.dist.rank, self.dist.world_size     # this rank's shard of the draw
@@ -317,12 +400,16 @@ class Trainer:
                 ids[src] = samplers[src].draw(it * n, n)
                 if W > 1:
                     ids[src] = np.ascontiguousarray(ids[src][r::W])
-                labels[src] = self.stream.labels_of(ids[src])
+                if src != "unlabeled":
+                    labels[src] = self.stream.labels_of(ids[src])
         return ids, labels
 
-    def _submit(self, t: int, p_idx: int, it: int, phase, counts, ids) -> list:
-        """Hand iteration `it`'s batches to the loader -> per micro-batch (ticket, keys). Each
-        request's augmentation is seeded by its position (t, phase, it, j, source, view) only."""
+    def _submit(self, t: int, p_idx: int, it: int, phase, counts, ids, labels) -> list:
+        """Hand iteration `it`'s batches to the loader -> per micro-batch (ticket, keys, host).
+        Each request's augmentation is seeded by its position (t, phase, it, j, source, view)
+        only. `host` carries what the step needs from the host, checked and packed here, one
+        iteration ahead: the labeled sources' labels (one pinned int64 tensor) and, for
+        static-shape methods, the Mixup/CutMix plans (one pinned float32 tensor)."""
         from .data import Request
         out = []
         for j in self._my_micro():
@@ -337,10 +424,45 @@ class Trainer:
                                        zlib.crc32(src.encode()), v)
                     reqs.append(Request(ids[src][sl], kind, seed))
                     keys.append(src)
-            out.append((self.loader.submit(reqs), keys))
+            out.append((self.loader.submit(reqs), keys,
+                        self._host_payload(t, p_idx, it, j, counts, labels)))
         return out
 
-    def _tickets(self, t: int, p_idx: int, it: int, phase, counts, ids, samplers) -> list:
+    def _host_payload(self, t, p_idx, it, j, counts, labels) -> dict:
+        """Micro-batch j's labels and Mixup plans, on the host (pinned when the device is a
+        GPU, so that the step copies each with one non-blocking transfer). For methods that mask
+        `labeled` to the step's classes, a labeled image of another class is an error here,
+        before any copy."""
+        from .data.mixup import plan_mix
+        pin = self.device.type == "cuda"
+        ys, sizes = [], {}
+        for src in ("labeled", "buffer"):
+            sl = self._split(counts[src], j) if src in labels else slice(0, 0)
+            if sl.stop > sl.start:
+                y = np.asarray(labels[src][sl], dtype=np.int64)
+                if src == "labeled" and self.method.labeled_in_step and \
+                        not np.isin(y, self.stream.steps[t].classes).all():
+                    raise RuntimeError(f"a labeled sample's class is not among time step {t}'s classes")
+                ys.append(y)
+                sizes[src] = len(y)
+        y_host = torch.from_numpy(np.concatenate(ys)) if ys else torch.empty(0, dtype=torch.long)
+        plans = {}
+        mc, S = self.cfg.method, self.spec.img_size
+        if self.method.static_shapes and mc.mixup:
+            for src, n in sizes.items():
+                plans[src] = plan_mix(derive_seed(self.cfg.run.seed, t, p_idx, it, j, 0x313C,
+                                                  zlib.crc32(src.encode())),
+                                      n, S, S, mc.mixup_alpha, mc.cutmix_alpha)
+        flat = [p for p in plans.values() if p is not None]
+        mix_host = torch.from_numpy(np.concatenate(flat)) if flat else None
+        if pin:
+            y_host = y_host.pin_memory()
+            mix_host = mix_host.pin_memory() if mix_host is not None else None
+        return {"y": y_host, "y_sizes": sizes, "mix": mix_host,
+                "mix_srcs": [s for s, p in plans.items() if p is not None],
+                "no_mix": [s for s, p in plans.items() if p is None]}
+
+    def _tickets(self, t: int, p_idx: int, it: int, phase, counts, ids, labels, samplers) -> list:
         """This iteration's tickets (submitted one iteration ahead when the ids match), and the
         next iteration of the phase submitted now, so its loading overlaps this compute."""
         ahead, self._ahead = getattr(self, "_ahead", None), None
@@ -351,15 +473,15 @@ class Trainer:
                     all(np.array_equal(a_ids[s], ids[s]) for s in ids):
                 tickets = a_tickets
             else:
-                for tk, _ in a_tickets:
+                for tk, _, _ in a_tickets:
                     self.loader.discard(tk)
         if tickets is None:
-            tickets = self._submit(t, p_idx, it, phase, counts, ids)
+            tickets = self._submit(t, p_idx, it, phase, counts, ids, labels)
         if it + 1 < phase.steps:
-            n_counts = phase.counts(self.G, it + 1) if phase.mix_fn is not None else counts
-            n_ids, _ = self._draw_ids(it + 1, self.pos.gstep + 1, n_counts, samplers)
+            n_counts = phase.counts(self.G, it + 1, self.granule) if phase.mix_fn is not None else counts
+            n_ids, n_labels = self._draw_ids(it + 1, self.pos.gstep + 1, n_counts, samplers)
             self._ahead = ((t, p_idx, it + 1), n_ids,
-                           self._submit(t, p_idx, it + 1, phase, n_counts, n_ids))
+                           self._submit(t, p_idx, it + 1, phase, n_counts, n_ids, n_labels))
         return tickets
 
     # ------------------------------------------------------------------ state
@@ -398,6 +520,7 @@ class Trainer:
         self._pending_engine_state = st["engine"] if self.pos.it > 0 else None
         if self.pos.step_started:
             self._register_paths(self.stream.num_seen_classes(self.pos.t))
+            self._class_sets(self.pos.t)
 
     def save(self) -> None:
         """All ranks call this (their states are identical): the deepspeed engine writes its ZeRO
@@ -474,12 +597,13 @@ class Trainer:
         return row
 
     def _eval_fn(self):
-        """-> (classify, pad): `model.classify`, compiled (static shapes: partial batches
-        padded) when the run compiles."""
+        """-> (classify, pad): `model.classify`, or `model.classify_all` compiled (static
+        shapes: partial batches padded) when the run compiles."""
         if not self.cfg.engine.compile:
             return self.model.classify, False
         if self._eval_classify is None:
-            self._eval_classify = torch.compile(self.model.classify, dynamic=False)
+            # all head rows, unseen classes masked (never the argmax): one shape for the run
+            self._eval_classify = torch.compile(self.model.classify_all, dynamic=False)
         return self._eval_classify, True
 
     def _tune_split(self) -> None:
@@ -511,7 +635,8 @@ class Trainer:
                 self.save()
         step = self.stream.steps[t]
         phases = self.method.phases(t, self.budget)
-        planned = sum(p.planned_units(self.G, self.method.units_for, self.method.paths) for p in phases)
+        planned = sum(p.planned_units(self.G, self.method.units_for, self.method.paths, self.granule)
+                      for p in phases)
         if planned + self.method.reserve_units(t, self.budget) > self.ledger.budget_units() + 1e-6:
             raise RuntimeError(f"method {self.method.name} planned more than the budget")
         step_classes = torch.as_tensor(np.array(step.classes), dtype=torch.long, device=self.device)
@@ -524,7 +649,7 @@ class Trainer:
             if self._pending_engine_state is not None:
                 self.engine.load_state_dict(self._pending_engine_state)
                 self._pending_engine_state = None
-            counts = phase.counts(self.G)
+            counts = phase.counts(self.G, None, self.granule)
             own = self.method.source_ids(t, self)   # e.g. joint: all steps' unlabeled ids
             samplers = {
                 "unlabeled": EpochSampler(own.get("unlabeled", step.unlabeled_ids), cfg.run.seed, (t, p_idx, 0)),
@@ -536,11 +661,15 @@ class Trainer:
                                       f"{phase.name} of {self.method.name} needs them")
             while self.pos.it < phase.steps:
                 t_it, d0, f0 = time.perf_counter(), self.data_seconds, self.ledger.flops_total
-                self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen, bar)
+                logs = self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen)
                 if self.timing_sync and self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 self.iteration_log.append((t, phase.name, time.perf_counter() - t_it,
                                            self.data_seconds - d0, self.ledger.flops_total - f0))
+                # between iterations: the only places that may wait for the device
+                self._progress(bar, t, phase, logs)
+                if cfg.run.ckpt_every and self.pos.gstep % cfg.run.ckpt_every == 0:
+                    self.save()
                 if cfg.run.stop_after_steps is not None and self.pos.gstep >= cfg.run.stop_after_steps:
                     # testing aid: die abruptly, as a killed process would, once the checkpoint
                     # write in flight is on disk (so the test resumes from a known position; a
@@ -564,51 +693,38 @@ class Trainer:
         self.pos = Position(t=t + 1, phase=0, it=0, gstep=self.pos.gstep, step_started=False)
         self.save()
 
-    def _train_iteration(self, t, p_idx, phase, counts, samplers, step_classes, num_seen, bar):
+    def _train_iteration(self, t, p_idx, phase, counts, samplers, step_classes, num_seen) -> dict:
+        """One optimiser step -> its logs (device tensors). Nothing in here waits for the
+        device: labels and Mixup plans come from the host with one non-blocking copy each,
+        masks are drawn on the device, checks on values run on the host before any copy, and
+        logging / checkpoints happen between iterations (`_progress`, `save`)."""
         cfg = self.cfg
         it = self.pos.it
         if phase.mix_fn is not None:
-            counts = phase.counts(self.G, it)
-        need = phase.iteration_units(self.G, self.method.units_for, self.method.paths, it)
+            counts = phase.counts(self.G, it, self.granule)
+        need = phase.iteration_units(self.G, self.method.units_for, self.method.paths, it, self.granule)
         if self.ledger.remaining_units() < need - 1e-9:
             raise RuntimeError(f"budget of time step {t} exhausted before iteration {it} "
                                f"(planned {phase.steps} steps)")
         self.engine.set_lr(self._lr(phase, it))
         t_data = time.perf_counter()
         ids, labels = self._draw_ids(it, self.pos.gstep, counts, samplers)
-        tickets = self._tickets(t, p_idx, it, phase, counts, ids, samplers)
+        tickets = self._tickets(t, p_idx, it, phase, counts, ids, labels, samplers)
         self.data_seconds += time.perf_counter() - t_data
-        logs_acc: dict[str, float] = {}
+        logs_acc: dict = {}
         for j in range(self.n_micro):       # the global batch's micro-batches, in order
             if j % self.dist.world_size != self.dist.rank:
                 # another rank runs it; every rank charges the whole global batch in the same
                 # order, so all ledgers are identical (and equal to the one-process ledger)
                 self._charge(phase, {s: m for s, n in counts.items() if (m := self._micro_len(n, j))})
                 continue
-            key = derive_seed(cfg.run.seed, t, p_idx, it, j)
-            gen = torch.Generator().manual_seed(key)
-            mask_gen = gen if self.device.type == "cpu" else \
-                torch.Generator(device=self.device).manual_seed(key)
             t_data = time.perf_counter()
-            xs, ys, n_global, views = {}, {}, {}, {}
-            got: dict[str, list] = {}
-            for src, x in zip(tickets[j // self.dist.world_size][1], self.loader.fetch(tickets[j // self.dist.world_size][0])):
-                got.setdefault(src, []).append(x)
-            for src, n in counts.items():
-                sl = self._split(n, j)
-                if sl.stop == sl.start:
-                    continue
-                xs[src] = got[src][0]
-                if phase.views.get(src, 1) > 1:     # further augmented views (own seeds)
-                    views[src] = got[src][1:]
-                ys[src] = torch.as_tensor(np.array(labels[src][sl]), dtype=torch.long, device=self.device)
-                n_global[src] = n
+            ticket, keys, host = tickets[j // self.dist.world_size]
+            mb = self._micro_batch(t, p_idx, it, j, phase, counts, ticket, keys, host,
+                                   step_classes, num_seen)
             self.data_seconds += time.perf_counter() - t_data
             # charge before running: the ledger refuses a pass that would overspend
-            self._charge(phase, {src: int(x.shape[0]) for src, x in xs.items()})
-            mb = MicroBatch(x=xs, y=ys, n_global=n_global, step_classes=step_classes,
-                            num_seen=num_seen, generator=gen, mask_generator=mask_gen, t=t,
-                            phase=phase.name, views=views)
+            self._charge(phase, {src: int(x.shape[0]) for src, x in mb.x.items()})
             t_c = time.perf_counter()
             last = j + self.dist.world_size >= self.n_micro     # this rank's last micro-batch
             with self.train_region():
@@ -619,15 +735,58 @@ class Trainer:
         self.engine.step()
         self.pos.it += 1
         self.pos.gstep += 1
-        if bar is not None:
-            bar.update(1)
-            if self.pos.gstep % 10 == 0 or self.pos.it == phase.steps:
-                post = {k: f"{float(v):.3f}" for k, v in logs_acc.items()}
-                bar.set_description(f"t={t + 1}/{self.stream.time_steps} {phase.name}")
-                post["spent"] = f"{self.ledger.spent_units():.0f}/{self.budget}"
-                bar.set_postfix(post, refresh=False)
-        if cfg.run.ckpt_every and self.pos.gstep % cfg.run.ckpt_every == 0:
-            self.save()
+        return logs_acc
+
+    def _micro_batch(self, t, p_idx, it, j, phase, counts, ticket, keys, host,
+                     step_classes, num_seen) -> MicroBatch:
+        """Global micro-batch j: images from the loader, the labeled sources' labels (one
+        non-blocking copy), and for static-shape methods the planned randomness: MAE mask
+        noise drawn on the device from the micro-batch seed, Mixup plans (one copy)."""
+        from .data.mixup import unpack_plan
+        key = derive_seed(self.cfg.run.seed, t, p_idx, it, j)
+        gen = torch.Generator().manual_seed(key)
+        mask_gen = gen if self.device.type == "cpu" else \
+            torch.Generator(device=self.device).manual_seed(key)
+        got: dict[str, list] = {}
+        for src, x in zip(keys, self.loader.fetch(ticket)):
+            got.setdefault(src, []).append(x)
+        xs, n_global, views = {}, {}, {}
+        for src, n in counts.items():
+            if src in got:
+                xs[src] = got[src][0]
+                if phase.views.get(src, 1) > 1:     # further augmented views (own seeds)
+                    views[src] = got[src][1:]
+                n_global[src] = n
+        y_all = host["y"].to(self.device, non_blocking=True)
+        ys = dict(zip(host["y_sizes"], torch.split(y_all, list(host["y_sizes"].values()))))
+        mb = MicroBatch(x=xs, y=ys, n_global=n_global, step_classes=step_classes,
+                        num_seen=num_seen, generator=gen, mask_generator=mask_gen, t=t,
+                        phase=phase.name, views=views, seen=self.seen_set, step=self.step_set)
+        if self.method.static_shapes:
+            if "unlabeled" in xs:       # the same draw forward_mae made from mask_generator
+                L = (self.spec.img_size // self.spec.patch_size) ** 2
+                mb.noise["unlabeled"] = torch.rand(xs["unlabeled"].shape[0], L,
+                                                   generator=mask_gen, device=self.device)
+            S = self.spec.img_size
+            if host["mix"] is not None:
+                flat = host["mix"].to(self.device, non_blocking=True)
+                for src, part in zip(host["mix_srcs"], flat.chunk(len(host["mix_srcs"]))):
+                    mb.mix[src] = unpack_plan(part, S, S)
+            for src in host["no_mix"]:
+                mb.mix[src] = None
+        return mb
+
+    def _progress(self, bar, t: int, phase, logs: dict) -> None:
+        """Progress bar after an iteration; every 10 steps it reads the losses (a device sync,
+        outside the iteration)."""
+        if bar is None:
+            return
+        bar.update(1)
+        if self.pos.gstep % 10 == 0 or self.pos.it == phase.steps:
+            post = {k: f"{float(v):.3f}" for k, v in logs.items()}
+            bar.set_description(f"t={t + 1}/{self.stream.time_steps} {phase.name}")
+            post["spent"] = f"{self.ledger.spent_units():.0f}/{self.budget}"
+            bar.set_postfix(post, refresh=False)
 
     # ------------------------------------------------------------------ results
     def _finish(self) -> dict:

@@ -213,23 +213,84 @@ def _launch_bwd(imgs, pred, mask, denom, grad_out, p, norm_pix=True, block_l=Non
     return out
 
 
-class _MAELossFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, imgs, pred, mask, patch_size, norm_pix):
-        loss, denom, _ = _launch_fwd(imgs, pred, mask, patch_size, norm_pix)
-        ctx.save_for_backward(imgs, pred, mask, denom)
-        ctx.patch_size = patch_size
-        ctx.norm_pix = norm_pix
-        return loss
+# ----------------------------------------------------------------------------- custom ops
+# torch.library ops, so torch.compile traces through the fused loss (no graph break) and
+# AOTAutograd sees its backward. Device kernels: CUDA -> Triton; CPU -> the torch reference
+# (Triton's interpreter under TRITON_INTERPRET=1, for the kernel tests).
+def _denom(mask: torch.Tensor) -> torch.Tensor:
+    d = mask.to(torch.float32).sum().reshape(1)
+    return torch.where(d == 0, torch.ones_like(d), d)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        imgs, pred, mask, denom = ctx.saved_tensors
-        grad_pred = None
-        if ctx.needs_input_grad[1]:
-            grad_pred = _launch_bwd(imgs, pred, mask, denom, grad_out.reshape(()).float(),
-                                    ctx.patch_size, ctx.norm_pix)
-        return None, grad_pred, None, None, None
+
+@torch.library.custom_op("dietcl::mae_loss", mutates_args=())
+def mae_loss_op(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
+                norm_pix: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """imgs [N, C, H, W], pred [N, L, P], mask [N, L] fp32 -> (loss [] fp32, denom [1] fp32:
+    the masked-patch count, 1 when none, kept for the backward)."""
+    loss, denom, _ = _launch_fwd(imgs, pred, mask, patch_size, norm_pix)
+    return loss, denom
+
+
+@mae_loss_op.register_kernel("cpu")
+def _mae_loss_cpu(imgs, pred, mask, patch_size, norm_pix):
+    if _dispatch.interpret_mode():
+        loss, denom, _ = _launch_fwd(imgs, pred, mask, patch_size, norm_pix)
+        return loss, denom
+    loss = mae_loss_reference(imgs, pred, mask, patch_size, norm_pix).to(torch.float32)
+    return loss, _denom(mask)
+
+
+@mae_loss_op.register_fake
+def _mae_loss_fake(imgs, pred, mask, patch_size, norm_pix):
+    return (pred.new_empty((), dtype=torch.float32), pred.new_empty((1,), dtype=torch.float32))
+
+
+@torch.library.custom_op("dietcl::mae_loss_backward", mutates_args=())
+def mae_loss_backward(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
+                      denom: torch.Tensor, grad_out: torch.Tensor, patch_size: int,
+                      norm_pix: bool) -> torch.Tensor:
+    """-> grad_pred [N, L, P] (pred's dtype) = grad_out * mask * 2 (pred - target) / (P denom)."""
+    return _launch_bwd(imgs, pred, mask, denom, grad_out.reshape(()).float(), patch_size, norm_pix)
+
+
+@mae_loss_backward.register_kernel("cpu")
+def _mae_loss_backward_cpu(imgs, pred, mask, denom, grad_out, patch_size, norm_pix):
+    if _dispatch.interpret_mode():
+        return _launch_bwd(imgs, pred, mask, denom, grad_out.reshape(()).float(), patch_size, norm_pix)
+    from .reference import patchify
+    cdt = torch.promote_types(torch.promote_types(imgs.dtype, pred.dtype), torch.float32)
+    target = patchify(imgs, patch_size).to(cdt)
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
+    P = pred.shape[-1]
+    scale = grad_out.to(cdt).reshape(()) * 2.0 / (denom.to(cdt).reshape(()) * P)
+    g = (pred.to(cdt) - target) * (mask.to(cdt) * scale).unsqueeze(-1)
+    return g.to(pred.dtype)
+
+
+@mae_loss_backward.register_fake
+def _mae_loss_backward_fake(imgs, pred, mask, denom, grad_out, patch_size, norm_pix):
+    return torch.empty_like(pred)
+
+
+def _mae_setup(ctx, inputs, output):
+    imgs, pred, mask, patch_size, norm_pix = inputs
+    ctx.save_for_backward(imgs, pred, mask, output[1])
+    ctx.patch_size, ctx.norm_pix = patch_size, norm_pix
+
+
+def _mae_backward(ctx, grad_loss, _grad_denom):
+    imgs, pred, mask, denom = ctx.saved_tensors
+    grad_pred = None
+    if ctx.needs_input_grad[1]:
+        grad_pred = mae_loss_backward(imgs, pred, mask, denom, grad_loss, ctx.patch_size,
+                                      ctx.norm_pix)
+    return None, grad_pred, None, None, None
+
+
+mae_loss_op.register_autograd(_mae_backward, setup_context=_mae_setup)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -286,6 +347,5 @@ def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_s
     return _fused(imgs.detach(), pred, mask.detach(), int(patch_size), bool(norm_pix))
 
 
-@torch.compiler.disable  # under torch.compile: an explicit graph break, kernels run as-is
 def _fused(imgs, pred, mask, patch_size, norm_pix):
-    return _MAELossFn.apply(imgs, pred, mask, patch_size, norm_pix)
+    return mae_loss_op(imgs, pred, mask, patch_size, norm_pix)[0]

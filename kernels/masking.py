@@ -165,29 +165,113 @@ def _launch_bwd_pos(grad_vis, ids_restore, L, pos_dtype, block_l=None, out=None)
     return out
 
 
-class _RandomMaskingFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, pos, ids_shuffle, K):
-        out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
-        pos2 = None if pos is None else pos.reshape(pos.shape[-2], pos.shape[-1])
-        out, mask, ids_restore = _launch_fwd(x, pos2, ids_shuffle, K, out_dtype)
-        ctx.save_for_backward(ids_shuffle, ids_restore)
-        ctx.mark_non_differentiable(mask, ids_restore)
-        ctx.meta = (x.shape[1], x.dtype, None if pos is None else (pos.shape, pos.dtype))
-        return out, mask, ids_restore
+# ----------------------------------------------------------------------------- custom ops
+# torch.library ops, so torch.compile traces through the fused kernels (no graph break) and
+# AOTAutograd sees their backward. Device kernels: CUDA -> Triton; CPU -> the torch reference
+# (Triton's interpreter under TRITON_INTERPRET=1, for the kernel tests).
+def _reference_gather(x, pos, ids_shuffle, K):
+    N, L, D = x.shape
+    if pos is not None:
+        x = x + pos.reshape(1, L, D)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    out = torch.gather(x, 1, ids_shuffle[:, :K].unsqueeze(-1).expand(-1, -1, D))
+    mask = (ids_restore >= K).to(torch.float32)
+    return out, mask, ids_restore
 
-    @staticmethod
-    def backward(ctx, grad_vis, _gmask, _grestore):
-        ids_shuffle, ids_restore = ctx.saved_tensors
-        L, x_dtype, pos_meta = ctx.meta
-        gx = gp = None
-        if grad_vis is None:  # pragma: no cover - only mask/ids used downstream
-            return None, None, None, None
-        if ctx.needs_input_grad[0]:
-            gx = _launch_bwd_x(grad_vis, ids_shuffle, L, x_dtype)
-        if pos_meta is not None and ctx.needs_input_grad[1]:
-            gp = _launch_bwd_pos(grad_vis, ids_restore, L, pos_meta[1]).reshape(pos_meta[0])
-        return gx, gp, None, None
+
+@torch.library.custom_op("dietcl::random_masking", mutates_args=())
+def random_masking_op(x: torch.Tensor, pos: Optional[torch.Tensor], ids_shuffle: torch.Tensor,
+                      K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, L, D], pos [1, L, D] | [L, D] | None, ids_shuffle [N, L] int64 (argsort of the
+    noise) -> (x_visible [N, K, D], mask [N, L] fp32, ids_restore [N, L] int64)."""
+    return _masking_triton(x, pos, ids_shuffle, K)
+
+
+def _masking_triton(x, pos, ids_shuffle, K):
+    out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
+    pos2 = None if pos is None else pos.reshape(pos.shape[-2], pos.shape[-1])
+    return _launch_fwd(x, pos2, ids_shuffle.contiguous(), K, out_dtype)
+
+
+@random_masking_op.register_kernel("cpu")
+def _random_masking_cpu(x, pos, ids_shuffle, K):
+    if _dispatch.interpret_mode():
+        return _masking_triton(x, pos, ids_shuffle, K)
+    return _reference_gather(x, pos, ids_shuffle, K)
+
+
+@random_masking_op.register_fake
+def _random_masking_fake(x, pos, ids_shuffle, K):
+    N, L, D = x.shape
+    out_dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
+    return (x.new_empty((N, K, D), dtype=out_dtype), x.new_empty((N, L), dtype=torch.float32),
+            x.new_empty((N, L), dtype=torch.int64))
+
+
+@torch.library.custom_op("dietcl::random_masking_backward_x", mutates_args=())
+def random_masking_backward_x(grad_vis: torch.Tensor, ids_shuffle: torch.Tensor, L: int,
+                              x_dtype: torch.dtype) -> torch.Tensor:
+    """grad_vis [N, K, D] -> grad_x [N, L, D] (zero at removed tokens)."""
+    return _launch_bwd_x(grad_vis, ids_shuffle.contiguous(), L, x_dtype)
+
+
+@random_masking_backward_x.register_kernel("cpu")
+def _bwd_x_cpu(grad_vis, ids_shuffle, L, x_dtype):
+    if _dispatch.interpret_mode():
+        return _launch_bwd_x(grad_vis, ids_shuffle.contiguous(), L, x_dtype)
+    N, K, D = grad_vis.shape
+    gx = grad_vis.new_zeros((N, L, D), dtype=x_dtype)
+    return gx.scatter_(1, ids_shuffle[:, :K].unsqueeze(-1).expand(-1, -1, D), grad_vis.to(x_dtype))
+
+
+@random_masking_backward_x.register_fake
+def _bwd_x_fake(grad_vis, ids_shuffle, L, x_dtype):
+    N, K, D = grad_vis.shape
+    return grad_vis.new_empty((N, L, D), dtype=x_dtype)
+
+
+@torch.library.custom_op("dietcl::random_masking_backward_pos", mutates_args=())
+def random_masking_backward_pos(grad_vis: torch.Tensor, ids_restore: torch.Tensor, L: int,
+                                pos_dtype: torch.dtype) -> torch.Tensor:
+    """grad_vis [N, K, D] -> grad_pos [L, D] = sum over the batch of the kept tokens' grads."""
+    return _launch_bwd_pos(grad_vis, ids_restore.contiguous(), L, pos_dtype)
+
+
+@random_masking_backward_pos.register_kernel("cpu")
+def _bwd_pos_cpu(grad_vis, ids_restore, L, pos_dtype):
+    if _dispatch.interpret_mode():
+        return _launch_bwd_pos(grad_vis, ids_restore.contiguous(), L, pos_dtype)
+    N, K, D = grad_vis.shape
+    ids_shuffle = torch.argsort(ids_restore, dim=1)
+    g = grad_vis.new_zeros((N, L, D), dtype=torch.float32)
+    g.scatter_(1, ids_shuffle[:, :K].unsqueeze(-1).expand(-1, -1, D), grad_vis.float())
+    return g.sum(0).to(pos_dtype)
+
+
+@random_masking_backward_pos.register_fake
+def _bwd_pos_fake(grad_vis, ids_restore, L, pos_dtype):
+    return grad_vis.new_empty((L, grad_vis.shape[2]), dtype=pos_dtype)
+
+
+def _masking_setup(ctx, inputs, output):
+    x, pos, ids_shuffle, K = inputs
+    _, _, ids_restore = output
+    ctx.save_for_backward(ids_shuffle, ids_restore)
+    ctx.meta = (x.shape[1], x.dtype, None if pos is None else (tuple(pos.shape), pos.dtype))
+
+
+def _masking_backward(ctx, grad_vis, _gmask, _grestore):
+    ids_shuffle, ids_restore = ctx.saved_tensors
+    L, x_dtype, pos_meta = ctx.meta
+    gx = gp = None
+    if ctx.needs_input_grad[0]:
+        gx = random_masking_backward_x(grad_vis, ids_shuffle, L, x_dtype)
+    if pos_meta is not None and ctx.needs_input_grad[1]:
+        gp = random_masking_backward_pos(grad_vis, ids_restore, L, pos_meta[1]).reshape(pos_meta[0])
+    return gx, gp, None, None
+
+
+random_masking_op.register_autograd(_masking_backward, setup_context=_masking_setup)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -214,11 +298,13 @@ def _check(x, pos_embed, allowed):
 
 def random_masking(x: torch.Tensor, pos_embed: Optional[torch.Tensor], mask_ratio: float,
                    seed: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                   *, force_reference: bool = False):
+                   *, noise: Optional[torch.Tensor] = None, force_reference: bool = False):
     """Per-sample random masking of tokens x [N, L, D] with pos_embed ([1, L, D] / [L, D] /
     None) added in the same pass. Returns (x_visible [N, K, D] (dtype of x + pos_embed),
     mask [N, L] float32 (1 = removed), ids_restore [N, L] int64), K = int(L*(1-mask_ratio)).
-    Deterministic given ``seed`` or ``generator`` (else torch's default RNG)."""
+    Deterministic given ``seed``, ``generator`` or ``noise`` ([N, L] uniform, drawn by the
+    caller: the form a compiled step uses, since a generator cannot be traced); else torch's
+    default RNG."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"random_masking: x must be a torch.Tensor, got {type(x).__name__}")
     backend = _dispatch.backend_for(x, force_reference)
@@ -226,12 +312,16 @@ def random_masking(x: torch.Tensor, pos_embed: Optional[torch.Tensor], mask_rati
     _check(x, pos_embed, allowed)
     N, L, D = x.shape
     K = num_keep(L, mask_ratio)
-    noise = make_noise(N, L, x.device, seed, generator)
+    if noise is None:
+        noise = make_noise(N, L, x.device, seed, generator)
+    elif seed is not None or generator is not None:
+        raise ValueError("random_masking: pass noise, seed or generator, not several")
+    elif tuple(noise.shape) != (N, L):
+        raise ValueError(f"random_masking: noise shape {tuple(noise.shape)} != (N, L) = {(N, L)}")
     if backend == "reference":
         return random_masking_reference(x, pos_embed, mask_ratio, noise=noise)
     return _fused(x, pos_embed, torch.argsort(noise, dim=1), K)
 
 
-@torch.compiler.disable  # under torch.compile: an explicit graph break, kernels run as-is
 def _fused(x, pos_embed, ids_shuffle, K):
-    return _RandomMaskingFn.apply(x, pos_embed, ids_shuffle, K)
+    return random_masking_op(x, pos_embed, ids_shuffle, K)

@@ -22,15 +22,39 @@ def test_shapes(tiny_spec, chans):
 
 def test_head_growth_copies_old_rows(tiny_spec):
     torch.manual_seed(0)
-    m = build_model(tiny_spec, num_classes=2)
+    m = build_model(tiny_spec, num_classes=2, head_capacity=8)
     w, b = m.head.fc.weight.detach().clone(), m.head.fc.bias.detach().clone()
-    assert m.grow_head(5) is True
-    assert m.head.fc.weight.shape == (5, tiny_spec.embed_dim)
-    assert torch.equal(m.head.fc.weight[:2], w) and torch.equal(m.head.fc.bias[:2], b)
-    assert not torch.equal(m.head.fc.weight[2:], torch.zeros(3, tiny_spec.embed_dim))
+    param = m.head.fc.weight
+    torch.manual_seed(1)
+    assert m.grow_head(5) is False                    # within capacity: same parameter object
+    assert m.head.fc.weight is param and m.head.fc.weight.shape == (8, tiny_spec.embed_dim)
+    assert m.num_classes == 5
+    assert torch.equal(m.head.fc.weight[:2], w[:2]) and torch.equal(m.head.fc.bias[:2], b[:2])
+    # the new rows are those a fresh nn.Linear(D, 5) draws from the same seed (today's semantics)
+    torch.manual_seed(1)
+    fresh = torch.nn.Linear(tiny_spec.embed_dim, 5)
+    assert torch.equal(m.head.fc.weight[2:5], fresh.weight[2:5].detach())
+    assert torch.equal(m.head.fc.bias[2:5], fresh.bias[2:5].detach())
+    assert torch.equal(m.head.fc.weight[5:], torch.zeros(3, tiny_spec.embed_dim))   # unseen
     assert m.grow_head(5) is False
     with pytest.raises(ValueError, match="shrink"):
         m.grow_head(3)
+    assert m.grow_head(9) is True                      # past capacity: blocks of 128 rows
+    assert m.head.capacity == 128 and torch.equal(m.head.fc.weight[:2], w[:2])
+
+
+def test_head_masks_unseen_classes(tiny_spec):
+    m = build_model(tiny_spec, num_classes=3, head_capacity=6)
+    x = torch.randn(4, 1, 16, 16)
+    full = m.classify_all(x)
+    assert full.shape == (4, 6)
+    # the same rows (a GEMM over 6 instead of 3 rows may round the last bit differently)
+    torch.testing.assert_close(full[:, :3], m.classify(x), rtol=1e-5, atol=1e-6)
+    assert (full[:, 3:] == torch.finfo(full.dtype).min).all()
+    probs = full.softmax(-1)
+    assert (probs[:, 3:] == 0).all() and (full.argmax(-1) < 3).all()
+    full.logsumexp(-1).sum().backward()
+    assert m.head.fc.weight.grad[3:].abs().max() == 0 and m.head.fc.weight.grad[:3].abs().max() > 0
 
 
 def test_state_dict_restores_grown_head(tiny_spec):

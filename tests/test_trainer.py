@@ -91,20 +91,22 @@ def test_buffer_holds_every_labeled_sample(tmp_path):
 
 
 def test_logits_masking_gives_no_gradient_to_other_classes(tiny_spec):
+    from dietcl_fast.methods.base import ClassSet
     from dietcl_fast.models import build_model
     cfg = Config()
     cfg.method.mixup = False
     method = build_method(cfg)
-    model = build_model(tiny_spec, num_classes=6)
+    model = build_model(tiny_spec, num_classes=6, head_capacity=8)
     x = torch.randn(4, 1, 16, 16)
     y = torch.tensor([2, 3, 2, 3])
     mb = MicroBatch(x={"labeled": x}, y={"labeled": y}, n_global={"labeled": 4},
                     step_classes=torch.tensor([2, 3]), num_seen=6,
-                    generator=torch.Generator(), mask_generator=torch.Generator())
+                    generator=torch.Generator(), mask_generator=torch.Generator(),
+                    seen=ClassSet.of(range(6), 8, 0.1, "cpu"), step=ClassSet.of([2, 3], 8, 0.1, "cpu"))
     loss, logs = method.loss(model, mb)
     loss.backward()
     g = model.head.fc.weight.grad
-    assert g[[0, 1, 4, 5]].abs().max() == 0
+    assert g[[0, 1, 4, 5, 6, 7]].abs().max() == 0
     assert g[[2, 3]].abs().max() > 0
     # and Lm equals cross-entropy over the step's classes only (with label smoothing 0.1)
     logits = model.classify(x)[:, [2, 3]]

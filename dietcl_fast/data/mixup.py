@@ -6,6 +6,9 @@ labels already indexed into that subset, so no probability mass lands on a maske
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -44,6 +47,71 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, generator: 
         x = x * lam + x.flip(0) * (1.0 - lam)
     target = target * lam + target.flip(0) * (1.0 - lam)
     return x, target
+
+
+@dataclass
+class MixPlan:
+    """Mixup/CutMix of one source of a micro-batch, planned on the host (numpy, from the
+    micro-batch seed) so that the step itself draws nothing and never syncs:
+
+        x'      = x * a + x.flip(0) * b            a, b: [1, 1, H, W]
+        target' = target * lam[0] + target.flip(0) * lam[1]       lam: [2]
+
+    Mixup: a = lam, b = 1 - lam everywhere; CutMix: a = 0, b = 1 inside the box (1, 0 outside)
+    and lam the kept area: the same values `mixup_cutmix` computes."""
+    a: torch.Tensor
+    b: torch.Tensor
+    lam: torch.Tensor
+
+
+def plan_mix(seed: int, n: int, h: int, w: int, mixup_alpha: float = 0.8,
+             cutmix_alpha: float = 1.0, switch_prob: float = 0.5):
+    """-> float32 array [2 + 2*h*w] = (lam, 1 - lam, a.ravel(), b.ravel()), or None (no mixing:
+    fewer than 2 images or both alphas 0). Same distribution as `mixup_cutmix`."""
+    if n < 2 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
+        return None
+    rng = np.random.default_rng(seed)
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    a = np.empty((h, w), np.float32)
+    b = np.empty((h, w), np.float32)
+    if use_cutmix:
+        lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
+        cut = np.sqrt(1.0 - lam)
+        ch, cw = int(h * cut), int(w * cut)
+        cy, cx = int(rng.integers(h)), int(rng.integers(w))
+        y0, y1 = np.clip(cy - ch // 2, 0, h), np.clip(cy + ch // 2, 0, h)
+        x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw // 2, 0, w)
+        a[:], b[:] = 1.0, 0.0
+        a[y0:y1, x0:x1], b[y0:y1, x0:x1] = 0.0, 1.0
+        lam = 1.0 - float((y1 - y0) * (x1 - x0)) / float(h * w)
+    else:
+        lam = float(rng.beta(mixup_alpha, mixup_alpha))
+        a[:], b[:] = lam, 1.0 - lam
+    return np.concatenate([np.array([lam, 1.0 - lam], np.float32), a.ravel(), b.ravel()])
+
+
+def unpack_plan(flat: torch.Tensor, h: int, w: int) -> MixPlan:
+    """A `plan_mix` array (on the device) -> MixPlan views."""
+    hw = h * w
+    return MixPlan(a=flat[2:2 + hw].view(1, 1, h, w), b=flat[2 + hw:].view(1, 1, h, w),
+                   lam=flat[:2])
+
+
+def apply_mix(x: torch.Tensor, target: torch.Tensor, plan: Optional[MixPlan]):
+    """x [N, C, H, W], target [N, K] -> mixed (x, target) by a host-made plan (None: as is)."""
+    if plan is None:
+        return x, target
+    x = x * plan.a.to(x.dtype) + x.flip(0) * plan.b.to(x.dtype)
+    return x, target * plan.lam[0] + target.flip(0) * plan.lam[1]
+
+
+def smooth_targets(y: torch.Tensor, allowed: torch.Tensor, off_on: torch.Tensor) -> torch.Tensor:
+    """Label-smoothed one-hot targets [N, K] over the `allowed` classes ([K] bool) only:
+    off_on[0] on every allowed class, off_on[1] at the label, 0 elsewhere (so a masked class
+    gets no mass). off_on: [2] fp32 (computed on the host: smoothing / |allowed|, and
+    1 - smoothing + that)."""
+    t = allowed.to(torch.float32).unsqueeze(0).expand(y.shape[0], -1) * off_on[0]
+    return t.scatter(1, y.view(-1, 1), off_on[1].expand(y.shape[0], 1))
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, reduction: str = "sum"):

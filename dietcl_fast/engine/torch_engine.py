@@ -49,10 +49,9 @@ class TorchEngine:
         for g in param_groups:
             g.setdefault("lr_scale", 1.0)
             g["lr"] = lr * g["lr_scale"]
-        kw = {}
-        if self.device.type == "cuda":
-            kw["fused"] = True              # one kernel for all parameters
-        self.optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, **kw)
+        # fused: one kernel for all parameters, its step counters on the parameters' device,
+        # so an optimiser step never reads a value on the host (CPU and CUDA alike)
+        self.optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=True)
         if self.world_size > 1:
             # re-wrapped every phase: head growth changes the parameter set DDP registers
             from torch.nn.parallel import DistributedDataParallel as DDP

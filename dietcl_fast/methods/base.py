@@ -40,33 +40,61 @@ class Phase:
     def mix_at(self, it: int) -> dict[str, float]:
         return self.mix if self.mix_fn is None else self.mix_fn(it)
 
-    def counts(self, global_batch: int, it: int | None = None) -> dict[str, int]:
-        """Integer images per source per global batch; rounding remainder goes to the first
-        source so the counts always sum to the global batch exactly."""
+    def counts(self, global_batch: int, it: int | None = None, granule: int = 1) -> dict[str, int]:
+        """Integer images per source per global batch. Each source's count is the multiple of
+        `granule` (the number of micro-batches of a global batch) nearest to its share, so that
+        every micro-batch of a phase holds the same number of images of each source (static
+        shapes); the rounding remainder goes to the first source, so the counts sum to the
+        global batch exactly. E.g. 1,024 in 4 micro-batches at 0.4 unlabeled: 408 + 616."""
         mix = self.mix if it is None else self.mix_at(it)
         srcs = [s for s in SOURCES if mix.get(s, 0) > 0]
-        c = {s: int(round(mix[s] * global_batch)) for s in srcs}
+        g = granule if global_batch % granule == 0 else 1
+        c = {s: g * int(round(mix[s] * global_batch / g)) for s in srcs}
         c[srcs[0]] += global_batch - sum(c.values())
         return c
 
-    def iteration_units(self, global_batch: int, units_for, paths: dict, it: int = 0) -> float:
+    def iteration_units(self, global_batch: int, units_for, paths: dict, it: int = 0,
+                        granule: int = 1) -> float:
         """Budget units one optimiser step of this phase charges (views and extra passes in)."""
-        c = self.counts(global_batch, it)
+        c = self.counts(global_batch, it, granule)
         u = sum(units_for(paths[s], n * self.views.get(s, 1), s not in self.forward_only)
                 for s, n in c.items())
         u += sum(units_for(path, c[s] * k, bw) for s, path, k, bw in self.extra if s in c)
         return u
 
-    def planned_units(self, global_batch: int, units_for, paths: dict) -> float:
+    def planned_units(self, global_batch: int, units_for, paths: dict, granule: int = 1) -> float:
         if self.mix_fn is None:
-            return self.steps * self.iteration_units(global_batch, units_for, paths)
-        return sum(self.iteration_units(global_batch, units_for, paths, it) for it in range(self.steps))
+            return self.steps * self.iteration_units(global_batch, units_for, paths, 0, granule)
+        return sum(self.iteration_units(global_batch, units_for, paths, it, granule)
+                   for it in range(self.steps))
+
+
+@dataclass
+class ClassSet:
+    """A set of classes as the step sees them: mask [capacity] bool (on the device) and the
+    label-smoothing values for targets over it, off_on [2] fp32 = (s / |set|, 1 - s + s / |set|),
+    computed on the host in float64 as `smooth_one_hot` does."""
+    mask: torch.Tensor
+    off_on: torch.Tensor
+
+    @staticmethod
+    def of(classes, capacity: int, smoothing: float, device) -> "ClassSet":
+        mask = torch.zeros(capacity, dtype=torch.bool)
+        mask[torch.as_tensor(list(classes), dtype=torch.long)] = True
+        off = smoothing / len(classes)
+        off_on = torch.tensor([off, 1.0 - smoothing + off], dtype=torch.float32)
+        return ClassSet(mask.to(device), off_on.to(device))
 
 
 @dataclass
 class MicroBatch:
     """One micro-batch: per-source images/labels and the global counts that normalise losses,
-    so that accumulated micro-batch losses equal the loss of the whole global batch."""
+    so that accumulated micro-batch losses equal the loss of the whole global batch.
+
+    `y` holds the labels of the labeled sources only (`labeled`, `buffer`): the unlabeled
+    source's labels never leave the stream. Methods with `static_shapes` read their randomness
+    from host-made plans (`noise`, `mix`) and their class sets from `seen` / `step`, so their
+    loss has one shape per phase and draws nothing: it compiles with no graph break."""
     x: dict[str, torch.Tensor]
     y: dict[str, torch.Tensor]
     n_global: dict[str, int]
@@ -78,6 +106,10 @@ class MicroBatch:
     phase: str = ""
     extra: dict = field(default_factory=dict)
     views: dict = field(default_factory=dict)   # source -> [view 2, view 3, ...] (Phase.views)
+    noise: dict = field(default_factory=dict)   # source -> MAE mask noise [n, L] (uniform)
+    mix: dict = field(default_factory=dict)     # source -> MixPlan | None (mixup off / n < 2)
+    seen: Optional[ClassSet] = None             # the classes seen so far
+    step: Optional[ClassSet] = None             # the classes of this time step
 
 
 class Method:
@@ -88,12 +120,20 @@ class Method:
     # buffer draws may hold step t's own labels) or "after" it (ER in the reference code: a
     # step-t draw holds steps 0..t-1 only)
     buffer_insertion = "before"
+    # True: the loss uses only MicroBatch's planned randomness (`noise`, `mix`), the class sets
+    # and the full-capacity head (`classify_all`): static shapes, no draw, no host sync, so the
+    # trainer may compile it whole (`fullgraph=True`). False: eager only.
+    static_shapes = False
+    # True: `labeled` images must be of the time step's classes (the loss masks logits to them);
+    # the trainer checks it on the host, before the labels are copied to the device
+    labeled_in_step = False
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.mcfg = cfg.method
         self.G = cfg.run.batch_size or 1024     # the trainer sets the resolved global batch
         self.units_for = None                   # the trainer binds ledger.units_for here
+        self.granule = 1                        # the trainer sets: micro-batches per global batch
 
     def opt(self, key: str, default):
         """A method-specific option (config `method.options`), typed like its default."""
@@ -106,7 +146,7 @@ class Method:
 
     def fit(self, phase: Phase, units: float) -> Phase:
         """Set phase.steps to the most whole iterations whose charges fit in `units`."""
-        per = phase.iteration_units(self.G, self.units_for, self.paths)
+        per = phase.iteration_units(self.G, self.units_for, self.paths, granule=self.granule)
         phase.steps = max(0, int(units / per + 1e-9))
         return phase
 
@@ -161,16 +201,41 @@ class Method:
         return mixup_cutmix(x, y, num_classes, generator, self.mcfg.mixup_alpha,
                             self.mcfg.cutmix_alpha, self.mcfg.label_smoothing)
 
+    def planned_mix(self, mb: MicroBatch, name: str, classes: "ClassSet"):
+        """Mixup/CutMix of source `name` as planned on the host -> (x, soft targets
+        [n, capacity] over `classes` only). No draw, no host sync: the compiled form of `mix`."""
+        from dietcl_fast.data.mixup import apply_mix, smooth_targets
+        tgt = smooth_targets(mb.y[name], classes.mask, classes.off_on)
+        return apply_mix(mb.x[name], tgt, mb.mix[name] if self.mcfg.mixup else None)
+
     def replay_loss(self, model, mb: MicroBatch, classify=None):
         """Cross-entropy over all seen classes on the labeled and buffer images of the
         micro-batch, both sources in one classifier forward (ER's loss); `classify(x)` is the
         logits function (default model.classify)."""
+        if self.static_shapes and classify is None:
+            return self._replay_loss_static(model, mb)
         xs, targets, names = [], [], []
         for name in ("labeled", "buffer"):
             if name in mb.x:
                 x, tgt = self.mix(mb.x[name], mb.y[name], mb.num_seen, mb.generator)
                 xs.append(x), targets.append(tgt), names.append(name)
         logits = (classify or model.classify)(torch.cat(xs) if len(xs) > 1 else xs[0])
+        total, start, logs = 0.0, 0, {}
+        for name, tgt in zip(names, targets):
+            term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])
+            start += tgt.shape[0]
+            total = total + term
+            logs["L" + name[0]] = term.detach() * mb.n_global[name] / tgt.shape[0]
+        return total, logs
+
+    def _replay_loss_static(self, model, mb: MicroBatch):
+        """replay_loss on the full-capacity head (unseen classes masked) with planned Mixup."""
+        xs, targets, names = [], [], []
+        for name in ("labeled", "buffer"):
+            if name in mb.x:
+                x, tgt = self.planned_mix(mb, name, mb.seen)
+                xs.append(x), targets.append(tgt), names.append(name)
+        logits = model.classify_all(torch.cat(xs) if len(xs) > 1 else xs[0])
         total, start, logs = 0.0, 0, {}
         for name, tgt in zip(names, targets):
             term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])
@@ -188,7 +253,9 @@ class Method:
 
 
 def remap_to_subset(y: torch.Tensor, subset: torch.Tensor, num_seen: int) -> torch.Tensor:
-    """Labels in the full seen-class space -> positions in `subset` (for logits masking)."""
+    """Labels in the full seen-class space -> positions in `subset` (for logits masking). The
+    check reads a value on the host: only the eager form uses it (the trainer checks the
+    labels on the host before copying them, see Method.labeled_in_step)."""
     lut = torch.full((num_seen,), -1, dtype=torch.long, device=y.device)
     lut[subset.to(y.device)] = torch.arange(len(subset), device=y.device)
     out = lut[y]

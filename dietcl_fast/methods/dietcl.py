@@ -28,6 +28,38 @@ from . import register
 from .base import Method, MicroBatch, Phase, remap_to_subset
 
 
+def _loss_static_impl(self, model, mb: MicroBatch):
+    """Static shapes (compiled whole): masks from `mb.noise`, Mixup from `mb.mix`, logits over
+    the full-capacity head; Lm masks them as `masked_ce` does, Lb to the seen classes."""
+    total = torch.zeros((), device=mb.seen.mask.device)
+    logs = {}
+    if "unlabeled" in mb.x:
+        lr, _, _ = model.forward_mae(mb.x["unlabeled"], noise=mb.noise["unlabeled"])
+        share = mb.x["unlabeled"].shape[0] / mb.n_global["unlabeled"]
+        total = total + self.mcfg.recon_weight * lr * share
+        logs["Lr"] = lr.detach()
+    time_scenario = self.cfg.stream.scenario == "time"
+    xs, targets, names = [], [], []
+    for name, classes in (("labeled", mb.seen if time_scenario else mb.step), ("buffer", mb.seen)):
+        if name in mb.x:
+            x, tgt = self.planned_mix(mb, name, classes)
+            xs.append(x), targets.append(tgt), names.append(name)
+    if xs:
+        logits = model.classify_all(torch.cat(xs) if len(xs) > 1 else xs[0])
+        start = 0
+        for name, tgt in zip(names, targets):
+            lg = logits[start:start + tgt.shape[0]]
+            start += tgt.shape[0]
+            if name == "labeled":
+                term = _static_lm(lg, tgt, mb.step, time_scenario, mb.n_global[name])
+            else:
+                term = self.ce(lg, tgt, mb.n_global[name])
+            total = total + term
+            logs["Lm" if name == "labeled" else "Lb"] = term.detach() * (
+                mb.n_global[name] / tgt.shape[0])
+    return total, logs
+
+
 def parse_split(split: str) -> tuple[str, float]:
     if split == "auto":
         return "auto", float("nan")
@@ -46,6 +78,8 @@ def parse_split(split: str) -> tuple[str, float]:
 @register
 class DietCL(Method):
     name = "dietcl"
+    static_shapes = True
+    labeled_in_step = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -89,6 +123,8 @@ class DietCL(Method):
             self.split = (str(kind), float(v))
             self.tuning = state.get("tuning")
 
+    _loss_static = _loss_static_impl
+
     def phases(self, t: int, budget: int) -> list[Phase]:
         u = self.mcfg.unlabeled_fraction
         joint = self.joint_steps(t, budget)
@@ -104,6 +140,11 @@ class DietCL(Method):
         return out
 
     def loss(self, model, mb: MicroBatch):
+        """The trainer's micro-batches carry planned randomness and class sets: the static
+        form (`_loss_static`, compiled whole with --compile). A hand-made MicroBatch without
+        them (unit tests) takes the eager form below; both compute the same losses."""
+        if mb.seen is not None:
+            return self._loss_static(model, mb)
         total = torch.zeros((), device=mb.step_classes.device)
         logs = {}
         if "unlabeled" in mb.x:
@@ -112,7 +153,7 @@ class DietCL(Method):
             share = mb.x["unlabeled"].shape[0] / mb.n_global["unlabeled"]
             total = total + self.mcfg.recon_weight * lr * share
             logs["Lr"] = lr.detach()
-        # one classifier forward for both labeled sources (SPEC §7: faster than two)
+        # one classifier forward for both labeled sources (faster than two)
         xs, targets, names = [], [], []
         time_scenario = self.cfg.stream.scenario == "time"
         if "labeled" in mb.x:
@@ -140,6 +181,20 @@ class DietCL(Method):
                 logs["Lm" if name == "labeled" else "Lb"] = term.detach() * (
                     mb.n_global[name] / tgt.shape[0])
         return total, logs
+
+
+def _static_lm(logits: torch.Tensor, target: torch.Tensor, step, time_scenario: bool,
+               n_global: int) -> torch.Tensor:
+    """Lm on the full-capacity head: logits [n, capacity] (unseen classes at the dtype's min),
+    target [n, capacity] (zero outside its class set), step: the step's ClassSet.
+    class-incremental: softmax over the step's classes only (target over the step's classes).
+    time-incremental:  log-softmax over all seen classes, the terms of classes absent from the
+                       step multiplied by 0 (target over all seen classes)."""
+    if not time_scenario:
+        return Method.ce(logits.masked_fill(~step.mask, torch.finfo(logits.dtype).min), target,
+                         n_global)
+    logp = torch.log_softmax(logits.float(), dim=1)
+    return -(target * logp * step.mask.to(logp.dtype)).sum() / n_global
 
 
 def masked_ce(logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor, num_seen: int,

@@ -18,6 +18,7 @@ from .base import Method, MicroBatch, Phase
 class ER(Method):
     name = "er"
     buffer_insertion = "after"
+    static_shapes = True
 
     def phases(self, t: int, budget: int) -> list[Phase]:
         mix = {"labeled": 1.0} if t == 0 else {"labeled": 0.5, "buffer": 0.5}

@@ -26,11 +26,12 @@ def _timm():
 class DietModel(nn.Module):
     """Encoder + MAE decoder + head.
 
-    classify(imgs [N, C, S, S]) -> logits [N, K]
-    forward_mae(imgs, generator) -> (loss, pred [N, L, p*p*C], mask [N, L])
+    classify(imgs [N, C, S, S]) -> logits [N, K]              (K seen classes)
+    classify_all(imgs) -> logits [N, capacity]                (unseen classes masked)
+    forward_mae(imgs, generator | noise) -> (loss, pred [N, L, p*p*C], mask [N, L])
     """
 
-    def __init__(self, spec: ModelSpec, num_classes: int = 0):
+    def __init__(self, spec: ModelSpec, num_classes: int = 0, head_capacity: int | None = None):
         super().__init__()
         spec.validate()
         self.spec = spec
@@ -60,7 +61,7 @@ class DietModel(nn.Module):
         self.decoder_norm = norm_layer(d)
         self.decoder_pred = nn.Linear(d, spec.patch_size ** 2 * spec.in_chans, bias=True)
         torch.nn.init.normal_(self.mask_token, std=0.02)
-        self.head = GrowableHead(spec.embed_dim, num_classes)
+        self.head = GrowableHead(spec.embed_dim, num_classes, head_capacity)
 
     # ------------------------------------------------------------------ classification
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -73,16 +74,22 @@ class DietModel(nn.Module):
 
     forward = classify
 
+    def classify_all(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [N, C, S, S] -> logits [N, capacity]: one shape for the whole run; classes not
+        seen yet are at the dtype's minimum (no softmax mass, never the argmax)."""
+        return self.head.forward_all(self.forward_features(imgs))
+
     # ------------------------------------------------------------------ MAE
-    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator=None):
-        """imgs [N, C, S, S] -> latent [N, 1+K, D], mask [N, L], ids_restore [N, L]."""
+    def forward_encoder(self, imgs: torch.Tensor, mask_ratio: float, generator=None, noise=None):
+        """imgs [N, C, S, S] -> latent [N, 1+K, D], mask [N, L], ids_restore [N, L]. The mask
+        comes from `noise` [N, L] (uniform, drawn outside a compiled step) or `generator`."""
         from dietcl_fast.kernels import random_masking
 
         enc = self.encoder
         x = enc.patch_embed(imgs)                                    # [N, L, D]
         # Fused: add positions and keep K random tokens per sample (MAE's argsort of noise).
         x, mask, ids_restore = random_masking(x, enc.pos_embed[:, 1:, :], mask_ratio,
-                                              generator=generator)
+                                              generator=generator, noise=noise)
         cls = (enc.cls_token + enc.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         x = enc.blocks(x)
@@ -103,12 +110,14 @@ class DietModel(nn.Module):
         x = self.decoder_pred(x)
         return x[:, 1:, :]
 
-    def forward_mae(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator=None):
-        """Lr of SPEC §4: MSE on masked patches of per-patch-normalised targets."""
+    def forward_mae(self, imgs: torch.Tensor, mask_ratio: float | None = None, generator=None,
+                    noise=None):
+        """Lr: MSE on masked patches of per-patch-normalised targets. Masks from `noise`
+        [N, L] (uniform; the trainer draws it from the micro-batch seed) or `generator`."""
         from dietcl_fast.kernels import mae_loss
 
         ratio = self.spec.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
+        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator, noise)
         pred = self.forward_decoder(latent, ids_restore)
         loss = mae_loss(imgs, pred, mask, self.spec.patch_size, norm_pix=self.spec.norm_pix_loss)
         return loss, pred, mask
@@ -122,11 +131,15 @@ class DietModel(nn.Module):
         return self.head.grow(num_classes)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        # The head's row count is structural: grow to the saved size before copying weights.
-        k = state_dict.get("head.num_classes_t")
-        if k is not None and int(k) > self.head.num_classes:
-            self.head.grow(int(k))
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        # The head's row count is structural: take the saved capacity before copying weights,
+        # then the saved number of seen classes.
+        k, w = state_dict.get("head.num_classes_t"), state_dict.get("head.fc.weight")
+        if w is not None and w.shape[0] != self.head.capacity:
+            self.head._resize(w.shape[0])
+        out = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if k is not None:
+            self.head.set_seen(int(k))
+        return out
 
     def param_groups_lrd(self, weight_decay: float, layer_decay: float):
         from .optim import param_groups_lrd
@@ -142,5 +155,6 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> None:
             m.fused_attn = enabled
 
 
-def build_model(spec: ModelSpec, num_classes: int = 0) -> DietModel:
-    return DietModel(spec, num_classes)
+def build_model(spec: ModelSpec, num_classes: int = 0, head_capacity: int | None = None) -> DietModel:
+    """head_capacity: head rows allocated up front (the stream's classes; None: blocks of 128)."""
+    return DietModel(spec, num_classes, head_capacity)

@@ -1,0 +1,195 @@
+"""The training step's hot path: no device-to-host sync inside an iteration, the unlabeled
+source's labels never reach a method, static per-source micro-batch sizes, and the
+`--micro-batch auto` probe."""
+import numpy as np
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dietcl_fast.config import Config
+from dietcl_fast.methods import METHODS
+from dietcl_fast.methods.base import Phase
+from dietcl_fast.trainer import Trainer
+
+
+def tiny_cfg(method="dietcl", budget=3, **run):
+    cfg = Config()
+    cfg.method.name = method
+    cfg.stream.time_steps = 2
+    cfg.stream.label_rate = 0.05
+    cfg.run.budget = budget
+    cfg.run.batch_size = run.pop("batch_size", 16)
+    cfg.engine.micro_batch = run.pop("micro_batch", 8)
+    cfg.run.progress = False
+    cfg.run.eval_batch_size = 1024
+    for k, v in run.items():
+        setattr(cfg.run, k, v)
+    return cfg
+
+
+# ------------------------------------------------------------------ no device-to-host sync
+class DeviceToHost(RuntimeError):
+    pass
+
+
+PAUSED = [False]     # the loader's own host-side work (see below) is not the step's
+
+
+class _FunctionGuard(TorchFunctionMode):
+    """Tensor methods that hand values to the host."""
+    BANNED = {"item", "__bool__", "tolist", "cpu", "numpy", "__int__", "__float__", "__index__"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.BANNED and not PAUSED[0]:
+            raise DeviceToHost(f"Tensor.{name} inside a training iteration")
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchGuard(TorchDispatchMode):
+    """Kernels whose result needs the data on the host: scalar reads and data-dependent shapes."""
+    BANNED = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2",
+              "unique_consecutive", "repeat_interleave", "equal", "is_nonzero"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.BANNED and not PAUSED[0]:
+            raise DeviceToHost(f"aten.{func.__name__} inside a training iteration")
+        return func(*args, **(kwargs or {}))
+
+
+class NoSync:
+    def __enter__(self):
+        self.modes = [_FunctionGuard(), _DispatchGuard()]
+        for m in self.modes:
+            m.__enter__()
+
+    def __exit__(self, *exc):
+        for m in reversed(self.modes):
+            m.__exit__(*exc)
+
+
+def test_the_guard_catches_every_kind_of_transfer():
+    x = torch.arange(4.0)
+    for bad in (lambda: x.sum().item(), lambda: bool((x < 0).any()), lambda: x.tolist(),
+                lambda: x.cpu(), lambda: x.numpy(), lambda: x.nonzero(), lambda: int(x[0]),
+                lambda: float(x[1]), lambda: torch.equal(x, x)):
+        with pytest.raises(DeviceToHost):
+            with NoSync():
+                bad()
+    with NoSync():                                  # device-side work passes
+        (x * 2).softmax(0).sum(0, keepdim=True)
+
+
+@pytest.mark.parametrize("method", ["dietcl", "er"])
+def test_training_iterations_never_wait_for_the_device(tmp_path, monkeypatch, method):
+    """Every iteration of a tiny run (DietCL: joint at t=0, joint with the buffer and
+    buffer-only at t=1; ER) runs under modes that fail on any device-to-host transfer: id
+    draws, ledger, labels and plans, micro-batch assembly, the loss, backward and the optimiser
+    step. Only `loader.fetch` runs unguarded: on the CPU every tensor is a host tensor, so the
+    loader's host-side augmentation maths cannot be told apart from a transfer here (the
+    loaders are checked on their own)."""
+    phases = []
+    orig = Trainer._train_iteration
+    from dietcl_fast.data.memory import MemoryLoader
+    orig_fetch = MemoryLoader.fetch
+
+    def fetch(self, ticket):
+        PAUSED[0] = True
+        try:
+            return orig_fetch(self, ticket)
+        finally:
+            PAUSED[0] = False
+    monkeypatch.setattr(MemoryLoader, "fetch", fetch)
+
+    def guarded(self, t, p_idx, phase, *a):
+        phases.append((t, phase.name))
+        with NoSync():
+            return orig(self, t, p_idx, phase, *a)
+    monkeypatch.setattr(Trainer, "_train_iteration", guarded)
+    cfg = tiny_cfg(method, budget=5)
+    cfg.method.split = "ratio:0.6"
+    Trainer(cfg, log=lambda m: None).run(str(tmp_path))
+    want = {(0, "joint"), (1, "joint"), (1, "buffer")} if method == "dietcl" else {(0, "replay"), (1, "replay")}
+    assert set(phases) == want
+
+
+# ------------------------------------------------------------------ labels of the unlabeled source
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_no_method_ever_sees_an_unlabeled_label(tmp_path, monkeypatch, method):
+    """The unlabeled source's labels are never looked up, and never reach a MicroBatch."""
+    seen_sources = set()
+    cfg = tiny_cfg(method, budget=2)
+    tr = Trainer(cfg, log=lambda m: None)
+    unlabeled = np.concatenate([s.unlabeled_ids for s in tr.stream.steps])
+    looked_up = []
+    orig_labels_of = type(tr.stream).labels_of
+    monkeypatch.setattr(type(tr.stream), "labels_of",
+                        lambda self, ids: (looked_up.append(np.asarray(ids)), orig_labels_of(self, ids))[1])
+    orig_loss = tr.loss_fn
+
+    def loss(model, mb):
+        assert "unlabeled" not in mb.y, f"{method} got the unlabeled source's labels"
+        assert set(mb.y) <= {"labeled", "buffer"} and set(mb.y) <= set(mb.x)
+        seen_sources.update(mb.x)
+        return orig_loss(model, mb)
+    tr.loss_fn = loss
+    tr.run(str(tmp_path))
+    assert seen_sources, "no micro-batch ran"
+    for ids in looked_up:
+        assert not np.isin(ids, unlabeled).any(), f"{method}: labels of unlabeled images looked up"
+
+
+# ------------------------------------------------------------------ static shapes
+def test_counts_are_multiples_of_the_micro_batches():
+    joint = Phase("joint", 1, {"unlabeled": 0.4, "labeled": 0.6})
+    assert joint.counts(1024, granule=4) == {"unlabeled": 408, "labeled": 616}
+    assert joint.counts(1024) == {"unlabeled": 410, "labeled": 614}      # granule 1: as before
+    three = Phase("joint", 1, {"unlabeled": 0.4, "labeled": 0.3, "buffer": 0.3})
+    assert three.counts(1024, granule=4) == {"unlabeled": 408, "labeled": 308, "buffer": 308}
+    c = three.counts(16, granule=2)
+    assert sum(c.values()) == 16 and all(v % 2 == 0 for v in c.values())
+
+
+def test_every_micro_batch_of_a_phase_has_the_same_sizes(tmp_path, monkeypatch):
+    sizes = []
+    cfg = tiny_cfg("dietcl", budget=4, batch_size=16, micro_batch=4)
+    tr = Trainer(cfg, log=lambda m: None)
+    orig = tr.loss_fn
+
+    def loss(model, mb):
+        sizes.append((mb.t, mb.phase, tuple(sorted((s, x.shape[0]) for s, x in mb.x.items()))))
+        return orig(model, mb)
+    tr.loss_fn = loss
+    tr.run(str(tmp_path))
+    by_phase = {}
+    for t, ph, sz in sizes:
+        by_phase.setdefault((t, ph), set()).add(sz)
+    assert len(by_phase) == 3 and all(len(v) == 1 for v in by_phase.values()), by_phase
+
+
+# ------------------------------------------------------------------ --micro-batch auto
+def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path):
+    import yaml
+    probed = []
+
+    def fits(m):
+        probed.append(m)
+        return m <= 4
+    cfg = tiny_cfg("er", budget=2, micro_batch="auto")
+    tr = Trainer(cfg, log=lambda m: None, micro_fits=fits)
+    assert probed == [16, 8, 4] and tr.micro == 4 and tr.n_micro == 4 and tr.G == 16
+    res = tr.run(str(tmp_path / "auto"))
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["engine"]["micro_batch"] == 4
+    fixed = Trainer(tiny_cfg("er", budget=2, micro_batch=8), log=lambda m: None).run(str(tmp_path / "m8"))
+    assert res["global_batch"] == fixed["global_batch"] == 16
+    a, b = dict(res["ledger"]), dict(fixed["ledger"])
+    assert a.pop("num_charges") == 2 * b.pop("num_charges")     # one charge per micro-batch
+    for p in (*a["per_path"].values(), *b["per_path"].values()):
+        p.pop("charges")
+    assert a == b                                               # same units, images and FLOPs
+
+
+def test_micro_batch_auto_on_the_cpu_takes_the_whole_batch(tmp_path):
+    tr = Trainer(tiny_cfg("dietcl", budget=1, micro_batch="auto"), log=lambda m: None)
+    assert tr.micro == 16 and tr.cfg.engine.micro_batch == 16
