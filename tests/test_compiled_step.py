@@ -1,0 +1,104 @@
+"""The compiled step on the CPU inductor backend, kept tiny: DietCL's joint and buffer-only
+losses and ER's compile whole (`fullgraph=True`: a graph break raises instead of running a
+slower, partly compiled step), and a killed compiled run resumes to the same accuracies.
+Compiled graphs are cached on disk by inductor, so the CLI runs after the first reuse them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dietcl_fast.config import Config
+from dietcl_fast.trainer import Trainer
+
+PY = sys.executable
+
+
+def test_a_graph_break_fails_under_fullgraph():
+    """The negative control: the eager Mixup (it draws from a torch.Generator and reads the
+    draw on the host) cannot be compiled whole, and fullgraph=True says so."""
+    from dietcl_fast.data.mixup import mixup_cutmix
+    torch._dynamo.reset()
+    x, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    fn = torch.compile(lambda x, y: mixup_cutmix(x, y, 4, torch.Generator().manual_seed(0)),
+                       fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="(?i)graph break|unsupported|generator"):
+        fn(x, y)
+
+
+def _tiny(method, budget=4):
+    cfg = Config()
+    cfg.method.name = method
+    cfg.method.split = "ratio:0.5"
+    cfg.stream.time_steps = 2
+    cfg.stream.label_rate = 0.05
+    cfg.run.budget = budget
+    cfg.run.batch_size = 16
+    cfg.engine.micro_batch = 8
+    cfg.run.progress = False
+    cfg.run.eval_batch_size = 1024
+    cfg.engine.compile = True
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,phases", [
+    ("dietcl", {(0, "joint"), (1, "joint"), (1, "buffer")}),
+    ("er", {(0, "replay"), (1, "replay")}),
+])
+def test_losses_compile_whole_on_inductor(tmp_path, method, phases):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    ran = set()
+    tr = Trainer(_tiny(method), log=lambda m: None)
+    compiled = tr.loss_fn
+    assert compiled is not tr.method.loss                 # the trainer really compiles
+
+    def loss(model, mb):
+        ran.add((mb.t, mb.phase))
+        return compiled(model, mb)
+    tr.loss_fn = loss
+    res = tr.run(str(tmp_path))
+    assert ran == phases
+    assert counters["stats"]["unique_graphs"] >= len(phases)    # one graph per phase shape
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert res["config"]["engine"]["compile"] is True
+    assert all(0 <= a <= 100 for row in res["accuracy_matrix"] for a in row)
+
+
+def test_compile_refuses_a_method_that_cannot_compile_whole():
+    from dietcl_fast.config import ConfigError
+    with pytest.raises(ConfigError, match="--compile"):
+        Trainer(_tiny("cassle"), log=lambda m: None)
+
+
+def cli(*args, check=True):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", *args], capture_output=True, text=True,
+                       env=env, timeout=1200)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--micro-batch", "8",
+        "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5", "--compile"]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_compiled_is_identical(tmp_path):
+    full = tmp_path / "full"
+    cli(*TINY, "--out", str(full))
+    part = tmp_path / "part"
+    p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", "--stop-after-steps", "6", check=False)
+    assert p.returncode == 17, p.stderr
+    p = cli("train", "--resume", str(part), "--no-progress")
+    assert "resuming" in p.stderr
+    a = json.loads((full / "results.json").read_text())
+    b = json.loads((part / "results.json").read_text())
+    assert a["config"]["engine"]["compile"] is True and b["config"]["engine"]["compile"] is True
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert a["ledger"]["flops_total"] == b["ledger"]["flops_total"]
