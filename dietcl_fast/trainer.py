@@ -554,7 +554,8 @@ class Trainer:
                  f"{self.dist.world_size} processes (engine {self.engine.name}"
                  f"{f', ZeRO-{cfg.engine.zero_stage}' if self.engine.name == 'deepspeed' else ''}); "
                  f"budget {self.budget} steps per time step; loader {self.loader.name}; "
-                 f"kernels {self._kernel_backend()}")
+                 f"kernels {self._kernel_backend()}; step "
+                 f"{'compiled (torch.compile, whole graph)' if cfg.engine.compile else 'eager'}")
 
         if getattr(self.method, "needs_split_tuning", False):
             self._tune_split()

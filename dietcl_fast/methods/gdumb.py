@@ -58,7 +58,7 @@ class GDumb(Method):
         # retrain from scratch: the run's initial weights (seed), head grown to the seen classes
         from ..models import build_model, load_mae_checkpoint
         torch.manual_seed(trainer.cfg.run.seed)
-        fresh = build_model(trainer.spec)
+        fresh = build_model(trainer.spec, head_capacity=trainer.model.head.capacity)
         if trainer.cfg.model.pretrained:
             load_mae_checkpoint(fresh, trainer.cfg.model.pretrained)
         torch.manual_seed(derive_seed(trainer.cfg.run.seed, t, 0x4EAD))
