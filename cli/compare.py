@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import os
 import sys
@@ -29,36 +30,49 @@ def _request(cfg) -> dict:
     return d
 
 
+def _old_request(run_dir: str) -> dict | None:
+    req_path = os.path.join(run_dir, "compare_request.json")
+    if not os.path.exists(req_path):
+        return None
+    try:
+        with open(req_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        from dietcl_fast.config import ConfigError
+        raise ConfigError(f"{req_path} is unreadable ({e}); move {run_dir} away") from None
+
+
 def run_one(cfg, run_dir: str, log_path: str) -> dict:
     """Run (or reuse, or resume) one configured run; returns its results dict."""
     from dietcl_fast import checkpoint as ckpt_io
+    from dietcl_fast.checkpoint import atomic_write_bytes
     from dietcl_fast.config import Config
+    from dietcl_fast.rundir import RunLock, check_out_dir
     from dietcl_fast.trainer import Trainer
-    os.makedirs(run_dir, exist_ok=True)
-    req_path = os.path.join(run_dir, "compare_request.json")
-    req = _request(cfg)
-    if os.path.exists(req_path):
-        with open(req_path) as f:
-            old = json.load(f)
-        if old != req:
-            raise click.UsageError(f"{run_dir} holds a run with other options; use another --out")
-        res_path = os.path.join(run_dir, "results.json")
-        if os.path.exists(res_path):
-            with open(res_path) as f:
-                return json.load(f)
-    else:
-        with open(req_path, "w") as f:
-            json.dump(req, f, indent=1)
-    with open(log_path, "a") as logf:
-        def log(m):
-            logf.write(m + "\n")
-            logf.flush()
-        if os.path.exists(os.path.join(run_dir, "latest.pt")):
-            state = ckpt_io.load_checkpoint(run_dir)
-            rcfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
-            rcfg.run.progress, rcfg.run.stop_after_steps = False, cfg.run.stop_after_steps
-            return Trainer(rcfg, log=log).run(run_dir, resume_state=state)
-        return Trainer(cfg, log=log).run(run_dir)
+    check_out_dir(run_dir, data=cfg.stream.data)
+    with RunLock(run_dir):
+        req = _request(cfg)
+        old = _old_request(run_dir)
+        if old is not None:
+            if old != req:
+                raise click.UsageError(f"{run_dir} holds a run with other options; use another --out")
+            res_path = os.path.join(run_dir, "results.json")
+            if os.path.exists(res_path):
+                with open(res_path) as f:
+                    return json.load(f)
+        else:
+            atomic_write_bytes(os.path.join(run_dir, "compare_request.json"),
+                               json.dumps(req, indent=1).encode())
+        with open(log_path, "a") as logf:
+            def log(m):
+                logf.write(m + "\n")
+                logf.flush()
+            if ckpt_io.has_checkpoint(run_dir):
+                state = ckpt_io.load_checkpoint(run_dir)
+                rcfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
+                rcfg.run.progress, rcfg.run.stop_after_steps = False, cfg.run.stop_after_steps
+                return Trainer(rcfg, log=log).run(run_dir, resume_state=state)
+            return Trainer(cfg, log=log).run(run_dir)
 
 
 def summarise_runs(rows: list[dict]) -> dict:
@@ -68,7 +82,10 @@ def summarise_runs(rows: list[dict]) -> dict:
     return out
 
 
-def write_outputs(out: str, results: list[dict]) -> None:
+def write_outputs(out: str, results: list[dict], failures: list[tuple] = ()) -> None:
+    """compare.csv / .md / .png from the finished runs; failed runs are listed in both tables
+    (status column / a 'failed runs' section), never dropped silently."""
+    from dietcl_fast.checkpoint import atomic_write_bytes
     rows = []
     for r in results:
         led = r["ledger"]
@@ -79,12 +96,29 @@ def write_outputs(out: str, results: list[dict]) -> None:
             "forgetting": None if r["forgetting"] is None else round(r["forgetting"], 3),
             "units_spent": round(sum(led["steps_per_step"]), 4),
             "flops_total": led["flops_total"], "wall_seconds": round(r["wall_seconds"], 1),
-            "A_t": " ".join(f"{a:.2f}" for a in r["A"]),
+            "A_t": " ".join(f"{a:.2f}" for a in r["A"]), "status": "ok",
         })
-    with open(os.path.join(out, "compare.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    fieldnames = ["method", "seed", "label_rate", "scenario", "time_steps", "budget", "A_T",
+                  "A_bar", "forgetting", "units_spent", "flops_total", "wall_seconds", "A_t",
+                  "status"]
+    for m, s, msg in failures:
+        rows_f = {k: "" for k in fieldnames}
+        rows_f.update(method=m, seed=s, status=f"failed: {msg}")
+        rows.append(rows_f)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fieldnames, lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_bytes(os.path.join(out, "compare.csv"), buf.getvalue().encode())
+    rows = [r for r in rows if r["status"] == "ok"]
+    fail_lines = []
+    if failures:
+        fail_lines = ["", f"Failed runs ({len(failures)}; not in the means above):", ""] + \
+            [f"- {m} seed {s}: {msg}" for m, s, msg in failures]
+    if not results:
+        atomic_write_bytes(os.path.join(out, "compare.md"),
+                           ("No run finished.\n" + "\n".join(fail_lines) + "\n").encode())
+        return
     by = summarise_runs(rows)
     r0 = results[0]
     lines = [f"{r0['dataset']}, {r0['scenario']}-incremental, T={r0['time_steps']}, label rate "
@@ -105,8 +139,8 @@ def write_outputs(out: str, results: list[dict]) -> None:
     if "joint" in by:
         lines += ["", "† joint is not continual: it trains once at the last step with the whole "
                   "run's budget, so only its A(T) is meaningful."]
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    lines += fail_lines
+    atomic_write_bytes(os.path.join(out, "compare.md"), ("\n".join(lines) + "\n").encode())
     plot(out, results, order)
 
 
@@ -158,9 +192,15 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
 
         from dietcl_fast.config import ConfigError
         from dietcl_fast.methods import METHODS
+        from dietcl_fast.config import validate
+        from dietcl_fast.rundir import RunLock, check_out_dir
         try:
+            # everything is checked before anything is created
             names = sorted(METHODS) if params["methods"] == "all" else \
                 [m.strip() for m in params["methods"].split(",") if m.strip()]
+            if not names:
+                raise ConfigError(f"--methods {params['methods']!r}: name at least one method "
+                                  f"({', '.join(sorted(METHODS))}) or all")
             unknown = [m for m in names if m not in METHODS]
             if unknown:
                 raise ConfigError(f"--methods: unknown {', '.join(unknown)}; choose from "
@@ -168,33 +208,65 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
             try:
                 seeds = [int(s) for s in params["seeds"].split(",") if s.strip()]
             except ValueError:
-                raise ConfigError(f"--seeds {params['seeds']!r}: expected integers like 0,1,2") from None
+                raise ConfigError(f"--seeds {params['seeds']!r}: expected non-negative integers "
+                                  "like 0,1,2") from None
             if not seeds:
-                raise ConfigError("--seeds: give at least one seed")
+                raise ConfigError(f"--seeds {params['seeds']!r}: give at least one seed")
+            for what, vals in (("--methods", names), ("--seeds", seeds)):
+                dup = sorted({v for v in vals if vals.count(v) > 1}, key=str)
+                if dup:
+                    click.echo(f"note: {what} lists {', '.join(map(str, dup))} more than once; "
+                               "each run counts once", err=True)
+            names, seeds = list(dict.fromkeys(names)), list(dict.fromkeys(seeds))
             base = build_config(ctx, params)
+            cfgs = []
+            for m in names:
+                for s in seeds:
+                    cfg = copy.deepcopy(base)
+                    cfg.method.name, cfg.run.seed, cfg.run.progress = m, s, False
+                    try:
+                        validate(cfg)
+                    except ConfigError as e:
+                        raise ConfigError(f"--seeds: {e}") from None
+                    cfgs.append(cfg)
             out = params["out"] or os.path.join(
                 "runs", f"compare-{base.stream.data}-{base.stream.scenario}-"
                         f"lr{base.stream.label_rate:g}-b{base.run.budget:g}".replace(os.sep, "_"))
-            os.makedirs(out, exist_ok=True)
-            jobs = [(m, s) for m in names for s in seeds]
-            results = []
-            bar = tqdm(jobs, unit="run", dynamic_ncols=True, disable=not params["progress"])
-            for m, s in bar:
-                cfg = copy.deepcopy(base)
-                cfg.method.name, cfg.run.seed, cfg.run.progress = m, s, False
-                run_dir = os.path.join(out, f"{m}-s{s}")
-                cfg.run.out = run_dir
-                bar.set_description(f"{m} seed {s}")
-                res = run_one(cfg, run_dir, os.path.join(run_dir, "train.log"))
-                results.append(res)
-                bar.set_postfix({"A(T)": f"{res['final_accuracy']:.1f}"})
-                tqdm.write(f"{m:12s} seed {s}: A(T) {res['final_accuracy']:6.2f}  "
-                           f"Ā {res['average_accuracy']:6.2f}  "
-                           f"{sum(res['ledger']['steps_per_step']):.1f} units  "
-                           f"{res['wall_seconds']:.0f} s", file=sys.stderr)
-            write_outputs(out, results)
+            for cfg in cfgs:        # a run directory holding other options: refuse up front
+                run_dir = os.path.join(out, f"{cfg.method.name}-s{cfg.run.seed}")
+                old = _old_request(run_dir)
+                if old is not None and old != _request(cfg):
+                    raise ConfigError(f"--out {out!r}: {run_dir} holds a run with other options; "
+                                      "use another --out")
+            check_out_dir(out, data=base.stream.data)
+            with RunLock(out):
+                results, failures = [], []
+                bar = tqdm(cfgs, unit="run", dynamic_ncols=True, disable=not params["progress"])
+                for cfg in bar:
+                    m, s = cfg.method.name, cfg.run.seed
+                    run_dir = os.path.join(out, f"{m}-s{s}")
+                    cfg.run.out = run_dir
+                    bar.set_description(f"{m} seed {s}")
+                    try:
+                        res = run_one(cfg, run_dir, os.path.join(run_dir, "train.log"))
+                    except Exception as e:      # recorded in the table; the others still run
+                        msg = " ".join(str(e).split()) or type(e).__name__
+                        failures.append((m, s, msg))
+                        tqdm.write(f"{m:12s} seed {s}: FAILED: {msg}", file=sys.stderr)
+                        continue
+                    results.append(res)
+                    bar.set_postfix({"A(T)": f"{res['final_accuracy']:.1f}"})
+                    tqdm.write(f"{m:12s} seed {s}: A(T) {res['final_accuracy']:6.2f}  "
+                               f"Ā {res['average_accuracy']:6.2f}  "
+                               f"{sum(res['ledger']['steps_per_step']):.1f} units  "
+                               f"{res['wall_seconds']:.0f} s", file=sys.stderr)
+                write_outputs(out, results, failures)
             click.echo(open(os.path.join(out, "compare.md")).read())
-            click.echo(f"wrote {out}/compare.csv, compare.md, compare.png", err=True)
+            click.echo(f"wrote {out}/compare.csv, compare.md"
+                       f"{', compare.png' if results else ''}", err=True)
+            if failures:
+                fail(f"{len(failures)} of {len(cfgs)} runs failed (listed in {out}/compare.md "
+                     "and compare.csv)")
         except (ConfigError, ValueError, FileNotFoundError) as e:
             fail(str(e))
 

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from dietcl_fast.config import Config, ConfigError, apply_dict, load_yaml
+from dietcl_fast.config import Config, ConfigError, apply_dict, load_yaml, validate
+from dietcl_fast.rundir import check_out_dir
 
 # (option name, config section.key) for every train option that maps onto the config tree
 TRAIN_OPTIONS = {
@@ -25,7 +26,8 @@ TRAIN_OPTIONS = {
     "compile": "engine.compile",
     "blr": "optim.blr", "min_lr": "optim.min_lr", "layer_decay": "optim.layer_decay",
     "weight_decay": "optim.weight_decay", "progress": "run.progress",
-    "stop_after_steps": "run.stop_after_steps",
+    "stop_after_steps": "run.stop_after_steps", "max_image_pixels": "loader.max_image_pixels",
+    "ckpt_retry_seconds": "run.ckpt_retry_seconds",
 }
 
 
@@ -69,27 +71,6 @@ def build_config(ctx: click.Context, params: dict) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need no data; the stream builder checks the rest before any compute."""
-    s = cfg.stream
-    if not (0.0 < s.label_rate <= 1.0):
-        raise ConfigError(f"--label-rate {s.label_rate}: must be in (0, 1]")
-    if s.time_steps < 1:
-        raise ConfigError(f"--time-steps {s.time_steps}: must be >= 1")
-    if s.scenario not in ("class", "time"):
-        raise ConfigError(f"--scenario {s.scenario!r}: choose class or time")
-    b = cfg.run.budget
-    if b < 1:
-        raise ConfigError(f"--budget {b}: must be >= 1 training step per time step")
-    if cfg.run.batch_size is not None and cfg.run.batch_size < 2:
-        raise ConfigError(f"--batch-size {cfg.run.batch_size}: must be >= 2")
-    if cfg.method.memory is not None and cfg.method.memory < 1:
-        raise ConfigError(f"--memory {cfg.method.memory}: must be >= 1 sample (leave it out to "
-                          "keep every labeled sample)")
-    if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
-        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file")
-
-
 def default_run_dir(cfg: Config) -> str:
     data = cfg.stream.data.replace(os.sep, "_").replace(":", "_").strip("_")[-40:]
     return os.path.join("runs", f"{cfg.method.name}-{data}-{cfg.stream.scenario}-"
@@ -103,7 +84,10 @@ def _method_choices():
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="dietcl-fast")
-def main():
+@click.option("--local_rank", "--local-rank", "local_rank", default=None, type=int, hidden=True,
+              help="Set by the deepspeed launcher, which puts it before the subcommand; the "
+                   "process reads LOCAL_RANK instead.")
+def main(local_rank):
     """dietcl-fast: semi-supervised continual learning under a compute budget (DietCL and
     baselines) with an exact FLOP ledger."""
 
@@ -157,6 +141,9 @@ def main():
 @click.option("--scan", default="full", type=click.Choice(["full", "header"]),
               help="Pre-flight check of image files before any budget is spent: decode every "
                    "file (full) or only open headers (faster; the rest is caught at load time).")
+@click.option("--max-image-pixels", default=89_478_485, type=int,
+              help="Images with more pixels are bad files (decompression bombs; handled by "
+                   "--on-bad-image).")
 @click.option("--on-bad-image", default="error", type=click.Choice(["error", "skip"]),
               help="A corrupt/missing image stops the run (error) or is skipped and listed.")
 @click.option("--engine", default="auto", type=click.Choice(["torch", "deepspeed", "auto"]),
@@ -173,6 +160,9 @@ def main():
 @click.option("--out", default=None, help="Run directory [default: runs/<method>-<data>-...].")
 @click.option("--ckpt-every", default=0, type=int,
               help="Also checkpoint every N training steps (always at each time-step end).")
+@click.option("--ckpt-retry-seconds", default=120.0, type=float,
+              help="A failed checkpoint write (disk full, ...) is retried this long, keeping the "
+                   "state, before the run stops saying what to free.")
 @click.option("--resume", default=None, type=click.Path(file_okay=False),
               help="Continue a killed run from its directory (uses the run's saved config).")
 @click.option("--config", "config", default=None, type=click.Path(dir_okay=False),
@@ -186,57 +176,81 @@ def train(ctx, **params):
     """Train a continual learner on a stream under a per-step compute budget; writes
     results.json, curve.png, config.yaml and checkpoints into the run directory."""
     from dietcl_fast import checkpoint as ckpt_io
-    from dietcl_fast.trainer import Trainer
+    from dietcl_fast.trainer import RunStopped, Trainer
     try:
         if params["resume"]:
             run_dir = params["resume"]
-            state = ckpt_io.load_checkpoint(run_dir)
-            cfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
-            ignored = [o for o in TRAIN_OPTIONS if o in params and _explicit(ctx, o)
-                       and o not in ("progress", "stop_after_steps")]
-            if ignored:
-                click.echo(f"note: --resume uses the run's saved config; ignoring "
-                           f"{', '.join('--' + o.replace('_', '-') for o in ignored)}", err=True)
-            if _explicit(ctx, "stop_after_steps"):
-                cfg.run.stop_after_steps = params["stop_after_steps"]
-            else:
-                cfg.run.stop_after_steps = None
-            cfg.run.progress = params["progress"]
-            trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
-            trainer.run(run_dir, resume_state=state)
+            if not os.path.isdir(run_dir):
+                _fail(f"--resume {run_dir!r}: no such directory")
+            with run_lock(run_dir):
+                _resume(ctx, params, run_dir)
         else:
             cfg = build_config(ctx, params)
             run_dir = cfg.run.out or default_run_dir(cfg)
             cfg.run.out = run_dir
-            if ckpt_io.has_checkpoint(run_dir):
-                _fail(f"--out {run_dir!r} already holds a run; use --resume {run_dir} to continue "
-                      "it, or choose another --out")
-            trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
-            trainer.run(run_dir)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+            check_out_dir(run_dir, data=cfg.stream.data)
+            with run_lock(run_dir):
+                if ckpt_io.has_checkpoint(run_dir):
+                    _fail(f"--out {run_dir!r} already holds a run; use --resume {run_dir} to "
+                          "continue it, or choose another --out")
+                trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
+                trainer.run(run_dir)
+    except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
         _fail(str(e))
 
 
+def _resume(ctx, params, run_dir: str) -> None:
+    from dietcl_fast import checkpoint as ckpt_io
+    from dietcl_fast.trainer import Trainer
+    state = ckpt_io.load_checkpoint(run_dir)
+    cfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
+    ignored = [o for o in TRAIN_OPTIONS if o in params and _explicit(ctx, o)
+               and o not in ("progress", "stop_after_steps")]
+    if ignored:
+        click.echo(f"note: --resume uses the run's saved config; ignoring "
+                   f"{', '.join('--' + o.replace('_', '-') for o in ignored)}", err=True)
+    if _explicit(ctx, "stop_after_steps"):
+        cfg.run.stop_after_steps = params["stop_after_steps"]
+    else:
+        cfg.run.stop_after_steps = None
+    cfg.run.progress = params["progress"]
+    trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
+    trainer.run(run_dir, resume_state=state)
+
+
+def run_lock(run_dir: str):
+    """The run directory's lock, taken by the main process only (rank 0 under a launcher)."""
+    import contextlib
+
+    from dietcl_fast.rundir import RunLock
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return RunLock(run_dir, log=lambda m: click.echo(m, err=True))
+
+
+_POS = click.IntRange(min=1)
+
+
 @main.command(context_settings={"show_default": True})
-@click.option("--embed-dim", default=768, type=int)
-@click.option("--depth", default=12, type=int)
-@click.option("--heads", default=12, type=int)
-@click.option("--patch", default=16, type=int)
-@click.option("--img-size", default=224, type=int)
-@click.option("--in-chans", default=3, type=int)
-@click.option("--num-classes", default=1000, type=int)
-@click.option("--mlp-ratio", default=4.0, type=float)
-@click.option("--mask-ratio", default=0.75, type=float)
-@click.option("--decoder-dim", default=512, type=int)
-@click.option("--decoder-depth", default=8, type=int)
-@click.option("--decoder-heads", default=16, type=int)
+@click.option("--embed-dim", default=768, type=_POS)
+@click.option("--depth", default=12, type=_POS)
+@click.option("--heads", default=12, type=_POS)
+@click.option("--patch", default=16, type=_POS)
+@click.option("--img-size", default=224, type=_POS)
+@click.option("--in-chans", default=3, type=_POS)
+@click.option("--num-classes", default=1000, type=_POS)
+@click.option("--mlp-ratio", default=4.0, type=click.FloatRange(min=0, min_open=True))
+@click.option("--mask-ratio", default=0.75, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--decoder-dim", default=512, type=_POS)
+@click.option("--decoder-depth", default=8, type=_POS)
+@click.option("--decoder-heads", default=16, type=_POS)
 def flops(**kw):
     """Exact FLOPs per image (FlopCounterMode convention, attention as plain matmuls) of the
     ViT classifier and the MAE path, as JSON."""
     from dietcl_fast.ledger import flops_report
     try:
         rep = flops_report(**kw)
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         _fail(str(e))
     click.echo(json.dumps(rep, indent=2))
 

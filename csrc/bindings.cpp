@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <new>
@@ -30,7 +31,12 @@ constexpr int64_t kReleaseGilMin = int64_t(1) << 14;
 // numpy views it without copying and a single capsule frees it with the last array.
 py::tuple sample_arrays(const BalancedBuffer& b, int64_t n, int64_t step, int64_t rank, int64_t world_size) {
     const int64_t k = BalancedBuffer::shard_size(n, rank, world_size);
-    const size_t bytes = static_cast<size_t>(k) * (2 * sizeof(int64_t) + sizeof(int32_t));
+    constexpr size_t per_item = 2 * sizeof(int64_t) + sizeof(int32_t);
+    // the byte count must not wrap (it would allocate a small block and write past it)
+    if (static_cast<uint64_t>(k) > static_cast<uint64_t>(PTRDIFF_MAX) / per_item)
+        throw std::invalid_argument("BalancedBuffer: sample: n = " + std::to_string(n) + " items (" +
+                                    std::to_string(k) + " on this rank) cannot be held in memory");
+    const size_t bytes = static_cast<size_t>(k) * per_item;
     // (Huge-page-advised output blocks were tried for 1M draws: slower, first-touch compaction.)
     std::unique_ptr<char, void (*)(char*)> raw(static_cast<char*>(std::malloc(bytes > 0 ? bytes : 1)),
                                                [](char* q) { std::free(q); });

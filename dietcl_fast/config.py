@@ -6,6 +6,8 @@ compute, and saved resolved (`config.yaml` in the run directory) next to the res
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -67,6 +69,7 @@ class LoaderConfig:
     fallback: str = "loud"              # loud: fall back with a warning | stop
     scan: str = "full"                  # pre-flight file check: full decode | header (+ JPEG EOI, PNG CRC)
     decode: str = "auto"                # torch backend: auto | pil | nvjpeg | tensor (decode_jpeg on the CPU)
+    max_image_pixels: int = 89_478_485  # bigger images are bad files (decompression bombs); PIL's limit
 
 
 @dataclass
@@ -84,6 +87,7 @@ class RunConfig:
     seed: int = 0
     out: Optional[str] = None           # run directory (None: runs/<method>-<data>-s<seed>)
     ckpt_every: int = 0                 # extra checkpoints every N training steps (0: off)
+    ckpt_retry_seconds: float = 120.0   # a failed checkpoint write is retried this long, then the run stops
     device: str = "auto"                # auto | cpu | cuda
     eval_batch_size: int = 1024         # images per evaluation forward (>= 1,024 keeps the device busy)
     progress: bool = True
@@ -130,6 +134,136 @@ class PretrainConfig:
     stop_after_steps: Optional[int] = None  # testing aid: exit abruptly after N steps
 
 
+# ------------------------------------------------------------------------------- validation
+# Options whose command-line name is not `--<key>`; keys without a command-line option are named
+# by their config path (section.key).
+_CLI_NAME = {"loader.backend": "--loader", "engine.engine": "--engine"}
+_NO_CLI = {"model.mask_ratio", "method.buffer_lr_scale", "method.mixup_alpha", "method.cutmix_alpha",
+           "method.label_smoothing", "method.buffer_replacement", "method.buffer_class_balanced",
+           "optim.beta1", "optim.beta2", "loader.workers", "loader.decode", "engine.compile",
+           "run.eval_batch_size"}
+SEED_MAX = 2 ** 63 - 1
+
+
+def _named(path: str, value) -> str:
+    """'--seed -5 (run.seed)', or 'optim.beta2=1.5' for keys without a command-line option."""
+    if path in _NO_CLI:
+        return f"{path}={value!r}"
+    flag = _CLI_NAME.get(path, "--" + path.split(".")[1].replace("_", "-"))
+    return f"{flag} {value!r} ({path})"
+
+
+def _num(cfg: "Config", path: str, *, lo=None, hi=None, lo_open=False, hi_open=False,
+         integer=False, optional=False, why: str = "") -> None:
+    """Check one numeric option: a (whole) finite number in [lo, hi] (or open ends)."""
+    sec, key = path.split(".")
+    v = getattr(getattr(cfg, sec), key)
+    if v is None and optional:
+        return
+    kind = "a whole number" if integer else "a finite number"
+    def fmt(x):
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+    if lo is not None and hi is not None:
+        rng = f" in {'(' if lo_open else '['}{fmt(lo)}, {fmt(hi)}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f" {'>' if lo_open else '>='} {fmt(lo)}"
+    elif hi is not None:
+        rng = f" {'<' if hi_open else '<='} {fmt(hi)}"
+    else:
+        rng = ""
+    msg = f"{_named(path, v)}: must be {kind}{rng}{why}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(msg)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(msg)
+    if integer and isinstance(v, float) and not v.is_integer():
+        raise ConfigError(msg)
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ConfigError(msg)
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ConfigError(msg)
+
+
+def _choice(cfg: "Config", path: str, choices) -> None:
+    sec, key = path.split(".")
+    v = getattr(getattr(cfg, sec), key)
+    if v not in choices:
+        raise ConfigError(f"{_named(path, v)}: choose one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: "Config") -> "Config":
+    """Every option checked in one place (the command line, YAML files and library callers all
+    come through here) before any data is read or compute spent: numbers finite and in range,
+    choices known. Errors name the option and the value. Checks that need the data (enough
+    samples per step, ...) happen when the stream is built, still before compute."""
+    _choice(cfg, "stream.scenario", ("class", "time"))
+    if not isinstance(cfg.stream.data, str) or not cfg.stream.data.strip():
+        raise ConfigError(f"{_named('stream.data', cfg.stream.data)}: give a dataset name "
+                          "or a path (an empty value would silently mean the current directory)")
+    _num(cfg, "stream.time_steps", lo=1, hi=100000, integer=True)
+    _num(cfg, "stream.label_rate", lo=0, hi=1, lo_open=True)
+    _num(cfg, "stream.eval_fraction", lo=0, hi=1, lo_open=True, hi_open=True,
+         why=" (0 would leave nothing to evaluate)")
+    _choice(cfg, "model.preset", ("auto", "cpu-tiny", "vit-b16"))
+    _num(cfg, "model.mask_ratio", lo=0, hi=1, hi_open=True)
+    if cfg.model.pretrained is not None and not isinstance(cfg.model.pretrained, str):
+        raise ConfigError(f"{_named('model.pretrained', cfg.model.pretrained)}: expected a path")
+    if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
+        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file")
+    m = cfg.method
+    if not isinstance(m.name, str) or not m.name:
+        raise ConfigError(f"{_named('method.name', m.name)}: give a method name")
+    if not isinstance(m.split, str):
+        raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F or threshold:N")
+    _num(cfg, "method.unlabeled_fraction", lo=0, hi=1)
+    _num(cfg, "method.recon_weight", lo=0)
+    _num(cfg, "method.buffer_lr_scale", lo=0, lo_open=True)
+    _num(cfg, "method.mixup_alpha", lo=0)
+    _num(cfg, "method.cutmix_alpha", lo=0)
+    _num(cfg, "method.label_smoothing", lo=0, hi=1, hi_open=True)
+    _num(cfg, "method.memory", lo=1, integer=True, optional=True,
+         why=" sample (leave it out to keep every labeled sample)")
+    if not isinstance(m.options, dict):
+        raise ConfigError(f"method.options={m.options!r}: expected a mapping")
+    _num(cfg, "optim.blr", lo=0, lo_open=True, optional=True)
+    _num(cfg, "optim.min_lr", lo=0, optional=True)
+    _num(cfg, "optim.beta1", lo=0, hi=1, hi_open=True)
+    _num(cfg, "optim.beta2", lo=0, hi=1, hi_open=True)
+    _num(cfg, "optim.weight_decay", lo=0)
+    _num(cfg, "optim.layer_decay", lo=0, hi=1, lo_open=True, optional=True)
+    _choice(cfg, "loader.backend", ("auto", "memory", "torch", "dali"))
+    _num(cfg, "loader.workers", lo=0, hi=1024, integer=True)
+    _choice(cfg, "loader.on_bad_image", ("error", "skip"))
+    _choice(cfg, "loader.fallback", ("loud", "stop"))
+    _choice(cfg, "loader.scan", ("full", "header"))
+    _choice(cfg, "loader.decode", ("auto", "pil", "nvjpeg", "tensor"))
+    _num(cfg, "loader.max_image_pixels", lo=1, integer=True)
+    _choice(cfg, "engine.engine", ("auto", "torch", "deepspeed"))
+    _num(cfg, "engine.zero_stage", lo=0, hi=3, integer=True)
+    _num(cfg, "engine.micro_batch", lo=1, integer=True, optional=True)
+    _num(cfg, "run.budget", lo=1, hi=1e12, why=" (training steps per time step)")
+    if not float(cfg.run.budget).is_integer():
+        raise ConfigError(f"{_named('run.budget', cfg.run.budget)}: must be a whole number "
+                          "of steps >= 1")
+    _num(cfg, "run.batch_size", lo=2, hi=2 ** 31 - 1, integer=True, optional=True)
+    _num(cfg, "run.seed", lo=0, hi=SEED_MAX, integer=True)
+    if cfg.run.out is not None and (not isinstance(cfg.run.out, str) or not cfg.run.out.strip()):
+        raise ConfigError(f"{_named('run.out', cfg.run.out)}: give a directory path")
+    _num(cfg, "run.ckpt_every", lo=0, integer=True, why=" (0: only at time-step ends)")
+    _num(cfg, "run.ckpt_retry_seconds", lo=0, hi=86400)
+    _choice(cfg, "run.device", ("auto", "cpu", "cuda"))
+    _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)
+    _num(cfg, "run.stop_after_steps", lo=1, integer=True, optional=True)
+    for sec in fields(cfg):             # whole numbers stored as int (YAML may give 8.0)
+        obj = getattr(cfg, sec.name)
+        for f in fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, float) and v.is_integer() and isinstance(f.default, int) \
+                    and not isinstance(f.default, bool):
+                setattr(obj, f.name, int(v))
+    return cfg
+
+
 def apply_dict(cfg: Config, d: dict, *, source: str = "config") -> None:
     """Merge a nested dict into cfg; unknown sections/keys are errors naming them."""
     if not isinstance(d, dict):
@@ -145,10 +279,10 @@ def apply_dict(cfg: Config, d: dict, *, source: str = "config") -> None:
         for k, v in values.items():
             if k not in known:
                 raise ConfigError(f"{source}: unknown key {sec}.{k}; known: {', '.join(known)}")
-            setattr(obj, k, _coerce(v, getattr(obj, k), f"{source}: {sec}.{k}"))
+            setattr(obj, k, _coerce(v, getattr(obj, k), f"{sec}.{k}", source))
 
 
-def _coerce(value: Any, current: Any, where: str) -> Any:
+def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any:
     if value is None or current is None:
         return value
     try:
@@ -166,8 +300,10 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
             return int(value)
         if isinstance(current, float):
             return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}={value!r} is not a valid {type(current).__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        kind = {"int": "whole number", "float": "number", "bool": "boolean"}.get(
+            type(current).__name__, type(current).__name__)
+        raise ConfigError(f"{_named(where, value)}: not a valid {kind} (from {source})") from None
     return value
 
 

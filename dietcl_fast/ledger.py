@@ -44,6 +44,8 @@ class ViTSpec:
                 if isinstance(v, bool) or int(v) != v:
                     raise ValueError(f"ViTSpec: {k} = {v!r} is invalid: must be an integer")
                 v = int(v)
+                if not -(2 ** 63) <= v < 2 ** 63:
+                    raise ValueError(f"ViTSpec: {k} = {v!r} is invalid: does not fit 64 bits")
             setattr(s, k, v)
         return s
 

@@ -31,7 +31,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .buffer import BalancedBuffer
 from .ckpt_writer import BackgroundCheckpointer
-from .config import Config, ConfigError, save_yaml
+from .config import Config, ConfigError, save_yaml, validate
 from .data.sampling import EpochSampler, derive_seed
 from .engine import build_engine, init_from_env, resolve_engine
 from .evaluate import sharded_accuracy, summarise
@@ -93,6 +93,23 @@ SCRATCH_VIT_B16_WARNING = (
     "run are not comparable with the paper's.")
 
 
+def _available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class RunStopped(RuntimeError):
+    """The run stopped cleanly mid-way (non-finite loss, checkpoint write failed); the message
+    says why and what was kept."""
+
+
 @dataclass
 class Position:
     """Where the run is: the next (t, phase, iteration) to execute and optimiser steps so far."""
@@ -117,7 +134,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _setup(self) -> None:
-        cfg = self.cfg
+        cfg = validate(self.cfg)        # every option, whichever way the config was built
         from .streams import build_stream, load_source
 
         # device
@@ -179,6 +196,7 @@ class Trainer:
                 f"= {self.micro * W}; choose --micro-batch (or --batch-size) so that it divides")
         self.n_micro = self.G // self.micro     # micro-batches per global batch (all ranks)
         self.accum = self.n_micro // W          # of which each rank runs this many per step
+        self._check_memory(PRESETS[preset]["spec"])
 
         # data
         source = load_source(cfg.stream.data,    # skip: a missing CSV file is skipped + listed
@@ -238,13 +256,49 @@ class Trainer:
         self.eval_seconds = 0.0
         self.eval_log: list[float] = []        # evaluation seconds per time step
         self.eval_images: list[int] = []
-        self.checkpointer = BackgroundCheckpointer()
+        # the writer retries a failed write (disk full, ...) for --ckpt-retry-seconds, keeping
+        # the snapshot in memory, before its error stops the run (see _checkpoint_stopped)
+        self.checkpointer = BackgroundCheckpointer(
+            save=lambda d, st: ckpt_io.save_checkpoint(
+                d, st, retry_seconds=self.cfg.run.ckpt_retry_seconds, log=self.log))
         self._sync_checkpoint_seconds = 0.0     # engines that write their own (DeepSpeed)
         # per-iteration record [(t, phase, seconds, data seconds, FLOPs)]: `bench step` reads
         # it; timing_sync makes each record end after the device finished the iteration
         self.iteration_log: list[tuple] = []
         self.timing_sync = False
         self._eval_classify = None
+        self._term_names: list[str] = []        # non-finite loss watch (see _watch_finite)
+        self._bad_terms = None
+        self._first_bad = None
+        self._saved_gstep = None                # optimiser step of the last checkpoint submitted
+        self._good_gstep = None                 # ... and of the last one known to be on disk
+
+    def _check_memory(self, spec: dict) -> None:
+        """Refuse, before any data is read, a batch whose memory need surely exceeds what the
+        device has: a lower bound (inputs, the draw's ids, and the encoder's residual stream)
+        per micro-batch and per evaluation batch, against the free memory."""
+        C = 3
+        img, patch = spec["img_size"], spec["patch_size"]
+        L = (img // patch) ** 2 + 1
+        per_image = 2 * C * img * img * 4 + L * spec["embed_dim"] * 4 * spec["depth"] * 2
+        need = self.micro * per_image + self.G * 8 * 4        # + ids / labels of the draw
+        need_eval = self.cfg.run.eval_batch_size * (C * img * img * 4 + L * spec["embed_dim"] * 4 * 2)
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = _available_host_memory()
+        if free is None:
+            return
+        if need > free:
+            raise ConfigError(
+                f"--batch-size {self.G} with micro-batch {self.micro}: one micro-batch needs at "
+                f"least {need / 1e9:.1f} GB but the {self.device.type} has {free / 1e9:.1f} GB "
+                "available memory; choose a smaller --micro-batch (gradient accumulation keeps the "
+                "global batch) or a smaller --batch-size")
+        if need_eval > free:
+            raise ConfigError(f"run.eval_batch_size {self.cfg.run.eval_batch_size}: one evaluation "
+                              f"batch needs at least {need_eval / 1e9:.1f} GB but only "
+                              f"{free / 1e9:.1f} GB are available")
 
     # ------------------------------------------------------------------ compiled step
     def _loss_fn(self, use_cuda: bool):
@@ -498,6 +552,8 @@ class Trainer:
             "position": vars(self.pos).copy(),
             "acc": self.acc, "A": self.A,
             "wall_seconds": self.wall_before + (time.perf_counter() - self._t0),
+            "data_seconds": self.data_seconds,          # throughput counts all the run's work
+            "compute_seconds": self.compute_seconds,
             "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
         }
 
@@ -515,6 +571,9 @@ class Trainer:
         self.method.load_state_dict(st["method"])
         self.acc, self.A = st["acc"], st["A"]
         self.wall_before = st["wall_seconds"]
+        self.data_seconds = float(st["data_seconds"])
+        self.compute_seconds = float(st["compute_seconds"])
+        self._saved_gstep = self._good_gstep = self.pos.gstep
         torch.set_rng_state(st["rng"]["torch"])
         set_numpy_rng_state(st["rng"]["numpy"])
         self._pending_engine_state = st["engine"] if self.pos.it > 0 else None
@@ -522,18 +581,87 @@ class Trainer:
             self._register_paths(self.stream.num_seen_classes(self.pos.t))
             self._class_sets(self.pos.t)
 
+    def checkpoint_bytes_estimate(self) -> int:
+        """A lower bound on one checkpoint's size: weights + AdamW's two moments + buffer."""
+        n = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return 3 * n + len(self.buffer.state_bytes()) + (1 << 20)
+
+    # ------------------------------------------------------------------ non-finite losses
+    def _watch_finite(self, loss: torch.Tensor, logs: dict) -> None:
+        """Remember, on the device and without a host sync, the first optimiser step at which
+        the loss or one of its logged terms was not finite, and which terms were."""
+        vals, idx = [loss.detach().float().reshape(())], [self._term_index("loss")]
+        for k, v in logs.items():
+            if isinstance(v, torch.Tensor) and k != "loss":
+                vals.append(v.detach().float().reshape(()).to(vals[0].device))
+                idx.append(self._term_index(k))
+        bad = ~torch.isfinite(torch.stack(vals))                         # [terms of this batch]
+        K = len(self._term_names)
+        if self._bad_terms is None or self._bad_terms.device != bad.device:
+            self._bad_terms = torch.zeros(K, dtype=torch.bool, device=bad.device)
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
+        if self._bad_terms.numel() < K:
+            self._bad_terms = torch.cat([self._bad_terms, self._bad_terms.new_zeros(K - self._bad_terms.numel())])
+        first = (self._first_bad < 0) & bad.any()
+        self._first_bad = torch.where(first, torch.full_like(self._first_bad, self.pos.gstep + 1),
+                                      self._first_bad)
+        upd = torch.zeros(K, dtype=torch.bool, device=bad.device).index_put(
+            (torch.as_tensor(idx, device=bad.device),), bad & first)
+        self._bad_terms = self._bad_terms | upd
+
+    def _term_index(self, name: str) -> int:
+        if name not in self._term_names:
+            self._term_names.append(name)
+        return self._term_names.index(name)
+
+    def _check_finite(self) -> None:
+        """At a sync point (progress log, phase end, before a checkpoint): stop the run if a
+        non-finite loss was seen, before anything computed from it is saved."""
+        if self._first_bad is None or int(self._first_bad) < 0:
+            return
+        terms = [n for n, b in zip(self._term_names, self._bad_terms.tolist()) if b] or ["loss"]
+        ck = os.path.join(self.run_dir, ckpt_io.CKPT_NAME)
+        kept = (f"the last good checkpoint {ck} (optimiser step {self._saved_gstep}) is kept"
+                if self._saved_gstep is not None else "no checkpoint had been written yet")
+        raise RunStopped(
+            f"the loss became non-finite (NaN or inf) at optimiser step {int(self._first_bad)} "
+            f"(time step {self.pos.t}, phase {getattr(self, '_phase_name', '?')}) in term(s) "
+            f"{', '.join(terms)} of method {self.method.name}; training stopped and {kept}. "
+            "Lower --blr, check --recon-weight and the data, and start again.")
+
+    def _checkpoint_stopped(self, e: OSError) -> "RunStopped":
+        kept = (f"the previous checkpoint (optimiser step {self._good_gstep}) is intact; "
+                f"--resume {self.run_dir} continues from it once there is room"
+                if self._good_gstep is not None else "no earlier checkpoint exists")
+        return RunStopped(f"{e.strerror}. The run stopped after retrying for "
+                          f"{self.cfg.run.ckpt_retry_seconds:g} s; {kept}.")
+
+    def _wait_checkpoint(self) -> None:
+        """The write in flight is on disk (or the run stops saying what to free)."""
+        try:
+            self.checkpointer.wait()
+        except ckpt_io.CheckpointWriteError as e:
+            raise self._checkpoint_stopped(e) from None
+        self._good_gstep = self._saved_gstep
+
     def save(self) -> None:
         """All ranks call this (their states are identical): the deepspeed engine writes its ZeRO
         shards with this state as client state; otherwise rank 0 snapshots the state and a
         background thread writes `latest.pt` atomically (`ckpt_writer`) while training goes on."""
+        self._check_finite()            # never save a state computed from a non-finite loss
         if getattr(self.engine, "saves_checkpoints", False):
             t0 = time.perf_counter()
             self.engine.save_checkpoint(self.run_dir, self.state_dict())
             self._sync_checkpoint_seconds += time.perf_counter() - t0
             return
         if self.dist.is_main:
-            self.checkpointer.submit(self.run_dir, self.state_dict())
+            try:
+                self.checkpointer.submit(self.run_dir, self.state_dict())
+            except ckpt_io.CheckpointWriteError as e:   # the previous write, joined here
+                raise self._checkpoint_stopped(e) from None
+            self._good_gstep = self._saved_gstep        # that previous write is on disk
         self.dist.barrier()
+        self._saved_gstep = self.pos.gstep
 
     # ------------------------------------------------------------------ the loop
     def run(self, run_dir: str, resume_state: dict | None = None) -> dict:
@@ -544,10 +672,20 @@ class Trainer:
         self._pending_engine_state = None
         if resume_state is not None:
             self.load_state(resume_state)
+            res_path = os.path.join(run_dir, "results.json")
+            if self.pos.t >= self.stream.time_steps and os.path.isfile(res_path):
+                self.log(f"{run_dir} is a finished run; its results ({res_path}) are left as they are")
+                self.loader.close()
+                import json
+                with open(res_path, encoding="utf-8") as f:
+                    return json.load(f)
             self.log(f"resuming {run_dir} at time step {self.pos.t}, phase {self.pos.phase}, "
                      f"iteration {self.pos.it} ({self.pos.gstep} optimiser steps done)")
         elif self.dist.is_main:
             save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        if self.dist.is_main:           # room for one checkpoint, before any compute
+            from .rundir import check_space
+            check_space(run_dir, self.checkpoint_bytes_estimate())
         T = self.stream.time_steps
         self.log(f"device {self.device}{' (bf16 autocast)' if self.amp_dtype else ' (fp32)'}; "
                  f"global batch {self.G} = {self.micro} micro x {self.accum} accumulation x "
@@ -573,7 +711,7 @@ class Trainer:
                 bar.close()
             self._ahead = None
             self.loader.close()     # worker processes / loader thread (restarted on next use)
-            self.checkpointer.wait()    # the last checkpoint is on disk before results.json
+            self._wait_checkpoint()    # the last checkpoint is on disk before results.json
         return self._finish()
 
     def _evaluate(self, t: int) -> list[float]:
@@ -660,6 +798,7 @@ class Trainer:
                 if src in samplers and len(samplers[src]) == 0:
                     raise ConfigError(f"time step {t} has no {src} samples but phase "
                                       f"{phase.name} of {self.method.name} needs them")
+            self._phase_name = phase.name
             while self.pos.it < phase.steps:
                 t_it, d0, f0 = time.perf_counter(), self.data_seconds, self.ledger.flops_total
                 logs = self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen)
@@ -675,8 +814,9 @@ class Trainer:
                     # testing aid: die abruptly, as a killed process would, once the checkpoint
                     # write in flight is on disk (so the test resumes from a known position; a
                     # real kill during a write resumes from the previous checkpoint)
-                    self.checkpointer.wait()
+                    self._wait_checkpoint()
                     os._exit(17)
+            self._check_finite()        # phase end
             self.pos.phase += 1
             self.pos.it = 0
         if step.num_labeled and self.method.buffer_insertion == "after":
@@ -730,6 +870,7 @@ class Trainer:
             last = j + self.dist.world_size >= self.n_micro     # this rank's last micro-batch
             with self.train_region():
                 loss, logs = self.engine.forward_backward(self.loss_fn, mb, sync=last)
+            self._watch_finite(loss, logs)      # device-side flag; read at existing sync points
             self.compute_seconds += time.perf_counter() - t_c
             for k, v in logs.items():
                 logs_acc[k] = logs_acc.get(k, 0.0) + v / self.accum
@@ -784,6 +925,7 @@ class Trainer:
             return
         bar.update(1)
         if self.pos.gstep % 10 == 0 or self.pos.it == phase.steps:
+            self._check_finite()                # a non-finite loss seen since: stop here
             post = {k: f"{float(v):.3f}" for k, v in logs.items()}
             bar.set_description(f"t={t + 1}/{self.stream.time_steps} {phase.name}")
             post["spent"] = f"{self.ledger.spent_units():.0f}/{self.budget}"

@@ -177,3 +177,228 @@ def test_run_files_follow_the_umask(killed_run):
     # the run was started with umask 027: files 0640, like any file the user creates
     for name in ("latest.pt", "config.yaml"):
         assert (killed_run / name).stat().st_mode & 0o777 == 0o640, name
+
+
+# ------------------------------------------------------------------------------ options
+@pytest.mark.parametrize("args,words", [
+    (["--micro-batch", "0"], ["--micro-batch", "0"]),
+    (["--micro-batch", "-8"], ["--micro-batch", "-8"]),
+    (["--recon-weight", "nan"], ["--recon-weight", "nan"]),
+    (["--recon-weight", "-1"], ["--recon-weight", "-1"]),
+    (["--blr", "nan"], ["--blr", "nan"]),
+    (["--blr", "inf"], ["--blr", "inf"]),
+    (["--weight-decay", "-0.1"], ["--weight-decay"]),
+    (["--ckpt-every", "-1"], ["--ckpt-every"]),
+    (["--eval-fraction", "0"], ["--eval-fraction", "nothing to evaluate"]),
+    (["--label-rate", "nan"], ["--label-rate"]),
+    (["--budget", "inf"], ["--budget"]),
+    (["--seed", "-5"], ["--seed", "-5", "whole number"]),
+    (["--seed", str(10 ** 23)], ["--seed", "9223372036854775807"]),
+    (["--seed", "1e23"], ["--seed", "1e23"]),
+    (["--data", ""], ["--data", "current directory"]),
+    (["--max-image-pixels", "0"], ["--max-image-pixels"]),
+    (["--ckpt-retry-seconds", "nan"], ["--ckpt-retry-seconds"]),
+])
+def test_bad_option_is_a_clear_error_before_anything(tmp_path, args, words):
+    out = tmp_path / "run"
+    r = invoke("train", *TINY, *args, "--out", out)
+    failed_naming(r, *words)
+    assert not out.exists()             # nothing created, nothing computed
+
+
+@pytest.mark.parametrize("yaml_text,words", [
+    ("method: {recon_weight: .nan}\n", ["recon_weight", "nan"]),
+    ("optim: {blr: -1}\n", ["blr", "-1"]),
+    ("engine: {micro_batch: 0}\n", ["micro_batch"]),
+    ("optim: {beta2: 1.5}\n", ["optim.beta2"]),
+    ("run: {seed: 100000000000000000000000}\n", ["seed"]),
+])
+def test_yaml_options_go_through_the_same_checks(tmp_path, yaml_text, words):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml_text)
+    out = tmp_path / "run"
+    failed_naming(invoke("train", *TINY, "--config", cfg, "--out", out), *words)
+    assert not out.exists()
+
+
+def test_validate_is_the_one_place_for_library_callers():
+    from dietcl_fast.config import Config, ConfigError
+    from dietcl_fast.trainer import Trainer
+    cfg = Config()
+    cfg.method.recon_weight = float("nan")
+    with pytest.raises(ConfigError, match="recon-weight"):
+        Trainer(cfg)
+
+
+def test_flops_overflow_and_zero_classes_are_refused():
+    r = invoke("flops", "--img-size", "4096", "--patch", "1")
+    failed_naming(r, "overflow")
+    failed_naming(invoke("flops", "--num-classes", "0"), "--num-classes")
+    failed_naming(invoke("flops", "--mlp-ratio", "1e300"), "overflows")
+    r = invoke("flops", "--img-size", "32", "--patch", "4", "--embed-dim", "64", "--heads", "4",
+               "--depth", "2", "--num-classes", "10", "--decoder-dim", "32", "--decoder-heads", "4",
+               "--decoder-depth", "1")
+    assert r.exit_code == 0 and all(v > 0 for v in json.loads(r.output).values()
+                                    if isinstance(v, (int, float)))
+
+
+def test_batch_too_big_for_memory_is_refused_before_compute(tmp_path):
+    r = invoke("train", *TINY, "--batch-size", "100000000", "--out", tmp_path / "run")
+    failed_naming(r, "--batch-size", "memory")
+    assert not (tmp_path / "run" / "latest.pt").exists()
+
+
+def test_non_finite_loss_stops_naming_step_phase_term_and_keeps_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = invoke("train", *TINY, "--budget", "3", "--blr", "1e30", "--ckpt-every", "1", "--out", out)
+    failed_naming(r, "non-finite", "optimiser step", "time step 0", "phase joint", "Lr",
+                  "last good checkpoint")
+    st = ckpt_io.decode_file(str(out / "latest.pt"))
+    assert all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+    assert not (out / "results.json").exists()
+
+
+# ------------------------------------------------------------------------------ run directory
+def test_out_that_is_a_file_or_unwritable_is_refused(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    failed_naming(invoke("train", *TINY, "--out", f), "--out", "existing file")
+    failed_naming(invoke("train", *TINY, "--out", f / "sub"), "--out", "cannot write")
+    if os.path.isdir("/sys") and not os.access("/sys", os.W_OK | os.X_OK) or os.geteuid() == 0:
+        failed_naming(invoke("train", *TINY, "--out", "/sys/dietcl-hostile-test"), "--out",
+                      "cannot write")
+
+
+def test_out_without_room_for_one_checkpoint_is_refused(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 ** 9, 10 ** 9 - 5000, 5000))
+    out = tmp_path / "run"
+    failed_naming(invoke("train", *TINY, "--out", out), "--out", "one checkpoint needs", "free")
+    assert not (out / "latest.pt").exists()
+
+
+def test_out_inside_the_data_folder_is_refused(tmp_path):
+    from PIL import Image
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), i * 40).save(root / c / f"{i}.png")
+    failed_naming(invoke("train", *TINY, "--data", f"folder:{root}", "--out", root / "runs" / "x"),
+                  "--out", "inside the data folder")
+
+
+def test_second_run_on_the_same_out_is_refused_and_stale_locks_are_taken_over(tmp_path):
+    from dietcl_fast.rundir import RunLock
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
+                                               "started": 0}))
+        failed_naming(invoke("train", *TINY, "--out", out), "in use by", str(holder.pid))
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and taken over
+    notes = []
+    with RunLock(str(out), log=notes.append):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert "stale" in notes[0] and not (out / ".lock").exists()
+    # another host's lock is never guessed stale
+    (out / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": 0}))
+    failed_naming(invoke("train", *TINY, "--out", out), "elsewhere", "delete the lock")
+
+
+def test_failed_checkpoint_write_is_retried_then_stops_saying_what_to_free(tmp_path, monkeypatch):
+    import errno
+    # a transient failure (space freed meanwhile): retried, written, nothing lost
+    calls = []
+    real = ckpt_io.atomic_write_bytes
+
+    def flaky(path, data):
+        calls.append(path)
+        if len(calls) < 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+    monkeypatch.setattr(ckpt_io, "atomic_write_bytes", flaky)
+    logs = []
+    ckpt_io.save_checkpoint(str(tmp_path), {"x": torch.ones(3)}, retry_seconds=10, log=logs.append)
+    assert len(calls) == 3 and "free" in logs[0] and "retrying" in logs[0]
+    assert torch.equal(ckpt_io.decode_file(str(tmp_path / "latest.pt"))["x"], torch.ones(3))
+    monkeypatch.undo()
+
+
+def test_full_disk_mid_run_stops_cleanly_keeping_the_previous_checkpoint(tmp_path):
+    import resource
+    out = tmp_path / "run"
+
+    def limit():        # files bigger than 64 KB cannot be written (EFBIG), like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", "train", *TINY, "--out", str(out),
+                        "--ckpt-retry-seconds", "0.5"], capture_output=True, text=True,
+                       timeout=600, preexec_fn=limit)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert "could not write checkpoint" in p.stderr and "MB" in p.stderr and "stopped" in p.stderr
+    assert (out / "config.yaml").exists() and not list(out.glob(".tmp-*"))
+
+
+def test_resumed_run_reports_throughput_over_all_its_work_and_finished_runs_stay(tmp_path,
+                                                                               killed_run):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in killed_run.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    before = ckpt_io.decode_file(str(run / "latest.pt"))
+    assert before["compute_seconds"] > 0 and before["data_seconds"] > 0
+    old = os.umask(0o027)
+    try:
+        r = invoke("train", "--resume", run)
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "results.json").read_text())
+    assert res["data_wait_fraction"] > 0
+    # FLOP/s over all compute seconds, including those before the kill
+    assert res["achieved_flops_per_second"] < res["ledger"]["flops_total"] / before["compute_seconds"]
+    for name in ("results.json", "curve.png", "latest.pt"):
+        assert (run / name).stat().st_mode & 0o777 == 0o640, name
+    mtime = os.path.getmtime(run / "results.json")
+    r = invoke("train", "--resume", run)
+    assert r.exit_code == 0 and "finished run" in r.output
+    assert os.path.getmtime(run / "results.json") == mtime
+
+
+# ------------------------------------------------------------------------------ compare
+CMP = ["compare", *TINY]
+
+
+def test_compare_checks_methods_and_seeds_before_creating_anything(tmp_path):
+    out = tmp_path / "cmp"
+    failed_naming(invoke(*CMP, "--methods", ",", "--out", out), "--methods")
+    failed_naming(invoke(*CMP, "--methods", "er", "--seeds", "0,-1", "--out", out), "--seeds", "-1")
+    failed_naming(invoke(*CMP, "--methods", "er", "--seeds", "a", "--out", out), "--seeds")
+    assert not out.exists()
+    # an existing table is not truncated by a refused invocation
+    out.mkdir()
+    (out / "compare.csv").write_text("method,seed\ner,0\n")
+    failed_naming(invoke(*CMP, "--methods", ",", "--out", out), "--methods")
+    assert (out / "compare.csv").read_text() == "method,seed\ner,0\n"
+
+
+def test_compare_records_a_failing_method_and_goes_on(tmp_path):
+    out = tmp_path / "cmp"
+    # gdumb with a negative memory fails at setup; er must still run and the table be written
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("method: {options: {memory_size: -1}}\n")
+    r = invoke(*CMP, "--config", cfg, "--methods", "gdumb,er", "--seeds", "0,0", "--out", out)
+    assert r.exit_code == 2 and "1 of 2 runs failed" in r.output, r.output
+    assert "each run counts once" in r.output
+    import csv
+    rows = list(csv.DictReader(open(out / "compare.csv")))
+    assert [(x["method"], x["status"][:6]) for x in rows] == [("er", "ok"), ("gdumb", "failed")]
+    md = (out / "compare.md").read_text()
+    assert "| er |" in md and "gdumb seed 0" in md

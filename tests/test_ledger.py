@@ -280,11 +280,22 @@ def test_ledger_requires_begin_step_and_valid_batch():
         Ledger(0)
 
 
-def test_begin_step_again_keeps_spent_for_resume():
-    led = make_ledger(budget=1.0)
-    led.charge("classify", 512)
-    led.begin_step(0, 2.0)
-    assert led.spent_units() == 0.5 and led.remaining_units() == 1.5
+def test_begin_step_on_an_opened_step_is_refused():
+    # re-opening a step would replace its budget and keep what was spent (2 of 2 spent, then
+    # 98 more allowed): a step's budget is set once (a resumed run restores the ledger instead)
+    led = make_ledger(budget=2.0)
+    led.charge("classify", 2048)
+    with pytest.raises(ValueError, match="step 0 was already begun"):
+        led.begin_step(0, 100.0)
+    assert led.budget_units() == 2.0 and led.remaining_units() == 0.0
+    assert not led.can_charge("classify", 1)
+
+
+def test_ledger_refuses_image_counts_that_would_wrap():
+    led = make_ledger(budget=1e300)
+    led.charge("classify", 2 ** 62)
+    with pytest.raises(ValueError, match="overflow"):
+        led.charge("classify", 2 ** 62)
 
 
 # --------------------------------------------------------------------------- the product's model

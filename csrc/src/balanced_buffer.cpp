@@ -155,7 +155,7 @@ std::map<int32_t, int64_t> BalancedBuffer::task_sizes() const {
 
 int64_t BalancedBuffer::shard_size(int64_t n, int64_t rank, int64_t world_size) {
     if (n <= rank) return 0;
-    return (n - rank + world_size - 1) / world_size;
+    return n > rank ? (n - rank - 1) / world_size + 1 : 0;  // no overflow near INT64_MAX
 }
 
 void BalancedBuffer::check_sample_args(int64_t n, int64_t step, int64_t rank, int64_t world_size) const {

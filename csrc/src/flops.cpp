@@ -1,6 +1,7 @@
 #include "dietcl/flops.hpp"
 
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -14,7 +15,39 @@ std::string s(int64_t v) { return std::to_string(v); }
 std::string s(double v) { return std::to_string(v); }
 
 // timm Mlp hidden width: int(dim * mlp_ratio).
-int64_t hidden(int64_t dim, double ratio) { return static_cast<int64_t>(static_cast<double>(dim) * ratio); }
+int64_t hidden(int64_t dim, double ratio) {
+    const double h = static_cast<double>(dim) * ratio;
+    if (!(h < 9.2e18))  // the cast of a larger (or NaN) double is undefined
+        throw std::overflow_error("ViTSpec: embed_dim x mlp_ratio = " + std::to_string(h) +
+                                  " overflows 64-bit integers");
+    return static_cast<int64_t>(h);
+}
+
+// Checked int64 arithmetic: a spec whose FLOP count does not fit 64 bits is an error naming it,
+// never a wrapped (negative) count.
+[[noreturn]] void overflow() {
+    throw std::overflow_error("ViTSpec: the FLOP count of this spec overflows 64-bit integers "
+                              "(img_size / patch / embed_dim / depth too large)");
+}
+int64_t mul(int64_t a, int64_t b) {
+    int64_t r;
+    if (__builtin_mul_overflow(a, b, &r)) overflow();
+    return r;
+}
+template <typename... T>
+int64_t mul(int64_t a, int64_t b, T... rest) { return mul(mul(a, b), rest...); }
+int64_t add(int64_t a, int64_t b) {
+    int64_t r;
+    if (__builtin_add_overflow(a, b, &r)) overflow();
+    return r;
+}
+template <typename... T>
+int64_t add(int64_t a, int64_t b, T... rest) { return add(add(a, b), rest...); }
+int64_t sub(int64_t a, int64_t b) {
+    int64_t r;
+    if (__builtin_sub_overflow(a, b, &r)) overflow();
+    return r;
+}
 
 struct BlockFlops {
     int64_t dense = 0;  // qkv, proj, mlp
@@ -26,8 +59,8 @@ BlockFlops block(int64_t N, int64_t D, int64_t H, double ratio) {
     BlockFlops f;
     const int64_t hd = D / H;
     const int64_t Dh = hidden(D, ratio);
-    f.dense = 2 * N * D * (3 * D) + 2 * N * D * D + 2 * N * D * Dh * 2;
-    f.attn = 2 * (2 * H * N * N * hd);
+    f.dense = add(mul(2, N, D, mul(3, D)), mul(2, N, D, D), mul(2, N, D, Dh, 2));
+    f.attn = mul(2, 2, H, N, N, hd);
     return f;
 }
 }  // namespace
@@ -59,7 +92,7 @@ void validate(const ViTSpec& v) {
     }
     if (!(v.mask_ratio >= 0.0 && v.mask_ratio < 1.0))
         bad("mask_ratio", s(v.mask_ratio), "must satisfy 0 <= mask_ratio < 1");
-    const int64_t L = (v.img_size / v.patch) * (v.img_size / v.patch);
+    const int64_t L = mul(v.img_size / v.patch, v.img_size / v.patch);
     if (static_cast<int64_t>(static_cast<double>(L) * (1.0 - v.mask_ratio)) < 1)
         bad("mask_ratio", s(v.mask_ratio), "keeps no patch of the " + s(L) + " patches");
 }
@@ -67,42 +100,42 @@ void validate(const ViTSpec& v) {
 FlopsPerImage flops_per_image(const ViTSpec& v) {
     validate(v);
     const int64_t g = v.img_size / v.patch;
-    const int64_t L = g * g;
+    const int64_t L = mul(g, g);
     const int64_t D = v.embed_dim;
     const int64_t cls = v.class_token ? 1 : 0;
-    const int64_t patch_embed = 2 * L * D * (v.patch * v.patch * v.in_chans);  // conv, 1x backward
-    const int64_t head = v.num_classes > 0 ? 2 * D * v.num_classes : 0;
+    const int64_t patch_embed = mul(2, L, D, mul(v.patch, v.patch, v.in_chans));  // conv, 1x backward
+    const int64_t head = v.num_classes > 0 ? mul(2, D, v.num_classes) : 0;
 
     FlopsPerImage r;
     // Classifier: encoder on all L (+cls) tokens.
     {
-        const int64_t N = L + cls;
+        const int64_t N = add(L, cls);
         const BlockFlops b = block(N, D, v.heads, v.mlp_ratio);
-        const int64_t blocks = v.depth * (b.dense + b.attn);
-        const int64_t attn = v.depth * b.attn;
-        r.classify_fwd = patch_embed + blocks + head;
-        r.classify_fwd_bwd = 3 * r.classify_fwd - patch_embed;  // fwd + 2x bwd, patch embed 1x
-        r.classify_fwd_bwd_flash = r.classify_fwd_bwd + attn / 2;  // attention bwd 2.5x fwd
+        const int64_t blocks = mul(v.depth, add(b.dense, b.attn));
+        const int64_t attn = mul(v.depth, b.attn);
+        r.classify_fwd = add(patch_embed, blocks, head);
+        r.classify_fwd_bwd = sub(mul(3, r.classify_fwd), patch_embed);  // fwd + 2x bwd, patch embed 1x
+        r.classify_fwd_bwd_flash = add(r.classify_fwd_bwd, attn / 2);  // attention bwd 2.5x fwd
     }
     // MAE (facebookresearch/mae): encoder on kept patches + cls; decoder on all L + cls.
     {
         const int64_t Lk = static_cast<int64_t>(static_cast<double>(L) * (1.0 - v.mask_ratio));
-        const int64_t Ne = Lk + 1;
-        const int64_t Nd = L + 1;
+        const int64_t Ne = add(Lk, 1);
+        const int64_t Nd = add(L, 1);
         const BlockFlops be = block(Ne, D, v.heads, v.mlp_ratio);
-        int64_t fwd = patch_embed + v.depth * (be.dense + be.attn);
-        int64_t attn = v.depth * be.attn;
+        int64_t fwd = add(patch_embed, mul(v.depth, add(be.dense, be.attn)));
+        int64_t attn = mul(v.depth, be.attn);
         if (v.decoder_dim > 0) {
             const int64_t Dd = v.decoder_dim;
             const BlockFlops bd = block(Nd, Dd, v.decoder_heads, v.mlp_ratio);
-            fwd += 2 * Ne * D * Dd;                                  // decoder_embed
-            fwd += v.decoder_depth * (bd.dense + bd.attn);           // decoder blocks
-            fwd += 2 * Nd * Dd * (v.patch * v.patch * v.in_chans);   // decoder_pred
-            attn += v.decoder_depth * bd.attn;
+            fwd = add(fwd, mul(2, Ne, D, Dd));                                      // decoder_embed
+            fwd = add(fwd, mul(v.decoder_depth, add(bd.dense, bd.attn)));           // decoder blocks
+            fwd = add(fwd, mul(2, Nd, Dd, mul(v.patch, v.patch, v.in_chans)));      // decoder_pred
+            attn = add(attn, mul(v.decoder_depth, bd.attn));
         }
         r.mae_fwd = fwd;
-        r.mae_fwd_bwd = 3 * fwd - patch_embed;
-        r.mae_fwd_bwd_flash = r.mae_fwd_bwd + attn / 2;
+        r.mae_fwd_bwd = sub(mul(3, fwd), patch_embed);
+        r.mae_fwd_bwd_flash = add(r.mae_fwd_bwd, attn / 2);
     }
     return r;
 }

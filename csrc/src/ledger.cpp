@@ -1,5 +1,7 @@
 #include "dietcl/ledger.hpp"
 
+#include <cstdint>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -149,6 +151,10 @@ void Ledger::begin_step(int64_t t, double budget) {
     if (!(budget >= 0.0) || !std::isfinite(budget))
         throw std::invalid_argument("Ledger: budget_units must be finite and >= 0 (got " + fmt(budget) + ")");
     std::lock_guard<std::mutex> lk(mu_);
+    if (steps_.count(t))  // a step's budget is set once: re-opening would reset what it allows
+        throw std::invalid_argument("Ledger: step " + std::to_string(t) + " was already begun (budget " +
+                                    fmt(steps_.at(t).budget) + " units, " + fmt(steps_.at(t).units(global_batch_)) +
+                                    " spent); a step's budget is set once");
     StepTotals& s = steps_[t];
     s.t = t;
     s.budget = budget;
@@ -197,6 +203,15 @@ double Ledger::charge(const std::string& path, int64_t images, bool backward) {
     const PathCost c = cost_locked(path);
     StepTotals& s = steps_.at(cur_locked().t);
     const double units = units_locked(c, images, backward);
+    ChargeRecord* prev = nullptr;
+    {
+        auto it = records_.find(std::make_tuple(s.t, path, backward));
+        if (it != records_.end()) prev = &it->second;
+    }
+    // image counters are exact int64: refuse a charge that would wrap them
+    if (images > INT64_MAX - s.images_fwd_bwd || (prev && images > INT64_MAX - prev->images))
+        throw std::invalid_argument("Ledger: charging " + std::to_string(images) +
+                                    " images would overflow the step's 64-bit image count");
     double after;
     if (backward) {
         after = static_cast<double>(s.images_fwd_bwd + images) / static_cast<double>(global_batch_) +

@@ -1,3 +1,4 @@
+#include <cstdint>
 #include <algorithm>
 #include <set>
 #include <thread>
@@ -127,5 +128,9 @@ int main() {
     test_epoch_without_replacement();
     test_state_and_errors();
     test_threads();
+    // shard sizes near INT64_MAX do not wrap
+    CHECK(dietcl::BalancedBuffer::shard_size(INT64_MAX, 0, 2) == INT64_MAX / 2 + 1);
+    CHECK(dietcl::BalancedBuffer::shard_size(INT64_MAX, 1, 2) == INT64_MAX / 2);
+    CHECK(dietcl::BalancedBuffer::shard_size(3, 5, 8) == 0);
     TEST_MAIN_END();
 }

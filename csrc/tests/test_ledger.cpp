@@ -1,4 +1,5 @@
 #include <cmath>
+#include <stdexcept>
 
 #include "check.hpp"
 #include "dietcl/errors.hpp"
@@ -15,6 +16,10 @@ int main() {
     dietcl::ViTSpec bad;
     bad.img_size = 30;
     CHECK_THROWS(dietcl::flops_per_image(bad), std::invalid_argument, "img_size = 30");
+    dietcl::ViTSpec huge;  // 4096 px at patch 1: 16.7 M tokens; N^2 attention overflows int64
+    huge.img_size = 4096;
+    huge.patch = 1;
+    CHECK_THROWS(dietcl::flops_per_image(huge), std::overflow_error, "overflows 64-bit");
 
     dietcl::Ledger L(1024);
     L.register_path("classify", f.classify_fwd, f.classify_fwd_bwd);
@@ -28,6 +33,8 @@ int main() {
     CHECK(!L.can_charge("mae", 1));
     CHECK_THROWS(L.charge("mae", 1), dietcl::BudgetExceeded, "budget exceeded");
     CHECK_THROWS(L.charge("nope", 1), std::invalid_argument, "unknown path");
+    CHECK_THROWS(L.begin_step(0, 100.0), std::invalid_argument, "already begun");  // budget set once
+    CHECK(!L.can_charge("mae", 1));
     L.begin_step(1, 1.0);
     L.charge("classify", 1024, false);
     CHECK(std::fabs(L.spent_units() - double(f.classify_fwd) / double(f.classify_fwd_bwd)) < 1e-15);

@@ -93,6 +93,8 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print):
         backend, why = choose_backend(source, device, img_size)
         log(f"loader: auto picked {backend}: {why}")
     workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
+    from .decode import set_max_image_pixels
+    set_max_image_pixels(getattr(cfg, "max_image_pixels", 89_478_485))
     scan_mode = getattr(cfg, "scan", "full")
     if backend == "memory":
         # files: decode once, at a size that leaves room for the eval resize and random crops

@@ -12,6 +12,61 @@ class BadImageError(ValueError):
     pass
 
 
+# Images with more pixels than this are bad files (decompression bombs: a few hundred KB of PNG
+# can expand to gigabytes). Set from `loader.max_image_pixels` (--max-image-pixels) by
+# build_loader; the default is PIL's own warning threshold.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def set_max_image_pixels(n: int) -> None:
+    global MAX_IMAGE_PIXELS
+    MAX_IMAGE_PIXELS = int(n)
+
+
+def check_regular_file(path: str) -> None:
+    """A bad-file error unless `path` is a regular file (missing, a symbolic-link loop, a
+    directory, or a FIFO / socket / device, whose reading could block forever)."""
+    import errno
+    import os
+    import stat
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: file does not exist") from None
+    except OSError as e:
+        why = "a symbolic-link loop" if e.errno == errno.ELOOP else (e.strerror or str(e))
+        raise BadImageError(f"{path}: cannot be read ({why})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BadImageError(f"{path}: is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket"
+                if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise BadImageError(f"{path}: is {kind}, not a regular image file (reading it could "
+                            "block forever)")
+
+
+def open_image(path: str):
+    """PIL.Image.open after the regular-file and pixel-count checks (header only, cheap); a file
+    over MAX_IMAGE_PIXELS is a BadImageError handled by the bad-image policy."""
+    import warnings
+
+    from PIL import Image
+    check_regular_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise BadImageError(f"{path}: too many pixels, a possible decompression bomb ({e}); "
+                                f"--max-image-pixels is {MAX_IMAGE_PIXELS}") from None
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise BadImageError(f"{path}: {w}x{h} = {w * h} pixels exceeds --max-image-pixels "
+                            f"{MAX_IMAGE_PIXELS} (a possible decompression bomb)")
+    return im
+
+
 def to_rgb_array(img) -> np.ndarray:
     """PIL image of any mode -> uint8 [H, W, 3]."""
     from PIL import Image
@@ -35,16 +90,14 @@ def to_rgb_array(img) -> np.ndarray:
 
 def load_rgb(path: str) -> np.ndarray:
     """Decode a whole file -> uint8 [H, W, 3]; BadImageError names the file and the reason."""
-    import os
+    from PIL import UnidentifiedImageError
 
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.exists(path):
-        raise BadImageError(f"{path}: file does not exist")
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()
             arr = to_rgb_array(im)
+    except BadImageError:
+        raise
     except UnidentifiedImageError:
         raise BadImageError(f"{path}: not an image file PIL can identify") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decode import BadImageError
+from .decode import BadImageError, open_image
 
 NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
 
@@ -36,14 +36,10 @@ class ScanResult:
 
 def check_file(path: str, mode: str = "full"):
     """-> (height, width, native, jpeg) or raises BadImageError naming the file and the reason."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    if not os.path.exists(path):
-        raise BadImageError(f"{path}: file does not exist")
-    if os.path.isdir(path):
-        raise BadImageError(f"{path}: is a directory, not an image file")
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:    # regular file, pixel limit (decompression bombs)
             w, h = im.size
             fmt, pmode = im.format, im.mode
             if mode == "full":

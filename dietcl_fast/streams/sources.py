@@ -204,9 +204,16 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _is_dir(e) -> bool:
+    try:
+        return e.is_dir()
+    except OSError:             # a symbolic-link loop: not a directory (a bad file)
+        return False
+
+
 def _has_class_dirs(d: str) -> bool:
     with os.scandir(d) as it:
-        return any(e.is_dir() and not e.name.startswith(".") for e in it)
+        return any(_is_dir(e) and not e.name.startswith(".") for e in it)
 
 
 def load_image_folder(path: str) -> Source:
@@ -232,7 +239,7 @@ def load_image_folder(path: str) -> Source:
                       paths=train.paths + val.paths,
                       eval_mask=np.r_[np.zeros(len(train), bool), np.ones(len(val), bool)])
     with os.scandir(path) as it:
-        class_dirs = sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        class_dirs = sorted(e.name for e in it if _is_dir(e) and not e.name.startswith("."))
     if not class_dirs:
         raise StreamError(f"image folder {path!r} has no class sub-directories "
                           f"(expected {path}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS)}}})")
@@ -241,7 +248,9 @@ def load_image_folder(path: str) -> Source:
     for name in class_dirs:
         d = os.path.join(path, name)
         with os.scandir(d) as it:
-            files = sorted(e.name for e in it if _is_image(e.name) and e.is_file())
+            # image-named entries that are not regular files (symlink loops, broken links,
+            # FIFOs) are kept: the pre-flight scan reports them as bad files, per --on-bad-image
+            files = sorted(e.name for e in it if _is_image(e.name) and not _is_dir(e))
         if not files:
             raise StreamError(f"class directory {d!r} contains no images "
                               f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
@@ -275,6 +284,14 @@ def load_csv(path: str, missing: str = "error") -> Source:
     if not os.path.isfile(path):
         raise StreamError(f"CSV index not found: {path!r}")
     base = os.path.dirname(path)
+    try:
+        return _load_csv(path, base, missing)
+    except UnicodeDecodeError as e:
+        raise StreamError(f"CSV {path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+
+
+def _load_csv(path: str, base: str, missing: str) -> Source:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -372,8 +389,19 @@ def load_csv(path: str, missing: str = "error") -> Source:
             raise StreamError(f"{where(k)}: empty path")
         full = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
         if not os.path.exists(full) and missing != "keep":
+            if os.path.islink(full):
+                raise StreamError(f"{where(k)}: {full!r} is a broken symbolic link or a link loop")
             raise StreamError(f"{where(k)}: file not found: {full!r}")
         paths.append(full)
+    # one file named twice would sit in training and evaluation at once: refuse it
+    seen: dict[str, int] = {}
+    for k, full in enumerate(paths):
+        key = os.path.realpath(full)
+        if key in seen:
+            raise StreamError(f"{where(k)} names the same file as {where(seen[key])} ({full!r}); "
+                              "a file listed twice could be trained on and evaluated at once. "
+                              "Remove the duplicate rows")
+        seen[key] = k
     return Source(name=f"csv:{path}", labels=labels, class_names=class_names, channels=3,
                   kind="files", paths=paths, timestamps=timestamps, image_size=None,
                   eval_mask=eval_mask)
