@@ -60,7 +60,7 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
             if os.path.exists(res_path):
                 with open(res_path) as f:
                     return json.load(f)
-        else:
+        elif os.environ.get("RANK", "0") == "0":
             atomic_write_bytes(os.path.join(run_dir, "compare_request.json"),
                                json.dumps(req, indent=1).encode())
         with open(log_path, "a") as logf:
@@ -260,10 +260,12 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
                                f"Ā {res['average_accuracy']:6.2f}  "
                                f"{sum(res['ledger']['steps_per_step']):.1f} units  "
                                f"{res['wall_seconds']:.0f} s", file=sys.stderr)
-                write_outputs(out, results, failures)
-            click.echo(open(os.path.join(out, "compare.md")).read())
-            click.echo(f"wrote {out}/compare.csv, compare.md"
-                       f"{', compare.png' if results else ''}", err=True)
+                if os.environ.get("RANK", "0") == "0":     # one writer under a launcher
+                    write_outputs(out, results, failures)
+            if os.environ.get("RANK", "0") == "0":
+                click.echo(open(os.path.join(out, "compare.md")).read())
+                click.echo(f"wrote {out}/compare.csv, compare.md"
+                           f"{', compare.png' if results else ''}", err=True)
             if failures:
                 fail(f"{len(failures)} of {len(cfgs)} runs failed (listed in {out}/compare.md "
                      "and compare.csv)")

@@ -219,12 +219,8 @@ def _resume(ctx, params, run_dir: str) -> None:
 
 
 def run_lock(run_dir: str):
-    """The run directory's lock, taken by the main process only (rank 0 under a launcher)."""
-    import contextlib
-
+    """The run directory's lock (taken by the main process only: rank 0 under a launcher)."""
     from dietcl_fast.rundir import RunLock
-    if os.environ.get("RANK", "0") != "0":
-        return contextlib.nullcontext()
     return RunLock(run_dir, log=lambda m: click.echo(m, err=True))
 
 

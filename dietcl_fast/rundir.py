@@ -4,7 +4,8 @@
   (read-only filesystem, no permission), or lies inside the data folder (later runs would read
   its `curve.png` as a training image), naming the option and the reason.
 * `check_space` refuses to start when the filesystem has less free space than one checkpoint.
-* `RunLock` is `<run>/.lock` (JSON: pid, host, start time), created exclusively. A second run on
+* `RunLock` is `<run>/.lock` (JSON: pid, host, start time), created exclusively (by the main
+  process: rank 0 under a launcher). A second run on
   the same directory stops with the holder's pid and host; a lock left by a process that no
   longer exists on this host is stale and taken over (with a note); a lock from another host is
   never guessed stale: the message says how to remove it.
@@ -87,6 +88,8 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> "RunLock":
+        if os.environ.get("RANK", "0") != "0":  # under a launcher the main process holds it
+            return self
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(3):
             try:

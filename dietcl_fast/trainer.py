@@ -267,8 +267,7 @@ class Trainer:
         self.iteration_log: list[tuple] = []
         self.timing_sync = False
         self._eval_classify = None
-        self._term_names: list[str] = []        # non-finite loss watch (see _watch_finite)
-        self._bad_terms = None
+        self._bad_terms: dict = {}              # non-finite loss watch (see _watch_finite)
         self._first_bad = None
         self._saved_gstep = None                # optimiser step of the last checkpoint submitted
         self._good_gstep = None                 # ... and of the last one known to be on disk
@@ -588,38 +587,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ non-finite losses
     def _watch_finite(self, loss: torch.Tensor, logs: dict) -> None:
-        """Remember, on the device and without a host sync, the first optimiser step at which
-        the loss or one of its logged terms was not finite, and which terms were."""
-        vals, idx = [loss.detach().float().reshape(())], [self._term_index("loss")]
-        for k, v in logs.items():
-            if isinstance(v, torch.Tensor) and k != "loss":
-                vals.append(v.detach().float().reshape(()).to(vals[0].device))
-                idx.append(self._term_index(k))
-        bad = ~torch.isfinite(torch.stack(vals))                         # [terms of this batch]
-        K = len(self._term_names)
-        if self._bad_terms is None or self._bad_terms.device != bad.device:
-            self._bad_terms = torch.zeros(K, dtype=torch.bool, device=bad.device)
-            self._first_bad = torch.full((), -1, dtype=torch.long, device=bad.device)
-        if self._bad_terms.numel() < K:
-            self._bad_terms = torch.cat([self._bad_terms, self._bad_terms.new_zeros(K - self._bad_terms.numel())])
-        first = (self._first_bad < 0) & bad.any()
-        self._first_bad = torch.where(first, torch.full_like(self._first_bad, self.pos.gstep + 1),
+        """Remember, on the device and without a host sync (no copies either way), the first
+        optimiser step at which the loss or one of its logged terms was not finite, and which
+        terms were."""
+        terms = {"loss": loss}
+        terms.update({k: v for k, v in logs.items() if isinstance(v, torch.Tensor) and k != "loss"})
+        bad = {k: ~torch.isfinite(v.detach()).all() for k, v in terms.items()}
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        first = (self._first_bad < 0) & torch.stack([b.to(loss.device) for b in bad.values()]).any()
+        self._first_bad = torch.where(first, self._first_bad.new_full((), self.pos.gstep + 1),
                                       self._first_bad)
-        upd = torch.zeros(K, dtype=torch.bool, device=bad.device).index_put(
-            (torch.as_tensor(idx, device=bad.device),), bad & first)
-        self._bad_terms = self._bad_terms | upd
-
-    def _term_index(self, name: str) -> int:
-        if name not in self._term_names:
-            self._term_names.append(name)
-        return self._term_names.index(name)
+        for k, b in bad.items():
+            upd = b.to(loss.device) & first
+            self._bad_terms[k] = upd if k not in self._bad_terms else self._bad_terms[k] | upd
 
     def _check_finite(self) -> None:
         """At a sync point (progress log, phase end, before a checkpoint): stop the run if a
         non-finite loss was seen, before anything computed from it is saved."""
         if self._first_bad is None or int(self._first_bad) < 0:
             return
-        terms = [n for n, b in zip(self._term_names, self._bad_terms.tolist()) if b] or ["loss"]
+        terms = [k for k, b in self._bad_terms.items() if bool(b)] or ["loss"]
         ck = os.path.join(self.run_dir, ckpt_io.CKPT_NAME)
         kept = (f"the last good checkpoint {ck} (optimiser step {self._saved_gstep}) is kept"
                 if self._saved_gstep is not None else "no checkpoint had been written yet")

@@ -402,3 +402,27 @@ def test_compare_records_a_failing_method_and_goes_on(tmp_path):
     assert [(x["method"], x["status"][:6]) for x in rows] == [("er", "ok"), ("gdumb", "failed")]
     md = (out / "compare.md").read_text()
     assert "| er |" in md and "gdumb seed 0" in md
+
+
+# ------------------------------------------------------------------------------ native core
+@pytest.mark.parametrize("call", ["b.sample(2**62, 0)", "b.sample(2**63 - 1, 0, 1, 2)",
+                                  "b.sample(-1, 0)"])
+def test_buffer_sample_sizes_never_wrap(call):
+    # in a child process: a wrapped byte count used to segfault the interpreter
+    code = ("import numpy as np\nfrom dietcl_fast.buffer import BalancedBuffer\n"
+            "b = BalancedBuffer(seed=0, replacement=True)\n"
+            "b.add(0, np.arange(10), np.arange(10) % 2)\n"
+            f"try:\n    {call}\nexcept ValueError as e:\n    print('ValueError', e)\n")
+    p = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith("ValueError"), (p.returncode, p.stderr)
+
+
+def test_ledger_begin_step_on_an_opened_step_is_refused():
+    from dietcl_fast.ledger import Ledger
+    led = Ledger(global_batch=2)
+    led.register_path("classify", 1, 3)
+    led.begin_step(0, 2.0)
+    led.charge("classify", 4)
+    with pytest.raises(ValueError, match="already begun"):
+        led.begin_step(0, 100.0)
+    assert not led.can_charge("classify", 1)

@@ -279,8 +279,8 @@ def test_time_eval_union_is_time_filter(time_stream):
 
 
 def test_time_uses_source_timestamps(tmp_path):
-    _csv_tree(tmp_path, n=1)
-    rows = "".join(f"img/0.png,{'ab'[i % 2]},{100 - i}\n" for i in range(40))
+    _csv_tree(tmp_path, n=40)      # one file per row: a file listed twice is refused
+    rows = "".join(f"img/{i}.png,{'ab'[i % 2]},{100 - i}\n" for i in range(40))
     (tmp_path / "t.csv").write_text("path,label,timestamp\n" + rows)
     src = load_source(f"csv:{tmp_path / 't.csv'}")
     st = build_stream(src, "time", time_steps=4, label_rate=0.5, eval_fraction=0.2, seed=0)
