@@ -188,13 +188,20 @@ def train(ctx, **params):
             cfg = build_config(ctx, params)
             run_dir = cfg.run.out or default_run_dir(cfg)
             cfg.run.out = run_dir
+            created = not os.path.exists(run_dir)
             check_out_dir(run_dir, data=cfg.stream.data)
-            with run_lock(run_dir):
-                if ckpt_io.has_checkpoint(run_dir):
-                    _fail(f"--out {run_dir!r} already holds a run; use --resume {run_dir} to "
-                          "continue it, or choose another --out")
-                trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
-                trainer.run(run_dir)
+            try:
+                with run_lock(run_dir):
+                    if ckpt_io.has_checkpoint(run_dir):
+                        _fail(f"--out {run_dir!r} already holds a run; use --resume {run_dir} to "
+                              "continue it, or choose another --out")
+                    trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
+                    trainer.run(run_dir)
+            except BaseException:
+                # refused before anything was written: leave no empty run directory behind
+                if created and os.path.isdir(run_dir) and not os.listdir(run_dir):
+                    os.rmdir(run_dir)
+                raise
     except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
         _fail(str(e))
 

@@ -202,8 +202,9 @@ def validate(cfg: "Config") -> "Config":
                           "or a path (an empty value would silently mean the current directory)")
     _num(cfg, "stream.time_steps", lo=1, hi=100000, integer=True)
     _num(cfg, "stream.label_rate", lo=0, hi=1, lo_open=True)
-    _num(cfg, "stream.eval_fraction", lo=0, hi=1, lo_open=True, hi_open=True,
-         why=" (0 would leave nothing to evaluate)")
+    # 0 is allowed here (a dataset with its own evaluation split ignores it); a stream left
+    # with no evaluation image is refused when it is built, still before compute
+    _num(cfg, "stream.eval_fraction", lo=0, hi=1, hi_open=True)
     _choice(cfg, "model.preset", ("auto", "cpu-tiny", "vit-b16"))
     _num(cfg, "model.mask_ratio", lo=0, hi=1, hi_open=True)
     if cfg.model.pretrained is not None and not isinstance(cfg.model.pretrained, str):

@@ -51,10 +51,10 @@ def test_folder_val_split_is_the_whole_evaluation_set(tmp_path):
 
 
 def test_csv_split_column_class_and_time(tmp_path):
-    _img(tmp_path / "img" / "a.png", 10)
     rows = []
-    for i in range(24):
-        rows.append(f"img/a.png,{CLASSES[i % 2]},{i},{'val' if i % 8 in (6, 7) else 'train'}")
+    for i in range(24):                         # one file per row: a file listed twice is refused
+        _img(tmp_path / "img" / f"{i}.png", 10)
+        rows.append(f"img/{i}.png,{CLASSES[i % 2]},{i},{'val' if i % 8 in (6, 7) else 'train'}")
     (tmp_path / "s.csv").write_text("path,label,timestamp,split\n" + "\n".join(rows) + "\n")
     src = load_source(f"csv:{tmp_path / 's.csv'}")
     assert src.eval_mask.tolist() == [i % 8 in (6, 7) for i in range(24)]
