@@ -241,7 +241,9 @@ def validate(cfg: "Config") -> "Config":
     _num(cfg, "loader.max_image_pixels", lo=1, integer=True)
     _choice(cfg, "engine.engine", ("auto", "torch", "deepspeed"))
     _num(cfg, "engine.zero_stage", lo=0, hi=3, integer=True)
-    _num(cfg, "engine.micro_batch", lo=1, integer=True, optional=True)
+    if cfg.engine.micro_batch != "auto":      # "auto": probed by the trainer
+        _num(cfg, "engine.micro_batch", lo=1, integer=True, optional=True,
+             why=' (or "auto")')
     _num(cfg, "run.budget", lo=1, hi=1e12, why=" (training steps per time step)")
     if not float(cfg.run.budget).is_integer():
         raise ConfigError(f"{_named('run.budget', cfg.run.budget)}: must be a whole number "

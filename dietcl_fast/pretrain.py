@@ -67,8 +67,14 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"--batch-size {cfg.batch_size}: must be >= 2")
     if cfg.micro_batch is not None and cfg.micro_batch < 1:
         raise ConfigError(f"--micro-batch {cfg.micro_batch}: must be >= 1")
-    if cfg.blr is not None and not cfg.blr > 0:
-        raise ConfigError(f"--blr {cfg.blr}: must be > 0")
+    if cfg.blr is not None and not (math.isfinite(cfg.blr) and cfg.blr > 0):
+        raise ConfigError(f"--blr {cfg.blr}: must be a finite number > 0")
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay {cfg.weight_decay}: must be a finite number >= 0")
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise ConfigError(f"--mask-ratio {cfg.mask_ratio}: must be in (0, 1)")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2 ** 63:
+        raise ConfigError(f"--seed {cfg.seed}: must be a whole number in [0, 2^63)")
     if not 0.0 <= cfg.warmup_fraction < 1.0:
         raise ConfigError(f"--warmup-fraction {cfg.warmup_fraction}: must be in [0, 1)")
     if cfg.ckpt_every < 0:

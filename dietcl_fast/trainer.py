@@ -120,6 +120,31 @@ class Position:
     step_started: bool = False      # head grown / buffer filled / budget opened for step t
 
 
+def _stacked_logs(loss_fn):
+    """loss_fn(model, mb) -> (loss, {name: scalar}) as (loss, names, values [len(names)]).
+
+    A compiled graph must not return a log that is a detached alias of the loss: when a
+    micro-batch is the whole global batch a log term is `term.detach() * 1.0`, the graph folds
+    the product away, and AOTAutograd then hands back the loss without its gradient (seen in
+    the buffer-only phase, whose loss is that one term). Stacking the logs makes them a new
+    tensor, never an alias."""
+    def step_loss(model, mb):
+        loss, logs = loss_fn(model, mb)
+        names = tuple(logs)
+        vals = torch.stack([torch.as_tensor(v).reshape(()).float() for v in logs.values()]) \
+            if logs else None
+        return loss, names, (vals.detach() if vals is not None else None)
+    return step_loss
+
+
+def _logs_apart(compiled):
+    """The inverse of `_stacked_logs` around the compiled function: (loss, {name: scalar})."""
+    def loss_fn(model, mb):
+        loss, names, vals = compiled(model, mb)
+        return loss, ({k: vals[i] for i, k in enumerate(names)} if names else {})
+    return loss_fn
+
+
 class Trainer:
     def __init__(self, cfg: Config, *, log=print, train_region=None, micro_fits=None):
         self.cfg = cfg
@@ -315,7 +340,8 @@ class Trainer:
         self.cfg.engine.compile = on           # the resolved choice, recorded in config.yaml
         if not on:
             return self.method.loss
-        return torch.compile(self.method.loss, fullgraph=True, dynamic=False)
+        return _logs_apart(torch.compile(_stacked_logs(self.method.loss), fullgraph=True,
+                                         dynamic=False))
 
     def _probe_micro_batch(self, fits) -> None:
         """`--micro-batch auto`: the largest divisor m of the per-process batch with fits(m),
@@ -858,6 +884,11 @@ class Trainer:
             last = j + self.dist.world_size >= self.n_micro     # this rank's last micro-batch
             with self.train_region():
                 loss, logs = self.engine.forward_backward(self.loss_fn, mb, sync=last)
+            if self.cfg.engine.compile and not loss.requires_grad:     # metadata: no sync
+                raise RuntimeError(
+                    f"time step {t}, phase {phase.name}: the compiled step returned a loss with no "
+                    "gradient (a graph returning an alias of the loss, see _stacked_logs); "
+                    "rerun with --no-compile and report it")
             self._watch_finite(loss, logs)      # device-side flag; read at existing sync points
             self.compute_seconds += time.perf_counter() - t_c
             for k, v in logs.items():

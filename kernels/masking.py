@@ -324,4 +324,7 @@ def random_masking(x: torch.Tensor, pos_embed: Optional[torch.Tensor], mask_rati
 
 
 def _fused(x, pos_embed, ids_shuffle, K):
-    return random_masking_op(x, pos_embed, ids_shuffle, K)
+    x_vis, mask, ids_restore = random_masking_op(x, pos_embed, ids_shuffle, K)
+    # the mask is an index, not a function of x: no gradient flows through it (without the
+    # detach a loss built on `mask` would try to backpropagate into the masking op)
+    return x_vis, mask.detach(), ids_restore

@@ -102,3 +102,19 @@ def test_kill_and_resume_compiled_is_identical(tmp_path):
     assert a["config"]["engine"]["compile"] is True and b["config"]["engine"]["compile"] is True
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
     assert a["ledger"]["flops_total"] == b["ledger"]["flops_total"]
+
+
+@pytest.mark.slow
+def test_compiled_buffer_phase_with_one_micro_batch(tmp_path):
+    """One micro-batch per global batch: the buffer-only loss is a single term and its log is
+    `term.detach() * 1.0`; compiled, that once came back as the loss without a gradient
+    (RuntimeError in backward). The run must finish and charge what the eager run charges."""
+    args = ["train", "--time-steps", "2", "--budget", "2", "--batch-size", "16",
+            "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5"]
+    cli(*args, "--compile", "--out", str(tmp_path / "c"))
+    cli(*args, "--no-compile", "--out", str(tmp_path / "e"))
+    c = json.loads((tmp_path / "c" / "results.json").read_text())
+    e = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert c["config"]["engine"]["compile"] is True and e["config"]["engine"]["compile"] is False
+    assert c["ledger"]["flops_total"] == e["ledger"]["flops_total"]
+    assert len(c["accuracy_matrix"]) == 2

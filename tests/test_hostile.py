@@ -427,3 +427,17 @@ def test_ledger_begin_step_on_an_opened_step_is_refused():
     with pytest.raises(ValueError, match="already begun"):
         led.begin_step(0, 100.0)
     assert not led.can_charge("classify", 1)
+
+
+@pytest.mark.parametrize("field, value, option", [
+    ("blr", float("nan"), "--blr"), ("blr", float("inf"), "--blr"), ("blr", -1.0, "--blr"),
+    ("weight_decay", float("nan"), "--weight-decay"), ("weight_decay", -0.1, "--weight-decay"),
+    ("mask_ratio", 1.0, "--mask-ratio"), ("mask_ratio", float("nan"), "--mask-ratio"),
+    ("seed", -5, "--seed")])
+def test_pretrain_numeric_options_are_validated(field, value, option):
+    from dietcl_fast.config import ConfigError, PretrainConfig
+    from dietcl_fast.pretrain import validate
+    cfg = PretrainConfig(out="x")
+    setattr(cfg, field, value)
+    with pytest.raises(ConfigError, match=option):
+        validate(cfg)
