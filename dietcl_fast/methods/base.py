@@ -220,13 +220,7 @@ class Method:
                 x, tgt = self.mix(mb.x[name], mb.y[name], mb.num_seen, mb.generator)
                 xs.append(x), targets.append(tgt), names.append(name)
         logits = (classify or model.classify)(torch.cat(xs) if len(xs) > 1 else xs[0])
-        total, start, logs = 0.0, 0, {}
-        for name, tgt in zip(names, targets):
-            term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])
-            start += tgt.shape[0]
-            total = total + term
-            logs["L" + name[0]] = term.detach() * mb.n_global[name] / tgt.shape[0]
-        return total, logs
+        return self._replay_terms(logits, names, targets, mb)
 
     def _replay_loss_static(self, model, mb: MicroBatch):
         """replay_loss on the full-capacity head (unseen classes masked) with planned Mixup."""
@@ -236,6 +230,11 @@ class Method:
                 x, tgt = self.planned_mix(mb, name, mb.seen)
                 xs.append(x), targets.append(tgt), names.append(name)
         logits = model.classify_all(torch.cat(xs) if len(xs) > 1 else xs[0])
+        return self._replay_terms(logits, names, targets, mb)
+
+    def _replay_terms(self, logits, names, targets, mb: MicroBatch):
+        """Cross-entropy of each source's rows of `logits` (sources in `names` order) -> (sum,
+        logs `Ll`/`Lb` scaled to the source's global-batch mean); shared by both replay forms."""
         total, start, logs = 0.0, 0, {}
         for name, tgt in zip(names, targets):
             term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])
