@@ -45,7 +45,7 @@ def _old_request(run_dir: str) -> dict | None:
 def run_one(cfg, run_dir: str, log_path: str) -> dict:
     """Run (or reuse, or resume) one configured run; returns its results dict."""
     from dietcl_fast import checkpoint as ckpt_io
-    from dietcl_fast.checkpoint import atomic_write_bytes
+    from dietcl_fast.fsio import atomic_write_bytes
     from dietcl_fast.config import Config
     from dietcl_fast.rundir import RunLock, check_out_dir
     from dietcl_fast.trainer import Trainer
@@ -85,7 +85,7 @@ def summarise_runs(rows: list[dict]) -> dict:
 def write_outputs(out: str, results: list[dict], failures: list[tuple] = ()) -> None:
     """compare.csv / .md / .png from the finished runs; failed runs are listed in both tables
     (status column / a 'failed runs' section), never dropped silently."""
-    from dietcl_fast.checkpoint import atomic_write_bytes
+    from dietcl_fast.fsio import atomic_write_bytes
     rows = []
     for r in results:
         led = r["ledger"]

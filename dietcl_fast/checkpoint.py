@@ -26,20 +26,16 @@ import hashlib
 import io
 import os
 import pickle
-import secrets
 import time
 
-import numpy as np
 import torch
 
+from .engine.deepspeed_engine import DS_SUBDIR, POINTER, load_client_state
+from .fsio import FORMAT_VERSION, CheckpointError, atomic_write_bytes, plain_state  # noqa: F401
+
 CKPT_NAME = "latest.pt"
-FORMAT_VERSION = 2
 MAGIC = b"DIETCLCKPT\x00\x02"          # 12 bytes; the last one is FORMAT_VERSION
 _DIGEST = 32
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be trusted or read; the message names the file."""
 
 
 class CheckpointWriteError(OSError):
@@ -47,59 +43,10 @@ class CheckpointWriteError(OSError):
 
 
 # ---------------------------------------------------------------------------------------- writing
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file + fsync + rename + directory fsync)."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".tmp-{secrets.token_hex(6)}-{os.path.basename(path)}")
-    # 0o666: the kernel applies the user's umask, as for any file the user creates
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:     # some filesystems refuse fsync on a directory; the rename is done
-        pass
-
-
-def _plain(obj, where: str):
-    """obj with NumPy values turned into tensors / Python numbers; anything that is not plain data
-    (tensors, numbers, strings, bytes, None, containers of those) is a TypeError naming `where`."""
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.Size)):
-        return obj
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        return {k: _plain(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, tuple):
-        return tuple(_plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
-    if isinstance(obj, (set, frozenset)):
-        return [_plain(v, f"{where}{{}}") for v in sorted(obj)]
-    raise TypeError(f"checkpoint state {where} is a {type(obj).__module__}.{type(obj).__name__}; "
-                    "checkpoints hold only tensors, numbers, strings and bytes (so that they load "
-                    "without unpickling code)")
-
-
 def encode_state(state: dict) -> bytes:
     """The bytes of a checkpoint file for `state` (MAGIC | SHA-256 | payload)."""
     buf = io.BytesIO()
-    torch.save({"format_version": FORMAT_VERSION, **_plain(state, "state")}, buf)
+    torch.save({"format_version": FORMAT_VERSION, **plain_state(state, "state")}, buf)
     payload = buf.getvalue()
     return MAGIC + hashlib.sha256(payload).digest() + payload
 
@@ -156,7 +103,6 @@ def write_failure_message(path: str, need: int, e: OSError) -> str:
 # ---------------------------------------------------------------------------------------- reading
 def has_checkpoint(run_dir: str) -> bool:
     """A torch-engine `latest.pt` or a DeepSpeed checkpoint pointer."""
-    from .engine.deepspeed_engine import POINTER, DS_SUBDIR
     return os.path.isfile(os.path.join(run_dir, CKPT_NAME)) or \
         os.path.isfile(os.path.join(run_dir, DS_SUBDIR, POINTER))
 
@@ -214,7 +160,6 @@ def load_checkpoint(run_dir: str) -> dict:
     """The latest state of a run: `latest.pt` (torch engine), or the client state of the
     DeepSpeed checkpoint named by `deepspeed/latest_dietcl` (deepspeed engine; its `engine`
     entry then points at the tag so the engine can reload its ZeRO shards)."""
-    from .engine.deepspeed_engine import DS_SUBDIR, POINTER, load_client_state
     path = os.path.join(run_dir, CKPT_NAME)
     if os.path.isfile(os.path.join(run_dir, DS_SUBDIR, POINTER)) and not os.path.isfile(path):
         state = load_client_state(run_dir)      # CheckpointError naming the file on any problem

@@ -326,7 +326,7 @@ def load_yaml(path: str) -> dict:
 
 def save_yaml(cfg: Config, path: str) -> None:
     import yaml
-    from .checkpoint import atomic_write_bytes
+    from .fsio import atomic_write_bytes
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 

@@ -1,4 +1,4 @@
-"""Compute ledger (SPEC §1): the single source of truth for budget accounting.
+"""Compute ledger: the single source of truth for budget accounting.
 
 One unit = one forward+backward pass of ``global_batch`` images (default 1024), whatever mix of
 paths (classifier, MAE, ...) they take.  Per-image FLOPs come from the exact FLOP model of the
@@ -8,65 +8,62 @@ plain matmuls (timm fused attention off); ``*_flash`` keys count the attention b
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from dietcl_fast import _core
+from dietcl_fast.models.spec import ModelSpec
 
-__all__ = ["ViTSpec", "flops_per_image", "flops_report", "Ledger", "BudgetExceeded"]
+__all__ = ["flops_per_image", "flops_report", "Ledger", "BudgetExceeded"]
 
 BudgetExceeded = _core.BudgetExceeded  # subclass of ValueError
 
-
-@dataclass
-class ViTSpec:
-    img_size: int = 224
-    patch: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    heads: int = 12
-    mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    class_token: bool = True
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    mask_ratio: float = 0.75
-
-    def _to_core(self) -> "_core.ViTSpec":
-        s = _core.ViTSpec()
-        for k, v in asdict(self).items():
-            if k in ("mlp_ratio", "mask_ratio"):
-                v = float(v)
-            elif k == "class_token":
-                v = bool(v)
-            else:
-                if isinstance(v, bool) or int(v) != v:
-                    raise ValueError(f"ViTSpec: {k} = {v!r} is invalid: must be an integer")
-                v = int(v)
-                if not -(2 ** 63) <= v < 2 ** 63:
-                    raise ValueError(f"ViTSpec: {k} = {v!r} is invalid: does not fit 64 bits")
-            setattr(s, k, v)
-        return s
+# ModelSpec field -> field of the native core's `dietcl::ViTSpec` (csrc/include/dietcl/flops.hpp),
+# which adds the head size and names some fields shorter. The native core validates the spec
+# (its errors name its own field names: patch, heads, decoder_dim, decoder_heads).
+_NATIVE_NAMES = {"img_size": "img_size", "patch_size": "patch", "in_chans": "in_chans",
+                 "embed_dim": "embed_dim", "depth": "depth", "num_heads": "heads",
+                 "mlp_ratio": "mlp_ratio", "decoder_embed_dim": "decoder_dim",
+                 "decoder_depth": "decoder_depth", "decoder_num_heads": "decoder_heads",
+                 "mask_ratio": "mask_ratio"}
 
 
-def flops_per_image(spec: ViTSpec) -> dict:
-    """Per-image FLOPs: classify_fwd, classify_fwd_bwd, mae_fwd, mae_fwd_bwd, *_flash."""
-    if isinstance(spec, dict):
-        spec = ViTSpec(**spec)
-    return dict(_core.flops_per_image(spec._to_core()))
+def _native_spec(spec: ModelSpec, num_classes: int) -> "_core.ViTSpec":
+    """The one translation of a ModelSpec (+ head size) into the native FLOP model's struct."""
+    s = _core.ViTSpec()
+    ints = {k: v for k, v in asdict(spec).items() if k in _NATIVE_NAMES}
+    ints["num_classes"] = num_classes
+    for k, v in ints.items():
+        if k in ("mlp_ratio", "mask_ratio"):
+            v = float(v)
+        else:
+            if isinstance(v, bool) or int(v) != v:
+                raise ValueError(f"model spec: {k} = {v!r} is invalid: must be an integer")
+            v = int(v)
+            if not -(2 ** 63) <= v < 2 ** 63:
+                raise ValueError(f"model spec: {k} = {v!r} is invalid: does not fit 64 bits")
+        setattr(s, _NATIVE_NAMES.get(k, k), v)
+    s.class_token = True            # the model always prepends a class token
+    return s
+
+
+def flops_per_image(spec: ModelSpec, num_classes: int) -> dict:
+    """Per-image FLOPs of `spec` with a `num_classes`-way head: classify_fwd, classify_fwd_bwd,
+    mae_fwd, mae_fwd_bwd, classify_fwd_bwd_flash, mae_fwd_bwd_flash."""
+    return dict(_core.flops_per_image(_native_spec(spec, num_classes)))
 
 
 def flops_report(embed_dim, depth, heads, patch, img_size, in_chans, num_classes, mask_ratio,
                  decoder_dim, decoder_depth, decoder_heads, mlp_ratio=4.0) -> dict:
     """Backs the ``dietcl-fast flops`` CLI: per-image FLOPs plus the config they describe."""
-    spec = ViTSpec(img_size=img_size, patch=patch, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-                   heads=heads, mlp_ratio=mlp_ratio, num_classes=num_classes, decoder_dim=decoder_dim,
-                   decoder_depth=decoder_depth, decoder_heads=decoder_heads, mask_ratio=mask_ratio)
-    out = flops_per_image(spec)
+    spec = ModelSpec(img_size=img_size, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim,
+                     depth=depth, num_heads=heads, mlp_ratio=mlp_ratio, decoder_embed_dim=decoder_dim,
+                     decoder_depth=decoder_depth, decoder_num_heads=decoder_heads,
+                     mask_ratio=mask_ratio)
+    out = flops_per_image(spec, num_classes)
     out["convention"] = ("torch FlopCounterMode, attention as plain matmuls (timm fused attn off); "
                          "*_flash: attention backward 2.5x forward")
-    out["config"] = asdict(spec)
+    out["config"] = {**{k: v for k, v in asdict(spec).items() if k in _NATIVE_NAMES},
+                     "num_classes": num_classes}
     return out
 
 
@@ -83,12 +80,12 @@ class Ledger:
     def register_path(self, name: str, fwd_flops_per_image: int, fwd_bwd_flops_per_image: int) -> None:
         self._l.register_path(str(name), int(fwd_flops_per_image), int(fwd_bwd_flops_per_image))
 
-    def register_vit(self, spec: ViTSpec, classify: str = "classify", mae: str = "mae") -> dict:
-        """Register (or update) the classifier and MAE paths of a ViT spec; returns the FLOPs."""
-        f = flops_per_image(spec)
-        self.register_path(classify, f["classify_fwd"], f["classify_fwd_bwd"])
-        if spec.decoder_dim > 0:
-            self.register_path(mae, f["mae_fwd"], f["mae_fwd_bwd"])
+    def register_model(self, spec: ModelSpec, num_classes: int) -> dict:
+        """Register (or update, when the head grew) the `classify` and `mae` paths of the model
+        `spec` with a `num_classes`-way head; returns its per-image FLOPs."""
+        f = flops_per_image(spec, num_classes)
+        self.register_path("classify", f["classify_fwd"], f["classify_fwd_bwd"])
+        self.register_path("mae", f["mae_fwd"], f["mae_fwd_bwd"])
         return f
 
     def paths(self) -> dict:

@@ -27,16 +27,16 @@ import json
 import math
 import os
 import time
-import zlib
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
+from .fsio import atomic_write_bytes
 from .config import ConfigError, LoaderConfig, PretrainConfig
-from .data.sampling import EpochSampler, derive_seed
-from .ledger import Ledger, ViTSpec
+from .data.sampling import EpochSampler
+from .seeding import AUGMENT, PRETRAIN, derive_seed, source_key
+from .ledger import Ledger
 from .models import PRESETS, ModelSpec, build_model, resolve_preset
 
 STATE_NAME = "pretrain_state.pt"
@@ -121,13 +121,7 @@ class Pretrainer:
             g.pop("names", None)
         self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.95))
         self.ledger = Ledger(global_batch=cfg.batch_size)
-        s = self.spec
-        self.ledger.register_vit(ViTSpec(img_size=s.img_size, patch=s.patch_size, in_chans=s.in_chans,
-                                         embed_dim=s.embed_dim, depth=s.depth, heads=s.num_heads,
-                                         mlp_ratio=s.mlp_ratio, num_classes=1,
-                                         decoder_dim=s.decoder_embed_dim,
-                                         decoder_depth=s.decoder_depth,
-                                         decoder_heads=s.decoder_num_heads, mask_ratio=s.mask_ratio))
+        self.ledger.register_model(self.spec, num_classes=1)
         self.ledger.begin_step(0, float(cfg.budget))
         self.step, self.losses, self.wall_before = 0, [], 0.0
 
@@ -180,7 +174,7 @@ class Pretrainer:
         self.log(f"MAE pretraining on {self.source.name} ({len(self.ids)} images, labels unused): "
                  f"{cfg.budget} steps x {G} images (micro-batch {M}), preset {cfg.preset}, "
                  f"device {self.device}")
-        sampler = EpochSampler(self.ids, cfg.seed, (0xAE, 0))
+        sampler = EpochSampler(self.ids, cfg.seed, (PRETRAIN, 0))
         bar = None
         if cfg.progress:
             from tqdm import tqdm
@@ -197,10 +191,10 @@ class Pretrainer:
                 for j, start in enumerate(range(0, G, M)):
                     part = ids[start:start + M]
                     self.ledger.charge("mae", len(part), True)        # before the pass
-                    seed = derive_seed(cfg.seed, 0xAE, it, j, 0xDA7A, zlib.crc32(b"unlabeled"))
+                    seed = derive_seed(cfg.seed, PRETRAIN, it, j, AUGMENT, source_key("unlabeled"))
                     x = self.loader.fetch(self.loader.submit([Request(part, "unlabeled", seed)]))[0]
                     x = model_input(x, self.spec.in_chans)     # uint8 -> normalised float
-                    gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, 0xAE, it, j))
+                    gen = torch.Generator(device=self.device).manual_seed(derive_seed(cfg.seed, PRETRAIN, it, j))
                     with torch.autocast(self.device.type, dtype=self.amp_dtype,
                                         enabled=self.amp_dtype is not None):
                         loss, _, _ = self.model.forward_mae(x, generator=gen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 
-from .checkpoint import atomic_write_bytes
+from .fsio import atomic_write_bytes
 
 
 def versions() -> dict:

@@ -22,7 +22,6 @@ import dataclasses
 import math
 import os
 import time
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,10 +31,11 @@ from . import checkpoint as ckpt_io
 from .buffer import BalancedBuffer
 from .ckpt_writer import BackgroundCheckpointer
 from .config import Config, ConfigError, save_yaml, validate
-from .data.sampling import EpochSampler, derive_seed
+from .data.sampling import EpochSampler
+from .seeding import AUGMENT, HEAD_INIT, MIX_PLAN, derive_seed, source_key
 from .engine import build_engine, init_from_env, resolve_engine
 from .evaluate import sharded_accuracy, summarise
-from .ledger import Ledger, ViTSpec, flops_per_image
+from .ledger import Ledger
 from .methods import MicroBatch, build_method
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint, resolve_preset
 from .results import plot_curve, table, versions, write_json
@@ -385,20 +385,12 @@ class Trainer:
         return ok
 
     # ------------------------------------------------------------------ helpers
-    def _vit_spec(self, num_classes: int) -> ViTSpec:
-        s = self.spec
-        return ViTSpec(img_size=s.img_size, patch=s.patch_size, in_chans=s.in_chans,
-                       embed_dim=s.embed_dim, depth=s.depth, heads=s.num_heads,
-                       mlp_ratio=s.mlp_ratio, num_classes=num_classes,
-                       decoder_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
-                       decoder_heads=s.decoder_num_heads, mask_ratio=s.mask_ratio)
-
     def _open_step(self, t: int) -> None:
         """Grow the head, insert the step's labels when the method inserts before sampling (its
         `buffer_insertion`), open the step's budget."""
         step = self.stream.steps[t]
         k = self.stream.num_seen_classes(t)
-        torch.manual_seed(derive_seed(self.cfg.run.seed, t, 0x4EAD))   # new head rows
+        torch.manual_seed(derive_seed(self.cfg.run.seed, t, HEAD_INIT))   # new head rows
         self.model.grow_head(k)
         self.model.to(self.device)
         if step.num_labeled and self.method.buffer_insertion == "before":
@@ -411,10 +403,8 @@ class Trainer:
 
     def _register_paths(self, k: int) -> None:
         # static-shape methods run the head over all its preallocated rows: count what runs
-        f = flops_per_image(self._vit_spec(self.model.head.capacity if self.method.static_shapes else k))
-        self.ledger.register_path("classify", f["classify_fwd"], f["classify_fwd_bwd"])
-        self.ledger.register_path("mae", f["mae_fwd"], f["mae_fwd_bwd"])
-        self.flops = f
+        self.flops = self.ledger.register_model(
+            self.spec, self.model.head.capacity if self.method.static_shapes else k)
         self.method.G = self.G
         self.method.units_for = lambda p, n, b=True: self.ledger.units_for(p, n, b)
         self.method.register_paths(self, k)     # method paths (exact FLOPs, see methods/base)
@@ -499,8 +489,8 @@ class Trainer:
                     continue
                 kind = "unlabeled" if src == "unlabeled" else "labeled"
                 for v in range(phase.views.get(src, 1)):
-                    seed = derive_seed(self.cfg.run.seed, t, p_idx, it, j, 0xDA7A,
-                                       zlib.crc32(src.encode()), v)
+                    seed = derive_seed(self.cfg.run.seed, t, p_idx, it, j, AUGMENT,
+                                       source_key(src), v)
                     reqs.append(Request(ids[src][sl], kind, seed))
                     keys.append(src)
             out.append((self.loader.submit(reqs), keys,
@@ -529,8 +519,8 @@ class Trainer:
         mc, S = self.cfg.method, self.spec.img_size
         if self.method.static_shapes and mc.mixup:
             for src, n in sizes.items():
-                plans[src] = plan_mix(derive_seed(self.cfg.run.seed, t, p_idx, it, j, 0x313C,
-                                                  zlib.crc32(src.encode())),
+                plans[src] = plan_mix(derive_seed(self.cfg.run.seed, t, p_idx, it, j, MIX_PLAN,
+                                                  source_key(src)),
                                       n, S, S, mc.mixup_alpha, mc.cutmix_alpha)
         flat = [p for p in plans.values() if p is not None]
         mix_host = torch.from_numpy(np.concatenate(flat)) if flat else None

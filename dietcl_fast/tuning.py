@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from .config import ConfigError
-from .data.sampling import derive_seed
+from .seeding import VALIDATION_SPLIT, derive_seed
 
 VALIDATION_STEPS = 3
 VALIDATION_FRACTION = 0.2
@@ -50,7 +50,7 @@ def validation_stream(stream, steps: int, seed: int, fraction: float = VALIDATIO
     least one) moved into that step's evaluation set. Returns (stream, held-out count)."""
     new_steps, held = [], 0
     for s in stream.steps[:steps]:
-        rng = np.random.default_rng(derive_seed(seed, s.index, 0x7A11D))
+        rng = np.random.default_rng(derive_seed(seed, s.index, VALIDATION_SPLIT))
         train_mask = np.ones(s.labeled_ids.size, dtype=bool)
         for c in np.unique(s.labeled_labels):
             idx = np.flatnonzero(s.labeled_labels == c)

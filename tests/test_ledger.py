@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dietcl_fast.ledger import BudgetExceeded, Ledger, ViTSpec, flops_per_image, flops_report
+from dietcl_fast.ledger import BudgetExceeded, Ledger, flops_per_image, flops_report
+from dietcl_fast.models.spec import ModelSpec
 
 timm = pytest.importorskip("timm")
 from timm.layers import set_fused_attn  # noqa: E402
@@ -49,8 +50,8 @@ def test_classifier_flops_match_flop_counter(img, patch, chans, classes, dim, de
                                   class_token=True)
         x = torch.randn(2, chans, img, img)
     fwd, fwd_bwd = count_fwd_and_fwd_bwd(model, x)
-    f = flops_per_image(ViTSpec(img_size=img, patch=patch, in_chans=chans, embed_dim=dim, depth=depth,
-                                heads=heads, num_classes=classes))
+    f = flops_per_image(ModelSpec(img_size=img, patch_size=patch, in_chans=chans, embed_dim=dim,
+                                  depth=depth, num_heads=heads), classes)
     assert f["classify_fwd"] * 2 == fwd
     assert f["classify_fwd_bwd"] * 2 == fwd_bwd
 
@@ -106,9 +107,9 @@ def test_mae_flops_match_flop_counter(img, patch, chans, dim, depth, heads, ddim
         model = TinyMAE(img, patch, chans, dim, depth, heads, ddim, ddepth, dheads, ratio)
         x = torch.randn(2, chans, img, img)
     fwd, fwd_bwd = count_fwd_and_fwd_bwd(model, x)
-    f = flops_per_image(ViTSpec(img_size=img, patch=patch, in_chans=chans, embed_dim=dim, depth=depth,
-                                heads=heads, num_classes=0, decoder_dim=ddim, decoder_depth=ddepth,
-                                decoder_heads=dheads, mask_ratio=ratio))
+    f = flops_per_image(ModelSpec(img_size=img, patch_size=patch, in_chans=chans, embed_dim=dim,
+                                  depth=depth, num_heads=heads, decoder_embed_dim=ddim,
+                                  decoder_depth=ddepth, decoder_num_heads=dheads, mask_ratio=ratio), 0)
     assert f["mae_fwd"] * 2 == fwd
     assert f["mae_fwd_bwd"] * 2 == fwd_bwd
 
@@ -142,25 +143,27 @@ def test_flash_variant_uses_flop_counter_sdpa_convention():
         model(torch.randn(1, 3, img, img))
     bmm = fc.get_flop_counts()["Global"][torch.ops.aten.bmm]
     assert bmm == depth * fwd_attn
-    f = flops_per_image(ViTSpec(img_size=img, patch=patch, in_chans=3, embed_dim=dim, depth=depth, heads=heads,
-                                num_classes=10))
+    f = flops_per_image(ModelSpec(img_size=img, patch_size=patch, in_chans=3, embed_dim=dim, depth=depth,
+                                  num_heads=heads), 10)
     assert f["classify_fwd_bwd_flash"] - f["classify_fwd_bwd"] == depth * (bwd_attn - 2 * fwd_attn)
 
 
 @pytest.mark.parametrize("field, value, match", [
     ("img_size", 30, "img_size = 30 is invalid: must be divisible by patch"),
-    ("heads", 5, "embed_dim = 768 is invalid: must be divisible by heads"),
-    ("patch", 0, "patch = 0 is invalid: must be > 0"),
+    ("num_heads", 5, "embed_dim = 768 is invalid: must be divisible by heads"),
+    ("patch_size", 0, "patch = 0 is invalid: must be > 0"),
     ("mask_ratio", 1.0, "mask_ratio"),
     ("mask_ratio", -0.1, "mask_ratio"),
     ("depth", -1, "depth = -1"),
     ("num_classes", -3, "num_classes = -3"),
-    ("decoder_heads", 7, "decoder_dim = 512 is invalid: must be divisible by decoder_heads"),
+    ("decoder_num_heads", 7, "decoder_dim = 512 is invalid: must be divisible by decoder_heads"),
     ("embed_dim", 7.5, "embed_dim = 7.5 is invalid: must be an integer"),
 ])
 def test_spec_validation(field, value, match):
+    kw = {field: value}
+    num_classes = kw.pop("num_classes", 1000)      # the head size is the FLOP model's, not the spec's
     with pytest.raises(ValueError, match=match):
-        flops_per_image(ViTSpec(**{field: value}))
+        flops_per_image(ModelSpec(**kw), num_classes)
 
 
 # ---------------------------------------------------------------------------- Ledger
@@ -224,7 +227,7 @@ def test_reregister_updates_costs_and_to_dict():
 
 def test_huge_flops_do_not_overflow():
     led = Ledger(1024)
-    f = flops_per_image(ViTSpec())
+    f = flops_per_image(ModelSpec(), 1000)
     led.register_path("classify", f["classify_fwd"], f["classify_fwd_bwd"])
     led.begin_step(0, 1e13)
     for _ in range(3):
@@ -315,7 +318,7 @@ def test_ledger_equals_flopcounter_on_dietmodel(cfg):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dietcl_fast.ledger import ViTSpec, flops_per_image
+    from dietcl_fast.ledger import flops_per_image
     from dietcl_fast.models import ModelSpec, build_model, set_fused_attention
 
     cfg = dict(cfg)
@@ -328,12 +331,7 @@ def test_ledger_equals_flopcounter_on_dietmodel(cfg):
     set_fused_attention(model, False)
     n = 2
     x = torch.randn(n, spec.in_chans, spec.img_size, spec.img_size, device=dev)
-    f = flops_per_image(ViTSpec(img_size=spec.img_size, patch=spec.patch_size,
-                                in_chans=spec.in_chans, embed_dim=spec.embed_dim, depth=spec.depth,
-                                heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, num_classes=k,
-                                decoder_dim=spec.decoder_embed_dim,
-                                decoder_depth=spec.decoder_depth,
-                                decoder_heads=spec.decoder_num_heads, mask_ratio=spec.mask_ratio))
+    f = flops_per_image(spec, k)
     with FlopCounterMode(display=False) as fc:
         model.classify(x)
     assert fc.get_total_flops() == pytest.approx(n * f["classify_fwd"], rel=5e-3)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from dietcl_fast.data.mixup import mixup_cutmix, smooth_one_hot
-from dietcl_fast.data.sampling import EpochSampler, derive_seed
+from dietcl_fast.data.sampling import EpochSampler
+from dietcl_fast.seeding import derive_seed
 from dietcl_fast.data.transforms import (Augment, eval_resize_crop, random_resized_crop_boxes,
                                          to_channels)
 

@@ -126,7 +126,7 @@ def finite(obj):
 def write_json(path: str | None, obj: dict) -> None:
     if not path:
         return
-    from dietcl_fast.checkpoint import atomic_write_bytes
+    from dietcl_fast.fsio import atomic_write_bytes
     atomic_write_bytes(path, json.dumps(finite(obj), indent=2, allow_nan=False).encode())
 
 

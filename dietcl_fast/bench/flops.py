@@ -26,7 +26,7 @@ def _counted(model, fn, n: int, device) -> int:
 def bench_flops(preset: str = "cpu-tiny", batch: int | None = None, classes: int = 100,
                 device: str = "auto", seconds: float = 3.0, tiny: bool = False,
                 out: str | None = None, echo=print) -> dict:
-    from dietcl_fast.ledger import ViTSpec, flops_per_image
+    from dietcl_fast.ledger import flops_per_image
     from dietcl_fast.models import PRESETS, ModelSpec, build_model, set_fused_attention
 
     dev = pick_device(device)
@@ -38,12 +38,7 @@ def bench_flops(preset: str = "cpu-tiny", batch: int | None = None, classes: int
     if batch < 1 or classes < 1:
         raise ValueError("bench flops: --batch and --classes must be >= 1")
     spec = ModelSpec(**PRESETS[preset]["spec"], in_chans=3).validate()
-    vs = ViTSpec(img_size=spec.img_size, patch=spec.patch_size, in_chans=3,
-                 embed_dim=spec.embed_dim, depth=spec.depth, heads=spec.num_heads,
-                 mlp_ratio=spec.mlp_ratio, num_classes=classes,
-                 decoder_dim=spec.decoder_embed_dim, decoder_depth=spec.decoder_depth,
-                 decoder_heads=spec.decoder_num_heads, mask_ratio=spec.mask_ratio)
-    ledger = flops_per_image(vs)
+    ledger = flops_per_image(spec, classes)
     S = spec.img_size
 
     def classify(m, n, d):

@@ -42,8 +42,3 @@ class EpochSampler:
             pos += take
         return out
 
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across platforms and processes."""
-    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts])
-    return int(ss.generate_state(1, dtype=np.uint64)[0] & np.uint64(0x7FFFFFFFFFFFFFFF))

@@ -43,6 +43,8 @@ import shutil
 
 import torch
 
+from dietcl_fast.fsio import FORMAT_VERSION, CheckpointError, atomic_write_bytes, plain_state
+
 DS_MISSING = ("--engine deepspeed needs DeepSpeed, which is not installed in this environment "
               "({err}). Install the extra: pip install 'dietcl-fast[deepspeed]' "
               "(or pip install deepspeed), or use --engine torch (which also runs under torchrun).")
@@ -181,7 +183,6 @@ class DeepSpeedEngine:
 
     def save_checkpoint(self, run_dir: str, state: dict) -> str:
         """All ranks call this. Writes <run_dir>/deepspeed/<tag>/ and moves the pointer."""
-        from dietcl_fast.checkpoint import FORMAT_VERSION, _plain, atomic_write_bytes
         if self.ds is None:     # nothing trained yet (e.g. a checkpoint at the first step start)
             self.build_optimizer([{"params": [p for p in self.model.parameters() if p.requires_grad]}],
                                  lr=0.0, betas=(0.9, 0.95))
@@ -194,7 +195,7 @@ class DeepSpeedEngine:
         client = {k: v for k, v in state.items() if k != "model"}   # DeepSpeed saves the module
         client["format_version"] = FORMAT_VERSION
         client["engine"] = dict(self.state_dict())
-        client = _plain(client, "state")        # plain data only: loads with weights_only=True
+        client = plain_state(client, "state")        # plain data only: loads with weights_only=True
         if self.dist.is_main and os.path.isdir(os.path.join(save_dir, tag)):
             shutil.rmtree(os.path.join(save_dir, tag))          # a stale partial write
         self.dist.barrier()
@@ -236,7 +237,6 @@ def _own_files(tag_dir: str, rank: int) -> list[str]:
 
 def write_checksums(tag_dir: str, rank: int) -> None:
     """Each rank writes `<file>.sha256` next to the files it wrote (no shared filesystem needed)."""
-    from dietcl_fast.checkpoint import atomic_write_bytes
     for name in _own_files(tag_dir, rank):
         p = os.path.join(tag_dir, name)
         atomic_write_bytes(p + SUM_SUFFIX, _digest(p).encode())
@@ -245,7 +245,6 @@ def write_checksums(tag_dir: str, rank: int) -> None:
 def checked_tag_dir(run_dir: str, tag: str) -> str:
     """<run_dir>/deepspeed/<tag>, after checking that the tag is a plain name (no separators, no
     '..') and that the directory really lies inside the run directory (no symlink out of it)."""
-    from dietcl_fast.checkpoint import CheckpointError
     pointer = os.path.join(run_dir, DS_SUBDIR, POINTER)
     if not isinstance(tag, str) or not _TAG.fullmatch(tag) or ".." in tag:
         raise CheckpointError(f"DeepSpeed checkpoint pointer {pointer} names {tag!r}, which is not a "
@@ -279,7 +278,6 @@ def safe_load_shard(path: str, tag_dir: str):
     writer recorded, and load with weights_only=True (nothing in it runs)."""
     import io
 
-    from dietcl_fast.checkpoint import CheckpointError
     real = os.path.realpath(path)
     if os.path.dirname(real) != tag_dir:
         raise CheckpointError(f"DeepSpeed checkpoint file {path} lies outside {tag_dir}; refusing it")
@@ -301,7 +299,6 @@ def safe_load_shard(path: str, tag_dir: str):
 def _load_bytes(buf, path: str):
     import pickle
 
-    from dietcl_fast.checkpoint import CheckpointError
     try:
         return torch.load(buf, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -322,7 +319,6 @@ def read_pointer(run_dir: str) -> str | None:
     try:
         return raw.decode("utf-8").strip() or None
     except UnicodeDecodeError:
-        from dietcl_fast.checkpoint import CheckpointError
         raise CheckpointError(f"DeepSpeed checkpoint pointer {p} is not text; refusing it") from None
 
 
@@ -335,7 +331,6 @@ def load_client_state(run_dir: str) -> dict | None:
     d = checked_tag_dir(run_dir, tag)
     path = os.path.join(d, "mp_rank_00_model_states.pt")
     if not os.path.isfile(path):
-        from dietcl_fast.checkpoint import CheckpointError
         raise CheckpointError(f"DeepSpeed checkpoint {d} has no {os.path.basename(path)}")
     st = safe_load_shard(path, d)
     out = {k: st[k] for k in ("config", "stream_fingerprint", "buffer", "ledger", "method",

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.sampling import derive_seed
+from ..seeding import DUALNET_SLOW, derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase, measure_path, meta_images
 from .ssl import Projector, barlow_twins
@@ -163,7 +163,7 @@ class DualNet(Method):
 
     # -- planning --------------------------------------------------------------------------
     def slow_iteration(self, t: int, it: int) -> bool:
-        u = np.random.default_rng(derive_seed(self.cfg.run.seed, t, it, 0xD7A1)).random()
+        u = np.random.default_rng(derive_seed(self.cfg.run.seed, t, it, DUALNET_SLOW)).random()
         return u < self.threshold
 
     def phases(self, t: int, budget: int) -> list[Phase]:

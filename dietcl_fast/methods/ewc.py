@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.sampling import derive_seed
+from ..seeding import IMPORTANCE_IMAGES, derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase
 
@@ -124,7 +124,7 @@ class EWC(Method):
         if n == 0:
             return
         step = trainer.stream.steps[t]
-        rng = np.random.default_rng(derive_seed(trainer.cfg.run.seed, t, 0xF15E))
+        rng = np.random.default_rng(derive_seed(trainer.cfg.run.seed, t, IMPORTANCE_IMAGES))
         ids = np.sort(rng.choice(step.labeled_ids, size=n, replace=False))
         model = trainer.model
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]

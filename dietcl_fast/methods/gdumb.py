@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..data.sampling import derive_seed
+from ..seeding import GDUMB_MEMORY, HEAD_INIT, derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase
 
@@ -54,14 +54,14 @@ class GDumb(Method):
     def on_step_start(self, t: int, trainer) -> None:
         step = trainer.stream.steps[t]
         self.add(step.labeled_ids, step.labeled_labels,
-                 np.random.default_rng(derive_seed(trainer.cfg.run.seed, t, 0x6D0B)))
+                 np.random.default_rng(derive_seed(trainer.cfg.run.seed, t, GDUMB_MEMORY)))
         # retrain from scratch: the run's initial weights (seed), head grown to the seen classes
         from ..models import build_model, load_mae_checkpoint
         torch.manual_seed(trainer.cfg.run.seed)
         fresh = build_model(trainer.spec, head_capacity=trainer.model.head.capacity)
         if trainer.cfg.model.pretrained:
             load_mae_checkpoint(fresh, trainer.cfg.model.pretrained)
-        torch.manual_seed(derive_seed(trainer.cfg.run.seed, t, 0x4EAD))
+        torch.manual_seed(derive_seed(trainer.cfg.run.seed, t, HEAD_INIT))
         fresh.grow_head(trainer.model.num_classes)
         trainer.model.load_state_dict(fresh.state_dict())
         self.reinits += 1

@@ -1,5 +1,5 @@
 """Models: timm ViT encoder, MAE decoder, growable head; presets; MAE checkpoint loading."""
-from .dietcl import DietModel, build_model, set_fused_attention
+from .vit_mae import DietModel, build_model, set_fused_attention
 from .head import GrowableHead
 from .optim import param_groups_lrd
 from .pretrained import LoadReport, PretrainedMismatch, load_mae_checkpoint

@@ -56,6 +56,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..seeding import CLASS_STREAM, DRIFT_TIMES, TIME_STREAM
 from .sources import Source, StreamError
 
 __all__ = ["TimeStep", "Stream", "build_stream", "SCENARIOS", "DRIFT_SIGMA"]
@@ -316,7 +317,7 @@ def _check_eval_sets(st: Stream, source: Source) -> None:
 
 
 def _build_class(src: Source, T, lr, ef, seed, m) -> Stream:
-    rng = np.random.default_rng([seed, 0xC1A55])
+    rng = np.random.default_rng([seed, CLASS_STREAM])
     labels = src.labels
     C = src.num_classes
     counts_all = np.bincount(labels, minlength=C)
@@ -393,7 +394,7 @@ def synthetic_timestamps(labels: np.ndarray, num_classes: int, seed: int,
                          sigma: float = DRIFT_SIGMA) -> np.ndarray:
     """Drifting synthetic times in [0, 1]: class centres evenly spread (seeded order),
     Gaussian noise, reflected into [0, 1]."""
-    rng = np.random.default_rng([seed, 0x7173])
+    rng = np.random.default_rng([seed, DRIFT_TIMES])
     centres = np.empty(num_classes, dtype=np.float64)
     centres[rng.permutation(num_classes)] = np.linspace(0.0, 1.0, num_classes) if num_classes > 1 else 0.5
     t = centres[labels] + rng.normal(0.0, sigma, size=labels.size)
@@ -402,7 +403,7 @@ def synthetic_timestamps(labels: np.ndarray, num_classes: int, seed: int,
 
 
 def _build_time(src: Source, T, lr, ef, seed, sigma) -> Stream:
-    rng = np.random.default_rng([seed, 0x71BE])
+    rng = np.random.default_rng([seed, TIME_STREAM])
     labels = src.labels
     N, C = labels.size, src.num_classes
     if src.timestamps is not None:

@@ -1,5 +1,5 @@
-"""DietCL's model: a timm ViT encoder (global average pool after the final norm), the MAE
-decoder, and a growable linear head. Names follow facebookresearch/mae."""
+"""The model every method shares: a timm ViT encoder (global average pool after the final norm),
+the MAE decoder, and a growable linear head. Names follow facebookresearch/mae."""
 from __future__ import annotations
 
 from functools import partial
