@@ -34,12 +34,18 @@ def _old_request(run_dir: str) -> dict | None:
     req_path = os.path.join(run_dir, "compare_request.json")
     if not os.path.exists(req_path):
         return None
+    from dietcl_fast.config import Config, ConfigError
     try:
         with open(req_path, encoding="utf-8") as f:
-            return json.load(f)
+            old = json.load(f)
     except (OSError, ValueError) as e:
-        from dietcl_fast.config import ConfigError
         raise ConfigError(f"{req_path} is unreadable ({e}); move {run_dir} away") from None
+    # read through the config, so a request written by an older version (budget 500.0, the
+    # free method.options mapping) compares equal to the same request written now
+    try:
+        return _request(Config.from_dict(old, source=req_path))
+    except ConfigError:
+        return old                      # not a config this version reads: never equal
 
 
 def run_one(cfg, run_dir: str, log_path: str) -> dict:
@@ -192,7 +198,7 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
 
         from dietcl_fast.config import ConfigError
         from dietcl_fast.methods import METHODS
-        from dietcl_fast.config import validate
+        from dietcl_fast.config import MethodOptionError, validate
         from dietcl_fast.rundir import RunLock, check_out_dir
         try:
             # everything is checked before anything is created
@@ -219,13 +225,16 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
                                "each run counts once", err=True)
             names, seeds = list(dict.fromkeys(names)), list(dict.fromkeys(seeds))
             base = build_config(ctx, params)
-            cfgs = []
+            cfgs, failed_early = [], []
             for m in names:
                 for s in seeds:
                     cfg = copy.deepcopy(base)
                     cfg.method.name, cfg.run.seed, cfg.run.progress = m, s, False
                     try:
                         validate(cfg)
+                    except MethodOptionError as e:    # this method's own option: its failure
+                        failed_early.append((m, s, str(e)))
+                        continue
                     except ConfigError as e:
                         raise ConfigError(f"--seeds: {e}") from None
                     cfgs.append(cfg)
@@ -240,7 +249,9 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
                                       "use another --out")
             check_out_dir(out, data=base.stream.data)
             with RunLock(out):
-                results, failures = [], []
+                results, failures = [], list(failed_early)
+                for m, s, msg in failed_early:
+                    tqdm.write(f"{m:12s} seed {s}: FAILED: {msg}", file=sys.stderr)
                 bar = tqdm(cfgs, unit="run", dynamic_ncols=True, disable=not params["progress"])
                 for cfg in bar:
                     m, s = cfg.method.name, cfg.run.seed
@@ -267,7 +278,7 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
                 click.echo(f"wrote {out}/compare.csv, compare.md"
                            f"{', compare.png' if results else ''}", err=True)
             if failures:
-                fail(f"{len(failures)} of {len(cfgs)} runs failed (listed in {out}/compare.md "
+                fail(f"{len(failures)} of {len(cfgs) + len(failed_early)} runs failed (listed in {out}/compare.md "
                      "and compare.csv)")
         except (ConfigError, ValueError, FileNotFoundError) as e:
             fail(str(e))

@@ -10,37 +10,11 @@ import click
 from dietcl_fast.config import Config, ConfigError, apply_dict, load_yaml, validate
 from dietcl_fast.rundir import check_out_dir
 
-# (option name, config section.key) for every train option that maps onto the config tree
-TRAIN_OPTIONS = {
-    "method": "method.name", "data": "stream.data", "scenario": "stream.scenario",
-    "time_steps": "stream.time_steps", "label_rate": "stream.label_rate",
-    "eval_fraction": "stream.eval_fraction", "budget": "run.budget",
-    "batch_size": "run.batch_size", "preset": "model.preset", "pretrained": "model.pretrained",
-    "seed": "run.seed", "out": "run.out", "ckpt_every": "run.ckpt_every",
-    "device": "run.device", "split": "method.split", "mixup": "method.mixup",
-    "recon_weight": "method.recon_weight", "unlabeled_fraction": "method.unlabeled_fraction",
-    "memory": "method.memory",
-    "loader": "loader.backend", "on_bad_image": "loader.on_bad_image",
-    "fallback": "loader.fallback", "scan": "loader.scan",
-    "engine": "engine.engine", "micro_batch": "engine.micro_batch", "zero_stage": "engine.zero_stage",
-    "compile": "engine.compile",
-    "blr": "optim.blr", "min_lr": "optim.min_lr", "layer_decay": "optim.layer_decay",
-    "weight_decay": "optim.weight_decay", "progress": "run.progress",
-    "stop_after_steps": "run.stop_after_steps", "max_image_pixels": "loader.max_image_pixels",
-    "ckpt_retry_seconds": "run.ckpt_retry_seconds",
-}
+from dietcl_fast.cli.options import click_option, cli_options, train_params
 
-
-class MicroBatchType(click.ParamType):
-    name = "INTEGER|auto"
-
-    def convert(self, value, param, ctx):
-        if value is None or value == "auto" or isinstance(value, int):
-            return value
-        try:
-            return int(value)
-        except ValueError:
-            self.fail(f"{value!r}: a whole number or auto", param, ctx)
+# train's config options, generated from the config fields (name, type, default, help), and
+# their map: click parameter name -> config path (section.key)
+TRAIN_PARAMS, TRAIN_OPTIONS = train_params()
 
 
 def _fail(msg: str) -> None:
@@ -58,14 +32,17 @@ def build_config(ctx: click.Context, params: dict) -> Config:
     cfg = Config()
     if params.get("config"):
         apply_dict(cfg, load_yaml(params["config"]), source=params["config"])
-    overrides: dict[str, dict] = {}
+    overrides: dict = {}
     for opt, path in TRAIN_OPTIONS.items():
         # an option counts when typed on the command line, or when no file set it
         if opt in params and (_explicit(ctx, opt) or not params.get("config")):
-            sec, key = path.split(".")
             if params[opt] is None and not _explicit(ctx, opt):
                 continue
-            overrides.setdefault(sec, {})[key] = params[opt]
+            *secs, key = path.split(".")
+            node = overrides
+            for sec in secs:
+                node = node.setdefault(sec, {})
+            node[key] = params[opt]
     apply_dict(cfg, overrides, source="command line")
     validate(cfg)
     return cfg
@@ -93,84 +70,13 @@ def main(local_rank):
 
 
 @main.command(context_settings={"show_default": True})
-@click.option("--method", default="dietcl", help="Method to train (dietcl, er, finetune, ...).")
-@click.option("--data", default="animal-mnist",
-              help="Dataset: animal-mnist (embedded), digits (sklearn), folder:PATH "
-                   "(root/<class>/*.jpg), csv:PATH (path,label[,timestamp]) or a path.")
-@click.option("--scenario", default="class", type=click.Choice(["class", "time"]),
-              help="class-incremental, or time-incremental (embedded sets drift over time).")
-@click.option("--time-steps", default=5, type=int, help="Number of time steps T.")
-@click.option("--budget", default=500, type=float,
-              help="Training steps per time step at the global batch (one unit = one "
-                   "forward+backward of the global batch, whatever mix of paths).")
-@click.option("--label-rate", default=0.01, type=float, help="Fraction of each class labeled, in (0, 1].")
-@click.option("--eval-fraction", default=0.2, type=float,
-              help="Held-out evaluation share per class (or time chunk); a dataset with its own "
-                   "val split (folder train/+val/, CSV split column) is evaluated on that instead.")
-@click.option("--batch-size", default=None, type=int,
-              help="Global batch [default: the preset's: 1024 for vit-b16, 64 for cpu-tiny].")
-@click.option("--micro-batch", default=None, type=MicroBatchType(),
-              help="Micro-batch (gradient accumulation makes up the global batch), or auto: on a "
-                   "GPU the largest that fits, probed once and recorded in config.yaml "
-                   "[default: preset's].")
-@click.option("--compile/--no-compile", default=None,
-              help="Compile each micro-batch's loss and backward whole (torch.compile, no graph "
-                   "break) [default: on for CUDA, off on the CPU, where it measured slower].")
-@click.option("--preset", default="auto", type=click.Choice(["auto", "cpu-tiny", "vit-b16"]),
-              help="Model size; auto = vit-b16 on a GPU, cpu-tiny on the CPU.")
-@click.option("--pretrained", default=None, type=click.Path(dir_okay=False),
-              help="Official MAE checkpoint (weights under 'model', with decoder); strict mapping.")
-@click.option("--split", default="ratio:0.8",
-              help="DietCL budget split: ratio:F (F joint, rest buffer-only; reference code), "
-                   "threshold:N (paper) or auto (N chosen by validation on the first 3 time "
-                   "steps, the paper's protocol; its compute is reported apart).")
-@click.option("--mixup/--no-mixup", default=True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
-@click.option("--memory", default=None, type=int,
-              help="GDumb: memory size in labeled samples [default: every label seen].")
-@click.option("--recon-weight", default=50.0, type=float, help="w_r, weight of the MAE loss Lr.")
-@click.option("--unlabeled-fraction", default=0.4, type=float, help="Share of each joint batch for Lr.")
-@click.option("--blr", default=None, type=float, help="Base LR (lr = blr x batch / 256) [default: preset's].")
-@click.option("--min-lr", default=None, type=float, help="Cosine floor [default: preset's].")
-@click.option("--layer-decay", default=None, type=float, help="Layer-wise LR decay [default: preset's].")
-@click.option("--weight-decay", default=0.05, type=float, help="AdamW weight decay (none on 1-D params).")
-@click.option("--loader", default="auto", type=click.Choice(["auto", "memory", "torch", "dali"]),
-              help="Data loader backend.")
-@click.option("--fallback", default="loud", type=click.Choice(["loud", "stop"]),
-              help="A requested loader backend that is unavailable (e.g. DALI not installed): "
-                   "fall back with a warning, or stop.")
-@click.option("--scan", default="full", type=click.Choice(["full", "header"]),
-              help="Pre-flight check of image files before any budget is spent: decode every "
-                   "file (full) or only open headers (faster; the rest is caught at load time).")
-@click.option("--max-image-pixels", default=89_478_485, type=int,
-              help="Images with more pixels are bad files (decompression bombs; handled by "
-                   "--on-bad-image).")
-@click.option("--on-bad-image", default="error", type=click.Choice(["error", "skip"]),
-              help="A corrupt/missing image stops the run (error) or is skipped and listed.")
-@click.option("--engine", default="auto", type=click.Choice(["torch", "deepspeed", "auto"]),
-              help="Training engine: torch (one process, or all-reduce across ranks under "
-                   "torchrun), deepspeed (ZeRO; needs the deepspeed extra), auto (deepspeed when "
-                   "started by the deepspeed launcher, else torch).")
-@click.option("--zero-stage", default=0, type=click.IntRange(0, 3),
-              help="DeepSpeed ZeRO stage (0: replicated optimiser, 1: sharded optimiser state, 2: "
-                   "+ sharded gradients; 3 is refused, see README 'Scaling out').")
 @click.option("--local_rank", "--local-rank", "local_rank", default=None, type=int, hidden=True,
               help="Set by the deepspeed launcher; the process reads LOCAL_RANK instead.")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="Device.")
-@click.option("--seed", default=0, type=int, help="One seed drives splits, masks, sampling and init.")
-@click.option("--out", default=None, help="Run directory [default: runs/<method>-<data>-...].")
-@click.option("--ckpt-every", default=0, type=int,
-              help="Also checkpoint every N training steps (always at each time-step end).")
-@click.option("--ckpt-retry-seconds", default=120.0, type=float,
-              help="A failed checkpoint write (disk full, ...) is retried this long, keeping the "
-                   "state, before the run stops saying what to free.")
 @click.option("--resume", default=None, type=click.Path(file_okay=False),
               help="Continue a killed run from its directory (uses the run's saved config).")
 @click.option("--config", "config", default=None, type=click.Path(dir_okay=False),
               help="YAML config file (sections stream/model/method/optim/loader/engine/run); "
                    "options typed on the command line override it.")
-@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
-@click.option("--stop-after-steps", default=None, type=int, hidden=True,
-              help="Testing aid: exit abruptly after N optimiser steps, as if killed.")
 @click.pass_context
 def train(ctx, **params):
     """Train a continual learner on a stream under a per-step compute budget; writes
@@ -204,6 +110,9 @@ def train(ctx, **params):
                 raise
     except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
         _fail(str(e))
+
+
+train.params[:0] = TRAIN_PARAMS      # the config's options first, then --resume/--config
 
 
 def _resume(ctx, params, run_dir: str) -> None:
@@ -259,27 +168,7 @@ def flops(**kw):
 
 
 @main.command(context_settings={"show_default": True})
-@click.option("--data", default="animal-mnist",
-              help="Images to pretrain on (any --data of train; labels are not read).")
-@click.option("--out", required=True, help="Directory: writes checkpoint.pth (official MAE layout), "
-                                           "pretrain.json and the resume state.")
-@click.option("--budget", default=1000, type=int, help="Optimiser steps at the global batch.")
-@click.option("--preset", default="auto", type=click.Choice(["auto", "cpu-tiny", "vit-b16"]),
-              help="Model size; must match the later train run's preset.")
-@click.option("--batch-size", default=None, type=int, help="Global batch [default: the preset's].")
-@click.option("--micro-batch", default=None, type=int, help="Micro-batch [default: whole batch; 256 for vit-b16].")
-@click.option("--blr", default=None, type=float,
-              help="Base LR (lr = blr x batch / 256) [default: 1.5e-4 for vit-b16 (MAE), 4e-3 for cpu-tiny].")
-@click.option("--warmup-fraction", default=0.05, type=float, help="Linear warm-up share of the steps.")
-@click.option("--weight-decay", default=0.05, type=float, help="AdamW weight decay.")
-@click.option("--mask-ratio", default=0.75, type=float, help="MAE mask ratio.")
-@click.option("--seed", default=0, type=int, help="Seed of init, sampling, augmentation and masks.")
-@click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), help="Device.")
-@click.option("--ckpt-every", default=100, type=int, help="Resume checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue the pretraining in --out.")
-@click.option("--progress/--no-progress", default=True, help="Show the progress bar.")
-@click.option("--stop-after-steps", default=None, type=int, hidden=True,
-              help="Testing aid: exit abruptly after N optimiser steps, as if killed.")
 def pretrain(resume, **params):
     """MAE pretraining of the encoder and decoder on a dataset under a step budget; writes
     OUT/checkpoint.pth for `train --pretrained`."""
@@ -294,6 +183,10 @@ def pretrain(resume, **params):
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
+
+from dietcl_fast.config import PretrainConfig  # noqa: E402
+
+pretrain.params[:0] = [click_option(o) for o in cli_options(PretrainConfig)]
 
 from dietcl_fast.cli.compare import make_compare  # noqa: E402
 

@@ -119,10 +119,15 @@ def _sweep(ctx, params, build_config, w, speed, fail):
 
     from dietcl_fast import plan as P
     from dietcl_fast.cli.compare import run_one, write_outputs
-    from dietcl_fast.config import ConfigError
+    from dietcl_fast.config import ConfigError, validate
     from dietcl_fast.methods import METHODS
 
-    budgets = sorted(set(_parse_list(params["budgets"], "--budgets", float)))
+    budgets = _parse_list(params["budgets"], "--budgets", float)
+    frac = [b for b in budgets if not math.isfinite(b) or not b.is_integer()]
+    if frac:                # a run's budget is a whole number of steps per time step
+        raise ConfigError(f"--budgets {params['budgets']!r}: {frac[0]:g} is not a whole number "
+                          "of training steps per time step")
+    budgets = sorted({int(b) for b in budgets})
     seeds = _parse_list(params["seeds"], "--seeds", int)
     others = [m.strip() for m in params["methods"].split(",") if m.strip() and m.strip() != "dietcl"]
     names = ["dietcl"] + list(dict.fromkeys(others))
@@ -141,17 +146,21 @@ def _sweep(ctx, params, build_config, w, speed, fail):
         if base.run.device == "cpu" or not torch.cuda.is_available():
             raise ConfigError("--require-gpu: the sweep's runs would measure their speed on a CPU "
                               "(no GPU here); give --from-bench with a GPU `bench step` file")
+    jobs = [(b, m, s) for b in budgets for m in names for s in seeds]
+    cfgs = {}
+    for b, m, s in jobs:        # every run's config checked before the first one trains
+        cfg = copy.deepcopy(base)
+        cfg.run.budget, cfg.method.name, cfg.run.seed, cfg.run.progress = b, m, s, False
+        cfgs[(b, m, s)] = validate(cfg)
     out = params["out"] or os.path.join(
         "runs", f"plan-sweep-{base.stream.data}-{base.stream.scenario}-"
                 f"lr{base.stream.label_rate:g}".replace(os.sep, "_").replace(":", "_"))
     os.makedirs(out, exist_ok=True)
 
-    jobs = [(b, m, s) for b in budgets for m in names for s in seeds]
     results: dict[tuple, dict] = {}
     bar = tqdm(jobs, unit="run", dynamic_ncols=True, disable=not params["progress"])
     for b, m, s in bar:
-        cfg = copy.deepcopy(base)
-        cfg.run.budget, cfg.method.name, cfg.run.seed, cfg.run.progress = b, m, s, False
+        cfg = cfgs[(b, m, s)]
         run_dir = os.path.join(out, f"b{b:g}", f"{m}-s{s}")
         cfg.run.out = run_dir
         bar.set_description(f"budget {b:g} {m} seed {s}")

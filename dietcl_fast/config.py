@@ -16,82 +16,250 @@ class ConfigError(ValueError):
     """Bad configuration value; the message names the option and the value."""
 
 
+def option(default=dataclasses.MISSING, *, help: str, cli: "str | None" = "", choices=None,
+           default_text: Optional[str] = None, path: Optional[str] = None, hidden: bool = False,
+           whole: bool = False, auto: bool = False, required: bool = False, method=None,
+           default_factory=dataclasses.MISSING):
+    """A config field and everything the command line and the README need to know about it.
+
+    help: the --help text (and the README's option table); cli: the flag ("" derives `--key`
+    from the field name, None: config/YAML only); choices: the allowed values (the click choice
+    and the check in `validate`); default_text: the default described in words when it depends
+    on something else (the preset, the device); path: "file" | "dir" for path-valued options;
+    whole: a whole number that the command line also accepts written as 500.0; auto: a whole
+    number or the word "auto"; method: the method that reads it (checked only when it runs).
+    """
+    meta = {"help": help, "cli": cli, "choices": tuple(choices) if choices else None,
+            "default_text": default_text, "path": path, "hidden": hidden, "whole": whole,
+            "auto": auto, "required": required, "method": method}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PRESETS = ("auto", "cpu-tiny", "vit-b16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
 @dataclass
 class StreamConfig:
-    data: str = "animal-mnist"          # animal-mnist | digits | folder:PATH | csv:PATH | PATH
-    scenario: str = "class"             # class | time
-    time_steps: int = 5
-    label_rate: float = 0.01
-    eval_fraction: float = 0.2
+    data: str = option("animal-mnist",
+                       help="Dataset: animal-mnist (embedded), digits (sklearn), folder:PATH "
+                            "(root/<class>/*.jpg), csv:PATH (path,label[,timestamp]) or a path.")
+    scenario: str = option("class", choices=("class", "time"),
+                           help="class-incremental, or time-incremental (embedded sets drift over "
+                                "time).")
+    time_steps: int = option(5, help="Number of time steps T.")
+    label_rate: float = option(0.01, help="Fraction of each class labeled, in (0, 1].")
+    eval_fraction: float = option(
+        0.2, help="Held-out evaluation share per class (or time chunk); a dataset with its own "
+                  "val split (folder train/+val/, CSV split column) is evaluated on that instead.")
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "auto"                # auto | cpu-tiny | vit-b16
-    pretrained: Optional[str] = None    # official MAE checkpoint (weights under `model`)
-    mask_ratio: float = 0.75
+    preset: str = option("auto", choices=PRESETS,
+                         help="Model size; auto = vit-b16 on a GPU, cpu-tiny on the CPU.")
+    pretrained: Optional[str] = option(
+        None, path="file",
+        help="Official MAE checkpoint (weights under 'model', with decoder); strict mapping.")
+    mask_ratio: float = option(0.75, cli=None, help="MAE mask ratio (share of patches hidden).")
+
+
+@dataclass
+class EWCOptions:
+    """EWC (online form); `lambda_` weighs the quadratic penalty lambda/2 * sum F (w - w*)^2."""
+    lambda_: float = option(100.0, help="EWC: penalty weight lambda.")
+    gamma: float = option(1.0, help="EWC: decay of the accumulated importance at each step "
+                                    "(online EWC's gamma).")
+    importance_batch: int = option(16, help="EWC: images per per-sample-gradient chunk of the "
+                                            "importance pass.")
+    importance_budget: float = option(0.1, help="EWC: largest share of a step's budget spent on "
+                                                "the importance pass.")
+
+
+@dataclass
+class MASOptions:
+    lambda_: float = option(1.0, help="MAS: penalty weight lambda.")
+    gamma: float = option(1.0, help="MAS: decay of the accumulated importance at each step.")
+    importance_batch: int = option(16, help="MAS: images per per-sample-gradient chunk of the "
+                                            "importance pass.")
+    importance_budget: float = option(0.1, help="MAS: largest share of a step's budget spent on "
+                                                "the importance pass.")
+
+
+@dataclass
+class L2POptions:
+    pool_size: int = option(10, help="L2P: prompts in the pool.")
+    prompt_length: int = option(5, help="L2P: tokens per prompt.")
+    top_k: int = option(5, help="L2P: prompts selected per image (at most --l2p-pool-size).")
+    key_weight: float = option(0.1, help="L2P: weight of the key-matching loss.")
+
+
+@dataclass
+class CaSSLeOptions:
+    ssl_fraction: float = option(0.8, help="CaSSLe: share of a step's budget for Barlow Twins + "
+                                           "distillation (the rest: the linear probe).")
+    bt_lambda: float = option(5e-3, help="CaSSLe: Barlow Twins off-diagonal weight.")
+    proj_dim: int = option(0, default_text="2 x the embedding width",
+                           help="CaSSLe: projector width (0: 2 x the embedding width).")
+
+
+@dataclass
+class DualNetOptions:
+    threshold: float = option(0.5, help="DualNet: share of iterations that train the slow "
+                                        "learner, in [0, 1].")
+    bt_lambda: float = option(5e-3, help="DualNet: Barlow Twins off-diagonal weight.")
+    proj_dim: int = option(0, default_text="2 x the embedding width",
+                           help="DualNet: projector width (0: 2 x the embedding width).")
+    slow_supervised: bool = option(True, help="DualNet: the supervised loss also trains the slow "
+                                              "learner (off: gradient stopped at the slow "
+                                              "features).")
+
+
+@dataclass
+class CCICOptions:
+    contrast_weight: float = option(1.0, help="CCIC: weight of the supervised contrastive term.")
+    consistency_weight: float = option(0.5, help="CCIC: weight of the interpolation-consistency "
+                                                 "term.")
+    unsup_contrast_weight: float = option(0.5, help="CCIC: weight of the pseudo-label "
+                                                    "contrastive term.")
+    margin: float = option(1.0, help="CCIC: margin of the pseudo-label contrastive term.")
+    mix_alpha: float = option(0.75, help="CCIC: Beta(alpha, alpha) of the mixup interpolation.")
+    sharp_temp: float = option(0.5, help="CCIC: pseudo-label sharpening temperature.")
+    temperature: float = option(0.1, help="CCIC: contrastive temperature.")
+    knn: int = option(3, help="CCIC: neighbours of the kNN classifier at test time.")
+
+
+@dataclass
+class PretrainFTOptions:
+    pretrain_fraction: float = option(0.8, cli="--pretrain-ft-fraction",
+                                      help="pretrain_ft: share of each step's budget for MAE.")
+    finetune_lr_scale: float = option(5.0, cli="--pretrain-ft-lr-scale",
+                                      help="pretrain_ft: LR multiplier of the fine-tuning phase.")
+
+
+@dataclass
+class JointOptions:
+    pretrain_fraction: float = option(0.8, cli="--joint-pretrain-fraction",
+                                      help="joint: share of the run's budget for MAE on all "
+                                           "unlabeled images.")
 
 
 @dataclass
 class MethodConfig:
-    name: str = "dietcl"
-    split: str = "ratio:0.8"            # ratio:F (reference code) | threshold:N (paper) | auto
-    # --split auto: candidate thresholds as shares of the budget, validated on the first 3 steps
-    auto_candidates: str = "0.6,0.7,0.8,0.9,1.0"
-    unlabeled_fraction: float = 0.4     # of each joint batch (Lr); the rest is split Lm / Lb
-    recon_weight: float = 50.0          # w_r in w_r*Lr + Lm + Lb (reference code)
-    buffer_lr_scale: float = 0.1        # buffer-only phase LR multiplier
-    mixup: bool = True                  # Mixup 0.8 / CutMix 1.0 on labeled batches
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    label_smoothing: float = 0.1
-    buffer_replacement: bool = False
-    buffer_class_balanced: bool = False
-    memory: Optional[int] = None        # GDumb's memory in samples (None: every label seen)
-    options: dict = field(default_factory=dict)   # method-specific extras (baselines)
+    name: str = option("dietcl", cli="--method", help="Method to train (dietcl, er, finetune, ...).")
+    split: str = option("ratio:0.8",
+                        help="DietCL budget split: ratio:F (F joint, rest buffer-only; reference "
+                             "code), threshold:N (paper) or auto (N chosen by validation on the "
+                             "first 3 time steps, the paper's protocol; its compute is reported "
+                             "apart).")
+    auto_candidates: str = option("0.6,0.7,0.8,0.9,1.0", cli=None,
+                                  help="--split auto: candidate thresholds as shares of the "
+                                       "budget, validated on the first 3 steps.")
+    unlabeled_fraction: float = option(0.4, help="Share of each joint batch for Lr.")
+    recon_weight: float = option(50.0, help="w_r, weight of the MAE loss Lr.")
+    buffer_lr_scale: float = option(0.1, cli=None, help="DietCL buffer-only phase LR multiplier.")
+    mixup: bool = option(True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
+    mixup_alpha: float = option(0.8, cli=None, help="Mixup's Beta(alpha, alpha).")
+    cutmix_alpha: float = option(1.0, cli=None, help="CutMix's Beta(alpha, alpha).")
+    label_smoothing: float = option(0.1, cli=None, help="Label smoothing of the CE targets.")
+    buffer_replacement: bool = option(False, cli=None,
+                                      help="Replay buffer draws with replacement.")
+    buffer_class_balanced: bool = option(False, cli=None,
+                                         help="Replay buffer balances classes (else time steps).")
+    memory: Optional[int] = option(None, method="gdumb", default_text="every label seen",
+                                   help="GDumb: memory size in labeled samples.")
+    # each method's own options (checked when that method runs)
+    ewc: EWCOptions = option(default_factory=EWCOptions, help="EWC's options.")
+    mas: MASOptions = option(default_factory=MASOptions, help="MAS's options.")
+    l2p: L2POptions = option(default_factory=L2POptions, help="L2P's options.")
+    cassle: CaSSLeOptions = option(default_factory=CaSSLeOptions, help="CaSSLe's options.")
+    dualnet: DualNetOptions = option(default_factory=DualNetOptions, help="DualNet's options.")
+    ccic: CCICOptions = option(default_factory=CCICOptions, help="CCIC's options.")
+    pretrain_ft: PretrainFTOptions = option(default_factory=PretrainFTOptions,
+                                            help="pretrain_ft's options.")
+    joint: JointOptions = option(default_factory=JointOptions, help="joint's options.")
 
 
 @dataclass
 class OptimConfig:
-    blr: Optional[float] = None         # base LR; lr = blr * batch / 256 (None: preset's)
-    min_lr: Optional[float] = None      # cosine floor (None: preset's)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.05
-    layer_decay: Optional[float] = None  # None: preset's
+    blr: Optional[float] = option(None, default_text="the preset's",
+                                  help="Base LR (lr = blr x batch / 256).")
+    min_lr: Optional[float] = option(None, default_text="the preset's", help="Cosine floor.")
+    beta1: float = option(0.9, cli=None, help="AdamW beta1.")
+    beta2: float = option(0.95, cli=None, help="AdamW beta2.")
+    weight_decay: float = option(0.05, help="AdamW weight decay (none on 1-D params).")
+    layer_decay: Optional[float] = option(None, default_text="the preset's",
+                                          help="Layer-wise LR decay.")
 
 
 @dataclass
 class LoaderConfig:
-    backend: str = "auto"               # auto | memory | torch | dali
-    workers: int = 0
-    on_bad_image: str = "error"         # error | skip
-    fallback: str = "loud"              # loud: fall back with a warning | stop
-    scan: str = "full"                  # pre-flight file check: full decode | header (+ JPEG EOI, PNG CRC)
-    decode: str = "auto"                # torch backend: auto | pil | nvjpeg | tensor (decode_jpeg on the CPU)
-    max_image_pixels: int = 89_478_485  # bigger images are bad files (decompression bombs); PIL's limit
+    backend: str = option("auto", cli="--loader", choices=("auto", "memory", "torch", "dali"),
+                          help="Data loader backend.")
+    workers: int = option(0, cli=None, help="Loader worker processes (0: in the main process).")
+    on_bad_image: str = option("error", choices=("error", "skip"),
+                               help="A corrupt/missing image stops the run (error) or is skipped "
+                                    "and listed.")
+    fallback: str = option("loud", choices=("loud", "stop"),
+                           help="A requested loader backend that is unavailable (e.g. DALI not "
+                                "installed): fall back with a warning, or stop.")
+    scan: str = option("full", choices=("full", "header"),
+                       help="Pre-flight check of image files before any budget is spent: decode "
+                            "every file (full) or only open headers (faster; the rest is caught "
+                            "at load time).")
+    decode: str = option("auto", cli=None, choices=("auto", "pil", "nvjpeg", "tensor"),
+                         help="torch backend's JPEG decoder (tensor: decode_jpeg on the CPU).")
+    max_image_pixels: int = option(89_478_485,
+                                   help="Images with more pixels are bad files (decompression "
+                                        "bombs; handled by --on-bad-image).")
 
 
 @dataclass
 class EngineConfig:
-    engine: str = "auto"                # auto (deepspeed under its launcher, else torch) | torch | deepspeed
-    zero_stage: int = 0
-    micro_batch: Optional[int] = None   # None: the preset's; "auto": the largest that fits (probed)
-    compile: Optional[bool] = None      # torch.compile the step; None: on for CUDA, off on the CPU
+    engine: str = option("auto", choices=("auto", "torch", "deepspeed"),
+                         help="Training engine: torch (one process, or all-reduce across ranks "
+                              "under torchrun), deepspeed (ZeRO; needs the deepspeed extra), auto "
+                              "(deepspeed when started by the deepspeed launcher, else torch).")
+    zero_stage: int = option(0, help="DeepSpeed ZeRO stage (0: replicated optimiser, 1: sharded "
+                                     "optimiser state, 2: + sharded gradients; 3 is refused, see "
+                                     "README 'Scaling out').")
+    micro_batch: Any = option(None, auto=True, default_text="the preset's",
+                              help="Micro-batch (gradient accumulation makes up the global "
+                                   "batch), or auto: on a GPU the largest that fits, probed once "
+                                   "and recorded in config.yaml.")
+    compile: Optional[bool] = option(None, default_text="on for CUDA, off on the CPU, where it "
+                                                        "measured slower",
+                                     help="Compile each micro-batch's loss and backward whole "
+                                          "(torch.compile, no graph break).")
 
 
 @dataclass
 class RunConfig:
-    budget: float = 500                 # training steps per time step at the global batch
-    batch_size: Optional[int] = None    # global batch (None: preset's; paper 1024)
-    seed: int = 0
-    out: Optional[str] = None           # run directory (None: runs/<method>-<data>-s<seed>)
-    ckpt_every: int = 0                 # extra checkpoints every N training steps (0: off)
-    ckpt_retry_seconds: float = 120.0   # a failed checkpoint write is retried this long, then the run stops
-    device: str = "auto"                # auto | cpu | cuda
-    eval_batch_size: int = 1024         # images per evaluation forward (>= 1,024 keeps the device busy)
-    progress: bool = True
-    stop_after_steps: Optional[int] = None  # testing aid: stop (as if killed) after N steps
+    budget: int = option(500, whole=True,
+                         help="Training steps per time step at the global batch (one unit = one "
+                              "forward+backward of the global batch, whatever mix of paths).")
+    batch_size: Optional[int] = option(None, default_text="the preset's: 1024 for vit-b16, 64 "
+                                                          "for cpu-tiny",
+                                       help="Global batch.")
+    seed: int = option(0, help="One seed drives splits, masks, sampling and init.")
+    out: Optional[str] = option(None, default_text="runs/<method>-<data>-...",
+                                help="Run directory.")
+    ckpt_every: int = option(0, help="Also checkpoint every N training steps (always at each "
+                                     "time-step end).")
+    ckpt_retry_seconds: float = option(120.0,
+                                       help="A failed checkpoint write (disk full, ...) is "
+                                            "retried this long, keeping the state, before the run "
+                                            "stops saying what to free.")
+    device: str = option("auto", choices=DEVICES, help="Device.")
+    eval_batch_size: int = option(1024, cli=None,
+                                  help="Images per evaluation forward (>= 1,024 keeps the device "
+                                       "busy).")
+    progress: bool = option(True, help="Show the progress bar.")
+    stop_after_steps: Optional[int] = option(None, hidden=True,
+                                             help="Testing aid: exit abruptly after N optimiser "
+                                                  "steps, as if killed.")
 
 
 @dataclass
@@ -117,47 +285,114 @@ class Config:
 @dataclass
 class PretrainConfig:
     """`dietcl-fast pretrain`: MAE pretraining of encoder + decoder (dietcl_fast/pretrain.py)."""
-    data: str = "animal-mnist"          # any source `train --data` accepts; labels are not read
-    out: Optional[str] = None           # DIR: DIR/checkpoint.pth (official MAE layout)
-    budget: int = 1000                  # optimiser steps at the global batch (= budget units)
-    preset: str = "auto"                # auto | cpu-tiny | vit-b16
-    batch_size: Optional[int] = None    # None: the preset's global batch
-    micro_batch: Optional[int] = None   # None: the whole batch (cpu-tiny), 256 (vit-b16)
-    blr: Optional[float] = None         # None: 1.5e-4 (MAE) for vit-b16, 4e-3 for cpu-tiny
-    warmup_fraction: float = 0.05       # linear warm-up share of the steps (MAE: 40 of 800 epochs)
-    weight_decay: float = 0.05
-    mask_ratio: float = 0.75
-    seed: int = 0
-    device: str = "auto"
-    ckpt_every: int = 100               # resume checkpoint every N steps (and at the end)
-    progress: bool = True
-    stop_after_steps: Optional[int] = None  # testing aid: exit abruptly after N steps
+    data: str = option("animal-mnist",
+                       help="Images to pretrain on (any --data of train; labels are not read).")
+    out: Optional[str] = option(None, required=True,
+                                help="Directory: writes checkpoint.pth (official MAE layout), "
+                                     "pretrain.json and the resume state.")
+    budget: int = option(1000, help="Optimiser steps at the global batch (= budget units).")
+    preset: str = option("auto", choices=PRESETS,
+                         help="Model size; must match the later train run's preset.")
+    batch_size: Optional[int] = option(None, default_text="the preset's", help="Global batch.")
+    micro_batch: Optional[int] = option(None, default_text="whole batch; 256 for vit-b16",
+                                        help="Micro-batch.")
+    blr: Optional[float] = option(None, default_text="1.5e-4 for vit-b16 (MAE), 4e-3 for cpu-tiny",
+                                  help="Base LR (lr = blr x batch / 256).")
+    warmup_fraction: float = option(0.05, help="Linear warm-up share of the steps (MAE: 40 of 800 "
+                                               "epochs).")
+    weight_decay: float = option(0.05, help="AdamW weight decay.")
+    mask_ratio: float = option(0.75, help="MAE mask ratio.")
+    seed: int = option(0, help="Seed of init, sampling, augmentation and masks.")
+    device: str = option("auto", choices=DEVICES, help="Device.")
+    ckpt_every: int = option(100, help="Resume checkpoint every N steps (and at the end).")
+    progress: bool = option(True, help="Show the progress bar.")
+    stop_after_steps: Optional[int] = option(None, hidden=True,
+                                             help="Testing aid: exit abruptly after N optimiser "
+                                                  "steps, as if killed.")
 
+
+# ------------------------------------------------------------------------------- the options
+@dataclass(frozen=True)
+class Option:
+    """One leaf of a config tree: its path (`run.budget`, `method.ewc.lambda_`), field, type."""
+    path: str
+    field: dataclasses.Field
+    type: Any                   # the field's type with Optional removed (int, float, bool, str, Any)
+    optional: bool
+
+    @property
+    def meta(self) -> dict:
+        return self.field.metadata
+
+    @property
+    def flag(self) -> Optional[str]:
+        """The command-line flag, or None for an option of the config file only."""
+        cli = self.meta.get("cli", "")
+        if cli is None:
+            return None
+        if cli:
+            return cli
+        parts = self.path.split(".")
+        # a method's own option: --<method>-<key> (method.ewc.lambda_ -> --ewc-lambda)
+        words = parts[1:] if len(parts) > 2 else parts[-1:]
+        return "--" + "-".join(w.strip("_").replace("_", "-") for w in words)
+
+
+def _leaf_type(tp):
+    import typing
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        return args[0], True
+    return tp, False
+
+
+def options(cls=None, prefix: str = "") -> list[Option]:
+    """Every leaf option of a config dataclass (default: Config), depth first, in field order."""
+    import typing
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in fields(cls):
+        tp, opt = _leaf_type(hints[f.name])
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            out += options(tp, path + ".")
+        else:
+            out.append(Option(path, f, tp, opt or f.default is None))
+    return out
+
+
+_OPTIONS = {o.path: o for o in options()}
 
 # ------------------------------------------------------------------------------- validation
-# Options whose command-line name is not `--<key>`; keys without a command-line option are named
-# by their config path (section.key).
-_CLI_NAME = {"loader.backend": "--loader", "engine.engine": "--engine"}
-_NO_CLI = {"model.mask_ratio", "method.buffer_lr_scale", "method.mixup_alpha", "method.cutmix_alpha",
-           "method.label_smoothing", "method.buffer_replacement", "method.buffer_class_balanced",
-           "optim.beta1", "optim.beta2", "loader.workers", "loader.decode", "engine.compile",
-           "run.eval_batch_size"}
 SEED_MAX = 2 ** 63 - 1
+
+
+class MethodOptionError(ConfigError):
+    """A bad value of one method's own options (`compare` records it as that method's failure
+    and runs the others)."""
+
+
+def _get(cfg, path: str):
+    obj = cfg
+    for p in path.split("."):
+        obj = getattr(obj, p)
+    return obj
 
 
 def _named(path: str, value) -> str:
     """'--seed -5 (run.seed)', or 'optim.beta2=1.5' for keys without a command-line option."""
-    if path in _NO_CLI:
+    o = _OPTIONS.get(path)
+    flag = o.flag if o is not None else "--" + path.split(".")[-1].replace("_", "-")
+    if flag is None:
         return f"{path}={value!r}"
-    flag = _CLI_NAME.get(path, "--" + path.split(".")[1].replace("_", "-"))
     return f"{flag} {value!r} ({path})"
 
 
 def _num(cfg: "Config", path: str, *, lo=None, hi=None, lo_open=False, hi_open=False,
-         integer=False, optional=False, why: str = "") -> None:
+         integer=False, optional=False, why: str = "", error=ConfigError) -> None:
     """Check one numeric option: a (whole) finite number in [lo, hi] (or open ends)."""
-    sec, key = path.split(".")
-    v = getattr(getattr(cfg, sec), key)
+    v = _get(cfg, path)
     if v is None and optional:
         return
     kind = "a whole number" if integer else "a finite number"
@@ -173,22 +408,70 @@ def _num(cfg: "Config", path: str, *, lo=None, hi=None, lo_open=False, hi_open=F
         rng = ""
     msg = f"{_named(path, v)}: must be {kind}{rng}{why}"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(msg)
+        raise error(msg)
     if isinstance(v, float) and not math.isfinite(v):
-        raise ConfigError(msg)
+        raise error(msg)
     if integer and isinstance(v, float) and not v.is_integer():
-        raise ConfigError(msg)
+        raise error(msg)
     if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise ConfigError(msg)
+        raise error(msg)
     if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise ConfigError(msg)
+        raise error(msg)
 
 
-def _choice(cfg: "Config", path: str, choices) -> None:
-    sec, key = path.split(".")
-    v = getattr(getattr(cfg, sec), key)
+def _choice(cfg: "Config", path: str, choices=None) -> None:
+    choices = choices or _OPTIONS[path].meta["choices"]
+    v = _get(cfg, path)
     if v not in choices:
         raise ConfigError(f"{_named(path, v)}: choose one of {', '.join(map(str, choices))}")
+
+
+def _bool(cfg: "Config", path: str, error=ConfigError) -> None:
+    v = _get(cfg, path)
+    if not isinstance(v, bool):
+        raise error(f"{_named(path, v)}: expected true or false")
+
+
+def validate_method_options(cfg: "Config") -> None:
+    """The options of the method that runs (cfg.method.name); another method's are not read.
+    Raises MethodOptionError naming the option."""
+    name = cfg.method.name
+    def num(key, **kw):
+        _num(cfg, f"method.{name}.{key}", error=MethodOptionError, **kw)
+    if name == "gdumb":
+        _num(cfg, "method.memory", lo=1, integer=True, optional=True, error=MethodOptionError,
+             why=" sample (leave it out to keep every labeled sample)")
+    elif name in ("ewc", "mas"):
+        num("lambda_", lo=0)
+        num("gamma", lo=0, hi=1)
+        num("importance_batch", lo=1, hi=2 ** 31 - 1, integer=True)
+        num("importance_budget", lo=0, hi=1, hi_open=True)
+    elif name == "l2p":
+        num("pool_size", lo=1, hi=100000, integer=True)
+        num("prompt_length", lo=1, hi=100000, integer=True)
+        num("top_k", lo=1, hi=cfg.method.l2p.pool_size, integer=True,
+            why=" (--l2p-pool-size)")
+        num("key_weight", lo=0)
+    elif name == "cassle":
+        num("ssl_fraction", lo=0, hi=1)
+        num("bt_lambda", lo=0)
+        num("proj_dim", lo=0, hi=2 ** 20, integer=True)
+    elif name == "dualnet":
+        num("threshold", lo=0, hi=1)
+        num("bt_lambda", lo=0)
+        num("proj_dim", lo=0, hi=2 ** 20, integer=True)
+        _bool(cfg, "method.dualnet.slow_supervised", error=MethodOptionError)
+    elif name == "ccic":
+        for key in ("contrast_weight", "consistency_weight", "unsup_contrast_weight", "margin"):
+            num(key, lo=0)
+        for key in ("mix_alpha", "sharp_temp", "temperature"):
+            num(key, lo=0, lo_open=True)
+        num("knn", lo=1, hi=2 ** 31 - 1, integer=True)
+    elif name == "pretrain_ft":
+        num("pretrain_fraction", lo=0, hi=1)
+        num("finetune_lr_scale", lo=0, lo_open=True)
+    elif name == "joint":
+        num("pretrain_fraction", lo=0, hi=1)
 
 
 def validate(cfg: "Config") -> "Config":
@@ -196,7 +479,7 @@ def validate(cfg: "Config") -> "Config":
     come through here) before any data is read or compute spent: numbers finite and in range,
     choices known. Errors name the option and the value. Checks that need the data (enough
     samples per step, ...) happen when the stream is built, still before compute."""
-    _choice(cfg, "stream.scenario", ("class", "time"))
+    _choice(cfg, "stream.scenario")
     if not isinstance(cfg.stream.data, str) or not cfg.stream.data.strip():
         raise ConfigError(f"{_named('stream.data', cfg.stream.data)}: give a dataset name "
                           "or a path (an empty value would silently mean the current directory)")
@@ -205,7 +488,7 @@ def validate(cfg: "Config") -> "Config":
     # 0 is allowed here (a dataset with its own evaluation split ignores it); a stream left
     # with no evaluation image is refused when it is built, still before compute
     _num(cfg, "stream.eval_fraction", lo=0, hi=1, hi_open=True)
-    _choice(cfg, "model.preset", ("auto", "cpu-tiny", "vit-b16"))
+    _choice(cfg, "model.preset")
     _num(cfg, "model.mask_ratio", lo=0, hi=1, hi_open=True)
     if cfg.model.pretrained is not None and not isinstance(cfg.model.pretrained, str):
         raise ConfigError(f"{_named('model.pretrained', cfg.model.pretrained)}: expected a path")
@@ -222,72 +505,125 @@ def validate(cfg: "Config") -> "Config":
     _num(cfg, "method.mixup_alpha", lo=0)
     _num(cfg, "method.cutmix_alpha", lo=0)
     _num(cfg, "method.label_smoothing", lo=0, hi=1, hi_open=True)
-    _num(cfg, "method.memory", lo=1, integer=True, optional=True,
-         why=" sample (leave it out to keep every labeled sample)")
-    if not isinstance(m.options, dict):
-        raise ConfigError(f"method.options={m.options!r}: expected a mapping")
+    for key in ("mixup", "buffer_replacement", "buffer_class_balanced"):
+        _bool(cfg, f"method.{key}")
     _num(cfg, "optim.blr", lo=0, lo_open=True, optional=True)
     _num(cfg, "optim.min_lr", lo=0, optional=True)
     _num(cfg, "optim.beta1", lo=0, hi=1, hi_open=True)
     _num(cfg, "optim.beta2", lo=0, hi=1, hi_open=True)
     _num(cfg, "optim.weight_decay", lo=0)
     _num(cfg, "optim.layer_decay", lo=0, hi=1, lo_open=True, optional=True)
-    _choice(cfg, "loader.backend", ("auto", "memory", "torch", "dali"))
+    _choice(cfg, "loader.backend")
     _num(cfg, "loader.workers", lo=0, hi=1024, integer=True)
-    _choice(cfg, "loader.on_bad_image", ("error", "skip"))
-    _choice(cfg, "loader.fallback", ("loud", "stop"))
-    _choice(cfg, "loader.scan", ("full", "header"))
-    _choice(cfg, "loader.decode", ("auto", "pil", "nvjpeg", "tensor"))
+    _choice(cfg, "loader.on_bad_image")
+    _choice(cfg, "loader.fallback")
+    _choice(cfg, "loader.scan")
+    _choice(cfg, "loader.decode")
     _num(cfg, "loader.max_image_pixels", lo=1, integer=True)
-    _choice(cfg, "engine.engine", ("auto", "torch", "deepspeed"))
+    _choice(cfg, "engine.engine")
     _num(cfg, "engine.zero_stage", lo=0, hi=3, integer=True)
     if cfg.engine.micro_batch != "auto":      # "auto": probed by the trainer
         _num(cfg, "engine.micro_batch", lo=1, integer=True, optional=True,
              why=' (or "auto")')
-    _num(cfg, "run.budget", lo=1, hi=1e12, why=" (training steps per time step)")
-    if not float(cfg.run.budget).is_integer():
-        raise ConfigError(f"{_named('run.budget', cfg.run.budget)}: must be a whole number "
-                          "of steps >= 1")
+    if cfg.engine.compile is not None:
+        _bool(cfg, "engine.compile")
+    _num(cfg, "run.budget", lo=1, hi=1e12, integer=True, why=" of training steps per time step")
     _num(cfg, "run.batch_size", lo=2, hi=2 ** 31 - 1, integer=True, optional=True)
     _num(cfg, "run.seed", lo=0, hi=SEED_MAX, integer=True)
     if cfg.run.out is not None and (not isinstance(cfg.run.out, str) or not cfg.run.out.strip()):
         raise ConfigError(f"{_named('run.out', cfg.run.out)}: give a directory path")
     _num(cfg, "run.ckpt_every", lo=0, integer=True, why=" (0: only at time-step ends)")
     _num(cfg, "run.ckpt_retry_seconds", lo=0, hi=86400)
-    _choice(cfg, "run.device", ("auto", "cpu", "cuda"))
+    _choice(cfg, "run.device")
     _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)
     _num(cfg, "run.stop_after_steps", lo=1, integer=True, optional=True)
-    for sec in fields(cfg):             # whole numbers stored as int (YAML may give 8.0)
-        obj = getattr(cfg, sec.name)
-        for f in fields(obj):
-            v = getattr(obj, f.name)
-            if isinstance(v, float) and v.is_integer() and isinstance(f.default, int) \
-                    and not isinstance(f.default, bool):
-                setattr(obj, f.name, int(v))
+    validate_method_options(cfg)
+    for o in _OPTIONS.values():          # whole numbers stored as int (YAML may give 8.0)
+        v = _get(cfg, o.path)
+        if isinstance(v, float) and v.is_integer() and o.type is int:
+            sec, _, key = o.path.rpartition(".")
+            setattr(_get(cfg, sec), key, int(v))
     return cfg
 
 
-def apply_dict(cfg: Config, d: dict, *, source: str = "config") -> None:
-    """Merge a nested dict into cfg; unknown sections/keys are errors naming them."""
+# Keys of the free `method.options` mapping that configs written before the typed per-method
+# sections hold (config.yaml of older runs, their checkpoints): each maps to the typed option(s)
+# of the methods that read it. `memory_size` 0 meant "every label seen" (now: no --memory).
+_LEGACY_METHOD_OPTIONS = {
+    "ewc_lambda": ("ewc.lambda_", "mas.lambda_"), "ewc_gamma": ("ewc.gamma", "mas.gamma"),
+    "importance_batch": ("ewc.importance_batch", "mas.importance_batch"),
+    "importance_budget": ("ewc.importance_budget", "mas.importance_budget"),
+    "pool_size": ("l2p.pool_size",), "prompt_length": ("l2p.prompt_length",),
+    "top_k": ("l2p.top_k",), "key_weight": ("l2p.key_weight",),
+    "ssl_fraction": ("cassle.ssl_fraction",),
+    "bt_lambda": ("cassle.bt_lambda", "dualnet.bt_lambda"),
+    "proj_dim": ("cassle.proj_dim", "dualnet.proj_dim"),
+    "threshold": ("dualnet.threshold",), "slow_supervised": ("dualnet.slow_supervised",),
+    "contrast_weight": ("ccic.contrast_weight",), "consistency_weight": ("ccic.consistency_weight",),
+    "unsup_contrast_weight": ("ccic.unsup_contrast_weight",), "margin": ("ccic.margin",),
+    "mix_alpha": ("ccic.mix_alpha",), "sharp_temp": ("ccic.sharp_temp",),
+    "temperature": ("ccic.temperature",), "knn": ("ccic.knn",),
+    "pretrain_fraction": ("pretrain_ft.pretrain_fraction", "joint.pretrain_fraction"),
+    "finetune_lr_scale": ("pretrain_ft.finetune_lr_scale",),
+}
+
+
+def _legacy_method_options(values: dict, source: str) -> dict:
+    """A `method.options` mapping of an older config, as the typed method sections."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: method.options={values!r}: expected a mapping")
+    out: dict = {}
+    for k, v in values.items():
+        if k == "memory_size":
+            out["memory"] = None if v == 0 else v
+            continue
+        if k not in _LEGACY_METHOD_OPTIONS:
+            raise ConfigError(f"{source}: unknown key method.options.{k}; each method's options "
+                              "are now typed sections (method.ewc, method.l2p, ...)")
+        for target in _LEGACY_METHOD_OPTIONS[k]:
+            sec, key = target.split(".")
+            out.setdefault(sec, {})[key] = v
+    return out
+
+
+def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> None:
+    """Merge a nested dict into cfg; unknown sections/keys are errors naming them. Older
+    configs still load: `method.options` (the free mapping the typed per-method sections
+    replace) and whole numbers written as floats (budget: 500.0)."""
     if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
-    sections = {f.name: f for f in fields(cfg)}
-    for sec, values in d.items():
-        if sec not in sections:
-            raise ConfigError(f"{source}: unknown section {sec!r}; known: {', '.join(sections)}")
-        obj = getattr(cfg, sec)
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {sec!r} must be a mapping")
-        known = {f.name: f for f in fields(obj)}
-        for k, v in values.items():
-            if k not in known:
-                raise ConfigError(f"{source}: unknown key {sec}.{k}; known: {', '.join(known)}")
-            setattr(obj, k, _coerce(v, getattr(obj, k), f"{sec}.{k}", source))
+        what = f"section {_prefix.rstrip('.')!r}" if _prefix else "expected a mapping of sections,"
+        raise ConfigError(f"{source}: {what} must be a mapping, got {type(d).__name__}"
+                          if _prefix else f"{source}: {what} got {type(d).__name__}")
+    if _prefix == "method." and "options" in d:
+        d = dict(d)
+        legacy = _legacy_method_options(d.pop("options"), source)
+        for k, v in legacy.items():
+            if isinstance(v, dict):
+                d[k] = {**v, **(d.get(k) or {})}
+            else:
+                d.setdefault(k, v)
+    known = {f.name: f for f in fields(cfg)}
+    for k, v in d.items():
+        if k not in known:
+            if not _prefix:
+                raise ConfigError(f"{source}: unknown section {k!r}; known: {', '.join(known)}")
+            raise ConfigError(f"{source}: unknown key {_prefix}{k}; known: {', '.join(known)}")
+        cur = getattr(cfg, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: section {_prefix}{k!r} must be a mapping"
+                                  if _prefix else f"{source}: section {k!r} must be a mapping")
+            apply_dict(cur, v, source=source, _prefix=f"{_prefix}{k}.")
+        else:
+            setattr(cfg, k, _coerce(v, cur, f"{_prefix}{k}", source))
 
 
 def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any:
     if value is None or current is None:
-        return value
+        o = _OPTIONS.get(where)
+        if value is None or o is None or o.type not in (int, float, bool):
+            return value
+        current = o.type()              # an option whose default is None: coerce to its type
     try:
         if isinstance(current, bool):
             if isinstance(value, str):
@@ -298,6 +634,8 @@ def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any
                 raise ValueError(value)
             return bool(value)
         if isinstance(current, int) and not isinstance(current, bool):
+            if isinstance(value, bool):
+                raise ValueError(value)
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
@@ -328,10 +666,6 @@ def save_yaml(cfg: Config, path: str) -> None:
     import yaml
     from .fsio import atomic_write_bytes
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-
-
-def replace(obj, **kw):
-    return dataclasses.replace(obj, **kw)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dietcl_fast.config import Config
+from dietcl_fast.config import Config, apply_dict
 from dietcl_fast.methods import METHODS
 from dietcl_fast.trainer import Trainer
 
@@ -15,7 +15,9 @@ ALL = sorted(METHODS)
 def tiny_cfg(method, budget=3, **opts):
     cfg = Config()
     cfg.method.name = method
-    cfg.method.options = dict(opts)
+    # opts: method options by the names older configs used (method.options), read through
+    # the config's own mapping onto the typed per-method sections
+    apply_dict(cfg, {"method": {"options": dict(opts)}}, source="test")
     cfg.stream.time_steps = 2
     cfg.stream.label_rate = 0.05
     cfg.run.budget = budget

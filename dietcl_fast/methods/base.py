@@ -135,11 +135,6 @@ class Method:
         self.units_for = None                   # the trainer binds ledger.units_for here
         self.granule = 1                        # the trainer sets: micro-batches per global batch
 
-    def opt(self, key: str, default):
-        """A method-specific option (config `method.options`), typed like its default."""
-        v = self.mcfg.options.get(key, default) if self.mcfg.options else default
-        return type(default)(v) if default is not None and v is not None else v
-
     # -- planning --------------------------------------------------------------------------
     def phases(self, t: int, budget: int) -> list[Phase]:
         raise NotImplementedError

@@ -37,9 +37,8 @@ class CaSSLe(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.ssl_fraction = self.opt("ssl_fraction", 0.8)
-        self.lambd = self.opt("bt_lambda", 5e-3)
-        self.proj_dim = self.opt("proj_dim", 0)
+        o = self.mcfg.cassle
+        self.ssl_fraction, self.lambd, self.proj_dim = o.ssl_fraction, o.bt_lambda, o.proj_dim
         self.paths = {"unlabeled": "cassle_ssl", "labeled": "probe", "buffer": "probe"}
         self.teacher = None
         self._teacher_state = None

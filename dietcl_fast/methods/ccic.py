@@ -89,16 +89,11 @@ class CCIC(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.w_con = self.opt("contrast_weight", 1.0)
-        self.w_cons = self.opt("consistency_weight", 0.5)
-        self.w_neg = self.opt("unsup_contrast_weight", 0.5)
-        self.margin = self.opt("margin", 1.0)
-        self.alpha = self.opt("mix_alpha", 0.75)
-        self.sharp = self.opt("sharp_temp", 0.5)
-        self.temp = self.opt("temperature", 0.1)
-        self.knn = self.opt("knn", 3)
-        if self.knn < 1 or self.sharp <= 0 or self.temp <= 0 or self.alpha <= 0:
-            raise ValueError(f"--method ccic: bad options {self.mcfg.options}")
+        o = self.mcfg.ccic                      # checked by config.validate
+        self.w_con, self.w_cons, self.w_neg = o.contrast_weight, o.consistency_weight, \
+            o.unsup_contrast_weight
+        self.margin, self.alpha, self.sharp = o.margin, o.mix_alpha, o.sharp_temp
+        self.temp, self.knn = o.temperature, o.knn
         self.paths = {"unlabeled": "classify", "labeled": "ccic_sup", "buffer": "ccic_sup"}
 
     def setup_model(self, model) -> None:

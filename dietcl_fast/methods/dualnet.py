@@ -108,17 +108,9 @@ class DualNet(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.threshold = self.opt("threshold", 0.5)
-        self.lambd = self.opt("bt_lambda", 5e-3)
-        self.proj_dim = self.opt("proj_dim", 0)
-        sv = self.mcfg.options.get("slow_supervised", True) if self.mcfg.options else True
-        if isinstance(sv, str):
-            if sv.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--method dualnet: slow_supervised {sv!r} must be true or false")
-            sv = sv.lower() in ("true", "1")
-        self.slow_supervised = bool(sv)
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"--method dualnet: threshold {self.threshold} must be in [0, 1]")
+        o = self.mcfg.dualnet                   # checked by config.validate
+        self.threshold, self.lambd, self.proj_dim = o.threshold, o.bt_lambda, o.proj_dim
+        self.slow_supervised = o.slow_supervised
         self.paths = {"unlabeled": "dualnet_ssl", "labeled": "dualnet_fast", "buffer": "dualnet_fast"}
 
     def setup_model(self, model) -> None:

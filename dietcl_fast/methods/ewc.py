@@ -12,8 +12,8 @@ Adaptations (budget): no replay (EWC is the regularisation baseline); at most
 min(labeled, that many) images. Every importance pass is a forward+backward on `classify`,
 charged BEFORE it runs, in the step's budget (the training phase gets the rest). Head rows
 added later are not penalised.
-Options (config method.options): ewc_lambda (default 100), ewc_gamma (1.0), importance_batch
-(16), importance_budget (0.1).
+Options (config method.ewc, flags --ewc-*): lambda_ (default 100), gamma (1.0),
+importance_batch (16), importance_budget (0.1).
 """
 from __future__ import annotations
 
@@ -29,16 +29,12 @@ from .base import Method, MicroBatch, Phase
 @register
 class EWC(Method):
     name = "ewc"
-    default_lambda = 100.0
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.lam = self.opt("ewc_lambda", self.default_lambda)
-        self.gamma = self.opt("ewc_gamma", 1.0)
-        self.imp_batch = self.opt("importance_batch", 16)
-        self.imp_budget = self.opt("importance_budget", 0.1)
-        if self.lam < 0 or not 0 <= self.imp_budget < 1 or self.imp_batch < 1:
-            raise ValueError(f"--method {self.name}: bad options {self.mcfg.options}")
+        o = getattr(self.mcfg, self.name)       # cfg.method.ewc / .mas (checked by validate)
+        self.lam, self.gamma = o.lambda_, o.gamma
+        self.imp_batch, self.imp_budget = o.importance_batch, o.importance_budget
         self.importance: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
         self.stream = None

@@ -27,12 +27,7 @@ class GDumb(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        mem = cfg.method.memory
-        if mem is None:
-            mem = self.opt("memory_size", 0)          # older configs: method.options
-        if mem < 0 or (cfg.method.memory is not None and mem < 1):
-            raise ValueError(f"--memory {mem}: must be >= 1 sample")
-        self.memory_size = int(mem)                   # 0: unbounded
+        self.memory_size = cfg.method.memory or 0     # 0: unbounded (checked by validate)
         self.memory: dict[int, list[int]] = {}      # class -> ids
         self.reinits = 0
 

@@ -38,7 +38,7 @@ class Joint(PretrainFT):
         if t < self.T - 1:
             return []
         total = self.T * budget
-        pre = int(round(self.opt("pretrain_fraction", 0.8) * total))
+        pre = int(round(self.mcfg.joint.pretrain_fraction * total))
         out = [Phase("mae", pre, {"unlabeled": 1.0}), Phase("finetune", total - pre, {"labeled": 1.0})]
         return [p for p in out if p.steps]
 

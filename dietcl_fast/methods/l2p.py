@@ -61,14 +61,9 @@ class L2P(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.pool_size = self.opt("pool_size", 10)
-        self.length = self.opt("prompt_length", 5)
-        self.top_k = self.opt("top_k", 5)
-        self.key_weight = self.opt("key_weight", 0.1)
-        if not 1 <= self.top_k <= self.pool_size or self.length < 1:
-            raise ValueError(f"--method l2p: need 1 <= top_k <= pool_size and prompt_length >= 1 "
-                             f"(got top_k={self.top_k}, pool_size={self.pool_size}, "
-                             f"prompt_length={self.length})")
+        o = self.mcfg.l2p                       # checked by config.validate
+        self.pool_size, self.length, self.top_k = o.pool_size, o.prompt_length, o.top_k
+        self.key_weight = o.key_weight
         self.paths = {"unlabeled": "mae", "labeled": "l2p", "buffer": "l2p"}
 
     def setup_model(self, model) -> None:

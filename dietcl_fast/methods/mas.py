@@ -5,7 +5,7 @@ quadratic penalty, budget reservation and charging as EWC (see ewc.py): every im
 is a charged forward+backward on `classify`.
 Adaptations (budget): importance from at most `importance_budget` (10%) of the step's budget
 worth of the step's labeled images (the same images EWC uses; MAS itself may use any data).
-Options: ewc_lambda (here the MAS lambda, default 1.0), ewc_gamma, importance_batch,
+Options (config method.mas, flags --mas-*): lambda_ (default 1.0), gamma, importance_batch,
 importance_budget.
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from .ewc import EWC
 @register
 class MAS(EWC):
     name = "mas"
-    default_lambda = 1.0
 
     def sample_objective(self, logits, y):
         return logits.float().pow(2).sum()

@@ -19,10 +19,10 @@ class PretrainFT(ER):
     name = "pretrain_ft"
 
     def phases(self, t: int, budget: int) -> list[Phase]:
-        pre = int(round(self.opt("pretrain_fraction", 0.8) * budget))
+        pre = int(round(self.mcfg.pretrain_ft.pretrain_fraction * budget))
         mix = {"labeled": 1.0} if t == 0 else {"labeled": 0.5, "buffer": 0.5}
         out = [Phase("mae", pre, {"unlabeled": 1.0}),
-               Phase("er", budget - pre, mix, lr_scale=self.opt("finetune_lr_scale", 5.0))]
+               Phase("er", budget - pre, mix, lr_scale=self.mcfg.pretrain_ft.finetune_lr_scale)]
         return [p for p in out if p.steps]
 
     def loss(self, model, mb: MicroBatch):

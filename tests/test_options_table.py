@@ -1,0 +1,184 @@
+"""One source for every option: the config dataclasses (dietcl_fast/config.py).
+
+The README's option table and `train`/`pretrain`'s command-line options are generated from
+the config fields; these tests run the real `dietcl-fast` command and the table generator as
+processes and fail when the README, the CLI and the config disagree."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dietcl_fast.config import Config, ConfigError, PretrainConfig, apply_dict, options, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+PY = sys.executable
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run(*args, timeout=120):
+    return subprocess.run([PY, *args], capture_output=True, text=True, timeout=timeout, env=ENV,
+                          cwd=ROOT)
+
+
+def dietcl(*args, timeout=300, cwd=None):
+    return subprocess.run([PY, "-m", "dietcl_fast.cli.main", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=ENV, cwd=cwd or ROOT)
+
+
+def test_readme_table_matches_the_config():
+    p = run("-m", "dietcl_fast.cli.options_table", "--check", README)
+    assert p.returncode == 0, p.stderr
+
+
+def test_check_fails_when_the_readme_and_the_config_disagree(tmp_path):
+    readme = tmp_path / "README.md"
+    text = open(README, encoding="utf-8").read()
+    # a default changed in the README only
+    assert "| `--time-steps` | `stream.time_steps` | `5` |" in text
+    readme.write_text(text.replace("| `--time-steps` | `stream.time_steps` | `5` |",
+                                   "| `--time-steps` | `stream.time_steps` | `6` |"))
+    p = run("-m", "dietcl_fast.cli.options_table", "--check", str(readme))
+    assert p.returncode == 1 and "--time-steps" in p.stderr and "disagrees" in p.stderr
+    # a row dropped
+    lines = [ln for ln in text.splitlines() if not ln.startswith("| `--ckpt-every`")]
+    readme.write_text("\n".join(lines) + "\n")
+    assert run("-m", "dietcl_fast.cli.options_table", "--check", str(readme)).returncode == 1
+    # --write repairs it; then --check passes
+    p = run("-m", "dietcl_fast.cli.options_table", "--write", str(readme))
+    assert p.returncode == 0, p.stderr
+    assert readme.read_text() == text
+    assert run("-m", "dietcl_fast.cli.options_table", "--check", str(readme)).returncode == 0
+    # no markers: a clear error, not a silent pass
+    readme.write_text("# nothing here\n")
+    p = run("-m", "dietcl_fast.cli.options_table", "--check", str(readme))
+    assert p.returncode == 2 and "marker" in p.stderr
+
+
+def _rows(text):
+    return {m.group(2): m.group(1) for m in re.finditer(r"^\| (.*?) \| `([a-z0-9_.]+)` \|", text, re.M)}
+
+
+def test_every_config_field_is_in_the_readme_table_and_every_flag_in_help():
+    text = open(README, encoding="utf-8").read()
+    rows = _rows(text)
+    help_ = dietcl("train", "--help").stdout
+    for o in options(Config):
+        if o.meta.get("hidden"):
+            continue
+        assert o.path in rows, o.path
+        if o.flag:
+            assert f"`{o.flag}`" in rows[o.path]
+            assert o.flag in help_, o.flag
+    ptext = dietcl("pretrain", "--help").stdout
+    for o in options(PretrainConfig):
+        if not o.meta.get("hidden"):
+            assert f"pretrain.{o.path}" in rows and o.flag in ptext, o.path
+
+
+def test_help_shows_defaults_and_describes_preset_dependent_ones():
+    h = " ".join(dietcl("train", "--help").stdout.split())
+    assert "[default: 500]" in h                                   # --budget
+    assert "[default: (the preset's: 1024 for vit-b16, 64 for cpu-tiny)]" in h   # --batch-size
+    assert "[default: (on for CUDA, off on the CPU" in h           # --compile
+    assert "--ewc-lambda FLOAT" in h and "[default: 100.0]" in h
+    assert "--mas-lambda" in h
+    assert "--stop-after-steps" not in h                           # testing aid: hidden
+    for cmd in (["compare", "--help"], ["plan", "--help"]):        # they share train's options
+        assert "--ewc-lambda" in dietcl(*cmd).stdout
+
+
+def test_typed_method_options_from_the_command_line_reach_the_config(tmp_path):
+    out = tmp_path / "r"
+    p = dietcl("train", "--method", "ewc", "--ewc-lambda", "7", "--ewc-importance-budget", "0.2",
+               "--budget", "1", "--time-steps", "2", "--label-rate", "0.05", "--batch-size", "16",
+               "--micro-batch", "8", "--no-progress", "--out", out)
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load(open(out / "config.yaml"))
+    assert saved["method"]["ewc"] == {"lambda_": 7.0, "gamma": 1.0, "importance_batch": 16,
+                                      "importance_budget": 0.2}
+    assert saved["run"]["budget"] == 1 and isinstance(saved["run"]["budget"], int)
+    assert "options" not in saved["method"]
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--budget", "2.5"], ["--budget", "2.5", "whole number"]),
+    (["--budget", "abc"], ["--budget", "abc"]),
+    (["--method", "ewc", "--ewc-importance-budget", "1"], ["--ewc-importance-budget", "1"]),
+    (["--method", "l2p", "--l2p-top-k", "11"], ["--l2p-top-k", "11"]),
+    (["--method", "ccic", "--ccic-temperature", "0"], ["--ccic-temperature", "0"]),
+    (["--method", "dualnet", "--dualnet-threshold", "nan"], ["--dualnet-threshold", "nan"]),
+])
+def test_bad_values_are_refused_naming_the_flag_before_anything(tmp_path, args, words):
+    out = tmp_path / "r"
+    p = dietcl("train", *args, "--out", out)
+    assert p.returncode == 2, p.stderr
+    for w in words:
+        assert w in p.stderr, (w, p.stderr)
+    assert not out.exists()
+
+
+def test_another_methods_options_are_not_read():
+    cfg = Config()
+    cfg.method.l2p.top_k = 99          # l2p's; the run is DietCL's
+    validate(cfg)
+    cfg.method.name = "l2p"
+    with pytest.raises(ConfigError, match="--l2p-top-k 99"):
+        validate(cfg)
+
+
+def test_older_configs_still_load(tmp_path):
+    """A config.yaml written before the typed sections: budget as 500.0 and the free
+    method.options mapping; both train --config and --resume read it."""
+    old = {"stream": {"time_steps": 2, "label_rate": 0.05},
+           "method": {"name": "gdumb", "options": {"memory_size": 6, "bt_lambda": 0.01,
+                                                   "ewc_lambda": 3}},
+           "run": {"budget": 500.0, "batch_size": 16}}
+    cfg = Config.from_dict(old)
+    assert cfg.run.budget == 500 and isinstance(cfg.run.budget, int)
+    assert cfg.method.memory == 6
+    assert cfg.method.cassle.bt_lambda == cfg.method.dualnet.bt_lambda == 0.01
+    assert cfg.method.ewc.lambda_ == cfg.method.mas.lambda_ == 3.0
+    assert Config.from_dict({"method": {"options": {"memory_size": 0}}}).method.memory is None
+    with pytest.raises(ConfigError, match="method.options.nope"):
+        Config.from_dict({"method": {"options": {"nope": 1}}})
+    with pytest.raises(ConfigError, match="--budget 2.5"):
+        Config.from_dict({"run": {"budget": 2.5}})
+    # through the CLI, from a file
+    f = tmp_path / "old.yaml"
+    old["run"]["budget"] = 1.0
+    old["engine"] = {"micro_batch": 8}
+    f.write_text(yaml.safe_dump(old))
+    out = tmp_path / "r"
+    p = dietcl("train", "--config", f, "--no-progress", "--out", out)
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load(open(out / "config.yaml"))
+    assert saved["method"]["memory"] == 6 and saved["run"]["budget"] == 1
+
+
+def test_a_run_saved_with_an_older_config_resumes(tmp_path):
+    """A killed run whose checkpoint holds an older config (budget 2.0, method.options):
+    --resume reads it through the same mapping and finishes."""
+    from dietcl_fast.checkpoint import load_checkpoint, save_checkpoint
+    out = tmp_path / "r"
+    p = dietcl("train", "--method", "ewc", "--ewc-lambda", "5", "--budget", "2", "--time-steps",
+               "2", "--label-rate", "0.05", "--batch-size", "16", "--micro-batch", "8",
+               "--ckpt-every", "1", "--no-progress", "--stop-after-steps", "1", "--out", out)
+    assert p.returncode != 0 and (out / "latest.pt").exists(), p.stderr
+    # rewrite the checkpoint's config the way an older version saved it
+    state = load_checkpoint(str(out))
+    c = state["config"]
+    c["run"]["budget"] = 2.0
+    ewc = c["method"].pop("ewc")
+    for k in ("mas", "l2p", "cassle", "dualnet", "ccic", "pretrain_ft", "joint"):
+        c["method"].pop(k)
+    c["method"]["options"] = {"ewc_lambda": ewc["lambda_"]}
+    save_checkpoint(str(out), state)
+    p = dietcl("train", "--resume", out, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load(open(out / "config.yaml"))
+    assert saved["method"]["ewc"]["lambda_"] == 5.0 and saved["run"]["budget"] == 2
