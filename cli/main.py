@@ -7,10 +7,9 @@ import sys
 
 import click
 
+from dietcl_fast.cli.options import click_option, cli_options, train_params
 from dietcl_fast.config import Config, ConfigError, apply_dict, load_yaml, validate
 from dietcl_fast.rundir import check_out_dir
-
-from dietcl_fast.cli.options import click_option, cli_options, train_params
 
 # train's config options, generated from the config fields (name, type, default, help), and
 # their map: click parameter name -> config path (section.key)
@@ -52,11 +51,6 @@ def default_run_dir(cfg: Config) -> str:
     data = cfg.stream.data.replace(os.sep, "_").replace(":", "_").strip("_")[-40:]
     return os.path.join("runs", f"{cfg.method.name}-{data}-{cfg.stream.scenario}-"
                                 f"lr{cfg.stream.label_rate:g}-b{cfg.run.budget:g}-s{cfg.run.seed}")
-
-
-def _method_choices():
-    from dietcl_fast.methods import METHODS
-    return sorted(METHODS)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

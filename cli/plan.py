@@ -16,7 +16,7 @@ import sys
 import click
 import numpy as np
 
-from dietcl_fast.config import PlanDefaults
+from dietcl_fast.config import OPTIONS, PlanDefaults
 
 D = PlanDefaults()
 # train options that plan sets itself, or that clash with plan's own
@@ -384,8 +384,8 @@ def make_plan(train_cmd: click.Command, build_config, fail) -> click.Command:
                      help="--sweep: recommend the smallest budget within this many A(T) points of "
                           "DietCL's best."),
         click.Option(["--train-batch-size", "batch_size"], default=None, type=int,
-                     help="--sweep: the runs' global batch (train's --batch-size) [default: the "
-                          "preset's: 64 for cpu-tiny, 1024 for vit-b16]."),
+                     help="--sweep: the runs' global batch (train's --batch-size) [default: "
+                          f"{OPTIONS['run.batch_size'].meta['default_text']}]."),
     ]
 
     @click.pass_context

@@ -41,7 +41,7 @@ PRESETS = ("auto", "cpu-tiny", "vit-b16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
-@dataclass
+@dataclass(slots=True)
 class StreamConfig:
     data: str = option("animal-mnist",
                        help="Dataset: animal-mnist (embedded), digits (sklearn), folder:PATH "
@@ -56,7 +56,7 @@ class StreamConfig:
                   "val split (folder train/+val/, CSV split column) is evaluated on that instead.")
 
 
-@dataclass
+@dataclass(slots=True)
 class ModelConfig:
     preset: str = option("auto", choices=PRESETS,
                          help="Model size; auto = vit-b16 on a GPU, cpu-tiny on the CPU.")
@@ -66,7 +66,7 @@ class ModelConfig:
     mask_ratio: float = option(0.75, cli=None, help="MAE mask ratio (share of patches hidden).")
 
 
-@dataclass
+@dataclass(slots=True)
 class EWCOptions:
     """EWC (online form); `lambda_` weighs the quadratic penalty lambda/2 * sum F (w - w*)^2."""
     lambda_: float = option(100.0, help="EWC: penalty weight lambda.")
@@ -78,7 +78,7 @@ class EWCOptions:
                                                 "the importance pass.")
 
 
-@dataclass
+@dataclass(slots=True)
 class MASOptions:
     lambda_: float = option(1.0, help="MAS: penalty weight lambda.")
     gamma: float = option(1.0, help="MAS: decay of the accumulated importance at each step.")
@@ -88,7 +88,7 @@ class MASOptions:
                                                 "the importance pass.")
 
 
-@dataclass
+@dataclass(slots=True)
 class L2POptions:
     pool_size: int = option(10, help="L2P: prompts in the pool.")
     prompt_length: int = option(5, help="L2P: tokens per prompt.")
@@ -96,7 +96,7 @@ class L2POptions:
     key_weight: float = option(0.1, help="L2P: weight of the key-matching loss.")
 
 
-@dataclass
+@dataclass(slots=True)
 class CaSSLeOptions:
     ssl_fraction: float = option(0.8, help="CaSSLe: share of a step's budget for Barlow Twins + "
                                            "distillation (the rest: the linear probe).")
@@ -105,7 +105,7 @@ class CaSSLeOptions:
                            help="CaSSLe: projector width (0: 2 x the embedding width).")
 
 
-@dataclass
+@dataclass(slots=True)
 class DualNetOptions:
     threshold: float = option(0.5, help="DualNet: share of iterations that train the slow "
                                         "learner, in [0, 1].")
@@ -117,7 +117,7 @@ class DualNetOptions:
                                               "features).")
 
 
-@dataclass
+@dataclass(slots=True)
 class CCICOptions:
     contrast_weight: float = option(1.0, help="CCIC: weight of the supervised contrastive term.")
     consistency_weight: float = option(0.5, help="CCIC: weight of the interpolation-consistency "
@@ -131,7 +131,7 @@ class CCICOptions:
     knn: int = option(3, help="CCIC: neighbours of the kNN classifier at test time.")
 
 
-@dataclass
+@dataclass(slots=True)
 class PretrainFTOptions:
     pretrain_fraction: float = option(0.8, cli="--pretrain-ft-fraction",
                                       help="pretrain_ft: share of each step's budget for MAE.")
@@ -139,14 +139,14 @@ class PretrainFTOptions:
                                       help="pretrain_ft: LR multiplier of the fine-tuning phase.")
 
 
-@dataclass
+@dataclass(slots=True)
 class JointOptions:
     pretrain_fraction: float = option(0.8, cli="--joint-pretrain-fraction",
                                       help="joint: share of the run's budget for MAE on all "
                                            "unlabeled images.")
 
 
-@dataclass
+@dataclass(slots=True)
 class MethodConfig:
     name: str = option("dietcl", cli="--method", help="Method to train (dietcl, er, finetune, ...).")
     split: str = option("ratio:0.8",
@@ -182,7 +182,7 @@ class MethodConfig:
     joint: JointOptions = option(default_factory=JointOptions, help="joint's options.")
 
 
-@dataclass
+@dataclass(slots=True)
 class OptimConfig:
     blr: Optional[float] = option(None, default_text="the preset's",
                                   help="Base LR (lr = blr x batch / 256).")
@@ -194,7 +194,7 @@ class OptimConfig:
                                           help="Layer-wise LR decay.")
 
 
-@dataclass
+@dataclass(slots=True)
 class LoaderConfig:
     backend: str = option("auto", cli="--loader", choices=("auto", "memory", "torch", "dali"),
                           help="Data loader backend.")
@@ -216,7 +216,7 @@ class LoaderConfig:
                                         "bombs; handled by --on-bad-image).")
 
 
-@dataclass
+@dataclass(slots=True)
 class EngineConfig:
     engine: str = option("auto", choices=("auto", "torch", "deepspeed"),
                          help="Training engine: torch (one process, or all-reduce across ranks "
@@ -235,7 +235,7 @@ class EngineConfig:
                                           "(torch.compile, no graph break).")
 
 
-@dataclass
+@dataclass(slots=True)
 class RunConfig:
     budget: int = option(500, whole=True,
                          help="Training steps per time step at the global batch (one unit = one "
@@ -262,7 +262,7 @@ class RunConfig:
                                                   "steps, as if killed.")
 
 
-@dataclass
+@dataclass(slots=True)
 class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -282,7 +282,7 @@ class Config:
         return cfg
 
 
-@dataclass
+@dataclass(slots=True)
 class PretrainConfig:
     """`dietcl-fast pretrain`: MAE pretraining of encoder + decoder (dietcl_fast/pretrain.py)."""
     data: str = option("animal-mnist",
@@ -362,7 +362,8 @@ def options(cls=None, prefix: str = "") -> list[Option]:
     return out
 
 
-_OPTIONS = {o.path: o for o in options()}
+# every option of the run config by path (`run.budget`, `method.ewc.lambda_`)
+OPTIONS = {o.path: o for o in options()}
 
 # ------------------------------------------------------------------------------- validation
 SEED_MAX = 2 ** 63 - 1
@@ -382,7 +383,7 @@ def _get(cfg, path: str):
 
 def _named(path: str, value) -> str:
     """'--seed -5 (run.seed)', or 'optim.beta2=1.5' for keys without a command-line option."""
-    o = _OPTIONS.get(path)
+    o = OPTIONS.get(path)
     flag = o.flag if o is not None else "--" + path.split(".")[-1].replace("_", "-")
     if flag is None:
         return f"{path}={value!r}"
@@ -420,7 +421,7 @@ def _num(cfg: "Config", path: str, *, lo=None, hi=None, lo_open=False, hi_open=F
 
 
 def _choice(cfg: "Config", path: str, choices=None) -> None:
-    choices = choices or _OPTIONS[path].meta["choices"]
+    choices = choices or OPTIONS[path].meta["choices"]
     v = _get(cfg, path)
     if v not in choices:
         raise ConfigError(f"{_named(path, v)}: choose one of {', '.join(map(str, choices))}")
@@ -538,7 +539,7 @@ def validate(cfg: "Config") -> "Config":
     _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)
     _num(cfg, "run.stop_after_steps", lo=1, integer=True, optional=True)
     validate_method_options(cfg)
-    for o in _OPTIONS.values():          # whole numbers stored as int (YAML may give 8.0)
+    for o in OPTIONS.values():          # whole numbers stored as int (YAML may give 8.0)
         v = _get(cfg, o.path)
         if isinstance(v, float) and v.is_integer() and o.type is int:
             sec, _, key = o.path.rpartition(".")
@@ -620,7 +621,7 @@ def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> No
 
 def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any:
     if value is None or current is None:
-        o = _OPTIONS.get(where)
+        o = OPTIONS.get(where)
         if value is None or o is None or o.type not in (int, float, bool):
             return value
         current = o.type()              # an option whose default is None: coerce to its type

@@ -17,7 +17,7 @@ batch, not one). Exact FLOPs of all paths are counted on a meta-device copy
 (methods/base.measure_path).
 Adaptations: no BatchNorm in the projector (micro-batches may hold one image); Barlow Twins is
 computed per micro-batch; the unlabeled augmentation is the stream's (crop + flip).
-Options: ssl_fraction (0.8), bt_lambda (5e-3), proj_dim (2 x embed dim).
+Options (method.cassle, --cassle-*): ssl_fraction (0.8), bt_lambda (5e-3), proj_dim (2 x embed dim).
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ MixMatch's mixed labeled batch); the supervised contrastive loss stands in for t
 batch-hard triplet on labeled data; the buffer holds every labeled sample (no reservoir
 size) and receives step t's labels after step t, so the "past steps" mask of the code is the
 whole buffer; no last-10%-of-epochs switch-off of the contrastive terms (no epochs here).
-Options: contrast_weight (1.0), consistency_weight (0.5, the code's lamda),
+Options (method.ccic, --ccic-*): contrast_weight (1.0), consistency_weight (0.5, the code's lamda),
 unsup_contrast_weight (0.5, the code's alpha), margin (1.0), mix_alpha (0.75),
 sharp_temp (0.5), temperature (0.1, supervised contrastive), knn (3).
 """

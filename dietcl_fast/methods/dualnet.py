@@ -18,7 +18,7 @@ The supervised loss (cross-entropy over all seen classes on current labels + tas
 buffer of PAST steps: as in the original code, whose `memory_sampling(t)` reads the memories
 of tasks 0..t-1 only, step t's labels join the buffer after step t) trains the fast learner and the head; as in the paper's procedure and the original
 code (whose supervised optimiser holds every parameter), its gradient also reaches the slow
-learner through h_l. Option `slow_supervised` (true) set false stops it there, so the slow
+learner through h_l. Option `slow_supervised` (true; --no-dualnet-slow-supervised) stops it there, so the slow
 learner learns only from the SSL objective; the encoder then runs forward-only in supervised
 iterations and is charged as such (path `dualnet_fast`, like CaSSLe's probe).
 
@@ -35,7 +35,8 @@ unlabeled images (the semi-supervised setting) with the stream's augmentation (c
 the original's inner/outer SSL loop with its `beta` interpolation and the logit-distillation
 term of its task-aware code are not used: one optimiser step per iteration, as every method
 here.
-Options: threshold (0.5), bt_lambda (5e-3), proj_dim (2 x embed dim), slow_supervised (true).
+Options (config method.dualnet, flags --dualnet-*): threshold (0.5), bt_lambda (5e-3),
+proj_dim (0: 2 x embed dim), slow_supervised (true).
 """
 from __future__ import annotations
 

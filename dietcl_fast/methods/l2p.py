@@ -8,7 +8,7 @@ trains on draws from the buffer of all labeled data seen so far, within the step
 
 Adaptations: prompts carry no position embedding (as in L2P); the encoder is whatever the run
 starts from (the MAE checkpoint with --pretrained; a random frozen encoder on cpu-tiny, which
-is L2P's worst case - it relies on a pretrained encoder). Options: pool_size (10),
+is L2P's worst case - it relies on a pretrained encoder). Options (method.l2p, --l2p-*): pool_size (10),
 prompt_length (5), top_k (5), key_weight (0.1). Path `l2p` FLOPs are counted exactly on a
 meta-device copy (methods/base.measure_path).
 """

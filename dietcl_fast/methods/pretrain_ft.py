@@ -3,7 +3,8 @@ of the budget is MAE reconstruction on the step's unlabeled images only (LR scal
 ER (half current labels, half task-balanced buffer of PAST steps, as ER: step t's labels join
 the buffer after the step; step 0 all current) with cross-entropy over all seen classes, at
 5x the base LR (the reference's `train_stage2_lr_scale: 5.0`).
-Options: pretrain_fraction (0.8), finetune_lr_scale (5.0).
+Options (method.pretrain_ft): pretrain_fraction (0.8, --pretrain-ft-fraction), finetune_lr_scale
+(5.0, --pretrain-ft-lr-scale).
 Adaptations: none (the cosine floor is min_lr, unscaled, as in the reference; see the
 trainer's `cosine_lr`).
 """
