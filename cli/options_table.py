@@ -54,8 +54,8 @@ def table() -> str:
              "only. A method's own options are read only when that method runs.", ""]
     lines += head + _rows(shown, lambda o: o.path)
     lines += _rows(file_only, lambda o: o.path)
-    lines += ["", "`pretrain` options:", ""]
-    lines += head
+    lines += ["", "`pretrain` options (fields of `PretrainConfig`; no config file):", ""]
+    lines += ["| flag | field | default | what |", head[1]]
     lines += _rows([o for o in cli_options(PretrainConfig) if not o.meta.get("hidden")],
                    lambda o: f"pretrain.{o.path}")
     return "\n".join(lines)

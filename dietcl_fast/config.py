@@ -387,7 +387,7 @@ def _named(path: str, value) -> str:
     flag = o.flag if o is not None else "--" + path.split(".")[-1].replace("_", "-")
     if flag is None:
         return f"{path}={value!r}"
-    return f"{flag} {value!r} ({path})"
+    return f"{flag} {value!r} ({path})" if "." in path else f"{flag} {value!r}"
 
 
 def _num(cfg: "Config", path: str, *, lo=None, hi=None, lo_open=False, hi_open=False,
@@ -544,6 +544,27 @@ def validate(cfg: "Config") -> "Config":
         if isinstance(v, float) and v.is_integer() and o.type is int:
             sec, _, key = o.path.rpartition(".")
             setattr(_get(cfg, sec), key, int(v))
+    return cfg
+
+
+def validate_pretrain(cfg: "PretrainConfig") -> "PretrainConfig":
+    """`pretrain`'s options, checked the same way (command line and library callers alike)."""
+    _num(cfg, "budget", lo=1, hi=1e12, integer=True, why=" of optimiser steps")
+    _num(cfg, "batch_size", lo=2, hi=2 ** 31 - 1, integer=True, optional=True)
+    _num(cfg, "micro_batch", lo=1, hi=2 ** 31 - 1, integer=True, optional=True)
+    _num(cfg, "blr", lo=0, lo_open=True, optional=True)
+    _num(cfg, "weight_decay", lo=0)
+    _num(cfg, "mask_ratio", lo=0, hi=1, lo_open=True, hi_open=True)
+    _num(cfg, "seed", lo=0, hi=SEED_MAX, integer=True)
+    _num(cfg, "warmup_fraction", lo=0, hi=1, hi_open=True)
+    _num(cfg, "ckpt_every", lo=0, integer=True, why=" (0: only at the end)")
+    _num(cfg, "stop_after_steps", lo=1, integer=True, optional=True)
+    _choice(cfg, "preset", PRESETS)
+    _choice(cfg, "device", DEVICES)
+    if not isinstance(cfg.data, str) or not cfg.data.strip():
+        raise ConfigError(f"--data {cfg.data!r}: give a dataset name or a path")
+    if not isinstance(cfg.out, str) or not cfg.out.strip():
+        raise ConfigError("--out: a directory for checkpoint.pth is required")
     return cfg
 
 

@@ -34,6 +34,7 @@ import torch
 
 from .fsio import atomic_write_bytes
 from .config import ConfigError, LoaderConfig, PretrainConfig
+from .config import validate_pretrain as validate
 from .data.sampling import EpochSampler
 from .seeding import AUGMENT, PRETRAIN, derive_seed, source_key
 from .ledger import Ledger
@@ -58,29 +59,6 @@ def _save(path: str, obj) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def validate(cfg: PretrainConfig) -> None:
-    if cfg.budget < 1 or not float(cfg.budget).is_integer():
-        raise ConfigError(f"--budget {cfg.budget}: must be a whole number of steps >= 1")
-    if cfg.batch_size is not None and cfg.batch_size < 2:
-        raise ConfigError(f"--batch-size {cfg.batch_size}: must be >= 2")
-    if cfg.micro_batch is not None and cfg.micro_batch < 1:
-        raise ConfigError(f"--micro-batch {cfg.micro_batch}: must be >= 1")
-    if cfg.blr is not None and not (math.isfinite(cfg.blr) and cfg.blr > 0):
-        raise ConfigError(f"--blr {cfg.blr}: must be a finite number > 0")
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise ConfigError(f"--weight-decay {cfg.weight_decay}: must be a finite number >= 0")
-    if not 0.0 < cfg.mask_ratio < 1.0:
-        raise ConfigError(f"--mask-ratio {cfg.mask_ratio}: must be in (0, 1)")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 2 ** 63:
-        raise ConfigError(f"--seed {cfg.seed}: must be a whole number in [0, 2^63)")
-    if not 0.0 <= cfg.warmup_fraction < 1.0:
-        raise ConfigError(f"--warmup-fraction {cfg.warmup_fraction}: must be in [0, 1)")
-    if cfg.ckpt_every < 0:
-        raise ConfigError(f"--ckpt-every {cfg.ckpt_every}: must be >= 0")
-    if not cfg.out:
-        raise ConfigError("--out: a directory for checkpoint.pth is required")
 
 
 class Pretrainer:
