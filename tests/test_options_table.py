@@ -182,3 +182,51 @@ def test_a_run_saved_with_an_older_config_resumes(tmp_path):
     assert p.returncode == 0, p.stderr
     saved = yaml.safe_load(open(out / "config.yaml"))
     assert saved["method"]["ewc"]["lambda_"] == 5.0 and saved["run"]["budget"] == 2
+
+
+@pytest.mark.parametrize("budgets,words", [("25,50.5", ["--budgets", "50.5", "whole number"]),
+                                           ("0,2", ["--budgets", "below 1"])])
+def test_plan_sweep_budgets_are_whole_numbers_checked_before_anything(tmp_path, budgets, words):
+    out = tmp_path / "sweep"
+    p = dietcl("plan", "--sweep", "--methods", "er", "--budgets", budgets, "--seeds", "0",
+               "--out", out)
+    assert p.returncode == 2, p.stderr
+    for w in words:
+        assert w in p.stderr, (w, p.stderr)
+    assert not out.exists()
+
+
+def test_plan_sweep_refuses_a_bad_method_option_before_the_first_run(tmp_path):
+    out = tmp_path / "sweep"
+    p = dietcl("plan", "--sweep", "--methods", "ewc", "--ewc-importance-budget", "2",
+               "--budgets", "1", "--seeds", "0", "--out", out)
+    assert p.returncode == 2 and "--ewc-importance-budget 2" in p.stderr, p.stderr
+    assert not out.exists()
+
+
+def test_compare_reuses_a_run_whose_request_an_older_version_wrote(tmp_path):
+    import json
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "er", "--seeds", "0", "--time-steps", "2", "--budget", "1",
+            "--batch-size", "16", "--micro-batch", "8", "--label-rate", "0.05", "--no-progress",
+            "--out", out]
+    p = dietcl(*args)
+    assert p.returncode == 0, p.stderr
+    req_path = out / "er-s0" / "compare_request.json"
+    req = json.load(open(req_path))
+    # the same request as an older version wrote it: float budget, free method.options
+    req["run"]["budget"] = 1.0
+    for k in ("ewc", "mas", "l2p", "cassle", "dualnet", "ccic", "pretrain_ft", "joint"):
+        req["method"].pop(k)
+    req["method"]["options"] = {}
+    req_path.write_text(json.dumps(req))
+    res = out / "er-s0" / "results.json"
+    mtime = os.path.getmtime(res)
+    p = dietcl(*args)
+    assert p.returncode == 0, p.stderr
+    assert os.path.getmtime(res) == mtime            # reused, not rerun or refused
+    # a request that really differs is still refused
+    req["method"]["options"] = {"ewc_lambda": 3}
+    req_path.write_text(json.dumps(req))
+    p = dietcl(*args)
+    assert p.returncode == 2 and "other options" in p.stderr, p.stderr
