@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import click
 
+from dietcl_fast.config import DEVICES, OPTIONS
+
 
 def _fail(msg: str) -> None:
     import sys
@@ -21,7 +23,8 @@ def _run(fn, **kw):
 
 OUT = click.option("--out", default=None, type=click.Path(dir_okay=False),
                    help="Write the JSON result here.")
-DEVICE = click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]),
+DEVICE = click.option("--device", default=OPTIONS["run.device"].field.default,
+                      type=click.Choice(DEVICES),
                       help="Device (auto: cuda when visible).")
 
 
@@ -36,14 +39,17 @@ def bench():
               help="Model preset (and synthetic data size).")
 @click.option("--data", default=None,
               help="Dataset as for train --data [default: synthetic JPEGs generated into a temp dir].")
-@click.option("--budget", default=500, type=int,
+@click.option("--budget", default=OPTIONS["run.budget"].field.default, type=int,
               help="Steps per time step for the projected seconds per time step.")
 @click.option("--steps", default=5, type=int, help="Timed iterations per phase (time step 1).")
 @click.option("--warmup", default=2, type=int, help="Untimed iterations per phase before them.")
-@click.option("--split", default="ratio:0.8", help="DietCL split used for the projection.")
+@click.option("--split", default=OPTIONS["method.split"].field.default,
+              help="DietCL split used for the projection.")
 @click.option("--batch-size", default=None, type=int, help="Global batch [default: preset's].")
 @click.option("--micro-batch", default=None, type=int, help="Micro-batch [default: preset's].")
-@click.option("--loader", default="auto", type=click.Choice(["auto", "memory", "torch", "dali"]))
+@click.option("--loader", default=OPTIONS["loader.backend"].field.default,
+              type=click.Choice(OPTIONS["loader.backend"].meta["choices"]),
+              help=OPTIONS["loader.backend"].meta["help"])
 @click.option("--modes", default="eager,compiled", help="Comma list of eager, compiled.")
 @click.option("--label-rate", default=0.1, type=float, help="Label rate of the bench stream.")
 @click.option("--tiny-peak", is_flag=True, help="Short matmul-peak measurement (tests).")
