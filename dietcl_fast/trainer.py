@@ -36,7 +36,7 @@ from .seeding import AUGMENT, HEAD_INIT, MIX_PLAN, derive_seed, source_key
 from .engine import build_engine, init_from_env, resolve_engine
 from .evaluate import sharded_accuracy, summarise
 from .ledger import Ledger
-from .methods import MicroBatch, build_method
+from .methods import MicroBatch, StepContext, build_method
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint, resolve_preset
 from .results import plot_curve, table, versions, write_json
 
@@ -264,7 +264,6 @@ class Trainer:
             self._probe_micro_batch(self.micro_fits or self._micro_fits_on_device)
         # static-shape methods: every micro-batch of a phase has the same per-source counts
         self.granule = self.n_micro if self.method.static_shapes else 1
-        self.method.granule = self.granule
         self.engine = build_engine(cfg.engine.engine, self.model, self.device, self.amp_dtype,
                                    dist_info=self.dist, zero_stage=cfg.engine.zero_stage,
                                    micro_batch=self.micro, accum=self.accum)
@@ -395,19 +394,71 @@ class Trainer:
         self.model.to(self.device)
         if step.num_labeled and self.method.buffer_insertion == "before":
             self.buffer.add(t, step.labeled_ids, step.labeled_labels)
-        self._register_paths(k)
+        self._register_paths(t)
         self._class_sets(t)
-        self.ledger.begin_step(t, self.method.step_budget(t, self.stream.time_steps, self.budget))
-        self.method.on_step_start(t, self)      # e.g. GDumb: update memory, re-initialise
+        ctx = self.step_context(t)
+        self.ledger.begin_step(t, self.method.step_budget(ctx))
+        self.method.on_step_start(ctx)          # e.g. GDumb: update its memory
+        if self.method.reinitialise:            # e.g. GDumb: retrain from scratch
+            self._reinitialise(t)
         self.pos.step_started = True
 
-    def _register_paths(self, k: int) -> None:
+    def _reinitialise(self, t: int) -> None:
+        """The model back to the run's initial weights (the seeded build, --pretrained reloaded,
+        the method's modules), its head grown to the seen classes with step t's head seed."""
+        seed = self.cfg.run.seed
+        torch.manual_seed(seed)
+        fresh = build_model(self.spec, head_capacity=self.model.head.capacity)
+        if self.cfg.model.pretrained:
+            load_mae_checkpoint(fresh, self.cfg.model.pretrained)
+        self.method.setup_model(fresh)
+        torch.manual_seed(derive_seed(seed, t, HEAD_INIT))
+        fresh.grow_head(self.model.num_classes)
+        self.model.load_state_dict(fresh.state_dict())
+
+    def step_context(self, t: int) -> StepContext:
+        """What the method sees of time step t (methods/context.py): read-only facts, the
+        ledger's prices, and the model."""
+        return StepContext(t=t, budget=self.budget, seed=self.cfg.run.seed,
+                           time_steps=self.stream.time_steps, global_batch=self.G,
+                           granule=self.granule, accum=self.accum, units_for=self._units_for,
+                           stream=self.stream, model=self.model, spec=self.spec,
+                           num_classes=self.stream.num_seen_classes(t), eval_map=self._eval_map)
+
+    def _units_for(self, path: str, n: int, backward: bool = True) -> float:
+        return self.ledger.units_for(path, n, backward)
+
+    def _eval_map(self, ids, fn) -> list:
+        """fn(x) over the images of `ids` (evaluation transform, --eval-batch-size at a time,
+        the run's autocast): evaluation-time work of a method, not charged."""
+        bs, out = self.cfg.run.eval_batch_size, []
+        for s in range(0, len(ids), bs):
+            x = self.loader.batch(ids[s:s + bs], "eval")
+            with self.engine.autocast():
+                out.append(fn(x))
+        return out
+
+    def _run_importance(self, ip) -> None:
+        """Run a method's importance pass (methods/context.py: ImportancePass): every chunk is
+        charged to the ledger before it runs."""
+        for s in range(0, len(ip.ids), ip.chunk):
+            chunk = ip.ids[s:s + ip.chunk]
+            self.ledger.charge(ip.path, len(chunk), True)     # before the pass
+            x = self.loader.batch(chunk, "eval")
+            y = torch.as_tensor(self.stream.labels_of(chunk), dtype=torch.long, device=x.device)
+            with self.train_region():
+                with self.engine.autocast():
+                    ip.accumulate(x, y)
+        ip.finish()
+
+    def _register_paths(self, t: int) -> None:
+        k = self.stream.num_seen_classes(t)
         # static-shape methods run the head over all its preallocated rows: count what runs
         self.flops = self.ledger.register_model(
             self.spec, self.model.head.capacity if self.method.static_shapes else k)
-        self.method.G = self.G
-        self.method.units_for = lambda p, n, b=True: self.ledger.units_for(p, n, b)
-        self.method.register_paths(self, k)     # method paths (exact FLOPs, see methods/base)
+        # method paths (exact FLOPs, see methods/base.py: measure_path)
+        for name, (fwd, fwd_bwd) in self.method.extra_paths(self.step_context(t)).items():
+            self.ledger.register_path(name, fwd, fwd_bwd)
 
     def _class_sets(self, t: int) -> None:
         """Step t's class sets on the device, made once per time step (no per-step transfer)."""
@@ -593,7 +644,7 @@ class Trainer:
         set_numpy_rng_state(st["rng"]["numpy"])
         self._pending_engine_state = st["engine"] if self.pos.it > 0 else None
         if self.pos.step_started:
-            self._register_paths(self.stream.num_seen_classes(self.pos.t))
+            self._register_paths(self.pos.t)
             self._class_sets(self.pos.t)
 
     def checkpoint_bytes_estimate(self) -> int:
@@ -724,7 +775,7 @@ class Trainer:
         images it saw are logged (`eval_log`, `eval_images`)."""
         t_eval = time.perf_counter()
         row, n_eval = [], 0
-        eval_model = self.method.eval_model(self)
+        eval_model = self.method.eval_model(self.step_context(t))
         classify, pad = self._eval_fn() if eval_model is self.model else (eval_model.classify, False)
         for k in range(t + 1):
             ids, labels = self.stream.eval_for(t, k)
@@ -777,10 +828,11 @@ class Trainer:
             if cfg.run.ckpt_every:
                 self.save()
         step = self.stream.steps[t]
-        phases = self.method.phases(t, self.budget)
-        planned = sum(p.planned_units(self.G, self.method.units_for, self.method.paths, self.granule)
+        ctx = self.step_context(t)
+        phases = self.method.phases(ctx)
+        planned = sum(p.planned_units(self.G, self._units_for, self.method.paths, self.granule)
                       for p in phases)
-        if planned + self.method.reserve_units(t, self.budget) > self.ledger.budget_units() + 1e-6:
+        if planned + self.method.reserve_units(ctx) > self.ledger.budget_units() + 1e-6:
             raise RuntimeError(f"method {self.method.name} planned more than the budget")
         step_classes = torch.as_tensor(np.array(step.classes), dtype=torch.long, device=self.device)
         num_seen = self.stream.num_seen_classes(t)
@@ -793,7 +845,7 @@ class Trainer:
                 self.engine.load_state_dict(self._pending_engine_state)
                 self._pending_engine_state = None
             counts = phase.counts(self.G, None, self.granule)
-            own = self.method.source_ids(t, self)   # e.g. joint: all steps' unlabeled ids
+            own = self.method.source_ids(ctx)       # e.g. joint: all steps' unlabeled ids
             samplers = {
                 "unlabeled": EpochSampler(own.get("unlabeled", step.unlabeled_ids), cfg.run.seed, (t, p_idx, 0)),
                 "labeled": EpochSampler(own.get("labeled", step.labeled_ids), cfg.run.seed, (t, p_idx, 1)),
@@ -834,7 +886,11 @@ class Trainer:
         spent = self.ledger.spent_units()
         self.log(f"time step {t}: A({t}) = {self.A[-1]:.2f}%  acc = "
                  f"[{', '.join(f'{a:.1f}' for a in row)}]  budget spent {spent:.3f}/{self.budget}")
-        self.method.on_step_end(t, self)
+        ctx = self.step_context(t)
+        ip = self.method.importance_pass(ctx)   # e.g. EWC's Fisher, charged in step t's budget
+        if ip is not None:
+            self._run_importance(ip)
+        self.method.on_step_end(ctx)
         self.pos = Position(t=t + 1, phase=0, it=0, gstep=self.pos.gstep, step_started=False)
         self.save()
 
@@ -847,7 +903,7 @@ class Trainer:
         it = self.pos.it
         if phase.mix_fn is not None:
             counts = phase.counts(self.G, it, self.granule)
-        need = phase.iteration_units(self.G, self.method.units_for, self.method.paths, it, self.granule)
+        need = phase.iteration_units(self.G, self._units_for, self.method.paths, it, self.granule)
         if self.ledger.remaining_units() < need - 1e-9:
             raise RuntimeError(f"budget of time step {t} exhausted before iteration {it} "
                                f"(planned {phase.steps} steps)")

@@ -2,6 +2,7 @@
 only, CaSSLe's probe charged as what runs, DualNet's fast learner, CCIC's pseudo-label
 contrastive term and kNN classifier, pretrain_ft's fine-tune LR, per-sample EWC/MAS importance,
 GDumb's --memory."""
+import dataclasses
 import json
 import os
 
@@ -72,19 +73,20 @@ def test_cassle_probe_is_charged_what_runs():
         tr.model.classify(x).sum().backward()
     assert fc.get_total_flops() == 4 * full
     # units of one probe iteration (G images): what runs / a full pass, about a third
-    probe = [p for p in m.phases(0, 10) if p.name == "probe"][0]
-    per_it = probe.iteration_units(m.G, m.units_for, m.paths)
+    ctx = dataclasses.replace(tr.step_context(0), budget=10)
+    probe = [p for p in m.phases(ctx) if p.name == "probe"][0]
+    per_it = probe.iteration_units(ctx.global_batch, ctx.units_for, m.paths)
     assert per_it == pytest.approx(fwd / full)
     assert 0.3 < per_it < 0.4                                  # a full charge would be 1.0
-    ssl = [p for p in m.phases(0, 10) if p.name == "ssl"][0]
-    left = 10 - ssl.planned_units(m.G, m.units_for, m.paths)
+    ssl = [p for p in m.phases(ctx) if p.name == "ssl"][0]
+    left = 10 - ssl.planned_units(ctx.global_batch, ctx.units_for, m.paths)
     assert probe.steps == int(left / per_it + 1e-9) > int(left)
 
 
 # ---------------------------------------------------------------- pretrain_ft
 def test_pretrain_ft_finetunes_at_five_times_the_lr():
     tr = opened("pretrain_ft", t=0)
-    mae, er = tr.method.phases(1, 10)
+    mae, er = tr.method.phases(dataclasses.replace(tr.step_context(1), budget=10))
     assert (mae.name, mae.lr_scale, er.name, er.lr_scale) == ("mae", 1.0, "er", 5.0)
     peak = tr.cfg.optim.blr * tr.G / 256
     assert tr._lr(er, 0) == pytest.approx(5 * peak) and tr._lr(mae, 0) == pytest.approx(peak)
@@ -135,7 +137,7 @@ def test_dualnet_fast_learner_is_the_feature_wise_transformation_of_slow_feature
         z = F.relu(norm(lin(z))) * h
     want = model.head(z.mean(1))
     torch.testing.assert_close(m.fast_classify(model, x), want)
-    torch.testing.assert_close(m.eval_model(tr).classify(x), want)     # evaluation: fast path
+    torch.testing.assert_close(m.eval_model(tr.step_context(0)).classify(x), want)     # evaluation: fast path
     # the last slow map is the encoder's final-norm output: the slow representation
     torch.testing.assert_close(hs[-1].mean(1), model.forward_features(x))
 
@@ -197,8 +199,8 @@ def test_ccic_contrasts_unlabeled_with_past_steps_from_step_one():
     tr = opened("ccic", t=0)
     m, model = tr.method, tr.model
     assert m.buffer_insertion == "after"
-    ph0, = m.phases(0, 10)
-    ph1, = m.phases(1, 10)
+    ph0, = m.phases(dataclasses.replace(tr.step_context(0), budget=10))
+    ph1, = m.phases(dataclasses.replace(tr.step_context(1), budget=10))
     assert ph0.extra == [("unlabeled", "classify", 1, False)]   # step 0: forward-only labels
     assert ph1.extra == [("unlabeled", "classify", 1, True)]    # then fwd+bwd (contrastive)
     s = tr.spec

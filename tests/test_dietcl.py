@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dietcl_fast.config import Config
-from dietcl_fast.methods import MicroBatch, build_method
+from dietcl_fast.methods import MicroBatch, build_method, planning
 from dietcl_fast.trainer import Trainer, cosine_lr
 
 PY = sys.executable
@@ -30,26 +30,26 @@ def dietcl(**method):
 # ---------------------------------------------------------------- phase plan
 def test_ratio_split_step0_all_joint_then_80_20():
     m, _ = dietcl(split="ratio:0.8")
-    p0 = m.phases(0, 50)
+    p0 = m.phases(planning(0, 50))
     assert [(p.name, p.steps) for p in p0] == [("joint", 50)]
     assert p0[0].mix == {"unlabeled": 0.4, "labeled": 0.6}          # no buffer at step 0
-    p1 = m.phases(1, 50)
+    p1 = m.phases(planning(1, 50))
     assert [(p.name, p.steps) for p in p1] == [("joint", 40), ("buffer", 10)]
     assert p1[0].mix == pytest.approx({"unlabeled": 0.4, "labeled": 0.3, "buffer": 0.3})
     assert p1[1].mix == {"buffer": 1.0}
     # round(7 x 0.8) = round(5.6) = 6 joint steps, 1 buffer-only
-    assert [p.steps for p in m.phases(3, 7)] == [6, 1]
+    assert [p.steps for p in m.phases(planning(3, 7))] == [6, 1]
     m1, _ = dietcl(split="ratio:1.0")
-    assert [(p.name, p.steps) for p in m1.phases(2, 50)] == [("joint", 50)]
+    assert [(p.name, p.steps) for p in m1.phases(planning(2, 50))] == [("joint", 50)]
 
 
 def test_threshold_split():
     m, _ = dietcl(split="threshold:30")
-    assert [(p.name, p.steps) for p in m.phases(0, 50)] == [("joint", 50)]   # step 0: all joint
-    assert [(p.name, p.steps) for p in m.phases(1, 50)] == [("joint", 30), ("buffer", 20)]
-    assert [(p.name, p.steps) for p in m.phases(1, 20)] == [("joint", 20)]   # B <= threshold
+    assert [(p.name, p.steps) for p in m.phases(planning(0, 50))] == [("joint", 50)]   # step 0: all joint
+    assert [(p.name, p.steps) for p in m.phases(planning(1, 50))] == [("joint", 30), ("buffer", 20)]
+    assert [(p.name, p.steps) for p in m.phases(planning(1, 20))] == [("joint", 20)]   # B <= threshold
     m0, _ = dietcl(split="threshold:0")
-    assert [(p.name, p.steps) for p in m0.phases(1, 5)] == [("buffer", 5)]
+    assert [(p.name, p.steps) for p in m0.phases(planning(1, 5))] == [("buffer", 5)]
     for bad in ("ratio:1.5", "threshold:2.5", "threshold:-1", "half", "ratio:x"):
         with pytest.raises(ValueError, match="--split"):
             dietcl(split=bad)
@@ -57,14 +57,14 @@ def test_threshold_split():
 
 def test_auto_split_needs_the_chosen_threshold_and_keeps_it_in_its_state():
     m, _ = dietcl(split="auto")
-    assert [p.steps for p in m.phases(0, 10)] == [10]        # step 0 needs no threshold
+    assert [p.steps for p in m.phases(planning(0, 10))] == [10]        # step 0 needs no threshold
     with pytest.raises(RuntimeError, match="split auto"):
-        m.phases(1, 10)
+        m.phases(planning(1, 10))
     m.set_threshold(7)
-    assert [p.steps for p in m.phases(1, 10)] == [7, 3]
+    assert [p.steps for p in m.phases(planning(1, 10))] == [7, 3]
     m2, _ = dietcl(split="auto")
     m2.load_state_dict(m.state_dict())
-    assert [p.steps for p in m2.phases(1, 10)] == [7, 3]
+    assert [p.steps for p in m2.phases(planning(1, 10))] == [7, 3]
 
 
 @pytest.mark.parametrize("G, counts", [
@@ -75,10 +75,10 @@ def test_auto_split_needs_the_chosen_threshold_and_keeps_it_in_its_state():
 ])
 def test_joint_mix_40_30_30_and_its_rounding(G, counts):
     m, _ = dietcl()
-    joint = m.phases(1, 10)[0]
+    joint = m.phases(planning(1, 10))[0]
     assert joint.counts(G) == counts
     assert sum(joint.counts(G).values()) == G
-    step0 = m.phases(0, 10)[0]
+    step0 = m.phases(planning(0, 10))[0]
     c0 = step0.counts(G)
     assert sum(c0.values()) == G and set(c0) == {"unlabeled", "labeled"}
 

@@ -100,12 +100,12 @@ def test_gdumb_retrains_from_scratch(tmp_path, flop_regions):
     init = build_model(tr.spec).state_dict()
     seen = {}
     tr2 = Trainer(tiny_cfg("gdumb", budget=2), log=lambda m: None)
-    orig = tr2.method.on_step_start
+    orig = tr2._reinitialise          # the trainer re-initialises GDumb's model at step start
 
-    def spy(t, trainer):
-        orig(t, trainer)
-        seen[t] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    tr2.method.on_step_start = spy
+    def spy(t):
+        orig(t)
+        seen[t] = {k: v.clone() for k, v in tr2.model.state_dict().items()}
+    tr2._reinitialise = spy
     tr2.run(str(tmp_path / "b"))
     for k, v in init.items():
         if not k.startswith("head."):
@@ -143,9 +143,9 @@ def test_l2p_selects_prompts_by_key_similarity_and_freezes_encoder(tmp_path):
 def test_cassle_charges_two_views_and_the_teacher(tmp_path, flop_regions):
     tr, res, _ = run_counted(tmp_path, flop_regions, "cassle", budget=4)
     per = res["ledger"]["per_path"]
-    ssl_steps = [p for p in tr.method.phases(1, 4) if p.name == "ssl"][0].steps
+    ssl_steps = [p for p in tr.method.phases(tr.step_context(1)) if p.name == "ssl"][0].steps
     # step 0: ssl steps at G images x 2 views; step 1 the same, plus the teacher on both views
-    s0 = [p for p in tr.method.phases(0, 4) if p.name == "ssl"][0].steps
+    s0 = [p for p in tr.method.phases(tr.step_context(0)) if p.name == "ssl"][0].steps
     assert per["cassle_ssl"]["images_fwd_bwd"] == 2 * 16 * (s0 + ssl_steps)
     assert per["teacher"]["images_fwd"] == 2 * 16 * ssl_steps
     assert s0 == 1 and ssl_steps == 1          # 0.8 x 4 units at 2 (+2/3) units per step
@@ -194,7 +194,7 @@ def test_joint_epoch_covers_every_unlabeled_image(tmp_path):
     cfg = tiny_cfg("joint")
     m = build_method(cfg)
     tr = Trainer(cfg, log=lambda m: None)
-    ids = m.source_ids(1, tr)["unlabeled"]
+    ids = m.source_ids(tr.step_context(1))["unlabeled"]
     s = EpochSampler(ids, 0, (1, 0, 0))
     drawn = s.draw(0, len(ids))
     assert sorted(drawn.tolist()) == sorted(ids.tolist())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .base import SOURCES, MicroBatch, Method, Phase
+from .context import ImportancePass, StepContext, planning
 
 METHODS: dict[str, type] = {}
 
@@ -21,4 +22,5 @@ def build_method(cfg) -> Method:
 from . import (ccic, cassle, dietcl, dualnet, er, ewc, finetune, gdumb, joint, l2p,  # noqa: E402,F401
                mas, pretrain_ft)  # (registration)
 
-__all__ = ["METHODS", "register", "build_method", "Method", "Phase", "MicroBatch", "SOURCES"]
+__all__ = ["METHODS", "register", "build_method", "Method", "Phase", "MicroBatch", "SOURCES",
+           "StepContext", "ImportancePass", "planning"]

@@ -1,5 +1,8 @@
 """What a method is: it plans phases (how a time step's budget is spent and on which sources)
 and turns a micro-batch into a loss. It never loops, loads, saves or charges: the trainer does.
+Every hook receives a `StepContext` (methods/context.py), a read-only view of the time step;
+passes beyond the training phases (importance estimates) and model re-initialisations are
+declared by the method; the trainer runs and charges them.
 
 Sources a phase may draw from:
   `unlabeled` - current step's unlabeled ids      (ledger path `mae` unless the method says)
@@ -12,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
+
+from .context import ImportancePass, StepContext
 
 SOURCES = ("unlabeled", "labeled", "buffer")
 
@@ -127,33 +132,35 @@ class Method:
     # True: `labeled` images must be of the time step's classes (the loss masks logits to them);
     # the trainer checks it on the host, before the labels are copied to the device
     labeled_in_step = False
+    # True: at the start of every time step the trainer re-initialises the model to the run's
+    # initial weights (seeded build; --pretrained reloaded) with the head grown to the seen
+    # classes (GDumb: retrain from scratch)
+    reinitialise = False
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.mcfg = cfg.method
-        self.G = cfg.run.batch_size or 1024     # the trainer sets the resolved global batch
-        self.units_for = None                   # the trainer binds ledger.units_for here
-        self.granule = 1                        # the trainer sets: micro-batches per global batch
 
     # -- planning --------------------------------------------------------------------------
-    def phases(self, t: int, budget: int) -> list[Phase]:
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        """The phases of time step ctx.t within ctx.budget units."""
         raise NotImplementedError
 
-    def fit(self, phase: Phase, units: float) -> Phase:
+    def fit(self, phase: Phase, units: float, ctx: StepContext) -> Phase:
         """Set phase.steps to the most whole iterations whose charges fit in `units`."""
-        per = phase.iteration_units(self.G, self.units_for, self.paths, granule=self.granule)
+        per = phase.iteration_units(ctx.global_batch, ctx.units, self.paths, granule=ctx.granule)
         phase.steps = max(0, int(units / per + 1e-9))
         return phase
 
-    def step_budget(self, t: int, time_steps: int, budget: int) -> float:
+    def step_budget(self, ctx: StepContext) -> float:
         """Units opened in the ledger for time step t (every method but `joint`: the budget)."""
-        return float(budget)
+        return float(ctx.budget)
 
-    def reserve_units(self, t: int, budget: int) -> float:
-        """Units of step t kept for passes charged in on_step_end (importance estimates)."""
+    def reserve_units(self, ctx: StepContext) -> float:
+        """Units of step t kept for the importance pass (see `importance_pass`)."""
         return 0.0
 
-    def source_ids(self, t: int, trainer) -> dict:
+    def source_ids(self, ctx: StepContext) -> dict:
         """Override the ids a phase draws for `unlabeled` / `labeled` (default: step t's)."""
         return {}
 
@@ -162,24 +169,32 @@ class Method:
         """Add method modules (projectors, prompts) to the model, so that the optimiser and the
         checkpoint see them; called once after the model is built, also on a meta-device copy."""
 
-    def register_paths(self, trainer, num_classes: int) -> None:
-        """Register the ledger paths this method charges beyond `classify` and `mae`."""
+    def extra_paths(self, ctx: StepContext) -> dict[str, tuple[int, int]]:
+        """Ledger paths this method charges beyond `classify` and `mae`: {path: (forward FLOPs,
+        forward+backward FLOPs) per image} (exact counts: `measure_path`); the trainer
+        registers them when step ctx.t opens."""
+        return {}
 
     # -- losses ----------------------------------------------------------------------------
     def loss(self, model, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
     # -- hooks & state ---------------------------------------------------------------------
-    def on_step_start(self, t: int, trainer) -> None:
-        pass
+    def on_step_start(self, ctx: StepContext) -> None:
+        """Step ctx.t is open (head grown, budget opened); before its training."""
 
-    def eval_model(self, trainer):
+    def eval_model(self, ctx: StepContext):
         """What evaluation classifies with (`.classify(x) -> scores`, `.eval()`, `.train()`);
         default the trained model itself."""
-        return trainer.model
+        return ctx.model
 
-    def on_step_end(self, t: int, trainer) -> None:
-        pass
+    def importance_pass(self, ctx: StepContext) -> Optional[ImportancePass]:
+        """An importance estimate the trainer runs and charges after step ctx.t's training and
+        evaluation, within the units `reserve_units` kept (None: no pass)."""
+        return None
+
+    def on_step_end(self, ctx: StepContext) -> None:
+        """After step ctx.t's training, evaluation and importance pass."""
 
     def state_dict(self) -> dict:
         return {}
@@ -258,18 +273,18 @@ def remap_to_subset(y: torch.Tensor, subset: torch.Tensor, num_seen: int) -> tor
     return out
 
 
-def measure_path(trainer, method: Method, num_classes: int, fn, n: int = 2,
+def measure_path(ctx: StepContext, method: Method, fn, n: int = 2,
                  backward: bool = True) -> tuple[int, int]:
     """Exact per-image FLOPs (forward, forward+backward) of `fn(model, n) -> loss`, counted by
-    FlopCounterMode on a meta-device copy of the model (no compute, attention as plain matmuls:
-    the ledger's convention). fn's FLOPs must be linear in n. backward=False: a forward-only
-    pass, registered with fwd_bwd = 3 x fwd (what a training pass of it would cost), so a
-    forward-only charge costs a third of a unit per global batch."""
+    FlopCounterMode on a meta-device copy of the model (ctx.spec, ctx.num_classes head rows; no
+    compute, attention as plain matmuls: the ledger's convention). fn's FLOPs must be linear in
+    n. backward=False: a forward-only pass, registered with fwd_bwd = 3 x fwd (what a training
+    pass of it would cost), so a forward-only charge costs a third of a unit per global batch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dietcl_fast.models import build_model, set_fused_attention
     with torch.device("meta"):
-        m = build_model(trainer.spec, num_classes)
+        m = build_model(ctx.spec, ctx.num_classes)
         method.setup_model(m)
     set_fused_attention(m, False)
     with FlopCounterMode(display=False) as fc:
@@ -283,6 +298,7 @@ def measure_path(trainer, method: Method, num_classes: int, fn, n: int = 2,
     return fwd // n, fc.get_total_flops() // n
 
 
-def meta_images(trainer, n: int) -> torch.Tensor:
-    s = trainer.spec
+def meta_images(ctx: StepContext, n: int) -> torch.Tensor:
+    """n images of the model's input shape on the meta device: [n, C, S, S]."""
+    s = ctx.spec
     return torch.empty(n, s.in_chans, s.img_size, s.img_size, device="meta")

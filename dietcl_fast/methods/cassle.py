@@ -26,7 +26,7 @@ import copy
 import torch
 
 from . import register
-from .base import Method, MicroBatch, Phase, measure_path, meta_images
+from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
 from .ssl import Projector, barlow_twins
 
 
@@ -67,37 +67,36 @@ class CaSSLe(Method):
             f = model.forward_features(x)
         return model.head(f)
 
-    def register_paths(self, trainer, num_classes: int) -> None:
-        self.t = trainer.pos.t
+    def extra_paths(self, ctx: StepContext) -> dict:
+        self.t = ctx.t
         distill = self.t > 0
-        P = self.proj_dim or 2 * trainer.spec.embed_dim
+        P = self.proj_dim or 2 * ctx.spec.embed_dim
 
         def ssl(m, n):  # n images = n/2 pairs of views
             h = n // 2
-            x = meta_images(trainer, h)
+            x = meta_images(ctx, h)
             t = torch.empty(h, P, device="meta") if distill else None
             return self.ssl_loss(m, x, x, t, t)
 
-        trainer.ledger.register_path("cassle_ssl", *measure_path(trainer, self, num_classes, ssl, n=4))
-        trainer.ledger.register_path("teacher", *measure_path(
-            trainer, self, num_classes, lambda m, n: self.embed(m, meta_images(trainer, n)),
-            backward=False))
+        out = {"cassle_ssl": measure_path(ctx, self, ssl, n=4),
+               "teacher": measure_path(ctx, self, lambda m, n: self.embed(m, meta_images(ctx, n)),
+                                       backward=False)}
         # probe: forward FLOPs = what runs (no-grad encoder forward, head forward + backward);
         # fwd_bwd = a full training pass of the classifier, so a forward-only charge costs
         # images / G x (what runs / a full pass) units
-        _, runs = measure_path(trainer, self, num_classes,
-                               lambda m, n: self.probe_logits(m, meta_images(trainer, n)).sum())
-        _, full = measure_path(trainer, self, num_classes,
-                               lambda m, n: m.classify(meta_images(trainer, n)).sum())
-        trainer.ledger.register_path("probe", runs, full)
+        _, runs = measure_path(ctx, self, lambda m, n: self.probe_logits(m, meta_images(ctx, n)).sum())
+        _, full = measure_path(ctx, self, lambda m, n: m.classify(meta_images(ctx, n)).sum())
+        out["probe"] = (runs, full)
+        return out
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        t, budget = ctx.t, ctx.budget
         extra = [("unlabeled", "teacher", 2, False)] if t > 0 else []
         ssl = self.fit(Phase("ssl", 0, {"unlabeled": 1.0}, views={"unlabeled": 2}, extra=extra),
-                       self.ssl_fraction * budget)
-        used = ssl.planned_units(self.G, self.units_for, self.paths)
+                       self.ssl_fraction * budget, ctx)
+        used = ssl.planned_units(ctx.global_batch, ctx.units, self.paths)
         mix = {"labeled": 1.0} if t == 0 else {"labeled": 0.5, "buffer": 0.5}
-        ft = self.fit(Phase("probe", 0, mix, forward_only=tuple(mix)), budget - used)
+        ft = self.fit(Phase("probe", 0, mix, forward_only=tuple(mix)), budget - used, ctx)
         return [p for p in (ssl, ft) if p.steps]
 
     def loss(self, model, mb: MicroBatch):
@@ -131,8 +130,8 @@ class CaSSLe(Method):
             self.teacher.requires_grad_(False)
         return self.teacher
 
-    def on_step_end(self, t: int, trainer) -> None:
-        self.teacher = copy.deepcopy(trainer.model)
+    def on_step_end(self, ctx: StepContext) -> None:
+        self.teacher = copy.deepcopy(ctx.model)
         self.teacher.requires_grad_(False)
         self._teacher_state = None
 

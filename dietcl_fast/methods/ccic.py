@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import register
-from .base import Method, MicroBatch, Phase, measure_path, meta_images
+from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
 from .ssl import Projector, supcon
 
 
@@ -111,25 +111,25 @@ class CCIC(Method):
         con = supcon(model.ssl_proj(f), yy, self.temp)
         return ce, con, f
 
-    def register_paths(self, trainer, num_classes: int) -> None:
-        m_planned = max(1, round(self.G * 0.5 / trainer.accum))   # labeled images per micro-batch
+    def extra_paths(self, ctx: StepContext) -> dict:
+        m_planned = max(1, round(ctx.global_batch * 0.5 / ctx.accum))   # labeled per micro-batch
 
         def sup(m, n):      # n images = two views of n/2
-            x = meta_images(trainer, n // 2)
+            x = meta_images(ctx, n // 2)
             y = torch.zeros(n // 2, dtype=torch.long, device="meta")
             ce, con, _ = self.sup_loss(m, x, x, y, 1)
             return ce + con
 
-        trainer.ledger.register_path("ccic_sup", *measure_path(trainer, self, num_classes, sup,
-                                                               n=2 * m_planned))
+        return {"ccic_sup": measure_path(ctx, self, sup, n=2 * m_planned)}
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        t, budget = ctx.t, ctx.budget
         mix = {"labeled": 0.5, "unlabeled": 0.5} if t == 0 else \
             {"labeled": 0.25, "buffer": 0.25, "unlabeled": 0.5}
         # the pseudo-label pass: forward-only at step 0, forward+backward once its features
         # feed the contrastive term against the past (t > 0)
         ph = self.fit(Phase("ccic", 0, mix, views={"labeled": 2, "buffer": 2},
-                            extra=[("unlabeled", "classify", 1, t > 0)]), budget)
+                            extra=[("unlabeled", "classify", 1, t > 0)]), budget, ctx)
         return [ph] if ph.steps else []
 
     def loss(self, model, mb: MicroBatch):
@@ -175,19 +175,13 @@ class CCIC(Method):
 
     # -- test time: kNN over the memory -------------------------------------------------------
     @torch.no_grad()
-    def eval_model(self, trainer):
-        steps = trainer.stream.steps[:trainer.pos.t + 1]
+    def eval_model(self, ctx: StepContext):
+        steps = ctx.stream.steps[:ctx.t + 1]
         ids = np.concatenate([s.labeled_ids for s in steps])
         labels = np.concatenate([s.labeled_labels for s in steps])
-        model = trainer.model
+        model = ctx.model
         model.eval()
-        feats = []
-        bs = trainer.cfg.run.eval_batch_size
-        for s in range(0, len(ids), bs):
-            x = trainer.loader.batch(ids[s:s + bs], "eval")
-            with trainer.engine.autocast():
-                feats.append(model.forward_features(x).float())
+        feats = ctx.eval_map(ids, lambda x: model.forward_features(x).float())
         model.train()
         y = torch.as_tensor(labels, dtype=torch.long, device=feats[0].device)
-        return KNNClassifier(model, torch.cat(feats), y, trainer.stream.num_seen_classes(trainer.pos.t),
-                             self.knn)
+        return KNNClassifier(model, torch.cat(feats), y, ctx.stream.num_seen_classes(ctx.t), self.knn)

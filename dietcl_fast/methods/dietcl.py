@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import Method, MicroBatch, Phase, remap_to_subset
+from .base import Method, MicroBatch, Phase, remap_to_subset, StepContext
 
 
 def _loss_static_impl(self, model, mb: MicroBatch):
@@ -125,7 +125,8 @@ class DietCL(Method):
 
     _loss_static = _loss_static_impl
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        t, budget = ctx.t, ctx.budget
         u = self.mcfg.unlabeled_fraction
         joint = self.joint_steps(t, budget)
         out = []

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..seeding import DUALNET_SLOW, derive_seed
 from . import register
-from .base import Method, MicroBatch, Phase, measure_path, meta_images
+from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
 from .ssl import Projector, barlow_twins
 
 
@@ -134,32 +134,33 @@ class DualNet(Method):
         return barlow_twins(model.ssl_proj(pooled_slow(model, v1)),
                             model.ssl_proj(pooled_slow(model, v2)), self.lambd)
 
-    def register_paths(self, trainer, num_classes: int) -> None:
+    def extra_paths(self, ctx: StepContext) -> dict:
         def ssl(m, n):
-            x = meta_images(trainer, n // 2)
+            x = meta_images(ctx, n // 2)
             return self.ssl_loss(m, x, x)
 
-        trainer.ledger.register_path("dualnet_ssl", *measure_path(trainer, self, num_classes, ssl, n=4))
-        fwd, runs = measure_path(trainer, self, num_classes,
-                                 lambda m, n: self.fast_classify(m, meta_images(trainer, n)).sum())
+        out = {"dualnet_ssl": measure_path(ctx, self, ssl, n=4)}
+        fwd, runs = measure_path(ctx, self, lambda m, n: self.fast_classify(m, meta_images(ctx, n)).sum())
         if self.slow_supervised:
-            trainer.ledger.register_path("dualnet_fast", fwd, runs)
+            out["dualnet_fast"] = (fwd, runs)
         else:   # encoder forward-only: charged forward-only at what runs / a full pass
             sv, self.slow_supervised = self.slow_supervised, True
-            _, full = measure_path(trainer, self, num_classes,
-                                   lambda m, n: self.fast_classify(m, meta_images(trainer, n)).sum())
+            _, full = measure_path(ctx, self,
+                                   lambda m, n: self.fast_classify(m, meta_images(ctx, n)).sum())
             self.slow_supervised = sv
-            trainer.ledger.register_path("dualnet_fast", runs, full)
+            out["dualnet_fast"] = (runs, full)
+        return out
 
-    def eval_model(self, trainer):
-        return _FastClassifier(self, trainer.model)
+    def eval_model(self, ctx: StepContext):
+        return _FastClassifier(self, ctx.model)
 
     # -- planning --------------------------------------------------------------------------
     def slow_iteration(self, t: int, it: int) -> bool:
         u = np.random.default_rng(derive_seed(self.cfg.run.seed, t, it, DUALNET_SLOW)).random()
         return u < self.threshold
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        t, budget = ctx.t, ctx.budget
         sup = {"labeled": 1.0} if t == 0 else {"labeled": 0.5, "buffer": 0.5}
         ssl = {"unlabeled": 1.0}
 
@@ -171,7 +172,7 @@ class DualNet(Method):
                    forward_only=() if self.slow_supervised else tuple(sup))
         spent, steps = 0.0, 0
         while True:
-            u = ph.iteration_units(self.G, self.units_for, self.paths, steps)
+            u = ph.iteration_units(ctx.global_batch, ctx.units, self.paths, steps)
             if spent + u > budget + 1e-9:
                 break
             spent, steps = spent + u, steps + 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 
 from . import register
-from .base import Method, MicroBatch, Phase
+from .base import Method, MicroBatch, Phase, StepContext
 
 
 @register
@@ -20,7 +20,8 @@ class ER(Method):
     buffer_insertion = "after"
     static_shapes = True
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        t, budget = ctx.t, ctx.budget
         mix = {"labeled": 1.0} if t == 0 else {"labeled": 0.5, "buffer": 0.5}
         return [Phase("replay", budget, mix)]
 

@@ -9,8 +9,9 @@ empirical Fisher), computed with per-sample gradients (torch.func vmap + grad) o
 gradients before squaring and so underestimates F.
 Adaptations (budget): no replay (EWC is the regularisation baseline); at most
 `importance_budget` (default 10%) of the step's budget is reserved for the Fisher, so it uses
-min(labeled, that many) images. Every importance pass is a forward+backward on `classify`,
-charged BEFORE it runs, in the step's budget (the training phase gets the rest). Head rows
+min(labeled, that many) images. The pass is declared (`importance_pass`) and run by the trainer,
+which charges every chunk's forward+backward on `classify` BEFORE it runs, in the step's budget
+(the training phase gets the rest). Head rows
 added later are not penalised.
 Options (config method.ewc, flags --ewc-*): lambda_ (default 100), gamma (1.0),
 importance_batch (16), importance_budget (0.1).
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from ..seeding import IMPORTANCE_IMAGES, derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase
+from .context import ImportancePass, StepContext
 
 
 @register
@@ -37,22 +39,19 @@ class EWC(Method):
         self.imp_batch, self.imp_budget = o.importance_batch, o.importance_budget
         self.importance: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
-        self.stream = None
 
     # -- budget ----------------------------------------------------------------------------
-    def register_paths(self, trainer, num_classes: int) -> None:
-        self.stream = trainer.stream
+    def importance_images(self, ctx: StepContext) -> int:
+        n = ctx.stream.steps[ctx.t].num_labeled
+        return min(n, int(self.imp_budget * ctx.budget * ctx.global_batch))
 
-    def importance_images(self, t: int, budget: int) -> int:
-        n = self.stream.steps[t].num_labeled
-        return min(n, int(self.imp_budget * budget * self.G))
+    def reserve_units(self, ctx: StepContext) -> float:
+        n = self.importance_images(ctx)
+        return ctx.units("classify", n, True) if n else 0.0
 
-    def reserve_units(self, t: int, budget: int) -> float:
-        n = self.importance_images(t, budget)
-        return self.units_for("classify", n, True) if n else 0.0
-
-    def phases(self, t: int, budget: int) -> list[Phase]:
-        ph = self.fit(Phase("finetune", 0, {"labeled": 1.0}), budget - self.reserve_units(t, budget))
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        ph = self.fit(Phase("finetune", 0, {"labeled": 1.0}), ctx.budget - self.reserve_units(ctx),
+                      ctx)
         return [ph] if ph.steps else []
 
     # -- loss ------------------------------------------------------------------------------
@@ -115,35 +114,37 @@ class EWC(Method):
                     mod.fused_attn = f
         return {k: self.transform_grad(v.float()).sum(0) for k, v in g.items()}
 
-    def on_step_end(self, t: int, trainer) -> None:
-        n = self.importance_images(t, trainer.budget)
+    def importance_pass(self, ctx: StepContext):
+        """The Fisher (MAS: output-norm) pass over min(labeled, reserved) of step t's labeled
+        images, drawn without replacement from the seed; the trainer charges, loads and runs
+        it (see ImportancePass), then `finish` folds it into the accumulated importance and
+        re-anchors the weights."""
+        n = self.importance_images(ctx)
         if n == 0:
-            return
-        step = trainer.stream.steps[t]
-        rng = np.random.default_rng(derive_seed(trainer.cfg.run.seed, t, IMPORTANCE_IMAGES))
+            return None
+        step = ctx.stream.steps[ctx.t]
+        rng = np.random.default_rng(derive_seed(ctx.seed, ctx.t, IMPORTANCE_IMAGES))
         ids = np.sort(rng.choice(step.labeled_ids, size=n, replace=False))
-        model = trainer.model
+        model = ctx.model
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
         new = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in named}
-        for s in range(0, n, self.imp_batch):
-            chunk = ids[s:s + self.imp_batch]
-            trainer.ledger.charge("classify", len(chunk), True)     # before the pass
-            x = trainer.loader.batch(chunk, "eval")
-            y = torch.as_tensor(trainer.stream.labels_of(chunk), dtype=torch.long, device=x.device)
-            with trainer.train_region():
-                with trainer.engine.autocast():
-                    part = self.importance_sum(model, named, x, y)
-            for k, g in part.items():
+
+        def accumulate(x, y):
+            for k, g in self.importance_sum(model, named, x, y).items():
                 new[k] += g / n
-        for k, p in named:
-            old = self.importance.get(k)
-            imp = new[k]
-            if old is not None:
-                sl = tuple(slice(0, s) for s in old.shape)
-                imp = imp.clone()
-                imp[sl] += self.gamma * old.to(imp.device)
-            self.importance[k] = imp
-            self.anchor[k] = p.detach().float().clone()
+
+        def finish():
+            for k, p in named:
+                old = self.importance.get(k)
+                imp = new[k]
+                if old is not None:
+                    sl = tuple(slice(0, s) for s in old.shape)
+                    imp = imp.clone()
+                    imp[sl] += self.gamma * old.to(imp.device)
+                self.importance[k] = imp
+                self.anchor[k] = p.detach().float().clone()
+
+        return ImportancePass(ids=ids, chunk=self.imp_batch, accumulate=accumulate, finish=finish)
 
     def state_dict(self) -> dict:
         return {"importance": {k: v.cpu() for k, v in self.importance.items()},

@@ -3,15 +3,15 @@ data); cross-entropy over all seen classes. The lower bound that shows forgettin
 from __future__ import annotations
 
 from . import register
-from .base import Method, MicroBatch, Phase
+from .base import Method, MicroBatch, Phase, StepContext
 
 
 @register
 class Finetune(Method):
     name = "finetune"
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
-        return [Phase("finetune", budget, {"labeled": 1.0})]
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        return [Phase("finetune", ctx.budget, {"labeled": 1.0})]
 
     def loss(self, model, mb: MicroBatch):
         x, tgt = self.mix(mb.x["labeled"], mb.y["labeled"], mb.num_seen, mb.generator)

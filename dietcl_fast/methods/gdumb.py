@@ -9,21 +9,23 @@ storage is not the constraint, compute is (the paper sizes the memory to the ben
 replay budget).
 Adaptations (budget): the retraining from scratch gets the step's budget (the paper trains to
 convergence on the memory). "From scratch" = the initial weights of the run (a seeded re-build; with
---pretrained the MAE checkpoint is reloaded). CE over all seen classes.
+--pretrained the MAE checkpoint is reloaded), done by the trainer (`reinitialise`). CE over all
+seen classes.
 """
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from ..seeding import GDUMB_MEMORY, HEAD_INIT, derive_seed
+from ..seeding import GDUMB_MEMORY, derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase
+from .context import StepContext
 
 
 @register
 class GDumb(Method):
     name = "gdumb"
+    reinitialise = True          # the trainer re-initialises the model at every step's start
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -46,26 +48,17 @@ class GDumb(Method):
     def memory_ids(self) -> np.ndarray:
         return np.array(sorted(i for v in self.memory.values() for i in v), dtype=np.int64)
 
-    def on_step_start(self, t: int, trainer) -> None:
-        step = trainer.stream.steps[t]
+    def on_step_start(self, ctx: StepContext) -> None:
+        step = ctx.stream.steps[ctx.t]
         self.add(step.labeled_ids, step.labeled_labels,
-                 np.random.default_rng(derive_seed(trainer.cfg.run.seed, t, GDUMB_MEMORY)))
-        # retrain from scratch: the run's initial weights (seed), head grown to the seen classes
-        from ..models import build_model, load_mae_checkpoint
-        torch.manual_seed(trainer.cfg.run.seed)
-        fresh = build_model(trainer.spec, head_capacity=trainer.model.head.capacity)
-        if trainer.cfg.model.pretrained:
-            load_mae_checkpoint(fresh, trainer.cfg.model.pretrained)
-        torch.manual_seed(derive_seed(trainer.cfg.run.seed, t, HEAD_INIT))
-        fresh.grow_head(trainer.model.num_classes)
-        trainer.model.load_state_dict(fresh.state_dict())
-        self.reinits += 1
+                 np.random.default_rng(derive_seed(ctx.seed, ctx.t, GDUMB_MEMORY)))
+        self.reinits += 1       # the trainer re-initialises the model next (`reinitialise`)
 
-    def source_ids(self, t: int, trainer) -> dict:
+    def source_ids(self, ctx: StepContext) -> dict:
         return {"labeled": self.memory_ids()}
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
-        return [Phase("memory", budget, {"labeled": 1.0})]
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        return [Phase("memory", ctx.budget, {"labeled": 1.0})]
 
     def loss(self, model, mb: MicroBatch):
         x, tgt = self.mix(mb.x["labeled"], mb.y["labeled"], mb.num_seen, mb.generator)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import register
-from .base import MicroBatch, Phase
+from .base import MicroBatch, Phase, StepContext
 from .pretrain_ft import PretrainFT
 
 
@@ -21,23 +21,19 @@ from .pretrain_ft import PretrainFT
 class Joint(PretrainFT):
     name = "joint"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.T = cfg.stream.time_steps
+    def step_budget(self, ctx: StepContext) -> float:
+        T = ctx.time_steps
+        return float(T * ctx.budget) if ctx.t == T - 1 else 0.0
 
-    def step_budget(self, t: int, time_steps: int, budget: int) -> float:
-        self.T = time_steps
-        return float(time_steps * budget) if t == time_steps - 1 else 0.0
-
-    def source_ids(self, t: int, trainer) -> dict:
-        steps = trainer.stream.steps
+    def source_ids(self, ctx: StepContext) -> dict:
+        steps = ctx.stream.steps
         return {"unlabeled": np.concatenate([s.unlabeled_ids for s in steps]),
                 "labeled": np.concatenate([s.labeled_ids for s in steps])}
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
-        if t < self.T - 1:
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        if ctx.t < ctx.time_steps - 1:
             return []
-        total = self.T * budget
+        total = ctx.time_steps * ctx.budget
         pre = int(round(self.mcfg.joint.pretrain_fraction * total))
         out = [Phase("mae", pre, {"unlabeled": 1.0}), Phase("finetune", total - pre, {"labeled": 1.0})]
         return [p for p in out if p.steps]

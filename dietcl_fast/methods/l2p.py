@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register
-from .base import Method, MicroBatch, Phase, measure_path, meta_images
+from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
 
 
 class PromptPool(nn.Module):
@@ -74,23 +74,23 @@ class L2P(Method):
             p.requires_grad_(True)
         model.forward_features = types.MethodType(lambda m, x: prompted_features(m, x)[0], model)
 
-    def register_paths(self, trainer, num_classes: int) -> None:
-        D = trainer.spec.embed_dim
+    def extra_paths(self, ctx: StepContext) -> dict:
+        D = ctx.spec.embed_dim
 
         def train_pass(m, n):
             q = torch.empty(n, D, device="meta")
             for p in m.head.parameters():         # the real head grows with requires_grad on
                 p.requires_grad_(True)
-            feat, sim = prompted_features(m, meta_images(trainer, n), q)
+            feat, sim = prompted_features(m, meta_images(ctx, n), q)
             return m.head(feat).sum() + sim.sum()
 
-        trainer.ledger.register_path("l2p", *measure_path(trainer, self, num_classes, train_pass))
-        trainer.ledger.register_path("l2p_query", *measure_path(
-            trainer, self, num_classes, lambda m, n: query(m, meta_images(trainer, n)), backward=False))
+        return {"l2p": measure_path(ctx, self, train_pass),
+                "l2p_query": measure_path(ctx, self, lambda m, n: query(m, meta_images(ctx, n)),
+                                          backward=False)}
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
+    def phases(self, ctx: StepContext) -> list[Phase]:
         ph = self.fit(Phase("replay", 0, {"buffer": 1.0}, extra=[("buffer", "l2p_query", 1, False)]),
-                      budget)
+                      ctx.budget, ctx)
         return [ph] if ph.steps else []
 
     def loss(self, model, mb: MicroBatch):

@@ -11,7 +11,7 @@ trainer's `cosine_lr`).
 from __future__ import annotations
 
 from . import register
-from .base import MicroBatch, Phase
+from .base import MicroBatch, Phase, StepContext
 from .er import ER
 
 
@@ -19,7 +19,8 @@ from .er import ER
 class PretrainFT(ER):
     name = "pretrain_ft"
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        t, budget = ctx.t, ctx.budget
         pre = int(round(self.mcfg.pretrain_ft.pretrain_fraction * budget))
         mix = {"labeled": 1.0} if t == 0 else {"labeled": 0.5, "buffer": 0.5}
         out = [Phase("mae", pre, {"unlabeled": 1.0}),
