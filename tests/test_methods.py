@@ -198,3 +198,76 @@ def test_joint_epoch_covers_every_unlabeled_image(tmp_path):
     s = EpochSampler(ids, 0, (1, 0, 0))
     drawn = s.draw(0, len(ids))
     assert sorted(drawn.tolist()) == sorted(ids.tolist())
+
+
+# ---------------------------------------------------------------- the method <-> trainer contract
+def test_methods_see_a_step_context_not_the_trainer():
+    """No method module reads the trainer: every hook takes a StepContext."""
+    import inspect
+
+    import dietcl_fast.methods as pkg
+    for cls in set(METHODS.values()):
+        src = inspect.getsource(inspect.getmodule(cls))
+        assert "trainer." not in src.replace("`base` trainer.", ""), cls.name
+        for hook in ("phases", "step_budget", "reserve_units", "source_ids", "extra_paths",
+                     "on_step_start", "eval_model", "importance_pass", "on_step_end"):
+            params = list(inspect.signature(getattr(cls, hook)).parameters)
+            assert params == ["self", "ctx"], (cls.name, hook, params)
+    assert "Trainer" not in inspect.getsource(pkg)
+
+
+def test_a_new_method_declares_its_importance_pass_and_reinit_the_trainer_runs_and_charges(
+        tmp_path, flop_regions):
+    """A method defined here (one class + the registry) declares a pass over step t's labeled
+    images and a re-initialisation; the trainer charges the pass before it runs (the counted
+    FLOPs equal the ledger's) within the step's budget, and re-initialises the model."""
+    from dietcl_fast.methods import ImportancePass, Phase, register
+    from dietcl_fast.methods.finetune import Finetune
+
+    calls = {"chunks": [], "finish": 0, "ctx": []}
+
+    class Probe(Finetune):
+        name = "test_probe_method"
+        reinitialise = True
+
+        def reserve_units(self, ctx):
+            return ctx.units("classify", 6, True)
+
+        def phases(self, ctx):
+            ph = self.fit(Phase("finetune", 0, {"labeled": 1.0}),
+                          ctx.budget - self.reserve_units(ctx), ctx)
+            return [ph]
+
+        def importance_pass(self, ctx):
+            calls["ctx"].append(ctx.t)
+            ids = ctx.stream.steps[ctx.t].labeled_ids[:6]
+            model = ctx.model
+
+            def accumulate(x, y):
+                calls["chunks"].append((x.shape[0], y.tolist()))
+                model.classify(x.float()).logsumexp(-1).sum().backward()
+
+            def finish():
+                calls["finish"] += 1
+                model.zero_grad(set_to_none=True)
+            return ImportancePass(ids=ids, chunk=4, accumulate=accumulate, finish=finish)
+
+    register(Probe)
+    try:
+        tr = Trainer(tiny_cfg("test_probe_method", budget=2), log=lambda m: None,
+                     train_region=flop_regions)
+        from dietcl_fast.models import set_fused_attention
+        set_fused_attention(tr.model, False)
+        reinit = []
+        orig = tr._reinitialise
+        tr._reinitialise = lambda t: (reinit.append(t), orig(t))
+        res = tr.run(str(tmp_path))
+    finally:
+        METHODS.pop("test_probe_method")
+    assert calls["ctx"] == [0, 1] and calls["finish"] == 2 and reinit == [0, 1]
+    assert [n for n, _ in calls["chunks"]] == [4, 2, 4, 2]
+    step0 = tr.stream.steps[0]
+    assert calls["chunks"][0][1] == list(tr.stream.labels_of(step0.labeled_ids[:4]))
+    led = res["ledger"]
+    assert flop_regions.total == pytest.approx(led["flops_total"], rel=5e-3)   # every pass charged
+    assert all(s <= b + 1e-9 for s, b in zip(led["steps_per_step"], led["budget_per_step"]))
