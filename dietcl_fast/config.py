@@ -613,9 +613,7 @@ def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> No
     configs still load: `method.options` (the free mapping the typed per-method sections
     replace) and whole numbers written as floats (budget: 500.0)."""
     if not isinstance(d, dict):
-        what = f"section {_prefix.rstrip('.')!r}" if _prefix else "expected a mapping of sections,"
-        raise ConfigError(f"{source}: {what} must be a mapping, got {type(d).__name__}"
-                          if _prefix else f"{source}: {what} got {type(d).__name__}")
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
     if _prefix == "method." and "options" in d:
         d = dict(d)
         legacy = _legacy_method_options(d.pop("options"), source)
@@ -633,8 +631,7 @@ def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> No
         cur = getattr(cfg, k)
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
-                raise ConfigError(f"{source}: section {_prefix}{k!r} must be a mapping"
-                                  if _prefix else f"{source}: section {k!r} must be a mapping")
+                raise ConfigError(f"{source}: section {_prefix + k!r} must be a mapping")
             apply_dict(cur, v, source=source, _prefix=f"{_prefix}{k}.")
         else:
             setattr(cfg, k, _coerce(v, cur, f"{_prefix}{k}", source))
