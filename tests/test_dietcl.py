@@ -17,6 +17,8 @@ from dietcl_fast.config import Config
 from dietcl_fast.methods import MicroBatch, build_method, planning
 from dietcl_fast.trainer import Trainer, cosine_lr
 
+from conftest import tiny_cfg as shared_tiny_cfg
+
 PY = sys.executable
 
 
@@ -94,19 +96,8 @@ def test_cosine_schedule_and_floor_rule():
 
 
 def tiny_cfg(**kw):
-    cfg = Config()
-    cfg.stream.time_steps = 2
-    cfg.stream.label_rate = 0.05
-    cfg.run.budget = 4
-    cfg.run.batch_size = 16
-    cfg.engine.micro_batch = 8
-    cfg.run.progress = False
-    cfg.run.eval_batch_size = 1024
-    cfg.method.split = "ratio:0.5"
-    for k, v in kw.items():
-        sec, key = k.split("__")
-        setattr(getattr(cfg, sec), key, v)
-    return cfg
+    """conftest's tiny run with 4 steps per time step split half and half (`section__field=v`)."""
+    return shared_tiny_cfg(budget=4, method__split="ratio:0.5", **kw)
 
 
 def test_buffer_phase_runs_at_a_tenth_of_the_lr_with_its_own_cosine(tmp_path):

@@ -1,31 +1,21 @@
-"""Every baseline (issue 7): runs a tiny stream on the CPU inside FlopCounterMode (attention as
+"""Every baseline: runs a tiny stream on the CPU inside FlopCounterMode (attention as
 plain matmuls) with the ledger equal to what was counted and never over budget; and each
 method's defining behaviour."""
 import numpy as np
 import pytest
 import torch
 
-from dietcl_fast.config import Config, apply_dict
 from dietcl_fast.methods import METHODS
 from dietcl_fast.trainer import Trainer
+
+from conftest import tiny_cfg as shared_tiny_cfg
 
 ALL = sorted(METHODS)
 
 
 def tiny_cfg(method, budget=3, **opts):
-    cfg = Config()
-    cfg.method.name = method
-    # opts: method options by the names older configs used (method.options), read through
-    # the config's own mapping onto the typed per-method sections
-    apply_dict(cfg, {"method": {"options": dict(opts)}}, source="test")
-    cfg.stream.time_steps = 2
-    cfg.stream.label_rate = 0.05
-    cfg.run.budget = budget
-    cfg.run.batch_size = 16
-    cfg.engine.micro_batch = 8
-    cfg.run.progress = False
-    cfg.run.eval_batch_size = 1024
-    return cfg
+    """conftest's tiny run; keyword arguments are the method's options."""
+    return shared_tiny_cfg(method, budget, options=opts)
 
 
 def run_counted(tmp_path, counter, method, budget=3, **opts):

@@ -7,25 +7,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dietcl_fast.config import Config
 from dietcl_fast.methods import METHODS
 from dietcl_fast.methods.base import Phase
 from dietcl_fast.trainer import Trainer
 
-
-def tiny_cfg(method="dietcl", budget=3, **run):
-    cfg = Config()
-    cfg.method.name = method
-    cfg.stream.time_steps = 2
-    cfg.stream.label_rate = 0.05
-    cfg.run.budget = budget
-    cfg.run.batch_size = run.pop("batch_size", 16)
-    cfg.engine.micro_batch = run.pop("micro_batch", 8)
-    cfg.run.progress = False
-    cfg.run.eval_batch_size = 1024
-    for k, v in run.items():
-        setattr(cfg.run, k, v)
-    return cfg
+from conftest import tiny_cfg
 
 
 # ------------------------------------------------------------------ no device-to-host sync

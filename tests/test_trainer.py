@@ -13,22 +13,9 @@ from dietcl_fast.config import Config
 from dietcl_fast.methods import MicroBatch, build_method
 from dietcl_fast.trainer import Trainer
 
+from conftest import tiny_cfg
+
 PY = sys.executable
-
-
-def tiny_cfg(method="dietcl", **run):
-    cfg = Config()
-    cfg.method.name = method
-    cfg.stream.time_steps = 2
-    cfg.stream.label_rate = 0.05
-    cfg.run.budget = run.pop("budget", 3)
-    cfg.run.batch_size = run.pop("batch_size", 16)
-    cfg.engine.micro_batch = run.pop("micro_batch", 8)
-    cfg.run.progress = False
-    cfg.run.eval_batch_size = 1024
-    for k, v in run.items():
-        setattr(cfg.run, k, v)
-    return cfg
 
 
 @pytest.mark.parametrize("method", ["dietcl", "er", "finetune"])
