@@ -1,0 +1,110 @@
+"""Starting real `dietcl-fast` processes as 1 or 2 ranks on 127.0.0.1, shared by the torch-engine
+tests (test_distributed.py) and the DeepSpeed-engine tests (test_deepspeed.py). Imports neither
+torch.distributed nor DeepSpeed: every run is a child process.
+
+`launcher` uses the real launchers (torchrun, deepspeed); `launch` starts each rank with the
+environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; DS_ACCELERATOR=cpu);
+`single` starts one process. Reference runs are made once per session (`run_once`).
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dietcl_fast.engine.distributed import free_port
+
+BIN = os.path.join(os.path.dirname(sys.executable), "dietcl-fast")
+ACC_TOL = 1.0   # percentage points (accuracy on ~90 eval images/step; 1 image = 1.1 points)
+TINY = ["train", "--time-steps", "2", "--budget", "3", "--batch-size", "16", "--micro-batch", "4",
+        "--label-rate", "0.05", "--no-progress"]
+
+
+def launcher(kind: str, *args, timeout=600):
+    """The real launcher (torchrun or deepspeed) starting 2 ranks on 127.0.0.1 -> CompletedProcess
+    (the launcher's exit status; its output holds every rank's)."""
+    port = str(free_port())
+    bindir = os.path.dirname(sys.executable)
+    if kind == "torchrun":
+        cmd = [os.path.join(bindir, "torchrun"), "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", port]
+    else:
+        cmd = [os.path.join(bindir, "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1",
+               "--master_port", port]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MPLBACKEND="Agg")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([*cmd, BIN, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def launch(world: int, *args, timeout=420, extra_env=None):
+    """Start `world` ranks on 127.0.0.1 (as torchrun would) -> list of CompletedProcess-likes."""
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r),
+                   WORLD_SIZE=str(world), LOCAL_RANK=str(r), DS_ACCELERATOR="cpu",
+                   OMP_NUM_THREADS=str(max(1, 2 // world)), MPLBACKEND="Agg")
+        env.update(extra_env or {})
+        procs.append(subprocess.Popen([BIN, *args], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + timeout
+    out = []
+    try:
+        for p in procs:
+            so, se = p.communicate(timeout=max(1, deadline - time.time()))
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def single(*args, extra_env=None, timeout=420):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", MPLBACKEND="Agg", **(extra_env or {}))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([BIN, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def ok(ps):
+    for p in ps if isinstance(ps, list) else [ps]:
+        assert p.returncode == 0, p.stderr[-3000:]
+
+
+def results(d):
+    return json.loads((d / "results.json").read_text())
+
+
+_RUNS: dict = {}
+_DIRS: dict = {}
+
+
+def run_once(key, tmp_path_factory, world, *args, via=None):
+    """Each reference run happens once per session (they are shared between tests). `via`: a
+    real launcher (torchrun, deepspeed) for 2 ranks instead of the emulated environment."""
+    if key not in _RUNS:
+        d = tmp_path_factory.mktemp(key) / "run"
+        ps = [launcher(via, *args, "--out", str(d))] if via else \
+            launch(world, *args, "--out", str(d)) if world > 1 else [single(*args, "--out", str(d))]
+        ok(ps)
+        _RUNS[key] = (results(d), ps)
+        _DIRS[key] = d
+    return _RUNS[key]
+
+
+@pytest.fixture(scope="module")
+def torch_ref(tmp_path_factory):
+    return run_once("torch1", tmp_path_factory, 1, *TINY)[0]
+
+
+def same_run(a, b):
+    assert a["ledger"] == b["ledger"]                                  # exact, every field
+    assert a["global_batch"] == b["global_batch"] == 16
+    fa, fb = np.array(sum(a["accuracy_matrix"], [])), np.array(sum(b["accuracy_matrix"], []))
+    assert np.abs(fa - fb).max() <= ACC_TOL, (a["accuracy_matrix"], b["accuracy_matrix"])
