@@ -1,4 +1,4 @@
-"""Task-balanced replay buffer (SPEC §4) — thin Python face of the C++ ``dietcl::BalancedBuffer``.
+"""Task-balanced replay buffer (docs/algorithm.md, Buffer) — thin Python face of the C++ ``dietcl::BalancedBuffer``.
 
 Keeps *every* labeled sample as (id, label) per task (16 bytes/sample; the task is stored once
 per task), never truncates, and samples with a draw that is a pure function of

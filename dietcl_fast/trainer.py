@@ -40,7 +40,7 @@ from .methods import MicroBatch, StepContext, build_method
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint, resolve_preset
 from .results import plot_curve, table, versions, write_json
 
-# Datasheet dense bf16 peaks for MFU (the H200 figure is the one measured in SPEC §7).
+# Dense bf16 peaks for MFU (H100, A100: datasheet; H200: a measured dense bf16 matmul).
 PEAK_FLOPS = {"H200": 791e12, "H100": 989e12, "A100": 312e12}
 
 # Preset optimiser defaults. The paper's recipe (blr 1e-4, floor 5e-5, layer decay 0.65) is
@@ -506,7 +506,7 @@ class Trainer:
             if src in sizes:
                 self.ledger.charge(path, sizes[src] * k, backward)
 
-    # ------------------------------------------------------------------ data (issue 5)
+    # ------------------------------------------------------------------ data
     def _draw_ids(self, it: int, gstep: int, counts, samplers):
         """Ids of iteration `it` (a pure function of the position) and the labels of its
         labeled sources (the unlabeled source's labels are never looked up)."""

@@ -1,4 +1,4 @@
-"""Data pipeline (issue 5): backends, DALI vs PIL, determinism, epochs, partial batches, bad
+"""Data pipeline: backends, DALI vs PIL, determinism, epochs, partial batches, bad
 files under each policy, image modes, and a training run through every backend."""
 import contextlib
 import csv

@@ -24,7 +24,7 @@ import torch
 
 from .transforms import centre_fallback, norm_stats, to_channels
 
-# interpolation per kind (SPEC §4: unlabeled bicubic; the eval resize matches decode_file's)
+# interpolation per kind (docs/algorithm.md, Data: unlabeled bicubic; the eval resize matches decode_file's)
 RESAMPLE = {"labeled": "bilinear", "unlabeled": "bicubic", "eval": "bicubic"}
 
 

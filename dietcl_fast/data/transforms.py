@@ -1,6 +1,6 @@
 """Batched image transforms on tensors (CPU or GPU), driven by an explicit torch.Generator.
 
-SPEC §4: labeled RandomResizedCrop(S) + flip; unlabeled RandomResizedCrop(S, scale 0.2-1,
+docs/algorithm.md, Data: labeled RandomResizedCrop(S) + flip; unlabeled RandomResizedCrop(S, scale 0.2-1,
 bicubic) + flip; evaluation resize(S/0.875) + centre crop S. The crop and flip of a whole batch
 are one `affine_grid` + `grid_sample`, so augmentation costs one kernel on the device instead of
 a Python loop per image.

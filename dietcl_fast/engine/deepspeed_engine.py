@@ -2,8 +2,9 @@
 
 What it does differently from a textbook DeepSpeed loop, and why:
 
-* **A new DeepSpeed engine per phase.** SPEC §4 wants a fresh AdamW per phase of every step, and
-  the head grows at each time step (the parameter set changes). `build_optimizer` therefore
+* **A new DeepSpeed engine per phase.** Every phase of every step starts a fresh AdamW
+  (docs/algorithm.md, "Optimiser per phase"), and the head grows at each time step (the
+  parameter set changes). `build_optimizer` therefore
   destroys the previous engine (removing ZeRO's gradient hooks from the parameters) and calls
   `deepspeed.initialize` again with a fresh `torch.optim.AdamW` over the current parameter
   groups. A torch optimiser (not DeepSpeed's FusedAdam/CPUAdam) avoids compiling an op.
@@ -336,7 +337,7 @@ def load_client_state(run_dir: str) -> dict | None:
     out = {k: st[k] for k in ("config", "stream_fingerprint", "buffer", "ledger", "method",
                               "position", "acc", "A", "wall_seconds", "rng", "format_version",
                               "engine") if k in st}
-    for k, v in st.items():         # client keys other issues add later travel too
+    for k, v in st.items():         # client keys added by later versions travel too
         if k not in out and k not in _DS_KEYS:
             out[k] = v
     out["model"] = st["module"]

@@ -1,4 +1,4 @@
-"""Joint SSL upper bound (SPEC §5): not continual. The whole run's budget, T x B units, is
+"""Joint SSL upper bound (docs/algorithm.md, Baselines): not continual. The whole run's budget, T x B units, is
 spent once, at the last time step: 80% on MAE over the unlabeled images of ALL steps (an
 epoch sampler over their union: every image is seen once before any is seen twice, so one
 pass when the budget allows no more), then 20% fine-tuning on all labels (every step's

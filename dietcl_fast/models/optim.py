@@ -1,4 +1,4 @@
-"""Parameter groups for AdamW with layer-wise LR decay (MAE fine-tuning recipe, SPEC §4)."""
+"""Parameter groups for AdamW with layer-wise LR decay (MAE fine-tuning recipe, docs/algorithm.md, Learning rate)."""
 from __future__ import annotations
 
 from torch import nn

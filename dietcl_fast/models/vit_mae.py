@@ -36,8 +36,8 @@ class DietModel(nn.Module):
         spec.validate()
         self.spec = spec
         Block, VisionTransformer = _timm()
-        # fc_norm=False keeps timm's final `norm` before the average pool (SPEC §4: "global
-        # average pool after the final norm"); that also matches the MAE checkpoint's `norm.*`.
+        # fc_norm=False keeps timm's final `norm` before the average pool (docs/algorithm.md,
+        # Model: average pool after the final norm); that also matches the MAE checkpoint's `norm.*`.
         self.encoder = VisionTransformer(
             img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans,
             num_classes=0, global_pool="avg", fc_norm=False, embed_dim=spec.embed_dim,

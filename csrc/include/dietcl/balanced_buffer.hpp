@@ -1,5 +1,5 @@
-// BalancedBuffer: task-balanced replay index (SPEC §4). Keeps every labeled sample
-// (id, label) of every task; never truncates. Sampling is a pure function of
+// BalancedBuffer: task-balanced replay index (docs/algorithm.md, "Buffer"). Keeps every
+// labeled sample (id, label) of every task; never truncates. Sampling is a pure function of
 // (seed, mode, step, n, contents): any step, any order, any thread -> identical draws.
 //
 // Draw of n items at `step` (global, before sharding), T = number of non-empty tasks,

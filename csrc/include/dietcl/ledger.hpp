@@ -1,5 +1,6 @@
-// Ledger: the single source of truth for compute (SPEC §1).  One unit = one forward+backward
-// pass of `global_batch` images, whatever paths they take.  A fwd+bwd charge of k images costs
+// Ledger: the single source of truth for compute (docs/algorithm.md, "The setting and the
+// budget").  One unit = one forward+backward pass of `global_batch` images, whatever paths they
+// take.  A fwd+bwd charge of k images costs
 // k / global_batch units; a forward-only charge costs k / global_batch * fwd / fwd_bwd of its
 // path.  fwd+bwd units are kept as exact integer image counts; forward-only units as a
 // compensated (Neumaier) double sum.  FLOPs are exact 128-bit integers.
