@@ -1,0 +1,239 @@
+"""The import rules of docs/architecture.md, checked on the source with `ast`.
+
+Every module of the package (including `cli/` -> `dietcl_fast.cli` and `kernels/` ->
+`dietcl_fast.kernels`) belongs to one *unit* (a top-level module or sub-package). Each unit has
+a layer; a unit may import units of lower layers only (and itself). Imports inside functions
+count like top-level ones: a lazy import still couples two modules. A new unit must be given a
+layer here and in docs/architecture.md.
+"""
+import ast
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TREES = {"dietcl_fast": "dietcl_fast", "cli": "dietcl_fast.cli", "kernels": "dietcl_fast.kernels"}
+
+# unit -> layer (docs/architecture.md, "What may import what"); lower layers never import higher
+LAYERS = {
+    "_core": 0, "__init__": 0, "seeding": 0, "fsio": 0, "kernels": 0,
+    "streams": 1, "buffer": 1, "config": 1,
+    "models": 2, "ledger": 3, "data": 3, "engine": 3,
+    "checkpoint": 4, "ckpt_writer": 5, "evaluate": 4, "results": 4, "rundir": 4, "plan": 4,
+    "methods": 6, "trainer": 7, "tuning": 8, "pretrain": 8, "bench": 9, "cli": 10,
+}
+# imports allowed against the layering, each with its reason (docs/architecture.md)
+EXCEPTIONS = {
+    ("methods", "tuning"): "DietCL's --split auto parses its candidate list (tuning.parse_candidates)",
+    ("trainer", "tuning"): "a --split auto run tunes before step 0, and the tuning runs trainers "
+                           "of its own (both imports are lazy)",
+}
+# the specific rules docs/architecture.md states, checked by name as well
+NEVER = [("methods", "trainer"), ("methods", "engine"), ("methods", "checkpoint"),
+         ("models", "data"), ("models", "streams"), ("models", "methods"), ("models", "trainer"),
+         ("engine", "checkpoint"), ("engine", "methods"), ("engine", "trainer"),
+         ("streams", "data"), ("streams", "models"), ("data", "models"), ("data", "methods"),
+         ("data", "trainer")]
+
+
+def modules():
+    """(dotted module name, path, is_package) of every Python file of the package."""
+    out = []
+    for tree, pkg in TREES.items():
+        for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, tree)):
+            dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+            for f in filenames:
+                if not f.endswith(".py"):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f), os.path.join(ROOT, tree))[:-3]
+                parts = [p for p in rel.split(os.sep) if p != "__init__"]
+                out.append((".".join([pkg, *parts]), os.path.join(dirpath, f), f == "__init__.py"))
+    return out
+
+
+def unit(dotted: str) -> str:
+    parts = dotted.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imports(dotted: str, path: str, is_pkg: bool, known: set[str]) -> set[str]:
+    """Every dietcl_fast module `path` imports (absolute or relative, at any depth). `from P
+    import name` counts as importing P.name when that is a module (`known`), else P."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    here = dotted.split(".") if is_pkg else dotted.split(".")[:-1]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[:len(here) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module
+            for a in node.names:
+                found.add(f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod)
+    return {m for m in found if m == "dietcl_fast" or m.startswith("dietcl_fast.")}
+
+
+def edges():
+    out = {}
+    found = modules()
+    known = {d for d, _, _ in found} | {"dietcl_fast._core"}      # the native extension
+    for dotted, path, is_pkg in found:
+        for target in imports(dotted, path, is_pkg, known):
+            a, b = unit(dotted), unit(target)
+            if a != b:
+                out.setdefault((a, b), set()).add(os.path.relpath(path, ROOT))
+    return out
+
+
+def test_the_walk_sees_the_package():
+    units = {unit(d) for d, _, _ in modules()}
+    assert {"trainer", "methods", "models", "data", "engine", "cli", "kernels", "seeding",
+            "fsio"} <= units
+    e = edges()
+    assert ("trainer", "methods") in e and ("checkpoint", "fsio") in e
+
+
+def test_every_unit_has_a_layer():
+    units = {unit(d) for d, _, _ in modules()}
+    missing = sorted(units - set(LAYERS))
+    assert not missing, (f"units without a layer: {missing}; give each one in LAYERS here and in "
+                         "docs/architecture.md")
+
+
+def test_imports_only_go_down_the_layers():
+    bad = [f"{a} (layer {LAYERS[a]}) imports {b} (layer {LAYERS[b]}) in {sorted(files)}"
+           for (a, b), files in sorted(edges().items())
+           if a in LAYERS and b in LAYERS and LAYERS[b] >= LAYERS[a] and (a, b) not in EXCEPTIONS]
+    assert not bad, "\n".join(bad)
+
+
+@pytest.mark.parametrize("a, b", NEVER)
+def test_named_rules(a, b):
+    files = edges().get((a, b))
+    assert not files, f"{a} must not import {b}: {sorted(files)}"
+
+
+def test_no_import_cycle_between_checkpoint_and_engines():
+    e = edges()
+    assert ("checkpoint", "engine") in e and ("engine", "checkpoint") not in e
+
+
+def test_streams_never_import_torch():
+    for dotted, path, is_pkg in modules():
+        if unit(dotted) != "streams":
+            continue
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not any(m == "torch" or m.startswith("torch.") for m in names), path
+
+
+def test_the_rules_fail_on_a_violation(tmp_path, monkeypatch):
+    """The checker itself: a models module importing data is reported."""
+    pkg = tmp_path / "dietcl_fast" / "models"
+    pkg.mkdir(parents=True)
+    (tmp_path / "dietcl_fast" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("from .bad import x\n")
+    (pkg / "bad.py").write_text("def f():\n    from ..data import pipeline\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    monkeypatch.setattr(sys.modules[__name__], "TREES", {"dietcl_fast": "dietcl_fast"})
+    assert edges() == {("models", "data"): {os.path.join("dietcl_fast", "models", "bad.py")}}
+
+
+# ------------------------------------------------------------------ a new method: one file
+NEW_METHOD = '''"""Current labels and the replay buffer, half and half; cross-entropy over all seen classes."""
+from __future__ import annotations
+
+from dietcl_fast.methods import register
+from dietcl_fast.methods.base import Method, MicroBatch, Phase
+
+
+@register
+class HalfReplay(Method):
+    name = "half_replay"
+
+    def phases(self, t: int, budget: int) -> list[Phase]:
+        mix = {"labeled": 0.5, "buffer": 0.5} if t else {"labeled": 1.0}
+        return [Phase("train", budget, mix)]
+
+    def loss(self, model, mb: MicroBatch):
+        total, logs = 0.0, {}
+        for src in [s for s in ("labeled", "buffer") if s in mb.x]:
+            x, tgt = self.mix(mb.x[src], mb.y[src], mb.num_seen, mb.generator)
+            term = self.ce(model.classify(x), tgt, mb.n_global[src])
+            total, logs[src] = total + term, term.detach()
+        return total, logs
+'''
+
+
+def test_a_new_method_is_one_file(tmp_path):
+    """docs/architecture.md: a method is one file plus its registry line (here: the import that
+    registers it). The real `dietcl-fast train` command then trains it, within its budget."""
+    import json
+    import subprocess
+
+    (tmp_path / "half_replay.py").write_text(NEW_METHOD)
+    out = tmp_path / "run"
+    code = ("import sys; import half_replay; from dietcl_fast.cli.main import main; "
+            "sys.argv = ['dietcl-fast'] + sys.argv[1:]; main()")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+               MPLBACKEND="Agg", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-c", code, "train", "--method", "half_replay",
+                        "--time-steps", "2", "--budget", "3", "--batch-size", "16",
+                        "--micro-batch", "8", "--label-rate", "0.05", "--no-progress",
+                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["method"] == "half_replay"
+    assert len(res["accuracy_matrix"]) == 2
+    assert res["ledger"]["steps_per_step"] == [3.0, 3.0]          # the whole budget, no more
+    assert res["ledger"]["per_path"]["classify"]["images_fwd_bwd"] == 2 * 3 * 16
+
+
+# ------------------------------------------------------------- where backends and engines are named
+def _name_lists(members: set[str]) -> dict[str, set[str]]:
+    """file -> the string literals of every tuple/list/set literal that contains `members`."""
+    out = {}
+    for dotted, path, _ in modules():
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                names = {e.value for e in node.elts
+                         if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                if members <= names:
+                    out.setdefault(os.path.relpath(path, ROOT), set()).update(names)
+    return out
+
+
+def test_a_loader_backend_is_named_in_two_places():
+    """docs/architecture.md: a new backend's name goes into the config's choices and
+    data.BACKENDS (and its class into data.build_loader); no other list of backends exists."""
+    from dietcl_fast.config import Config
+    from dietcl_fast.data import BACKENDS
+    lists = _name_lists({"memory", "torch", "dali"})
+    assert sorted(lists) == [os.path.join("dietcl_fast", "config.py"),
+                             os.path.join("dietcl_fast", "data", "__init__.py")], lists
+    assert set(BACKENDS) == lists[os.path.join("dietcl_fast", "config.py")]
+    assert Config().loader.backend in BACKENDS
+
+
+def test_an_engine_is_named_in_the_config_and_built_in_one_place():
+    """docs/architecture.md: a new engine's name goes into the config's choices, and
+    engine.build_engine has one branch per engine."""
+    lists = _name_lists({"torch", "deepspeed"})
+    assert sorted(lists) == [os.path.join("dietcl_fast", "config.py")], lists
+    path = os.path.join(ROOT, "dietcl_fast", "engine", "__init__.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    build = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "build_engine")
+    branches = {c.comparators[0].value for c in ast.walk(build) if isinstance(c, ast.Compare)
+                and isinstance(c.left, ast.Name) and c.left.id == "name"
+                and isinstance(c.comparators[0], ast.Constant)}
+    assert branches == lists[os.path.join("dietcl_fast", "config.py")] - {"auto"}
