@@ -151,16 +151,16 @@ NEW_METHOD = '''"""Current labels and the replay buffer, half and half; cross-en
 from __future__ import annotations
 
 from dietcl_fast.methods import register
-from dietcl_fast.methods.base import Method, MicroBatch, Phase
+from dietcl_fast.methods.base import Method, MicroBatch, Phase, StepContext
 
 
 @register
 class HalfReplay(Method):
     name = "half_replay"
 
-    def phases(self, t: int, budget: int) -> list[Phase]:
-        mix = {"labeled": 0.5, "buffer": 0.5} if t else {"labeled": 1.0}
-        return [Phase("train", budget, mix)]
+    def phases(self, ctx: StepContext) -> list[Phase]:
+        mix = {"labeled": 0.5, "buffer": 0.5} if ctx.t else {"labeled": 1.0}
+        return [Phase("train", ctx.budget, mix)]
 
     def loss(self, model, mb: MicroBatch):
         total, logs = 0.0, {}
