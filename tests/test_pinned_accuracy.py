@@ -12,6 +12,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from dietcl_fast.config import Config
 from dietcl_fast.methods import METHODS
@@ -36,7 +37,14 @@ CASES = [(m, "class") for m in sorted(METHODS)] + [("dietcl", "time"), ("er", "t
 
 
 def run_case(method, scenario, out):
-    res = Trainer(pin_cfg(method, scenario), log=lambda m: None).run(str(out))
+    # one intra-op thread, as when the pins were recorded: a different thread count changes
+    # float summation order and, over a run, can flip predictions (same code, same seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = Trainer(pin_cfg(method, scenario), log=lambda m: None).run(str(out))
+    finally:
+        torch.set_num_threads(threads)
     evals = [s["eval"] for s in res["stream"]["steps"]]
     return {"accuracy_matrix": res["accuracy_matrix"], "flops_total": res["ledger"]["flops_total"],
             "eval": evals}
