@@ -19,14 +19,13 @@ import click
 import numpy as np
 
 # train options that compare sets itself (per run) or that make no sense for a batch of runs
-_NOT_SHARED = {"method", "seed", "out", "resume", "stop_after_steps", "help"}
+_NOT_SHARED = {"method", "seed", "out", "resume", "help"}
 
 
 def _request(cfg) -> dict:
     d = copy.deepcopy(cfg.to_dict())
     d["run"].pop("progress", None)
     d["run"].pop("out", None)
-    d["run"].pop("stop_after_steps", None)
     return d
 
 
@@ -76,7 +75,7 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
             if ckpt_io.has_checkpoint(run_dir):
                 state = ckpt_io.load_checkpoint(run_dir)
                 rcfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
-                rcfg.run.progress, rcfg.run.stop_after_steps = False, cfg.run.stop_after_steps
+                rcfg.run.progress = False
                 return Trainer(rcfg, log=log).run(run_dir, resume_state=state)
             return Trainer(cfg, log=log).run(run_dir)
 

@@ -115,14 +115,10 @@ def _resume(ctx, params, run_dir: str) -> None:
     state = ckpt_io.load_checkpoint(run_dir)
     cfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
     ignored = [o for o in TRAIN_OPTIONS if o in params and _explicit(ctx, o)
-               and o not in ("progress", "stop_after_steps")]
+               and o != "progress"]
     if ignored:
         click.echo(f"note: --resume uses the run's saved config; ignoring "
                    f"{', '.join('--' + o.replace('_', '-') for o in ignored)}", err=True)
-    if _explicit(ctx, "stop_after_steps"):
-        cfg.run.stop_after_steps = params["stop_after_steps"]
-    else:
-        cfg.run.stop_after_steps = None
     cfg.run.progress = params["progress"]
     trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
     trainer.run(run_dir, resume_state=state)

@@ -20,7 +20,7 @@ from dietcl_fast.config import OPTIONS, PlanDefaults
 
 D = PlanDefaults()
 # train options that plan sets itself, or that clash with plan's own
-_NOT_SHARED = {"method", "seed", "out", "resume", "stop_after_steps", "help", "budget", "batch_size"}
+_NOT_SHARED = {"method", "seed", "out", "resume", "help", "budget", "batch_size"}
 
 
 def _positive_float(opt):

@@ -257,9 +257,6 @@ class RunConfig:
                                   help="Images per evaluation forward (>= 1,024 keeps the device "
                                        "busy).")
     progress: bool = option(True, help="Show the progress bar.")
-    stop_after_steps: Optional[int] = option(None, hidden=True,
-                                             help="Testing aid: exit abruptly after N optimiser "
-                                                  "steps, as if killed.")
 
 
 @dataclass(slots=True)
@@ -306,9 +303,6 @@ class PretrainConfig:
     device: str = option("auto", choices=DEVICES, help="Device.")
     ckpt_every: int = option(100, help="Resume checkpoint every N steps (and at the end).")
     progress: bool = option(True, help="Show the progress bar.")
-    stop_after_steps: Optional[int] = option(None, hidden=True,
-                                             help="Testing aid: exit abruptly after N optimiser "
-                                                  "steps, as if killed.")
 
 
 # ------------------------------------------------------------------------------- the options
@@ -537,7 +531,6 @@ def validate(cfg: "Config") -> "Config":
     _num(cfg, "run.ckpt_retry_seconds", lo=0, hi=86400)
     _choice(cfg, "run.device")
     _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)
-    _num(cfg, "run.stop_after_steps", lo=1, integer=True, optional=True)
     validate_method_options(cfg)
     for o in OPTIONS.values():          # whole numbers stored as int (YAML may give 8.0)
         v = _get(cfg, o.path)
@@ -558,7 +551,6 @@ def validate_pretrain(cfg: "PretrainConfig") -> "PretrainConfig":
     _num(cfg, "seed", lo=0, hi=SEED_MAX, integer=True)
     _num(cfg, "warmup_fraction", lo=0, hi=1, hi_open=True)
     _num(cfg, "ckpt_every", lo=0, integer=True, why=" (0: only at the end)")
-    _num(cfg, "stop_after_steps", lo=1, integer=True, optional=True)
     _choice(cfg, "preset", PRESETS)
     _choice(cfg, "device", DEVICES)
     if not isinstance(cfg.data, str) or not cfg.data.strip():
@@ -608,6 +600,10 @@ def _legacy_method_options(values: dict, source: str) -> dict:
     return out
 
 
+# keys older versions saved in every run's config (null when unset) that no longer exist
+_REMOVED = {"run.stop_after_steps"}
+
+
 def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> None:
     """Merge a nested dict into cfg; unknown sections/keys are errors naming them. Older
     configs still load: `method.options` (the free mapping the typed per-method sections
@@ -624,6 +620,8 @@ def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> No
                 d.setdefault(k, v)
     known = {f.name: f for f in fields(cfg)}
     for k, v in d.items():
+        if f"{_prefix}{k}" in _REMOVED and v is None:   # saved unset by an older version
+            continue
         if k not in known:
             if not _prefix:
                 raise ConfigError(f"{source}: unknown section {k!r}; known: {', '.join(known)}")

@@ -78,7 +78,7 @@ def choose_split(trainer) -> dict:
     fracs = parse_candidates(cfg.method.auto_candidates)
     thresholds = sorted({int(round(f * B)) for f in fracs}, reverse=True)
     vcfg = copy.deepcopy(cfg)
-    vcfg.run.progress, vcfg.run.ckpt_every, vcfg.run.stop_after_steps = False, 0, None
+    vcfg.run.progress, vcfg.run.ckpt_every = False, 0
     t0 = time.perf_counter()
     quiet = lambda m: None  # noqa: E731
     vstream, held = validation_stream(trainer.stream, S, cfg.run.seed)
@@ -104,7 +104,7 @@ def choose_split(trainer) -> dict:
             for t in steps:
                 tr._run_step(t, None)
         finally:
-            tr._ahead = None
+            tr.batcher.ahead = None
             tr.loader.close()
             tr.checkpointer.wait()      # its background writes land before the scratch goes
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+from dietcl_fast.testing import exit_after
 from dietcl_fast.methods import build_method
 from dietcl_fast.trainer import Trainer
 from test_methods import tiny_cfg
@@ -247,8 +248,8 @@ def test_er_kill_and_resume_keeps_past_only_replay(tmp_path, kill_at, ckpt_every
     full = tmp_path / "full"
     cli(*args, "--out", str(full))
     part = tmp_path / "part"
-    p = cli(*args, "--out", str(part), "--ckpt-every", str(ckpt_every),
-            "--stop-after-steps", str(kill_at), check=False)
+    p = cli(*args, "--out", str(part), "--ckpt-every", str(ckpt_every), check=False,
+            extra_env=exit_after(kill_at))
     assert p.returncode == 17, p.stderr
     from dietcl_fast.buffer import BalancedBuffer
     ck = load_checkpoint(str(part))

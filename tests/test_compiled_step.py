@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from dietcl_fast.testing import exit_after
 from dietcl_fast.config import Config
 from dietcl_fast.trainer import Trainer
 
@@ -75,8 +76,8 @@ def test_compile_refuses_a_method_that_cannot_compile_whole():
         Trainer(_tiny("cassle"), log=lambda m: None)
 
 
-def cli(*args, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def cli(*args, check=True, extra_env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", *args], capture_output=True, text=True,
                        env=env, timeout=1200)
     if check and p.returncode != 0:
@@ -93,7 +94,7 @@ def test_kill_and_resume_compiled_is_identical(tmp_path):
     full = tmp_path / "full"
     cli(*TINY, "--out", str(full))
     part = tmp_path / "part"
-    p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", "--stop-after-steps", "6", check=False)
+    p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", check=False, extra_env=exit_after(6))
     assert p.returncode == 17, p.stderr
     p = cli("train", "--resume", str(part), "--no-progress")
     assert "resuming" in p.stderr

@@ -18,6 +18,7 @@ import os
 
 import pytest
 
+from dietcl_fast.testing import exit_after
 from launchers import (TINY, launch, launcher, ok, results, run_once, same_run, single,
                        torch_ref)  # noqa: F401 (fixture)
 
@@ -72,7 +73,7 @@ def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
     # budget 3: t=0 joint x3, t=1 joint x2 + buffer x1. Checkpoints every 2 steps; killed
     # abruptly after step 5, so the last checkpoint is step 4: t=1, joint, iteration 1 (mid-phase,
     # with ZeRO-2 optimiser shards that must be restored)
-    ps = launch(2, *args, "--out", str(part), "--ckpt-every", "2", "--stop-after-steps", "5")
+    ps = launch(2, *args, "--out", str(part), "--ckpt-every", "2", extra_env=exit_after(5))
     assert [p.returncode for p in ps] == [17, 17], ps[0].stderr[-2000:]
     assert not (part / "results.json").exists()
     tag = (part / "deepspeed" / "latest_dietcl").read_text()
@@ -104,7 +105,7 @@ def test_deepspeed_zero1_resume_on_other_world_size_at_phase_boundary(tmp_path, 
     state, so it resumes on 1 process; the whole run equals the torch engine's."""
     part = tmp_path / "part"
     ps = launch(2, *TINY, "--engine", "deepspeed", "--zero-stage", "1", "--out", str(part),
-                "--stop-after-steps", "4")
+                extra_env=exit_after(4))
     assert [p.returncode for p in ps] == [17, 17], ps[0].stderr[-2000:]
     assert (part / "deepspeed" / "latest_dietcl").read_text().startswith("g3-t1-")
     p = single("train", "--resume", str(part), "--no-progress")

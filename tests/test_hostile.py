@@ -21,6 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dietcl_fast.testing import exit_after
 from dietcl_fast import checkpoint as ckpt_io
 from dietcl_fast.cli.main import main
 
@@ -70,9 +71,9 @@ def plant_signed(path, marker):
 def killed_run(tmp_path_factory):
     """A tiny real run killed after one optimiser step (its checkpoint at step 1 kept)."""
     d = tmp_path_factory.mktemp("killed") / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **exit_after(1)}
     p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", "train", *TINY, "--out", str(d),
-                        "--ckpt-every", "1", "--stop-after-steps", "1"],
+                        "--ckpt-every", "1"],
                        capture_output=True, text=True, env=env, timeout=600,
                        preexec_fn=lambda: os.umask(0o027))
     assert p.returncode == 17, p.stderr

@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+from dietcl_fast.testing import exit_after
+
 PY = sys.executable
 PRE = ["pretrain", "--data", "digits", "--budget", "4", "--batch-size", "8", "--micro-batch", "4",
        "--ckpt-every", "2", "--no-progress"]
 
 
-def cli(*args, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def cli(*args, check=True, extra_env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", *args], capture_output=True, text=True,
                        env=env, timeout=600)
     if check and p.returncode != 0:
@@ -52,7 +54,7 @@ def test_pretrain_writes_official_mae_layout(pretrained):
 def test_kill_and_resume_gives_the_same_weights(pretrained, tmp_path):
     out, _ = pretrained
     run = tmp_path / "killed"
-    p = cli(*PRE, "--out", str(run), "--stop-after-steps", "3", check=False)
+    p = cli(*PRE, "--out", str(run), check=False, extra_env=exit_after(3))
     assert p.returncode == 17 and not (run / "checkpoint.pth").exists()
     assert (run / "pretrain_state.pt").exists()              # written at step 2
     again = cli(*PRE, "--out", str(run), check=False)          # no --resume: refused, named

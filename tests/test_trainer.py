@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dietcl_fast.testing import exit_after
 from dietcl_fast.checkpoint import decode_file
 from dietcl_fast.config import Config
 from dietcl_fast.methods import MicroBatch, build_method
@@ -101,8 +102,8 @@ def test_logits_masking_gives_no_gradient_to_other_classes(tiny_spec):
     assert float(logs["Lm"]) == pytest.approx(float(ref.detach()), rel=1e-5)
 
 
-def cli(*args, check=True):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def cli(*args, check=True, extra_env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", *args], capture_output=True, text=True,
                        env=env, timeout=600)
     if check and p.returncode != 0:
@@ -119,7 +120,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     cli(*TINY, "--out", str(full))
     # killed abruptly at optimiser step 7 (time step 1, mid joint phase); last checkpoint at 6
     part = tmp_path / "part"
-    p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", "--stop-after-steps", "7", check=False)
+    p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", check=False, extra_env=exit_after(7))
     assert p.returncode == 17, p.stderr
     assert not (part / "results.json").exists()
     ck = decode_file(part / "latest.pt")

@@ -12,15 +12,18 @@ def register(cls):
     return cls
 
 
-def build_method(cfg) -> Method:
-    name = cfg.method.name
+def method_class(name: str) -> type:
     if name not in METHODS:
         raise ValueError(f"--method {name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
-    return METHODS[name](cfg)
+    return METHODS[name]
+
+
+def build_method(cfg) -> Method:
+    return method_class(cfg.method.name)(cfg)
 
 
 from . import (ccic, cassle, dietcl, dualnet, er, ewc, finetune, gdumb, joint, l2p,  # noqa: E402,F401
                mas, pretrain_ft)  # (registration)
 
-__all__ = ["METHODS", "register", "build_method", "Method", "Phase", "MicroBatch", "SOURCES",
+__all__ = ["METHODS", "register", "build_method", "method_class", "Method", "Phase", "MicroBatch", "SOURCES",
            "StepContext", "ImportancePass", "planning"]

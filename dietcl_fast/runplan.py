@@ -1,0 +1,179 @@
+"""A run's configuration resolved once: `resolve(cfg, device, world) -> RunPlan`.
+
+Every choice the configuration leaves open (`auto` preset, engine and micro-batch, the preset's
+global batch and optimiser defaults, whether the step is compiled) is made here, and every
+check that needs the device or the number of processes runs here, once, before any data is
+read. The caller's config is never changed: the plan carries a resolved copy (`plan.cfg`, what
+`config.yaml` and `results.json` record) and the resolved values as typed fields.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import Config, ConfigError, validate
+from .engine import resolve_engine
+from .models import PRESETS, resolve_preset
+
+# Preset optimiser defaults. The paper's recipe (blr 1e-4, floor 5e-5, layer decay 0.65) is
+# for fine-tuning a pretrained ViT-B; the tiny CPU model trains from scratch and needs more.
+PRESET_OPTIM = {
+    "vit-b16": dict(blr=1e-4, min_lr=5e-5, layer_decay=0.65, micro_batch=256),
+    "cpu-tiny": dict(blr=4e-3, min_lr=1e-5, layer_decay=0.9, micro_batch=None),
+}
+
+SCRATCH_VIT_B16_WARNING = (
+    "--preset vit-b16 without --pretrained: ViT-B/16 starts from a RANDOM initialisation and is "
+    "trained with a fine-tuning recipe (blr 1e-4, layer decay 0.65, cosine to 5e-5). The paper "
+    "starts from the MAE ImageNet-1K checkpoint with its decoder (mae_pretrain_vit_base_full.pth: "
+    "pass it with --pretrained PATH, or make one with `dietcl-fast pretrain`); accuracies of this "
+    "run are not comparable with the paper's.")
+
+
+def resolve_device(want: str) -> str:
+    """`--device` -> "cuda" or "cpu" (auto: cuda when one is visible)."""
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    if want not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {want!r}: choose auto, cpu or cuda")
+    return "cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: Config                     # the resolved copy of the config (recorded per run)
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]    # bf16 autocast on CUDA, None (fp32) on the CPU
+    engine: str                     # torch | deepspeed
+    preset: str
+    budget: int                     # optimiser steps per time step
+    global_batch: int               # G images per optimiser step, whatever the world size
+    micro: int                      # images per micro-batch
+    world: int                      # processes
+    probe_micro: bool               # --micro-batch auto: probed once the model exists
+    compile: bool                   # the method's loss compiled whole (torch.compile)
+    notes: tuple = ()               # what resolution chose, for the log
+    warnings: tuple = ()            # also written into results.json
+
+    @property
+    def n_micro(self) -> int:
+        """Micro-batches per global batch (all processes together)."""
+        return self.global_batch // self.micro
+
+    @property
+    def accum(self) -> int:
+        """Micro-batches each process runs per optimiser step (gradient accumulation)."""
+        return self.n_micro // self.world
+
+    def with_micro(self, m: int) -> "RunPlan":
+        """The plan with micro-batch m (the `--micro-batch auto` probe's answer, a divisor of
+        the per-process batch), recorded in the resolved config."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.engine.micro_batch = m
+        return dataclasses.replace(self, cfg=cfg, micro=m, probe_micro=False)
+
+
+def resolve(cfg: Config, device: torch.device, world: int) -> RunPlan:
+    """All of a run's resolution and device/world checks, once; `cfg` is left as it is."""
+    from .methods import method_class
+    cfg = copy.deepcopy(validate(cfg))
+    notes, warnings = [], []
+    cuda = device.type == "cuda"
+    engine = resolve_engine(cfg.engine.engine)          # auto -> the recorded choice
+    cfg.engine.engine = engine
+
+    if cfg.run.budget < 1 or not float(cfg.run.budget).is_integer():
+        raise ConfigError(f"--budget {cfg.run.budget}: must be a whole number of steps >= 1")
+
+    # preset -> model spec, global batch, optimiser defaults (recorded in the resolved config)
+    preset = resolve_preset(cfg.model.preset, cuda)
+    cfg.model.preset = preset
+    pdef, popt = PRESETS[preset], PRESET_OPTIM[preset]
+    if cfg.run.batch_size is None:
+        cfg.run.batch_size = pdef["batch_size"]
+        if pdef["batch_size"] != 1024:
+            notes.append(f"[preset {preset}] global batch {pdef['batch_size']} instead of the "
+                         f"paper's 1024 ({pdef['why']}); one budget unit = one fwd+bwd of "
+                         f"{pdef['batch_size']} images")
+    if cfg.run.batch_size < 2:
+        raise ConfigError(f"--batch-size {cfg.run.batch_size}: must be >= 2")
+    for k in ("blr", "min_lr", "layer_decay"):
+        if getattr(cfg.optim, k) is None:
+            setattr(cfg.optim, k, popt[k])
+    G = int(cfg.run.batch_size)
+    if cfg.engine.micro_batch is None:
+        cfg.engine.micro_batch = popt["micro_batch"] or max(G // world, 1)
+    probe_micro = cfg.engine.micro_batch == "auto"      # resolved once the model exists
+    if probe_micro:
+        cfg.engine.micro_batch = max(G // world, 1)
+    elif not isinstance(cfg.engine.micro_batch, int) or cfg.engine.micro_batch < 1:
+        raise ConfigError(f"--micro-batch {cfg.engine.micro_batch!r}: a whole number >= 1 or auto")
+    micro = min(int(cfg.engine.micro_batch), G)
+    # global batch = micro-batch x accumulation x world size; G is fixed by the config, not by
+    # the number of processes, so the ledger and the results do not depend on it
+    if G % (micro * world):
+        raise ConfigError(
+            f"--batch-size {G} (the global batch) must equal micro-batch x accumulation x "
+            f"world size, but it is not divisible by micro-batch {micro} x world size {world} "
+            f"= {micro * world}; choose --micro-batch (or --batch-size) so that it divides")
+    check_memory(pdef["spec"], G, micro, cfg.run.eval_batch_size, device)
+
+    # the compiled step: static-shape methods only; default on for CUDA, off on the CPU
+    want = cfg.engine.compile
+    if want not in (None, True, False):
+        raise ConfigError(f"--compile {want!r}: true, false or unset (device default)")
+    static = method_class(cfg.method.name).static_shapes
+    if want and not static:
+        raise ConfigError(
+            f"--compile: method {cfg.method.name} draws random numbers inside its loss and "
+            "has varying shapes, so it runs eager only; use --no-compile")
+    on = bool(want) if want is not None else (cuda and static)
+    cfg.engine.compile = on                 # the resolved choice, recorded in config.yaml
+
+    if not cfg.model.pretrained and preset == "vit-b16":
+        warnings.append(SCRATCH_VIT_B16_WARNING)
+    return RunPlan(cfg=cfg, device=device, amp_dtype=torch.bfloat16 if cuda else None,
+                   engine=engine, preset=preset, budget=int(cfg.run.budget), global_batch=G,
+                   micro=micro, world=world, probe_micro=probe_micro, compile=on,
+                   notes=tuple(notes), warnings=tuple(warnings))
+
+
+def _available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None (no check)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def check_memory(spec: dict, G: int, micro: int, eval_batch: int, device: torch.device) -> None:
+    """Refuse, before any data is read, a batch whose memory need surely exceeds what the
+    device has: a lower bound (inputs, the draw's ids, and the encoder's residual stream)
+    per micro-batch and per evaluation batch, against the free memory."""
+    C = 3
+    img, patch = spec["img_size"], spec["patch_size"]
+    L = (img // patch) ** 2 + 1
+    per_image = 2 * C * img * img * 4 + L * spec["embed_dim"] * 4 * spec["depth"] * 2
+    need = micro * per_image + G * 8 * 4        # + ids / labels of the draw
+    need_eval = eval_batch * (C * img * img * 4 + L * spec["embed_dim"] * 4 * 2)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_memory()
+    if free is None:
+        return
+    if need > free:
+        raise ConfigError(
+            f"--batch-size {G} with micro-batch {micro}: one micro-batch needs at "
+            f"least {need / 1e9:.1f} GB but the {device.type} has {free / 1e9:.1f} GB "
+            "available memory; choose a smaller --micro-batch (gradient accumulation keeps the "
+            "global batch) or a smaller --batch-size")
+    if need_eval > free:
+        raise ConfigError(f"run.eval_batch_size {eval_batch}: one evaluation "
+                          f"batch needs at least {need_eval / 1e9:.1f} GB but only "
+                          f"{free / 1e9:.1f} GB are available")
