@@ -1,0 +1,114 @@
+"""The run plan (config resolved once, the caller's config untouched), the global batch's
+micro-batch arithmetic, the MFU helper and the test-only kill hook."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dietcl_fast.batching import BatchPlan, probe_micro_batch
+from dietcl_fast.config import Config, ConfigError
+from dietcl_fast.mfu import mfu
+from dietcl_fast.runplan import resolve
+from dietcl_fast.testing import EXIT_AFTER_STEPS, exit_after, exit_after_steps
+
+CPU = torch.device("cpu")
+
+
+def test_resolve_fills_the_presets_values_into_a_copy_and_leaves_the_config_alone():
+    cfg = Config()
+    before = cfg.to_dict()
+    plan = resolve(cfg, CPU, 1)
+    assert cfg.to_dict() == before                      # nothing written back
+    assert plan.cfg is not cfg
+    assert (plan.preset, plan.global_batch, plan.micro, plan.n_micro, plan.accum) == \
+        ("cpu-tiny", 64, 64, 1, 1)
+    assert plan.cfg.model.preset == "cpu-tiny" and plan.cfg.run.batch_size == 64
+    assert plan.cfg.optim.blr == 4e-3 and plan.cfg.engine.engine == "torch"
+    assert plan.compile is False and plan.cfg.engine.compile is False   # CPU default: eager
+    assert plan.amp_dtype is None and plan.budget == cfg.run.budget
+    assert any("global batch 64" in n for n in plan.notes)
+
+
+def test_resolve_splits_the_global_batch_over_processes_and_names_what_does_not_divide():
+    cfg = Config()
+    cfg.run.batch_size, cfg.engine.micro_batch = 16, 4
+    plan = resolve(cfg, CPU, 2)
+    assert (plan.micro, plan.n_micro, plan.accum, plan.world) == (4, 4, 2, 2)
+    with pytest.raises(ConfigError, match=r"--batch-size 16 .* micro-batch 4 x world size 3"):
+        resolve(cfg, CPU, 3)
+    cfg.engine.micro_batch = "auto"                     # probed later: per-process batch first
+    plan = resolve(cfg, CPU, 2)
+    assert plan.probe_micro and plan.micro == 8
+    small = plan.with_micro(2)
+    assert (small.micro, small.accum, small.probe_micro, small.cfg.engine.micro_batch) == (2, 4, False, 2)
+    assert plan.cfg.engine.micro_batch == 8             # with_micro returns a new plan
+    assert probe_micro_batch(16, 2, lambda m: m <= 3) == 2      # largest divisor of 8 that fits
+    with pytest.raises(ConfigError, match="--micro-batch auto"):
+        probe_micro_batch(16, 2, lambda m: False)
+
+
+def test_resolve_refuses_compiling_a_method_with_dynamic_shapes():
+    cfg = Config()
+    cfg.method.name, cfg.engine.compile = "ewc", True
+    with pytest.raises(ConfigError, match="--compile: method ewc"):
+        resolve(cfg, CPU, 1)
+    cfg.method.name = "nope"
+    with pytest.raises(ValueError, match="--method 'nope'"):
+        resolve(cfg, CPU, 1)
+
+
+@pytest.mark.parametrize("G,micro,world", [(16, 4, 1), (16, 4, 2), (16, 2, 4), (12, 3, 2)])
+def test_micro_batch_j_holds_draw_items_j_j_plus_M_whatever_the_world_size(G, micro, world):
+    for n in (0, 1, 5, G // 2, G):
+        for rank in range(world):
+            bp = BatchPlan(G, micro, rank, world)
+            shard = list(range(rank, n, world))          # this rank's items of an n-item draw
+            for j in bp.my_micro():
+                got = shard[bp.split(n, j)]
+                assert got == list(range(j, n, bp.n_micro)), (n, rank, j)
+                assert len(got) == bp.micro_len(n, j)
+        all_j = sorted(j for r in range(world) for j in BatchPlan(G, micro, r, world).my_micro())
+        assert all_j == list(range(G // micro))
+
+
+def test_mfu_only_for_devices_with_a_known_peak():
+    assert mfu(989e12 / 2, "NVIDIA H100 80GB HBM3") == pytest.approx(0.5)
+    assert mfu(1e12, "cpu") is None
+
+
+def test_the_kill_aid_is_a_test_hook_not_an_option(monkeypatch, tmp_path):
+    monkeypatch.delenv(EXIT_AFTER_STEPS, raising=False)
+    assert exit_after_steps() is None
+    monkeypatch.setenv(EXIT_AFTER_STEPS, "3")
+    assert exit_after_steps() == 3 and exit_after(3) == {EXIT_AFTER_STEPS: "3"}
+    monkeypatch.setenv(EXIT_AFTER_STEPS, "0")
+    with pytest.raises(ValueError, match=EXIT_AFTER_STEPS):
+        exit_after_steps()
+    assert not hasattr(Config().run, "stop_after_steps")
+    # a config saved by an older version (the field as null) still loads; a set value does not
+    d = Config().to_dict()
+    d["run"]["stop_after_steps"] = None
+    assert not hasattr(Config.from_dict(d).run, "stop_after_steps")
+    d["run"]["stop_after_steps"] = 5
+    with pytest.raises(ConfigError, match="run.stop_after_steps"):
+        Config.from_dict(d)
+    env = {k: v for k, v in os.environ.items() if k != EXIT_AFTER_STEPS}
+    p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", "train", "--stop-after-steps",
+                        "2", "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 2 and "--stop-after-steps" in p.stderr
+
+
+def test_trainer_leaves_the_callers_config_alone():
+    from test_trainer import tiny_cfg
+
+    from dietcl_fast.trainer import Trainer
+    cfg = tiny_cfg()
+    cfg.engine.micro_batch = None
+    before = cfg.to_dict()
+    tr = Trainer(cfg, log=lambda m: None)
+    assert cfg.to_dict() == before
+    assert tr.cfg.engine.micro_batch == 16 and tr.cfg.model.preset == "cpu-tiny"
+    assert (tr.G, tr.micro, tr.n_micro, tr.accum) == (16, 16, 1, 1)
