@@ -80,7 +80,7 @@ class RunPlan:
 def resolve(cfg: Config, device: torch.device, world: int) -> RunPlan:
     """All of a run's resolution and device/world checks, once; `cfg` is left as it is."""
     from .methods import method_class
-    cfg = copy.deepcopy(validate(cfg))
+    cfg = validate(copy.deepcopy(cfg))      # validate normalises (8.0 -> 8): on the copy
     notes, warnings = [], []
     cuda = device.type == "cuda"
     engine = resolve_engine(cfg.engine.engine)          # auto -> the recorded choice

@@ -23,6 +23,7 @@ step function (`step_loss`), the run's position and non-finite watch (`run_state
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -78,8 +79,7 @@ class Trainer:
 
         # processes (torchrun / the deepspeed launcher describe them in RANK, WORLD_SIZE, ...),
         # then the plan: every option resolved and checked once, against device and world size
-        cfg = validate(cfg)
-        device_type = resolve_device(cfg.run.device)
+        device_type = resolve_device(validate(copy.deepcopy(cfg)).run.device)
         deepspeed = resolve_engine(cfg.engine.engine) == "deepspeed"
         if deepspeed:
             from .engine.deepspeed_engine import import_deepspeed

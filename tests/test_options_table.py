@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from dietcl_fast.config import Config, ConfigError, PretrainConfig, apply_dict, options, validate
+from dietcl_fast.testing import exit_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -25,9 +26,10 @@ def run(*args, timeout=120):
                           cwd=ROOT)
 
 
-def dietcl(*args, timeout=300, cwd=None):
+def dietcl(*args, timeout=300, cwd=None, extra_env=None):
     return subprocess.run([PY, "-m", "dietcl_fast.cli.main", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=ENV, cwd=cwd or ROOT)
+                          text=True, timeout=timeout, env={**ENV, **(extra_env or {})},
+                          cwd=cwd or ROOT)
 
 
 def test_readme_table_matches_the_config():
@@ -167,7 +169,7 @@ def test_a_run_saved_with_an_older_config_resumes(tmp_path):
     out = tmp_path / "r"
     p = dietcl("train", "--method", "ewc", "--ewc-lambda", "5", "--budget", "2", "--time-steps",
                "2", "--label-rate", "0.05", "--batch-size", "16", "--micro-batch", "8",
-               "--ckpt-every", "1", "--no-progress", "--stop-after-steps", "1", "--out", out)
+               "--ckpt-every", "1", "--no-progress", "--out", out, extra_env=exit_after(1))
     assert p.returncode != 0 and (out / "latest.pt").exists(), p.stderr
     # rewrite the checkpoint's config the way an older version saved it
     state = load_checkpoint(str(out))

@@ -31,6 +31,14 @@ def test_resolve_fills_the_presets_values_into_a_copy_and_leaves_the_config_alon
     assert any("global batch 64" in n for n in plan.notes)
 
 
+def test_resolve_normalises_only_its_copy():
+    cfg = Config()
+    cfg.run.budget = 4.0                                # YAML may give a whole number as float
+    plan = resolve(cfg, CPU, 1)
+    assert plan.budget == 4 and isinstance(plan.cfg.run.budget, int)
+    assert isinstance(cfg.run.budget, float)
+
+
 def test_resolve_splits_the_global_batch_over_processes_and_names_what_does_not_divide():
     cfg = Config()
     cfg.run.batch_size, cfg.engine.micro_batch = 16, 4
