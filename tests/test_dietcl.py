@@ -107,7 +107,7 @@ def test_buffer_phase_runs_at_a_tenth_of_the_lr_with_its_own_cosine(tmp_path):
     set_lr = tr.engine.set_lr
     tr.engine.set_lr = lambda lr: (seen.append((tr.pos.t, tr.pos.phase, tr.pos.it, lr)), set_lr(lr))[1]
     tr.run(str(tmp_path))
-    peak = cfg.optim.blr * 16 / 256                      # cpu-tiny blr 4e-3 -> 2.5e-4
+    peak = tr.cfg.optim.blr * 16 / 256                     # cpu-tiny blr 4e-3 -> 2.5e-4
     lrs = {(t, p, i): lr for t, p, i, lr in seen}
     assert sorted(lrs) == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 0, 3),
                            (1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
