@@ -153,6 +153,7 @@ def plot(out: str, results: list[dict], order: list[str]) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from dietcl_fast.results import save_figure
     from matplotlib.ticker import MaxNLocator
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab20").colors     # 12 methods: no colour used twice
@@ -174,10 +175,7 @@ def plot(out: str, results: list[dict], order: list[str]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    tmp = os.path.join(out, ".compare.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, os.path.join(out, "compare.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "compare.png"))
 
 
 def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:

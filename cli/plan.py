@@ -299,6 +299,7 @@ def _plot(out, doc, unit):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from dietcl_fast.results import save_figure
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.get_cmap("tab10").colors
     for i, m in enumerate(doc["inputs"]["methods"]):
@@ -322,10 +323,7 @@ def _plot(out, doc, unit):
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = os.path.join(out, ".plan.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, os.path.join(out, "plan.png"))
-    plt.close(fig)
+    save_figure(fig, os.path.join(out, "plan.png"))
 
 
 # ------------------------------------------------------------------------------ the command

@@ -6,7 +6,7 @@ user's umask), fsyncs it, renames it over the target and fsyncs the directory: a
 mid-write leaves the previous file intact. The data files a run keeps (checkpoints, the
 DeepSpeed pointer and checksums, results.json, config.yaml, pretrain's checkpoint.pth, compare's
 CSV and table, bench JSON) are written here; plots (matplotlib) are saved to a temporary file
-and renamed over the target the same way, by their writers.
+and renamed over the target the same way, by `results.save_figure`.
 
 `plain_state` turns a state into plain data (tensors, numbers, strings, bytes, None and
 containers of those), which `torch.load(weights_only=True)` reads back without running code.

@@ -66,9 +66,19 @@ def plot_curve(results: dict, path: str) -> None:
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Save a matplotlib figure to `path` atomically (a temporary file in the same directory,
+    renamed over the target: a kill mid-write leaves the previous plot) and close it."""
+    import matplotlib.pyplot as plt
+    d, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(d, f".tmp-{name}")
+    try:
+        fig.savefig(tmp, dpi=dpi, format=os.path.splitext(name)[1][1:] or "png")
+    finally:
+        plt.close(fig)
     os.replace(tmp, path)
 
 
