@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
@@ -74,3 +76,14 @@ class FlopRegions:
 @pytest.fixture
 def flop_regions():
     return FlopRegions()
+
+
+def cli(*args, check=True, extra_env=None, timeout=600):
+    """Run `dietcl-fast ARGS` as users start it (a real process); fail with its output unless
+    it exits 0 (check=False returns the CompletedProcess either way)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", *args], capture_output=True,
+                       text=True, env=env, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p

@@ -4,8 +4,6 @@ slower, partly compiled step), and a killed compiled run resumes to the same acc
 Compiled graphs are cached on disk by inductor, so the CLI runs after the first reuse them."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ from dietcl_fast.testing import exit_after
 from dietcl_fast.config import Config
 from dietcl_fast.trainer import Trainer
 
-PY = sys.executable
+from conftest import cli as run_cli
+
 
 
 def test_a_graph_break_fails_under_fullgraph():
@@ -76,13 +75,8 @@ def test_compile_refuses_a_method_that_cannot_compile_whole():
         Trainer(_tiny("cassle"), log=lambda m: None)
 
 
-def cli(*args, check=True, extra_env=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", *args], capture_output=True, text=True,
-                       env=env, timeout=1200)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
+def cli(*args, **kw):
+    return run_cli(*args, timeout=1200, **kw)
 
 
 TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--micro-batch", "8",

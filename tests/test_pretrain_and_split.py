@@ -3,8 +3,6 @@ loads strictly; kill + resume) and `--split auto` (threshold by validation on th
 its compute reported apart from the per-step budget), through the real CLI."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,18 +10,12 @@ import torch
 
 from dietcl_fast.testing import exit_after
 
-PY = sys.executable
+from conftest import cli
+
 PRE = ["pretrain", "--data", "digits", "--budget", "4", "--batch-size", "8", "--micro-batch", "4",
        "--ckpt-every", "2", "--no-progress"]
 
 
-def cli(*args, check=True, extra_env=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", *args], capture_output=True, text=True,
-                       env=env, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 @pytest.fixture(scope="module")

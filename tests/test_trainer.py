@@ -1,8 +1,6 @@
 """End-to-end: budgeted trainer, ledger = FlopCounterMode for a whole run, resume, CLI."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +12,8 @@ from dietcl_fast.config import Config
 from dietcl_fast.methods import MicroBatch, build_method
 from dietcl_fast.trainer import Trainer
 
-from conftest import tiny_cfg
+from conftest import cli, tiny_cfg
 
-PY = sys.executable
 
 
 @pytest.mark.parametrize("method", ["dietcl", "er", "finetune"])
@@ -102,13 +99,6 @@ def test_logits_masking_gives_no_gradient_to_other_classes(tiny_spec):
     assert float(logs["Lm"]) == pytest.approx(float(ref.detach()), rel=1e-5)
 
 
-def cli(*args, check=True, extra_env=None):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", *args], capture_output=True, text=True,
-                       env=env, timeout=600)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
 
 
 TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--micro-batch", "8",
