@@ -303,3 +303,40 @@ def test_time_run_uses_the_time_masking(tmp_path, monkeypatch):
     Trainer(cfg, log=lambda m: None).run(str(tmp_path))
     assert calls and all(c[0] for c in calls)
     assert all(c[2] >= c[1] for c in calls)            # targets over all seen classes
+
+
+@pytest.mark.parametrize("scenario", ["class", "time"])
+def test_a_hand_made_micro_batch_takes_the_trainers_loss(tiny_spec, scenario):
+    """A micro-batch without plans or class sets (with_plans + the seen head rows) gives the
+    loss the trainer's form gives (full-capacity head, unseen rows masked) on the same draws."""
+    import dataclasses
+    from dietcl_fast.methods.base import ClassSet
+    from dietcl_fast.models import build_model
+    m, cfg = dietcl(mixup=True)
+    cfg.stream.scenario = scenario
+    torch.manual_seed(0)
+    model = build_model(tiny_spec, num_classes=6, head_capacity=8)
+    S, L = tiny_spec.img_size, (tiny_spec.img_size // tiny_spec.patch_size) ** 2
+    g = torch.Generator().manual_seed(0)
+    x = {k: torch.randn(n, tiny_spec.in_chans, S, S, generator=g)
+         for k, n in (("unlabeled", 5), ("labeled", 4), ("buffer", 3))}
+    mb = MicroBatch(x=x, y={"labeled": torch.tensor([2, 3, 3, 2]), "buffer": torch.tensor([0, 5, 1])},
+                    n_global={"unlabeled": 10, "labeled": 8, "buffer": 6},
+                    step_classes=torch.tensor([2, 3]), num_seen=6,
+                    generator=torch.Generator().manual_seed(1),
+                    mask_generator=torch.Generator().manual_seed(2))
+    planned = m.with_plans(dataclasses.replace(mb, generator=torch.Generator().manual_seed(1)))
+    assert set(planned.mix) == {"labeled", "buffer"} and planned.mix["labeled"] is not None
+    s = cfg.method.label_smoothing
+    full = dataclasses.replace(planned, seen=ClassSet.of(range(6), 8, s, "cpu"),
+                               step=ClassSet.of([2, 3], 8, s, "cpu"),
+                               noise={"unlabeled": torch.rand(5, L, generator=torch.Generator().manual_seed(2))})
+    want, want_logs = m.loss(model, full)
+    got, logs = m.loss(model, mb)
+    assert set(logs) == set(want_logs) == {"Lr", "Lm", "Lb"}
+    assert float(got.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
+    for k in logs:
+        assert float(logs[k]) == pytest.approx(float(want_logs[k]), rel=1e-6)
+    with pytest.raises(RuntimeError, match="not among the step's classes"):
+        mb.y["labeled"] = torch.tensor([2, 3, 4, 2])
+        m.loss(model, mb)

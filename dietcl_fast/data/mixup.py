@@ -97,6 +97,18 @@ def unpack_plan(flat: torch.Tensor, h: int, w: int) -> MixPlan:
                    lam=flat[:2])
 
 
+def draw_plan(generator: torch.Generator, n: int, h: int, w: int, mixup_alpha: float = 0.8,
+              cutmix_alpha: float = 1.0, device=None) -> Optional[MixPlan]:
+    """The Mixup/CutMix `mixup_cutmix` applies to n images [n, C, h, w], drawn from `generator`
+    the same way (one torch draw seeding numpy), as a MixPlan on `device`; None (and no draw)
+    when it would not mix. For callers without a host-made plan; reads the draw on the host."""
+    if n < 2 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
+        return None
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    flat = plan_mix(seed, n, h, w, mixup_alpha, cutmix_alpha)
+    return unpack_plan(torch.from_numpy(flat).to(device), h, w)
+
+
 def apply_mix(x: torch.Tensor, target: torch.Tensor, plan: Optional[MixPlan]):
     """x [N, C, H, W], target [N, K] -> mixed (x, target) by a host-made plan (None: as is)."""
     if plan is None:

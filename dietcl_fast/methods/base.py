@@ -261,18 +261,6 @@ class Method:
         return soft_cross_entropy(logits, target, reduction="sum") / n_global
 
 
-def remap_to_subset(y: torch.Tensor, subset: torch.Tensor, num_seen: int) -> torch.Tensor:
-    """Labels in the full seen-class space -> positions in `subset` (for logits masking). The
-    check reads a value on the host: only the eager form uses it (the trainer checks the
-    labels on the host before copying them, see Method.labeled_in_step)."""
-    lut = torch.full((num_seen,), -1, dtype=torch.long, device=y.device)
-    lut[subset.to(y.device)] = torch.arange(len(subset), device=y.device)
-    out = lut[y]
-    if bool((out < 0).any()):
-        raise RuntimeError("a labeled sample's class is not among the step's classes")
-    return out
-
-
 def measure_path(ctx: StepContext, method: Method, fn, n: int = 2,
                  backward: bool = True) -> tuple[int, int]:
     """Exact per-image FLOPs (forward, forward+backward) of `fn(model, n) -> loss`, counted by

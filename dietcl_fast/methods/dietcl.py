@@ -22,42 +22,12 @@ Adaptations (also in the README's method table):
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import register
-from .base import Method, MicroBatch, Phase, remap_to_subset, StepContext
-
-
-def _loss_static_impl(self, model, mb: MicroBatch):
-    """Static shapes (compiled whole): masks from `mb.noise`, Mixup from `mb.mix`, logits over
-    the full-capacity head; Lm masks them as `masked_ce` does, Lb to the seen classes."""
-    total = torch.zeros((), device=mb.seen.mask.device)
-    logs = {}
-    if "unlabeled" in mb.x:
-        lr, _, _ = model.forward_mae(mb.x["unlabeled"], noise=mb.noise["unlabeled"])
-        share = mb.x["unlabeled"].shape[0] / mb.n_global["unlabeled"]
-        total = total + self.mcfg.recon_weight * lr * share
-        logs["Lr"] = lr.detach()
-    time_scenario = self.cfg.stream.scenario == "time"
-    xs, targets, names = [], [], []
-    for name, classes in (("labeled", mb.seen if time_scenario else mb.step), ("buffer", mb.seen)):
-        if name in mb.x:
-            x, tgt = self.planned_mix(mb, name, classes)
-            xs.append(x), targets.append(tgt), names.append(name)
-    if xs:
-        logits = model.classify_all(torch.cat(xs) if len(xs) > 1 else xs[0])
-        start = 0
-        for name, tgt in zip(names, targets):
-            lg = logits[start:start + tgt.shape[0]]
-            start += tgt.shape[0]
-            if name == "labeled":
-                term = _static_lm(lg, tgt, mb.step, time_scenario, mb.n_global[name])
-            else:
-                term = self.ce(lg, tgt, mb.n_global[name])
-            total = total + term
-            logs["Lm" if name == "labeled" else "Lb"] = term.detach() * (
-                mb.n_global[name] / tgt.shape[0])
-    return total, logs
+from .base import ClassSet, Method, MicroBatch, Phase, StepContext
 
 
 def parse_split(split: str) -> tuple[str, float]:
@@ -123,8 +93,6 @@ class DietCL(Method):
             self.split = (str(kind), float(v))
             self.tuning = state.get("tuning")
 
-    _loss_static = _loss_static_impl
-
     def phases(self, ctx: StepContext) -> list[Phase]:
         t, budget = ctx.t, ctx.budget
         u = self.mcfg.unlabeled_fraction
@@ -141,78 +109,90 @@ class DietCL(Method):
         return out
 
     def loss(self, model, mb: MicroBatch):
-        """The trainer's micro-batches carry planned randomness and class sets: the static
-        form (`_loss_static`, compiled whole with --compile). A hand-made MicroBatch without
-        them (unit tests) takes the eager form below; both compute the same losses."""
-        if mb.seen is not None:
-            return self._loss_static(model, mb)
-        total = torch.zeros((), device=mb.step_classes.device)
+        """w_r * Lr + Lm + Lb of one micro-batch -> (its share of the global batch's loss, logs
+        {Lr, Lm, Lb} scaled to their source's global-batch mean). The one form of the loss: the
+        trainer's micro-batches carry their randomness planned (MAE mask `noise`, Mixup `mix`)
+        and their class sets (`seen`, `step`) over the full-capacity head, so nothing here draws
+        or waits for the device and the loss compiles whole with --compile (docs/step.md). A
+        hand-made MicroBatch without them (unit tests, `bench engines`) is first given them by
+        `with_plans`, from its own generators, and classified over the seen head rows."""
+        if mb.seen is None:
+            mb, classify = self.with_plans(mb), model.classify
+        else:
+            classify = model.classify_all       # logits [n, capacity], unseen classes at min
+        total = torch.zeros((), device=mb.seen.mask.device)
         logs = {}
         if "unlabeled" in mb.x:
-            lr, _, _ = model.forward_mae(mb.x["unlabeled"], generator=mb.mask_generator)
-            # kernel returns the micro-batch mean; weight by its share of the global batch
+            if "unlabeled" in mb.noise:
+                lr, _, _ = model.forward_mae(mb.x["unlabeled"], noise=mb.noise["unlabeled"])
+            else:       # hand-made: the model draws the same noise [n, L] from mask_generator
+                lr, _, _ = model.forward_mae(mb.x["unlabeled"], generator=mb.mask_generator)
+            # the kernel returns the micro-batch mean; weight it by its share of the global batch
             share = mb.x["unlabeled"].shape[0] / mb.n_global["unlabeled"]
             total = total + self.mcfg.recon_weight * lr * share
             logs["Lr"] = lr.detach()
-        # one classifier forward for both labeled sources (faster than two)
-        xs, targets, names = [], [], []
+        # targets over all seen classes (time-incremental; absent classes masked in Lm) or over
+        # the step's classes (class-incremental); one classifier forward for both sources
         time_scenario = self.cfg.stream.scenario == "time"
-        if "labeled" in mb.x:
-            if time_scenario:   # targets over all seen classes; absent classes masked in Lm
-                x, tgt = self.mix(mb.x["labeled"], mb.y["labeled"], mb.num_seen, mb.generator)
-            else:               # targets over the step's classes (positions in step_classes)
-                y_sub = remap_to_subset(mb.y["labeled"], mb.step_classes, mb.num_seen)
-                x, tgt = self.mix(mb.x["labeled"], y_sub, len(mb.step_classes), mb.generator)
-            xs.append(x), targets.append(tgt), names.append("labeled")
-        if "buffer" in mb.x:
-            x, tgt = self.mix(mb.x["buffer"], mb.y["buffer"], mb.num_seen, mb.generator)
-            xs.append(x), targets.append(tgt), names.append("buffer")
+        xs, targets, names = [], [], []
+        for name, classes in (("labeled", mb.seen if time_scenario else mb.step), ("buffer", mb.seen)):
+            if name in mb.x:
+                x, tgt = self.planned_mix(mb, name, classes)
+                xs.append(x), targets.append(tgt), names.append(name)
         if xs:
-            logits = model.classify(torch.cat(xs) if len(xs) > 1 else xs[0])
+            logits = classify(torch.cat(xs) if len(xs) > 1 else xs[0])
             start = 0
             for name, tgt in zip(names, targets):
                 lg = logits[start:start + tgt.shape[0]]
                 start += tgt.shape[0]
                 if name == "labeled":
-                    term = masked_ce(lg, tgt, mb.step_classes, mb.num_seen, time_scenario,
-                                     mb.n_global[name])
+                    term = _static_lm(lg, tgt, mb.step, time_scenario, mb.n_global[name])
                 else:
-                    term = self.ce(lg[:, :mb.num_seen], tgt, mb.n_global[name])
+                    term = self.ce(lg, tgt, mb.n_global[name])
                 total = total + term
                 logs["Lm" if name == "labeled" else "Lb"] = term.detach() * (
                     mb.n_global[name] / tgt.shape[0])
         return total, logs
 
+    def with_plans(self, mb: MicroBatch) -> MicroBatch:
+        """A hand-made micro-batch (no class sets, no Mixup plans) completed as the trainer
+        completes its own, on the host (this reads values: eager only): the class sets over the
+        seen head rows (capacity `num_seen`, the width of `model.classify`'s logits), and the
+        Mixup/CutMix plans of `labeled` then `buffer` drawn from `mb.generator` exactly as
+        `Method.mix` draws them (`mixup_cutmix`: one torch draw seeding numpy). The MAE masks
+        stay with `mb.mask_generator` (the model draws them, after the Mixup draws: when the two
+        generators are one object, the masks come from its later state). A labeled image must
+        be of the step's classes."""
+        from dietcl_fast.data.mixup import draw_plan
+        mc, dev = self.mcfg, mb.step_classes.device
+        if "labeled" in mb.y:
+            y = mb.y["labeled"]
+            if not bool(torch.isin(y, mb.step_classes.to(y.device)).all()):
+                raise RuntimeError("a labeled sample's class is not among the step's classes")
+        seen = ClassSet.of(range(mb.num_seen), mb.num_seen, mc.label_smoothing, dev)
+        step = ClassSet.of(mb.step_classes.tolist(), mb.num_seen, mc.label_smoothing, dev)
+        mix = {}
+        if mc.mixup:
+            for name in ("labeled", "buffer"):
+                if name in mb.x:
+                    x = mb.x[name]
+                    mix[name] = draw_plan(mb.generator, x.shape[0], x.shape[-2], x.shape[-1],
+                                          mc.mixup_alpha, mc.cutmix_alpha, x.device)
+        return dataclasses.replace(mb, seen=seen, step=step, mix=mix)
+
 
 def _static_lm(logits: torch.Tensor, target: torch.Tensor, step, time_scenario: bool,
                n_global: int) -> torch.Tensor:
-    """Lm on the full-capacity head: logits [n, capacity] (unseen classes at the dtype's min),
-    target [n, capacity] (zero outside its class set), step: the step's ClassSet.
+    """Lm: cross-entropy with logits masked to the step's classes, summed over the micro-batch
+    and divided by the source's images in the global batch. logits [n, K] (K: the head's
+    capacity, unseen classes at the dtype's min; or the seen classes only), target [n, K] (zero
+    outside its class set), step: the step's ClassSet (mask [K]).
     class-incremental: softmax over the step's classes only (target over the step's classes).
     time-incremental:  log-softmax over all seen classes, the terms of classes absent from the
-                       step multiplied by 0 (target over all seen classes)."""
+                       step multiplied by 0 (target over all seen classes; the absent classes
+                       still take part in the normaliser, so they are pushed down)."""
     if not time_scenario:
         return Method.ce(logits.masked_fill(~step.mask, torch.finfo(logits.dtype).min), target,
                          n_global)
     logp = torch.log_softmax(logits.float(), dim=1)
     return -(target * logp * step.mask.to(logp.dtype)).sum() / n_global
-
-
-def masked_ce(logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor, num_seen: int,
-              time_scenario: bool, n_global: int) -> torch.Tensor:
-    """Lm: cross-entropy with logits masked to the classes present at the step, summed over the
-    micro-batch and divided by the source's images in the global batch.
-
-    logits [n, >= num_seen] (columns past num_seen, if any, are ignored); present [P] class ids
-    with labeled samples at step t.
-    class-incremental: target [n, P] over `present` (positions); softmax over those columns.
-    time-incremental:  target [n, num_seen]; log-softmax over all seen classes, the terms of
-                       classes not in `present` multiplied by 0 (they still take part in the
-                       normaliser, so absent classes are pushed down).
-    """
-    if not time_scenario:
-        return Method.ce(logits.index_select(1, present), target, n_global)
-    logp = torch.log_softmax(logits[:, :num_seen].float(), dim=1)
-    keep = torch.zeros(num_seen, dtype=logp.dtype, device=logp.device)
-    keep[present.to(logp.device)] = 1.0
-    return -(target.to(logp.dtype) * logp * keep).sum() / n_global
