@@ -1,10 +1,11 @@
 """The global batch: how it is cut into micro-batches and processes, and how its images reach
 the device one iteration ahead.
 
-`BatchPlan` is the arithmetic: a global batch of G images is n_micro = G / micro micro-batches,
-process r of W runs micro-batches r, r+W, ... (accum = n_micro / W of them per optimiser
-step). Micro-batch j of a global batch holds a source's draw items j, j+n_micro, ... whatever
-the world size, so results do not depend on it.
+`BatchPlan` is this process's share of the run plan's global batch (`runplan.RunPlan` owns
+G, the micro-batch, the world size W and what follows from them: n_micro = G / micro
+micro-batches, accum = n_micro / W of them per process and optimiser step): process r runs
+micro-batches r, r+W, ... Micro-batch j of a global batch holds a source's draw items j,
+j+n_micro, ... whatever the world size, so results do not depend on it.
 
 `Batcher` turns the ids an iteration draws into loader requests (tickets), submitted one
 iteration ahead so loading overlaps compute, and a fetched ticket into a `MicroBatch`. Every
@@ -24,21 +25,18 @@ from .methods import MicroBatch
 
 @dataclass(frozen=True)
 class BatchPlan:
-    global_batch: int       # G images per optimiser step
-    micro: int              # images per micro-batch
+    """Rank `rank`'s view of `run`'s global batch. `run` is the resolved run plan
+    (`runplan.RunPlan`, not imported: both units share a layer); its batch numbers are read
+    here, never recomputed."""
+    run: "RunPlan"          # global_batch, micro, world, n_micro, accum
     rank: int = 0
-    world: int = 1
     granule: int = 1        # micro-batches with equal per-source counts (static shapes: n_micro)
 
-    @property
-    def n_micro(self) -> int:
-        """Micro-batches per global batch (all processes)."""
-        return self.global_batch // self.micro
-
-    @property
-    def accum(self) -> int:
-        """Micro-batches this process runs per optimiser step."""
-        return self.n_micro // self.world
+    global_batch = property(lambda self: self.run.global_batch, doc="G images per optimiser step")
+    micro = property(lambda self: self.run.micro, doc="images per micro-batch")
+    world = property(lambda self: self.run.world, doc="processes")
+    n_micro = property(lambda self: self.run.n_micro, doc="micro-batches per global batch (all processes)")
+    accum = property(lambda self: self.run.accum, doc="micro-batches this process runs per optimiser step")
 
     def counts(self, phase, it: int | None = None) -> dict[str, int]:
         """Images per source in the global batch of iteration `it` (None: the phase's mix)."""

@@ -59,6 +59,7 @@ class RunPlan:
     notes: tuple = ()               # what resolution chose, for the log
     warnings: tuple = ()            # also written into results.json
 
+    # the batch numbers are owned here; batching.BatchPlan (one rank's share) reads them
     @property
     def n_micro(self) -> int:
         """Micro-batches per global batch (all processes together)."""

@@ -137,8 +137,7 @@ class Trainer:
             self.log(f"--micro-batch auto: {self.plan.micro} (the largest divisor of "
                      f"{self.plan.global_batch // self.plan.world} that fits)")
         # static-shape methods: every micro-batch of a phase has the same per-source counts
-        self.batch = BatchPlan(self.plan.global_batch, self.plan.micro, self.dist.rank,
-                               self.dist.world_size,
+        self.batch = BatchPlan(self.plan, self.dist.rank,
                                self.plan.n_micro if self.method.static_shapes else 1)
         self.batcher = Batcher(self.batch, self.loader, self.stream, self.spec, self.device,
                                cfg.run.seed, self.method, cfg.method)
@@ -174,11 +173,11 @@ class Trainer:
         self._good_gstep = None                 # ... and of the last one known to be on disk
         self._exit_after = None                 # test hook (dietcl_fast/testing.py), set by run
 
-    # the resolved batch arithmetic (RunPlan / BatchPlan)
-    G = property(lambda self: self.batch.global_batch, doc="global batch: images per optimiser step")
-    micro = property(lambda self: self.batch.micro, doc="images per micro-batch")
-    n_micro = property(lambda self: self.batch.n_micro, doc="micro-batches per global batch")
-    accum = property(lambda self: self.batch.accum, doc="micro-batches per process per step")
+    # the resolved batch arithmetic (RunPlan owns it; BatchPlan reads it for this rank)
+    G = property(lambda self: self.plan.global_batch, doc="global batch: images per optimiser step")
+    micro = property(lambda self: self.plan.micro, doc="images per micro-batch")
+    n_micro = property(lambda self: self.plan.n_micro, doc="micro-batches per global batch")
+    accum = property(lambda self: self.plan.accum, doc="micro-batches per process per step")
     granule = property(lambda self: self.batch.granule, doc="micro-batches with equal counts")
 
     @property

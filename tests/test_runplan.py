@@ -67,17 +67,24 @@ def test_resolve_refuses_compiling_a_method_with_dynamic_shapes():
         resolve(cfg, CPU, 1)
 
 
+def run_plan(G, micro, world):
+    cfg = Config()
+    cfg.run.batch_size, cfg.engine.micro_batch = G, micro
+    return resolve(cfg, CPU, world)
+
+
 @pytest.mark.parametrize("G,micro,world", [(16, 4, 1), (16, 4, 2), (16, 2, 4), (12, 3, 2)])
 def test_micro_batch_j_holds_draw_items_j_j_plus_M_whatever_the_world_size(G, micro, world):
+    run = run_plan(G, micro, world)
     for n in (0, 1, 5, G // 2, G):
         for rank in range(world):
-            bp = BatchPlan(G, micro, rank, world)
+            bp = BatchPlan(run, rank)
             shard = list(range(rank, n, world))          # this rank's items of an n-item draw
             for j in bp.my_micro():
                 got = shard[bp.split(n, j)]
                 assert got == list(range(j, n, bp.n_micro)), (n, rank, j)
                 assert len(got) == bp.micro_len(n, j)
-        all_j = sorted(j for r in range(world) for j in BatchPlan(G, micro, r, world).my_micro())
+        all_j = sorted(j for r in range(world) for j in BatchPlan(run, r).my_micro())
         assert all_j == list(range(G // micro))
 
 
