@@ -121,7 +121,10 @@ def resolve(cfg: Config, device: torch.device, world: int) -> RunPlan:
             f"--batch-size {G} (the global batch) must equal micro-batch x accumulation x "
             f"world size, but it is not divisible by micro-batch {micro} x world size {world} "
             f"= {micro * world}; choose --micro-batch (or --batch-size) so that it divides")
-    check_memory(pdef["spec"], G, micro, cfg.run.eval_batch_size, device)
+    # --micro-batch auto on a GPU: `micro` is only the probe's first candidate; the probe may
+    # settle on any divisor down to 1, so only a micro-batch of 1 must surely fit here
+    check_memory(pdef["spec"], G, 1 if probe_micro and cuda else micro,
+                 cfg.run.eval_batch_size, device)
 
     # the compiled step: static-shape methods only; default on for CUDA, off on the CPU
     want = cfg.engine.compile

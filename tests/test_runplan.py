@@ -67,6 +67,28 @@ def test_resolve_refuses_compiling_a_method_with_dynamic_shapes():
         resolve(cfg, CPU, 1)
 
 
+def test_micro_batch_auto_on_a_small_gpu_is_left_to_the_probe(monkeypatch):
+    """On a GPU, `--micro-batch auto` resolves with the whole per-process batch only as the
+    probe's first candidate: the memory check before any data is read must not refuse it when a
+    smaller micro-batch would fit (a 16 GB card with ViT-B/16 at 1,024 images). A fixed
+    micro-batch that surely does not fit is still refused, naming the option."""
+    free = {"bytes": int(14e9)}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], int(16e9)))
+    gpu = torch.device("cuda", 0)                   # resolve reads only the device's type here
+    cfg = Config()
+    cfg.engine.micro_batch = "auto"
+    plan = resolve(cfg, gpu, 1)
+    assert plan.preset == "vit-b16" and plan.probe_micro and plan.micro == 1024
+    assert plan.amp_dtype == torch.bfloat16 and plan.compile is True   # the CUDA defaults
+    cfg.engine.micro_batch = 1024
+    with pytest.raises(ConfigError, match="micro-batch 1024: one micro-batch needs"):
+        resolve(cfg, gpu, 1)
+    cfg.engine.micro_batch = "auto"
+    free["bytes"] = int(5e6)                        # not even one image: refused up front
+    with pytest.raises(ConfigError, match="micro-batch 1: one micro-batch needs"):
+        resolve(cfg, gpu, 1)
+
+
 def run_plan(G, micro, world):
     cfg = Config()
     cfg.run.batch_size, cfg.engine.micro_batch = G, micro
