@@ -1,33 +1,69 @@
 #!/usr/bin/env bash
-# One command for a lent GPU (about 6-8 minutes on one H100; no DALI, no internet needed):
-#   1. build the package in place, offline (pip --no-index --no-deps --no-build-isolation -e .);
-#   2. kernel correctness: tests/test_kernels.py on the device, then the fused kernels vs float64
-#      on exactly what the trainer passes (fp32 images, the pred[:, 1:] view, micro-batches of
-#      103 and 102 images) and their timings vs eager (`dietcl-fast bench kernels`);
-#   3. `dietcl-fast bench step --preset vit-b16`: DietCL joint + buffer-only iterations, eager vs
-#      compiled, with data (torch loader), eval and checkpoint; projected seconds per time step;
-#   4. `dietcl-fast bench loader`: the torch loader's images/s alone and while a ViT-B/16
-#      training step runs (and the step's slowdown);
-#   5. `dietcl-fast bench flops`: MFU of the classify / MAE passes vs the measured bf16 peak.
+# One command for a lent GPU (no DALI, no internet needed), parts in order of value per second:
+#   env     versions, GPU name, driver;
+#   build   the package in place, offline (pip --no-index --no-deps --no-build-isolation -e .);
+#   kernels the fused kernels vs float64 on exactly what the trainer passes (fp32 images, the
+#           pred[:, 1:] view, micro-batches of 103 and 102 images), then their timings vs eager
+#           and the memory floor (`dietcl-fast bench kernels`);
+#   step    `dietcl-fast bench step --preset vit-b16`: DietCL joint + buffer-only iterations with
+#           data (torch loader), eval and checkpoint, eager first, then compiled (step.json is
+#           written after each mode); projected seconds per time step, MFU;
+#   loader  the torch loader's images/s alone and while a ViT-B/16 training step runs;
+#   flops   MFU of the classify / MAE passes vs the measured bf16 peak;
+#   pytest_kernels  tests/test_kernels.py on the device.
 # Everything lands under $OUT (default bench/results/gpu-suite), at most 8 files, one folder:
 #   env.json kernels.json step.json loader.json flops.json pytest_kernels.txt suite.log summary.json
-# A failing part is recorded in summary.json and the suite goes on; exit status 1 if any failed.
+# summary.json is rewritten after every part, so a suite killed from outside still leaves the
+# figures of the parts that finished. A failing part is recorded and the suite goes on; a part
+# that would start with less than its minimum time left before --deadline is recorded as
+# skipped. Exit status 1 if any part failed or was skipped.
 #
-# Usage:  bash bench/gpu_suite.sh                 # on the GPU machine
-#         bash bench/gpu_suite.sh --cpu [--no-build]
-#                                                 # every line but the device: tiny shapes on the
-#                                                 # CPU (the test suite runs this)
+# The whole suite stops within --deadline seconds (default 480 on a GPU, i.e. 8 minutes; 2400
+# with --cpu); each part's own limit is cut to what is left. A lent GPU comes with a fixed
+# device-time allowance that includes the machine's start: run the suite once with a deadline
+# that leaves time for a second run, fix what it shows, then rerun only the parts that failed
+# with --only (env and build always run; a fresh machine has neither the build nor a warm
+# torch.compile cache).
+#
+# Usage:  bash bench/gpu_suite.sh [--deadline S] [--only part,part] [--no-build]   # on the GPU
+#         bash bench/gpu_suite.sh --cpu [--no-build] # every line but the device: tiny shapes on
+#                                                    # the CPU (the test suite runs this)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=gpu
 BUILD=1
-for a in "$@"; do
-    case "$a" in
+DEADLINE=""
+ONLY=""
+PARTS="env build kernels step loader flops pytest_kernels"
+while [ $# -gt 0 ]; do
+    case "$1" in
         --cpu) MODE=cpu ;;
         --no-build) BUILD=0 ;;
-        *) echo "gpu_suite.sh: unknown option $a (use --cpu, --no-build)" >&2; exit 2 ;;
+        --deadline) DEADLINE=${2:-}; shift ;;
+        --deadline=*) DEADLINE=${1#*=} ;;
+        --only) ONLY=${2:-}; shift ;;
+        --only=*) ONLY=${1#*=} ;;
+        *) echo "gpu_suite.sh: unknown option $1 (use --cpu, --no-build, --deadline S, --only PARTS)" >&2
+           exit 2 ;;
+    esac
+    shift
+done
+if [ -z "$DEADLINE" ]; then    # 8 minutes on a GPU; the CPU mode compiles on 2 cores
+    if [ "$MODE" = gpu ]; then DEADLINE=480; else DEADLINE=2400; fi
+fi
+case "$DEADLINE" in
+    ''|*[!0-9]*) echo "gpu_suite.sh: --deadline '$DEADLINE': a whole number of seconds" >&2; exit 2 ;;
+esac
+if [ "$DEADLINE" -lt 60 ]; then
+    echo "gpu_suite.sh: --deadline $DEADLINE: at least 60 seconds" >&2; exit 2
+fi
+for p in ${ONLY//,/ }; do
+    case " $PARTS " in
+        *" $p "*) ;;
+        *) echo "gpu_suite.sh: --only '$ONLY': unknown part '$p' (parts: ${PARTS// /, })" >&2; exit 2 ;;
     esac
 done
+wanted() { [ -z "$ONLY" ] || [ "$1" = env ] || [ "$1" = build ] || case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 OUTDIR=${OUT:-bench/results/gpu-suite}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
@@ -37,14 +73,66 @@ STATUS="$OUTDIR/.status"
 : > "$STATUS"
 unset DIETCL_KERNELS || true
 
-run() {   # run NAME TIMEOUT_S CMD... : logged, timed, status recorded, never aborts the suite
-    local name=$1 limit=$2; shift 2
-    echo "== $name: $*" | tee -a "$LOG"
+RESERVE=15          # seconds kept for the summary at the end
+left() { echo $((DEADLINE - SECONDS - RESERVE)); }
+
+run() {   # run NAME LIMIT_S MIN_S CMD... : logged, timed, status recorded, never aborts the suite
+    local name=$1 limit=$2 min=$3; shift 3
+    wanted "$name" || return 0
+    local budget; budget=$(left)
+    if [ "$budget" -lt "$min" ]; then
+        echo "== $name: skipped, ${budget} s left before the deadline (needs >= $min)" | tee -a "$LOG"
+        echo "$name skipped 0" >> "$STATUS"; summarise; return 0
+    fi
+    [ "$budget" -lt "$limit" ] && limit=$budget
+    echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
     local t0=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     echo "$name $rc $((SECONDS - t0))" >> "$STATUS"
     echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+    summarise
+}
+
+summarise() {   # summary.json from the parts so far (rewritten after each part)
+    "$PY" - "$OUTDIR" "$MODE" "$DEADLINE" "$SECONDS" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, os, sys
+out, mode, deadline, elapsed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+parts = {}
+for line in open(os.path.join(out, ".status")):
+    name, rc, secs = line.split()
+    parts[name] = {"exit": None if rc == "skipped" else int(rc), "seconds": int(secs),
+                   "pass": rc == "0", "skipped": rc == "skipped",
+                   "timed_out": rc in ("124", "137")}
+def load(name):
+    p = os.path.join(out, name)
+    try:
+        return json.load(open(p)) if os.path.isfile(p) else None
+    except ValueError:
+        return None
+summary = {"mode": mode, "deadline_seconds": deadline, "elapsed_seconds": elapsed,
+           "parts": parts, "pass": bool(parts) and all(p["pass"] for p in parts.values())}
+k, s, l, f = load("kernels.json"), load("step.json"), load("loader.json"), load("flops.json")
+if k:
+    summary["kernels_correct"] = k.get("check", {}).get("pass")
+    summary["mae_loss_fused_speedup"] = k.get("speedup")
+if s:
+    summary["step"] = {key: s.get(key) for key in ("complete", "speedup", "seconds_per_step",
+                                                    "projected_seconds_per_time_step",
+                                                    "matmul_peak_flops", "budget")}
+    summary["step"]["mfu"] = {m: r.get("mfu") for m, r in s.get("modes", {}).items()}
+    summary["step"]["mode_wall_seconds"] = {m: r.get("mode_wall_seconds")
+                                            for m, r in s.get("modes", {}).items()}
+    summary["step"]["errors"] = {m: e.get("error") for m, e in s.get("errors", {}).items()}
+if l:
+    summary["loader"] = [{k2: r.get(k2) for k2 in ("backend", "images_per_second",
+                          "images_per_second_with_step", "step_slowdown")} for r in l["backends"]]
+if f:
+    summary["flops_mfu"] = f.get("mfu")
+tmp = os.path.join(out, ".summary.json.tmp")
+json.dump(summary, open(tmp, "w"), indent=2)
+os.replace(tmp, os.path.join(out, "summary.json"))
+PYEOF
 }
 
 if [ "$MODE" = gpu ]; then
@@ -60,7 +148,7 @@ else
     PYTEST_EXTRA=(--collect-only)   # the test suite runs these tests itself
 fi
 
-run env 120 "$PY" - "$OUTDIR/env.json" <<'PYEOF'
+run env 60 10 "$PY" - "$OUTDIR/env.json" <<'PYEOF'
 import json, platform, subprocess, sys
 import torch
 env = {"python": platform.python_version(), "torch": torch.__version__,
@@ -82,50 +170,20 @@ print(json.dumps(env, indent=2))
 PYEOF
 
 if [ "$BUILD" = 1 ]; then
-    run build 300 "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
+    run build 120 20 "$PY" -m pip install --no-index --no-deps --no-build-isolation -e .
 fi
 
-echo "== pytest_kernels" | tee -a "$LOG"
-t0=$SECONDS
-DIETCL_TEST_DEVICE=$TESTDEV timeout 300 "$PY" -m pytest tests/test_kernels.py -q -x "${PYTEST_EXTRA[@]}" \
-    -p no:cacheprovider > "$OUTDIR/pytest_kernels.txt" 2>&1
-echo "pytest_kernels $? $((SECONDS - t0))" >> "$STATUS"
-tail -3 "$OUTDIR/pytest_kernels.txt" | tee -a "$LOG"
+run kernels 150 30 "$PY" -m dietcl_fast.cli.main bench kernels "${DEV[@]}" "${KERNELS[@]}" --out "$OUTDIR/kernels.json"
+run step 330 45 "$PY" -m dietcl_fast.cli.main bench step "${DEV[@]}" "${STEP[@]}" --out "$OUTDIR/step.json"
+run loader 120 30 "$PY" -m dietcl_fast.cli.main bench loader "${DEV[@]}" "${LOADER[@]}" --out "$OUTDIR/loader.json"
+run flops 90 20 "$PY" -m dietcl_fast.cli.main bench flops "${DEV[@]}" "${FLOPS[@]}" --out "$OUTDIR/flops.json"
+export DIETCL_TEST_DEVICE=$TESTDEV
+run pytest_kernels 120 20 bash -c '"$1" -m pytest tests/test_kernels.py -q -x -p no:cacheprovider \
+    "${@:3}" > "$2" 2>&1; rc=$?; tail -3 "$2"; exit $rc' _ "$PY" "$OUTDIR/pytest_kernels.txt" "${PYTEST_EXTRA[@]}"
 
-run kernels 240 "$PY" -m dietcl_fast.cli.main bench kernels "${DEV[@]}" "${KERNELS[@]}" --out "$OUTDIR/kernels.json"
-run step 420 "$PY" -m dietcl_fast.cli.main bench step "${DEV[@]}" "${STEP[@]}" --out "$OUTDIR/step.json"
-run loader 180 "$PY" -m dietcl_fast.cli.main bench loader "${DEV[@]}" "${LOADER[@]}" --out "$OUTDIR/loader.json"
-run flops 180 "$PY" -m dietcl_fast.cli.main bench flops "${DEV[@]}" "${FLOPS[@]}" --out "$OUTDIR/flops.json"
-
-"$PY" - "$OUTDIR" "$MODE" <<'PYEOF' 2>&1 | tee -a "$LOG"
-import json, os, sys
-out, mode = sys.argv[1], sys.argv[2]
-parts = {}
-for line in open(os.path.join(out, ".status")):
-    name, rc, secs = line.split()
-    parts[name] = {"exit": int(rc), "seconds": int(secs), "pass": rc == "0"}
-def load(name):
-    p = os.path.join(out, name)
-    return json.load(open(p)) if os.path.isfile(p) else None
-summary = {"mode": mode, "parts": parts, "pass": all(p["pass"] for p in parts.values())}
-k, s, l, f = load("kernels.json"), load("step.json"), load("loader.json"), load("flops.json")
-if k:
-    summary["kernels_correct"] = k.get("check", {}).get("pass")
-    summary["mae_loss_fused_speedup"] = k.get("speedup")
-if s:
-    summary["step"] = {key: s.get(key) for key in ("speedup", "seconds_per_step",
-                                                    "projected_seconds_per_time_step",
-                                                    "matmul_peak_flops", "budget")}
-    summary["step"]["mfu"] = {m: r.get("mfu") for m, r in s.get("modes", {}).items()}
-if l:
-    summary["loader"] = [{k2: r.get(k2) for k2 in ("backend", "images_per_second",
-                          "images_per_second_with_step", "step_slowdown")} for r in l["backends"]]
-if f:
-    summary["flops_mfu"] = f.get("mfu")
-json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
-print(json.dumps(summary, indent=2))
-sys.exit(0 if summary["pass"] else 1)
-PYEOF
+summarise
+"$PY" -c 'import json, sys; s = json.load(open(sys.argv[1])); print(json.dumps(s, indent=2)); sys.exit(0 if s["pass"] else 1)' \
+    "$OUTDIR/summary.json" | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 rm -f "$STATUS"
 exit $rc

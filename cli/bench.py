@@ -15,10 +15,15 @@ def _fail(msg: str) -> None:
 
 
 def _run(fn, **kw):
+    from dietcl_fast.bench.common import BenchFailed
     try:
         return fn(**kw)
     except ValueError as e:             # ConfigError is a ValueError: bad option values
         _fail(str(e))
+    except BenchFailed as e:            # a part failed after the rest ran and were written
+        import sys
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
 
 
 OUT = click.option("--out", default=None, type=click.Path(dir_okay=False),

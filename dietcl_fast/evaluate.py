@@ -5,8 +5,9 @@ Evaluation stays off the training step's critical path as far as it can: batches
 images by default) are submitted to the loader one ahead, so the next batch decodes while the
 current one runs; the forward runs under `torch.inference_mode`; correct predictions are
 counted on the device and read back once per call (one host sync, not one per batch). With
-`classify` compiled, a partial batch is padded to the next power of two (at most the batch
-size; padding rows are not counted), so a handful of graphs serve every eval set.
+`classify` compiled (static shapes), a partial batch is padded to one of a fixed set of sizes
+(`eval_pad_sizes`; padding rows are not counted): every eval set of a run is served by at most
+three graphs, well under torch.compile's recompile limit, past which it would run eager.
 """
 from __future__ import annotations
 
@@ -17,14 +18,29 @@ from .data.pipeline import Request, model_input
 from .data.transforms import host_to_device
 
 
+def eval_pad_sizes(batch_size: int, device_type: str) -> tuple[int, ...]:
+    """The batch sizes a compiled classify runs (one graph each), ascending.
+
+    On a GPU only the full batch: one graph for the run, and padding the last partial batch of
+    an eval set costs at most one batch's forward (milliseconds), against tens of seconds per
+    extra graph to compile. On the CPU, where a full padded batch costs as much as a real one,
+    batch/64, batch/8 and the batch: at most three graphs, at most 8x padding of a partial
+    batch."""
+    if batch_size < 1:
+        raise ValueError(f"run.eval_batch_size {batch_size}: must be >= 1")
+    if device_type == "cuda":
+        return (batch_size,)
+    return tuple(sorted({max(1, batch_size // 64), max(1, batch_size // 8), batch_size}))
+
+
 def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: int,
                 autocast, channels: int | None = None, classify=None,
-                pad: bool = False) -> tuple[int, int]:
+                pad: tuple[int, ...] = ()) -> tuple[int, int]:
     """-> (correct, total) of argmax over all head rows (no task id at test time).
 
     ids, labels: [n]. `classify(x [b, C, S, S]) -> logits [b, K]` (default `model.classify`);
-    `pad`: pad a partial batch to the next power of two, at most `batch_size` (for a compiled
-    classify: few distinct shapes)."""
+    `pad`: sizes to pad a partial batch to (the smallest that holds it; `eval_pad_sizes`), for
+    a compiled classify with static shapes; empty: no padding."""
     n = len(ids)
     if n == 0:
         return 0, 0
@@ -51,8 +67,8 @@ def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: 
                     y = host_to_device(y_host, x.device)
                     correct = torch.zeros((), dtype=torch.long, device=x.device)
                 m = x.shape[0]
-                if pad:                 # static shapes: the next power of two, at most a batch
-                    b = min(batch_size, 1 << (m - 1).bit_length())
+                if pad:                 # static shapes: the smallest allowed size that holds m
+                    b = next((p for p in pad if p >= m), m)
                     if b > m:
                         x = torch.cat([x, x[-1:].expand(b - m, *x.shape[1:])])
                 with autocast():

@@ -39,7 +39,7 @@ from .ckpt_writer import BackgroundCheckpointer
 from .config import Config, ConfigError, save_yaml, validate
 from .data.sampling import EpochSampler
 from .engine import build_engine, init_from_env, resolve_engine
-from .evaluate import sharded_accuracy, summarise
+from .evaluate import eval_pad_sizes, sharded_accuracy, summarise
 from .ledger import Ledger
 from .methods import StepContext, build_method
 from .mfu import mfu as flops_utilisation
@@ -484,7 +484,7 @@ class Trainer:
         t_eval = time.perf_counter()
         row, n_eval = [], 0
         eval_model = self.method.eval_model(self.step_context(t))
-        classify, pad = self._eval_fn() if eval_model is self.model else (eval_model.classify, False)
+        classify, pad = self._eval_fn() if eval_model is self.model else (eval_model.classify, ())
         for k in range(t + 1):
             ids, labels = self.stream.eval_for(t, k)
             c, n = sharded_accuracy(eval_model, self.loader, ids, labels,
@@ -499,14 +499,15 @@ class Trainer:
         return row
 
     def _eval_fn(self):
-        """-> (classify, pad): `model.classify`, or `model.classify_all` compiled (static
-        shapes: partial batches padded) when the run compiles."""
+        """-> (classify, pad sizes): `model.classify` (no padding), or `model.classify_all`
+        compiled (static shapes: partial batches padded to `eval_pad_sizes`) when the run
+        compiles."""
         if not self.cfg.engine.compile:
-            return self.model.classify, False
+            return self.model.classify, ()
         if self._eval_classify is None:
             # all head rows, unseen classes masked (never the argmax): one shape for the run
             self._eval_classify = torch.compile(self.model.classify_all, dynamic=False)
-        return self._eval_classify, True
+        return self._eval_classify, eval_pad_sizes(self.cfg.run.eval_batch_size, self.device.type)
 
     def _tune_split(self) -> None:
         """--split auto: choose the threshold by validation before step 0 (dietcl_fast/tuning.py);

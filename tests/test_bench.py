@@ -107,3 +107,82 @@ def test_bench_buffer_and_engines(tmp_path):
 def test_bench_bad_options_stop_before_compute(args, needle):
     p = run([*CLI, "bench", *args])
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_gpu_suite_deadline_skips_and_records(tmp_path):
+    """A part that would start with less than its minimum time left is skipped, recorded in
+    summary.json, and the suite exits 1; env always runs, --only picks the rest."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--deadline", "60",
+             "--only", "step"], env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert set(s["parts"]) == {"env", "step"} and s["parts"]["env"]["pass"]
+    assert s["parts"]["step"]["skipped"] and not s["pass"] and s["deadline_seconds"] == 60
+    assert "step: skipped" in (tmp_path / "suite.log").read_text()
+    assert not (tmp_path / "step.json").exists()
+
+
+def test_gpu_suite_killed_part_keeps_its_partial_figures(tmp_path):
+    """A part still running at the deadline is killed; what it wrote before (bench step writes
+    step.json after each mode) is in summary.json, and the suite still ends with a summary.
+    The python here answers `bench step` by writing an eager-only step.json and hanging, as a
+    compile that never finishes would."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/bash
+if [ "$2" = dietcl_fast.cli.main ] && [ "$3" = bench ] && [ "$4" = step ]; then
+    out=""; prev=""
+    for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+    echo '{{"complete": false, "modes": {{"eager": {{"mfu": 0.5, "mode_wall_seconds": 3.0}}}},
+           "errors": {{}}, "speedup": null}}' > "$out"
+    exec sleep 600
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake)}
+    p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--deadline", "63",
+             "--only", "step,flops"], env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["parts"]["step"]["timed_out"] and not s["parts"]["step"]["pass"]
+    assert s["parts"]["flops"]["skipped"]                    # no time left after the kill
+    assert s["step"]["complete"] is False and s["step"]["mfu"] == {"eager": 0.5}
+    assert s["elapsed_seconds"] <= 63
+
+
+def test_bench_step_keeps_the_modes_that_ran_when_one_fails(tmp_path, monkeypatch):
+    """A mode that raises is recorded in step.json with its error; the other mode's figures are
+    written (after each mode) and the call ends with BenchFailed (the CLI's exit status 1).
+    Bad input (ConfigError) is not swallowed: it stops at once, as before."""
+    from dietcl_fast.bench import step as bstep
+    from dietcl_fast.bench.common import BenchFailed
+    from dietcl_fast.config import ConfigError
+    real = bstep.run_mode
+    calls = []
+
+    def flaky(mode, *a, **kw):
+        calls.append(mode)
+        if mode == "compiled":
+            raise RuntimeError("inductor fell over")
+        return real(mode, *a, **kw)
+
+    monkeypatch.setattr(bstep, "run_mode", flaky)
+    out = tmp_path / "step.json"
+    with pytest.raises(BenchFailed, match="mode compiled failed: RuntimeError: inductor fell over"):
+        bstep.bench_step(preset="cpu-tiny", device="cpu", steps=1, warmup=0, tiny_peak=True,
+                         out=str(out), workdir=str(tmp_path), echo=lambda *_: None)
+    r = json.loads(out.read_text())
+    assert calls == ["eager", "compiled"] and r["complete"] is False
+    assert set(r["modes"]) == {"eager"} and r["speedup"] is None
+    assert r["modes"]["eager"]["mode_wall_seconds"] > 0
+    assert "inductor fell over" in r["errors"]["compiled"]["traceback_tail"]
+
+    def bad(mode, *a, **kw):
+        raise ConfigError("--data 'nope': no such dataset")
+
+    monkeypatch.setattr(bstep, "run_mode", bad)
+    with pytest.raises(ConfigError, match="--data"):
+        bstep.bench_step(preset="cpu-tiny", device="cpu", steps=1, warmup=0, tiny_peak=True,
+                         out=str(tmp_path / "b.json"), workdir=str(tmp_path), echo=lambda *_: None)

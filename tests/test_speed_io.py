@@ -186,7 +186,26 @@ def test_background_writer_reports_a_failed_write(tmp_path):
     assert not w.busy
 
 
-def test_evaluation_pads_partial_batches_to_powers_of_two_and_counts_only_real_rows():
+def test_eval_pad_sizes_bound_the_graphs():
+    """A compiled classify sees at most three batch sizes on the CPU and one on a GPU, so no
+    run reaches torch.compile's recompile limit (8), past which it would silently run eager."""
+    from dietcl_fast.evaluate import eval_pad_sizes
+    assert eval_pad_sizes(1024, "cuda") == (1024,)
+    assert eval_pad_sizes(1024, "cpu") == (16, 128, 1024)
+    assert eval_pad_sizes(8, "cpu") == (1, 8)
+    assert eval_pad_sizes(1, "cpu") == (1,)
+    for b in range(1, 3000, 7):
+        sizes = eval_pad_sizes(b, "cpu")
+        assert len(sizes) <= 3 and sizes[-1] == b and list(sizes) == sorted(set(sizes))
+        # every partial batch m <= b has a size that holds it with at most 8x padding
+        for m in range(1, b + 1, max(1, b // 50)):
+            p = next(s for s in sizes if s >= m)
+            assert p <= max(8 * m, sizes[0])
+    with pytest.raises(ValueError, match="eval_batch_size 0"):
+        eval_pad_sizes(0, "cpu")
+
+
+def test_evaluation_pads_partial_batches_to_the_allowed_sizes_and_counts_only_real_rows():
     from dietcl_fast.data.pipeline import Loader
     from dietcl_fast.evaluate import accuracy_on
 
@@ -208,13 +227,16 @@ def test_evaluation_pads_partial_batches_to_powers_of_two_and_counts_only_real_r
     ids = np.arange(13)
     labels = ids % 4
     labels[:3] = 0                                   # 13 - 2 correct (ids 1, 2 are wrong)
-    for pad, want in ((False, [8, 5]), (True, [8, 8])):
+    for pad, want in (((), [8, 5]), ((1, 8), [8, 8]), ((4, 8), [8, 8])):
         sizes.clear()
         assert accuracy_on(Model(), Rows(), ids, labels, 8, torch.no_grad, pad=pad) == (11, 13)
         assert sizes == want
     sizes.clear()
-    accuracy_on(Model(), Rows(), ids[:3], labels[:3], 8, torch.no_grad, pad=True)
+    accuracy_on(Model(), Rows(), ids[:3], labels[:3], 8, torch.no_grad, pad=(4, 8))
     assert sizes == [4]
+    sizes.clear()
+    accuracy_on(Model(), Rows(), ids[:5], labels[:5], 8, torch.no_grad, pad=(4, 8))
+    assert sizes == [8]
 
 
 def test_dali_pipelined_chunks_equal_one_batch(tmp_path):

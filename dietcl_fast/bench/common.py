@@ -15,6 +15,18 @@ import numpy as np
 import torch
 
 
+class BenchFailed(RuntimeError):
+    """A measured part failed after the others ran; what did finish is already in --out."""
+
+
+def release_memory(device: torch.device) -> None:
+    """After a failed part: drop the cached device memory so the next part starts clean."""
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def pick_device(want: str) -> torch.device:
     if want not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device {want!r}: choose auto, cpu or cuda")

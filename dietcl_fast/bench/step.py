@@ -15,16 +15,25 @@ Projection for `--budget` steps per time step at t >= 1, with the DietCL split g
 `--split` (default: the method's): joint steps x s/iter(joint) + buffer steps x s/iter(buffer)
 + eval + checkpoint. `seconds_per_step` is that over the budget: end-to-end wall seconds per
 optimiser step, data wait included, eval and checkpoint amortised.
+
+The modes run one after the other (eager first) and `--out` is rewritten after each, with
+`complete: false` until the last: a run killed during the compiled mode's compilation keeps
+the eager figures. A mode that raises is recorded under `errors` (message and traceback tail),
+the other modes still run, and the call ends with `BenchFailed` (exit status 1); bad input
+(`ConfigError`) stops at once.
 """
 from __future__ import annotations
 
 import os
 import statistics
 import tempfile
+import time
+import traceback
 
 import torch
 
-from .common import header, make_jpeg_folder, matmul_peak, pick_device, table, write_json
+from .common import (BenchFailed, header, make_jpeg_folder, matmul_peak, pick_device,
+                     release_memory, table, write_json)
 
 PRESET_DATA = {                     # synthetic stream per preset: classes, per class, (w, h)
     "cpu-tiny": dict(classes=10, per_class=40, size=(48, 40)),
@@ -123,6 +132,7 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                loader: str = "auto", modes=MODES, label_rate: float = 0.1,
                out: str | None = None, workdir: str | None = None, tiny_peak: bool = False,
                echo=print, log=_quiet) -> dict:
+    from dietcl_fast.config import ConfigError
     from dietcl_fast.methods.dietcl import parse_split
     dev = pick_device(device)
     if preset not in PRESET_DATA:
@@ -143,31 +153,40 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
             data = "folder:" + make_jpeg_folder(os.path.join(tmp, "data"), **spec)
         peak = matmul_peak(dev, tiny=tiny_peak)
         echo(f"matmul peak ({peak['dtype']}, n={peak['n']}): {peak['flops_per_second'] / 1e9:.1f} GFLOP/s")
-        res_modes = {}
+        shown = data if not data.startswith("folder:" + tempfile.gettempdir()) else \
+            "synthetic JPEGs " + "x".join(map(str, PRESET_DATA[preset]["size"]))
+        res_modes, errors = {}, {}
         for m in modes:
             echo(f"running {m} ...")
-            r = run_mode(m, data, preset, dev, steps, warmup, os.path.join(tmp, m), batch_size,
-                         micro_batch, loader, label_rate, log)
+            t0 = time.perf_counter()
+            try:
+                r = run_mode(m, data, preset, dev, steps, warmup, os.path.join(tmp, m),
+                             batch_size, micro_batch, loader, label_rate, log)
+            except ConfigError:             # bad input: the same for every mode, stop now
+                raise
+            except Exception as e:          # recorded; the other mode still runs
+                errors[m] = {"error": f"{type(e).__name__}: {e}",
+                             "traceback_tail": traceback.format_exc()[-4000:],
+                             "mode_wall_seconds": time.perf_counter() - t0}
+                release_memory(dev)
+                echo(f"{m} FAILED after {errors[m]['mode_wall_seconds']:.1f} s: {errors[m]['error']}")
+                write_json(out, assemble(dev, preset, budget, split, shown, steps, warmup, peak,
+                                         res_modes, errors, complete=False))
+                continue
+            r["mode_wall_seconds"] = time.perf_counter() - t0
             for p in r["phases"].values():
                 p["mfu"] = p["achieved_flops_per_second"] / peak["flops_per_second"]
             r["projection"] = project(r, budget, split)
             r["mfu"] = (r["projection"]["training_flops"] / r["projection"]["training_seconds"]
                         / peak["flops_per_second"])
             res_modes[m] = r
-    G = next(iter(res_modes.values()))["global_batch"]
-    sps = {m: r["projection"]["seconds_per_step"] for m, r in res_modes.items()}
-    pst = {m: r["projection"]["seconds_per_time_step"] for m, r in res_modes.items()}
-    speedup = sps["eager"] / sps["compiled"] if {"eager", "compiled"} <= sps.keys() else None
-    result = {
-        **header("step", dev),
-        "preset": preset, "global_batch": G, "budget": budget, "split": split,
-        "data": data if not data.startswith("folder:" + tempfile.gettempdir()) else
-        "synthetic JPEGs " + "x".join(map(str, PRESET_DATA[preset]["size"])),
-        "steps_timed_per_phase": steps, "warmup_per_phase": warmup,
-        "modes": res_modes, "speedup": speedup,
-        "seconds_per_step": sps, "projected_seconds_per_time_step": pst,
-        "matmul_peak_flops": peak["flops_per_second"], "matmul_peak": peak,
-    }
+            # written after every mode: a run killed in the next mode keeps this one's figures
+            write_json(out, assemble(dev, preset, budget, split, shown, steps, warmup, peak,
+                                     res_modes, errors, complete=False))
+    result = assemble(dev, preset, budget, split, shown, steps, warmup, peak, res_modes, errors,
+                      complete=True)
+    sps, pst, speedup = result["seconds_per_step"], result["projected_seconds_per_time_step"], \
+        result["speedup"]
     rows = []
     for m, r in res_modes.items():
         for ph, p in r["phases"].items():
@@ -178,13 +197,37 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
         rows.append({"mode": m, "phase": "checkpoint (t=1)", "s_it": r["checkpoint_seconds"]})
         rows.append({"mode": m, "phase": f"time step of {budget}", "s_it": pst[m],
                      "mfu": r["mfu"]})
+    G = result["global_batch"]
     echo(f"\n{result['device']['name']} | {preset} | global batch {G} | budget {budget} | split {split}\n")
-    echo(table(rows, [("mode", "mode"), ("phase", "phase"), ("s_it", "s / iteration (or total)"),
-                      ("ips", "images/s"), ("wait", "data wait"), ("mfu", "MFU")]))
-    echo(f"\nseconds per step (eval + checkpoint amortised): "
-         + ", ".join(f"{m} {v:.4g}" for m, v in sps.items())
-         + (f"; speedup compiled / eager: {speedup:.3f}x" if speedup else ""))
+    if rows:
+        echo(table(rows, [("mode", "mode"), ("phase", "phase"), ("s_it", "s / iteration (or total)"),
+                          ("ips", "images/s"), ("wait", "data wait"), ("mfu", "MFU")]))
+    if sps:
+        echo(f"\nseconds per step (eval + checkpoint amortised): "
+             + ", ".join(f"{m} {v:.4g}" for m, v in sps.items())
+             + (f"; speedup compiled / eager: {speedup:.3f}x" if speedup else ""))
     write_json(out, result)
     if out:
         echo(f"wrote {out}")
+    if errors:
+        raise BenchFailed("bench step: " + "; ".join(f"mode {m} failed: {e['error']}"
+                                                     for m, e in errors.items())
+                          + (f" (the other modes' figures are in {out})" if out and res_modes else ""))
     return result
+
+
+def assemble(dev, preset, budget, split, data, steps, warmup, peak, res_modes, errors,
+             complete) -> dict:
+    """The step.json document from the modes measured so far (and the ones that failed)."""
+    sps = {m: r["projection"]["seconds_per_step"] for m, r in res_modes.items()}
+    pst = {m: r["projection"]["seconds_per_time_step"] for m, r in res_modes.items()}
+    speedup = sps["eager"] / sps["compiled"] if {"eager", "compiled"} <= sps.keys() else None
+    G = next(iter(res_modes.values()))["global_batch"] if res_modes else None
+    return {
+        **header("step", dev),
+        "preset": preset, "global_batch": G, "budget": budget, "split": split, "data": data,
+        "steps_timed_per_phase": steps, "warmup_per_phase": warmup,
+        "complete": complete and not errors, "modes": res_modes, "errors": errors,
+        "speedup": speedup, "seconds_per_step": sps, "projected_seconds_per_time_step": pst,
+        "matmul_peak_flops": peak["flops_per_second"], "matmul_peak": peak,
+    }
