@@ -66,8 +66,14 @@ def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, lo
     s/iteration, images/s, data wait, eval and checkpoint seconds, MFU against the matmul
     peak measured in the same run, projected seconds per time step; `speedup` = compiled
     over eager."""
+    import time
     from dietcl_fast.bench.step import bench_step
-    _run(bench_step, preset=preset, data=data, device=device, budget=budget, steps=steps,
+    t0 = time.perf_counter()
+
+    def log(msg):           # the trainer's lines, timed: where a long mode spends its minutes
+        click.echo(f"[{time.perf_counter() - t0:8.1f} s] {msg}", err=True)
+
+    _run(bench_step, log=log, preset=preset, data=data, device=device, budget=budget, steps=steps,
          warmup=warmup, split=split, batch_size=batch_size, micro_batch=micro_batch,
          loader=loader, modes=tuple(m for m in modes.split(",") if m), label_rate=label_rate,
          out=out, tiny_peak=tiny_peak, echo=click.echo)
