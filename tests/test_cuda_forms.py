@@ -188,3 +188,40 @@ def test_compiled_step_in_its_cuda_form_traces_whole_with_the_fused_ops(tmp_path
     assert len(graphs) == 6 and len(joint) == 4, len(graphs)     # 3 phases x 2 backends
     assert all("torch.ops.dietcl.mae_loss" in g for g in joint)
     assert not any("torch.ops.dietcl" in g for g in graphs if g not in joint)     # buffer-only: no MAE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nvjpeg on CUDA)")
+def test_gpu_nvjpeg_loader_returns_the_cpu_decode_paths_images(tmp_path):
+    """On a GPU: the torch loader's nvjpeg path (decode on a side stream, resample on the
+    loader's stream, handed to the training stream by an event) gives the images the same code
+    path gives with decode_jpeg on the CPU. Read on the training stream right after `fetch`,
+    with no extra synchronisation: a missing wait would show half-decoded (garbage) images.
+    nvjpeg and libjpeg round the IDCT differently: about a grey level on average. Runs only
+    where CUDA is (`DIETCL_TEST_DEVICE` is not needed: the test names its devices)."""
+    import numpy as np
+
+    from dietcl_fast.bench.common import make_jpeg_folder
+    from dietcl_fast.config import LoaderConfig
+    from dietcl_fast.data import Request, build_loader
+    from dietcl_fast.streams.sources import load_source
+
+    src = load_source("folder:" + make_jpeg_folder(str(tmp_path / "d"), 2, 48, (400, 300)))
+    loaders = {}
+    for decode, dev in (("nvjpeg", torch.device("cuda")), ("tensor", torch.device("cpu"))):
+        cfg = LoaderConfig(backend="torch", workers=2, fallback="stop")
+        cfg.decode = decode
+        loaders[decode], _ = build_loader(src, cfg, 224, 3, dev, log=lambda m: None)
+    try:
+        ids = np.arange(len(src))
+        for kind in ("labeled", "unlabeled", "eval"):
+            reqs = [Request(ids[s:s + 48], kind, 7 + s) for s in (0, 48)]
+            gpu = loaders["nvjpeg"].fetch(loaders["nvjpeg"].submit(reqs))
+            gpu = torch.cat([x.cpu() for x in gpu]).float()     # copied on the training stream
+            cpu = torch.cat(loaders["tensor"].fetch(loaders["tensor"].submit(reqs))).float()
+            assert gpu.shape == cpu.shape == (96, 3, 224, 224)
+            # per image: mean |difference| of its pixels (another image: tens of grey levels)
+            d = (gpu - cpu).abs().mean(dim=(1, 2, 3))
+            assert d.max() < 3.0, (kind, d.max().item(), int(d.argmax()))
+    finally:
+        for lo in loaders.values():
+            lo.close()
