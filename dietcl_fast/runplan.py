@@ -1,4 +1,4 @@
-"""A run's configuration resolved once: `resolve(cfg, device, world) -> RunPlan`.
+"""A run's configuration checked and resolved once: `resolve(cfg, device, world) -> RunPlan`.
 
 Every choice the configuration leaves open (`auto` preset, engine and micro-batch, the preset's
 global batch and optimiser defaults, whether the step is compiled) is made here, and every
@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -78,14 +78,25 @@ class RunPlan:
         return dataclasses.replace(self, cfg=cfg, micro=m, probe_micro=False)
 
 
-def resolve(cfg: Config, device: torch.device, world: int) -> RunPlan:
-    """All of a run's resolution and device/world checks, once; `cfg` is left as it is."""
+def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, *,
+            start: Optional[Callable[[str, str], tuple]] = None) -> RunPlan:
+    """All of a run's checks and resolution, once; `cfg` is left as it is.
+
+    The options are validated first (`config.validate`, on a copy), before anything else.
+    Where the run executes is either given (`device`, `world`) or found by
+    `start(device_type, engine) -> (device, world)`, called once the options are valid with
+    `--device` resolved ("cuda" | "cpu") and the engine resolved (the trainer joins its
+    processes there); the checks that need the device and the world size come after it."""
     from .methods import method_class
     cfg = validate(copy.deepcopy(cfg))      # validate normalises (8.0 -> 8): on the copy
     notes, warnings = [], []
-    cuda = device.type == "cuda"
     engine = resolve_engine(cfg.engine.engine)          # auto -> the recorded choice
     cfg.engine.engine = engine
+    if start is not None:
+        device, world = start(resolve_device(cfg.run.device), engine)
+    elif device is None:
+        raise TypeError("resolve: give the device (and world size), or start")
+    cuda = device.type == "cuda"
 
     if cfg.run.budget < 1 or not float(cfg.run.budget).is_integer():
         raise ConfigError(f"--budget {cfg.run.budget}: must be a whole number of steps >= 1")

@@ -23,7 +23,6 @@ step function (`step_loss`), the run's position and non-finite watch (`run_state
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
@@ -36,9 +35,9 @@ from . import testing
 from .batching import Batcher, BatchPlan, micro_fits_on_device, probe_micro_batch
 from .buffer import BalancedBuffer
 from .ckpt_writer import BackgroundCheckpointer
-from .config import Config, ConfigError, save_yaml, validate
+from .config import Config, ConfigError, save_yaml
 from .data.sampling import EpochSampler
-from .engine import build_engine, init_from_env, resolve_engine
+from .engine import build_engine, init_from_env
 from .evaluate import eval_pad_sizes, sharded_accuracy, summarise
 from .ledger import Ledger
 from .methods import StepContext, build_method
@@ -47,7 +46,7 @@ from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
 from .results import plot_curve, table, versions, write_json
 from .run_state import (FiniteWatch, Position, RunStopped, numpy_rng_state,  # noqa: F401
                         set_numpy_rng_state)
-from .runplan import resolve, resolve_device
+from .runplan import resolve
 from .seeding import HEAD_INIT, derive_seed
 from .step_loss import step_loss_fn
 
@@ -77,19 +76,20 @@ class Trainer:
         from .data import build_loader
         from .streams import build_stream, load_source
 
-        # processes (torchrun / the deepspeed launcher describe them in RANK, WORLD_SIZE, ...),
-        # then the plan: every option resolved and checked once, against device and world size
-        device_type = resolve_device(validate(copy.deepcopy(cfg)).run.device)
-        deepspeed = resolve_engine(cfg.engine.engine) == "deepspeed"
-        if deepspeed:
-            from .engine.deepspeed_engine import import_deepspeed
-            import_deepspeed()          # not installed: stop now, saying how to install it
-        self.dist = init_from_env(device_type, force_group=deepspeed)
-        self.device = torch.device("cuda", self.dist.local_rank) if device_type == "cuda" \
-            else torch.device("cpu")
-        if not self.dist.is_main:       # one voice: rank 0 logs, draws the bar and writes files
-            self.log = lambda m: None
-        self.plan = resolve(cfg, self.device, self.dist.world_size)
+        # the plan: every option checked and resolved once (runplan.resolve); once the options
+        # are known to be valid, `start` joins the processes (torchrun / the deepspeed launcher
+        # describe them in RANK, WORLD_SIZE, ...) and says where this one runs
+        def start(device_type: str, engine: str):
+            if engine == "deepspeed":
+                from .engine.deepspeed_engine import import_deepspeed
+                import_deepspeed()      # not installed: stop now, saying how to install it
+            self.dist = init_from_env(device_type, force_group=engine == "deepspeed")
+            self.device = torch.device("cuda", self.dist.local_rank) if device_type == "cuda" \
+                else torch.device("cpu")
+            if not self.dist.is_main:   # one voice: rank 0 logs, draws the bar and writes files
+                self.log = lambda m: None
+            return self.device, self.dist.world_size
+        self.plan = resolve(cfg, start=start)
         self.cfg = cfg = self.plan.cfg  # the resolved copy (config.yaml); the caller's is untouched
         self.amp_dtype, self.budget = self.plan.amp_dtype, self.plan.budget
         for note in self.plan.notes:

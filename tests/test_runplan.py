@@ -149,3 +149,33 @@ def test_trainer_leaves_the_callers_config_alone():
     assert cfg.to_dict() == before
     assert tr.cfg.engine.micro_batch == 16 and tr.cfg.model.preset == "cpu-tiny"
     assert (tr.G, tr.micro, tr.n_micro, tr.accum) == (16, 16, 1, 1)
+
+
+def test_the_options_are_validated_once_and_before_any_process_starts(monkeypatch):
+    """The trainer's options go through config.validate once (in resolve), before the device is
+    resolved and before any process group is joined; a bad option never reaches them."""
+    import dietcl_fast.runplan as rp
+    import dietcl_fast.trainer as trainer_mod
+    from test_trainer import tiny_cfg
+    events = []
+    real_validate, real_init = rp.validate, trainer_mod.init_from_env
+    monkeypatch.setattr(rp, "validate", lambda c: (events.append("validate"), real_validate(c))[1])
+    monkeypatch.setattr(trainer_mod, "init_from_env",
+                        lambda *a, **k: (events.append("processes"), real_init(*a, **k))[1])
+    trainer_mod.Trainer(tiny_cfg(), log=lambda m: None)
+    assert events == ["validate", "processes"]
+    cfg = Config()
+    cfg.run.device, cfg.stream.label_rate = "cuda", 2.0     # bad option and (here) no CUDA
+    started = []
+    with pytest.raises(ConfigError, match="--label-rate 2.0"):
+        resolve(cfg, start=lambda device_type, engine: started.append(device_type))
+    assert not started
+    cfg.stream.label_rate = 0.05
+    if not torch.cuda.is_available():       # --device is resolved before the processes start
+        with pytest.raises(ConfigError, match="--device cuda: no CUDA device is visible"):
+            resolve(cfg, start=lambda device_type, engine: started.append(device_type))
+        assert not started
+    cfg.run.device = "cpu"
+    seen = []
+    plan = resolve(cfg, start=lambda d, e: (seen.append((d, e)), (CPU, 2))[1])
+    assert seen == [("cpu", "torch")] and plan.world == 2 and plan.device == CPU
