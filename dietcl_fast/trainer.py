@@ -41,7 +41,7 @@ from .engine import build_engine, init_from_env
 from .evaluate import eval_pad_sizes, sharded_accuracy, summarise
 from .ledger import Ledger
 from .methods import StepContext, build_method
-from .mfu import mfu as flops_utilisation
+from .mfu import matmul_peak, mfu as flops_utilisation, sync as sync_device
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
 from .results import plot_curve, table, versions, write_json
 from .run_state import (FiniteWatch, Position, RunStopped, numpy_rng_state,  # noqa: F401
@@ -154,6 +154,9 @@ class Trainer:
         self.wall_before = 0.0
         self.data_seconds = 0.0
         self.compute_seconds = 0.0
+        # phases' wall time, device synchronised, checkpoints out; and their FLOPs (MFU)
+        self.train_seconds, self.train_flops = 0.0, 0
+        self._mark = None       # (perf_counter, ledger FLOPs) since the last clock, in a phase
         self.eval_seconds = 0.0
         self.eval_log: list[float] = []        # evaluation seconds per time step
         self.eval_images: list[int] = []
@@ -276,6 +279,7 @@ class Trainer:
                     raise ConfigError(f"time step {t} has no {src} samples but phase "
                                       f"{phase.name} of {self.method.name} needs them")
             self._phase_name = phase.name
+            self._mark = (time.perf_counter(), self.ledger.flops_total)
             while self.pos.it < phase.steps:
                 t_it, d0, f0 = time.perf_counter(), self.data_seconds, self.ledger.flops_total
                 logs = self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen)
@@ -291,6 +295,8 @@ class Trainer:
                     self._wait_checkpoint()     # test aid: die as if killed, write on disk
                     testing.exit_now()
             self._check_finite()        # phase end
+            self._clock()
+            self._mark = None
             self.pos.phase += 1
             self.pos.it = 0
         if step.num_labeled and self.method.buffer_insertion == "after":
@@ -546,6 +552,7 @@ class Trainer:
             "wall_seconds": self.wall_before + (time.perf_counter() - self._t0),
             "data_seconds": self.data_seconds,          # throughput counts all the run's work
             "compute_seconds": self.compute_seconds,
+            "train_seconds": self.train_seconds, "train_flops": self.train_flops,
             "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
         }
 
@@ -565,6 +572,9 @@ class Trainer:
         self.wall_before = st["wall_seconds"]
         self.data_seconds = float(st["data_seconds"])
         self.compute_seconds = float(st["compute_seconds"])
+        # absent in checkpoints of older versions: MFU then covers the work after the resume
+        self.train_seconds = float(st.get("train_seconds", 0.0))
+        self.train_flops = int(st.get("train_flops", 0))
         self._saved_gstep = self._good_gstep = self.pos.gstep
         torch.set_rng_state(st["rng"]["torch"])
         set_numpy_rng_state(st["rng"]["numpy"])
@@ -577,6 +587,22 @@ class Trainer:
         """A lower bound on one checkpoint's size: weights + AdamW's two moments + buffer."""
         n = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return 3 * n + len(self.buffer.state_bytes()) + (1 << 20)
+
+    def _clock(self) -> None:
+        """Add the phase's wall time and FLOPs since the last mark to the MFU clock (the device
+        synchronised first, so the time is the work's, not the launches'); called at phase end
+        and before a checkpoint, whose own time is left out."""
+        if self._mark is None:
+            return
+        sync_device(self.device)
+        now, flops = time.perf_counter(), self.ledger.flops_total
+        self.train_seconds += now - self._mark[0]
+        self.train_flops += flops - self._mark[1]
+        self._mark = (now, flops)
+
+    def _ckpt_seconds(self) -> float:
+        """Seconds the training thread has spent on checkpoints so far (taken out of MFU)."""
+        return self.checkpointer.critical_seconds + self._sync_checkpoint_seconds
 
     def _check_finite(self) -> None:
         """At a sync point (progress log, phase end, before a checkpoint): stop the run if a
@@ -614,19 +640,24 @@ class Trainer:
         shards with this state as client state; otherwise rank 0 snapshots the state and a
         background thread writes `latest.pt` atomically (`ckpt_writer`) while training goes on."""
         self._check_finite()            # never save a state computed from a non-finite loss
-        if getattr(self.engine, "saves_checkpoints", False):
-            t0 = time.perf_counter()
-            self.engine.save_checkpoint(self.run_dir, self.state_dict())
-            self._sync_checkpoint_seconds += time.perf_counter() - t0
-            return
-        if self.dist.is_main:
-            try:
-                self.checkpointer.submit(self.run_dir, self.state_dict())
-            except ckpt_io.CheckpointWriteError as e:   # the previous write, joined here
-                raise self._checkpoint_stopped(e) from None
-            self._good_gstep = self._saved_gstep        # that previous write is on disk
-        self.dist.barrier()
-        self._saved_gstep = self.pos.gstep
+        self._clock()                   # the work so far is in the saved MFU clock
+        try:
+            if getattr(self.engine, "saves_checkpoints", False):
+                t0 = time.perf_counter()
+                self.engine.save_checkpoint(self.run_dir, self.state_dict())
+                self._sync_checkpoint_seconds += time.perf_counter() - t0
+                return
+            if self.dist.is_main:
+                try:
+                    self.checkpointer.submit(self.run_dir, self.state_dict())
+                except ckpt_io.CheckpointWriteError as e:   # the previous write, joined here
+                    raise self._checkpoint_stopped(e) from None
+                self._good_gstep = self._saved_gstep        # that previous write is on disk
+            self.dist.barrier()
+            self._saved_gstep = self.pos.gstep
+        finally:
+            if self._mark is not None:  # the checkpoint's own time is not training time
+                self._mark = (time.perf_counter(), self.ledger.flops_total)
 
     # ------------------------------------------------------------------ results
     def _finish(self) -> dict:
@@ -655,7 +686,7 @@ class Trainer:
             # off the training step: evaluation passes, and checkpoint time on the training
             # thread (snapshot + waiting for a write in flight) vs in the background writer
             "eval_seconds": self.eval_seconds,
-            "checkpoint_seconds": self.checkpointer.critical_seconds + self._sync_checkpoint_seconds,
+            "checkpoint_seconds": self._ckpt_seconds(),
             "checkpoint_write_seconds": self.checkpointer.write_seconds,
             "skipped_files": getattr(self.loader, "skipped_files", []),
             "stream": self.stream.to_dict(),
@@ -670,9 +701,15 @@ class Trainer:
             led["tuning"] = {"units": tuning["units"], "flops": tuning["flops"],
                              "what": "--split auto threshold validation"}
             res["split_tuning"] = tuning
-        achieved = led["flops_total"] / max(self.compute_seconds, 1e-9)
+        # MFU: the phases' FLOPs over their synchronised wall time, against the matmul rate
+        # measured now on this device (bf16 on a GPU, fp32 on the CPU), times the processes
+        achieved = self.train_flops / self.train_seconds if self.train_seconds > 0 else 0.0
+        res["train_seconds"], res["train_flops"] = self.train_seconds, self.train_flops
         res["achieved_flops_per_second"] = achieved
-        res["mfu"] = flops_utilisation(achieved, res["versions"].get("device", ""))
+        res["matmul_peak"] = matmul_peak(self.device) if self.dist.is_main else None
+        res["mfu"] = (flops_utilisation(self.train_flops, self.train_seconds,
+                                        res["matmul_peak"]["flops_per_second"], self.dist.world_size)
+                      if res["matmul_peak"] else None)
         if self.dist.is_main:
             write_json(os.path.join(self.run_dir, "results.json"), res)
             plot_curve(res, os.path.join(self.run_dir, "curve.png"))

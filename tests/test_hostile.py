@@ -366,6 +366,9 @@ def test_resumed_run_reports_throughput_over_all_its_work_and_finished_runs_stay
     assert res["data_wait_fraction"] > 0
     # FLOP/s over all compute seconds, including those before the kill
     assert res["achieved_flops_per_second"] < res["ledger"]["flops_total"] / before["compute_seconds"]
+    # the MFU clock too: the phases finished before the kill count with their FLOPs
+    assert before["train_seconds"] > 0 and before["train_flops"] > 0
+    assert res["train_seconds"] > before["train_seconds"] and res["train_flops"] > before["train_flops"]
     for name in ("results.json", "curve.png", "latest.pt"):
         assert (run / name).stat().st_mode & 0o777 == 0o640, name
     mtime = os.path.getmtime(run / "results.json")

@@ -110,9 +110,13 @@ def test_micro_batch_j_holds_draw_items_j_j_plus_M_whatever_the_world_size(G, mi
         assert all_j == list(range(G // micro))
 
 
-def test_mfu_only_for_devices_with_a_known_peak():
-    assert mfu(989e12 / 2, "NVIDIA H100 80GB HBM3") == pytest.approx(0.5)
-    assert mfu(1e12, "cpu") is None
+def test_mfu_is_flops_per_synchronised_second_over_the_measured_peak_of_all_processes():
+    assert mfu(3e12, 2.0, 1.5e12) == pytest.approx(1.0)
+    assert mfu(3e12, 2.0, 1.5e12, world_size=2) == pytest.approx(0.5)
+    assert mfu(1e12, 0.0, 1e12) is None and mfu(1e12, 1.0, 0.0) is None
+    from dietcl_fast.mfu import matmul_peak
+    peak = matmul_peak(CPU, tiny=True)
+    assert peak["dtype"] == "float32" and peak["n"] == 256 and peak["flops_per_second"] > 1e6
 
 
 def test_the_kill_aid_is_a_test_hook_not_an_option(monkeypatch, tmp_path):

@@ -40,6 +40,16 @@ def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     from dietcl_fast.checkpoint import load_checkpoint
     st = load_checkpoint(str(tmp_path))
     assert st["position"]["t"] == 2 and st["position"]["it"] == 0 and st["engine"] is None
+    # MFU: the phases' FLOPs (here: every charged FLOP, no importance pass) over their
+    # synchronised wall time, against the fp32 matmul rate measured at the end of the run
+    assert on_disk["train_flops"] == led["flops_total"] and st["train_flops"] == led["flops_total"]
+    assert 0 < on_disk["train_seconds"] < on_disk["wall_seconds"]
+    assert on_disk["achieved_flops_per_second"] == pytest.approx(
+        on_disk["train_flops"] / on_disk["train_seconds"])
+    peak = on_disk["matmul_peak"]
+    assert peak["dtype"] == "float32" and peak["n"] == 1024 and peak["flops_per_second"] > 0
+    assert on_disk["mfu"] == pytest.approx(on_disk["achieved_flops_per_second"]
+                                           / peak["flops_per_second"])
 
 
 def test_ledger_equals_flopcounter_for_a_whole_run(tmp_path, flop_regions):

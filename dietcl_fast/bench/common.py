@@ -9,10 +9,11 @@ import os
 import platform
 import shlex
 import sys
-import time
 
 import numpy as np
 import torch
+
+from dietcl_fast.mfu import matmul_peak, sync  # noqa: F401  (one implementation, shared)
 
 
 class BenchFailed(RuntimeError):
@@ -51,38 +52,6 @@ def device_info(device: torch.device) -> dict:
         pass
     return {"type": "cpu", "name": name, "count": os.cpu_count() or 1,
             "torch_threads": torch.get_num_threads()}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, tiny: bool = False, seconds: float = 1.0) -> dict:
-    """The dense matmul rate measured now: bf16 on a GPU (n = 8192), fp32 on the CPU
-    (n = 1024; 256 in tiny mode). Best of repeated timed batches -> FLOP/s (2 n^3 per matmul)."""
-    if device.type == "cuda":
-        n, dtype = (2048 if tiny else 8192), torch.bfloat16
-    else:
-        n, dtype = (256 if tiny else 1024), torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    c = torch.empty(n, n, device=device, dtype=dtype)
-    torch.mm(a, b, out=c)
-    sync(device)
-    best, reps, t_end = 0.0, 1, time.perf_counter() + (0.2 if tiny else seconds)
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b, out=c)
-        sync(device)
-        dt = time.perf_counter() - t0
-        best = max(best, 2 * n ** 3 * reps / dt)
-        if dt < 0.05:
-            reps *= 2
-        if time.perf_counter() > t_end:
-            break
-    return {"flops_per_second": best, "n": n, "dtype": str(dtype).replace("torch.", "")}
 
 
 def textured(h: int, w: int, seed: int) -> np.ndarray:
