@@ -136,7 +136,8 @@ def test_compiled_step_in_its_cuda_form_traces_whole_with_the_fused_ops(tmp_path
     from dietcl_fast.trainer import Trainer
 
     # the micro-batches of a real tiny run, one per phase shape (joint t=0, joint and buffer t=1)
-    tr = Trainer(tiny_cfg("dietcl", budget=2, method__split="ratio:0.5"), log=lambda m: None)
+    tr = Trainer(tiny_cfg("dietcl", budget=2, method__split="ratio:0.5", device="cpu"),
+                 log=lambda m: None)     # host tensors to fake, also where a GPU is
     mbs, inner = {}, tr.loss_fn
 
     def keep(model, mb):
