@@ -77,6 +77,7 @@ def train(ctx, **params):
     results.json, curve.png, config.yaml and checkpoints into the run directory."""
     from dietcl_fast import checkpoint as ckpt_io
     from dietcl_fast.trainer import RunStopped, Trainer
+    run_dir = None
     try:
         if params["resume"]:
             run_dir = params["resume"]
@@ -104,6 +105,21 @@ def train(ctx, **params):
                 raise
     except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        _interrupted(run_dir)
+
+
+def _interrupted(run_dir: str | None) -> None:
+    """Ctrl-C: say what is kept and how to continue, instead of click's bare 'Aborted!'."""
+    from dietcl_fast import checkpoint as ckpt_io
+    if run_dir and os.path.isdir(run_dir) and ckpt_io.has_checkpoint(run_dir):
+        click.echo(f"interrupted: {run_dir} keeps its last checkpoint (written at every time-step "
+                   f"end and every --ckpt-every steps); continue with: dietcl-fast train "
+                   f"--resume {run_dir}", err=True)
+    else:
+        click.echo("interrupted before the first checkpoint was written; nothing to resume",
+                   err=True)
+    sys.exit(130)
 
 
 train.params[:0] = TRAIN_PARAMS      # the config's options first, then --resume/--config

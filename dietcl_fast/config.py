@@ -229,8 +229,8 @@ class EngineConfig:
                               help="Micro-batch (gradient accumulation makes up the global "
                                    "batch), or auto: on a GPU the largest that fits, probed once "
                                    "and recorded in config.yaml.")
-    compile: Optional[bool] = option(None, default_text="on for CUDA, off on the CPU, where it "
-                                                        "measured slower",
+    compile: Optional[bool] = option(None, default_text="on for CUDA, off on the CPU, where the "
+                                                        "compile costs minutes for ~5% a step",
                                      help="Compile each micro-batch's loss and backward whole "
                                           "(torch.compile, no graph break).")
 

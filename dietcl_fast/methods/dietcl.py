@@ -42,7 +42,7 @@ def parse_split(split: str) -> tuple[str, float]:
         return kind, v
     if kind == "threshold" and v >= 0 and float(v).is_integer():
         return kind, v
-    raise ValueError(f"--split {split!r}: ratio must be in [0, 1], threshold a whole number >= 0")
+    raise ValueError(f"--split {split!r}: expected ratio:F (F in [0, 1]), threshold:N (N a whole number >= 0) or auto")
 
 
 @register

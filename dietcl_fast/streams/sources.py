@@ -194,7 +194,7 @@ def load_source(spec: str = "animal-mnist", *, root=None, missing: str = "error"
         return load_image_folder(path)
     known = ", ".join(sorted(SOURCES))
     if os.sep in spec or "/" in spec or spec.startswith("."):
-        raise StreamError(f"dataset path not found: {path!r} (from --dataset {spec!r})")
+        raise StreamError(f"dataset path not found: {path!r} (from --data {spec!r})")
     raise StreamError(f"unknown dataset {spec!r}; known: {known}; or folder:PATH, csv:PATH, "
                       f"an image-folder directory, or a .csv file")
 

@@ -1,0 +1,61 @@
+"""What a first-time user runs into, through the real `dietcl-fast` process: a mistyped option
+value gets a message that says what is expected, the message names the option as typed, and
+Ctrl-C says how to continue the run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import cli
+
+TINY = ["--time-steps", "2", "--batch-size", "8", "--label-rate", "0.05", "--no-progress"]
+
+
+def test_mistyped_split_kind_says_which_forms_are_accepted(tmp_path):
+    p = cli("train", "--split", "thresold:400", *TINY, "--budget", "2", "--out", tmp_path / "r",
+            check=False)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert "--split 'thresold:400'" in p.stderr
+    assert "expected ratio:F" in p.stderr and "threshold:N" in p.stderr and "auto" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_data_path_names_the_data_option(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    p = cli("train", "--data", str(missing), *TINY, "--budget", "2", "--out", tmp_path / "r",
+            check=False)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert f"dataset path not found: '{missing}' (from --data '{missing}')" in p.stderr
+
+
+def test_ctrl_c_says_how_to_resume_and_the_resumed_run_finishes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dietcl_fast.cli.main", "train", "--method", "er", *TINY,
+         "--budget", "400", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 500
+        while not (out / "latest.pt").exists():     # time step 0 done: a checkpoint to keep
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after time step 0"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)             # what Ctrl-C sends, during time step 1
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Aborted!" not in err, err
+    assert f"continue with: dietcl-fast train --resume {out}" in err, err
+    assert not (out / "results.json").exists()      # interrupted before the end
+    assert not (out / ".lock").exists()
+    p = cli("train", "--resume", out, "--no-progress")
+    assert "time step 1:" in p.stderr
+    assert (out / "results.json").exists()
