@@ -197,7 +197,7 @@ def test_gpu_nvjpeg_loader_returns_the_cpu_decode_paths_images(tmp_path):
     loader's stream, handed to the training stream by an event) gives the images the same code
     path gives with decode_jpeg on the CPU. Read on the training stream right after `fetch`,
     with no extra synchronisation: a missing wait would show half-decoded (garbage) images.
-    nvjpeg and libjpeg round the IDCT differently: about a grey level on average. Runs only
+    nvjpeg and libjpeg decode slightly differently (IDCT, chroma upsampling). Runs only
     where CUDA is (`DIETCL_TEST_DEVICE` is not needed: the test names its devices)."""
     import numpy as np
 
@@ -220,9 +220,14 @@ def test_gpu_nvjpeg_loader_returns_the_cpu_decode_paths_images(tmp_path):
             gpu = torch.cat([x.cpu() for x in gpu]).float()     # copied on the training stream
             cpu = torch.cat(loaders["tensor"].fetch(loaders["tensor"].submit(reqs))).float()
             assert gpu.shape == cpu.shape == (96, 3, 224, 224)
-            # per image: mean |difference| of its pixels (another image: tens of grey levels)
-            d = (gpu - cpu).abs().mean(dim=(1, 2, 3))
-            assert d.max() < 3.0, (kind, d.max().item(), int(d.argmax()))
+            # per image: the mean |difference| of its pixels and the share of pixels off by more
+            # than 40 grey levels. Measured on the CPU, libjpeg vs PIL through different
+            # resamplers: <= 1.3 and 0; another image of this set: >= 28 and >= 27%. nvjpeg's own
+            # IDCT and chroma upsampling leave room; a half-decoded image does not
+            diff = (gpu - cpu).abs()
+            d, far = diff.mean(dim=(1, 2, 3)), (diff > 40).float().mean(dim=(1, 2, 3))
+            assert d.max() < 8.0, (kind, d.max().item(), int(d.argmax()))
+            assert far.max() < 0.005, (kind, far.max().item(), int(far.argmax()))
     finally:
         for lo in loaders.values():
             lo.close()
