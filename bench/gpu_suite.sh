@@ -10,7 +10,8 @@
 #           written after each mode); projected seconds per time step, MFU;
 #   loader  the torch loader's images/s alone and while a ViT-B/16 training step runs;
 #   flops   MFU of the classify / MAE passes vs the measured bf16 peak;
-#   pytest_kernels  tests/test_kernels.py on the device.
+#   pytest_kernels  tests/test_kernels.py on the device, and the nvjpeg loader's images against
+#           the CPU decode path's (tests/test_cuda_forms.py).
 # Everything lands under $OUT (default bench/results/gpu-suite), at most 8 files, one folder:
 #   env.json kernels.json step.json loader.json flops.json pytest_kernels.txt suite.log summary.json
 # summary.json is rewritten after every part, so a suite killed from outside still leaves the
@@ -178,7 +179,9 @@ run step 330 45 "$PY" -m dietcl_fast.cli.main bench step "${DEV[@]}" "${STEP[@]}
 run loader 120 30 "$PY" -m dietcl_fast.cli.main bench loader "${DEV[@]}" "${LOADER[@]}" --out "$OUTDIR/loader.json"
 run flops 90 20 "$PY" -m dietcl_fast.cli.main bench flops "${DEV[@]}" "${FLOPS[@]}" --out "$OUTDIR/flops.json"
 export DIETCL_TEST_DEVICE=$TESTDEV
-run pytest_kernels 120 20 bash -c '"$1" -m pytest tests/test_kernels.py -q -x -p no:cacheprovider \
+# the kernel tests, and the nvjpeg loader's images against the CPU decode path's (GPU only)
+run pytest_kernels 120 20 bash -c '"$1" -m pytest tests/test_kernels.py \
+    tests/test_cuda_forms.py::test_gpu_nvjpeg_loader_returns_the_cpu_decode_paths_images -q -x -p no:cacheprovider \
     "${@:3}" > "$2" 2>&1; rc=$?; tail -3 "$2"; exit $rc' _ "$PY" "$OUTDIR/pytest_kernels.txt" "${PYTEST_EXTRA[@]}"
 
 summarise

@@ -72,6 +72,19 @@ def probe_micro_batch(global_batch: int, world: int, fits) -> int:
     raise ConfigError("--micro-batch auto: not even a micro-batch of 1 fits in memory")
 
 
+# what cuBLAS / cuDNN report when their workspace allocation fails (a RuntimeError, not
+# torch.cuda.OutOfMemoryError): as much "does not fit" as the caching allocator's own OOM
+_LIBRARY_OOM = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", "CUDA out of memory", "cudaErrorMemoryAllocation")
+
+
+def is_device_oom(e: BaseException) -> bool:
+    """True for an error that means "this micro-batch does not fit in device memory"; any
+    other error is a bug the probe must not hide."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(k in str(e) for k in _LIBRARY_OOM))
+
+
 def micro_fits_on_device(model, spec, device: torch.device, amp_dtype, m: int) -> bool:
     """One trial forward+backward of the heaviest path (MAE + classification, m images
     each) on the device; fits when no out-of-memory error occurs and the peak stays under
@@ -89,7 +102,9 @@ def micro_fits_on_device(model, spec, device: torch.device, amp_dtype, m: int) -
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         ok = peak < 0.9 * torch.cuda.get_device_properties(device).total_memory
-    except torch.cuda.OutOfMemoryError:
+    except RuntimeError as e:       # torch.cuda.OutOfMemoryError is a RuntimeError
+        if not is_device_oom(e):
+            raise
         ok = False
     finally:
         model.zero_grad(set_to_none=True)

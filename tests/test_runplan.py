@@ -183,3 +183,15 @@ def test_the_options_are_validated_once_and_before_any_process_starts(monkeypatc
     seen = []
     plan = resolve(cfg, start=lambda d, e: (seen.append((d, e)), (CPU, 2))[1])
     assert seen == [("cpu", "torch")] and plan.world == 2 and plan.device == CPU
+
+
+def test_the_micro_batch_probe_treats_library_allocation_failures_as_out_of_memory():
+    """cuBLAS/cuDNN report a failed workspace allocation as a plain RuntimeError: the probe
+    must try a smaller micro-batch then, and still raise every other error."""
+    from dietcl_fast.batching import is_device_oom
+    assert is_device_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_device_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                      "`cublasCreate(handle)`"))
+    assert is_device_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not is_device_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_device_oom(ValueError("CUDA out of memory"))      # not a runtime error
