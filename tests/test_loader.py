@@ -328,3 +328,35 @@ def test_training_run_through_each_backend(folder, tmp_path, backend):
     assert on_disk["skipped_files"] == [] and 0.0 <= on_disk["data_wait_fraction"] <= 1.0
     assert res["ledger"]["steps_per_step"] == [pytest.approx(2.0)] * 2
     assert len(res["accuracy_matrix"]) == 2
+
+
+def test_submitting_ahead_never_blocks_the_training_thread():
+    """The trainer submits two iterations' micro-batches (8 tickets for ViT-B/16 at 1,024 in
+    micro-batches of 256) before fetching: `submit` must return at once however far behind the
+    loader's thread is, and the tickets come back in order."""
+    import threading
+    from dietcl_fast.data.pipeline import PrefetchLoader
+
+    gate = threading.Event()
+
+    class Gated(PrefetchLoader):
+        name = "gated"
+
+        def produce(self, requests):
+            gate.wait(timeout=30)
+            return [torch.as_tensor(np.asarray(r.ids)) for r in requests]
+
+    ld = Gated(torch.device("cpu"))
+    tickets = []
+    t = threading.Thread(target=lambda: tickets.extend(
+        ld.submit([Request(np.array([i]), "labeled")]) for i in range(16)))
+    t.start()
+    t.join(timeout=5)
+    blocked = t.is_alive()
+    gate.set()
+    t.join()
+    try:
+        assert not blocked, "submit blocked while the loader thread was busy"
+        assert [int(ld.fetch(tk)[0][0]) for tk in tickets] == list(range(16))
+    finally:
+        ld.close()

@@ -176,10 +176,13 @@ class PrefetchLoader(Loader):
     (`produce(requests) -> [tensor]`), so loading overlaps the trainer's compute. On CUDA the
     copies run on a side stream; `fetch` makes the caller's stream wait for them."""
 
-    def __init__(self, device: torch.device, depth: int = 4):
+    def __init__(self, device: torch.device):
         super().__init__()
         self.device = torch.device(device)
-        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        # tickets not started yet, unbounded: the caller bounds what is in flight (the trainer:
+        # one iteration ahead, two iterations' micro-batches, 8 for ViT-B/16 at 1,024 = 4 x 256).
+        # A bound here would block `submit`, i.e. the training thread, on loading not due yet.
+        self._q: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
