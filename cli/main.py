@@ -47,6 +47,22 @@ def build_config(ctx: click.Context, params: dict) -> Config:
     return cfg
 
 
+def _other_methods_options(ctx: click.Context, method: str) -> list[tuple[str, str]]:
+    """(flag, owning method) of each option typed on the command line that belongs to another
+    method than `method` (`method.<name>.*`, or a field declared with `method=`)."""
+    from dietcl_fast.config import OPTIONS
+    out = []
+    for opt, path in TRAIN_OPTIONS.items():
+        o = OPTIONS.get(path)
+        if o is None or not _explicit(ctx, opt):
+            continue
+        parts = path.split(".")
+        owner = parts[1] if parts[0] == "method" and len(parts) == 3 else o.meta.get("method")
+        if owner and owner != method:
+            out.append((o.flag, owner))
+    return out
+
+
 def default_run_dir(cfg: Config) -> str:
     data = cfg.stream.data.replace(os.sep, "_").replace(":", "_").strip("_")[-40:]
     return os.path.join("runs", f"{cfg.method.name}-{data}-{cfg.stream.scenario}-"
@@ -87,6 +103,9 @@ def train(ctx, **params):
                 _resume(ctx, params, run_dir)
         else:
             cfg = build_config(ctx, params)
+            for flag, owner in _other_methods_options(ctx, cfg.method.name):
+                click.echo(f"note: {flag} is an option of method {owner}; --method "
+                           f"{cfg.method.name} does not read it", err=True)
             run_dir = cfg.run.out or default_run_dir(cfg)
             cfg.run.out = run_dir
             created = not os.path.exists(run_dir)

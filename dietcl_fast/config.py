@@ -149,7 +149,7 @@ class JointOptions:
 @dataclass(slots=True)
 class MethodConfig:
     name: str = option("dietcl", cli="--method", help="Method to train (dietcl, er, finetune, ...).")
-    split: str = option("ratio:0.8",
+    split: str = option("ratio:0.8", method="dietcl",
                         help="DietCL budget split: ratio:F (F joint, rest buffer-only; reference "
                              "code), threshold:N (paper) or auto (N chosen by validation on the "
                              "first 3 time steps, the paper's protocol; its compute is reported "
@@ -157,8 +157,9 @@ class MethodConfig:
     auto_candidates: str = option("0.6,0.7,0.8,0.9,1.0", cli=None,
                                   help="--split auto: candidate thresholds as shares of the "
                                        "budget, validated on the first 3 steps.")
-    unlabeled_fraction: float = option(0.4, help="Share of each joint batch for Lr.")
-    recon_weight: float = option(50.0, help="w_r, weight of the MAE loss Lr.")
+    unlabeled_fraction: float = option(0.4, method="dietcl",
+                                       help="Share of each joint batch for Lr.")
+    recon_weight: float = option(50.0, method="dietcl", help="w_r, weight of the MAE loss Lr.")
     buffer_lr_scale: float = option(0.1, cli=None, help="DietCL buffer-only phase LR multiplier.")
     mixup: bool = option(True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
     mixup_alpha: float = option(0.8, cli=None, help="Mixup's Beta(alpha, alpha).")

@@ -59,3 +59,16 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_finishes(tmp_path):
     p = cli("train", "--resume", out, "--no-progress")
     assert "time step 1:" in p.stderr
     assert (out / "results.json").exists()
+
+
+def test_another_methods_option_gets_a_note_not_silence(tmp_path):
+    p = cli("train", "--method", "er", "--ewc-lambda", "5", "--memory", "7", "--l2p-top-k", "2",
+            "--split", "threshold:1", *TINY, "--budget", "1", "--out", tmp_path / "r")
+    assert "note: --ewc-lambda is an option of method ewc; --method er does not read it" in p.stderr
+    assert "note: --memory is an option of method gdumb; --method er does not read it" in p.stderr
+    assert "note: --l2p-top-k is an option of method l2p" in p.stderr
+    assert "note: --split is an option of method dietcl" in p.stderr
+    assert "--time-steps is an option" not in p.stderr          # shared options: no note
+    p = cli("train", "--method", "ewc", "--ewc-lambda", "5", *TINY, "--budget", "1",
+            "--out", tmp_path / "r2")
+    assert "note: --ewc-lambda" not in p.stderr
