@@ -56,6 +56,71 @@ def test_insertion_time_is_a_method_property():
     assert len(tr.buffer) == 0        # nothing trained yet: no step has joined
 
 
+# ---------------------------------------------------------------- ER's replay loss
+def replay_mb(spec, sizes, seed, **kw):
+    """A hand-made micro-batch of labeled/buffer images (6 seen classes, step classes 3..5)."""
+    from dietcl_fast.methods import MicroBatch
+    g = torch.Generator().manual_seed(100 + seed)
+    x = {k: torch.randn(n, spec.in_chans, spec.img_size, spec.img_size, generator=g)
+         for k, n in sizes.items()}
+    y = {k: torch.randint(0, 6, (n,), generator=g) for k, n in sizes.items()}
+    return MicroBatch(x=x, y=y, n_global={k: 2 * n + 1 for k, n in sizes.items()},
+                      step_classes=torch.tensor([3, 4, 5]), num_seen=6,
+                      generator=torch.Generator().manual_seed(seed),
+                      mask_generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.parametrize("mixup", [True, False])
+@pytest.mark.parametrize("sizes", [{"labeled": 4}, {"labeled": 4, "buffer": 3},
+                                   {"labeled": 1, "buffer": 3}])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_replay_loss_has_one_form(tiny_spec, mixup, sizes, seed):
+    """ER's loss on a hand-made micro-batch (with_plans: Mixup plans drawn from its generator,
+    seen head rows) equals, bit for bit, Method.mix's Mixup/CutMix with cross-entropy over the
+    seen classes, and the trainer's full-capacity form (unseen rows masked) on the same plans;
+    a method's own `classify` (DualNet) goes through the same form."""
+    from dietcl_fast.data.mixup import soft_cross_entropy
+    from dietcl_fast.methods.base import ClassSet
+    from dietcl_fast.models import build_model
+    cfg = tiny_cfg("er")
+    cfg.method.mixup = mixup
+    m = build_method(cfg)
+    torch.manual_seed(0)
+    model = build_model(tiny_spec, num_classes=6, head_capacity=8)
+    mb = replay_mb(tiny_spec, sizes, seed)
+    got, logs = m.loss(model, mb)
+    assert set(logs) == {"L" + k[0] for k in sizes}
+    # the reference: Method.mix (mixup_cutmix draws from the generator) per source, in order
+    ref_mb = replay_mb(tiny_spec, sizes, seed)
+    xs, tgts = zip(*(m.mix(ref_mb.x[k], ref_mb.y[k], 6, ref_mb.generator) for k in sizes))
+    logits = model.classify(torch.cat(xs))
+    want, start = 0.0, 0
+    for k, tgt in zip(sizes, tgts):
+        term = soft_cross_entropy(logits[start:start + len(tgt)], tgt) / mb.n_global[k]
+        start += len(tgt)
+        want = want + term
+        assert torch.equal(logs["L" + k[0]], term.detach() * mb.n_global[k] / len(tgt))
+    assert torch.equal(got.detach(), want.detach())
+    assert torch.equal(mb.generator.get_state(), ref_mb.generator.get_state())  # same draws
+    # the trainer's form: plans and class sets given, logits over all 8 head rows
+    planned = m.with_plans(replay_mb(tiny_spec, sizes, seed))
+    s = cfg.method.label_smoothing
+    full = dataclasses.replace(planned, seen=ClassSet.of(range(6), 8, s, "cpu"),
+                               step=ClassSet.of([3, 4, 5], 8, s, "cpu"))
+    trainer_form, trainer_logs = m.loss(model, full)
+    assert float(trainer_form.detach()) == pytest.approx(float(got.detach()), rel=1e-6)
+    for k in logs:
+        assert float(trainer_logs[k]) == pytest.approx(float(logs[k]), rel=1e-6)
+    # a classify function of the method's own: the seen-row form, with the trainer's class sets
+    # (capacity 8) cut to the seen rows
+    calls = []
+    own, own_logs = m.replay_loss(model, replay_mb(tiny_spec, sizes, seed, seen=full.seen,
+                                                   step=full.step),
+                                  classify=lambda x: calls.append(x.shape[0]) or model.classify(x))
+    assert calls == [sum(sizes.values())]
+    assert torch.equal(own.detach(), got.detach())
+
+
 # ---------------------------------------------------------------- CaSSLe's probe
 def test_cassle_probe_is_charged_what_runs():
     from torch.utils.flop_counter import FlopCounterMode

@@ -11,6 +11,7 @@ Sources a phase may draw from:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -218,33 +219,66 @@ class Method:
         tgt = smooth_targets(mb.y[name], classes.mask, classes.off_on)
         return apply_mix(mb.x[name], tgt, mb.mix[name] if self.mcfg.mixup else None)
 
+    def with_plans(self, mb: MicroBatch) -> MicroBatch:
+        """A micro-batch without the trainer's plans (hand-made: unit tests, `bench engines`;
+        or the trainer's own for a method without static shapes, which carry no Mixup plans)
+        completed as the trainer completes a static-shape method's, on the host (this reads
+        values: eager only): the class sets `seen` and `step` over the seen head rows (capacity
+        `num_seen`, the width of `model.classify`'s logits: the micro-batch's own sets cut to
+        those rows when it has them, the same values, else made here), and the Mixup/CutMix
+        plans of `labeled` then `buffer` drawn from `mb.generator` exactly as `Method.mix` draws
+        them (`mixup_cutmix`: one torch draw seeding numpy; none with --no-mixup). The MAE masks
+        stay with `mb.mask_generator` (the model draws them, after the Mixup draws: when the two
+        generators are one object, the masks come from its later state). With
+        `labeled_in_step`, a labeled image must be of the step's classes."""
+        from dietcl_fast.data.mixup import draw_plan
+        mc, k, dev = self.mcfg, mb.num_seen, mb.step_classes.device
+        if self.labeled_in_step and "labeled" in mb.y:
+            y = mb.y["labeled"]
+            if not bool(torch.isin(y, mb.step_classes.to(y.device)).all()):
+                raise RuntimeError("a labeled sample's class is not among the step's classes")
+
+        def rows(own: Optional[ClassSet], classes) -> ClassSet:
+            # a set's smoothing values depend on its size only, so cutting its mask to the
+            # seen rows gives what ClassSet.of over those rows gives (no host-to-device copy)
+            if own is not None:
+                return ClassSet(own.mask[:k], own.off_on)
+            return ClassSet.of(classes(), k, mc.label_smoothing, dev)
+
+        seen = rows(mb.seen, lambda: range(k))
+        step = rows(mb.step, lambda: mb.step_classes.tolist())
+        mix = {}
+        if mc.mixup:
+            for name in ("labeled", "buffer"):
+                if name in mb.x:
+                    x = mb.x[name]
+                    mix[name] = draw_plan(mb.generator, x.shape[0], x.shape[-2], x.shape[-1],
+                                          mc.mixup_alpha, mc.cutmix_alpha, x.device)
+        return dataclasses.replace(mb, seen=seen, step=step, mix=mix)
+
     def replay_loss(self, model, mb: MicroBatch, classify=None):
         """Cross-entropy over all seen classes on the labeled and buffer images of the
-        micro-batch, both sources in one classifier forward (ER's loss); `classify(x)` is the
-        logits function (default model.classify)."""
-        if self.static_shapes and classify is None:
-            return self._replay_loss_static(model, mb)
-        xs, targets, names = [], [], []
-        for name in ("labeled", "buffer"):
-            if name in mb.x:
-                x, tgt = self.mix(mb.x[name], mb.y[name], mb.num_seen, mb.generator)
-                xs.append(x), targets.append(tgt), names.append(name)
-        logits = (classify or model.classify)(torch.cat(xs) if len(xs) > 1 else xs[0])
-        return self._replay_terms(logits, names, targets, mb)
+        micro-batch, both sources in one classifier forward (ER's loss) -> (its share of the
+        global batch's loss, logs {Ll, Lb} scaled to their source's global-batch mean).
 
-    def _replay_loss_static(self, model, mb: MicroBatch):
-        """replay_loss on the full-capacity head (unseen classes masked) with planned Mixup."""
+        The one form of the loss: targets over `mb.seen`, Mixup/CutMix from `mb.mix`. A
+        static-shape method's micro-batches from the trainer carry both, over the
+        full-capacity head (`model.classify_all`, unseen classes masked), so nothing here draws
+        or waits for the device and the loss compiles whole. Any other micro-batch (hand-made;
+        the trainer's for a method without static shapes; any with `classify`) is first given
+        them by `with_plans`, from its own generator, and classified over the seen head rows.
+        `classify(x) -> logits [n, num_seen]`: the logits function (default `model.classify`;
+        DualNet: its fast learner)."""
+        if classify is None and self.static_shapes and mb.seen is not None:
+            classify = model.classify_all                       # logits [n, capacity]
+        else:
+            mb, classify = self.with_plans(mb), classify or model.classify   # [n, num_seen]
         xs, targets, names = [], [], []
         for name in ("labeled", "buffer"):
             if name in mb.x:
                 x, tgt = self.planned_mix(mb, name, mb.seen)
                 xs.append(x), targets.append(tgt), names.append(name)
-        logits = model.classify_all(torch.cat(xs) if len(xs) > 1 else xs[0])
-        return self._replay_terms(logits, names, targets, mb)
-
-    def _replay_terms(self, logits, names, targets, mb: MicroBatch):
-        """Cross-entropy of each source's rows of `logits` (sources in `names` order) -> (sum,
-        logs `Ll`/`Lb` scaled to the source's global-batch mean); shared by both replay forms."""
+        logits = classify(torch.cat(xs) if len(xs) > 1 else xs[0])
         total, start, logs = 0.0, 0, {}
         for name, tgt in zip(names, targets):
             term = self.ce(logits[start:start + tgt.shape[0]], tgt, mb.n_global[name])

@@ -22,12 +22,10 @@ Adaptations (also in the README's method table):
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from . import register
-from .base import ClassSet, Method, MicroBatch, Phase, StepContext
+from .base import Method, MicroBatch, Phase, StepContext
 
 
 def parse_split(split: str) -> tuple[str, float]:
@@ -153,32 +151,6 @@ class DietCL(Method):
                 logs["Lm" if name == "labeled" else "Lb"] = term.detach() * (
                     mb.n_global[name] / tgt.shape[0])
         return total, logs
-
-    def with_plans(self, mb: MicroBatch) -> MicroBatch:
-        """A hand-made micro-batch (no class sets, no Mixup plans) completed as the trainer
-        completes its own, on the host (this reads values: eager only): the class sets over the
-        seen head rows (capacity `num_seen`, the width of `model.classify`'s logits), and the
-        Mixup/CutMix plans of `labeled` then `buffer` drawn from `mb.generator` exactly as
-        `Method.mix` draws them (`mixup_cutmix`: one torch draw seeding numpy). The MAE masks
-        stay with `mb.mask_generator` (the model draws them, after the Mixup draws: when the two
-        generators are one object, the masks come from its later state). A labeled image must
-        be of the step's classes."""
-        from dietcl_fast.data.mixup import draw_plan
-        mc, dev = self.mcfg, mb.step_classes.device
-        if "labeled" in mb.y:
-            y = mb.y["labeled"]
-            if not bool(torch.isin(y, mb.step_classes.to(y.device)).all()):
-                raise RuntimeError("a labeled sample's class is not among the step's classes")
-        seen = ClassSet.of(range(mb.num_seen), mb.num_seen, mc.label_smoothing, dev)
-        step = ClassSet.of(mb.step_classes.tolist(), mb.num_seen, mc.label_smoothing, dev)
-        mix = {}
-        if mc.mixup:
-            for name in ("labeled", "buffer"):
-                if name in mb.x:
-                    x = mb.x[name]
-                    mix[name] = draw_plan(mb.generator, x.shape[0], x.shape[-2], x.shape[-1],
-                                          mc.mixup_alpha, mc.cutmix_alpha, x.device)
-        return dataclasses.replace(mb, seen=seen, step=step, mix=mix)
 
 
 def _static_lm(logits: torch.Tensor, target: torch.Tensor, step, time_scenario: bool,
