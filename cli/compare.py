@@ -279,6 +279,11 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
                      "and compare.csv)")
         except (ConfigError, ValueError, FileNotFoundError) as e:
             fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished runs are kept and an unfinished one keeps its last "
+                       "checkpoint; run the same compare command again to continue (finished "
+                       "runs are reused, the others resumed)", err=True)
+            sys.exit(130)
 
     return click.Command(
         "compare", params=own + shared, callback=callback,

@@ -72,3 +72,30 @@ def test_another_methods_option_gets_a_note_not_silence(tmp_path):
     p = cli("train", "--method", "ewc", "--ewc-lambda", "5", *TINY, "--budget", "1",
             "--out", tmp_path / "r2")
     assert "note: --ewc-lambda" not in p.stderr
+
+
+def test_ctrl_c_in_compare_says_to_rerun_and_the_rerun_completes(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--methods", "er,finetune", "--seeds", "0", *TINY, "--budget", "400",
+            "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dietcl_fast.cli.main", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 500
+        while not (out / "er-s0" / "latest.pt").exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after time step 0"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Aborted!" not in err, err
+    assert "run the same compare command again to continue" in err, err
+    assert not (out / "compare.csv").exists()
+    p = cli(*args)
+    rows = (out / "compare.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(r.endswith(",ok") for r in rows[1:]), p.stdout
