@@ -28,15 +28,16 @@ class WholeNumber(click.ParamType):
         return int(v) if v.is_integer() else v
 
 
-class MicroBatchType(click.ParamType):
+class MicroBatchType(WholeNumber):
+    """A whole number (8 or 8.0, as WholeNumber) or the word auto."""
     name = "INTEGER|auto"
 
     def convert(self, value, param, ctx):
-        if value is None or value == "auto" or isinstance(value, int):
+        if value == "auto":
             return value
         try:
-            return int(value)
-        except ValueError:
+            return super().convert(value, param, ctx)
+        except click.BadParameter:
             self.fail(f"{value!r}: a whole number or auto", param, ctx)
 
 

@@ -533,9 +533,10 @@ def validate(cfg: "Config") -> "Config":
     _choice(cfg, "run.device")
     _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)
     validate_method_options(cfg)
-    for o in OPTIONS.values():          # whole numbers stored as int (YAML may give 8.0)
+    # whole numbers stored as int (YAML may give 8.0), "auto" options (--micro-batch) included
+    for o in OPTIONS.values():
         v = _get(cfg, o.path)
-        if isinstance(v, float) and v.is_integer() and o.type is int:
+        if isinstance(v, float) and v.is_integer() and (o.type is int or o.meta.get("auto")):
             sec, _, key = o.path.rpartition(".")
             setattr(_get(cfg, sec), key, int(v))
     return cfg

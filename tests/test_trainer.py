@@ -176,6 +176,37 @@ def test_yaml_config_and_cli_override(tmp_path):
     assert p.returncode == 2 and "stream.colour" in p.stderr
 
 
+def test_yaml_micro_batch_written_as_a_float_is_a_whole_number(tmp_path):
+    """`micro_batch: 8.0` in a YAML file is 8, as `budget: 1.0` is 1 and as `--micro-batch 8.0`
+    is on the command line; 8.5 is refused before anything with the same message, naming
+    --micro-batch, whether it comes from the file or the flag."""
+    import yaml
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("stream: {time_steps: 2, label_rate: 0.05}\nrun: {budget: 1.0, batch_size: 16}\n"
+                        "engine: {micro_batch: 8.0}\nmethod: {name: er}\n")
+    out = tmp_path / "run"
+    cli("train", "--config", str(cfg_file), "--out", str(out), "--no-progress")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["engine"]["micro_batch"] == 8 and isinstance(saved["engine"]["micro_batch"], int)
+    assert saved["run"]["budget"] == 1 and isinstance(saved["run"]["budget"], int)
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["engine"]["micro_batch"] == 8 and res["global_batch"] == 16
+    # the flag: 8.0 is 8 too (the plan's check then sees micro-batch 8, not 8.0)
+    p = cli("train", "--micro-batch", "8.0", "--batch-size", "12", "--out", str(tmp_path / "r1"),
+            check=False)
+    assert p.returncode == 2 and "micro-batch 8 x world size 1 = 8" in p.stderr, p.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine: {micro_batch: 8.5}\n")
+    errors = []
+    for args in (["--config", str(bad)], ["--micro-batch", "8.5"]):
+        p = cli("train", *args, "--out", str(tmp_path / "r2"), check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        errors.append(p.stderr.strip().splitlines()[-1])
+    assert errors[0] == errors[1] == \
+        'error: --micro-batch 8.5 (engine.micro_batch): must be a whole number >= 1 (or "auto")'
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
 def test_help_documents_every_option():
     p = cli("train", "--help")
     for opt in ("--method", "--data", "--scenario", "--time-steps", "--budget", "--label-rate",
