@@ -45,7 +45,8 @@ DEVICES = ("auto", "cpu", "cuda")
 class StreamConfig:
     data: str = option("animal-mnist",
                        help="Dataset: animal-mnist (embedded), digits (sklearn), folder:PATH "
-                            "(root/<class>/*.jpg), csv:PATH (path,label[,timestamp]) or a path.")
+                            "(root/<class>/*.jpg), csv:PATH (path,label[,timestamp][,split]) or a "
+                            "path.")
     scenario: str = option("class", choices=("class", "time"),
                            help="class-incremental, or time-incremental (embedded sets drift over "
                                 "time).")

@@ -110,6 +110,10 @@ class Trainer:
                                                 self.device, log=self.log)
         if self.source is not source:     # bad files skipped: split only what decodes
             self._stream = build_stream(self.source, **stream_args)
+        if self.stream.synthetic_timestamps:
+            self.log(f"--scenario time: {cfg.stream.data!r} has no timestamps, so synthetic "
+                     "drifting ones are used (each class recurs around a seeded centre in [0, 1]); "
+                     "for the data's own order give a CSV with a timestamp column")
         if self.stream.eval_split == "dataset":
             self.log(f"evaluation on the dataset's own split ({sum(s.num_eval for s in self.stream.steps)} "
                      f"images, all of each seen step's); --eval-fraction is not used")

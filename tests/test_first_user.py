@@ -99,3 +99,21 @@ def test_ctrl_c_in_compare_says_to_rerun_and_the_rerun_completes(tmp_path):
     p = cli(*args)
     rows = (out / "compare.csv").read_text().splitlines()
     assert len(rows) == 3 and all(r.endswith(",ok") for r in rows[1:]), p.stdout
+
+
+def test_time_scenario_without_timestamps_says_they_are_synthetic(tmp_path):
+    p = cli("train", "--scenario", "time", *TINY, "--budget", "1", "--out", tmp_path / "r")
+    assert ("--scenario time: 'animal-mnist' has no timestamps, so synthetic drifting ones are "
+            "used") in p.stderr
+    # a CSV with a timestamp column: its own order, no such line
+    from PIL import Image
+    rows = ["path,label,timestamp"]
+    for i in range(24):
+        name = f"{i}.png"
+        Image.new("RGB", (12, 12), (10 * i, 0, 255 - 10 * i)).save(tmp_path / name)
+        rows.append(f"{name},{'ab'[i % 2]},{i}")
+    (tmp_path / "index.csv").write_text("\n".join(rows) + "\n")
+    p = cli("train", "--data", f"csv:{tmp_path / 'index.csv'}", "--scenario", "time",
+            "--time-steps", "2", "--label-rate", "0.5", "--batch-size", "8", "--budget", "1",
+            "--no-progress", "--out", tmp_path / "r2")
+    assert "has no timestamps" not in p.stderr

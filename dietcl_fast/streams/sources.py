@@ -296,12 +296,12 @@ def _load_csv(path: str, base: str, missing: str) -> Source:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
-            raise StreamError(f"CSV {path!r} is empty (expected header 'path,label[,timestamp]')")
+            raise StreamError(f"CSV {path!r} is empty (expected header 'path,label[,timestamp][,split]')")
         cols = [h.strip().lower() for h in header]
         for need in ("path", "label"):
             if need not in cols:
                 raise StreamError(f"CSV {path!r} has no {need!r} column (header: {','.join(header)}); "
-                                  f"expected 'path,label[,timestamp]'")
+                                  f"expected 'path,label[,timestamp][,split]'")
         ip, il = cols.index("path"), cols.index("label")
         it = cols.index("timestamp") if "timestamp" in cols else None
         isp = cols.index("split") if "split" in cols else None
