@@ -169,15 +169,49 @@ def _available_host_memory() -> int | None:
     return None
 
 
+def _saved_per_block(tokens: int, dim: int, mlp_ratio: float) -> float:
+    """Elements one pre-norm transformer block must keep for its backward, at the least: the
+    inputs of its four linear layers (norm1 out, attention out, norm2 out, GELU out: (3 + r)
+    x tokens x dim), q, k and v (3), and the GELU's input (r): (6 + 2r) x tokens x dim. Norm
+    statistics, residuals and attention internals come on top."""
+    return (6 + 2 * mlp_ratio) * tokens * dim
+
+
+def training_bytes_lower_bound(spec: dict, device_type: str) -> tuple[float, float]:
+    """-> (bytes per image, bytes for the model) that a training micro-batch surely needs.
+
+    Per image: the image twice (uint8 -> fp32 input and its normalised copy) plus the
+    activations saved for backward on the cheaper of the two paths an image can take: the
+    classification pass (all L tokens through the encoder) or the MAE pass (all L through the
+    decoder, and at least the class token and one patch through the encoder, whatever the
+    mask ratio); 2 bytes an activation under the
+    GPU's bf16 autocast, 4 in fp32 on the CPU. The model: the weights of the blocks (embeddings
+    and biases left out) four times over: fp32 weights, gradients and AdamW's two moments."""
+    C, img, patch = spec.get("in_chans", 3), spec["img_size"], spec["patch_size"]
+    r = float(spec.get("mlp_ratio", 4.0))
+    n = (img // patch) ** 2
+    D, depth = spec["embed_dim"], spec["depth"]
+    Dd, ddepth = spec.get("decoder_embed_dim", 0), spec.get("decoder_depth", 0)
+    visible = 2         # the class token and one patch: a bound for any mask ratio
+    classify = depth * _saved_per_block(n + 1, D, r)
+    mae = depth * _saved_per_block(visible, D, r) + ddepth * _saved_per_block(n + 1, Dd, r)
+    act = 2 if device_type == "cuda" else 4
+    per_image = 2 * C * img * img * 4 + min(classify, mae) * act
+    weights = depth * (4 + 2 * r) * D * D + ddepth * (4 + 2 * r) * Dd * Dd
+    return per_image, 16 * weights
+
+
 def check_memory(spec: dict, G: int, micro: int, eval_batch: int, device: torch.device) -> None:
     """Refuse, before any data is read, a batch whose memory need surely exceeds what the
-    device has: a lower bound (inputs, the draw's ids, and the encoder's residual stream)
-    per micro-batch and per evaluation batch, against the free memory."""
-    C = 3
+    device has: a lower bound (`training_bytes_lower_bound`: inputs, activations saved for
+    backward on the cheaper path, weights with their gradients and AdamW state, and the draw's
+    ids) per micro-batch, and the inputs and residual stream per evaluation batch, against the
+    free memory."""
+    C = spec.get("in_chans", 3)
     img, patch = spec["img_size"], spec["patch_size"]
     L = (img // patch) ** 2 + 1
-    per_image = 2 * C * img * img * 4 + L * spec["embed_dim"] * 4 * spec["depth"] * 2
-    need = micro * per_image + G * 8 * 4        # + ids / labels of the draw
+    per_image, model_bytes = training_bytes_lower_bound(spec, device.type)
+    need = micro * per_image + model_bytes + G * 8 * 4        # + ids / labels of the draw
     need_eval = eval_batch * (C * img * img * 4 + L * spec["embed_dim"] * 4 * 2)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else _available_host_memory()
     if free is None:

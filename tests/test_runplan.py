@@ -195,3 +195,26 @@ def test_the_micro_batch_probe_treats_library_allocation_failures_as_out_of_memo
     assert is_device_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
     assert not is_device_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_device_oom(ValueError("CUDA out of memory"))      # not a runtime error
+
+
+def test_vit_b16_on_a_laptop_cpu_is_refused_before_it_can_exhaust_memory(monkeypatch):
+    """ViT-B/16 (micro-batches of 256 by default) in fp32 on a 16 GB laptop with 12 GB free:
+    the lower bound counts the activations each block keeps for backward (about 46 MB an image
+    on the cheaper, MAE path; the old bound counted 2 of the ~14 tensors a block keeps, 14 MB)
+    and refuses it, naming the options, instead of letting the kernel kill the process. A
+    micro-batch that fits is accepted, and the embedded default (cpu-tiny) passes."""
+    from dietcl_fast import runplan
+    from dietcl_fast.models import PRESETS
+    monkeypatch.setattr(runplan, "_available_host_memory", lambda: int(12e9))
+    cfg = Config()
+    cfg.model.preset = "vit-b16"
+    with pytest.raises(ConfigError, match=r"--batch-size 1024 with micro-batch 256: one micro-batch "
+                                          r"needs at least \d+\.\d GB but the cpu has 12\.0 GB"):
+        resolve(cfg, CPU, 1)
+    cfg.engine.micro_batch = 64                     # gradient accumulation: 64 x 16
+    assert resolve(cfg, CPU, 1).micro == 64
+    assert resolve(Config(), CPU, 1).preset == "cpu-tiny"
+    per_image, model = runplan.training_bytes_lower_bound(PRESETS["vit-b16"]["spec"], "cpu")
+    assert 40e6 < per_image < 60e6 and 1.5e9 < model < 2e9       # fp32: 4 bytes a value
+    per_image_gpu, _ = runplan.training_bytes_lower_bound(PRESETS["vit-b16"]["spec"], "cuda")
+    assert per_image_gpu < per_image                                # bf16 activations
