@@ -158,9 +158,8 @@ class Pretrainer:
         exit_after = testing.exit_after_steps()     # the test suite's kill aid, else None
         bar = None
         if cfg.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=cfg.budget, initial=self.step, unit="step", dynamic_ncols=True,
-                       desc="pretrain")
+            from .results import progress_bar
+            bar = progress_bar(total=cfg.budget, initial=self.step, unit="step", desc="pretrain")
         self.model.train()
         try:
             while self.step < cfg.budget:

@@ -95,3 +95,22 @@ def table(results: dict) -> str:
                  f"forgetting = {'n/a' if f is None else f'{f:.2f}'}   "
                  f"budget = {results['budget']} steps/step, FLOPs = {results['ledger']['flops_total']:.3e}")
     return "\n".join(lines)
+
+
+def progress_bar(**kw):
+    """A tqdm bar for long work. On a terminal it redraws in place; when stderr is a file or
+    a pipe (a job's log) it writes at most one line every 30 s, so a log holds a readable
+    trace instead of thousands of carriage-return updates. Use `describe` for descriptions."""
+    import sys
+
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    bar = tqdm(dynamic_ncols=True, mininterval=0.1 if tty else 30.0, **kw)
+    bar.tty = tty
+    return bar
+
+
+def describe(bar, text: str) -> None:
+    """Set a progress bar's description; redrawn at once only on a terminal."""
+    bar.set_description(text, refresh=getattr(bar, "tty", True))
+

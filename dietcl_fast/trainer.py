@@ -43,7 +43,7 @@ from .ledger import Ledger
 from .methods import StepContext, build_method
 from .mfu import matmul_peak, mfu as flops_utilisation, sync as sync_device
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
-from .results import plot_curve, table, versions, write_json
+from .results import describe, plot_curve, progress_bar, table, versions, write_json
 from .run_state import (FiniteWatch, Position, RunStopped, numpy_rng_state,  # noqa: F401
                         set_numpy_rng_state)
 from .runplan import resolve
@@ -235,9 +235,8 @@ class Trainer:
         total_steps = T * self.budget
         bar = None
         if cfg.run.progress and self.dist.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=total_steps, initial=min(self.pos.gstep, total_steps),
-                       unit="step", dynamic_ncols=True)
+            bar = progress_bar(total=total_steps, initial=min(self.pos.gstep, total_steps),
+                               unit="step")
         try:
             while self.pos.t < T:
                 self._run_step(self.pos.t, bar)
@@ -379,7 +378,7 @@ class Trainer:
         if self.pos.gstep % 10 == 0 or self.pos.it == phase.steps:
             self._check_finite()                # a non-finite loss seen since: stop here
             post = {k: f"{float(v):.3f}" for k, v in logs.items()}
-            bar.set_description(f"t={t + 1}/{self.stream.time_steps} {phase.name}")
+            describe(bar, f"t={t + 1}/{self.stream.time_steps} {phase.name}")
             post["spent"] = f"{self.ledger.spent_units():.0f}/{self.budget}"
             bar.set_postfix(post, refresh=False)
 
