@@ -14,6 +14,22 @@ from conftest import cli
 TINY = ["--time-steps", "2", "--batch-size", "8", "--label-rate", "0.05", "--no-progress"]
 
 
+def ctrl_c_after(proc, checkpoint, wait_s=500):
+    """Wait until `checkpoint` exists (the process still running), send SIGINT (what Ctrl-C
+    sends) and return the process's stderr once it has exited; never leaves it running."""
+    try:
+        deadline = time.monotonic() + wait_s
+        while not checkpoint.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint after time step 0"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        return proc.communicate(timeout=300)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_mistyped_split_kind_says_which_forms_are_accepted(tmp_path):
     p = cli("train", "--split", "thresold:400", *TINY, "--budget", "2", "--out", tmp_path / "r",
             check=False)
@@ -40,17 +56,7 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_finishes(tmp_path):
         [sys.executable, "-m", "dietcl_fast.cli.main", "train", "--method", "er", *TINY,
          "--budget", "400", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 500
-        while not (out / "latest.pt").exists():     # time step 0 done: a checkpoint to keep
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint after time step 0"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)             # what Ctrl-C sends, during time step 1
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err = ctrl_c_after(proc, out / "latest.pt")     # time step 0 done: a checkpoint to keep
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Aborted!" not in err, err
     assert f"continue with: dietcl-fast train --resume {out}" in err, err
@@ -81,17 +87,7 @@ def test_ctrl_c_in_compare_says_to_rerun_and_the_rerun_completes(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "dietcl_fast.cli.main", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 500
-        while not (out / "er-s0" / "latest.pt").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint after time step 0"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    err = ctrl_c_after(proc, out / "er-s0" / "latest.pt")
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Aborted!" not in err, err
     assert "run the same compare command again to continue" in err, err
