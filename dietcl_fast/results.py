@@ -100,17 +100,9 @@ def table(results: dict) -> str:
 def progress_bar(**kw):
     """A tqdm bar for long work. On a terminal it redraws in place; when stderr is a file or
     a pipe (a job's log) it writes at most one line every 30 s, so a log holds a readable
-    trace instead of thousands of carriage-return updates. Use `describe` for descriptions."""
+    trace instead of thousands of carriage-return updates. Set descriptions and postfixes with
+    `refresh=False`: the next update draws them, within the interval."""
     import sys
 
     from tqdm import tqdm
-    tty = sys.stderr.isatty()
-    bar = tqdm(dynamic_ncols=True, mininterval=0.1 if tty else 30.0, **kw)
-    bar.tty = tty
-    return bar
-
-
-def describe(bar, text: str) -> None:
-    """Set a progress bar's description; redrawn at once only on a terminal."""
-    bar.set_description(text, refresh=getattr(bar, "tty", True))
-
+    return tqdm(dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0, **kw)

@@ -43,7 +43,7 @@ from .ledger import Ledger
 from .methods import StepContext, build_method
 from .mfu import matmul_peak, mfu as flops_utilisation, sync as sync_device
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
-from .results import describe, plot_curve, progress_bar, table, versions, write_json
+from .results import plot_curve, progress_bar, table, versions, write_json
 from .run_state import (FiniteWatch, Position, RunStopped, numpy_rng_state,  # noqa: F401
                         set_numpy_rng_state)
 from .runplan import resolve
@@ -286,8 +286,8 @@ class Trainer:
             while self.pos.it < phase.steps:
                 t_it, d0, f0 = time.perf_counter(), self.data_seconds, self.ledger.flops_total
                 logs = self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen)
-                if self.timing_sync and self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+                if self.timing_sync:
+                    sync_device(self.device)
                 self.iteration_log.append((t, phase.name, time.perf_counter() - t_it,
                                            self.data_seconds - d0, self.ledger.flops_total - f0))
                 # between iterations: the only places that may wait for the device
@@ -378,7 +378,7 @@ class Trainer:
         if self.pos.gstep % 10 == 0 or self.pos.it == phase.steps:
             self._check_finite()                # a non-finite loss seen since: stop here
             post = {k: f"{float(v):.3f}" for k, v in logs.items()}
-            describe(bar, f"t={t + 1}/{self.stream.time_steps} {phase.name}")
+            bar.set_description(f"t={t + 1}/{self.stream.time_steps} {phase.name}", refresh=False)
             post["spent"] = f"{self.ledger.spent_units():.0f}/{self.budget}"
             bar.set_postfix(post, refresh=False)
 
@@ -705,7 +705,7 @@ class Trainer:
                              "what": "--split auto threshold validation"}
             res["split_tuning"] = tuning
         # MFU: the phases' FLOPs over their synchronised wall time, against the matmul rate
-        # measured now on this device (bf16 on a GPU, fp32 on the CPU), times the processes
+        # measured on this device (once per process; bf16 on a GPU, fp32 on the CPU), times the processes
         achieved = self.train_flops / self.train_seconds if self.train_seconds > 0 else 0.0
         res["train_seconds"], res["train_flops"] = self.train_seconds, self.train_flops
         res["achieved_flops_per_second"] = achieved

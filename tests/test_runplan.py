@@ -117,6 +117,10 @@ def test_mfu_is_flops_per_synchronised_second_over_the_measured_peak_of_all_proc
     from dietcl_fast.mfu import matmul_peak
     peak = matmul_peak(CPU, tiny=True)
     assert peak["dtype"] == "float32" and peak["n"] == 256 and peak["flops_per_second"] > 1e6
+    # measured once per process (a bench's trainers reuse it) without touching torch's RNG
+    state = torch.get_rng_state()
+    again = matmul_peak(CPU, tiny=True)
+    assert again == peak and again is not peak and torch.equal(torch.get_rng_state(), state)
 
 
 def test_the_kill_aid_is_a_test_hook_not_an_option(monkeypatch, tmp_path):

@@ -13,8 +13,6 @@ import sys
 import numpy as np
 import torch
 
-from dietcl_fast.mfu import matmul_peak, sync  # noqa: F401  (one implementation, shared)
-
 
 class BenchFailed(RuntimeError):
     """A measured part failed after the others ran; what did finish is already in --out."""

@@ -16,7 +16,9 @@ import time
 
 import torch
 
-from .common import header, pick_device, sync, table, write_json
+from dietcl_fast.mfu import sync
+
+from .common import header, pick_device, table, write_json
 
 ENGINES = ("torch", "ds0", "ds1", "ds2")
 

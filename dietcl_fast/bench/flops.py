@@ -13,7 +13,9 @@ import time
 
 import torch
 
-from .common import header, matmul_peak, pick_device, sync, table, write_json
+from dietcl_fast.mfu import matmul_peak, sync
+
+from .common import header, pick_device, table, write_json
 
 
 def _counted(model, fn, n: int, device) -> int:

@@ -23,7 +23,9 @@ import time
 import numpy as np
 import torch
 
-from .common import header, make_jpeg_folder, pick_device, sync, table, write_json
+from dietcl_fast.mfu import sync
+
+from .common import header, make_jpeg_folder, pick_device, table, write_json
 
 
 def _backend_configs(device: torch.device, only: str | None):

@@ -32,8 +32,10 @@ import traceback
 
 import torch
 
-from .common import (BenchFailed, header, make_jpeg_folder, matmul_peak, pick_device,
-                     release_memory, table, write_json)
+from dietcl_fast.mfu import matmul_peak
+
+from .common import (BenchFailed, header, make_jpeg_folder, pick_device, release_memory, table,
+                     write_json)
 
 PRESET_DATA = {                     # synthetic stream per preset: classes, per class, (w, h)
     "cpu-tiny": dict(classes=10, per_class=40, size=(48, 40)),
@@ -170,16 +172,14 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                              "mode_wall_seconds": time.perf_counter() - t0}
                 release_memory(dev)
                 echo(f"{m} FAILED after {errors[m]['mode_wall_seconds']:.1f} s: {errors[m]['error']}")
-                write_json(out, assemble(dev, preset, budget, split, shown, steps, warmup, peak,
-                                         res_modes, errors, complete=False))
-                continue
-            r["mode_wall_seconds"] = time.perf_counter() - t0
-            for p in r["phases"].values():
-                p["mfu"] = p["achieved_flops_per_second"] / peak["flops_per_second"]
-            r["projection"] = project(r, budget, split)
-            r["mfu"] = (r["projection"]["training_flops"] / r["projection"]["training_seconds"]
-                        / peak["flops_per_second"])
-            res_modes[m] = r
+            else:
+                r["mode_wall_seconds"] = time.perf_counter() - t0
+                for p in r["phases"].values():
+                    p["mfu"] = p["achieved_flops_per_second"] / peak["flops_per_second"]
+                r["projection"] = project(r, budget, split)
+                r["mfu"] = (r["projection"]["training_flops"] / r["projection"]["training_seconds"]
+                            / peak["flops_per_second"])
+                res_modes[m] = r
             # written after every mode: a run killed in the next mode keeps this one's figures
             write_json(out, assemble(dev, preset, budget, split, shown, steps, warmup, peak,
                                      res_modes, errors, complete=False))
