@@ -20,6 +20,25 @@ def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float) -> torch
     return t
 
 
+def draw_mix(rng: np.random.Generator, h: int, w: int, mixup_alpha: float, cutmix_alpha: float,
+             switch_prob: float):
+    """The one draw of a batch's Mixup or CutMix (timm's batch mode), for `mixup_cutmix` and
+    `plan_mix` alike -> (lam, box). CutMix (chosen with `switch_prob` when both alphas are on):
+    box = (y0, y1, x0, x1), the region of an [h, w] image taken from the reversed batch (a
+    square of side sqrt(1 - lam') x (h, w) around a uniform centre, clipped), and lam the share
+    of the image kept; Mixup: box None and lam ~ Beta(mixup_alpha, mixup_alpha)."""
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    if not use_cutmix:
+        return float(rng.beta(mixup_alpha, mixup_alpha)), None
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
+    cut = np.sqrt(1.0 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1 = np.clip(cy - ch // 2, 0, h), np.clip(cy + ch // 2, 0, h)
+    x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw // 2, 0, w)
+    return 1.0 - float((y1 - y0) * (x1 - x0)) / float(h * w), (y0, y1, x0, x1)
+
+
 def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, generator: torch.Generator,
                  mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0, smoothing: float = 0.1,
                  switch_prob: float = 0.5):
@@ -29,21 +48,13 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, generator: 
     if n < 2 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
         return x, target
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    rng = np.random.default_rng(seed)
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
-    if use_cutmix:
-        lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
-        h, w = x.shape[-2:]
-        cut = np.sqrt(1.0 - lam)
-        ch, cw = int(h * cut), int(w * cut)
-        cy, cx = int(rng.integers(h)), int(rng.integers(w))
-        y0, y1 = np.clip(cy - ch // 2, 0, h), np.clip(cy + ch // 2, 0, h)
-        x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw // 2, 0, w)
+    h, w = x.shape[-2:]
+    lam, box = draw_mix(np.random.default_rng(seed), h, w, mixup_alpha, cutmix_alpha, switch_prob)
+    if box is not None:
+        y0, y1, x0, x1 = box
         x = x.clone()
         x[:, :, y0:y1, x0:x1] = x.flip(0)[:, :, y0:y1, x0:x1]
-        lam = 1.0 - float((y1 - y0) * (x1 - x0)) / float(h * w)
     else:
-        lam = float(rng.beta(mixup_alpha, mixup_alpha))
         x = x * lam + x.flip(0) * (1.0 - lam)
     target = target * lam + target.flip(0) * (1.0 - lam)
     return x, target
@@ -70,22 +81,15 @@ def plan_mix(seed: int, n: int, h: int, w: int, mixup_alpha: float = 0.8,
     fewer than 2 images or both alphas 0). Same distribution as `mixup_cutmix`."""
     if n < 2 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
         return None
-    rng = np.random.default_rng(seed)
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    lam, box = draw_mix(np.random.default_rng(seed), h, w, mixup_alpha, cutmix_alpha,
+                        switch_prob)
     a = np.empty((h, w), np.float32)
     b = np.empty((h, w), np.float32)
-    if use_cutmix:
-        lam = float(rng.beta(cutmix_alpha, cutmix_alpha))
-        cut = np.sqrt(1.0 - lam)
-        ch, cw = int(h * cut), int(w * cut)
-        cy, cx = int(rng.integers(h)), int(rng.integers(w))
-        y0, y1 = np.clip(cy - ch // 2, 0, h), np.clip(cy + ch // 2, 0, h)
-        x0, x1 = np.clip(cx - cw // 2, 0, w), np.clip(cx + cw // 2, 0, w)
+    if box is not None:
+        y0, y1, x0, x1 = box
         a[:], b[:] = 1.0, 0.0
         a[y0:y1, x0:x1], b[y0:y1, x0:x1] = 0.0, 1.0
-        lam = 1.0 - float((y1 - y0) * (x1 - x0)) / float(h * w)
     else:
-        lam = float(rng.beta(mixup_alpha, mixup_alpha))
         a[:], b[:] = lam, 1.0 - lam
     return np.concatenate([np.array([lam, 1.0 - lam], np.float32), a.ravel(), b.ravel()])
 
