@@ -188,8 +188,30 @@ def flops(**kw):
     try:
         rep = flops_report(**kw)
     except (ValueError, OverflowError) as e:
-        _fail(str(e))
+        _fail(_flops_error(str(e), kw))
     click.echo(json.dumps(rep, indent=2))
+
+
+def _flops_error(msg: str, kw: dict) -> str:
+    """The native FLOP model's message in the command's words: its field names (`embed_dim`,
+    `heads`: the parameter names of `flops`) as the options (`--embed-dim`), the offending value
+    as typed rather than as C++ prints it ("ViTSpec: mlp_ratio = 0.000010 is invalid: gives an
+    empty MLP" -> "--mlp-ratio 1e-05: gives an empty MLP")."""
+    import re
+    flag = {k: "--" + k.replace("_", "-") for k in kw}
+    names = "|".join(sorted(flag, key=len, reverse=True))
+    msg = re.sub(r"^ViTSpec: ", "", msg)
+    m = re.match(rf"^({names}) = \S+ is invalid: (.*)$", msg, re.S)
+    if m:
+        msg = f"{flag[m.group(1)]} {kw[m.group(1)]}: {m.group(2)}"
+    # a field named in the text: "embed_dim x mlp_ratio = 7.7e+302", "by heads = 3",
+    # "(img_size / patch / ...)"
+    msg = re.sub(rf"(?<![-\w])({names}) x ({names}) = ",
+                 lambda g: f"{flag[g.group(1)]} x {flag[g.group(2)]} = ", msg)
+    msg = re.sub(rf"(?<![-\w])({names})( = | / | x | too large)",
+                 lambda g: flag[g.group(1)] + (" " if g.group(2) == " = " else g.group(2)), msg)
+    # C++'s fixed-point print of a huge product
+    return re.sub(r"\d{13,}(\.\d+)?", lambda g: f"{float(g.group(0)):.3g}", msg)
 
 
 @main.command(context_settings={"show_default": True})

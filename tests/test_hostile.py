@@ -244,6 +244,25 @@ def test_flops_overflow_and_zero_classes_are_refused():
                                     if isinstance(v, (int, float)))
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--embed-dim", "10", "--heads", "3"], "--embed-dim 10: must be divisible by --heads 3"),
+    (["--img-size", "20", "--patch", "16"], "--img-size 20: must be divisible by --patch 16"),
+    (["--decoder-dim", "10", "--decoder-heads", "3"],
+     "--decoder-dim 10: must be divisible by --decoder-heads 3"),
+    (["--mlp-ratio", "1e-5"], "--mlp-ratio 1e-05: gives an empty MLP"),
+    (["--mask-ratio", "0.9999", "--img-size", "16", "--patch", "8"],
+     "--mask-ratio 0.9999: keeps no patch of the 4 patches"),
+    (["--img-size", "4096", "--patch", "1"], "(--img-size / --patch / --embed-dim / --depth too"),
+    (["--mlp-ratio", "1e300"], "--embed-dim x --mlp-ratio = 7.68e+302 overflows"),
+])
+def test_flops_errors_name_the_command_options(args, message):
+    """The native FLOP model's checks speak of its own fields (patch, heads, decoder_dim): the
+    command says them as its options, with the value as typed."""
+    r = invoke("flops", *args)
+    failed_naming(r, message)
+    assert "ViTSpec" not in r.output and "_" not in r.output.split("error:")[1], r.output
+
+
 def test_batch_too_big_for_memory_is_refused_before_compute(tmp_path):
     r = invoke("train", *TINY, "--batch-size", "100000000", "--out", tmp_path / "run")
     failed_naming(r, "--batch-size", "memory")
