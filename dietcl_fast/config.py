@@ -289,11 +289,13 @@ class PretrainConfig:
     out: Optional[str] = option(None, required=True,
                                 help="Directory: writes checkpoint.pth (official MAE layout), "
                                      "pretrain.json and the resume state.")
-    budget: int = option(1000, help="Optimiser steps at the global batch (= budget units).")
+    budget: int = option(1000, whole=True,
+                         help="Optimiser steps at the global batch (= budget units).")
     preset: str = option("auto", choices=PRESETS,
                          help="Model size; must match the later train run's preset.")
     batch_size: Optional[int] = option(None, default_text="the preset's", help="Global batch.")
-    micro_batch: Optional[int] = option(None, default_text="whole batch; 256 for vit-b16",
+    micro_batch: Optional[int] = option(None, whole=True,
+                                        default_text="whole batch; 256 for vit-b16",
                                         help="Micro-batch.")
     blr: Optional[float] = option(None, default_text="1.5e-4 for vit-b16 (MAE), 4e-3 for cpu-tiny",
                                   help="Base LR (lr = blr x batch / 256).")
@@ -560,6 +562,10 @@ def validate_pretrain(cfg: "PretrainConfig") -> "PretrainConfig":
         raise ConfigError(f"--data {cfg.data!r}: give a dataset name or a path")
     if not isinstance(cfg.out, str) or not cfg.out.strip():
         raise ConfigError("--out: a directory for checkpoint.pth is required")
+    for key in ("budget", "batch_size", "micro_batch"):     # 8.0 is 8, as in `train`
+        v = getattr(cfg, key)
+        if isinstance(v, float) and v.is_integer():
+            setattr(cfg, key, int(v))
     return cfg
 
 

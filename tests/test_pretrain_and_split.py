@@ -93,6 +93,27 @@ def test_pretrain_bad_input_is_a_named_error(tmp_path, args, needle):
     assert not (tmp_path / "o" / "checkpoint.pth").exists()
 
 
+def test_pretrain_reads_whole_numbers_as_train_does(tmp_path):
+    """`train --micro-batch 8.0` means 8 (and --budget 2.0 means 2): so does `pretrain`; a
+    fractional value is refused naming the option, as in `train`."""
+    from click.testing import CliRunner
+
+    from dietcl_fast.cli.main import main
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["pretrain", "--data", "digits", "--budget", "2.0",
+                                  "--batch-size", "8", "--micro-batch", "4.0", "--out", str(out),
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "pretrain.json").read_text())
+    assert rep["config"]["micro_batch"] == 4 and isinstance(rep["config"]["micro_batch"], int)
+    assert rep["steps"] == 2 and isinstance(rep["config"]["budget"], int)
+    for cmd in ("pretrain", "train"):
+        r = CliRunner().invoke(main, [cmd, "--micro-batch", "4.5", "--out",
+                                      str(tmp_path / f"bad-{cmd}"), "--no-progress"])
+        assert r.exit_code == 2 and "--micro-batch 4.5" in r.output, (cmd, r.output)
+        assert "must be a whole number" in r.output, (cmd, r.output)
+
+
 # ---------------------------------------------------------------- --split auto
 def test_split_auto_validates_on_held_out_labels_and_reports_its_compute(tmp_path):
     out = tmp_path / "auto"
