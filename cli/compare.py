@@ -178,7 +178,7 @@ def plot(out: str, results: list[dict], order: list[str]) -> None:
     save_figure(fig, os.path.join(out, "compare.png"))
 
 
-def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
+def make_compare(train_cmd: click.Command, build_config, fail, from_file) -> click.Command:
     shared = [p for p in train_cmd.params if p.name not in _NOT_SHARED]
     own = [
         click.Option(["--methods"], default="all", show_default=True,
@@ -230,7 +230,7 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
                     try:
                         validate(cfg)
                     except MethodOptionError as e:    # this method's own option: its failure
-                        failed_early.append((m, s, str(e)))
+                        failed_early.append((m, s, str(from_file(ctx, e))))
                         continue
                     except ConfigError as e:
                         raise ConfigError(f"--seeds: {e}") from None

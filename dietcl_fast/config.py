@@ -13,7 +13,13 @@ from typing import Any, Optional
 
 
 class ConfigError(ValueError):
-    """Bad configuration value; the message names the option and the value."""
+    """Bad configuration value; the message names the option and the value. `path`: the
+    config key it is about (`loader.backend`), where one is, so that a caller that knows where
+    the value came from (a `--config` file) can say so."""
+
+    def __init__(self, msg: str = "", path: Optional[str] = None):
+        super().__init__(msg)
+        self.path = path
 
 
 def option(default=dataclasses.MISSING, *, help: str, cli: "str | None" = "", choices=None,
@@ -407,28 +413,28 @@ def _num(cfg: "Config", path: str, *, lo=None, hi=None, lo_open=False, hi_open=F
         rng = ""
     msg = f"{_named(path, v)}: must be {kind}{rng}{why}"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise error(msg)
+        raise error(msg, path)
     if isinstance(v, float) and not math.isfinite(v):
-        raise error(msg)
+        raise error(msg, path)
     if integer and isinstance(v, float) and not v.is_integer():
-        raise error(msg)
+        raise error(msg, path)
     if lo is not None and (v < lo or (lo_open and v == lo)):
-        raise error(msg)
+        raise error(msg, path)
     if hi is not None and (v > hi or (hi_open and v == hi)):
-        raise error(msg)
+        raise error(msg, path)
 
 
 def _choice(cfg: "Config", path: str, choices=None) -> None:
     choices = choices or OPTIONS[path].meta["choices"]
     v = _get(cfg, path)
     if v not in choices:
-        raise ConfigError(f"{_named(path, v)}: choose one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{_named(path, v)}: choose one of {', '.join(map(str, choices))}", path)
 
 
 def _bool(cfg: "Config", path: str, error=ConfigError) -> None:
     v = _get(cfg, path)
     if not isinstance(v, bool):
-        raise error(f"{_named(path, v)}: expected true or false")
+        raise error(f"{_named(path, v)}: expected true or false", path)
 
 
 def validate_method_options(cfg: "Config") -> None:
@@ -481,7 +487,8 @@ def validate(cfg: "Config") -> "Config":
     _choice(cfg, "stream.scenario")
     if not isinstance(cfg.stream.data, str) or not cfg.stream.data.strip():
         raise ConfigError(f"{_named('stream.data', cfg.stream.data)}: give a dataset name "
-                          "or a path (an empty value would silently mean the current directory)")
+                          "or a path (an empty value would silently mean the current directory)",
+                          "stream.data")
     _num(cfg, "stream.time_steps", lo=1, hi=100000, integer=True)
     _num(cfg, "stream.label_rate", lo=0, hi=1, lo_open=True)
     # 0 is allowed here (a dataset with its own evaluation split ignores it); a stream left
@@ -490,14 +497,16 @@ def validate(cfg: "Config") -> "Config":
     _choice(cfg, "model.preset")
     _num(cfg, "model.mask_ratio", lo=0, hi=1, hi_open=True)
     if cfg.model.pretrained is not None and not isinstance(cfg.model.pretrained, str):
-        raise ConfigError(f"{_named('model.pretrained', cfg.model.pretrained)}: expected a path")
+        raise ConfigError(f"{_named('model.pretrained', cfg.model.pretrained)}: expected a path",
+                          "model.pretrained")
     if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
-        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file")
+        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file", "model.pretrained")
     m = cfg.method
     if not isinstance(m.name, str) or not m.name:
-        raise ConfigError(f"{_named('method.name', m.name)}: give a method name")
+        raise ConfigError(f"{_named('method.name', m.name)}: give a method name", "method.name")
     if not isinstance(m.split, str):
-        raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F or threshold:N")
+        raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F or threshold:N",
+                          "method.split")
     _num(cfg, "method.unlabeled_fraction", lo=0, hi=1)
     _num(cfg, "method.recon_weight", lo=0)
     _num(cfg, "method.buffer_lr_scale", lo=0, lo_open=True)
@@ -530,7 +539,7 @@ def validate(cfg: "Config") -> "Config":
     _num(cfg, "run.batch_size", lo=2, hi=2 ** 31 - 1, integer=True, optional=True)
     _num(cfg, "run.seed", lo=0, hi=SEED_MAX, integer=True)
     if cfg.run.out is not None and (not isinstance(cfg.run.out, str) or not cfg.run.out.strip()):
-        raise ConfigError(f"{_named('run.out', cfg.run.out)}: give a directory path")
+        raise ConfigError(f"{_named('run.out', cfg.run.out)}: give a directory path", "run.out")
     _num(cfg, "run.ckpt_every", lo=0, integer=True, why=" (0: only at time-step ends)")
     _num(cfg, "run.ckpt_retry_seconds", lo=0, hi=86400)
     _choice(cfg, "run.device")
