@@ -1,5 +1,6 @@
 """Fine-tune: supervised training on the current step's labels only (no replay, no unlabeled
-data); cross-entropy over all seen classes. The lower bound that shows forgetting."""
+data); cross-entropy over all seen classes. The lower bound that shows forgetting.
+Adaptations: none beyond the run's shared recipe (optimiser, batch, augmentation)."""
 from __future__ import annotations
 
 from . import register

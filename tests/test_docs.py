@@ -1,0 +1,481 @@
+"""The documentation's commands are real, and run.
+
+Every `dietcl-fast ...` command line in a shell block of README.md and docs/*.md (fenced ```bash
+blocks, `$ `-prompted lines of other fenced blocks, indented blocks such as the launcher
+examples) is parsed by the real click command: an unknown subcommand, an option that was removed
+or renamed, or a value a choice no longer accepts fails here, naming the file and line. Every
+`--flag` written in backticks in the prose must be an option of some `dietcl-fast` command, of
+bench/gpu_suite.sh, or of a named external tool (the launchers, CMake).
+
+Then the commands are run, as a user would, at a tiny size: every `train` line with size knobs
+appended (`--budget`, `--time-steps`, `--batch-size`: click takes the last value of an option),
+`pretrain`, `plan` (including the `plan --from-run` transcript the README prints, compared line
+by line), `plan --sweep`, `flops` (its figures compared with the ones the docs quote), `bench
+step` (eager only: a compile costs minutes on a CPU) and every `--help`. The quick start's run is
+a real process, killed after a checkpoint and continued with the README's `--resume` line.
+A command added to the docs is classified by its subcommand; a placeholder path the test cannot
+stand in for fails it, so a new command cannot go untested silently.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import click
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from dietcl_fast.cli.main import main
+from dietcl_fast.testing import EXIT_STATUS, exit_after
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+# size knobs appended to a documented train/compare/sweep line (the last value of an option wins)
+TINY = ["--budget", "2", "--time-steps", "2", "--batch-size", "16", "--micro-batch", "16", "--no-progress"]
+# options of tools other than dietcl-fast that the docs show, with their owner
+FOREIGN = {"--hostfile": "deepspeed", "--num_nodes": "deepspeed", "--num_gpus": "deepspeed",
+           "--launcher": "deepspeed", "--launcher_args": "deepspeed", "--nnodes": "torchrun",
+           "--nproc_per_node": "torchrun", "--node_rank": "torchrun", "--rdzv_backend": "torchrun",
+           "--rdzv_endpoint": "torchrun", "--build": "cmake", "--install": "cmake",
+           "--prefix": "cmake", "--test-dir": "ctest", "--write": "options_table",
+           "--check": "options_table", "--no-deps": "pip", "--no-build-isolation": "pip"}
+
+
+# ------------------------------------------------------------------ reading the docs
+def _logical_lines(lines):
+    """Join backslash continuations: [(first line number, text)]."""
+    out, buf, start = [], "", None
+    for n, ln in lines:
+        if start is None:
+            start = n
+        if ln.rstrip().endswith("\\"):
+            buf += ln.rstrip()[:-1] + " "
+            continue
+        out.append((start, buf + ln))
+        buf, start = "", None
+    return out
+
+
+def shell_commands(rel: str) -> list[tuple[str, int, list[str], bool]]:
+    """(file, line, args after `dietcl-fast`, started by a launcher) of every dietcl-fast command
+    in a shell block; `$(which dietcl-fast)` marks one a launcher (deepspeed, torchrun) starts."""
+    text = open(os.path.join(ROOT, rel), encoding="utf-8").read().splitlines()
+    found, fence, block = [], None, []
+
+    def take(n, ln, prompted_only):
+        s = ln.strip()
+        if s.startswith("$ "):
+            s = s[2:]
+        elif prompted_only:
+            return
+        if "dietcl-fast" not in s:
+            return
+        toks = shlex.split(s, comments=True)
+        for i, t in enumerate(toks):
+            if t in ("dietcl-fast", "dietcl-fast)") and (i == 0 or toks[i - 1] in ("$(which", "&&", ";")):
+                found.append((rel, n, toks[i + 1:], i > 0 and toks[i - 1] == "$(which"))
+                return
+
+    indented = []
+    for n, ln in enumerate(text, 1):
+        if fence is not None:
+            if ln.strip().startswith("```"):
+                if fence in ("bash", "sh", "console", ""):
+                    for m, s in _logical_lines(block):
+                        take(m, s, prompted_only=(fence == ""))
+                fence, block = None, []
+            else:
+                block.append((n, ln))
+            continue
+        if ln.strip().startswith("```"):
+            fence = ln.strip()[3:].strip()
+            continue
+        if ln.startswith("    ") and ln.strip():
+            indented.append((n, ln))
+            continue
+        for m, s in _logical_lines(indented):
+            take(m, s, prompted_only=False)
+        indented = []
+    for m, s in _logical_lines(indented):
+        take(m, s, prompted_only=False)
+    return found
+
+
+def all_commands():
+    return [c for rel in DOCS for c in shell_commands(rel)]
+
+
+def leaf(args: list[str]):
+    """(command path, click command, its arguments) for `dietcl-fast ARGS`; group-level options
+    (`--local_rank=0`, `--help`) are checked against the group."""
+    cmd, path = main, ["dietcl-fast"]
+    while isinstance(cmd, click.Group):
+        i = 0
+        while i < len(args) and args[i].startswith("-"):
+            name = args[i].split("=", 1)[0]
+            assert name in _names(cmd), f"{' '.join(path)}: no option {name}"
+            i += 1
+        if i == len(args):
+            return path, cmd, args
+        sub = cmd.get_command(click.Context(cmd), args[i])
+        assert sub is not None, f"{' '.join(path)}: no subcommand {args[i]!r}"
+        cmd, path, args = sub, path + [args[i]], args[i + 1:]
+    return path, cmd, args
+
+
+def _names(cmd: click.Command) -> set[str]:
+    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help", "-h"}
+
+
+def parse(args: list[str]):
+    """Parse `dietcl-fast ARGS` with the real command (types, choices), without running it."""
+    path, cmd, rest = leaf(args)
+    for t in rest:
+        if t.startswith("--"):
+            assert t.split("=", 1)[0] in _names(cmd), f"{' '.join(path)}: no option {t}"
+    if "--help" not in rest and not isinstance(cmd, click.Group):
+        cmd.make_context(" ".join(path), list(rest))    # raises on a bad value or option
+    return path
+
+
+def backticked_flags(rel: str):
+    text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+    for m in re.finditer(r"`([^`\n]+)`", text):
+        for f in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", m.group(1)):
+            yield text[:m.start()].count("\n") + 1, f
+
+
+def every_option_name() -> set[str]:
+    names = set()
+
+    def walk(cmd):
+        names.update(_names(cmd))
+        if isinstance(cmd, click.Group):
+            for c in cmd.commands.values():
+                walk(c)
+    walk(main)
+    suite = open(os.path.join(ROOT, "bench", "gpu_suite.sh"), encoding="utf-8").read()
+    names.update(re.findall(r"^\s*(--[a-z-]+)\)", suite, re.M))
+    return names
+
+
+# ------------------------------------------------------------------ the checks that cost nothing
+def test_the_docs_show_commands_of_every_subcommand():
+    """The reader finds the extractor working: it sees the quick start, the launcher lines and the
+    plan transcript, and every top-level subcommand is shown at least once."""
+    cmds = all_commands()
+    firsts = {args[0] for _, _, args, _ in cmds if args and not args[0].startswith("-")}
+    assert set(main.commands) <= firsts, set(main.commands) - firsts
+    joined = [" ".join(a) for _, _, a, _ in cmds]
+    assert "train --budget 500 --label-rate 0.01" in joined                       # quick start
+    launched = [" ".join(a) for _, _, a, by in cmds if by]
+    assert any(a.startswith("train --engine deepspeed") for a in launched)        # launcher block
+    assert len(launched) >= 2, launched                                           # + torchrun
+    assert any(a.startswith("plan --from-run bench/results/") for a in joined)    # transcript
+
+
+@pytest.mark.parametrize("rel,line,args,launched", all_commands(),
+                         ids=[f"{r}:{n}" for r, n, _, _ in all_commands()])
+def test_every_documented_command_parses(rel, line, args, launched):
+    try:
+        parse(args)
+    except (AssertionError, click.ClickException) as e:
+        msg = e.format_message() if isinstance(e, click.ClickException) else str(e)
+        pytest.fail(f"{rel}:{line}: dietcl-fast {' '.join(args)}: {msg}")
+
+
+def test_a_removed_option_or_bad_value_is_caught():
+    """The parser the docs are checked with fails on what a stale doc would show."""
+    with pytest.raises(AssertionError, match="no option --label-ratio"):
+        parse(["train", "--label-ratio", "0.01"])
+    with pytest.raises(click.BadParameter):
+        parse(["train", "--scenario", "domain"])
+    with pytest.raises(AssertionError, match="no subcommand 'steps'"):
+        parse(["bench", "steps"])
+    assert parse(["bench", "step", "--preset", "cpu-tiny"]) == ["dietcl-fast", "bench", "step"]
+
+
+@pytest.mark.parametrize("rel", DOCS)
+def test_every_flag_in_the_prose_exists(rel):
+    known = every_option_name() | set(FOREIGN)
+    bad = [f"{rel}:{n}: {f}" for n, f in backticked_flags(rel) if f not in known]
+    assert not bad, "options the docs name that no command has:\n" + "\n".join(bad)
+
+
+def test_quick_start_is_two_commands_and_the_test_command_is_what_ci_runs():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", text, re.S)
+    assert block, "README: no ```bash block right under '## Quick start'"
+    lines = [ln for ln in block.group(1).splitlines() if ln.strip()]
+    assert len(lines) == 2, lines
+    install, tests = lines
+    assert "pip install -e \".[dev]\"" in install and install.endswith(
+        "dietcl-fast train --budget 500 --label-rate 0.01")
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    assert re.search(r"^" + re.escape(tests.strip()) + r"$", ci, re.M), (tests, ".ci/run")
+    # the same torch pins as CI installs
+    for pin in re.findall(r"(torch(?:vision)?==[\w.]+)", install):
+        assert pin in ci, pin
+
+
+def test_the_method_table_lists_every_registered_method():
+    from dietcl_fast.methods import METHODS
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("## Methods", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([a-z_0-9]+)` \|", section, re.M)
+    assert sorted(rows) == sorted(METHODS), (rows, sorted(METHODS))
+    for name, cls in METHODS.items():
+        doc = sys.modules[cls.__module__].__doc__ or ""
+        assert re.search(r"Adaptations", doc), f"{cls.__module__}: its docstring lists no adaptations"
+
+
+def test_architecture_table_matches_the_layers_and_the_imports():
+    """docs/architecture.md's unit table: each unit's layer is the one the import test enforces,
+    and its 'imports' column is what the code imports today."""
+    import test_architecture as ta
+    doc = open(os.path.join(ROOT, "docs", "architecture.md"), encoding="utf-8").read()
+    rows = re.findall(r"^\| (\d+) \| (.*?) \| .*? \| (.*?) \|$", doc, re.M)
+    assert rows
+    real: dict[str, set[str]] = {}
+    for a, b in ta.edges():
+        real.setdefault(a, set()).add(b)
+    seen = set()
+    for layer, units, imps in rows:
+        us = re.findall(r"`([a-z_]+)`", units)
+        listed = {x.strip().strip("()") for x in imps.split(",")} - {"—", ""}
+        listed = {"__init__" if x == "package version" else x for x in listed}
+        for u in us:
+            assert ta.LAYERS.get(u) == int(layer), f"architecture.md: {u} at layer {layer}, tests say {ta.LAYERS.get(u)}"
+        got = set().union(*(real.get(u, set()) for u in us))
+        assert listed == got, f"architecture.md row {units}: listed {sorted(listed)}, imported {sorted(got)}"
+        seen.update(us)
+    assert set(ta.LAYERS) - {"__init__"} <= seen, set(ta.LAYERS) - {"__init__"} - seen
+
+
+def test_nothing_cites_the_briefs():
+    """The repository states its facts in its own words; no citations of outside briefs."""
+    pat = re.compile(r"\bSPEC\b|\bDESIGN\b|§|\\u00a7|\b[Ii]ssue #?\d+\b")
+    bad = []
+    for dirpath, dirnames, files in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in (
+            "build", "runs", "__pycache__", "node_modules") and not d.endswith(".egg-info")]
+        for f in files:
+            if not f.endswith((".py", ".md", ".sh", ".cpp", ".hpp", ".txt", ".toml", ".cfg", ".yaml",
+                             ".json", ".csv", ".log", ".cmake", "CMakeLists.txt", "run")):
+                continue
+            p = os.path.join(dirpath, f)
+            if os.path.abspath(p) == os.path.abspath(__file__):
+                continue
+            for n, ln in enumerate(open(p, encoding="utf-8", errors="replace"), 1):
+                if pat.search(ln):
+                    bad.append(f"{os.path.relpath(p, ROOT)}:{n}: {ln.strip()[:100]}")
+    assert not bad, "\n".join(bad)
+
+
+# ------------------------------------------------------------------ running them
+def _images(root, classes=4, per_class=70):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"c{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            a = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            a[..., c % 3] = 40 * c
+            Image.fromarray(a).save(d / f"{i}.png")
+
+
+def _substitute(args, tmp, run_dir):
+    """The docs' placeholders -> files this test made."""
+    out = []
+    for a in args:
+        if "..." in a and a.startswith("runs/"):
+            a = str(run_dir)
+        a = a.replace("/data/imgs", str(tmp / "data" / "imgs")).replace(
+            "/data/index.csv", str(tmp / "data" / "index.csv")).replace("/data/ds", str(tmp / "data" / "ds"))
+        if a.startswith("bench/results/"):
+            a = os.path.join(ROOT, a)
+        out.append(a)
+    return out
+
+
+def _invoke(args, cwd):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return CliRunner().invoke(main, args, catch_exceptions=True)
+    finally:
+        os.chdir(old)
+
+
+def _process(args, cwd, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", *args], cwd=cwd, env=env or ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _transcript(text: str) -> tuple[list[str], list[str]]:
+    """README's `$ dietcl-fast ...` block: (args, the output lines it shows)."""
+    m = re.search(r"```\n\$ dietcl-fast (.*?)\n(.*?)```", text, re.S)
+    assert m
+    return shlex.split(m.group(1)), m.group(2).rstrip("\n").splitlines()
+
+
+@pytest.mark.slow
+def test_the_documented_commands_run(tmp_path):
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    cmds = all_commands()
+    # fixtures for the placeholders: an image folder, a CSV index over it, a train/val folder, a
+    # YAML config
+    _images(tmp_path / "data" / "imgs")
+    rows = ["path,label"] + [f"imgs/{c}/{i}.png,{c}" for c in ("c0", "c1", "c2", "c3") for i in range(70)]
+    (tmp_path / "data" / "index.csv").write_text("\n".join(rows) + "\n")
+    _images(tmp_path / "data" / "ds" / "train")
+    _images(tmp_path / "data" / "ds" / "val", per_class=5)
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"stream": {"label_rate": 0.05},
+                                                       "method": {"name": "er"}}))
+    todo, launched = {}, set()
+    for rel, line, args, by in cmds:
+        todo.setdefault(tuple(args), f"{rel}:{line}")
+        if by:
+            launched.add(tuple(args))
+
+    ran, not_run = [], {}
+
+    def done(args):
+        todo.pop(tuple(args), None)
+        ran.append(" ".join(args))
+
+    # 1. the quick start, as a real process: killed after time step 0's checkpoint, then the
+    #    README's --resume line continues it to the end
+    qs = ["train", "--budget", "500", "--label-rate", "0.01"]
+    # the preset's own global batch (64): the log must say that it replaces the paper's 1,024
+    p = _process([*qs, "--budget", "2", "--time-steps", "2", "--no-progress"], tmp_path,
+                 env={**ENV, **exit_after(3)})
+    assert p.returncode == EXIT_STATUS, p.stderr[-3000:]
+    run_dirs = glob.glob(str(tmp_path / "runs" / "dietcl-*"))
+    assert len(run_dirs) == 1, run_dirs          # README: runs/<method>-.../
+    run_dir = run_dirs[0]
+    assert "[preset cpu-tiny] global batch 64 instead of the paper's 1024" in p.stderr, p.stderr
+    done(qs)
+    resume = next(a for a in todo if a[:2] == ("train", "--resume"))
+    p = _process(_substitute(list(resume), tmp_path, run_dir), tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "A(T) =" in p.stderr and "Ā" in p.stderr          # the accuracy matrix and A(T)/Ā
+    for f in ("results.json", "curve.png", "config.yaml", "latest.pt"):
+        assert os.path.exists(os.path.join(run_dir, f)), f
+    done(resume)
+
+    # 2. producers before their consumers: pretrain -> train --pretrained; bench step -> plan
+    order = sorted(todo, key=lambda a: (a[0] != "pretrain", a[:2] != ("bench", "step")))
+    for args in order:
+        where = todo[args]
+        a = _substitute(list(args), tmp_path, run_dir)
+        path, cmd, rest = leaf(a)
+        name = " ".join(path[1:])
+        if "--help" in rest:
+            p = _process(a, tmp_path, timeout=120)
+            assert p.returncode == 0 and "Usage:" in p.stdout, (where, p.stderr)
+        elif args in launched:
+            not_run[where] = ("a multi-node launcher example (tests/test_distributed.py and "
+                              "tests/test_deepspeed.py run the real launchers on 2 CPU ranks)")
+            todo.pop(args)
+            continue
+        elif name == "train":
+            r = _invoke([*a, *TINY, "--out", str(tmp_path / "out" / str(len(ran)))], tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            if "--pretrained" in rest:
+                assert "initialisation" in json.load(open(tmp_path / "out" / str(len(ran)) / "results.json"))
+        elif name == "pretrain":
+            r = _invoke([*a, *TINY[:2], "--batch-size", "16", "--no-progress"], tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            out = rest[rest.index("--out") + 1]
+            assert (tmp_path / out / "checkpoint.pth").exists()     # -> pt/checkpoint.pth
+        elif name == "bench step":
+            r = _invoke([*a, "--modes", "eager", "--steps", "1", "--warmup", "0", "--tiny-peak",
+                         "--budget", "2", "--batch-size", "16", "--micro-batch", "16"], tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            out = rest[rest.index("--out") + 1]
+            assert json.load(open(tmp_path / out))["kind"] == "dietcl-fast/bench-step"
+        elif name == "bench engines":
+            not_run[where] = "GPU and DeepSpeed benchmark (tests/test_bench.py runs it with --tiny)"
+            todo.pop(args)
+            continue
+        elif name == "compare":
+            r = _invoke([*a, *TINY, "--seeds", "0", "--out", str(tmp_path / "compare")], tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            for f in ("compare.csv", "compare.md", "compare.png"):
+                assert (tmp_path / "compare" / f).exists(), f
+        elif name == "plan" and "--sweep" in rest:
+            r = _invoke([*a, "--budgets", "1", "--seeds", "0", "--time-steps", "2",
+                         "--train-batch-size", "16", "--micro-batch", "16", "--label-rate", "0.05",
+                         "--no-progress", "--out", str(tmp_path / "sweep")], tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            assert (tmp_path / "sweep" / "plan.md").exists()
+        elif name == "plan":
+            if "--from-bench" in rest:      # the bench file here holds the eager mode only
+                a = [*a, "--bench-mode", "eager"]
+            r = _invoke(a, tmp_path)
+            if "--require-gpu" in rest and "--from-bench" in rest:
+                # the bench file here was measured on this CPU: refused, as the README says
+                assert r.exit_code == 2 and "--require-gpu" in r.output, (where, r.output)
+                r = _invoke([x for x in a if x != "--require-gpu"], tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            if "--json" in rest:
+                json.loads(r.stdout)
+        elif name == "flops":
+            r = _invoke(a, tmp_path)
+            assert r.exit_code == 0, (where, r.output)
+            rep = json.loads(r.stdout)
+            flat = json.dumps(rep)
+            # the figures README and docs/algorithm.md quote for ViT-B/16 at 224, 1,000 classes
+            for g in ("35.13", "105.15", "58.46"):
+                assert g in readme, g
+            vals = [v for v in _numbers(rep)]
+            for g in (35.13e9, 105.15e9, 58.46e9):
+                assert any(abs(v - g) <= 0.005e9 for v in vals), (g, flat[:2000])
+        else:
+            pytest.fail(f"{where}: dietcl-fast {' '.join(args)}: this test does not know how to run "
+                        f"`{name}` at a tiny size; teach it (or say why it is not run)")
+        done(args)
+        if name == "plan" and "--from-run" in rest and "bench/results/" in " ".join(args):
+            shown_args, shown = _transcript(readme)
+            assert shown_args == list(args)
+            _compare_transcript(shown, r.stdout)
+
+    assert not todo, todo
+    assert len(ran) >= 15, ran
+    assert set(not_run) and all(not_run.values())
+
+
+def _numbers(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _numbers(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _numbers(v)
+    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        yield float(obj)
+
+
+def _compare_transcript(shown: list[str], printed: str):
+    """Each line the README shows is the start of a printed line, in order (a README line ending
+    in '...' is cut there; a line '...' stands for lines left out)."""
+    out = printed.splitlines()
+    i = 0
+    for s in shown:
+        if s.strip() == "...":
+            continue
+        want = s[:-3] if s.endswith("...") else s.rstrip()
+        while i < len(out) and not out[i].startswith(want):
+            i += 1
+        assert i < len(out), f"README transcript line not printed (in order): {s!r}\nprinted:\n{printed}"
+        i += 1
