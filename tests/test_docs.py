@@ -261,7 +261,7 @@ def test_architecture_table_matches_the_layers_and_the_imports():
 
 def test_nothing_cites_the_briefs():
     """The repository states its facts in its own words; no citations of outside briefs."""
-    pat = re.compile(r"\bSPEC\b|\bDESIGN\b|§|\\u00a7|\b[Ii]ssue #?\d+\b")
+    pat = re.compile(r"\bSPEC\b|\bDESIGN\b|§|\\u00a7|\b[Ii]ssue #?\d+\b|\b[Ii]ssue's\b|\b[Tt]he issue (quotes|says|asks)")
     bad = []
     for dirpath, dirnames, files in os.walk(ROOT):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in (

@@ -19,6 +19,14 @@ Adaptations (also in the README's method table):
     depend on how a global batch is cut into micro-batches or ranks.
   * class-incremental Lm spreads label smoothing over the step's classes (targets sum to 1);
     the reference smooths over all seen classes and then drops the old classes' columns.
+  * the joint batch's per-source counts are rounded once per global batch, each to the nearest
+    multiple of the number of micro-batches (static shapes), the remainder going to the
+    unlabeled share, so they sum to the global batch: 1,024 in 4 micro-batches of 256 gives
+    408 / 308 / 308 (step 0: 408 / 616), 64 in one gives 26 / 19 / 19; the reference rounds
+    per device.
+  * the paper starts from the MAE ImageNet-1K checkpoint; `cpu-tiny` (no such checkpoint)
+    starts from a random encoder unless --pretrained is given, and vit-b16 without it warns
+    and records it in results.json.
 """
 from __future__ import annotations
 

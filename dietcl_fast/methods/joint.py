@@ -7,6 +7,9 @@ labeled images) with cross-entropy over all classes.
 Ledger record: steps 0..T-2 are opened with a budget of 0 units and spend nothing (the model
 is evaluated untrained there, so A(t) for t < T-1 and Ā are not meaningful: report A(T));
 step T-1 is opened with T x B units. The run's total never exceeds T x B.
+Adaptations (budget): the MAE phase is 80% of the T x B units whatever the stream's size, so on
+a small stream it makes several passes over the unlabeled images (the paper's "one pass" is
+what that share buys on ImageNet10K); only A(T) is meaningful.
 Option: pretrain_fraction (0.8)."""
 from __future__ import annotations
 

@@ -6,9 +6,11 @@ the feature for the linear head; a surrogate loss pulls the selected keys to the
 Only prompts, keys and the head are trained. "Unlimited replay, limited steps": every step
 trains on draws from the buffer of all labeled data seen so far, within the step's budget.
 
-Adaptations: prompts carry no position embedding (as in L2P); the encoder is whatever the run
-starts from (the MAE checkpoint with --pretrained; a random frozen encoder on cpu-tiny, which
-is L2P's worst case - it relies on a pretrained encoder). Options (method.l2p, --l2p-*): pool_size (10),
+Prompts carry no position embedding (as in L2P).
+Adaptations: training draws from the buffer of every label seen so far (the DietCL paper's
+"unlimited replay, limited steps" setting for L2P); the encoder is whatever the run starts from
+(the MAE checkpoint with --pretrained; a random frozen encoder on cpu-tiny, which is L2P's
+worst case - it relies on a pretrained encoder). Options (method.l2p, --l2p-*): pool_size (10),
 prompt_length (5), top_k (5), key_weight (0.1). Path `l2p` FLOPs are counted exactly on a
 meta-device copy (methods/base.measure_path).
 """
