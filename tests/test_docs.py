@@ -347,7 +347,7 @@ def test_the_documented_commands_run(tmp_path):
         if by:
             launched.add(tuple(args))
 
-    ran, not_run = [], {}
+    ran, not_run, results = [], {}, {}
 
     def done(args):
         todo.pop(tuple(args), None)
@@ -389,10 +389,10 @@ def test_the_documented_commands_run(tmp_path):
             todo.pop(args)
             continue
         elif name == "train":
-            r = _invoke([*a, *TINY, "--out", str(tmp_path / "out" / str(len(ran)))], tmp_path)
+            out = tmp_path / "out" / str(len(ran))
+            r = _invoke([*a, *TINY, "--out", str(out)], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
-            if "--pretrained" in rest:
-                assert "initialisation" in json.load(open(tmp_path / "out" / str(len(ran)) / "results.json"))
+            results[args] = json.load(open(out / "results.json"))
         elif name == "pretrain":
             r = _invoke([*a, *TINY[:2], "--batch-size", "16", "--no-progress"], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
@@ -403,7 +403,9 @@ def test_the_documented_commands_run(tmp_path):
                          "--budget", "2", "--batch-size", "16", "--micro-batch", "16"], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
             out = rest[rest.index("--out") + 1]
-            assert json.load(open(tmp_path / out))["kind"] == "dietcl-fast/bench-step"
+            step = json.load(open(tmp_path / out))
+            assert step["kind"] == "dietcl-fast/bench-step"
+            _check_step_schema(step)
         elif name == "bench engines":
             not_run[where] = "GPU and DeepSpeed benchmark (tests/test_bench.py runs it with --tiny)"
             todo.pop(args)
@@ -453,6 +455,50 @@ def test_the_documented_commands_run(tmp_path):
     assert not todo, todo
     assert len(ran) >= 15, ran
     assert set(not_run) and all(not_run.values())
+    _check_results_fields(results)
+
+
+# results.json fields the README and docs/algorithm.md name (each must still be named there)
+RESULTS_FIELDS = ["data_wait_fraction", "skipped_files", "eval_split", "initialisation", "warnings",
+                  "eval_seconds", "checkpoint_seconds", "checkpoint_write_seconds", "matmul_peak",
+                  "mfu"]
+
+
+def _check_results_fields(results: dict):
+    docs = "".join(open(os.path.join(ROOT, rel), encoding="utf-8").read() for rel in DOCS)
+    for f in RESULTS_FIELDS + ["split_tuning", "ledger.tuning"]:
+        assert f"`{f}`" in docs, f"the docs no longer name results.json's `{f}`: update this list"
+    for args, res in results.items():
+        missing = [f for f in RESULTS_FIELDS if f not in res]
+        assert not missing, (args, missing)
+        assert res["eval_split"] == ("dataset" if any("/data/ds" in a for a in args) else "carved"), args
+        if "auto" in args:                      # --split auto: its compute reported apart
+            assert "split_tuning" in res and "tuning" in res["ledger"], args
+    assert any("auto" in a for a in results) and any(any("/data/ds" in x for x in a) for a in results)
+
+
+def _check_step_schema(step: dict):
+    """Every field docs/bench.md's `bench step` JSON block names is in a real step.json (an
+    eager-only run: the compiled mode's and a failed mode's names are left out)."""
+    text = open(os.path.join(ROOT, "docs", "bench.md"), encoding="utf-8").read()
+    block = re.search(r"## `bench step` JSON.*?```\n(.*?)```", text, re.S)
+    assert block, "docs/bench.md: no `bench step` JSON block"
+    named = set(re.findall(r'"([A-Za-z_/.-]+)"', block.group(1)))
+    have = set()
+
+    def walk(o):
+        if isinstance(o, dict):
+            for k, v in o.items():
+                have.add(k)
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+        elif isinstance(o, str):
+            have.add(o)
+    walk(step)
+    missing = named - have - {"cuda", "compiled", "error", "traceback_tail"}
+    assert not missing, f"docs/bench.md names step.json fields a real run lacks: {sorted(missing)}"
 
 
 def _numbers(obj):
