@@ -525,3 +525,104 @@ def _compare_transcript(shown: list[str], printed: str):
             i += 1
         assert i < len(out), f"README transcript line not printed (in order): {s!r}\nprinted:\n{printed}"
         i += 1
+
+
+def _suite():
+    text = open(os.path.join(ROOT, "bench", "gpu_suite.sh"), encoding="utf-8").read()
+    flags = set(re.findall(r"^\s*(--[a-z-]+)\)", text, re.M))
+    parts = re.search(r'^PARTS="([^"]*)"', text, re.M).group(1).split()
+    return flags, parts
+
+
+def test_gpu_suite_lines_in_the_docs_use_its_options_and_parts():
+    """`bash bench/gpu_suite.sh ...` lines of the docs: flags the script's parser accepts, --only
+    parts it knows, a --deadline it takes; docs/bench.md lists the parts in the script's order."""
+    flags, parts = _suite()
+    assert {"--cpu", "--deadline", "--only"} <= flags and "step" in parts
+    lines = []
+    for rel in DOCS:
+        for n, ln in enumerate(open(os.path.join(ROOT, rel), encoding="utf-8"), 1):
+            m = re.search(r"bash bench/gpu_suite\.sh([^#`]*)", ln)
+            if m:
+                lines.append((rel, n, shlex.split(m.group(1))))
+    assert len(lines) >= 3, lines
+    for rel, n, toks in lines:
+        for i, t in enumerate(toks):
+            if t.startswith("--"):
+                assert t in flags, f"{rel}:{n}: gpu_suite.sh has no option {t}"
+            if t == "--only":
+                bad = set(toks[i + 1].split(",")) - set(parts)
+                assert not bad, f"{rel}:{n}: gpu_suite.sh has no part {sorted(bad)}"
+            if t == "--deadline":
+                assert toks[i + 1].isdigit() and int(toks[i + 1]) >= 60, f"{rel}:{n}"
+    text = open(os.path.join(ROOT, "docs", "bench.md"), encoding="utf-8").read()
+    listed = re.search(r"runs, in order of value per second: (.*?)\n\(", text, re.S)
+    assert listed, "docs/bench.md: the sentence listing the suite's parts moved"
+    assert re.findall(r"`([a-z_]+)`", listed.group(1)) == parts
+
+
+def test_defaults_the_prose_states_are_the_configs():
+    """Defaults docs/*.md and the README state in words, against dietcl_fast/config.py: a
+    changed default fails here until the text follows (the options table is checked by
+    tests/test_options_table.py)."""
+    from dietcl_fast.config import Config, PlanDefaults, PretrainConfig
+    c, p, pt = Config(), PlanDefaults(), PretrainConfig(out="x")
+    alg = open(os.path.join(ROOT, "docs", "algorithm.md"), encoding="utf-8").read()
+    plan = open(os.path.join(ROOT, "docs", "plan.md"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    pct = lambda f: f"{f * 100:g}%"                                    # noqa: E731
+    m = c.method
+    want = {
+        alg: [f"w_r = {m.recon_weight:g} (`--recon-weight`", f"(default `{m.split}`",
+              f"batches of {pct(m.unlabeled_fraction)} unlabeled", f"at {m.buffer_lr_scale:g}x",
+              f"Mixup {m.mixup_alpha:g} / CutMix {m.cutmix_alpha:.1f} with label smoothing {m.label_smoothing:g}",
+              f"(default {', '.join(x.strip() for x in m.auto_candidates.split(','))})",
+              f"AdamW betas ({c.optim.beta1:g}, {c.optim.beta2:g}), weight decay {c.optim.weight_decay:g}",
+              f"{pct(c.model.mask_ratio)} of the patches are masked",
+              f"first {pct(pt.warmup_fraction)} of steps"],
+        plan: [f"| L | `--labelers` | {p.labelers} |", f"| {p.labels_per_labeler_day:,.0f} |",
+               f"| {p.steps:g}:{p.labels:g} |", f"| {p.batch_size:,} |",
+               f"`--tolerance` points (default {p.tolerance:g})", f"ER by default" if p.methods == "er" else p.methods],
+        readme: [f"`--ckpt-retry-seconds` (default {c.run.ckpt_retry_seconds:g})",
+                 f"`--max-image-pixels` (default {c.loader.max_image_pixels:,}",
+                 f"`--eval-fraction` ({c.stream.eval_fraction:g})",
+                 f"`--on-bad-image {c.loader.on_bad_image}` (default)", f"(`--fallback {c.loader.fallback}`, the default)",
+                 f"`--engine {c.engine.engine}` (default)", f"**{c.engine.zero_stage}** (default)"],
+    }
+    flat = lambda t: " ".join(t.split())                               # noqa: E731
+    bad = [f"{'algorithm.md' if t is alg else 'plan.md' if t is plan else 'README.md'}: {s!r}"
+           for t, phrases in want.items() for s in phrases if flat(s) not in flat(t)]
+    assert not bad, "defaults the docs state that are not config.py's:\n" + "\n".join(bad)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    s = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return s.replace(" ", "-")
+
+
+@pytest.mark.parametrize("rel", DOCS)
+def test_links_point_at_files_and_headings_that_exist(rel):
+    text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+    here = os.path.dirname(os.path.join(ROOT, rel))
+    bad = []
+    for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+        target = m.group(1)
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        f = os.path.normpath(os.path.join(here, path)) if path else os.path.join(ROOT, rel)
+        if not os.path.exists(f):
+            bad.append(f"{target}: no such file")
+        elif anchor:
+            heads = {_slug(h) for h in re.findall(r"^#+ (.*)$", open(f, encoding="utf-8").read(), re.M)}
+            if anchor not in heads:
+                bad.append(f"{target}: no such heading")
+    # file paths the prose names in backticks (`dietcl_fast/...`, `tests/...`, `bench/...`)
+    for m in re.finditer(r"`((?:dietcl_fast|tests|bench|csrc|cli|kernels|docs)/[\w./-]*\w)`", text):
+        p = m.group(1)
+        if "<" in p or "*" in p or re.search(r"\b[A-Z]{3,}\b", p):     # placeholders: NAME, <class>
+            continue
+        if not os.path.exists(os.path.join(ROOT, p)) and not glob.glob(os.path.join(ROOT, p) + "*"):
+            bad.append(f"`{p}`: no such path")
+    assert not bad, f"{rel}:\n" + "\n".join(bad)
