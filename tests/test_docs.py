@@ -397,7 +397,8 @@ def test_the_documented_commands_run(tmp_path):
             r = _invoke([*a, *TINY[:2], "--batch-size", "16", "--no-progress"], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
             out = rest[rest.index("--out") + 1]
-            assert (tmp_path / out / "checkpoint.pth").exists()     # -> pt/checkpoint.pth
+            for f in ("checkpoint.pth", "pretrain.json"):      # -> pt/checkpoint.pth (--out's help)
+                assert (tmp_path / out / f).exists(), f
         elif name == "bench step":
             r = _invoke([*a, "--modes", "eager", "--steps", "1", "--warmup", "0", "--tiny-peak",
                          "--budget", "2", "--batch-size", "16", "--micro-batch", "16"], tmp_path)
