@@ -627,3 +627,45 @@ def test_links_point_at_files_and_headings_that_exist(rel):
         if not os.path.exists(os.path.join(ROOT, p)) and not glob.glob(os.path.join(ROOT, p) + "*"):
             bad.append(f"`{p}`: no such path")
     assert not bad, f"{rel}:\n" + "\n".join(bad)
+
+
+def test_figures_the_readme_quotes_from_results_md():
+    """The README's accuracy figures are bench/RESULTS.md's, rounded as printed, from the section
+    it names."""
+    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    notebook = open(os.path.join(ROOT, "bench", "RESULTS.md"), encoding="utf-8").read()
+    title = "The budget-100 compare after the fidelity fixes"
+    assert f'"{title}"' in readme
+    section = notebook.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    table = section.split("Label rate 1 %:", 1)[1].split("Label rate 5 %:", 1)[0]
+    from decimal import ROUND_HALF_UP, Decimal
+    at = {}
+    for row in re.findall(r"^\| (\w+) \| [^|]+ \| ([\d.]+) ± ([\d.]+) \|", table, re.M):
+        at[row[0]] = (Decimal(row[1]), Decimal(row[2]))
+    assert {"dietcl", "er", "gdumb", "finetune", "ccic", "joint"} <= set(at), at
+    r1 = lambda d: str(d.quantize(Decimal("0.1"), ROUND_HALF_UP))      # noqa: E731  28.15 -> 28.2
+    f = lambda m: r1(at[m][0])                                          # noqa: E731
+    for phrase in (f"A(T) {f('dietcl')} ± {r1(at['dietcl'][1])}, against ER {f('er')}, GDumb {f('gdumb')} "
+                   f"and fine-tune {f('finetune')} (the non-continual joint upper bound: {f('joint')})",
+                   f"({f('ccic')} ± {r1(at['ccic'][1])})"):
+        assert phrase in readme, phrase
+    # DietCL leads the continual methods with a linear head; CCIC (kNN) is above it
+    linear = {m: v for m, v in at.items() if m not in ("ccic", "joint")}
+    assert max(linear, key=lambda m: linear[m][0]) == "dietcl" and at["ccic"][0] > at["dietcl"][0]
+    # the thread-count figures
+    for v in ("33.20", "33.75"):
+        assert v in readme and v in notebook, v
+    # the default run the plan example reads
+    res = json.load(open(os.path.join(ROOT, "bench", "results", "default-run-results.json")))
+    assert f"in {res['wall_seconds']:.1f} s" in readme
+
+
+def test_the_memory_bound_figure_the_readme_quotes():
+    from dietcl_fast.models import PRESETS
+    from dietcl_fast.runplan import PRESET_OPTIM, training_bytes_lower_bound
+    spec = {**PRESETS["vit-b16"]["spec"], "in_chans": 3}
+    per_image, model = training_bytes_lower_bound(spec, "cpu")
+    micro = PRESET_OPTIM["vit-b16"]["micro_batch"]      # vit-b16's default micro-batch
+    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    assert (f"for ViT-B/16 on a CPU at its default micro-batch of {micro} the bound is "
+            f"{(micro * per_image + model) / 1e9:.1f} GB") in readme
