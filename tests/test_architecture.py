@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TREES = {"dietcl_fast": "dietcl_fast", "cli": "dietcl_fast.cli", "kernels": "dietcl_fast.kernels"}
 
-# unit -> layer (docs/architecture.md, "What may import what"); lower layers never import higher
+# unit -> layer (docs/architecture.md, "The units and what each may import"); lower layers never import higher
 LAYERS = {
     "_core": 0, "__init__": 0, "seeding": 0, "fsio": 0, "kernels": 0,
     "testing": 0, "mfu": 0, "run_state": 0,
