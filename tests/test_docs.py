@@ -340,7 +340,7 @@ def test_the_documented_commands_run(tmp_path):
     _images(tmp_path / "data" / "ds" / "train")
     _images(tmp_path / "data" / "ds" / "val", per_class=5)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"stream": {"label_rate": 0.05},
-                                                       "method": {"name": "er"}}))
+                                                       "method": {"name": "er"}, "run": {"budget": 7}}))
     todo, launched = {}, set()
     for rel, line, args, by in cmds:
         todo.setdefault(tuple(args), f"{rel}:{line}")
@@ -392,7 +392,14 @@ def test_the_documented_commands_run(tmp_path):
             out = tmp_path / "out" / str(len(ran))
             r = _invoke([*a, *TINY, "--out", str(out)], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
-            results[args] = json.load(open(out / "results.json"))
+            results[args] = res = json.load(open(out / "results.json"))
+            saved = yaml.safe_load(open(out / "config.yaml"))
+            if "--config" in rest:              # YAML config; the command line overrides it
+                assert saved["method"]["name"] == "er" and saved["run"]["budget"] == 2, saved
+            if "--pretrained" in rest:          # started from the pretraining's checkpoint
+                assert res["initialisation"] == rest[rest.index("--pretrained") + 1], res["initialisation"]
+            if "--method" in rest:
+                assert res["method"] == rest[rest.index("--method") + 1]
         elif name == "pretrain":
             r = _invoke([*a, *TINY[:2], "--batch-size", "16", "--no-progress"], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
