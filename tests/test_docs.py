@@ -676,3 +676,79 @@ def test_the_memory_bound_figure_the_readme_quotes():
     readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
     assert (f"for ViT-B/16 on a CPU at its default micro-batch of {micro} the bound is "
             f"{(micro * per_image + model) / 1e9:.1f} GB") in readme
+
+
+def _project_modules() -> dict:
+    import importlib
+    import pkgutil
+    import dietcl_fast
+    return {m.name: importlib.import_module(m.name)
+            for m in pkgutil.walk_packages(dietcl_fast.__path__, "dietcl_fast.")}
+
+
+def _has(obj, name) -> bool:
+    return hasattr(obj, name) or name in getattr(obj, "__dataclass_fields__", {}) \
+        or name in getattr(obj, "__annotations__", {})
+
+
+def _resolve(span: str, mods: dict):
+    """True / False when `span` names something of the package (a module, a function, a class,
+    a class's attribute or dataclass field) that exists / does not; None when it is not ours."""
+    parts = span.split(".")
+
+    def walk(obj, rest):
+        for p in rest:
+            if not _has(obj, p):
+                return False
+            obj = getattr(obj, p, None)
+        return True
+    if parts[0][:1].isupper():                      # Class.attr: any of the package's classes
+        found = [getattr(m, parts[0]) for m in mods.values() if isinstance(getattr(m, parts[0], None), type)]
+        return any(walk(c, parts[1:]) for c in found) if found else None
+    for i in range(len(parts), 0, -1):              # module path, then attributes
+        head = ".".join(parts[:i])
+        hits = [m for n, m in mods.items() if n == "dietcl_fast." + head or n.endswith("." + head)]
+        if hits:
+            return any(walk(m, parts[i:]) for m in hits)
+    return None
+
+
+def test_code_names_in_the_docs_exist():
+    """Backticked dotted names of the package's code (`fsio.atomic_write_bytes`,
+    `Ledger.register_model`, `evaluate.eval_pad_sizes`, ...) name what the code has."""
+    from dietcl_fast.config import OPTIONS, PretrainConfig, options
+    mods = _project_modules()
+    keys = set(OPTIONS) | {f"pretrain.{o.path}" for o in options(PretrainConfig)} | {"ledger.tuning"}
+    ext = (".json", ".yaml", ".pt", ".pth", ".csv", ".md", ".png", ".py", ".sh", ".txt", ".cpp", ".hpp")
+    checked, bad = 0, []
+    for rel in DOCS:
+        text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+        for m in re.finditer(r"`([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(?:\([^`]*\))?`", text):
+            span = m.group(1)
+            if span.endswith(ext) or span in keys:
+                continue
+            span = span[len("dietcl_fast."):] if span.startswith("dietcl_fast.") else span
+            r = _resolve(span, mods)
+            if r is None:
+                continue
+            checked += 1
+            if not r:
+                bad.append(f"{rel}:{text[:m.start()].count(chr(10)) + 1}: `{m.group(1)}`")
+    assert checked >= 15, checked
+    assert not bad, "names the docs give that the code does not have:\n" + "\n".join(bad)
+
+
+def test_class_names_in_the_docs_exist():
+    """Backticked CamelCase names (`StepContext`, `BatchPlan`, ...) are classes of the package,
+    or of torch (named here)."""
+    external = {"FlopCounterMode", "DistributedDataParallel", "TorchFunctionMode", "TorchDispatchMode"}
+    mods = _project_modules()
+    bad, n = [], 0
+    for rel in DOCS:
+        text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+        for m in re.finditer(r"`([A-Z][a-z]\w*[A-Z]\w*)`", text):
+            n += 1
+            if m.group(1) not in external and not any(isinstance(getattr(x, m.group(1), None), type)
+                                                      for x in mods.values()):
+                bad.append(f"{rel}: `{m.group(1)}`")
+    assert n >= 10 and not bad, bad
