@@ -752,3 +752,13 @@ def test_class_names_in_the_docs_exist():
                                                       for x in mods.values()):
                 bad.append(f"{rel}: `{m.group(1)}`")
     assert n >= 10 and not bad, bad
+
+
+def test_the_parameter_count_the_readme_quotes():
+    import torch
+    from dietcl_fast.models import PRESETS, ModelSpec, build_model
+    spec = ModelSpec(**PRESETS["vit-b16"]["spec"], in_chans=3).validate()
+    with torch.device("meta"):
+        n = sum(p.numel() for p in build_model(spec, 1000).parameters())
+    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    assert f"~{n / 1e6:.0f} M parameters, i.e. ~{16 * n / 1e9:.1f} GB" in readme
