@@ -206,7 +206,8 @@ class OptimConfig:
 class LoaderConfig:
     backend: str = option("auto", cli="--loader", choices=("auto", "memory", "torch", "dali"),
                           help="Data loader backend.")
-    workers: int = option(0, cli=None, help="Loader worker processes (0: in the main process).")
+    workers: int = option(0, cli=None, help="Decoding workers: the torch backend's processes, DALI's "
+                                            "and the file scan's threads (0: one per CPU core).")
     on_bad_image: str = option("error", choices=("error", "skip"),
                                help="A corrupt/missing image stops the run (error) or is skipped "
                                     "and listed.")

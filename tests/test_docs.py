@@ -762,3 +762,21 @@ def test_the_parameter_count_the_readme_quotes():
         n = sum(p.numel() for p in build_model(spec, 1000).parameters())
     readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
     assert f"~{n / 1e6:.0f} M parameters, i.e. ~{16 * n / 1e9:.1f} GB" in readme
+
+
+def test_loader_workers_zero_means_one_per_core_as_its_help_says(tmp_path):
+    """`loader.workers` 0 (the default) starts one decoding worker per CPU core, as the options
+    table says (it used to say 'in the main process')."""
+    from dietcl_fast.config import Config, OPTIONS
+    from dietcl_fast.data import build_loader
+    from dietcl_fast.streams import load_source
+    assert Config().loader.workers == 0 and "0: one per CPU core" in OPTIONS["loader.workers"].meta["help"]
+    _images(tmp_path / "imgs", classes=2, per_class=3)
+    cfg = Config().loader
+    cfg.backend = "torch"
+    loader, _ = build_loader(load_source(f"folder:{tmp_path / 'imgs'}"), cfg, 16, 3, "cpu", log=lambda m: None)
+    try:
+        n = os.cpu_count() or 1
+        assert loader.name == f"torch (pil, {n} worker process{'es' if n > 1 else ''})", loader.name
+    finally:
+        loader.close()
