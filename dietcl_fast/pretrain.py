@@ -5,8 +5,8 @@ It uses the training run's pieces: the same sources and loaders (the unlabeled a
 RandomResizedCrop scale 0.2-1, bicubic, flip), the same model and MAE loss (mask 0.75, norm-pix),
 the same ledger (every micro-batch is charged on the `mae` path before it runs; one unit = one
 forward+backward of the global batch), a progress bar, and resume: `DIR/pretrain_state.pt` is
-written atomically every `--ckpt-every` steps and at the end, and `--resume DIR` continues to
-bit-identical weights (every draw is a function of the seed and the step).
+written atomically every `--ckpt-every` steps and at the end, and `--resume` (with the same
+`--out DIR`) continues to bit-identical weights (every draw is a function of the seed and the step).
 
 Recipe (MAE, He et al. 2022): AdamW betas (0.9, 0.95), weight decay 0.05 (none on 1-D
 parameters and tokens), no layer decay, LR = blr x batch / 256 with linear warm-up over the first
