@@ -428,7 +428,7 @@ class Trainer:
         return self.ledger.units_for(path, n, backward)
 
     def _eval_map(self, ids, fn) -> list:
-        """fn(x) over the images of `ids` (evaluation transform, --eval-batch-size at a time,
+        """fn(x) over the images of `ids` (evaluation transform, run.eval_batch_size at a time,
         the run's autocast): evaluation-time work of a method, not charged."""
         bs, out = self.cfg.run.eval_batch_size, []
         for s in range(0, len(ids), bs):

@@ -780,3 +780,17 @@ def test_loader_workers_zero_means_one_per_core_as_its_help_says(tmp_path):
         assert loader.name == f"torch (pil, {n} worker process{'es' if n > 1 else ''})", loader.name
     finally:
         loader.close()
+
+
+def test_flags_the_code_names_exist():
+    """Error messages, help texts and docstrings of the package name only options that exist
+    (`--ewc-*` families and the `--no-` prefix are patterns, not options)."""
+    known = every_option_name() | set(FOREIGN) | {"--key"}
+    bad = []
+    for f in sorted(glob.glob(os.path.join(ROOT, "dietcl_fast", "**", "*.py"), recursive=True)
+                    + glob.glob(os.path.join(ROOT, "cli", "*.py")) + glob.glob(os.path.join(ROOT, "kernels", "*.py"))):
+        for n, ln in enumerate(open(f, encoding="utf-8"), 1):
+            for m in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*[a-z0-9])(?![\w*-])", ln):
+                if m not in known:
+                    bad.append(f"{os.path.relpath(f, ROOT)}:{n}: {m}")
+    assert not bad, "\n".join(bad)

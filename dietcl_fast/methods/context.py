@@ -41,7 +41,7 @@ class StepContext:
     spec: Any = None                    # its ModelSpec
     num_classes: int = 0                # head rows in use: classes seen up to step t
     # (ids [n], fn(x [b, C, H, W]) -> value) -> [value per batch]: the images of `ids` loaded
-    # with the evaluation transform in batches of --eval-batch-size, fn run under the run's
+    # with the evaluation transform in batches of run.eval_batch_size, fn run under the run's
     # autocast (evaluation-time work such as CCIC's kNN memory: never charged)
     eval_map: Optional[Callable[[np.ndarray, Callable], list]] = None
 
