@@ -77,7 +77,11 @@ def shell_commands(rel: str) -> list[tuple[str, int, list[str], bool]]:
             return
         if "dietcl-fast" not in s:
             return
-        toks = shlex.split(s, comments=True)
+        try:
+            toks = shlex.split(s, comments=True)
+        except ValueError as e:             # reported by the parse test, naming the line
+            found.append((rel, n, [f"<not a shell line: {e}>", s], False))
+            return
         for i, t in enumerate(toks):
             if t in ("dietcl-fast", "dietcl-fast)") and (i == 0 or toks[i - 1] in ("$(which", "&&", ";")):
                 found.append((rel, n, toks[i + 1:], i > 0 and toks[i - 1] == "$(which"))
