@@ -89,7 +89,9 @@ def summarise_runs(rows: list[dict]) -> dict:
 
 def write_outputs(out: str, results: list[dict], failures: list[tuple] = ()) -> None:
     """compare.csv / .md / .png from the finished runs; failed runs are listed in both tables
-    (status column / a 'failed runs' section), never dropped silently."""
+    (status column / a 'failed runs' section), never dropped silently. Accuracies are rounded
+    once: the CSV holds each run's values as results.json does, and compare.md rounds its
+    means of those to 2 decimals, as the log line and `train`'s table round a run's."""
     from dietcl_fast.fsio import atomic_write_bytes
     rows = []
     for r in results:
@@ -97,8 +99,8 @@ def write_outputs(out: str, results: list[dict], failures: list[tuple] = ()) -> 
         rows.append({
             "method": r["method"], "seed": r["seed"], "label_rate": r["label_rate"],
             "scenario": r["scenario"], "time_steps": r["time_steps"], "budget": r["budget"],
-            "A_T": round(r["final_accuracy"], 3), "A_bar": round(r["average_accuracy"], 3),
-            "forgetting": None if r["forgetting"] is None else round(r["forgetting"], 3),
+            "A_T": r["final_accuracy"], "A_bar": r["average_accuracy"],
+            "forgetting": r["forgetting"],
             "units_spent": round(sum(led["steps_per_step"]), 4),
             "flops_total": led["flops_total"], "wall_seconds": round(r["wall_seconds"], 1),
             "A_t": " ".join(f"{a:.2f}" for a in r["A"]), "status": "ok",

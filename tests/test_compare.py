@@ -47,3 +47,29 @@ def test_compare_rejects_unknown_method_and_shares_train_options(tmp_path):
                 "--scenario", "--batch-size"):
         assert opt in h
     assert "--resume" not in h
+
+
+def test_compare_rounds_accuracies_once(tmp_path):
+    """compare.md's A(T) and Ā are the runs' values rounded once to 2 decimals (as the log line
+    and `train`'s table print them), not means of values already rounded to 3 decimals in the
+    CSV (12.3451 -> 12.345 -> '12.34', where the run itself says 12.35); the CSV holds the
+    runs' own values."""
+    from dietcl_fast.cli.compare import write_outputs
+
+    def run(seed, a_t, a_bar):
+        return {"method": "er", "seed": seed, "label_rate": 0.05, "scenario": "class",
+                "time_steps": 2, "budget": 2, "final_accuracy": a_t, "average_accuracy": a_bar,
+                "forgetting": 1.0, "ledger": {"steps_per_step": [2.0, 2.0], "flops_total": 1e9},
+                "wall_seconds": 1.0, "A": [2 * a_bar - a_t, a_t], "dataset": "animal-mnist",
+                "global_batch": 16}
+    write_outputs(str(tmp_path), [run(0, 10.1251, 12.3451)])
+    md = (tmp_path / "compare.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| er |"))
+    assert row.split(" | ")[1:3] == ["10.13 ± 0.00", "12.35 ± 0.00"], row
+    assert f"{12.3451:.2f}" == "12.35" and f"{10.1251:.2f}" == "10.13"   # the log line's
+    (row,) = csv.DictReader(open(tmp_path / "compare.csv"))
+    assert float(row["A_T"]) == 10.1251 and float(row["A_bar"]) == 12.3451
+    write_outputs(str(tmp_path), [run(0, 10.1251, 12.3451), run(1, 10.1261, 12.3461)])
+    md = (tmp_path / "compare.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| er |"))
+    assert row.split(" | ")[1:3] == ["10.13 ± 0.00", "12.35 ± 0.00"], row
