@@ -223,7 +223,7 @@ def make_compare(train_cmd: click.Command, build_config, fail, from_file) -> cli
                     click.echo(f"note: {what} lists {', '.join(map(str, dup))} more than once; "
                                "each run counts once", err=True)
             names, seeds = list(dict.fromkeys(names)), list(dict.fromkeys(seeds))
-            base = build_config(ctx, params)
+            base = build_config(ctx, params, method_options=False)
             cfgs, failed_early = [], []
             for m in names:
                 for s in seeds:

@@ -43,9 +43,10 @@ def from_file(ctx: click.Context, e: ConfigError) -> ConfigError:
     return type(e)(f"{e} (from {file})", e.path)
 
 
-def build_config(ctx: click.Context, params: dict) -> Config:
+def build_config(ctx: click.Context, params: dict, *, method_options: bool = True) -> Config:
     """defaults <- --config FILE <- options given on the command line. An invalid value that
-    came from the file is named with it."""
+    came from the file is named with it. method_options=False: the method's own options are
+    left to the caller, which sets the method per run (compare)."""
     cfg = Config()
     file_keys: set[str] = set()
     if params.get("config"):
@@ -66,7 +67,7 @@ def build_config(ctx: click.Context, params: dict) -> Config:
     apply_dict(cfg, overrides, source="command line")
     ctx.meta["dietcl_fast.config_keys"] = (params.get("config"), file_keys - _keys(overrides))
     try:
-        validate(cfg)
+        validate(cfg, method_options=method_options)
     except ConfigError as e:
         raise from_file(ctx, e) from None
     return cfg

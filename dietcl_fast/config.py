@@ -158,9 +158,10 @@ class MethodConfig:
     name: str = option("dietcl", cli="--method", help="Method to train (dietcl, er, finetune, ...).")
     split: str = option("ratio:0.8", method="dietcl",
                         help="DietCL budget split: ratio:F (F joint, rest buffer-only; reference "
-                             "code), threshold:N (paper) or auto (N chosen by validation on the "
-                             "first 3 time steps, the paper's protocol; its compute is reported "
-                             "apart).")
+                             "code), threshold:N (paper: N of the --budget steps joint, N <= "
+                             "--budget; N = --budget leaves no buffer-only phase) or auto (N "
+                             "chosen by validation on the first 3 time steps, the paper's "
+                             "protocol; its compute is reported apart).")
     auto_candidates: str = option("0.6,0.7,0.8,0.9,1.0", cli=None,
                                   help="--split auto: candidate thresholds as shares of the "
                                        "budget, validated on the first 3 steps.")
@@ -438,13 +439,54 @@ def _bool(cfg: "Config", path: str, error=ConfigError) -> None:
         raise error(f"{_named(path, v)}: expected true or false", path)
 
 
+def parse_split(split: str) -> tuple[str, float]:
+    """DietCL's `--split` -> ("ratio", F) | ("threshold", N) | ("auto", nan); ValueError naming
+    the option and the accepted forms."""
+    if split == "auto":
+        return "auto", float("nan")
+    try:
+        kind, val = split.split(":")
+        v = float(val)
+    except ValueError:
+        raise ValueError(f"--split {split!r}: expected ratio:F, threshold:N or auto") from None
+    if kind == "ratio" and 0.0 <= v <= 1.0:
+        return kind, v
+    if kind == "threshold" and v >= 0 and float(v).is_integer():
+        return kind, v
+    raise ValueError(f"--split {split!r}: expected ratio:F (F in [0, 1]), threshold:N (N a whole "
+                     "number >= 0) or auto")
+
+
+def _split(cfg: "Config") -> None:
+    """`--split` well formed, and a threshold within the budget: threshold:N runs min(N, B)
+    joint steps, so an N above --budget B is the same run as threshold:B, and most likely a
+    slip (a total over all time steps, images for steps); it is refused."""
+    split = cfg.method.split
+    if not isinstance(split, str):
+        raise MethodOptionError(f"{_named('method.split', split)}: expected ratio:F, threshold:N "
+                                "or auto", "method.split")
+    try:
+        kind, v = parse_split(split)
+    except ValueError as e:
+        raise MethodOptionError(str(e), "method.split") from None
+    B = cfg.run.budget
+    if kind == "threshold" and v > B:
+        raise MethodOptionError(
+            f"--split {split!r}: N = {v:g} joint steps exceeds --budget {B:g}, the training "
+            f"steps of a time step; give N <= {B:g} (threshold:{B:g}, like ratio:1, spends "
+            f"every step on the joint loss with no buffer-only phase; ratio:F scales with the "
+            f"budget)", "method.split")
+
+
 def validate_method_options(cfg: "Config") -> None:
     """The options of the method that runs (cfg.method.name); another method's are not read.
     Raises MethodOptionError naming the option."""
     name = cfg.method.name
     def num(key, **kw):
         _num(cfg, f"method.{name}.{key}", error=MethodOptionError, **kw)
-    if name == "gdumb":
+    if name == "dietcl":
+        _split(cfg)
+    elif name == "gdumb":
         _num(cfg, "method.memory", lo=1, integer=True, optional=True, error=MethodOptionError,
              why=" sample (leave it out to keep every labeled sample)")
     elif name in ("ewc", "mas"):
@@ -480,7 +522,7 @@ def validate_method_options(cfg: "Config") -> None:
         num("pretrain_fraction", lo=0, hi=1)
 
 
-def validate(cfg: "Config") -> "Config":
+def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     """Every option checked in one place (the command line, YAML files and library callers all
     come through here) before any data is read or compute spent: numbers finite and in range,
     choices known. Errors name the option and the value. Checks that need the data (enough
@@ -506,8 +548,8 @@ def validate(cfg: "Config") -> "Config":
     if not isinstance(m.name, str) or not m.name:
         raise ConfigError(f"{_named('method.name', m.name)}: give a method name", "method.name")
     if not isinstance(m.split, str):
-        raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F or threshold:N",
-                          "method.split")
+        raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F, threshold:N or "
+                          "auto", "method.split")
     _num(cfg, "method.unlabeled_fraction", lo=0, hi=1)
     _num(cfg, "method.recon_weight", lo=0)
     _num(cfg, "method.buffer_lr_scale", lo=0, lo_open=True)
@@ -545,7 +587,8 @@ def validate(cfg: "Config") -> "Config":
     _num(cfg, "run.ckpt_retry_seconds", lo=0, hi=86400)
     _choice(cfg, "run.device")
     _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)
-    validate_method_options(cfg)
+    if method_options:      # off: checked per run by a caller that sets the method (compare)
+        validate_method_options(cfg)
     # whole numbers stored as int (YAML may give 8.0), "auto" options (--micro-batch) included
     for o in OPTIONS.values():
         v = _get(cfg, o.path)

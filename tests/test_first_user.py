@@ -3,6 +3,7 @@ value gets a message that says what is expected, the message names the option as
 Ctrl-C says how to continue the run."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -38,6 +39,28 @@ def test_mistyped_split_kind_says_which_forms_are_accepted(tmp_path):
     assert "--split 'thresold:400'" in p.stderr
     assert "expected ratio:F" in p.stderr and "threshold:N" in p.stderr and "auto" in p.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_split_threshold_above_the_budget_is_refused_naming_both(tmp_path):
+    """threshold:N runs min(N, --budget) joint steps: N above the budget is the same run as
+    threshold:B, most likely a slip (a total over all time steps), so it stops before compute
+    naming --split, its value and --budget; N = B (no buffer-only phase) is accepted."""
+    p = cli("train", "--split", "threshold:400", *TINY, "--budget", "2", "--out", tmp_path / "r",
+            check=False)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert "--split 'threshold:400': N = 400 joint steps exceeds --budget 2" in p.stderr, p.stderr
+    assert "give N <= 2" in p.stderr
+    assert not (tmp_path / "r").exists()
+    p = cli("compare", "--methods", "dietcl,er", "--seeds", "0", "--split", "threshold:3", *TINY,
+            "--budget", "2", "--out", tmp_path / "cmp", check=False)
+    assert p.returncode == 2 and "1 of 2 runs failed" in p.stderr, p.stderr
+    assert "dietcl seed 0: --split 'threshold:3': N = 3 joint steps exceeds --budget 2" in \
+        (tmp_path / "cmp" / "compare.md").read_text()
+    assert not (tmp_path / "cmp" / "dietcl-s0").exists()          # refused before it started
+    p = cli("train", "--split", "threshold:2", *TINY, "--budget", "2", "--out", tmp_path / "ok")
+    res = json.loads((tmp_path / "ok" / "results.json").read_text())
+    assert res["ledger"]["steps_per_step"] == [2.0, 2.0]
 
 
 def test_missing_data_path_names_the_data_option(tmp_path):

@@ -32,23 +32,10 @@ from __future__ import annotations
 
 import torch
 
+from dietcl_fast.config import parse_split
+
 from . import register
 from .base import Method, MicroBatch, Phase, StepContext
-
-
-def parse_split(split: str) -> tuple[str, float]:
-    if split == "auto":
-        return "auto", float("nan")
-    try:
-        kind, val = split.split(":")
-        v = float(val)
-    except ValueError:
-        raise ValueError(f"--split {split!r}: expected ratio:F, threshold:N or auto") from None
-    if kind == "ratio" and 0.0 <= v <= 1.0:
-        return kind, v
-    if kind == "threshold" and v >= 0 and float(v).is_integer():
-        return kind, v
-    raise ValueError(f"--split {split!r}: expected ratio:F (F in [0, 1]), threshold:N (N a whole number >= 0) or auto")
 
 
 @register
