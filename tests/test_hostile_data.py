@@ -140,3 +140,26 @@ def test_stream_never_puts_one_image_in_train_and_eval(tmp_path):
     train = {src.paths[i] for s in st.steps for i in np.concatenate([s.labeled_ids, s.unlabeled_ids])}
     ev = {src.paths[i] for i in st.eval_for(0, 0)[0]}
     assert train and ev and not train & ev
+
+
+def test_a_one_class_dataset_is_refused_naming_the_data(tmp_path):
+    """A stream with one class reports 100 % accuracy whatever the model learnt: refused
+    before compute, naming --data and the class, in both scenarios and for folders and CSVs."""
+    root = tmp_path / "data"
+    (root / "cat").mkdir(parents=True)
+    for i in range(10):
+        Image.new("L", (8, 8), 20 * i).save(root / "cat" / f"{i}.png")
+    (tmp_path / "i.csv").write_text("path,label\n" + "".join(f"data/cat/{i}.png,cat\n"
+                                                             for i in range(10)))
+    for data, scenario in ((f"folder:{root}", "class"), (f"csv:{tmp_path / 'i.csv'}", "time")):
+        out = tmp_path / f"r-{scenario}"
+        r = invoke("train", *TINY, "--data", data, "--scenario", scenario, "--out", out)
+        assert r.exit_code == 2, r.output
+        assert (f"--data '{data}' has a single class ('cat', all 10 images)" in r.output and
+                "at least 2 classes" in r.output), r.output
+        assert not out.exists()
+    from dietcl_fast.cli.main import main as _main          # pretraining reads no label: fine
+    r = CliRunner().invoke(_main, ["pretrain", "--data", f"folder:{root}", "--budget", "1",
+                                   "--batch-size", "4", "--out", str(tmp_path / "pt"),
+                                   "--no-progress"])
+    assert r.exit_code == 0, r.output

@@ -288,6 +288,14 @@ def build_stream(source: Source, scenario: str = "class", time_steps: int = 5,
     """Build a class- or time-incremental stream (see module docstring)."""
     T, lr, ef, seed, m = _validate(source, scenario, time_steps, label_rate, eval_fraction,
                                    seed, min_labeled_per_class)
+    present = np.unique(source.labels)
+    if present.size == 1:
+        c = int(present[0])
+        raise StreamError(
+            f"--data {source.name!r} has a single class ({source.class_names[c]!r}, all "
+            f"{len(source)} images): every prediction on a one-class stream is right, so its "
+            f"accuracy (100 %) would mean nothing; a classification stream needs at least 2 "
+            f"classes")
     if scenario == "class":
         st = _build_class(source, T, lr, ef, seed, m)
     else:
