@@ -47,6 +47,12 @@ def _old_request(run_dir: str) -> dict | None:
         return old                      # not a config this version reads: never equal
 
 
+def _differences(old: dict, new: dict) -> str:
+    """'--budget 2 there, 3 now; ...' between two requests (the run's and this command's)."""
+    from dietcl_fast.config import differences
+    return "; ".join(differences(old, new)) or "a config this version does not read"
+
+
 def run_one(cfg, run_dir: str, log_path: str) -> dict:
     """Run (or reuse, or resume) one configured run; returns its results dict."""
     from dietcl_fast import checkpoint as ckpt_io
@@ -60,7 +66,8 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
         old = _old_request(run_dir)
         if old is not None:
             if old != req:
-                raise click.UsageError(f"{run_dir} holds a run with other options; use another --out")
+                raise click.UsageError(f"{run_dir} holds a run with other options "
+                                       f"({_differences(old, req)}); use another --out")
             res_path = os.path.join(run_dir, "results.json")
             if os.path.exists(res_path):
                 with open(res_path) as f:
@@ -244,8 +251,8 @@ def make_compare(train_cmd: click.Command, build_config, fail, from_file) -> cli
                 run_dir = os.path.join(out, f"{cfg.method.name}-s{cfg.run.seed}")
                 old = _old_request(run_dir)
                 if old is not None and old != _request(cfg):
-                    raise ConfigError(f"--out {out!r}: {run_dir} holds a run with other options; "
-                                      "use another --out")
+                    raise ConfigError(f"--out {out!r}: {run_dir} holds a run with other options "
+                                      f"({_differences(old, _request(cfg))}); use another --out")
             check_out_dir(out, data=base.stream.data)
             with RunLock(out):
                 results, failures = [], list(failed_early)

@@ -139,8 +139,7 @@ def train(ctx, **params):
             try:
                 with run_lock(run_dir):
                     if ckpt_io.has_checkpoint(run_dir):
-                        _fail(f"--out {run_dir!r} already holds a run; use --resume {run_dir} to "
-                              "continue it, or choose another --out")
+                        _fail(_holds_a_run(run_dir, cfg))
                     trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
                     trainer.run(run_dir)
             except BaseException:
@@ -152,6 +151,40 @@ def train(ctx, **params):
         _fail(str(e))
     except KeyboardInterrupt:
         _interrupted(run_dir)
+
+
+def _holds_a_run(run_dir: str, cfg: Config) -> str:
+    """The refusal of `train --out DIR` on a directory holding a run: which of the options
+    given now differ from the run's (its checkpoint's config, which --resume would use; the
+    new options resolved the way the run's were), or that they are the same."""
+    from dietcl_fast import checkpoint as ckpt_io
+    from dietcl_fast.config import differences
+    head = f"--out {run_dir!r} already holds a run"
+    try:
+        old = ckpt_io.load_checkpoint(run_dir)["config"]
+    except Exception as e:      # noqa: BLE001 - said, not hidden: the refusal stands either way
+        return (f"{head} (its checkpoint cannot be read: {' '.join(str(e).split())}); "
+                "choose another --out")
+    new = _resolved(cfg)
+    diff = differences(old, new, skip=("run.out", "run.progress"))
+    if not diff:
+        return (f"{head} with these options; continue it with --resume {run_dir}, or choose "
+                "another --out")
+    return (f"{head} with other options ({'; '.join(diff)}); continue it as it was with "
+            f"--resume {run_dir}, or choose another --out for these options")
+
+
+def _resolved(cfg: Config) -> dict:
+    """cfg as the run would record it (preset, batch, optimiser defaults and engine resolved),
+    so that it compares with a run's saved config; cfg itself where it cannot be resolved."""
+    import torch
+
+    from dietcl_fast.runplan import resolve, resolve_device
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return resolve(cfg, torch.device(resolve_device(cfg.run.device)), world).cfg.to_dict()
+    except (ConfigError, ValueError, RuntimeError):
+        return cfg.to_dict()
 
 
 def _interrupted(run_dir: str | None) -> None:

@@ -371,6 +371,40 @@ def options(cls=None, prefix: str = "") -> list[Option]:
 # every option of the run config by path (`run.budget`, `method.ewc.lambda_`)
 OPTIONS = {o.path: o for o in options()}
 
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _shown(v) -> str:
+    if v is None:
+        return "unset"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def differences(old: dict, new: dict, cls=None, skip=()) -> list[str]:
+    """The options whose values differ between two configs (`to_dict()` / `asdict` form) of
+    the tree `cls` (default: Config), as the user writes them: '--budget 1 there, 2 now'
+    (the config key where there is no flag). Keys in `skip` are left out."""
+    opts = {o.path: o for o in options(cls or Config)}
+    a, b = _flat(old), _flat(new)
+    out = []
+    for path in list(opts) + sorted((set(a) | set(b)) - set(opts)):
+        if path in skip or a.get(path) == b.get(path):
+            continue
+        o = opts.get(path)
+        name = o.flag if o is not None and o.flag else path
+        out.append(f"{name} {_shown(a.get(path))} there, {_shown(b.get(path))} now")
+    return out
+
+
 # ------------------------------------------------------------------------------- validation
 SEED_MAX = 2 ** 63 - 1
 

@@ -124,9 +124,11 @@ class Pretrainer:
         saved = {k: v for k, v in st["config"].items() if k not in ("progress", "ckpt_every", "stop_after_steps")}
         mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("progress", "ckpt_every")}
         if saved != mine:
-            diff = sorted(k for k in mine if saved.get(k) != mine[k])
-            raise ConfigError(f"--resume {self.cfg.out!r}: the saved pretraining differs in "
-                              f"{', '.join(diff)}")
+            from .config import differences
+            diff = differences(saved, mine, PretrainConfig)
+            raise ConfigError(f"--resume {self.cfg.out!r}: the saved pretraining has other "
+                              f"options ({'; '.join(diff)}); resume with its options, or choose "
+                              "another --out")
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
         self.step = int(st["step"])

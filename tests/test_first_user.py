@@ -63,6 +63,28 @@ def test_split_threshold_above_the_budget_is_refused_naming_both(tmp_path):
     assert res["ledger"]["steps_per_step"] == [2.0, 2.0]
 
 
+def test_out_holding_a_run_names_the_options_that_differ(tmp_path):
+    out = tmp_path / "r"
+    cli("train", "--method", "er", *TINY, "--budget", "1", "--out", out)
+    p = cli("train", "--method", "er", *TINY, "--budget", "2", "--label-rate", "0.1",
+            "--no-mixup", "--out", out, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert (f"--out '{out}' already holds a run with other options (--label-rate 0.05 there, "
+            f"0.1 now; --mixup on there, off now; --budget 1 there, 2 now); continue it as it was "
+            f"with --resume {out}, or choose another --out for these options") in p.stderr, p.stderr
+    # the same options (defaults resolved as the run resolved them: preset, batch, LR): said so
+    p = cli("train", "--method", "er", *TINY, "--budget", "1", "--out", out, check=False)
+    assert p.returncode == 2, p.stderr
+    assert f"--out '{out}' already holds a run with these options; continue it with --resume" \
+        in p.stderr, p.stderr
+    # compare: a run directory of another request names the differences too
+    cmp = ["compare", "--methods", "finetune", "--seeds", "0", *TINY, "--out", tmp_path / "cmp"]
+    cli(*cmp, "--budget", "1")
+    p = cli(*cmp, "--budget", "2", check=False)
+    assert p.returncode == 2 and "holds a run with other options (--budget 1 there, 2 now)" \
+        in p.stderr, p.stderr
+
+
 def test_missing_data_path_names_the_data_option(tmp_path):
     missing = tmp_path / "no-such-dir"
     p = cli("train", "--data", str(missing), *TINY, "--budget", "2", "--out", tmp_path / "r",

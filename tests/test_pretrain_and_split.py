@@ -57,6 +57,15 @@ def test_kill_and_resume_gives_the_same_weights(pretrained, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_with_other_options_names_them(pretrained):
+    out, _ = pretrained
+    p = cli(*[a if a != "4" else "5" for a in PRE[:5]], *PRE[5:], "--mask-ratio", "0.5",
+            "--out", str(out), "--resume", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert (f"--resume '{out}': the saved pretraining has other options (--budget 4 there, 5 "
+            "now; --mask-ratio 0.75 there, 0.5 now)") in p.stderr, p.stderr
+
+
 def test_train_loads_the_pretrained_checkpoint_strictly(pretrained, tmp_path):
     out, _ = pretrained
     run = tmp_path / "train"
