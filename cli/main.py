@@ -275,19 +275,48 @@ def _flops_error(msg: str, kw: dict) -> str:
 
 @main.command(context_settings={"show_default": True})
 @click.option("--resume", is_flag=True, help="Continue the pretraining in --out.")
-def pretrain(resume, **params):
+@click.pass_context
+def pretrain(ctx, resume, **params):
     """MAE pretraining of the encoder and decoder on a dataset under a step budget; writes
     OUT/checkpoint.pth for `train --pretrained`."""
     from dietcl_fast.config import PretrainConfig
     from dietcl_fast.pretrain import STATE_NAME, Pretrainer
+    pt = None
     try:
         cfg = PretrainConfig(**params)
         if not resume and os.path.isfile(os.path.join(cfg.out, STATE_NAME)):
             _fail(f"--out {cfg.out!r} already holds a pretraining; add --resume to continue it, "
                   "or choose another --out")
-        Pretrainer(cfg, log=lambda m: click.echo(m, err=True)).run(resume=resume)
+        pt = Pretrainer(cfg, log=lambda m: click.echo(m, err=True))
+        pt.run(resume=resume)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    except KeyboardInterrupt:
+        out = params["out"]
+        if out and os.path.isfile(os.path.join(out, STATE_NAME)):
+            at = f" at step {pt.saved_step}" if pt is not None and pt.saved_step else ""
+            click.echo(f"interrupted: {out} keeps its pretraining state{at} (written every "
+                       f"--ckpt-every steps); continue with: {_command_line(ctx, '--resume')}",
+                       err=True)
+        else:
+            click.echo("interrupted before the first pretraining state was written (every "
+                       "--ckpt-every steps); nothing to resume", err=True)
+        sys.exit(130)
+
+
+def _command_line(ctx: click.Context, *extra: str) -> str:
+    """The command as typed (the options given explicitly, values as parsed) plus `extra`."""
+    import shlex
+    words = ["dietcl-fast", ctx.info_name]
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or not _explicit(ctx, p.name) or p.opts[0] in extra:
+            continue
+        v = ctx.params[p.name]
+        if p.is_flag:
+            words.append(p.opts[0] if v else p.secondary_opts[0] if p.secondary_opts else "")
+        else:
+            words += [p.opts[0], shlex.quote(str(v))]
+    return " ".join(w for w in [*words, *extra] if w)
 
 
 from dietcl_fast.config import PretrainConfig  # noqa: E402

@@ -103,6 +103,7 @@ class Pretrainer:
         self.ledger.register_model(self.spec, num_classes=1)
         self.ledger.begin_step(0, float(cfg.budget))
         self.step, self.losses, self.wall_before = 0, [], 0.0
+        self.saved_step = None          # the step of the last state written (None: none yet)
 
     def lr(self, it: int) -> float:
         peak = self.cfg.blr * self.cfg.batch_size / 256
@@ -131,13 +132,14 @@ class Pretrainer:
                               "another --out")
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
-        self.step = int(st["step"])
+        self.step = self.saved_step = int(st["step"])
         self.ledger = Ledger.from_state_bytes(st["ledger"].numpy().tobytes())
         self.losses = [float(x) for x in st["losses"]]
         self.wall_before = float(st["wall_seconds"])
 
     def save(self) -> None:
         _save(os.path.join(self.cfg.out, STATE_NAME), self.state_dict())
+        self.saved_step = self.step
 
     # ------------------------------------------------------------------ loop
     def run(self, resume: bool = False) -> dict:

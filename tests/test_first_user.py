@@ -158,3 +158,40 @@ def test_time_scenario_without_timestamps_says_they_are_synthetic(tmp_path):
             "--time-steps", "2", "--label-rate", "0.5", "--batch-size", "8", "--budget", "1",
             "--no-progress", "--out", tmp_path / "r2")
     assert "has no timestamps" not in p.stderr
+
+
+def test_ctrl_c_in_pretrain_says_how_to_resume_and_the_command_resumes(tmp_path):
+    """As for train: exit 130, one line saying what is kept and the command that continues,
+    no traceback, the kept state readable (weights only) and no half-written file."""
+    import re
+    import shlex
+
+    import torch
+
+    from dietcl_fast.testing import exit_after
+    out = tmp_path / "pt"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dietcl_fast.cli.main", "pretrain", "--data", "digits",
+         "--budget", "100000", "--batch-size", "8", "--micro-batch", "4", "--ckpt-every", "1",
+         "--no-progress", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    err = ctrl_c_after(proc, out / "pretrain_state.pt")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Aborted!" not in err, err
+    m = re.search(r"interrupted: (\S+) keeps its pretraining state at step (\d+) \(written every "
+                  r"--ckpt-every steps\); continue with: (dietcl-fast pretrain .* --resume)$",
+                  err.strip().splitlines()[-1])
+    assert m and m.group(1) == str(out), err
+    step = int(m.group(2))
+    assert sorted(p.name for p in out.iterdir()) == ["pretrain_state.pt"]   # no temp, no ckpt
+    state = torch.load(out / "pretrain_state.pt", map_location="cpu", weights_only=True)
+    assert int(state["step"]) == step
+    # the printed command continues it (stopped one step later by the test hook)
+    cmd = shlex.split(m.group(3))
+    assert cmd[:2] == ["dietcl-fast", "pretrain"] and "--micro-batch" in cmd
+    p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", *cmd[1:]],
+                       capture_output=True, text=True, env={**env, **exit_after(step + 1)},
+                       timeout=300)
+    assert p.returncode == 17, p.stderr
+    assert f"resuming pretraining at step {step}/100000" in p.stderr, p.stderr
