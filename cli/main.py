@@ -162,6 +162,8 @@ def _holds_a_run(run_dir: str, cfg: Config) -> str:
     head = f"--out {run_dir!r} already holds a run"
     try:
         old = ckpt_io.load_checkpoint(run_dir)["config"]
+        # read as --resume reads it (older configs' forms mapped onto the current ones)
+        old = Config.from_dict(old, source=f"{run_dir}/latest.pt").to_dict()
     except Exception as e:      # noqa: BLE001 - said, not hidden: the refusal stands either way
         return (f"{head} (its checkpoint cannot be read: {' '.join(str(e).split())}); "
                 "choose another --out")
@@ -294,7 +296,8 @@ def pretrain(ctx, resume, **params):
     except KeyboardInterrupt:
         out = params["out"]
         if out and os.path.isfile(os.path.join(out, STATE_NAME)):
-            at = f" at step {pt.saved_step}" if pt is not None and pt.saved_step else ""
+            step = pt.saved_step if pt is not None else None
+            at = f" at step {step}" if step is not None else ""
             click.echo(f"interrupted: {out} keeps its pretraining state{at} (written every "
                        f"--ckpt-every steps); continue with: {_command_line(ctx, '--resume')}",
                        err=True)

@@ -371,6 +371,7 @@ def options(cls=None, prefix: str = "") -> list[Option]:
 # every option of the run config by path (`run.budget`, `method.ewc.lambda_`)
 OPTIONS = {o.path: o for o in options()}
 
+
 def _flat(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
