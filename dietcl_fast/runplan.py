@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import Config, ConfigError, validate
+from .config import Config, ConfigError, parse_split, validate
 from .engine import resolve_engine
 from .models import PRESETS, resolve_preset
 
@@ -149,6 +149,13 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     on = bool(want) if want is not None else (cuda and static)
     cfg.engine.compile = on                 # the resolved choice, recorded in config.yaml
 
+    if cfg.method.name == "dietcl":
+        kind, n = parse_split(cfg.method.split)
+        if kind == "threshold" and n >= cfg.run.budget:
+            notes.append(f"--split {cfg.method.split} with --budget {cfg.run.budget}: N >= the "
+                         "budget, so every training step of each time step goes to the joint "
+                         "loss and none to buffer-only fine-tuning (the paper's rule for a "
+                         "budget below its threshold)")
     if not cfg.model.pretrained and preset == "vit-b16":
         warnings.append(SCRATCH_VIT_B16_WARNING)
     return RunPlan(cfg=cfg, device=device, amp_dtype=torch.bfloat16 if cuda else None,
