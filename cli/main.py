@@ -282,21 +282,19 @@ def pretrain(ctx, resume, **params):
     """MAE pretraining of the encoder and decoder on a dataset under a step budget; writes
     OUT/checkpoint.pth for `train --pretrained`."""
     from dietcl_fast.config import PretrainConfig
-    from dietcl_fast.pretrain import STATE_NAME, Pretrainer
-    pt = None
+    from dietcl_fast.pretrain import STATE_NAME, Pretrainer, saved_step
     try:
         cfg = PretrainConfig(**params)
         if not resume and os.path.isfile(os.path.join(cfg.out, STATE_NAME)):
             _fail(f"--out {cfg.out!r} already holds a pretraining; add --resume to continue it, "
                   "or choose another --out")
-        pt = Pretrainer(cfg, log=lambda m: click.echo(m, err=True))
-        pt.run(resume=resume)
+        Pretrainer(cfg, log=lambda m: click.echo(m, err=True)).run(resume=resume)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         _fail(str(e))
     except KeyboardInterrupt:
         out = params["out"]
         if out and os.path.isfile(os.path.join(out, STATE_NAME)):
-            step = pt.saved_step if pt is not None else None
+            step = saved_step(out)
             at = f" at step {step}" if step is not None else ""
             click.echo(f"interrupted: {out} keeps its pretraining state{at} (written every "
                        f"--ckpt-every steps); continue with: {_command_line(ctx, '--resume')}",

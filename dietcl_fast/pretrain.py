@@ -62,6 +62,18 @@ def _save(path: str, obj) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def saved_step(out: str) -> "int | None":
+    """The step of the pretraining state kept in `out` (None: none, or unreadable). Read from
+    the file, which is the truth after an interrupt (it may land between a write's rename and
+    anything recorded in memory); memory-mapped, so no tensor is read."""
+    try:
+        st = torch.load(os.path.join(out, STATE_NAME), map_location="cpu", weights_only=True,
+                        mmap=True)
+        return int(st["step"])
+    except Exception:       # noqa: BLE001 - only for the message: the step is then not named
+        return None
+
+
 class Pretrainer:
     def __init__(self, cfg: PretrainConfig, *, log=print):
         from .data import build_loader
@@ -103,7 +115,6 @@ class Pretrainer:
         self.ledger.register_model(self.spec, num_classes=1)
         self.ledger.begin_step(0, float(cfg.budget))
         self.step, self.losses, self.wall_before = 0, [], 0.0
-        self.saved_step = None          # the step of the last state written (None: none yet)
 
     def lr(self, it: int) -> float:
         peak = self.cfg.blr * self.cfg.batch_size / 256
@@ -132,14 +143,13 @@ class Pretrainer:
                               "another --out")
         self.model.load_state_dict(st["model"])
         self.opt.load_state_dict(st["optimizer"])
-        self.step = self.saved_step = int(st["step"])
+        self.step = int(st["step"])
         self.ledger = Ledger.from_state_bytes(st["ledger"].numpy().tobytes())
         self.losses = [float(x) for x in st["losses"]]
         self.wall_before = float(st["wall_seconds"])
 
     def save(self) -> None:
         _save(os.path.join(self.cfg.out, STATE_NAME), self.state_dict())
-        self.saved_step = self.step
 
     # ------------------------------------------------------------------ loop
     def run(self, resume: bool = False) -> dict:
