@@ -798,3 +798,25 @@ def test_flags_the_code_names_exist():
                 if m not in known:
                     bad.append(f"{os.path.relpath(f, ROOT)}:{n}: {m}")
     assert not bad, "\n".join(bad)
+
+
+def test_python_m_lines_in_the_docs_parse():
+    """`python -m dietcl_fast.<module> ARGS` in the docs (the options table's generator): the
+    module's click command takes ARGS (paths resolved from the repository root)."""
+    import importlib
+    found = 0
+    for rel in DOCS:
+        text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+        for m in re.finditer(r"python -m (dietcl_fast\.[\w.]+)([^`\n]*)", text):
+            found += 1
+            cmd = getattr(importlib.import_module(m.group(1)), "main")
+            args = shlex.split(m.group(2), comments=True)
+            old = os.getcwd()
+            os.chdir(ROOT)
+            try:
+                cmd.make_context(m.group(1), args)
+            except click.ClickException as e:
+                pytest.fail(f"{rel}: python -m {m.group(1)}{m.group(2)}: {e.format_message()}")
+            finally:
+                os.chdir(old)
+    assert found >= 2
