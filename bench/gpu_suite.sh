@@ -125,6 +125,11 @@ if s:
     summary["step"]["mode_wall_seconds"] = {m: r.get("mode_wall_seconds")
                                             for m, r in s.get("modes", {}).items()}
     summary["step"]["errors"] = {m: e.get("error") for m, e in s.get("errors", {}).items()}
+    summary["step"]["compile_seconds"] = s.get("compile_seconds")
+    summary["step"]["compile_graphs"] = {   # what torch.compile built, where, in how many seconds
+        m: [{"function": g.get("function"), "where": g.get("where"), "seconds": g.get("seconds")}
+            for g in (r.get("compile_log") or {}).get("graphs", [])]
+        for m, r in s.get("modes", {}).items() if r.get("compile_log")}
 if l:
     summary["loader"] = [{k2: r.get(k2) for k2 in ("backend", "images_per_second",
                           "images_per_second_with_step", "step_slowdown")} for r in l["backends"]]
@@ -143,7 +148,7 @@ if [ "$MODE" = gpu ]; then
     FLOPS=(--preset vit-b16); TESTDEV=cuda; PYTEST_EXTRA=()
 else
     DEV=(--device cpu); export TRITON_INTERPRET=1
-    KERNELS=(--tiny); STEP=(--preset cpu-tiny --loader torch --steps 1 --warmup 0 --tiny-peak)
+    KERNELS=(--tiny); STEP=(--preset cpu-tiny --loader torch --steps 1 --warmup 1 --tiny-peak)
     LOADER=(--preset cpu-tiny --backends torch-decode_jpeg-cpu --tiny)
     FLOPS=(--preset cpu-tiny --tiny); TESTDEV=cpu
     PYTEST_EXTRA=(--collect-only)   # the test suite runs these tests itself

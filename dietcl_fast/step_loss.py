@@ -54,3 +54,69 @@ def step_loss_fn(method, compile: bool, channels: int):
     if compile:
         loss = logs_apart(torch.compile(stacked_logs(method.loss), fullgraph=True, dynamic=False))
     return device_inputs(loss, channels)
+
+
+class CompileLog:
+    """The graphs torch.compile built in this process since the log was made: for each, where
+    the run was (`where`: time step, phase, iteration; or evaluation) and its compile seconds,
+    from torch._dynamo's per-frame compilation metrics:
+
+    * `frame_seconds`: the whole frame compile at the first call: dynamo's trace, then the
+      backend (`backend_seconds`: AOTAutograd's joint forward/backward trace and partition,
+      and inductor's forward compile); `dynamo_seconds` = frame - backend;
+    * `backward_seconds`: inductor's backward compile, which runs at the first backward;
+    * `seconds`: the two together. `recompile_reason`: the guard that failed when a function
+      was compiled again (a new phase shape is one; anything else is a bug to look at).
+
+    `collect(where)` takes the metrics that appeared since the last call and labels them."""
+
+    def __init__(self):
+        self.graphs: list[dict] = []
+        self._seen = {self._key(m) for m in self._metrics()}
+
+    @staticmethod
+    def _metrics() -> list:
+        from torch._dynamo.utils import get_compilation_metrics
+        return list(get_compilation_metrics())
+
+    @staticmethod
+    def _key(m) -> tuple:
+        return (m.compile_id, m.co_name, m.is_forward, m.start_time_us)
+
+    def collect(self, where: dict) -> list[dict]:
+        """The graphs first seen since the last call (their backward compile is added to the
+        graph it belongs to, whenever it appears), labelled `where`."""
+        new = []
+        for m in self._metrics():
+            k = self._key(m)
+            if k in self._seen:
+                continue
+            self._seen.add(k)
+            if m.co_name:                   # a frame: dynamo + AOTAutograd + forward compile
+                frame = float(m.entire_frame_compile_time_s or 0.0)
+                backend = float(m.backend_compile_time_s or 0.0)
+                g = {"compile_id": str(m.compile_id), "function": m.co_name, "where": dict(where),
+                     "frame_seconds": frame, "backend_seconds": backend,
+                     "dynamo_seconds": frame - backend, "backward_seconds": 0.0,
+                     "seconds": frame, "graph_ops": m.graph_op_count,
+                     "recompile_reason": m.recompile_reason}
+                self.graphs.append(g)
+                new.append(g)
+            elif m.duration_us:             # the lazy backward compile of a graph seen before
+                for g in reversed(self.graphs):
+                    if g["compile_id"] == str(m.compile_id):
+                        g["backward_seconds"] += m.duration_us / 1e6
+                        g["seconds"] = g["frame_seconds"] + g["backward_seconds"]
+                        break
+        return new
+
+    @property
+    def seconds(self) -> float:
+        return sum(g["seconds"] for g in self.graphs)
+
+    def describe(self, g: dict) -> str:
+        w = g["where"]
+        at = ", ".join(f"{k} {v}" for k, v in w.items())
+        return (f"torch.compile built graph {g['compile_id']} ({g['function']}, {g['graph_ops']} "
+                f"ops) at {at}: {g['frame_seconds']:.1f} s (dynamo {g['dynamo_seconds']:.1f} s)"
+                + (f" + backward {g['backward_seconds']:.1f} s" if g["backward_seconds"] else ""))

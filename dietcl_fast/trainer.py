@@ -48,7 +48,7 @@ from .run_state import (FiniteWatch, Position, RunStopped, numpy_rng_state,  # n
                         set_numpy_rng_state)
 from .runplan import resolve
 from .seeding import HEAD_INIT, derive_seed
-from .step_loss import step_loss_fn
+from .step_loss import CompileLog, step_loss_fn
 
 
 def cosine_lr(peak: float, min_lr: float, it: int, steps: int) -> float:
@@ -122,6 +122,13 @@ class Trainer:
         # runs per micro-batch (compiled whole with --compile)
         self.method = build_method(cfg)
         self.loss_fn = step_loss_fn(self.method, self.plan.compile, in_chans)
+        # with --compile: the graphs built and their compile seconds (CompileLog); time steps
+        # before `compile_from` run eager (0 for a run; `bench step` starts compiling at the
+        # first time step it times)
+        self.compile_log = CompileLog() if self.plan.compile else None
+        self.compile_from = 0
+        self._eager_loss_fn = step_loss_fn(self.method, False, in_chans) \
+            if self.plan.compile else self.loss_fn
 
         # model: one seed drives init; the head has a row for every class of the stream
         torch.manual_seed(cfg.run.seed)
@@ -285,11 +292,14 @@ class Trainer:
             self._mark = (time.perf_counter(), self.ledger.flops_total)
             while self.pos.it < phase.steps:
                 t_it, d0, f0 = time.perf_counter(), self.data_seconds, self.ledger.flops_total
+                it_ = self.pos.it
                 logs = self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen)
                 if self.timing_sync:
                     sync_device(self.device)
                 self.iteration_log.append((t, phase.name, time.perf_counter() - t_it,
                                            self.data_seconds - d0, self.ledger.flops_total - f0))
+                if self.compile_log is not None:
+                    self._compiled_now({"time_step": t, "phase": phase.name, "iteration": it_})
                 # between iterations: the only places that may wait for the device
                 self._progress(bar, t, phase, logs)
                 if cfg.run.ckpt_every and self.pos.gstep % cfg.run.ckpt_every == 0:
@@ -353,8 +363,9 @@ class Trainer:
             # charge before running: the ledger refuses a pass that would overspend
             self._charge(phase, {src: int(x.shape[0]) for src, x in mb.x.items()})
             t_c = time.perf_counter()
+            loss_fn = self.loss_fn if t >= self.compile_from else self._eager_loss_fn
             with self.train_region():
-                loss, logs = self.engine.forward_backward(self.loss_fn, mb, sync=j + W >= self.n_micro)
+                loss, logs = self.engine.forward_backward(loss_fn, mb, sync=j + W >= self.n_micro)
             if self.cfg.engine.compile and not loss.requires_grad:     # metadata: no sync
                 raise RuntimeError(
                     f"time step {t}, phase {phase.name}: the compiled step returned a loss with no "
@@ -493,7 +504,7 @@ class Trainer:
         t_eval = time.perf_counter()
         row, n_eval = [], 0
         eval_model = self.method.eval_model(self.step_context(t))
-        classify, pad = self._eval_fn() if eval_model is self.model else (eval_model.classify, ())
+        classify, pad = self._eval_fn(t) if eval_model is self.model else (eval_model.classify, ())
         for k in range(t + 1):
             ids, labels = self.stream.eval_for(t, k)
             c, n = sharded_accuracy(eval_model, self.loader, ids, labels,
@@ -505,13 +516,20 @@ class Trainer:
         self.eval_log.append(time.perf_counter() - t_eval)
         self.eval_images.append(n_eval)
         self.eval_seconds += self.eval_log[-1]
+        if self.compile_log is not None:
+            self._compiled_now({"time_step": t, "phase": "eval"})
         return row
 
-    def _eval_fn(self):
+    def _compiled_now(self, where: dict) -> None:
+        """The graphs torch.compile built since the last call, labelled `where` and logged."""
+        for g in self.compile_log.collect(where):
+            self.log(self.compile_log.describe(g))
+
+    def _eval_fn(self, t: int):
         """-> (classify, pad sizes): `model.classify` (no padding), or `model.classify_all`
         compiled (static shapes: partial batches padded to `eval_pad_sizes`) when the run
-        compiles."""
-        if not self.cfg.engine.compile:
+        compiles (from time step `compile_from` on)."""
+        if not self.cfg.engine.compile or t < self.compile_from:
             return self.model.classify, ()
         if self._eval_classify is None:
             # all head rows, unseen classes masked (never the argmax): one shape for the run

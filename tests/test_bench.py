@@ -171,7 +171,7 @@ def test_bench_step_keeps_the_modes_that_ran_when_one_fails(tmp_path, monkeypatc
     monkeypatch.setattr(bstep, "run_mode", flaky)
     out = tmp_path / "step.json"
     with pytest.raises(BenchFailed, match="mode compiled failed: RuntimeError: inductor fell over"):
-        bstep.bench_step(preset="cpu-tiny", device="cpu", steps=1, warmup=0, tiny_peak=True,
+        bstep.bench_step(preset="cpu-tiny", device="cpu", steps=1, warmup=1, tiny_peak=True,
                          out=str(out), workdir=str(tmp_path), echo=lambda *_: None)
     r = json.loads(out.read_text())
     assert calls == ["eager", "compiled"] and r["complete"] is False
@@ -184,5 +184,5 @@ def test_bench_step_keeps_the_modes_that_ran_when_one_fails(tmp_path, monkeypatc
 
     monkeypatch.setattr(bstep, "run_mode", bad)
     with pytest.raises(ConfigError, match="--data"):
-        bstep.bench_step(preset="cpu-tiny", device="cpu", steps=1, warmup=0, tiny_peak=True,
+        bstep.bench_step(preset="cpu-tiny", device="cpu", steps=1, warmup=1, tiny_peak=True,
                          out=str(tmp_path / "b.json"), workdir=str(tmp_path), echo=lambda *_: None)

@@ -2,10 +2,19 @@
 
 For each mode the Trainer runs two time steps of a DietCL stream (synthetic JPEGs generated
 into a temp dir, or `--data`) with the method's own loss, loader, engine, ledger, evaluation
-and checkpoints. Time step 0 is warm-up (all joint: first iterations, compilation); at time
-step 1 (buffer filled, head grown) the joint and buffer-only phases each run `warmup + steps`
-iterations, the first `warmup` of each are dropped and the rest timed (the device is
-synchronised at the end of each iteration). Per phase: seconds per iteration, images/s,
+and checkpoints. Time step 0 is warm-up (all joint: first iterations); at time step 1 (buffer
+filled, head grown) the joint and buffer-only phases each run `warmup + steps` iterations, the
+first `warmup` of each are dropped and the rest timed (the device is synchronised at the end of
+each iteration).
+
+The compiled mode compiles only the graphs it times: time step 0 runs eager, so torch.compile
+builds time step 1's joint graph and buffer-only graph in their phase's first iteration (one of
+the dropped `warmup`, so `warmup >= 1` is required) and the evaluation graph in the first eval
+pass. `train --compile` also compiles time step 0's joint graph (no buffer yet): a fourth graph
+the bench would only pay for (`compile_time_step_0=True` / `--compile-time-step-0` compiles it
+too, as a run does). Each graph built is recorded with where and in how many seconds
+(`compile_log`; step_loss.CompileLog), so a GPU run shows where its compile minutes went, and a
+graph built inside a timed iteration or the second eval pass (a recompile) is flagged. Per phase: seconds per iteration, images/s,
 data-wait fraction, ledger FLOPs per iteration and MFU against the matmul peak measured in the
 same run (bf16 on a GPU, fp32 on the CPU). The checkpoint seconds of time step 1 are those the
 Trainer's training thread spent; evaluation is timed on a second pass over time step 1's eval
@@ -50,7 +59,7 @@ def _quiet(_msg):
 
 def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int, warmup: int,
              out_dir: str, batch_size: int | None, micro_batch: int | None, loader: str,
-             label_rate: float, log) -> dict:
+             label_rate: float, log, compile_from: int = 1) -> dict:
     from dietcl_fast.config import Config
     from dietcl_fast.trainer import Trainer
 
@@ -72,8 +81,10 @@ def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int
     cfg.loader.backend = loader
     trainer = Trainer(cfg, log=log)
     trainer.timing_sync = True
+    trainer.compile_from = compile_from     # compiled mode: time step 0 (warm-up) eager unless 0
     res = trainer.run(out_dir)
     first_eval = trainer.eval_log[-1]
+    graphs_before = len(trainer.compile_log.graphs) if trainer.compile_log else 0
     trainer._evaluate(1)                    # again: steady state (compiled graphs warm)
     trainer.loader.close()
     log_ = trainer.iteration_log
@@ -98,6 +109,7 @@ def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int
     warm = [r for r in log_ if r[0] == 0]
     return {
         "compile": cfg.engine.compile,
+        "compile_log": compile_summary(trainer, warmup, graphs_before),
         "resolved_config": {"global_batch": trainer.G, "micro_batch": trainer.micro,
                             "loader": trainer.loader.name, "engine": trainer.engine.name},
         "phases": phases,
@@ -111,6 +123,24 @@ def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int
         "final_accuracy": res["final_accuracy"],
         "global_batch": trainer.G,
     }
+
+
+def compile_summary(trainer, warmup: int, graphs_before_second_eval: int) -> dict | None:
+    """What torch.compile built in a mode (None in eager): each graph with where it was built
+    and its seconds (step_loss.CompileLog), their total, and the graphs built where they must
+    not be: in a timed iteration (a recompile there would be timed) or in the second
+    evaluation pass (the steady state)."""
+    cl = trainer.compile_log
+    if cl is None:
+        return None
+    timed = [g for g in cl.graphs if g["where"].get("phase") in ("joint", "buffer")
+             and g["where"].get("time_step") == 1 and g["where"]["iteration"] >= warmup]
+    return {"compiled_from_time_step": trainer.compile_from,
+            "graphs": cl.graphs, "seconds": cl.seconds,
+            "training_graphs": sum(g["function"] == "step_loss" for g in cl.graphs),
+            "eval_graphs": sum(g["function"] == "classify_all" for g in cl.graphs),
+            "built_in_timed_iterations": timed,
+            "built_in_second_eval_pass": cl.graphs[graphs_before_second_eval:]}
 
 
 def project(mode_res: dict, budget: int, split: str) -> dict:
@@ -133,7 +163,7 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                batch_size: int | None = None, micro_batch: int | None = None,
                loader: str = "auto", modes=MODES, label_rate: float = 0.1,
                out: str | None = None, workdir: str | None = None, tiny_peak: bool = False,
-               echo=print, log=_quiet) -> dict:
+               compile_time_step_0: bool = False, echo=print, log=_quiet) -> dict:
     from dietcl_fast.config import ConfigError
     from dietcl_fast.methods.dietcl import parse_split
     dev = pick_device(device)
@@ -147,6 +177,11 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ValueError(f"--modes {','.join(modes)}: choose from {', '.join(MODES)}")
+    if "compiled" in modes and warmup < 1:
+        raise ValueError(f"--warmup {warmup}: the compiled mode builds each graph of time step 1 "
+                         "in its phase's first iteration, which must not be timed; use "
+                         "--warmup >= 1 (or --modes eager)")
+    compile_from = 0 if compile_time_step_0 else 1
     with tempfile.TemporaryDirectory(prefix="dietcl-bench-step-", dir=workdir) as tmp:
         if data is None:
             spec = PRESET_DATA[preset]
@@ -163,7 +198,7 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
             t0 = time.perf_counter()
             try:
                 r = run_mode(m, data, preset, dev, steps, warmup, os.path.join(tmp, m),
-                             batch_size, micro_batch, loader, label_rate, log)
+                             batch_size, micro_batch, loader, label_rate, log, compile_from)
             except ConfigError:             # bad input: the same for every mode, stop now
                 raise
             except Exception as e:          # recorded; the other mode still runs
@@ -180,6 +215,19 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                 r["mfu"] = (r["projection"]["training_flops"] / r["projection"]["training_seconds"]
                             / peak["flops_per_second"])
                 res_modes[m] = r
+                cl = r["compile_log"]
+                if cl is not None:
+                    echo(f"{m}: torch.compile built {len(cl['graphs'])} graphs in "
+                         f"{cl['seconds']:.1f} s (time step 0 "
+                         f"{'compiled' if cl['compiled_from_time_step'] == 0 else 'eager'})")
+                    for g in cl["graphs"]:
+                        echo(f"  {g['function']} {g['compile_id']} at "
+                             + ", ".join(f"{k} {v}" for k, v in g["where"].items())
+                             + f": {g['seconds']:.1f} s")
+                    for g in cl["built_in_timed_iterations"] + cl["built_in_second_eval_pass"]:
+                        echo(f"WARNING: {m}: graph {g['compile_id']} was built in a measured "
+                             f"part ({g['where']}; recompile reason: {g['recompile_reason']}): "
+                             "its compile time is in the figures")
             # written after every mode: a run killed in the next mode keeps this one's figures
             write_json(out, assemble(dev, preset, budget, split, shown, steps, warmup, peak,
                                      res_modes, errors, complete=False))
@@ -229,5 +277,7 @@ def assemble(dev, preset, budget, split, data, steps, warmup, peak, res_modes, e
         "steps_timed_per_phase": steps, "warmup_per_phase": warmup,
         "complete": complete and not errors, "modes": res_modes, "errors": errors,
         "speedup": speedup, "seconds_per_step": sps, "projected_seconds_per_time_step": pst,
+        "compile_seconds": {m: r["compile_log"]["seconds"] for m, r in res_modes.items()
+                            if r.get("compile_log") is not None},
         "matmul_peak_flops": peak["flops_per_second"], "matmul_peak": peak,
     }

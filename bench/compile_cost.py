@@ -1,0 +1,348 @@
+"""The host-side cost of compiling the training step: dynamo and AOTAutograd per graph, measured
+without a GPU.
+
+`bench step`'s compiled mode compiles (docs/bench.md) DietCL's loss at time step 1 in its two
+phase shapes (joint with the buffer, buffer-only) and the evaluation's `classify_all`;
+`train --compile` also compiles time step 0's joint shape (no buffer yet). This script traces
+each of those graphs the way a GPU run does, on fake CUDA tensors (FakeTensorMode: shapes and
+dtypes, no data, no device) under bf16 autocast, with the fused kernels' custom ops in the
+graph, at the per-micro-batch shapes of a GPU run of the preset (`--gpu-batch`, `--gpu-micro`;
+vit-b16: 1024 in micro-batches of 256, evaluation in batches of 1024), and reports per graph:
+
+* `dynamo_seconds`: dynamo alone (backend "eager": bytecode trace to an FX graph);
+* `aot_seconds`: dynamo + AOTAutograd (backend "aot_eager": the joint forward/backward graph
+  traced and partitioned; no code generation);
+* optionally (`--inductor-cpu GRAPH`) one graph compiled by inductor on this CPU, on real host
+  tensors at the captured (small) shapes: lowering, scheduling, C++ code generation and its
+  compilation, forward and (lazily, on the first backward) backward. Inductor's GPU backend
+  generates and compiles Triton kernels instead (in parallel worker processes), so this figure
+  is an order of magnitude only, not a GPU compile time.
+
+These are trace costs of the host's Python (largely independent of the backend and of the
+numeric sizes, the shapes being static), measured on whatever CPU runs this; they are not GPU
+figures. The graphs' micro-batches come from a real tiny run of the trainer (the preset's model
+at `--batch-size` images, 2 time steps; evaluation skipped), resized to the GPU run's shapes:
+under fake tensors only the shapes matter.
+
+    python bench/compile_cost.py --preset vit-b16 --out bench/results/compile-cost.json
+    python bench/compile_cost.py --preset cpu-tiny --eval-batch 64   # the test suite's size
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+GRAPHS = ("t0-joint", "t1-joint", "t1-buffer", "eval")
+
+
+class _Captured(Exception):
+    """Raised by the capturing loss once every phase shape has a micro-batch: stops the run."""
+
+
+def capture_micro_batches(preset: str, batch_size: int, workdir: str, log) -> tuple:
+    """A tiny real DietCL run (2 time steps, one micro-batch per step, no evaluation) ->
+    (trainer, {graph name: (micro-batch, phase)}) with one micro-batch of each phase shape."""
+    from dietcl_fast.bench.common import make_jpeg_folder
+    from dietcl_fast.config import Config
+    from dietcl_fast.trainer import Trainer
+
+    data = make_jpeg_folder(os.path.join(workdir, "data"), classes=4, per_class=20,
+                            size=(48, 40) if preset == "cpu-tiny" else (256, 256))
+    cfg = Config()
+    cfg.stream.data = "folder:" + data
+    cfg.stream.time_steps = 2
+    cfg.stream.label_rate = 0.5
+    cfg.model.preset = preset
+    cfg.method.name = "dietcl"
+    cfg.method.split = "ratio:0.5"
+    cfg.run.budget = 2
+    cfg.run.batch_size = batch_size
+    cfg.run.device = "cpu"
+    cfg.run.progress = False
+    cfg.engine.micro_batch = batch_size
+    cfg.engine.compile = False
+    cfg.loader.backend = "torch"
+    tr = Trainer(cfg, log=lambda m: None)
+    tr._evaluate = lambda t: [0.0] * (t + 1)      # not needed here: only the micro-batches
+    got, inner = {}, tr.loss_fn
+
+    def keep(model, mb):
+        name = f"t{mb.t}-{mb.phase}"
+        if name not in got:
+            phases = tr.method.phases(tr.step_context(mb.t))
+            got[name] = (mb, next(p for p in phases if p.name == mb.phase))
+            log(f"captured {name}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in mb.x.items()))
+        if len(got) == 3:
+            raise _Captured
+        return inner(model, mb)
+    tr.loss_fn = keep
+    try:
+        tr.run(os.path.join(workdir, "run"))
+    except _Captured:
+        pass
+    finally:
+        tr.loader.close()
+    if set(got) != {"t0-joint", "t1-joint", "t1-buffer"}:
+        raise RuntimeError(f"compile_cost: captured phase shapes {sorted(got)}")
+    return tr, got
+
+
+def resized(mb, phase, gpu_batch: int, gpu_micro: int, make):
+    """The micro-batch `mb` at a GPU run's shapes: each source's micro-batch count and global
+    count from the phase's mix at global batch `gpu_batch` in micro-batches of `gpu_micro`
+    (the trainer's rounding rule), each tensor with a batch dimension made anew by
+    `make(shape, like)` (fake tensors: values do not matter)."""
+    M = gpu_batch // gpu_micro
+    counts = phase.counts(gpu_batch, None, M)
+    per = {s: n // M for s, n in counts.items()}
+
+    def rebatch(src, t):
+        return make((per[src], *t.shape[1:]), t)
+    return dataclasses.replace(
+        mb, n_global=dict(counts),
+        x={s: rebatch(s, v) for s, v in mb.x.items()},
+        y={s: rebatch(s, v) for s, v in mb.y.items()},
+        noise={s: rebatch(s, v) for s, v in mb.noise.items()},
+        views={s: [rebatch(s, v) for v in vs] for s, vs in mb.views.items()}), per
+
+
+def _fake(obj, mode, device):
+    """Host tensors (nested in dicts, lists and the micro-batch's dataclasses) -> fake tensors
+    on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return mode.from_tensor(obj).to(device)
+    if isinstance(obj, dict):
+        return {k: _fake(v, mode, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fake(v, mode, device) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj)(**{f.name: _fake(getattr(obj, f.name), mode, device)
+                            for f in dataclasses.fields(obj)})
+    return obj
+
+
+@contextlib.contextmanager
+def bf16_autocast(device: str):
+    """bf16 autocast on `device`, also for fake CUDA tensors on a machine without a GPU:
+    torch.autocast asks the CUDA runtime whether it may switch on; once on, the CUDA autocast
+    rules apply."""
+    if device == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+        return
+    saved = torch.cuda.is_available, torch.cuda.is_bf16_supported
+    torch.cuda.is_available = lambda: True
+    torch.cuda.is_bf16_supported = lambda *a, **k: True
+    try:
+        ac = torch.autocast("cuda", dtype=torch.bfloat16)
+    finally:
+        torch.cuda.is_available, torch.cuda.is_bf16_supported = saved
+    with ac:
+        yield
+
+
+def _metrics_since(n_before: int) -> list:
+    from torch._dynamo.utils import get_compilation_metrics
+    return list(get_compilation_metrics())[n_before:]
+
+
+def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: int,
+               eval_batch: int, log) -> dict:
+    """Each graph traced (and, backend "aot_eager", run through AOTAutograd) on fake tensors on
+    `device` (cuda: the fused kernels' custom ops; cpu: their torch reference) at the GPU run's
+    shapes, under bf16 autocast -> {graph: {seconds, ops, shapes, ...}}. AOTAutograd's joint
+    trace runs the autograd engine, which needs a real CUDA device: on this machine "aot_eager"
+    traces the CPU form."""
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dietcl_fast.data import pipeline
+    from dietcl_fast.step_loss import device_inputs, stacked_logs
+
+    from torch._dynamo.backends.registry import lookup_backend
+
+    codes = []
+
+    def recording(gm, example_inputs):       # keeps the graph's code: which ops it holds
+        codes.append(gm.code)
+        return lookup_backend(backend)(gm, example_inputs)
+
+    stats = dict(pipeline._STATS)           # model_input's per-device constants: leave no fakes
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    out = {}
+    try:
+        model = copy.deepcopy(tr.model)     # the stopped run's last graph holds tr.model's
+        with mode:
+            model = model.to(device)
+        for name in GRAPHS:
+            torch._dynamo.reset()
+            clear_compilation_metrics()
+            counters.clear()
+            codes.clear()
+            with mode:
+                if name == "eval":
+                    spec = tr.spec
+                    x = torch.empty(eval_batch, spec.in_chans, spec.img_size, spec.img_size,
+                                    device=device)
+                    fn = torch.compile(model.classify_all, dynamic=False, backend=recording)
+                    shapes = {"eval": eval_batch}
+                    t0 = time.perf_counter()
+                    with torch.inference_mode(), bf16_autocast(device):
+                        fn(x)
+                    dt = time.perf_counter() - t0
+                else:
+                    mb, phase = got[name]
+                    mb, shapes = resized(mb, phase, gpu_batch, gpu_micro,
+                                         lambda s, like: torch.empty(s, dtype=like.dtype,
+                                                                     device=device))
+                    fmb = dataclasses.replace(
+                        mb, generator=None, mask_generator=None,
+                        **{f: _fake(getattr(mb, f), mode, device) for f in
+                           ("x", "y", "noise", "mix", "seen", "step", "step_classes", "views")})
+                    step = device_inputs(torch.compile(stacked_logs(tr.method.loss),
+                                                       fullgraph=True, dynamic=False,
+                                                       backend=recording), tr.spec.in_chans)
+                    t0 = time.perf_counter()
+                    with bf16_autocast(device):
+                        loss, _, _ = step(model, fmb)
+                    dt = time.perf_counter() - t0
+                    if not loss.requires_grad:
+                        raise RuntimeError(f"{name}: the traced loss has no gradient")
+            ms = [m for m in _metrics_since(0) if m.co_name]
+            if len(ms) != 1:
+                raise RuntimeError(f"{name}: {len(ms)} frames compiled (expected one graph)")
+            m = ms[0]
+            ops = [n for n in ("dietcl.random_masking", "dietcl.mae_loss")
+                   if any(f"torch.ops.{n}" in c for c in codes)]
+            out[name] = {"seconds": dt, "frame_compile_seconds": m.entire_frame_compile_time_s,
+                         "backend_seconds": m.backend_compile_time_s,
+                         "graph_ops": m.graph_op_count, "per_micro_batch": shapes,
+                         "graph_breaks": sum(counters["graph_break"].values()),
+                         "fused_ops_in_graph": ops}
+            log(f"{backend:9s} {device:4s} {name:9s} {dt:7.2f} s  ({m.graph_op_count} ops, "
+                f"per micro-batch {shapes})")
+    finally:
+        torch._dynamo.reset()
+        pipeline._STATS.clear()
+        pipeline._STATS.update(stats)
+    return out
+
+
+def inductor_cpu(tr, got, name: str, log) -> dict:
+    """Graph `name` compiled by inductor on this CPU with an empty cache, on real host tensors
+    at the captured shapes: forward (dynamo + AOTAutograd + inductor) and the backward inductor
+    compiles at the first backward."""
+    from torch._dynamo.utils import clear_compilation_metrics
+
+    from dietcl_fast.step_loss import device_inputs, stacked_logs
+    with tempfile.TemporaryDirectory(prefix="dietcl-inductor-cache-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache      # cold: nothing compiled before
+        torch._dynamo.reset()
+        clear_compilation_metrics()
+        model = tr.model
+        t0 = time.perf_counter()
+        if name == "eval":
+            x = torch.empty(8, tr.spec.in_chans, tr.spec.img_size, tr.spec.img_size)
+            with torch.inference_mode():
+                torch.compile(model.classify_all, dynamic=False)(x)
+            first = time.perf_counter() - t0
+            bwd = 0.0
+        else:
+            mb, _ = got[name]
+            step = device_inputs(torch.compile(stacked_logs(tr.method.loss), fullgraph=True,
+                                               dynamic=False), tr.spec.in_chans)
+            loss, _, _ = step(model, mb)
+            first = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            loss.backward()
+            bwd = time.perf_counter() - t1
+        ms = _metrics_since(0)
+        fw = [m for m in ms if m.co_name]
+        bw = [m for m in ms if not m.co_name]
+        res = {"graph": name, "first_call_seconds": first, "first_backward_seconds": bwd,
+               "frame_compile_seconds": fw[0].entire_frame_compile_time_s if fw else None,
+               "backend_seconds": fw[0].backend_compile_time_s if fw else None,
+               "inductor_forward_seconds": fw[0].inductor_compile_time_s if fw else None,
+               "code_gen_seconds": fw[0].code_gen_time_s if fw else None,
+               "backward_compile_seconds": (bw[0].duration_us / 1e6
+                                            if bw and bw[0].duration_us else None),
+               "shapes": {k: tuple(v.shape) for k, v in
+                          (got[name][0].x.items() if name != "eval" else {})},
+               "compile_threads": torch._inductor.config.compile_threads}
+        torch._dynamo.reset()
+    log(f"inductor (CPU) {name}: first call {first:.1f} s, first backward {bwd:.1f} s")
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="vit-b16", choices=["cpu-tiny", "vit-b16"])
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="global batch of the tiny real run that provides the micro-batches")
+    ap.add_argument("--gpu-batch", type=int, default=None,
+                    help="global batch of the GPU run traced [default: vit-b16 1024, cpu-tiny 64]")
+    ap.add_argument("--gpu-micro", type=int, default=None,
+                    help="its micro-batch [default: vit-b16 256, cpu-tiny 64]")
+    ap.add_argument("--eval-batch", type=int, default=1024, help="evaluation batch traced")
+    ap.add_argument("--traces", default="eager:cuda,eager:cpu,aot_eager:cpu",
+                    help="comma list of BACKEND:DEVICE fake-tensor traces (backend eager or "
+                         "aot_eager; device cuda or cpu; aot_eager needs cpu here)")
+    ap.add_argument("--inductor-cpu", default=None, choices=[None, *GRAPHS],
+                    help="also compile this graph with inductor on the CPU (minutes on ViT-B/16)")
+    ap.add_argument("--out", default=None, help="write the JSON result here")
+    a = ap.parse_args(argv)
+    gpu_batch = a.gpu_batch or (1024 if a.preset == "vit-b16" else 64)
+    gpu_micro = a.gpu_micro or (256 if a.preset == "vit-b16" else 64)
+    if gpu_batch % gpu_micro or a.batch_size < 2:
+        ap.error(f"--gpu-batch {gpu_batch} must be a multiple of --gpu-micro {gpu_micro}; "
+                 f"--batch-size {a.batch_size} >= 2")
+    traces = [tuple(x.split(":", 1)) if ":" in x else (x, "?") for x in a.traces.split(",") if x]
+    ok = {("eager", "cuda"), ("eager", "cpu"), ("aot_eager", "cpu")}
+    if not traces or any(t not in ok for t in traces):
+        ap.error(f"--traces {a.traces!r}: choose from " + ", ".join(f"{b}:{d}" for b, d in sorted(ok)))
+
+    from dietcl_fast.bench.common import header
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="dietcl-compile-cost-") as tmp:
+        t0 = time.perf_counter()
+        tr, got = capture_micro_batches(a.preset, a.batch_size, tmp, log)
+        log(f"micro-batches captured in {time.perf_counter() - t0:.1f} s")
+        res = {**header("compile-cost", torch.device("cpu")), "preset": a.preset,
+               "command": " ".join(["python", "bench/compile_cost.py", *(argv or sys.argv[1:])]),
+               "gpu_batch": gpu_batch, "gpu_micro": gpu_micro, "eval_batch": a.eval_batch,
+               "what": "host-side trace cost on this CPU, fake CUDA tensors, bf16 autocast; "
+                       "not a GPU compile time",
+               "load_average_start": os.getloadavg(), "traces": {}}
+        for b, d in traces:
+            res["traces"][f"{b}:{d}"] = trace_fake(tr, got, b, d, gpu_batch, gpu_micro,
+                                                  a.eval_batch, log)
+        if a.inductor_cpu:
+            res["inductor_cpu"] = inductor_cpu(tr, got, a.inductor_cpu, log)
+        res["load_average_end"] = os.getloadavg()
+    rows = []
+    for b, graphs in res["traces"].items():
+        for g, r in graphs.items():
+            rows.append(f"| {b} | {g} | {r['seconds']:.2f} | {r['graph_ops']} | {r['per_micro_batch']} |")
+    print("| backend:device | graph | seconds | graph ops | per micro-batch |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

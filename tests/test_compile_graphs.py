@@ -1,0 +1,115 @@
+"""What torch.compile builds in a compiled run, and what it costs: one graph per phase shape
+and one evaluation graph, nothing built twice (no recompile from the head's growth, the time
+step, the iteration or the evaluation's padding), each graph recorded with where it was built
+and its compile seconds (`step_loss.CompileLog`); `bench/compile_cost.py` (the host-side trace
+cost of each graph at a GPU run's shapes) runs at a tiny size.
+
+The graph count is dynamo's (its guards decide when a function is compiled again), so the
+trainer test swaps inductor for the "aot_eager" backend (dynamo + AOTAutograd, no code
+generation) to stay fast; the inductor run of the same check is `bench step`'s compiled mode
+in test_bench.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_cfg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """torch.compile with the "aot_eager" backend unless a backend is given."""
+    real = torch.compile
+
+    def compile_(fn=None, **kw):
+        kw.setdefault("backend", "aot_eager")
+        return real(fn, **kw) if fn is not None else real(**kw)
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compile_from", [0, 1])
+def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, aot_eager,
+                                                                      compile_from):
+    """Four time steps of DietCL, compiled: the loss graphs of time step 0's joint phase (no
+    buffer), the joint phase with the buffer and the buffer-only phase, each built in its first
+    iteration and never again (time steps 2 and 3 reuse them: the head grows, the class sets
+    change, the shapes do not), and the evaluation graph(s) (at most one per padded size).
+    With `compile_from = 1` (what `bench step` does) time step 0 runs eager and builds none."""
+    from dietcl_fast.evaluate import eval_pad_sizes
+    from dietcl_fast.trainer import Trainer
+    cfg = tiny_cfg("dietcl", budget=4, method__split="ratio:0.5", engine__compile=True,
+                   device="cpu")
+    cfg.stream.time_steps = 4
+    logged = []
+    tr = Trainer(cfg, log=logged.append)
+    tr.compile_from = compile_from
+    tr.run(str(tmp_path / "run"))
+    graphs = tr.compile_log.graphs
+    train = [(g["where"]["time_step"], g["where"]["phase"], g["where"]["iteration"])
+             for g in graphs if g["function"] == "step_loss"]
+    expect = [(1, "joint", 0), (1, "buffer", 0)]
+    assert train == ([(0, "joint", 0)] if compile_from == 0 else []) + expect
+    evals = [g for g in graphs if g["function"] == "classify_all"]
+    assert 1 <= len(evals) <= len(eval_pad_sizes(cfg.run.eval_batch_size, "cpu"))
+    assert {g["where"]["time_step"] for g in evals} <= {compile_from, compile_from + 1}
+    for g in graphs:
+        assert g["seconds"] == pytest.approx(g["frame_seconds"] + g["backward_seconds"])
+        assert g["frame_seconds"] > 0 and g["dynamo_seconds"] > 0 and g["graph_ops"] > 0
+        # a function compiled again only for a new phase shape: a source came or went
+        if g["recompile_reason"]:
+            assert "mb.x" in g["recompile_reason"], g["recompile_reason"]
+    assert sum(g["backward_seconds"] > 0 for g in graphs) == len(train)     # the loss graphs
+    assert tr.compile_log.seconds == pytest.approx(sum(g["seconds"] for g in graphs))
+    assert sum("torch.compile built graph" in m for m in logged) == len(graphs)
+
+
+def test_an_eager_run_keeps_no_compile_log(tmp_path):
+    from dietcl_fast.trainer import Trainer
+    tr = Trainer(tiny_cfg("dietcl", budget=2, method__split="ratio:0.5", engine__compile=False,
+                          device="cpu"), log=lambda m: None)
+    assert tr.compile_log is None
+
+
+def test_bench_step_compiled_mode_needs_a_warmup_iteration():
+    """The compiled mode builds time step 1's graphs in each phase's first iteration: with
+    --warmup 0 that iteration would be timed, so the bench refuses before any compute."""
+    p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", "bench", "step",
+                        "--warmup", "0", "--device", "cpu"], capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert p.returncode == 2 and "--warmup 0" in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
+    """bench/compile_cost.py as it is run for ViT-B/16, at cpu-tiny: each of the four graphs
+    traced whole on fake CUDA tensors (the fused kernels' ops in the joint graphs) and through
+    AOTAutograd on fake CPU tensors, with the GPU run's per-micro-batch counts."""
+    out = tmp_path / "cc.json"
+    p = subprocess.run([sys.executable, "bench/compile_cost.py", "--preset", "cpu-tiny",
+                        "--gpu-batch", "64", "--gpu-micro", "16", "--eval-batch", "32",
+                        "--traces", "eager:cuda,aot_eager:cpu", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["kind"] == "dietcl-fast/bench-compile-cost" and r["gpu_batch"] == 64
+    assert set(r["traces"]) == {"eager:cuda", "aot_eager:cpu"}
+    for trace, graphs in r["traces"].items():
+        assert list(graphs) == ["t0-joint", "t1-joint", "t1-buffer", "eval"]
+        for name, g in graphs.items():
+            assert g["seconds"] > 0 and g["graph_ops"] > 0 and g["graph_breaks"] == 0
+            fused = {"dietcl.random_masking", "dietcl.mae_loss"} \
+                if trace == "eager:cuda" and name.endswith("joint") else set()
+            assert set(g["fused_ops_in_graph"]) == fused, (trace, name)
+        # 64 in micro-batches of 16: the trainer's rounding rule per micro-batch
+        assert graphs["t1-buffer"]["per_micro_batch"] == {"buffer": 16}
+        assert sum(graphs["t1-joint"]["per_micro_batch"].values()) == 16
+        assert graphs["eval"]["per_micro_batch"] == {"eval": 32}
+    assert "| eager:cuda | t1-joint |" in p.stdout
