@@ -7,7 +7,8 @@
 #           and the memory floor (`dietcl-fast bench kernels`);
 #   step    `dietcl-fast bench step --preset vit-b16`: DietCL joint + buffer-only iterations with
 #           data (torch loader), eval and checkpoint, eager first, then compiled (step.json is
-#           written after each mode); projected seconds per time step, MFU;
+#           written after each mode; the compiled mode builds three graphs, each recorded with
+#           its compile seconds); projected seconds per time step, MFU;
 #   loader  the torch loader's images/s alone and while a ViT-B/16 training step runs;
 #   flops   MFU of the classify / MAE passes vs the measured bf16 peak;
 #   pytest_kernels  tests/test_kernels.py on the device, and the nvjpeg loader's images against

@@ -66,7 +66,8 @@ class CompileLog:
       and inductor's forward compile); `dynamo_seconds` = frame - backend;
     * `backward_seconds`: inductor's backward compile, which runs at the first backward;
     * `seconds`: the two together. `recompile_reason`: the guard that failed when a function
-      was compiled again (a new phase shape is one; anything else is a bug to look at).
+      was compiled again (a new phase shape is one; anything else is a bug to look at);
+      `failed`: the error, when the compile did not finish (its seconds: what it took).
 
     `collect(where)` takes the metrics that appeared since the last call and labels them."""
 
@@ -99,7 +100,8 @@ class CompileLog:
                      "frame_seconds": frame, "backend_seconds": backend,
                      "dynamo_seconds": frame - backend, "backward_seconds": 0.0,
                      "seconds": frame, "graph_ops": m.graph_op_count,
-                     "recompile_reason": m.recompile_reason}
+                     "recompile_reason": m.recompile_reason,
+                     "failed": f"{m.fail_type}: {m.fail_reason}" if m.fail_type else None}
                 self.graphs.append(g)
                 new.append(g)
             elif m.duration_us:             # the lazy backward compile of a graph seen before

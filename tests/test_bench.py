@@ -67,6 +67,33 @@ def test_bench_step_schema(suite):
     assert "bench step" in r["command"] and "torch" in r["versions"]
 
 
+def test_bench_step_compiled_mode_builds_only_the_graphs_it_times(suite):
+    """The suite's compiled mode on inductor: time step 0 (warm-up) eager, so torch.compile
+    builds time step 1's joint and buffer-only loss graphs, each in its phase's first
+    (untimed) iteration, and the evaluation graph in the first eval pass; nothing is built in a
+    timed iteration or in the second eval pass (no recompile). step.json and summary.json
+    carry each graph's seconds."""
+    r = json.loads((suite / "step.json").read_text())
+    assert r["modes"]["eager"]["compile_log"] is None
+    cl = r["modes"]["compiled"]["compile_log"]
+    assert cl["compiled_from_time_step"] == 1
+    train = [g["where"] for g in cl["graphs"] if g["function"] == "step_loss"]
+    assert train == [{"time_step": 1, "phase": "joint", "iteration": 0},
+                     {"time_step": 1, "phase": "buffer", "iteration": 0}]
+    assert cl["training_graphs"] == 2 and cl["eval_graphs"] >= 1
+    assert all(g["where"] == {"time_step": 1, "phase": "eval"}
+               for g in cl["graphs"] if g["function"] == "classify_all")
+    assert cl["built_in_timed_iterations"] == [] and cl["built_in_second_eval_pass"] == []
+    for g in cl["graphs"]:
+        assert g["seconds"] == pytest.approx(g["frame_seconds"] + g["backward_seconds"]) > 0
+    assert sum(g["backward_seconds"] > 0 for g in cl["graphs"]) == 2     # inductor, lazily
+    assert r["compile_seconds"] == {"compiled": pytest.approx(cl["seconds"])}
+    summary = json.loads((suite / "summary.json").read_text())
+    assert summary["step"]["compile_seconds"] == r["compile_seconds"]
+    assert [g["where"] for g in summary["step"]["compile_graphs"]["compiled"]] == \
+        [g["where"] for g in cl["graphs"]]
+
+
 def test_bench_kernels_loader_flops_results(suite):
     k = json.loads((suite / "kernels.json").read_text())
     assert k["check"]["pass"] and [c["micro_batch"] for c in k["check"]["cases"]] == [7, 6]

@@ -113,3 +113,38 @@ def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
         assert sum(graphs["t1-joint"]["per_micro_batch"].values()) == 16
         assert graphs["eval"]["per_micro_batch"] == {"eval": 32}
     assert "| eager:cuda | t1-joint |" in p.stdout
+
+
+@pytest.mark.slow
+def test_bench_step_killed_while_compiling_keeps_what_it_compiled(tmp_path):
+    """The GPU suite stops a part at its time limit with SIGTERM: a compiled mode stopped after
+    its first graph records the graphs built so far (with their seconds) in step.json's
+    errors, and the bench exits 1 at once instead of starting anything else."""
+    import signal
+    import time
+    out = tmp_path / "step.json"
+    p = subprocess.Popen([sys.executable, "-m", "dietcl_fast.cli.main", "bench", "step",
+                          "--preset", "cpu-tiny", "--device", "cpu", "--modes", "compiled",
+                          "--steps", "1", "--warmup", "1", "--tiny-peak", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    err = []
+    try:
+        for line in p.stderr:               # the trainer's log, one line per graph built
+            err.append(line)
+            if "torch.compile built graph" in line:
+                p.send_signal(signal.SIGTERM)
+                break
+        rest_out, rest_err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err.append(rest_err)
+    assert p.returncode == 1, "".join(err)[-3000:]
+    r = json.loads(out.read_text())
+    assert r["complete"] is False and r["modes"] == {}
+    e = r["errors"]["compiled"]
+    assert "SIGTERM" in e["error"], e
+    graphs = e["compile_log"]["graphs"]
+    assert graphs and graphs[0]["where"] == {"time_step": 1, "phase": "joint", "iteration": 0}
+    assert graphs[0]["seconds"] > 0
+    assert "SIGTERM" in "".join(err)

@@ -33,9 +33,12 @@ the other modes still run, and the call ends with `BenchFailed` (exit status 1);
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import statistics
 import tempfile
+import threading
 import time
 import traceback
 
@@ -82,7 +85,13 @@ def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int
     trainer = Trainer(cfg, log=log)
     trainer.timing_sync = True
     trainer.compile_from = compile_from     # compiled mode: time step 0 (warm-up) eager unless 0
-    res = trainer.run(out_dir)
+    try:
+        res = trainer.run(out_dir)
+    except BaseException as e:              # what was compiled so far goes with the error
+        if trainer.compile_log is not None:
+            trainer._compiled_now({"time_step": trainer.pos.t, "phase": "stopped"})
+        e.compile_log = compile_summary(trainer, warmup, None)
+        raise
     first_eval = trainer.eval_log[-1]
     graphs_before = len(trainer.compile_log.graphs) if trainer.compile_log else 0
     trainer._evaluate(1)                    # again: steady state (compiled graphs warm)
@@ -135,12 +144,34 @@ def compile_summary(trainer, warmup: int, graphs_before_second_eval: int) -> dic
         return None
     timed = [g for g in cl.graphs if g["where"].get("phase") in ("joint", "buffer")
              and g["where"].get("time_step") == 1 and g["where"]["iteration"] >= warmup]
+    second = cl.graphs[graphs_before_second_eval:] if graphs_before_second_eval is not None \
+        else []
     return {"compiled_from_time_step": trainer.compile_from,
             "graphs": cl.graphs, "seconds": cl.seconds,
             "training_graphs": sum(g["function"] == "step_loss" for g in cl.graphs),
             "eval_graphs": sum(g["function"] == "classify_all" for g in cl.graphs),
-            "built_in_timed_iterations": timed,
-            "built_in_second_eval_pass": cl.graphs[graphs_before_second_eval:]}
+            "built_in_timed_iterations": timed, "built_in_second_eval_pass": second}
+
+
+class Terminated(Exception):
+    """SIGTERM during a mode (the GPU suite's time limit): the mode is recorded as failed with
+    what it compiled so far, step.json is written, and no further mode starts."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """SIGTERM raises `Terminated` in the main thread while the modes run (elsewhere: as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("terminated by SIGTERM (a time limit?)")
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def project(mode_res: dict, budget: int, split: str) -> dict:
@@ -197,16 +228,23 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
             echo(f"running {m} ...")
             t0 = time.perf_counter()
             try:
-                r = run_mode(m, data, preset, dev, steps, warmup, os.path.join(tmp, m),
-                             batch_size, micro_batch, loader, label_rate, log, compile_from)
+                with sigterm_raises():
+                    r = run_mode(m, data, preset, dev, steps, warmup, os.path.join(tmp, m),
+                                 batch_size, micro_batch, loader, label_rate, log, compile_from)
             except ConfigError:             # bad input: the same for every mode, stop now
                 raise
             except Exception as e:          # recorded; the other mode still runs
                 errors[m] = {"error": f"{type(e).__name__}: {e}",
                              "traceback_tail": traceback.format_exc()[-4000:],
-                             "mode_wall_seconds": time.perf_counter() - t0}
+                             "mode_wall_seconds": time.perf_counter() - t0,
+                             "compile_log": getattr(e, "compile_log", None)}
                 release_memory(dev)
                 echo(f"{m} FAILED after {errors[m]['mode_wall_seconds']:.1f} s: {errors[m]['error']}")
+                if _terminated(e):          # out of time: write what there is and stop
+                    write_json(out, assemble(dev, preset, budget, split, shown, steps, warmup,
+                                             peak, res_modes, errors, complete=False))
+                    raise BenchFailed(f"bench step: mode {m} {errors[m]['error']}"
+                                      + (f" (what finished is in {out})" if out else ""))
             else:
                 r["mode_wall_seconds"] = time.perf_counter() - t0
                 for p in r["phases"].values():
@@ -262,6 +300,17 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                                                      for m, e in errors.items())
                           + (f" (the other modes' figures are in {out})" if out and res_modes else ""))
     return result
+
+
+def _terminated(e: BaseException) -> bool:
+    """`Terminated`, also as the cause or context of the error dynamo wraps it in."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, Terminated):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def assemble(dev, preset, budget, split, data, steps, warmup, peak, res_modes, errors,
