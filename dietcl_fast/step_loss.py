@@ -64,7 +64,8 @@ class CompileLog:
     * `frame_seconds`: the whole frame compile at the first call: dynamo's trace, then the
       backend (`backend_seconds`: AOTAutograd's joint forward/backward trace and partition,
       and inductor's forward compile); `dynamo_seconds` = frame - backend;
-    * `backward_seconds`: inductor's backward compile, which runs at the first backward;
+    * `backward_seconds`: inductor's backward compile, which runs at the first backward (0
+      when inductor's on-disk cache already held the compiled graph);
     * `seconds`: the two together. `recompile_reason`: the guard that failed when a function
       was compiled again (a new phase shape is one; anything else is a bug to look at);
       `failed`: the error, when the compile did not finish (its seconds: what it took).
