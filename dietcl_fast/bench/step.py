@@ -14,11 +14,13 @@ pass. `train --compile` also compiles time step 0's joint graph (no buffer yet):
 the bench would only pay for (`compile_time_step_0=True` / `--compile-time-step-0` compiles it
 too, as a run does). Each graph built is recorded with where and in how many seconds
 (`compile_log`; step_loss.CompileLog), so a GPU run shows where its compile minutes went, and a
-graph built inside a timed iteration or the second eval pass (a recompile) is flagged. Per phase: seconds per iteration, images/s,
-data-wait fraction, ledger FLOPs per iteration and MFU against the matmul peak measured in the
-same run (bf16 on a GPU, fp32 on the CPU). The checkpoint seconds of time step 1 are those the
-Trainer's training thread spent; evaluation is timed on a second pass over time step 1's eval
-sets after the run (the first pass, which may include compilation, is reported beside it).
+graph built inside a timed iteration or the second eval pass (a recompile) is flagged.
+
+Per phase: seconds per iteration, images/s, data-wait fraction, ledger FLOPs per iteration and
+MFU against the matmul peak measured in the same run (bf16 on a GPU, fp32 on the CPU). The
+checkpoint seconds of time step 1 are those the Trainer's training thread spent; evaluation is
+timed on a second pass over time step 1's eval sets after the run (the first pass, which may
+include compilation, is reported beside it).
 
 Projection for `--budget` steps per time step at t >= 1, with the DietCL split given by
 `--split` (default: the method's): joint steps x s/iter(joint) + buffer steps x s/iter(buffer)
@@ -29,7 +31,8 @@ The modes run one after the other (eager first) and `--out` is rewritten after e
 `complete: false` until the last: a run killed during the compiled mode's compilation keeps
 the eager figures. A mode that raises is recorded under `errors` (message and traceback tail),
 the other modes still run, and the call ends with `BenchFailed` (exit status 1); bad input
-(`ConfigError`) stops at once.
+(`ConfigError`) stops at once. SIGTERM (the GPU suite's time limit) during a mode records that
+mode as failed with the graphs it had compiled, writes `--out` and stops.
 """
 from __future__ import annotations
 
