@@ -91,11 +91,13 @@ def test_bench_step_compiled_mode_needs_a_warmup_iteration():
 def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
     """bench/compile_cost.py as it is run for ViT-B/16, at cpu-tiny: each of the four graphs
     traced whole on fake CUDA tensors (the fused kernels' ops in the joint graphs) and through
-    AOTAutograd on fake CPU tensors, with the GPU run's per-micro-batch counts."""
+    AOTAutograd on fake CPU tensors, with the GPU run's per-micro-batch counts; one graph
+    compiled by inductor on the CPU."""
     out = tmp_path / "cc.json"
     p = subprocess.run([sys.executable, "bench/compile_cost.py", "--preset", "cpu-tiny",
                         "--gpu-batch", "64", "--gpu-micro", "16", "--eval-batch", "32",
-                        "--traces", "eager:cuda,aot_eager:cpu", "--out", str(out)],
+                        "--traces", "eager:cuda,aot_eager:cpu", "--inductor-cpu", "t1-buffer",
+                        "--out", str(out)],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     r = json.loads(out.read_text())
@@ -113,6 +115,9 @@ def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
         assert sum(graphs["t1-joint"]["per_micro_batch"].values()) == 16
         assert graphs["eval"]["per_micro_batch"] == {"eval": 32}
     assert "| eager:cuda | t1-joint |" in p.stdout
+    ind = r["inductor_cpu"]         # one graph on inductor's CPU backend, empty cache
+    assert ind["graph"] == "t1-buffer" and ind["frame_compile_seconds"] > 0
+    assert ind["backward_compile_seconds"] > 0 and ind["shapes"]["buffer"][0] == 8   # batch 8
 
 
 @pytest.mark.slow
