@@ -127,10 +127,12 @@ if s:
                                             for m, r in s.get("modes", {}).items()}
     summary["step"]["errors"] = {m: e.get("error") for m, e in s.get("errors", {}).items()}
     summary["step"]["compile_seconds"] = s.get("compile_seconds")
-    summary["step"]["compile_graphs"] = {   # what torch.compile built, where, in how many seconds
+    # what torch.compile built, where, in how many seconds (also a mode stopped at its limit)
+    summary["step"]["compile_graphs"] = {
         m: [{"function": g.get("function"), "where": g.get("where"), "seconds": g.get("seconds")}
-            for g in (r.get("compile_log") or {}).get("graphs", [])]
-        for m, r in s.get("modes", {}).items() if r.get("compile_log")}
+            for g in r["compile_log"].get("graphs", [])]
+        for m, r in [*s.get("errors", {}).items(), *s.get("modes", {}).items()]
+        if r.get("compile_log")}
 if l:
     summary["loader"] = [{k2: r.get(k2) for k2 in ("backend", "images_per_second",
                           "images_per_second_with_step", "step_slowdown")} for r in l["backends"]]

@@ -181,6 +181,36 @@ exec {sys.executable} "$@"
     assert s["elapsed_seconds"] <= 63
 
 
+def test_gpu_suite_summary_lists_the_graphs_a_stopped_compile_built(tmp_path):
+    """A compiled mode stopped at the step part's limit records the graphs it had built in
+    step.json's errors (bench step's SIGTERM handling); summary.json lists them with their
+    seconds beside the finished modes' ones. The python here writes such a step.json."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/bash
+if [ "$2" = dietcl_fast.cli.main ] && [ "$3" = bench ] && [ "$4" = step ]; then
+    out=""; prev=""
+    for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+    echo '{{"complete": false, "modes": {{"eager": {{"mfu": 0.5, "compile_log": null}}}},
+           "errors": {{"compiled": {{"error": "Terminated: SIGTERM", "compile_log":
+             {{"graphs": [{{"function": "step_loss", "seconds": 95.5,
+                           "where": {{"time_step": 1, "phase": "joint", "iteration": 0}}}}]}}}}}},
+           "speedup": null, "compile_seconds": {{}}}}' > "$out"
+    exit 1
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake)}
+    p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--only", "step"], env=env)
+    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["step"]["errors"] == {"compiled": "Terminated: SIGTERM"}
+    assert s["step"]["compile_graphs"] == {"compiled": [
+        {"function": "step_loss", "where": {"time_step": 1, "phase": "joint", "iteration": 0},
+         "seconds": 95.5}]}
+
+
 def test_bench_step_keeps_the_modes_that_ran_when_one_fails(tmp_path, monkeypatch):
     """A mode that raises is recorded in step.json with its error; the other mode's figures are
     written (after each mode) and the call ends with BenchFailed (the CLI's exit status 1).
