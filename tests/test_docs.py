@@ -525,18 +525,22 @@ def _numbers(obj):
 
 
 def _compare_transcript(shown: list[str], printed: str):
-    """Each line the README shows is the start of a printed line, in order (a README line ending
-    in '...' is cut there; a line '...' stands for lines left out)."""
+    """Each line the README shows is the start of a printed line, in order; lines shown one after
+    the other are printed one after the other (a README line ending in '...' is cut there; a
+    line '...' stands for lines left out)."""
     out = printed.splitlines()
-    i = 0
+    i, gap = 0, True
     for s in shown:
         if s.strip() == "...":
+            gap = True
             continue
         want = s[:-3] if s.endswith("...") else s.rstrip()
-        while i < len(out) and not out[i].startswith(want):
+        while gap and i < len(out) and not out[i].startswith(want):
             i += 1
-        assert i < len(out), f"README transcript line not printed (in order): {s!r}\nprinted:\n{printed}"
-        i += 1
+        assert i < len(out) and out[i].startswith(want), (
+            f"README transcript line not printed {'(in order)' if gap else 'right after the one before'}: "
+            f"{s!r}\nprinted:\n{printed}")
+        i, gap = i + 1, False
 
 
 def _suite():
