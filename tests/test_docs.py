@@ -827,3 +827,23 @@ def test_python_m_lines_in_the_docs_parse():
             finally:
                 os.chdir(old)
     assert found >= 2
+
+
+def test_bench_script_lines_in_the_docs_use_their_options():
+    """`python bench/SCRIPT.py ARGS` lines of the docs' shell blocks: each --flag is one the
+    script's --help lists (the script is run with --help as a real process)."""
+    found = {}
+    for rel in DOCS:
+        for n, ln in enumerate(open(os.path.join(ROOT, rel), encoding="utf-8"), 1):
+            m = re.match(r"\s*(?:\$ )?python3? (bench/\w+\.py)(.*)$", ln)
+            if m:
+                found.setdefault(m.group(1), []).append((f"{rel}:{n}", shlex.split(m.group(2), comments=True)))
+    for script, uses in found.items():
+        p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode == 0, (script, p.stderr[-2000:])
+        for where, args in uses:
+            for a in args:
+                if a.startswith("--"):
+                    assert re.search(rf"(?<![\w-]){re.escape(a.split('=')[0])}(?![\w-])", p.stdout), \
+                        f"{where}: {script} has no option {a}"
