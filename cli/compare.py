@@ -187,7 +187,7 @@ def plot(out: str, results: list[dict], order: list[str]) -> None:
     save_figure(fig, os.path.join(out, "compare.png"))
 
 
-def make_compare(train_cmd: click.Command, build_config, fail, from_file) -> click.Command:
+def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
     shared = [p for p in train_cmd.params if p.name not in _NOT_SHARED]
     own = [
         click.Option(["--methods"], default="all", show_default=True,
@@ -239,7 +239,7 @@ def make_compare(train_cmd: click.Command, build_config, fail, from_file) -> cli
                     try:
                         validate(cfg)
                     except MethodOptionError as e:    # this method's own option: its failure
-                        failed_early.append((m, s, str(from_file(ctx, e))))
+                        failed_early.append((m, s, str(e)))
                         continue
                     except ConfigError as e:
                         raise ConfigError(f"--seeds: {e}") from None

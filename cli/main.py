@@ -26,33 +26,12 @@ def _explicit(ctx: click.Context, name: str) -> bool:
     return src is not None and src != click.core.ParameterSource.DEFAULT
 
 
-def _keys(d, prefix: str = "") -> set[str]:
-    """The leaf keys (`loader.backend`) of a nested mapping."""
-    out = set()
-    for k, v in (d.items() if isinstance(d, dict) else ()):
-        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
-    return out
-
-
-def from_file(ctx: click.Context, e: ConfigError) -> ConfigError:
-    """`e` saying which --config file its value came from, when it did (the key was set by the
-    file and not overridden on the command line); else `e` itself."""
-    file, keys = ctx.meta.get("dietcl_fast.config_keys", (None, set()))
-    if file is None or getattr(e, "path", None) not in keys:
-        return e
-    return type(e)(f"{e} (from {file})", e.path)
-
-
 def build_config(ctx: click.Context, params: dict, *, method_options: bool = True) -> Config:
-    """defaults <- --config FILE <- options given on the command line. An invalid value that
-    came from the file is named with it. method_options=False: the method's own options are
+    """defaults <- --config FILE <- options given on the command line. method_options=False: the method's own options are
     left to the caller, which sets the method per run (compare)."""
     cfg = Config()
-    file_keys: set[str] = set()
     if params.get("config"):
-        d = load_yaml(params["config"])
-        apply_dict(cfg, d, source=params["config"])
-        file_keys = _keys(d)
+        apply_dict(cfg, load_yaml(params["config"]), source=params["config"])
     overrides: dict = {}
     for opt, path in TRAIN_OPTIONS.items():
         # an option counts when typed on the command line, or when no file set it
@@ -65,11 +44,7 @@ def build_config(ctx: click.Context, params: dict, *, method_options: bool = Tru
                 node = node.setdefault(sec, {})
             node[key] = params[opt]
     apply_dict(cfg, overrides, source="command line")
-    ctx.meta["dietcl_fast.config_keys"] = (params.get("config"), file_keys - _keys(overrides))
-    try:
-        validate(cfg, method_options=method_options)
-    except ConfigError as e:
-        raise from_file(ctx, e) from None
+    validate(cfg, method_options=method_options)
     return cfg
 
 
@@ -326,7 +301,7 @@ pretrain.params[:0] = [click_option(o) for o in cli_options(PretrainConfig)]
 
 from dietcl_fast.cli.compare import make_compare  # noqa: E402
 
-main.add_command(make_compare(train, build_config, _fail, from_file))
+main.add_command(make_compare(train, build_config, _fail))
 
 from dietcl_fast.cli.bench import bench  # noqa: E402
 

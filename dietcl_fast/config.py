@@ -14,8 +14,7 @@ from typing import Any, Optional
 
 class ConfigError(ValueError):
     """Bad configuration value; the message names the option and the value. `path`: the
-    config key it is about (`loader.backend`), where one is, so that a caller that knows where
-    the value came from (a `--config` file) can say so."""
+    config key it is about (`loader.backend`), where one is."""
 
     def __init__(self, msg: str = "", path: Optional[str] = None):
         super().__init__(msg)
@@ -725,8 +724,12 @@ def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> No
 
 
 def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any:
+    o = OPTIONS.get(where)
+    choices = o.meta.get("choices") if o is not None else None
+    if choices and value not in choices:    # named with its file, as a value of the wrong type
+        raise ConfigError(f"{_named(where, value)}: choose one of {', '.join(map(str, choices))} "
+                          f"(from {source})", where)
     if value is None or current is None:
-        o = OPTIONS.get(where)
         if value is None or o is None or o.type not in (int, float, bool):
             return value
         current = o.type()              # an option whose default is None: coerce to its type

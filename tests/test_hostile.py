@@ -227,34 +227,16 @@ def test_yaml_options_go_through_the_same_checks(tmp_path, yaml_text, words):
     ("loader: {backend: fast}\n",
      ["--loader 'fast' (loader.backend): choose one of auto, memory, torch, dali (from {cfg})"]),
     ("stream: {scenario: domain}\n", ["(stream.scenario): choose one of class, time (from {cfg})"]),
-    ("optim: {weight_decay: -3}\n", ["--weight-decay -3.0 (optim.weight_decay)", "(from {cfg})"]),
-    ("engine: {compile: maybe}\n", ["(engine.compile)", "(from {cfg})"]),
+    ("run: {device: tpu}\n", ["--device 'tpu' (run.device): choose one of auto, cpu, cuda (from {cfg})"]),
 ])
-def test_a_bad_yaml_value_names_the_file_and_the_key(tmp_path, yaml_text, words):
+def test_a_yaml_value_not_among_the_choices_names_the_file_and_the_key(tmp_path, yaml_text, words):
+    """As a value of the wrong type does: the file is named, and the key."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text)
     out = tmp_path / "run"
     failed_naming(invoke("train", *TINY, "--config", cfg, "--out", out),
                   *[w.format(cfg=cfg) for w in words])
     assert not out.exists()
-
-
-def test_a_bad_yaml_value_overridden_on_the_command_line_is_not_blamed_on_the_file(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("loader: {backend: fast}\nrun: {budget: 1}\n")
-    r = invoke("train", *TINY, "--config", cfg, "--budget", "-1", "--loader", "memory",
-               "--out", tmp_path / "run")
-    failed_naming(r, "--budget -1 (run.budget)")
-    assert "from" not in r.output, r.output
-
-
-def test_compare_names_the_yaml_file_of_a_methods_bad_option(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("method: {ewc: {lambda_: -1}}\n")
-    r = invoke("compare", *TINY, "--config", cfg, "--methods", "ewc", "--seeds", "0",
-               "--out", tmp_path / "cmp")
-    failed_naming(r, f"--ewc-lambda -1.0 (method.ewc.lambda_): must be a finite number >= 0 "
-                     f"(from {cfg})")
 
 
 def test_validate_is_the_one_place_for_library_callers():
