@@ -15,7 +15,7 @@ CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
 
 
 def run(args, **kw):
-    return subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=ROOT, **kw)
+    return subprocess.run(args, capture_output=True, text=True, timeout=2500, cwd=ROOT, **kw)
 
 
 @pytest.fixture(scope="module")
