@@ -360,3 +360,34 @@ def test_submitting_ahead_never_blocks_the_training_thread():
         assert [int(ld.fetch(tk)[0][0]) for tk in tickets] == list(range(16))
     finally:
         ld.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/PID/status")
+def test_decode_workers_die_on_terminate_under_the_bench_sigterm_handler(folder):
+    """`bench step` runs each mode under a Python SIGTERM handler (`sigterm_raises`), and the
+    loader forks its decode workers from its prefetch thread inside it. Workers that inherit a
+    caught SIGTERM can outlive `Pool.terminate()`, and `close()` then waits on them forever (the
+    GPU suite's CPU mode hung there for 10 minutes). The workers must start with SIGTERM's
+    default action, and close() must return."""
+    import signal
+    import threading
+
+    from dietcl_fast.bench.step import sigterm_raises
+
+    def caught(pid):
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+        raise AssertionError(f"no SigCgt line for {pid}")
+
+    src = load_source(f"folder:{folder}")
+    with sigterm_raises():
+        assert caught(os.getpid())               # the parent does catch it here
+        ld, _ = make_loader(src, "torch", workers=2)
+        ld.fetch(ld.submit([Request(np.arange(8), "labeled", 3)]))   # forks from the thread
+        pids = [p.pid for p in ld._pool._pool]
+        assert pids and not any(caught(p) for p in pids)
+        done = threading.Event()
+        threading.Thread(target=lambda: (ld.close(), done.set()), daemon=True).start()
+        assert done.wait(60), "TorchLoader.close() did not return within 60 s"
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids)   # joined and reaped

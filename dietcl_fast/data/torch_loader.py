@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
 import sys
 
 import numpy as np
@@ -31,6 +32,14 @@ import torch.nn.functional as F
 from .decode import BadImageError, crop_resize, load_rgb
 from .pipeline import RESAMPLE, Normalise, PrefetchLoader, Request, eval_geometry, plan
 from .transforms import host_to_device
+
+
+def _worker_start():
+    """Each decode worker starts with SIGTERM's default action. A forked worker inherits the
+    parent's Python signal handlers: under `bench step`'s SIGTERM handler (which raises in the
+    parent) a worker caught `Pool.terminate()`'s SIGTERM and went on waiting for tasks, so
+    `close()` waited on it forever (seen in the GPU suite's CPU mode)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _work(task):
@@ -165,7 +174,7 @@ class TorchLoader(PrefetchLoader):
     def _get_pool(self):
         if self._pool is None:
             ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            self._pool = ctx.Pool(self.workers)
+            self._pool = ctx.Pool(self.workers, initializer=_worker_start)
         return self._pool
 
     def close(self) -> None:
