@@ -214,23 +214,13 @@ def test_bad_option_is_a_clear_error_before_anything(tmp_path, args, words):
     ("engine: {micro_batch: 0}\n", ["micro_batch"]),
     ("optim: {beta2: 1.5}\n", ["optim.beta2"]),
     ("run: {seed: 100000000000000000000000}\n", ["seed"]),
-])
-def test_yaml_options_go_through_the_same_checks(tmp_path, yaml_text, words):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml_text)
-    out = tmp_path / "run"
-    failed_naming(invoke("train", *TINY, "--config", cfg, "--out", out), *words)
-    assert not out.exists()
-
-
-@pytest.mark.parametrize("yaml_text,words", [
+    # a value not among the choices names the file as well, as a value of the wrong type does
     ("loader: {backend: fast}\n",
      ["--loader 'fast' (loader.backend): choose one of auto, memory, torch, dali (from {cfg})"]),
     ("stream: {scenario: domain}\n", ["(stream.scenario): choose one of class, time (from {cfg})"]),
     ("run: {device: tpu}\n", ["--device 'tpu' (run.device): choose one of auto, cpu, cuda (from {cfg})"]),
 ])
-def test_a_yaml_value_not_among_the_choices_names_the_file_and_the_key(tmp_path, yaml_text, words):
-    """As a value of the wrong type does: the file is named, and the key."""
+def test_yaml_options_go_through_the_same_checks(tmp_path, yaml_text, words):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text)
     out = tmp_path / "run"
