@@ -17,14 +17,18 @@ TINY = ["--time-steps", "2", "--batch-size", "8", "--label-rate", "0.05", "--no-
 
 def ctrl_c_after(proc, checkpoint, wait_s=500):
     """Wait until `checkpoint` exists (the process still running), send SIGINT (what Ctrl-C
-    sends) and return the process's stderr once it has exited; never leaves it running."""
+    sends: to the whole process group, as a terminal does, when `proc` leads its own group)
+    and return the process's stderr once it has exited; never leaves it running."""
     try:
         deadline = time.monotonic() + wait_s
         while not checkpoint.exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no checkpoint after time step 0"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGINT)
         return proc.communicate(timeout=300)[1]
     finally:
         if proc.poll() is None:
@@ -103,6 +107,26 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_finishes(tmp_path):
     p = cli("train", "--resume", out, "--no-progress")
     assert "time step 1:" in p.stderr
     assert (out / "results.json").exists()
+
+
+def test_ctrl_c_with_the_torch_loader_leaves_no_worker_traceback(tmp_path):
+    """Ctrl-C reaches the whole foreground process group, the torch loader's decode workers
+    included: the run still ends with exit 130 and the resume line, and no worker prints a
+    KeyboardInterrupt traceback (each of them did)."""
+    from dietcl_fast.bench.common import make_jpeg_folder
+    data = make_jpeg_folder(str(tmp_path / "data"), classes=4, per_class=40, size=(48, 40))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dietcl_fast.cli.main", "train", "--data", f"folder:{data}",
+         "--loader", "torch", *TINY, "--label-rate", "0.1", "--budget", "400",
+         "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True)                      # its own group, as a shell's job
+    err = ctrl_c_after(proc, out / "latest.pt")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert f"continue with: dietcl-fast train --resume {out}" in err, err
 
 
 def test_another_methods_option_gets_a_note_not_silence(tmp_path):

@@ -35,11 +35,14 @@ from .transforms import host_to_device
 
 
 def _worker_start():
-    """Each decode worker starts with SIGTERM's default action. A forked worker inherits the
-    parent's Python signal handlers: under `bench step`'s SIGTERM handler (which raises in the
-    parent) a worker caught `Pool.terminate()`'s SIGTERM and went on waiting for tasks, so
-    `close()` waited on it forever (seen in the GPU suite's CPU mode)."""
+    """Each decode worker starts with SIGTERM's default action and ignores SIGINT.
+    - SIGTERM: a forked worker inherits the parent's Python signal handlers; under `bench
+      step`'s SIGTERM handler (which raises in the parent) a worker caught `Pool.terminate()`'s
+      SIGTERM and went on waiting for tasks, so `close()` waited on it forever.
+    - SIGINT: Ctrl-C reaches the whole process group; the parent handles it (exit 130, how to
+      resume) and ends the workers, which printed a KeyboardInterrupt traceback each."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _work(task):
