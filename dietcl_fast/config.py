@@ -464,7 +464,11 @@ def _choice(cfg: "Config", path: str, choices=None) -> None:
     choices = choices or OPTIONS[path].meta["choices"]
     v = _get(cfg, path)
     if v not in choices:
-        raise ConfigError(f"{_named(path, v)}: choose one of {', '.join(map(str, choices))}", path)
+        raise ConfigError(_not_a_choice(path, v, choices), path)
+
+
+def _not_a_choice(path: str, v, choices) -> str:
+    return f"{_named(path, v)}: choose one of {', '.join(map(str, choices))}"
 
 
 def _bool(cfg: "Config", path: str, error=ConfigError) -> None:
@@ -493,13 +497,10 @@ def parse_split(split: str) -> tuple[str, float]:
 
 def _split(cfg: "Config") -> None:
     """`--split` well formed (a threshold at or above --budget is allowed: the paper's rule
-    spends a budget below its threshold on the joint loss alone; the run's log says so)."""
-    split = cfg.method.split
-    if not isinstance(split, str):
-        raise MethodOptionError(f"{_named('method.split', split)}: expected ratio:F, threshold:N "
-                                "or auto", "method.split")
+    spends a budget below its threshold on the joint loss alone; the run's log says so). That
+    it is a string at all is checked by `validate` for every method, before this."""
     try:
-        parse_split(split)
+        parse_split(cfg.method.split)
     except ValueError as e:
         raise MethodOptionError(str(e), "method.split") from None
 
@@ -615,13 +616,18 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)
     if method_options:      # off: checked per run by a caller that sets the method (compare)
         validate_method_options(cfg)
-    # whole numbers stored as int (YAML may give 8.0), "auto" options (--micro-batch) included
-    for o in OPTIONS.values():
+    _whole_numbers_as_int(cfg, OPTIONS.values())
+    return cfg
+
+
+def _whole_numbers_as_int(cfg, opts) -> None:
+    """Whole numbers of the integer options in `opts` stored as int ("auto" options such as
+    --micro-batch included): YAML, the command line and library callers may give 8.0."""
+    for o in opts:
         v = _get(cfg, o.path)
         if isinstance(v, float) and v.is_integer() and (o.type is int or o.meta.get("auto")):
             sec, _, key = o.path.rpartition(".")
-            setattr(_get(cfg, sec), key, int(v))
-    return cfg
+            setattr(_get(cfg, sec) if sec else cfg, key, int(v))
 
 
 def validate_pretrain(cfg: "PretrainConfig") -> "PretrainConfig":
@@ -641,10 +647,7 @@ def validate_pretrain(cfg: "PretrainConfig") -> "PretrainConfig":
         raise ConfigError(f"--data {cfg.data!r}: give a dataset name or a path")
     if not isinstance(cfg.out, str) or not cfg.out.strip():
         raise ConfigError("--out: a directory for checkpoint.pth is required")
-    for key in ("budget", "batch_size", "micro_batch"):     # 8.0 is 8, as in `train`
-        v = getattr(cfg, key)
-        if isinstance(v, float) and v.is_integer():
-            setattr(cfg, key, int(v))
+    _whole_numbers_as_int(cfg, options(PretrainConfig))     # 8.0 is 8, as in `train`
     return cfg
 
 
@@ -727,8 +730,7 @@ def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any
     o = OPTIONS.get(where)
     choices = o.meta.get("choices") if o is not None else None
     if choices and value not in choices:    # named with its file, as a value of the wrong type
-        raise ConfigError(f"{_named(where, value)}: choose one of {', '.join(map(str, choices))} "
-                          f"(from {source})", where)
+        raise ConfigError(f"{_not_a_choice(where, value, choices)} (from {source})", where)
     if value is None or current is None:
         if value is None or o is None or o.type not in (int, float, bool):
             return value
