@@ -30,7 +30,6 @@ under fake tensors only the shapes matter.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -115,41 +114,6 @@ def resized(mb, phase, gpu_batch: int, gpu_micro: int, make):
         views={s: [rebatch(s, v) for v in vs] for s, vs in mb.views.items()}), per
 
 
-def _fake(obj, mode, device):
-    """Host tensors (nested in dicts, lists and the micro-batch's dataclasses) -> fake tensors
-    on `device`."""
-    if isinstance(obj, torch.Tensor):
-        return mode.from_tensor(obj).to(device)
-    if isinstance(obj, dict):
-        return {k: _fake(v, mode, device) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_fake(v, mode, device) for v in obj]
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return type(obj)(**{f.name: _fake(getattr(obj, f.name), mode, device)
-                            for f in dataclasses.fields(obj)})
-    return obj
-
-
-@contextlib.contextmanager
-def bf16_autocast(device: str):
-    """bf16 autocast on `device`, also for fake CUDA tensors on a machine without a GPU:
-    torch.autocast asks the CUDA runtime whether it may switch on; once on, the CUDA autocast
-    rules apply."""
-    if device == "cpu":
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yield
-        return
-    saved = torch.cuda.is_available, torch.cuda.is_bf16_supported
-    torch.cuda.is_available = lambda: True
-    torch.cuda.is_bf16_supported = lambda *a, **k: True
-    try:
-        ac = torch.autocast("cuda", dtype=torch.bfloat16)
-    finally:
-        torch.cuda.is_available, torch.cuda.is_bf16_supported = saved
-    with ac:
-        yield
-
-
 def _metrics_since(n_before: int) -> list:
     from torch._dynamo.utils import get_compilation_metrics
     return list(get_compilation_metrics())[n_before:]
@@ -166,7 +130,7 @@ def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: in
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dietcl_fast.data import pipeline
-    from dietcl_fast.step_loss import device_inputs, stacked_logs
+    from dietcl_fast.step_loss import bf16_autocast, device_inputs, fake_micro_batch, stacked_logs
 
     from torch._dynamo.backends.registry import lookup_backend
 
@@ -204,10 +168,7 @@ def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: in
                     mb, shapes = resized(mb, phase, gpu_batch, gpu_micro,
                                          lambda s, like: torch.empty(s, dtype=like.dtype,
                                                                      device=device))
-                    fmb = dataclasses.replace(
-                        mb, generator=None, mask_generator=None,
-                        **{f: _fake(getattr(mb, f), mode, device) for f in
-                           ("x", "y", "noise", "mix", "seen", "step", "step_classes", "views")})
+                    fmb = fake_micro_batch(mb, mode, device)
                     step = device_inputs(torch.compile(stacked_logs(tr.method.loss),
                                                        fullgraph=True, dynamic=False,
                                                        backend=recording), tr.spec.in_chans)

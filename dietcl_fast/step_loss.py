@@ -3,6 +3,7 @@ compiled whole (`torch.compile(fullgraph=True)`: a graph break is an error, not 
 when the run compiles; its backward is compiled by AOTAutograd."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -123,3 +124,50 @@ class CompileLog:
         return (f"torch.compile built graph {g['compile_id']} ({g['function']}, {g['graph_ops']} "
                 f"ops) at {at}: {g['frame_seconds']:.1f} s (dynamo {g['dynamo_seconds']:.1f} s)"
                 + (f" + backward {g['backward_seconds']:.1f} s" if g["backward_seconds"] else ""))
+
+
+# ----------------------------------------------- tracing the step without its device (fake tensors)
+FAKE_MICRO_BATCH_FIELDS = ("x", "y", "noise", "mix", "seen", "step", "step_classes", "views")
+
+
+def fake_tensors(obj, mode, device: str):
+    """Host tensors (nested in dicts, lists and dataclasses, as in a micro-batch) -> fake
+    tensors of FakeTensorMode `mode` on `device` (shapes and dtypes only: a step can be traced
+    in its CUDA form on a machine without a GPU)."""
+    if isinstance(obj, torch.Tensor):
+        return mode.from_tensor(obj).to(device)
+    if isinstance(obj, dict):
+        return {k: fake_tensors(v, mode, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [fake_tensors(v, mode, device) for v in obj]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return type(obj)(**{f.name: fake_tensors(getattr(obj, f.name), mode, device)
+                            for f in dataclasses.fields(obj)})
+    return obj
+
+
+def fake_micro_batch(mb, mode, device: str):
+    """A micro-batch with its tensors faked on `device` (`fake_tensors`) and no generators."""
+    return dataclasses.replace(mb, generator=None, mask_generator=None,
+                               **{f: fake_tensors(getattr(mb, f), mode, device)
+                                  for f in FAKE_MICRO_BATCH_FIELDS})
+
+
+@contextlib.contextmanager
+def bf16_autocast(device: str):
+    """bf16 autocast on `device`, also for fake CUDA tensors on a machine without a GPU:
+    torch.autocast asks the CUDA runtime whether it may switch on; once on, the CUDA autocast
+    rules apply."""
+    if device == "cpu":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yield
+        return
+    saved = torch.cuda.is_available, torch.cuda.is_bf16_supported
+    torch.cuda.is_available = lambda: True
+    torch.cuda.is_bf16_supported = lambda *a, **k: True
+    try:
+        ac = torch.autocast("cuda", dtype=torch.bfloat16)
+    finally:
+        torch.cuda.is_available, torch.cuda.is_bf16_supported = saved
+    with ac:
+        yield

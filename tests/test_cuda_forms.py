@@ -12,7 +12,6 @@
   the ops cannot run on fake CUDA tensors (the autograd engine needs a device); opcheck covers
   their fake kernels and autograd formulas (test_kernel_ops.py).
 """
-import dataclasses
 import os
 import subprocess
 import sys
@@ -98,41 +97,12 @@ def test_triton_kernels_compile_for_sm90_as_the_trainer_launches_them(tmp_path):
     assert max(d["shared"] for d in done) <= 227 * 1024, done
 
 
-@pytest.fixture
-def cuda_autocast(monkeypatch):
-    """bf16 autocast for (fake) CUDA tensors on a machine without a GPU: torch.autocast asks
-    the CUDA runtime whether it may switch on; on fake CUDA tensors the CUDA autocast rules
-    apply once it is on."""
-    def make():
-        with monkeypatch.context() as m:
-            m.setattr(torch.cuda, "is_available", lambda: True)
-            m.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-    return make
-
-
-def _fake(obj, mode):
-    """Host tensors (nested in dicts, lists and the micro-batch's dataclasses) -> fake CUDA."""
-    from dietcl_fast.data.mixup import MixPlan
-    from dietcl_fast.methods.base import ClassSet
-    if isinstance(obj, torch.Tensor):
-        return mode.from_tensor(obj).to("cuda")
-    if isinstance(obj, dict):
-        return {k: _fake(v, mode) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_fake(v, mode) for v in obj]
-    if isinstance(obj, (ClassSet, MixPlan)):
-        return type(obj)(**{f.name: _fake(getattr(obj, f.name), mode)
-                            for f in dataclasses.fields(obj)})
-    return obj
-
-
 @pytest.mark.slow
-def test_compiled_step_in_its_cuda_form_traces_whole_with_the_fused_ops(tmp_path, cuda_autocast):
+def test_compiled_step_in_its_cuda_form_traces_whole_with_the_fused_ops(tmp_path):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from dietcl_fast.data import pipeline
-    from dietcl_fast.step_loss import device_inputs, stacked_logs
+    from dietcl_fast.step_loss import bf16_autocast, device_inputs, fake_micro_batch, stacked_logs
     from dietcl_fast.trainer import Trainer
 
     # the micro-batches of a real tiny run, one per phase shape (joint t=0, joint and buffer t=1)
@@ -166,14 +136,11 @@ def test_compiled_step_in_its_cuda_form_traces_whole_with_the_fused_ops(tmp_path
             torch._dynamo.reset()
             for key, mb in mbs.items():
                 with mode:
-                    fmb = dataclasses.replace(
-                        mb, generator=None, mask_generator=None,
-                        **{f: _fake(getattr(mb, f), mode) for f in
-                           ("x", "y", "noise", "mix", "seen", "step", "step_classes", "views")})
+                    fmb = fake_micro_batch(mb, mode, "cuda")
                     step = device_inputs(torch.compile(stacked_logs(tr.method.loss), fullgraph=True,
                                                        dynamic=False, backend=recording(backend)),
                                          tr.spec.in_chans)
-                    with torch.set_grad_enabled(grad), cuda_autocast():
+                    with torch.set_grad_enabled(grad), bf16_autocast("cuda"):
                         loss, names, vals = step(model, fmb)
                         logits = model.classify_all(next(iter(fmb.x.values())))
                 assert loss.device.type == "cuda" and loss.dtype == torch.float32, key

@@ -362,7 +362,8 @@ def test_submitting_ahead_never_blocks_the_training_thread():
         ld.close()
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc/PID/status")
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"),
+                    reason="reads the workers' signal dispositions from Linux's /proc/PID/status")
 def test_decode_workers_die_on_terminate_under_the_bench_sigterm_handler(folder):
     """`bench step` runs each mode under a Python SIGTERM handler (`sigterm_raises`), and the
     loader forks its decode workers from its prefetch thread inside it. Workers that inherit a

@@ -198,8 +198,7 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                loader: str = "auto", modes=MODES, label_rate: float = 0.1,
                out: str | None = None, workdir: str | None = None, tiny_peak: bool = False,
                compile_time_step_0: bool = False, echo=print, log=_quiet) -> dict:
-    from dietcl_fast.config import ConfigError
-    from dietcl_fast.methods.dietcl import parse_split
+    from dietcl_fast.config import ConfigError, parse_split
     dev = pick_device(device)
     if preset not in PRESET_DATA:
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESET_DATA)}")
