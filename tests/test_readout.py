@@ -101,3 +101,16 @@ def test_knn_readout_scores_eval_sets_over_the_bank_without_touching_rng():
     row3, bank_n, eval_n = knn_readout(enc, FeatureLoader(table), np.arange(0), np.arange(0),
                                        [(np.array([6]), np.array([0]))], 4, 4, torch.no_grad)
     assert math.isnan(row3[0]) and (bank_n, eval_n) == (0, 0)
+
+
+def test_train_table_shows_both_readouts():
+    from dietcl_fast.results import table
+    res = {"accuracy_matrix": [[50.0], [40.0, 30.0]], "A": [50.0, 35.0], "final_accuracy": 35.0,
+           "average_accuracy": 42.5, "forgetting": 10.0, "budget": 2,
+           "ledger": {"flops_total": 1e9},
+           "readouts": {"knn": {"k": 3, "A": [None, 45.5], "final_accuracy": 45.5,
+                                "average_accuracy": None, "seconds": 1.25}}}
+    lines = table(res).splitlines()
+    assert lines[-2].startswith("A(T) = 35.00%   Ā = 42.50%")
+    assert lines[-1] == ("3-NN readout (encoder features, every label seen so far): "
+                         "A(t) = [    .  45.5]   A(T) = 45.50%   Ā = n/a   (1.2 s, not charged)")
