@@ -1,5 +1,6 @@
-"""Metrics: the accuracy matrix acc[t][k], A(t), A(T), Ā and forgetting (percent), and the
-evaluation pass that fills it.
+"""Metrics: the accuracy matrix acc[t][k], A(t), A(T), Ā and forgetting (percent), the
+evaluation pass that fills it, and the common kNN readout of every method's encoder
+(`knn_readout`, docs/readout.md).
 
 Evaluation stays off the training step's critical path as far as it can: batches (>= 1,024
 images by default) are submitted to the loader one ahead, so the next batch decodes while the
