@@ -3,7 +3,8 @@
 Each (method, seed) runs in-process through the Trainer into OUT/<method>-s<seed>/; a run whose
 results.json exists with the same requested config is reused, a killed one (latest.pt) is
 resumed. Writes OUT/compare.csv (one row per run), OUT/compare.md (mean ± std over seeds of
-A(T) and Ā, FLOPs and budget units spent) and OUT/compare.png (A(t) per method, Figure 3
+A(T) and Ā under each method's own classifier and under the common 3-NN readout of its encoder's
+features, FLOPs and budget units spent) and OUT/compare.png (A(t) per method, Figure 3
 style). The options are `train`'s (shared: the command is built from train's parameter list).
 """
 from __future__ import annotations
@@ -87,6 +88,12 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
             return Trainer(cfg, log=log).run(run_dir)
 
 
+def knn_of(res: dict) -> dict:
+    """A run's common kNN readout (results.json readouts.knn); {} for a run without one (written
+    by an older version, or --no-knn-readout)."""
+    return res.get("readouts", {}).get("knn") or {}
+
+
 def summarise_runs(rows: list[dict]) -> dict:
     out = {}
     for r in rows:
@@ -108,13 +115,15 @@ def write_outputs(out: str, results: list[dict], failures: list[tuple] = ()) -> 
             "scenario": r["scenario"], "time_steps": r["time_steps"], "budget": r["budget"],
             "A_T": r["final_accuracy"], "A_bar": r["average_accuracy"],
             "forgetting": r["forgetting"],
+            "knn_A_T": knn_of(r).get("final_accuracy"),
+            "knn_A_bar": knn_of(r).get("average_accuracy"),
             "units_spent": round(sum(led["steps_per_step"]), 4),
             "flops_total": led["flops_total"], "wall_seconds": round(r["wall_seconds"], 1),
             "A_t": " ".join(f"{a:.2f}" for a in r["A"]), "status": "ok",
         })
     fieldnames = ["method", "seed", "label_rate", "scenario", "time_steps", "budget", "A_T",
-                  "A_bar", "forgetting", "units_spent", "flops_total", "wall_seconds", "A_t",
-                  "status"]
+                  "A_bar", "forgetting", "knn_A_T", "knn_A_bar", "units_spent", "flops_total",
+                  "wall_seconds", "A_t", "status"]
     for m, s, msg in failures:
         rows_f = {k: "" for k in fieldnames}
         rows_f.update(method=m, seed=s, status=f"failed: {msg}")
@@ -138,16 +147,24 @@ def write_outputs(out: str, results: list[dict], failures: list[tuple] = ()) -> 
     lines = [f"{r0['dataset']}, {r0['scenario']}-incremental, T={r0['time_steps']}, label rate "
              f"{r0['label_rate']:g}, budget {r0['budget']:g} units/step (global batch "
              f"{r0['global_batch']}), seeds {', '.join(str(s) for s in sorted({r['seed'] for r in rows}))}",
-             "", "| method | A(T) % | Ā % | units spent | TFLOPs | runs |", "|---|---|---|---|---|---|"]
+             "", "A(T), Ā: each method's own classifier (its paper's protocol); kNN: the same 3-NN "
+             "readout for every method on its encoder's features over every label seen so far "
+             "(evaluation, not charged).",
+             "", "| method | A(T) % | Ā % | kNN A(T) % | kNN Ā % | units spent | TFLOPs | runs |",
+             "|---|---|---|---|---|---|---|---|"]
 
     def ms(v):
+        if any(x is None for x in v):   # a run without the readout: no mean over the seeds
+            return "n/a"
         v = np.asarray(v, dtype=float)
         return f"{v.mean():.2f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.2f}"
     order = sorted(by, key=lambda m: -np.mean([r["A_T"] for r in by[m]]))
     for m in order:
         rs = by[m]
         abar = ms([r["A_bar"] for r in rs]) + (" (n/a†)" if m == "joint" else "")
+        kbar = ms([r["knn_A_bar"] for r in rs]) + (" (n/a†)" if m == "joint" else "")
         lines.append(f"| {m} | {ms([r['A_T'] for r in rs])} | {abar} | "
+                     f"{ms([r['knn_A_T'] for r in rs])} | {kbar} | "
                      f"{np.mean([r['units_spent'] for r in rs]):.1f} | "
                      f"{np.mean([r['flops_total'] for r in rs]) / 1e12:.2f} | {len(rs)} |")
     if "joint" in by:
@@ -273,8 +290,10 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
                         continue
                     results.append(res)
                     bar.set_postfix({"A(T)": f"{res['final_accuracy']:.1f}"})
+                    knn = knn_of(res).get("final_accuracy")
                     tqdm.write(f"{m:12s} seed {s}: A(T) {res['final_accuracy']:6.2f}  "
-                               f"Ā {res['average_accuracy']:6.2f}  "
+                               f"Ā {res['average_accuracy']:6.2f}  kNN A(T) "
+                               f"{'n/a' if knn is None else f'{knn:6.2f}'}  "
                                f"{sum(res['ledger']['steps_per_step']):.1f} units  "
                                f"{res['wall_seconds']:.0f} s", file=sys.stderr)
                 if os.environ.get("RANK", "0") == "0":     # one writer under a launcher
@@ -298,5 +317,6 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
         "compare", params=own + shared, callback=callback,
         context_settings={"show_default": True},
         help="Run several methods on the same stream, budget and seeds; writes compare.csv, "
-             "compare.md (A(T), Ā mean ± std, FLOPs) and compare.png (A(t) per method). "
+             "compare.md (A(T), Ā mean ± std under each method's own classifier and the "
+             "common kNN readout, FLOPs) and compare.png (A(t) per method). "
              "Finished runs are reused, killed ones resumed. Other options as for `train`.")

@@ -266,6 +266,9 @@ class RunConfig:
                                   help="Images per evaluation forward (>= 1,024 keeps the device "
                                        "busy).")
     progress: bool = option(True, help="Show the progress bar.")
+    knn_readout: bool = option(True, help="After each time step also score the encoder's "
+                                          "features with the common 3-NN readout "
+                                          "(docs/readout.md; not charged to the budget).")
 
 
 @dataclass(slots=True)

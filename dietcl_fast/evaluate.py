@@ -1,5 +1,6 @@
-"""Metrics: the accuracy matrix acc[t][k], A(t), A(T), Ā and forgetting (percent), and the
-evaluation pass that fills it.
+"""Metrics: the accuracy matrix acc[t][k], A(t), A(T), Ā and forgetting (percent), the
+evaluation pass that fills it, and the common kNN readout of every method's encoder
+(`knn_readout`, docs/readout.md).
 
 Evaluation stays off the training step's critical path as far as it can: batches (>= 1,024
 images by default) are submitted to the loader one ahead, so the next batch decodes while the
@@ -11,8 +12,11 @@ three graphs, well under torch.compile's recompile limit, past which it would ru
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .data.pipeline import Request, model_input
 from .data.transforms import host_to_device
@@ -33,6 +37,39 @@ def eval_pad_sizes(batch_size: int, device_type: str) -> tuple[int, ...]:
     return tuple(sorted({max(1, batch_size // 64), max(1, batch_size // 8), batch_size}))
 
 
+def eval_batches(loader, ids: np.ndarray, batch_size: int, channels: int | None):
+    """Yield (start, x [b, C, S, S] float) over the eval images of `ids`, `batch_size` at a
+    time, the next batch submitted to the loader while the current one is used."""
+    n = len(ids)
+    if batch_size < 1:
+        raise ValueError(f"run.eval_batch_size {batch_size}: must be >= 1")
+    if n == 0:
+        return
+    ids = np.asarray(ids, dtype=np.int64)
+    ticket = loader.submit([Request(ids[:batch_size], "eval")])
+    for s in range(0, n, batch_size):
+        nxt = (loader.submit([Request(ids[s + batch_size:s + 2 * batch_size], "eval")])
+               if s + batch_size < n else None)
+        x = loader.fetch(ticket)[0]
+        if not x.is_floating_point():           # the loader's uint8 transfer form
+            x = model_input(x, channels or x.shape[1])
+        yield s, x
+        ticket = nxt
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """`model` in eval mode under `torch.inference_mode`, its training mode restored after."""
+    was_training = getattr(model, "training", True)
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
 def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: int,
                 autocast, channels: int | None = None, classify=None,
                 pad: tuple[int, ...] = ()) -> tuple[int, int]:
@@ -44,40 +81,24 @@ def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: 
     n = len(ids)
     if n == 0:
         return 0, 0
-    if batch_size < 1:
-        raise ValueError(f"run.eval_batch_size {batch_size}: must be >= 1")
     spec = getattr(model, "spec", None)
     channels = channels or getattr(spec, "in_chans", None)
     classify = classify or model.classify
-    ids = np.asarray(ids, dtype=np.int64)
     y_host = torch.as_tensor(np.array(labels), dtype=torch.long)
     y = correct = None
-    was_training = getattr(model, "training", True)
-    model.eval()
-    try:
-        with torch.inference_mode():
-            ticket = loader.submit([Request(ids[:batch_size], "eval")])
-            for s in range(0, n, batch_size):
-                nxt = (loader.submit([Request(ids[s + batch_size:s + 2 * batch_size], "eval")])
-                       if s + batch_size < n else None)
-                x = loader.fetch(ticket)[0]
-                if not x.is_floating_point():           # the loader's uint8 transfer form
-                    x = model_input(x, channels or x.shape[1])
-                if y is None:           # labels and the counter live on the batches' device
-                    y = host_to_device(y_host, x.device)
-                    correct = torch.zeros((), dtype=torch.long, device=x.device)
-                m = x.shape[0]
-                if pad:                 # static shapes: the smallest allowed size that holds m
-                    b = next((p for p in pad if p >= m), m)
-                    if b > m:
-                        x = torch.cat([x, x[-1:].expand(b - m, *x.shape[1:])])
-                with autocast():
-                    pred = classify(x)[:m].argmax(-1)
-                correct += (pred == y[s:s + m]).sum()
-                ticket = nxt
-    finally:
-        if was_training:
-            model.train()
+    with eval_mode(model):
+        for s, x in eval_batches(loader, ids, batch_size, channels):
+            if y is None:               # labels and the counter live on the batches' device
+                y = host_to_device(y_host, x.device)
+                correct = torch.zeros((), dtype=torch.long, device=x.device)
+            m = x.shape[0]
+            if pad:                     # static shapes: the smallest allowed size that holds m
+                b = next((p for p in pad if p >= m), m)
+                if b > m:
+                    x = torch.cat([x, x[-1:].expand(b - m, *x.shape[1:])])
+            with autocast():
+                pred = classify(x)[:m].argmax(-1)
+            correct += (pred == y[s:s + m]).sum()
     return int(correct), n
 
 
@@ -97,6 +118,99 @@ def sharded_accuracy(model, loader, ids: np.ndarray, labels: np.ndarray, batch_s
     c, n = dist_info.all_reduce_sum([c, n])
     assert int(n) == len(ids), (n, len(ids))
     return int(c), int(n)
+
+
+# ---------------------------------------------------------------------- kNN over a labeled bank
+KNN_K = 3   # neighbours of the common readout (results.json: readouts.knn.k)
+
+
+def knn_votes(dist: torch.Tensor, bank_y: torch.Tensor, num_classes: int,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kNN tallies of N queries against a bank of M labeled samples.
+
+    dist [N, M]: any dissimilarity (smaller = nearer); bank_y [M] in [0, num_classes) ->
+    (votes [N, K] int64: how many of the min(k, M) nearest bank samples have class c,
+     nearest [N, K] (dist's dtype): the smallest dist to a class-c sample, +inf where the bank
+     has none). The nearest samples are torch.topk's (exactly equal distances at the k-th place:
+    topk's pick). Shared by CCIC's classifier (methods/ccic.py) and the common readout."""
+    N = dist.shape[0]
+    idx = dist.topk(min(k, dist.shape[1]), dim=1, largest=False).indices      # [N, k]
+    votes = F.one_hot(bank_y[idx], num_classes).sum(1)                         # [N, K]
+    nearest = torch.full((N, num_classes), float("inf"), dtype=dist.dtype, device=dist.device)
+    nearest.scatter_reduce_(1, bank_y.expand(N, -1), dist, "amin")
+    return votes, nearest
+
+
+def knn_predict(votes: torch.Tensor, nearest: torch.Tensor) -> torch.Tensor:
+    """votes, nearest [N, K] (`knn_votes`) -> predicted class [N]: the most votes; among
+    classes tied on votes, the one with the nearest sample; equal distances too: the lowest
+    class id. Compares, never adds, so the order is exact."""
+    tied = votes == votes.max(1, keepdim=True).values
+    return torch.where(tied, nearest, torch.full_like(nearest, float("inf"))).argmin(1)
+
+
+class KNNReadout:
+    """The common readout as a classifier: `classify(x) -> [N, K]`, one-hot of the k-NN
+    prediction (`knn_predict`) of the encoder's L2-normalised features of x [N, C, S, S] by
+    cosine similarity to the bank.
+
+    encoder: x -> features [N, D]; bank [M, D] float32, L2-normalised; bank_y [M]. The
+    similarities are computed in float32 even under autocast."""
+
+    def __init__(self, encoder, bank: torch.Tensor, bank_y: torch.Tensor, num_classes: int,
+                 k: int = KNN_K):
+        self.encoder, self.bank, self.bank_y, self.K, self.k = encoder, bank, bank_y, num_classes, k
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(self.encoder(x).float(), dim=1)                        # [N, D]
+        with torch.autocast(f.device.type, enabled=False):
+            sim = f @ self.bank.T                                              # [N, M] cosines
+        pred = knn_predict(*knn_votes(-sim, self.bank_y, self.K, self.k))
+        return F.one_hot(pred, self.K)
+
+
+def knn_readout(encoder, loader, bank_ids: np.ndarray, bank_labels: np.ndarray, eval_sets: list,
+                num_classes: int, batch_size: int, autocast, dist_info=None,
+                channels: int | None = None, k: int = KNN_K) -> tuple[list[float], int, int]:
+    """The common readout of a model: accuracy (%) of `KNNReadout` on each eval set ->
+    (row [len(eval_sets)], bank images forwarded by this process, eval images forwarded).
+
+    encoder: a module, x [b, C, S, S] -> features [b, D] (eval mode for the pass, its mode
+    restored after); bank_ids, bank_labels [M]: the labeled images the readout may use (every
+    label seen so far), forwarded with the evaluation transform; eval_sets: [(ids [n_k],
+    labels [n_k])]. Every process forwards the whole bank; the eval sets are scored by
+    `sharded_accuracy`, exact whatever the world size. No label seen (M = 0): NaN for every
+    set, nothing forwarded. Forwards run under `autocast`; no random state is read or changed."""
+    if len(bank_ids) == 0:
+        return [float("nan")] * len(eval_sets), 0, 0
+    feats = []
+    with eval_mode(encoder):
+        for _, x in eval_batches(loader, bank_ids, batch_size, channels):
+            with autocast():
+                f = encoder(x)
+            feats.append(F.normalize(f.float(), dim=1))
+    bank = torch.cat(feats)                                                    # [M, D]
+    bank_y = torch.as_tensor(np.asarray(bank_labels), dtype=torch.long, device=bank.device)
+    clf = KNNReadout(encoder, bank, bank_y, num_classes, k)
+    row, n_eval = [], 0
+    for ids, labels in eval_sets:
+        c, n = sharded_accuracy(encoder, loader, ids, labels, batch_size, autocast, dist_info,
+                                channels=channels, classify=clf.classify)
+        row.append(100.0 * c / n if n else float("nan"))
+        n_eval += n
+    return row, len(bank_ids), n_eval
+
+
+def summarise_readout(acc: list, A: list) -> dict:
+    """`summarise` of a readout whose rows may be missing (None: time steps evaluated before a
+    resume from a checkpoint written by a version without that readout): A(T) where the last
+    row exists, Ā and forgetting only from complete records."""
+    if all(r is not None for r in acc):
+        return {"accuracy_matrix": acc, **summarise(acc, A)}
+    return {"accuracy_matrix": acc, "A": A,
+            "final_accuracy": float(A[-1]) if A and A[-1] is not None else None,
+            "average_accuracy": None, "forgetting": None,
+            "missing_steps": [t for t, r in enumerate(acc) if r is None]}
 
 
 def summarise(acc: list[list[float]], A: list[float]) -> dict:

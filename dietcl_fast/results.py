@@ -44,7 +44,11 @@ def plot_curve(results: dict, path: str) -> None:
     T = len(acc)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     ax = axes[0]
-    ax.plot(range(1, T + 1), results["A"], "o-", lw=2, label="A(t)")
+    ax.plot(range(1, T + 1), results["A"], "o-", lw=2, label="A(t), own classifier")
+    knn = results.get("readouts", {}).get("knn")
+    if knn:                         # the common readout; rows before an old resume are None
+        ax.plot(range(1, T + 1), [float("nan") if a is None else a for a in knn["A"]], "s--",
+                lw=1.3, label=f"A(t), {knn['k']}-NN readout")
     ax.set_xlabel("time step t")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{results['method']} on {results['dataset']} ({results['scenario']}), "
@@ -94,7 +98,20 @@ def table(results: dict) -> str:
     lines.append(f"A(T) = {results['final_accuracy']:.2f}%   Ā = {results['average_accuracy']:.2f}%   "
                  f"forgetting = {'n/a' if f is None else f'{f:.2f}'}   "
                  f"budget = {results['budget']} steps/step, FLOPs = {results['ledger']['flops_total']:.3e}")
+    knn = results.get("readouts", {}).get("knn")
+    if knn:
+        lines.append(readout_line(knn))
     return "\n".join(lines)
+
+
+def readout_line(knn: dict) -> str:
+    """One line for the common kNN readout of a run (results.json readouts.knn)."""
+    def pct(v):
+        return "n/a" if v is None else f"{v:.2f}%"
+    A = " ".join("    ." if a is None else f"{a:5.1f}" for a in knn["A"])
+    return (f"{knn['k']}-NN readout (encoder features, every label seen so far): A(t) = [{A}]   "
+            f"A(T) = {pct(knn['final_accuracy'])}   Ā = {pct(knn['average_accuracy'])}   "
+            f"({knn['seconds']:.1f} s, not charged)")
 
 
 def progress_bar(**kw):

@@ -38,7 +38,8 @@ from .ckpt_writer import BackgroundCheckpointer
 from .config import Config, ConfigError, save_yaml
 from .data.sampling import EpochSampler
 from .engine import build_engine, init_from_env
-from .evaluate import eval_pad_sizes, sharded_accuracy, summarise
+from .evaluate import (KNN_K, eval_pad_sizes, knn_readout, sharded_accuracy, summarise,
+                       summarise_readout)
 from .ledger import Ledger
 from .methods import StepContext, build_method
 from .mfu import matmul_peak, mfu as flops_utilisation, sync as sync_device
@@ -171,6 +172,8 @@ class Trainer:
         self.eval_seconds = 0.0
         self.eval_log: list[float] = []        # evaluation seconds per time step
         self.eval_images: list[int] = []
+        # the common kNN readout (evaluate.knn_readout): rows acc_knn[t][k], A_knn(t), its cost
+        self.knn = {"acc": [], "A": [], "seconds": 0.0, "images_forwarded": 0}
         # the writer retries a failed write (disk full, ...) for --ckpt-retry-seconds, keeping
         # the snapshot in memory, before its error stops the run (see _checkpoint_stopped)
         self.checkpointer = BackgroundCheckpointer(
@@ -320,9 +323,13 @@ class Trainer:
         row = self._evaluate(t)                 # evaluation (not charged)
         self.acc.append(row)
         self.A.append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
+        knn = ""
+        if cfg.run.knn_readout:                 # the common readout (evaluation, not charged)
+            knn = f"  {KNN_K}-NN readout A({t}) = {self._knn_readout(t):.2f}%"
         spent = self.ledger.spent_units()
         self.log(f"time step {t}: A({t}) = {self.A[-1]:.2f}%  acc = "
-                 f"[{', '.join(f'{a:.1f}' for a in row)}]  budget spent {spent:.3f}/{self.budget}")
+                 f"[{', '.join(f'{a:.1f}' for a in row)}]{knn}  budget spent "
+                 f"{spent:.3f}/{self.budget}")
         ip = self.method.importance_pass(ctx)   # e.g. EWC's Fisher, charged in step t's budget
         if ip is not None:
             self._run_importance(ip)
@@ -520,6 +527,25 @@ class Trainer:
             self._compiled_now({"time_step": t, "phase": "eval"})
         return row
 
+    def _knn_readout(self, t: int) -> float:
+        """The common readout after step t (evaluate.knn_readout): 3-NN on the features of the
+        shared encoder (`model.encoder`, whatever the method classifies with at test time) over
+        every label of steps 0..t, on the eval sets of steps 0..t. Appends acc_knn[t], A_knn(t)
+        and its cost to `self.knn` (evaluation: not charged); returns A_knn(t)."""
+        t0, steps, k = time.perf_counter(), self.stream.steps[:t + 1], self.knn
+        row, bank_n, eval_n = knn_readout(
+            self.model.encoder, self.loader, np.concatenate([s.labeled_ids for s in steps]),
+            np.concatenate([s.labeled_labels for s in steps]), self.stream.eval_sets_upto(t),
+            self.stream.num_seen_classes(t), self.cfg.run.eval_batch_size, self.engine.autocast,
+            self.dist, channels=self.spec.in_chans)
+        k["acc"] += [None] * (t - len(k["acc"]))    # steps before a resume that had no readout
+        k["A"] += [None] * (t - len(k["A"]))
+        k["acc"].append(row)
+        k["A"].append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
+        k["seconds"] += time.perf_counter() - t0
+        k["images_forwarded"] += bank_n * self.dist.world_size + eval_n
+        return k["A"][-1]
+
     def _compiled_now(self, where: dict) -> None:
         """The graphs torch.compile built since the last call, labelled `where` and logged."""
         for g in self.compile_log.collect(where):
@@ -569,7 +595,7 @@ class Trainer:
             "ledger": self.ledger.state_bytes(),
             "method": self.method.state_dict(),
             "position": vars(self.pos).copy(),
-            "acc": self.acc, "A": self.A,
+            "acc": self.acc, "A": self.A, "knn": self.knn,
             "wall_seconds": self.wall_before + (time.perf_counter() - self._t0),
             "data_seconds": self.data_seconds,          # throughput counts all the run's work
             "compute_seconds": self.compute_seconds,
@@ -590,6 +616,9 @@ class Trainer:
         self.ledger = Ledger.from_state_bytes(st["ledger"])
         self.method.load_state_dict(st["method"])
         self.acc, self.A = st["acc"], st["A"]
+        # absent in checkpoints of older versions: the readout's rows until then are unknown
+        # (None, filled in by _knn_readout)
+        self.knn = st.get("knn") or {"acc": [], "A": [], "seconds": 0.0, "images_forwarded": 0}
         self.wall_before = st["wall_seconds"]
         self.data_seconds = float(st["data_seconds"])
         self.compute_seconds = float(st["compute_seconds"])
@@ -681,6 +710,16 @@ class Trainer:
                 self._mark = (time.perf_counter(), self.ledger.flops_total)
 
     # ------------------------------------------------------------------ results
+    def _readouts(self) -> dict:
+        """results.json["readouts"]: "own" (the method's own classifier, as the top-level keys)
+        and "knn" (the common readout, docs/readout.md; absent with --no-knn-readout)."""
+        out = {"own": summarise_readout(self.acc, self.A)}
+        if self.cfg.run.knn_readout:
+            k = self.knn
+            out["knn"] = {"k": KNN_K, **summarise_readout(k["acc"], k["A"]),
+                          "seconds": k["seconds"], "images_forwarded": k["images_forwarded"]}
+        return out
+
     def _finish(self) -> dict:
         cfg = self.cfg
         wall = self.wall_before + (time.perf_counter() - self._t0)
@@ -698,6 +737,7 @@ class Trainer:
             "warnings": list(self.warnings),
             "accuracy_matrix": self.acc,
             **summarise(self.acc, self.A),
+            "readouts": self._readouts(),
             "ledger": led,
             "wall_seconds": wall,
             "steps_per_second": self.pos.gstep / wall if wall > 0 else None,

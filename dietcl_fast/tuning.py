@@ -79,6 +79,7 @@ def choose_split(trainer) -> dict:
     thresholds = sorted({int(round(f * B)) for f in fracs}, reverse=True)
     vcfg = copy.deepcopy(cfg)
     vcfg.run.progress, vcfg.run.ckpt_every = False, 0
+    vcfg.run.knn_readout = False        # validation scores the own classifier only
     t0 = time.perf_counter()
     quiet = lambda m: None  # noqa: E731
     vstream, held = validation_stream(trainer.stream, S, cfg.run.seed)

@@ -108,3 +108,7 @@ def same_run(a, b):
     assert a["global_batch"] == b["global_batch"] == 16
     fa, fb = np.array(sum(a["accuracy_matrix"], [])), np.array(sum(b["accuracy_matrix"], []))
     assert np.abs(fa - fb).max() <= ACC_TOL, (a["accuracy_matrix"], b["accuracy_matrix"])
+    # the common kNN readout: every rank forwards the whole bank, the eval sets are sharded
+    ka, kb = (r["readouts"]["knn"]["accuracy_matrix"] for r in (a, b))
+    fa, fb = np.array(sum(ka, [])), np.array(sum(kb, []))
+    assert np.abs(fa - fb).max() <= ACC_TOL, (ka, kb)

@@ -1,6 +1,9 @@
 """`dietcl-fast compare`: same stream/budget/seeds per method, outputs, reuse and resume."""
 import csv
+import json
 import os
+
+import numpy as np
 
 from click.testing import CliRunner
 
@@ -21,6 +24,17 @@ def test_compare_writes_table_reuses_and_resumes(tmp_path):
     assert all(float(x["units_spent"]) <= 2 * 2 + 1e-9 for x in rows)
     md = (out / "compare.md").read_text()
     assert "| er |" in md and "±" in md and "A(T)" in md
+    # both readouts: the own classifier's and the common kNN's, per run and as means
+    assert "| method | A(T) % | Ā % | kNN A(T) % | kNN Ā % |" in md
+    for x in rows:
+        res = json.loads((out / f"{x['method']}-s{x['seed']}" / "results.json").read_text())
+        assert float(x["knn_A_T"]) == res["readouts"]["knn"]["final_accuracy"]
+        assert float(x["knn_A_bar"]) == res["readouts"]["knn"]["average_accuracy"]
+    er = [json.loads((out / f"er-s{s}" / "results.json").read_text())["readouts"]["knn"]
+          ["final_accuracy"] for s in (0, 1)]
+    row = next(line for line in md.splitlines() if line.startswith("| er |")).split(" | ")
+    assert row[3] == f"{np.mean(er):.2f} ± {np.std(er, ddof=1):.2f}", row
+    assert "kNN A(T)" in r.stderr
     assert (out / "compare.png").stat().st_size > 1000
     # finished runs are reused, not rerun
     res = out / "er-s0" / "results.json"
@@ -73,3 +87,26 @@ def test_compare_rounds_accuracies_once(tmp_path):
     md = (tmp_path / "compare.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| er |"))
     assert row.split(" | ")[1:3] == ["10.13 ± 0.00", "12.35 ± 0.00"], row
+
+
+def test_compare_md_without_a_knn_readout_says_na(tmp_path):
+    """A run without the kNN readout (--no-knn-readout, or written by an older version) shows
+    n/a for it, never a mean over fewer seeds or a made-up value."""
+    from dietcl_fast.cli.compare import write_outputs
+
+    def run(seed, knn):
+        r = {"method": "er", "seed": seed, "label_rate": 0.05, "scenario": "class",
+             "time_steps": 2, "budget": 2, "final_accuracy": 10.0, "average_accuracy": 12.0,
+             "forgetting": 1.0, "ledger": {"steps_per_step": [2.0, 2.0], "flops_total": 1e9},
+             "wall_seconds": 1.0, "A": [14.0, 10.0], "dataset": "animal-mnist", "global_batch": 16}
+        if knn is not None:
+            r["readouts"] = {"knn": {"k": 3, "final_accuracy": knn, "average_accuracy": knn + 1}}
+        return r
+    write_outputs(str(tmp_path), [run(0, 20.0), run(1, 30.0)])
+    row = next(x for x in (tmp_path / "compare.md").read_text().splitlines() if x.startswith("| er |"))
+    assert row.split(" | ")[1:5] == ["10.00 ± 0.00", "12.00 ± 0.00", "25.00 ± 7.07", "26.00 ± 7.07"]
+    write_outputs(str(tmp_path), [run(0, 20.0), run(1, None)])
+    row = next(x for x in (tmp_path / "compare.md").read_text().splitlines() if x.startswith("| er |"))
+    assert row.split(" | ")[1:5] == ["10.00 ± 0.00", "12.00 ± 0.00", "n/a", "n/a"]
+    rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    assert [x["knn_A_T"] for x in rows] == ["20.0", ""]

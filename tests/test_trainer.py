@@ -1,13 +1,14 @@
 """End-to-end: budgeted trainer, ledger = FlopCounterMode for a whole run, resume, CLI."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from dietcl_fast.testing import exit_after
-from dietcl_fast.checkpoint import decode_file
+from dietcl_fast.checkpoint import decode_file, load_checkpoint
 from dietcl_fast.config import Config
 from dietcl_fast.methods import MicroBatch, build_method
 from dietcl_fast.trainer import Trainer
@@ -33,11 +34,23 @@ def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     assert len(res["accuracy_matrix"]) == 2 and len(res["accuracy_matrix"][1]) == 2
     assert all(0 <= a <= 100 for row in res["accuracy_matrix"] for a in row)
     assert res["average_accuracy"] == pytest.approx(np.mean(res["A"]))
+    # two readouts (docs/readout.md): "own" repeats the top-level keys; "knn" is the common
+    # 3-NN readout, scored like them and timed apart
+    own, knn = res["readouts"]["own"], res["readouts"]["knn"]
+    assert own == {k: res[k] for k in ("accuracy_matrix", "A", "final_accuracy",
+                                       "average_accuracy", "forgetting")}
+    assert knn["k"] == 3 and len(knn["accuracy_matrix"]) == 2 and len(knn["accuracy_matrix"][1]) == 2
+    assert all(0 <= a <= 100 for row in knn["accuracy_matrix"] for a in row)
+    assert knn["final_accuracy"] == knn["A"][-1] == pytest.approx(np.mean(knn["accuracy_matrix"][1]))
+    assert knn["average_accuracy"] == pytest.approx(np.mean(knn["A"]))
+    labeled = [s["labeled"] for s in res["stream"]["steps"]]
+    evals = [s["eval"] for s in res["stream"]["steps"]]
+    assert knn["images_forwarded"] == labeled[0] + evals[0] + sum(labeled) + sum(evals)
+    assert knn["seconds"] > 0 and on_disk["readouts"] == json.loads(json.dumps(res["readouts"]))
     # evaluation and checkpoints are timed apart from training; the time-step-end checkpoint
     # (written in the background) carries no optimiser state: each phase starts a fresh one
     assert on_disk["eval_seconds"] > 0 and on_disk["checkpoint_seconds"] > 0
     assert on_disk["checkpoint_write_seconds"] > 0
-    from dietcl_fast.checkpoint import load_checkpoint
     st = load_checkpoint(str(tmp_path))
     assert st["position"]["t"] == 2 and st["position"]["it"] == 0 and st["engine"] is None
     # MFU: the phases' FLOPs (here: every charged FLOP, no importance pass) over their
@@ -125,11 +138,26 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert not (part / "results.json").exists()
     ck = decode_file(part / "latest.pt")
     assert ck["position"]["gstep"] == 6 and ck["position"]["t"] == 1 and ck["position"]["it"] == 2
+    old = tmp_path / "old"              # the same checkpoint as a version without the readout
+    shutil.copytree(part, old)          # wrote it (no "knn" in its state)
     p = cli("train", "--resume", str(part), "--no-progress")
     assert "resuming" in p.stderr
     a = json.loads((full / "results.json").read_text())
     b = json.loads((part / "results.json").read_text())
     assert a["accuracy_matrix"] == b["accuracy_matrix"]           # bit-identical on the CPU
+    # the readouts too (the kNN rows of time step 0 came from the checkpoint)
+    assert a["readouts"]["own"] == b["readouts"]["own"]
+    ka, kb = (dict(r["readouts"]["knn"]) for r in (a, b))
+    assert ka.pop("seconds") > 0 and kb.pop("seconds") > 0 and ka == kb
+    # resumed from a checkpoint without the readout's rows: step 0's row is unknown, not made up
+    st = load_checkpoint(str(old))
+    del st["knn"]
+    c = Trainer(Config.from_dict(st["config"]), log=lambda m: None).run(str(old), resume_state=st)
+    kc = c["readouts"]["knn"]
+    assert c["accuracy_matrix"] == a["accuracy_matrix"]
+    assert kc["accuracy_matrix"] == [None, ka["accuracy_matrix"][1]] and kc["A"] == [None, ka["A"][1]]
+    assert kc["final_accuracy"] == ka["final_accuracy"] and kc["missing_steps"] == [0]
+    assert kc["average_accuracy"] is None and kc["forgetting"] is None
     assert a["ledger"]["flops_total"] == b["ledger"]["flops_total"]
     assert a["ledger"]["steps_per_step"] == b["ledger"]["steps_per_step"]
     # refusing to overwrite a run

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..evaluate import knn_votes
 from . import register
 from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
 from .ssl import Projector, supcon
@@ -56,7 +57,12 @@ def negative_only_triplet(za: torch.Tensor, zb: torch.Tensor, margin: float) -> 
 
 
 class KNNClassifier:
-    """CCIC's test-time classifier over memory features; `classify(x) -> scores [N, K]`."""
+    """CCIC's test-time classifier over memory features; `classify(x) -> scores [N, K]`:
+    votes - 1e-5 * squared distance to the class's nearest memory sample, in float32 (the
+    tallies are `evaluate.knn_votes`, shared with the common readout). Ties in votes go to the
+    nearest sample only where the distances differ by more than float32 resolves at that scale
+    (~1e-2 for 3 votes); the common readout (`evaluate.knn_predict`) orders them exactly. Kept
+    as it is: the pinned CCIC accuracies (tests/test_pinned_accuracy.py) are this rule's."""
 
     def __init__(self, model, mem_feats: torch.Tensor, mem_labels: torch.Tensor,
                  num_classes: int, k: int):
@@ -68,12 +74,8 @@ class KNNClassifier:
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         f = F.normalize(self.model.forward_features(x).float(), dim=1)
         dist = (f[:, None, :] - self.mem[None]).pow(2).sum(-1)          # [N, M]
-        k = min(self.k, dist.shape[1])
-        nn_idx = dist.topk(k, largest=False).indices                     # [N, k]
-        votes = F.one_hot(self.mem_y[nn_idx], self.K).sum(1).float()     # [N, K]
-        nearest = torch.full((x.shape[0], self.K), 1e6, device=f.device)
-        nearest.scatter_reduce_(1, self.mem_y.expand(x.shape[0], -1), dist, "amin")
-        return votes - 1e-5 * nearest
+        votes, nearest = knn_votes(dist, self.mem_y, self.K, self.k)     # [N, K] each
+        return votes.float() - 1e-5 * nearest.clamp(max=1e6)
 
     def eval(self):
         self.model.eval()
