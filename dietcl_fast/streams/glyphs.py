@@ -171,9 +171,8 @@ def _software_key(fdir: str) -> tuple:
     """What the drawings depend on besides the parameters (the pool's cache key)."""
     import PIL
     from PIL import features
-    fonts = {f: _sha256_file(os.path.join(fdir, f)) for _, _, f in FACES}
-    return (GLYPHS_VERSION, PIL.__version__, features.version("freetype2"), np.__version__,
-            sorted(fonts.items()))
+    fonts = [[f, _sha256_file(os.path.join(fdir, f))] for _, _, f in FACES]
+    return (GLYPHS_VERSION, PIL.__version__, features.version("freetype2"), np.__version__, fonts)
 
 
 def _key(obj) -> str:
@@ -253,14 +252,11 @@ def _read(final: str, params: dict, names: tuple) -> dict:
 
 
 def _cached(final: str, params: dict, names: tuple, build, log=_log) -> dict:
-    """Read ``final`` or (re)generate it with ``build(tmp_dir)`` under a lock file."""
+    """Read ``final``, or (re)generate it with ``build(tmp_dir)`` while holding its lock file."""
     try:
         return _read(final, params, names)
-    except _Damaged as e:
-        if not os.path.isdir(final):
-            damaged = None
-        else:
-            damaged = str(e)
+    except _Damaged:
+        pass
     root = os.path.dirname(final)
     try:
         os.makedirs(root, exist_ok=True)
@@ -275,14 +271,12 @@ def _cached(final: str, params: dict, names: tuple, build, log=_log) -> dict:
         except OSError:
             log(f"glyphs: another process is generating {final}; waiting for it")
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:        # the other process may have finished it
+        try:        # done by the process we waited for, or damaged
             return _read(final, params, names)
         except _Damaged as e:
             if os.path.isdir(final):
-                damaged = str(e)
-        if damaged is not None:
-            log(f"glyphs: cache {final} is damaged ({damaged}); generating it again")
-            shutil.rmtree(final)
+                log(f"glyphs: cache {final} is damaged ({e}); generating it again")
+                shutil.rmtree(final)
         base = os.path.basename(final)
         for stale in os.listdir(root):        # left by a killed generation (we hold the lock)
             if stale.startswith(f".tmp-{base}-"):
@@ -290,8 +284,7 @@ def _cached(final: str, params: dict, names: tuple, build, log=_log) -> dict:
         tmp = os.path.join(root, f".tmp-{base}-{os.getpid()}")
         os.makedirs(tmp)
         try:
-            extra = build(tmp)
-            _finish(tmp, final, params, extra)
+            _finish(tmp, final, params, build(tmp))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -392,7 +385,7 @@ def _pool_task(args):
         pic = _picture(im) if pics is not None else None
         # tofu: the face's .notdef glyph (same ink size within a pixel, and the same picture)
         if nd_size is not None and np.abs(np.array(im.size) - nd_size).max() <= 1:
-            pic = _picture(im)
+            pic = _picture(im) if pic is None else pic
             if ((_blurred(pic) - nd_blur) ** 2).sum() <= DEDUPE_SQ:
                 continue
         long_side[k] = max(im.size)
@@ -463,8 +456,7 @@ def class_pool(workers=None, log=_log) -> GlyphPool:
     """The class pool (cached under :func:`cache_root`; built once, ~10 s on 2 cores)."""
     fdir = font_dir()
     soft = _software_key(fdir)
-    params = {"what": "pool", "software": [list(x) if isinstance(x, tuple) else x for x in soft]}
-    params = json.loads(json.dumps(params))
+    params = {"what": "pool", "software": list(soft)}
     final = os.path.join(cache_root(), f"pool-{_key(params)}")
     names = ("codepoints", "faces", "long_side", "pictures", "stream", "pretrain", "counts")
 
