@@ -569,22 +569,25 @@ def _classes(split: str, options: str, p: dict, available: int) -> dict:
 
 
 # --------------------------------------------------------------------------- one image
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def _luma(rgb) -> float:
+    return _LUMA[0] * rgb[0] + _LUMA[1] * rgb[1] + _LUMA[2] * rgb[2]
 
 
 def _colours(rng, sat_max: float, dark: bool):
-    """(ground, text) RGB float32 0..255: ground light unless ``dark``, text the opposite; their
-    luma differs by >= .3 (text redrawn until it does; black or white after 20 tries)."""
+    """(ground, text) RGB 0..255 float tuples: ground light unless ``dark``, text the opposite;
+    their luma differs by >= .3 (text redrawn until it does; black or white after 20 tries)."""
     def one(light):
         v = rng.uniform(0.75, 1.0) if light else rng.uniform(0.0, 0.4)
-        rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, sat_max), v)
-        return np.array(rgb, dtype=np.float32) * 255.0
+        return tuple(255.0 * c for c in colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.0, sat_max), v))
     bg = one(not dark)
     for _ in range(20):
         fg = one(dark)
-        if abs(float((fg - bg) @ _LUMA)) >= 0.3 * 255:
+        if abs(_luma(fg) - _luma(bg)) >= 0.3 * 255:
             return bg, fg
-    return bg, np.full(3, 255.0 if float(bg @ _LUMA) < 127.5 else 0.0, dtype=np.float32)
+    return bg, (255.0,) * 3 if _luma(bg) < 127.5 else (0.0,) * 3
 
 
 @lru_cache(maxsize=8)
@@ -593,24 +596,31 @@ def _ramp(size: int):
     return xx - 0.5, yy - 0.5
 
 
-def _background(rng, size: int, bg: np.ndarray, t: float, contrast: float):
+def _u8(x: np.ndarray) -> np.ndarray:
+    """float 0..255 -> uint8, rounded, clipped."""
+    return np.minimum(np.maximum(x + 0.5, 0.0), 255.0).astype(np.uint8)
+
+
+def _background(rng, size: int, bg, t: float, contrast: float):
     """The ground: a two-colour gradient plus Poisson(.3 + 3.2 t) clutter shapes drawn at twice
     the size, at a fraction of the text's contrast -> (RGB float32 [size, size, 3], count)."""
     from PIL import Image, ImageDraw
-    bg2 = np.clip(bg + rng.uniform(-40, 40, size=3).astype(np.float32), 0, 255)
+    bg = np.array(bg, dtype=np.float32)
+    bg2 = np.minimum(np.maximum(bg + rng.uniform(-40, 40, size=3).astype(np.float32), 0), 255)
     ang = rng.uniform(0, 2 * math.pi)
     xx, yy = _ramp(size)
-    g = np.clip(np.float32(math.cos(ang)) * xx + np.float32(math.sin(ang)) * yy + 0.5, 0, 1)
+    g = np.minimum(np.maximum(np.float32(math.cos(ang)) * xx + np.float32(math.sin(ang)) * yy
+                              + np.float32(0.5), 0), 1)
     img = bg + (bg2 - bg) * g[..., None]
     k = int(rng.poisson(0.3 + 3.2 * t))
     if k:
         S2 = 2 * size
-        canvas = Image.fromarray((img + 0.5).astype(np.uint8), "RGB").resize((S2, S2), Image.BILINEAR)
+        canvas = Image.fromarray(_u8(img), "RGB").resize((S2, S2), Image.BILINEAR)
         draw = ImageDraw.Draw(canvas)
         for _ in range(k):
             c = rng.uniform(0.25, 0.6) * contrast
-            col = bg + c * (rng.uniform(0, 255, size=3).astype(np.float32) - bg)
-            col = tuple(int(v) for v in np.clip(col + 0.5, 0, 255))
+            rgb = rng.uniform(0, 255, size=3)
+            col = tuple(min(255, max(0, int(b + c * (v - b) + 0.5))) for b, v in zip(bg.tolist(), rgb))
             x0, y0, x1, y1 = (float(v) for v in rng.uniform(-0.1, 1.1, size=4) * S2)
             box = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
             w = int(rng.integers(1, max(2, S2 // 12) + 1))
@@ -627,19 +637,23 @@ def _background(rng, size: int, bg: np.ndarray, t: float, contrast: float):
     return img, k
 
 
+def _face_weights(t: float) -> np.ndarray:
+    """float64 [16]: family weight x style weight at time t (face order of FACES)."""
+    return np.outer(_lerp(FAMILY_W, t), _lerp(STYLE_W, t)).ravel()
+
+
 def _draw(fdir: str, cp: int, faces: np.ndarray, long_side: np.ndarray, size: int,
           rng: np.random.Generator, t: float):
     """One image: uint8 [size, size, 3] and its conditions (float32 [len(RENDER_COLUMNS)])."""
     from PIL import Image, ImageFilter
     S2 = 2 * size                                   # the glyph is drawn at twice the size
     # face: family x style weights at t, over the faces that draw the class
-    w = np.repeat(_lerp(FAMILY_W, t), len(STYLES)) * np.tile(_lerp(STYLE_W, t), len(FAMILIES))
-    w = np.where(faces, w, 0.0)
-    face = int(rng.choice(len(FACES), p=w / w.sum()))
+    cum = np.cumsum(np.where(faces, _face_weights(t), 0.0))
+    face = min(int(np.searchsorted(cum, rng.random() * cum[-1], side="right")), len(FACES) - 1)
     target = rng.uniform(0.55, 0.80) * S2           # longer side of the ink
     # font size on a 12 % grid (few fonts to keep open); the affine below fits the ink exactly
-    px = int(np.clip(round(1.12 ** round(math.log(RENDER_PX * target / long_side[face], 1.12))),
-                     6, 16 * size))
+    px = min(max(round(1.12 ** round(math.log(RENDER_PX * target / int(long_side[face]), 1.12))),
+                 6), 16 * size)
     stroke = int(rng.integers(1, max(1, round(0.035 * target)) + 1)) \
         if rng.random() < 0.1 + 0.3 * t else 0
     glyph = _ink(_font(fdir, face, px), chr(cp), stroke)
@@ -648,35 +662,35 @@ def _draw(fdir: str, cp: int, faces: np.ndarray, long_side: np.ndarray, size: in
     rot = math.radians(rng.uniform(-1, 1) * (6 + 10 * t))
     shear = rng.uniform(-1, 1) * (0.05 + 0.15 * t)
     gw, gh = glyph.size
-    A = np.array([[math.cos(rot), -math.sin(rot)], [math.sin(rot), math.cos(rot)]]) @ \
-        np.array([[1.0, shear], [0.0, 1.0]])
-    corners = A @ (np.array([[0, gw, 0, gw], [0, 0, gh, gh]], dtype=np.float64)
-                   - np.array([[gw / 2], [gh / 2]]))
-    extent = corners.max(1) - corners.min(1)
-    scale = min(target / max(gw, gh), 0.9 * S2 / extent.max())
-    A = A * scale
-    extent = extent * scale
-    centre = S2 / 2 + rng.uniform(-1, 1, size=2) * np.maximum(0.0, (S2 - extent) / 4)
-    inv = np.linalg.inv(A)
-    off = np.array([gw / 2, gh / 2]) - inv @ centre
+    # forward map (ink centre -> image): rotation x shear x scale, then a shift
+    c, s_ = math.cos(rot), math.sin(rot)
+    a, b, d, e = c, c * shear - s_, s_, s_ * shear + c
+    xs = [a * x + b * y for x in (-gw / 2, gw / 2) for y in (-gh / 2, gh / 2)]
+    ys = [d * x + e * y for x in (-gw / 2, gw / 2) for y in (-gh / 2, gh / 2)]
+    ex, ey = max(xs) - min(xs), max(ys) - min(ys)
+    scale = min(target / max(gw, gh), 0.9 * S2 / max(ex, ey))
+    a, b, d, e, ex, ey = a * scale, b * scale, d * scale, e * scale, ex * scale, ey * scale
+    cx = S2 / 2 + rng.uniform(-1, 1) * max(0.0, (S2 - ex) / 4)
+    cy = S2 / 2 + rng.uniform(-1, 1) * max(0.0, (S2 - ey) / 4)
+    det = a * e - b * d                             # PIL wants image -> ink: the inverse
+    ia, ib, id_, ie = e / det, -b / det, -d / det, a / det
     mask = glyph.transform((S2, S2), Image.AFFINE,
-                           (inv[0, 0], inv[0, 1], off[0], inv[1, 0], inv[1, 1], off[1]),
+                           (ia, ib, gw / 2 - ia * cx - ib * cy, id_, ie, gh / 2 - id_ * cx - ie * cy),
                            resample=Image.BILINEAR).reduce(2)
     alpha = np.asarray(mask, dtype=np.float32)[..., None] * np.float32(1 / 255)
     # colours: saturation and dark grounds grow with t
     dark = bool(rng.random() < 0.1 + 0.5 * t)
     bg, fg = _colours(rng, 0.15 + 0.85 * t, dark)
-    contrast = abs(float((fg - bg) @ _LUMA)) / 255.0
+    contrast = abs(_luma(fg) - _luma(bg)) / 255.0
     ground, clutter = _background(rng, size, bg, t, contrast)
-    img = ground + (fg - ground) * alpha
-    im = Image.fromarray((img + 0.5).astype(np.uint8), "RGB")
+    img = ground + (np.array(fg, dtype=np.float32) - ground) * alpha
+    im = Image.fromarray(_u8(img), "RGB")
     blur = float(rng.uniform(0, 0.2 + 0.9 * t))
     if blur >= 0.15:
         im = im.filter(ImageFilter.GaussianBlur(blur))
     noise = float(rng.uniform(0, 0.02 + 0.08 * t))
-    out = np.asarray(im, dtype=np.float32) + \
-        rng.standard_normal(size=(size, size, 3), dtype=np.float32) * np.float32(noise * 255.0)
-    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    out = _u8(np.asarray(im, dtype=np.float32) +
+              rng.standard_normal(size=(size, size, 3), dtype=np.float32) * np.float32(noise * 255.0))
     rec = np.array([face, stroke, math.degrees(rot), shear, clutter, blur, noise, dark],
                    dtype=np.float32)
     return out, rec
@@ -739,7 +753,8 @@ def draw_set(pool: GlyphPool, split: str, p: dict, *, workers=None, images=None,
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=N, desc="glyphs", unit="img", leave=False, file=sys.stderr)
+        bar = tqdm(total=N, desc="glyphs", unit="img", leave=False, file=sys.stderr,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)
     pool_ = None
     if w <= 1 or len(spans) <= 1:
         _init_job(job)
