@@ -218,6 +218,14 @@ def test_concurrent_starts_generate_once(pool):
     assert outs[0][0] == outs[1][0] and len(outs[0][0].strip()) == 64
 
 
+def test_a_missing_font_is_named(tmp_path, monkeypatch):
+    import matplotlib
+    (tmp_path / "fonts" / "ttf").mkdir(parents=True)
+    monkeypatch.setattr(matplotlib, "get_data_path", lambda: str(tmp_path))
+    with pytest.raises(StreamError, match=r"DejaVuSans\.ttf, .* not found in .*reinstall matplotlib"):
+        load_source("glyphs:classes=2,per_class=1")
+
+
 def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
     """A cache that cannot be created (here below a file: refused even to root) is an error
     naming the directory and DIETCL_CACHE, not a traceback."""
