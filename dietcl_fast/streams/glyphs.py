@@ -28,8 +28,8 @@ Classes (the *pool*, a function of the font files only):
     also with one of them mirrored left-right (the trainer's crops flip images, so ``b``/``d``
     and ``(``/``)`` are one class). In code point order, a candidate is kept unless it is one
     picture with a kept one: Latin ``A`` stays, Greek Alpha and Cyrillic A go; ``l``/``I``,
-    ``,``/``'``, ``p``/``q`` merge; ``é``/``è`` stay apart. The comparison is in integers
-    (exact on any machine). A fixed permutation then puts 35 % of the pool apart for
+    ``,``/``'``, ``p``/``q`` merge; ``é``/``è`` stay apart. The comparison is exact (integers),
+    so the same fonts, Pillow and FreeType give the same pool on any machine. A fixed permutation then puts 35 % of the pool apart for
     pretraining; the rest, in that permutation's order, are the stream's classes
     (``classes=500`` takes the first 500 of them, so a smaller stream is a subset of a larger).
     Stream and pretraining classes are thus disjoint by code point and by picture.
