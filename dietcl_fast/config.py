@@ -49,7 +49,9 @@ DEVICES = ("auto", "cpu", "cuda")
 @dataclass(slots=True)
 class StreamConfig:
     data: str = option("animal-mnist",
-                       help="Dataset: animal-mnist (embedded), digits (sklearn), folder:PATH "
+                       help="Dataset: animal-mnist (embedded), digits (sklearn), "
+                            "glyphs[:classes=N,per_class=N,size=N,seed=N] (generated, 1,000 "
+                            "classes by default; docs/streams.md), folder:PATH "
                             "(root/<class>/*.jpg), csv:PATH (path,label[,timestamp][,split]) or a "
                             "path.")
     scenario: str = option("class", choices=("class", "time"),
@@ -295,7 +297,8 @@ class Config:
 class PretrainConfig:
     """`dietcl-fast pretrain`: MAE pretraining of encoder + decoder (dietcl_fast/pretrain.py)."""
     data: str = option("animal-mnist",
-                       help="Images to pretrain on (any --data of train; labels are not read).")
+                       help="Images to pretrain on (any --data of train, e.g. glyphs-pretrain: "
+                            "classes disjoint from glyphs'; labels are not read).")
     out: Optional[str] = option(None, required=True,
                                 help="Directory: writes checkpoint.pth (official MAE layout), "
                                      "pretrain.json and the resume state.")

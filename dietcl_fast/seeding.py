@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = ["derive_seed", "source_key", "HEAD_INIT", "AUGMENT", "MIX_PLAN", "GDUMB_MEMORY",
            "IMPORTANCE_IMAGES", "DUALNET_SLOW", "PRETRAIN", "VALIDATION_SPLIT", "CLASS_STREAM",
-           "DRIFT_TIMES", "TIME_STREAM"]
+           "DRIFT_TIMES", "TIME_STREAM", "GLYPHS"]
 
 # ------------------------------------------------------------------------- salts (one per stream)
 HEAD_INIT = 0x4EAD          # new head rows when a time step adds classes (and GDumb's re-init)
@@ -28,6 +28,7 @@ VALIDATION_SPLIT = 0x7A11D  # labels held out per time step for --split auto's v
 CLASS_STREAM = 0xC1A55      # class order and labeled/unlabeled/eval split of a class-incremental stream
 DRIFT_TIMES = 0x7173        # synthetic drifting timestamps when a dataset has none
 TIME_STREAM = 0x71BE        # labeled/unlabeled/eval split of a time-incremental stream
+GLYPHS = 0x61F5             # the glyphs source: class split, each image's drawing and timestamp
 
 
 def derive_seed(*parts: int) -> int:

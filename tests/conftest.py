@@ -1,8 +1,16 @@
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# what the glyphs source generates goes into a cache of this session (set before any test module
+# copies the environment for its processes), never the user's ~/.cache; removed at exit
+_CACHE = tempfile.mkdtemp(prefix="dietcl-test-cache-")
+os.environ["DIETCL_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -8,6 +8,9 @@ Spec strings accepted by :func:`load_source`:
 
 * ``animal-mnist`` (default) – the embedded Animal-MNIST file (10 x 1,000 grayscale 28x28).
 * ``digits`` – scikit-learn's 8x8 digits (1,797 images), values 0..16 scaled to 0..255.
+* ``glyphs[:key=value,...]`` / ``glyphs-pretrain[:...]`` – many-class RGB images of Unicode
+  characters drawn with matplotlib's fonts, with drifting timestamps; generated once and cached
+  (keys and rules: :mod:`dietcl_fast.streams.glyphs`).
 * ``folder:PATH`` or an existing directory – ``PATH/<class>/<image>``; class directories
   are sorted by name and numbered 0..C-1; only files whose extension (case-insensitive) is
   one of :data:`IMAGE_EXTENSIONS` count; other files, hidden files/dirs and files directly
@@ -27,11 +30,13 @@ Spec strings accepted by :func:`load_source`:
 
 Relative paths in ``folder:``/``csv:`` specs are resolved against ``root`` when given,
 otherwise against the current directory. Named sources registered with
-:func:`register_source` are called as ``fn(root=root)``.
+:func:`register_source` are called as ``fn(root=root)``, or ``fn(root=root, options=OPTS)`` for
+a spec ``NAME:OPTS`` when ``fn`` takes ``options``.
 """
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 import re
@@ -150,7 +155,18 @@ def _digits(root=None) -> Source:
                   images=images, image_size=tuple(images.shape[1:3]))
 
 
-SOURCES: dict = {"animal-mnist": _animal_mnist, "digits": _digits}
+def _glyphs(root=None, options: str = "") -> Source:
+    from .glyphs import load_glyphs
+    return load_glyphs("stream", options)
+
+
+def _glyphs_pretrain(root=None, options: str = "") -> Source:
+    from .glyphs import load_glyphs
+    return load_glyphs("pretrain", options)
+
+
+SOURCES: dict = {"animal-mnist": _animal_mnist, "digits": _digits, "glyphs": _glyphs,
+                 "glyphs-pretrain": _glyphs_pretrain}
 
 
 def register_source(name: str, fn: Callable[..., Source]) -> None:
@@ -178,8 +194,15 @@ def load_source(spec: str = "animal-mnist", *, root=None, missing: str = "error"
         spec = "animal-mnist"
     spec = os.fspath(spec).strip()
     key = spec.lower()
-    if key in SOURCES:
-        src = SOURCES[key](root=root)
+    name, sep, _ = key.partition(":")
+    if key in SOURCES or (sep and name in SOURCES):
+        fn = SOURCES[name]
+        if not sep:
+            src = fn(root=root)
+        elif "options" in inspect.signature(fn).parameters:
+            src = fn(root=root, options=spec[len(name) + 1:])
+        else:
+            raise StreamError(f"dataset {name!r} takes no options (got --data {spec!r})")
         if not isinstance(src, Source):
             raise StreamError(f"source {spec!r}: registered loader returned {type(src).__name__}, not Source")
         return src
