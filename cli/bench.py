@@ -92,12 +92,24 @@ def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, lo
 @click.option("--timings/--no-timings", default=True, help="Time fused vs eager.")
 @click.option("--warmup-ms", default=100.0, type=float)
 @click.option("--rep-ms", default=500.0, type=float)
+@click.option("--compile-only", is_flag=True,
+              help="No device: compile every Triton kernel variant a training run launches for "
+                   "--arch (Triton's compiler + ptxas) and report registers, spills and shared "
+                   "memory per variant (--tiny: ViT-B/16 at one micro-batch size).")
+@click.option("--arch", multiple=True, type=int, default=(90,),
+              help="CUDA compute capability for --compile-only (repeatable: --arch 90 --arch 80).")
 @DEVICE
 @OUT
-def kernels(tiny, batch, compile_ref, check, timings, warmup_ms, rep_ms, device, out):
+def kernels(tiny, batch, compile_ref, check, timings, warmup_ms, rep_ms, compile_only, arch,
+            device, out):
     """Fused MAE loss and random masking: correctness vs float64 on the trainer's exact shapes
-    (fp32 images, the pred[:, 1:] view, uneven micro-batches), then fused vs eager timings
-    (`speedup`) and the memory floor."""
+    (fp32 images, the pred[:, 1:] view, uneven micro-batches, channels-last and contiguous
+    images), then fused vs eager timings (`speedup`) and the memory floor. --compile-only:
+    every kernel variant compiled for --arch, no device needed."""
+    if compile_only:
+        from dietcl_fast.bench.kernel_compile import bench_compile_only
+        _run(bench_compile_only, archs=arch, tiny=tiny, out=out, echo=click.echo)
+        return
     from dietcl_fast.bench.kernels import bench_kernels
     _run(bench_kernels, device=device, tiny=tiny, batch=batch, compile_ref=compile_ref,
          check=check, timings=timings, warmup_ms=warmup_ms, rep_ms=rep_ms, out=out,
