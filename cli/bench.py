@@ -55,16 +55,20 @@ def bench():
 @click.option("--loader", default=OPTIONS["loader.backend"].field.default,
               type=click.Choice(OPTIONS["loader.backend"].meta["choices"]),
               help=OPTIONS["loader.backend"].meta["help"])
-@click.option("--modes", default="eager,compiled", help="Comma list of eager, compiled.")
+@click.option("--modes", default="eager,compiled",
+              help="Comma list of eager, compiled, run in this order.")
 @click.option("--label-rate", default=0.1, type=float, help="Label rate of the bench stream.")
 @click.option("--tiny-peak", is_flag=True, help="Short matmul-peak measurement (tests).")
 @click.option("--compile-time-step-0", is_flag=True,
               help="Compiled mode: also compile time step 0 (warm-up, not timed) as "
                    "`train --compile` does: one more graph to build [default: eager there].")
+@click.option("--mode-seconds", default=None, type=float,
+              help="Stop a mode after this many seconds (recorded as failed with the graphs it "
+                   "compiled; the next mode still runs) [default: no limit].")
 @DEVICE
 @OUT
 def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, loader, modes,
-         label_rate, tiny_peak, compile_time_step_0, device, out):
+         label_rate, tiny_peak, compile_time_step_0, mode_seconds, device, out):
     """DietCL joint and buffer-only iterations through the real trainer, eager vs compiled:
     s/iteration, images/s, data wait, eval and checkpoint seconds, MFU against the matmul
     peak measured in the same run, projected seconds per time step; `speedup` = compiled
@@ -79,7 +83,8 @@ def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, lo
     _run(bench_step, log=log, preset=preset, data=data, device=device, budget=budget, steps=steps,
          warmup=warmup, split=split, batch_size=batch_size, micro_batch=micro_batch,
          loader=loader, modes=tuple(m for m in modes.split(",") if m), label_rate=label_rate,
-         out=out, tiny_peak=tiny_peak, compile_time_step_0=compile_time_step_0, echo=click.echo)
+         out=out, tiny_peak=tiny_peak, compile_time_step_0=compile_time_step_0,
+         mode_seconds=mode_seconds, echo=click.echo)
 
 
 @bench.command(context_settings={"show_default": True})
