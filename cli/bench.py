@@ -63,8 +63,9 @@ def bench():
               help="Compiled mode: also compile time step 0 (warm-up, not timed) as "
                    "`train --compile` does: one more graph to build [default: eager there].")
 @click.option("--mode-seconds", default=None, type=float,
-              help="Stop a mode after this many seconds (recorded as failed with the graphs it "
-                   "compiled; the next mode still runs) [default: no limit].")
+              help="Stop a mode that has others after it after this many seconds (recorded as "
+                   "failed with the graphs it compiled; the next mode runs; the last mode runs "
+                   "to its end) [default: no limit].")
 @DEVICE
 @OUT
 def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, loader, modes,

@@ -319,9 +319,13 @@ def test_gpu_suite_summary_lists_the_graphs_a_stopped_compile_built(tmp_path):
 
 
 def test_bench_step_keeps_the_modes_that_ran_when_one_fails(tmp_path, monkeypatch):
-    """A mode that raises is recorded in step.json with its error; the other mode's figures are
-    written (after each mode) and the call ends with BenchFailed (the CLI's exit status 1).
+    """Modes run in the order given (the GPU suite: compiled first). A mode that raises is
+    recorded in step.json with its error, and so is one stopped at --mode-seconds (here a
+    compiled mode that hangs, as a cold compile past its share would): the next mode still runs,
+    its figures are written, and the call ends with BenchFailed (the CLI's exit status 1).
     Bad input (ConfigError) is not swallowed: it stops at once, as before."""
+    import time as _time
+
     from dietcl_fast.bench import step as bstep
     from dietcl_fast.bench.common import BenchFailed
     from dietcl_fast.config import ConfigError
@@ -331,19 +335,25 @@ def test_bench_step_keeps_the_modes_that_ran_when_one_fails(tmp_path, monkeypatc
     def flaky(mode, *a, **kw):
         calls.append(mode)
         if mode == "compiled":
-            raise RuntimeError("inductor fell over")
+            _time.sleep(120)                # stopped by the alarm after --mode-seconds
         return real(mode, *a, **kw)
 
     monkeypatch.setattr(bstep, "run_mode", flaky)
     out = tmp_path / "step.json"
-    with pytest.raises(BenchFailed, match="mode compiled failed: RuntimeError: inductor fell over"):
+    t0 = _time.perf_counter()
+    with pytest.raises(BenchFailed, match="mode compiled failed: ModeTimeout: stopped after "
+                                          "--mode-seconds 2"):
         bstep.bench_step(preset="cpu-tiny", device="cpu", steps=1, warmup=1, tiny_peak=True,
-                         out=str(out), workdir=str(tmp_path), echo=lambda *_: None)
+                         modes=("compiled", "eager"), mode_seconds=2, out=str(out),
+                         workdir=str(tmp_path), echo=lambda *_: None)
     r = json.loads(out.read_text())
-    assert calls == ["eager", "compiled"] and r["complete"] is False
+    assert calls == ["compiled", "eager"] and r["complete"] is False
     assert set(r["modes"]) == {"eager"} and r["speedup"] is None
     assert r["modes"]["eager"]["mode_wall_seconds"] > 0
-    assert "inductor fell over" in r["errors"]["compiled"]["traceback_tail"]
+    assert 2 <= r["errors"]["compiled"]["mode_wall_seconds"] < 10
+    assert _time.perf_counter() - t0 < 120
+    import signal as _signal
+    assert _signal.getitimer(_signal.ITIMER_REAL) == (0.0, 0.0)       # no alarm left behind
 
     def bad(mode, *a, **kw):
         raise ConfigError("--data 'nope': no such dataset")
