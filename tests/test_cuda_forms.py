@@ -10,8 +10,10 @@
   Triton path, so the step traces whole (`fullgraph=True`) with the fused custom ops in the
   graph, under bf16 autocast, for every phase shape of a run (on the CPU the step traces the
   torch reference instead). AOTAutograd's inference graph is built too. The backward through
-  the ops cannot run on fake CUDA tensors (the autograd engine needs a device); opcheck covers
-  their fake kernels and autograd formulas (test_kernel_ops.py).
+  the ops cannot run on fake CUDA tensors (the autograd engine needs a device): on meta
+  tensors, with the fused kernels forced, the ViT-B/16 joint step is traced forward and
+  backward (the ops' autograd formulas and backward fakes); opcheck covers their fake kernels
+  and autograd formulas op by op (test_kernel_ops.py).
 """
 import json
 import os
@@ -147,6 +149,35 @@ def test_compiled_step_in_its_cuda_form_traces_whole_with_the_fused_ops(tmp_path
     assert len(graphs) == 6 and len(joint) == 4, len(graphs)     # 3 phases x 2 backends
     assert all("torch.ops.dietcl.mae_loss" in g for g in joint)
     assert not any("torch.ops.dietcl" in g for g in graphs if g not in joint)     # buffer-only: no MAE
+
+
+@pytest.mark.slow
+def test_compiled_step_traced_forward_and_backward_on_meta_with_the_fused_ops(tmp_path):
+    """The compiled DietCL step at ViT-B/16 shapes (time step 1's joint graph, a GPU run's
+    micro-batch of 1,024 / 4: 102 unlabeled, 77 labeled, 77 buffer images of 224 x 224) traced
+    by dynamo + AOTAutograd on meta tensors with the fused kernels forced (what `backend_for`
+    answers for a CUDA tensor), then its backward run: the forward graph holds the fused ops,
+    the backward graph their backward ops (`register_autograd`), whose fake kernels give
+    every parameter a gradient of its shape. Fake CUDA tensors stop at the backward (the
+    autograd engine needs their device); meta tensors need none (no autocast there: fp32).
+    ~35 s on an idle 2-core machine (the joint graph's ~800 ops); the micro-batches come from
+    a tiny real vit-b16 run with a zero loss (bench/compile_cost.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "compile_cost", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench",
+                                     "compile_cost.py"))
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    tr, got = cc.capture_micro_batches("vit-b16", 8, str(tmp_path), lambda m: None, compute=False)
+    r = cc.trace_meta(tr, got, "t1-joint", 1024, 256, lambda m: None)
+    assert r["per_micro_batch"] == {"unlabeled": 102, "labeled": 77, "buffer": 77}
+    assert r["frames"] == 1 and r["graph_breaks"] == 0 and r["graph_ops"] > 700
+    assert r["loss"] == {"device": "meta", "dtype": "torch.float32"}
+    assert r["logs"] == ["Lr", "Lm", "Lb"]
+    assert r["fused_ops_forward"] == ["dietcl.random_masking", "dietcl.mae_loss"]
+    # pos_embed is the fixed sin-cos table (no gradient): no positional-gradient op
+    assert r["fused_ops_backward"] == ["dietcl.mae_loss_backward", "dietcl.random_masking_backward_x"]
+    assert r["parameters_with_gradient"] == r["parameters"] > 200 and r["gradient_shapes_match"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nvjpeg on CUDA)")
