@@ -82,13 +82,12 @@ class TorchEngine:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.ddp = DDP(LossModule(self.model), device_ids=None,
                            find_unused_parameters=not all_parameters_used, **ddp_buffer_option())
-        if not self._told:          # once per run: the precision, and how gradients travel
+        if self.world_size > 1 and not self._told:     # once per run: how gradients travel
             self._told = True
             amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None
             self.log(f"torch engine: compute {f'{amp} (torch.autocast)' if amp else 'fp32'}; "
-                     "weights, gradients and AdamW state fp32; "
-                     + (f"gradients all-reduced in fp32 by DDP over {self.world_size} processes"
-                        if self.world_size > 1 else "one process, no gradient communication"))
+                     "weights, gradients and AdamW state fp32; gradients all-reduced in fp32 by "
+                     f"DDP over {self.world_size} processes")
         return self.optimizer
 
     def set_lr(self, lr: float) -> None:
