@@ -18,6 +18,10 @@ vit-b16: 1024 in micro-batches of 256, evaluation in batches of 1024), and repor
   generates and compiles Triton kernels instead (in parallel worker processes), so this figure
   is an order of magnitude only, not a GPU compile time.
 
+`trace_meta` (used by the test suite, tests/test_cuda_forms.py) goes one step further for a
+training graph: on meta tensors with the fused kernels forced it runs AOTAutograd's joint trace
+and the backward, which fake CUDA tensors cannot.
+
 These are trace costs of the host's Python (largely independent of the backend and of the
 numeric sizes, the shapes being static), measured on whatever CPU runs this; they are not GPU
 figures. The graphs' micro-batches come from a real tiny run of the trainer (the preset's model
@@ -47,9 +51,12 @@ class _Captured(Exception):
     """Raised by the capturing loss once every phase shape has a micro-batch: stops the run."""
 
 
-def capture_micro_batches(preset: str, batch_size: int, workdir: str, log) -> tuple:
+def capture_micro_batches(preset: str, batch_size: int, workdir: str, log,
+                          compute: bool = True) -> tuple:
     """A tiny real DietCL run (2 time steps, one micro-batch per step, no evaluation) ->
-    (trainer, {graph name: (micro-batch, phase)}) with one micro-batch of each phase shape."""
+    (trainer, {graph name: (micro-batch, phase)}) with one micro-batch of each phase shape.
+    `compute=False`: the loss of the captured run is a zero (no model pass; the micro-batches,
+    drawn from ids, seeds and the buffer, are the same)."""
     from dietcl_fast.bench.common import make_jpeg_folder
     from dietcl_fast.config import Config
     from dietcl_fast.trainer import Trainer
@@ -82,6 +89,8 @@ def capture_micro_batches(preset: str, batch_size: int, workdir: str, log) -> tu
             log(f"captured {name}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in mb.x.items()))
         if len(got) == 3:
             raise _Captured
+        if not compute:
+            return next(model.parameters()).sum() * 0.0, {}
         return inner(model, mb)
     tr.loss_fn = keep
     try:
@@ -196,6 +205,75 @@ def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: in
         pipeline._STATS.clear()
         pipeline._STATS.update(stats)
     return out
+
+
+def trace_meta(tr, got, name: str, gpu_batch: int, gpu_micro: int, log) -> dict:
+    """Graph `name` (a training graph) compiled with backend "aot_eager" on meta tensors with
+    the fused kernels forced (`_dispatch.backend_for` answers "triton", as for a CUDA tensor),
+    at the GPU run's per-micro-batch shapes, then its backward run: AOTAutograd traces the
+    joint graph through the custom ops' `register_autograd` formulas and their fake (meta)
+    kernels, forward and backward, which fake CUDA tensors cannot (the autograd engine needs
+    their device; the meta device needs none). No autocast on meta: fp32 throughout.
+    -> {seconds, graph_ops, fused ops in the forward and backward graphs, parameters with a
+    gradient, ...}."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+
+    from dietcl_fast.data import pipeline
+    from dietcl_fast.kernels import _dispatch
+    from dietcl_fast.step_loss import device_inputs, fake_micro_batch, stacked_logs
+
+    stats = dict(pipeline._STATS)
+    saved = _dispatch.backend_for
+    _dispatch.backend_for = lambda tensor, force_reference=False: "triton"
+    try:
+        torch._dynamo.reset()
+        clear_compilation_metrics()
+        counters.clear()
+        model = copy.deepcopy(tr.model).to("meta")
+        mb, phase = got[name]
+        mb, shapes = resized(mb, phase, gpu_batch, gpu_micro,
+                             lambda shp, like: torch.empty(shp, dtype=like.dtype, device="meta"))
+        mb = fake_micro_batch(mb, None, "meta", to=lambda t: t.to("meta"))
+        backend = AotEagerAndRecordGraphs()
+        step = device_inputs(torch.compile(stacked_logs(tr.method.loss), fullgraph=True,
+                                           dynamic=False, backend=backend), tr.spec.in_chans)
+        t0 = time.perf_counter()
+        loss, names, _ = step(model, mb)
+        fwd = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        loss.backward()
+        bwd = time.perf_counter() - t1
+        m = [m for m in _metrics_since(0) if m.co_name]
+        fw = "".join(str(g.graph) for g in backend.fw_graphs)
+        bw = "".join(str(g.graph) for g in backend.bw_graphs)
+        fused = ("dietcl.random_masking", "dietcl.mae_loss")
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        res = {"graph": name, "seconds": fwd + bwd, "forward_seconds": fwd,
+               "backward_seconds": bwd, "graph_ops": m[0].graph_op_count if m else None,
+               "frames": len(m), "graph_breaks": sum(counters["graph_break"].values()),
+               "per_micro_batch": shapes, "loss": {"device": str(loss.device),
+                                                   "dtype": str(loss.dtype)},
+               "logs": list(names),
+               "fused_ops_forward": [n for n in fused if f"{n}.default" in fw],
+               "fused_ops_backward": [n for n in ("dietcl.mae_loss_backward",
+                                                  "dietcl.random_masking_backward_x",
+                                                  "dietcl.random_masking_backward_pos")
+                                      if f"{n}.default" in bw],
+               "parameters": len(params),
+               "parameters_with_gradient": sum(p.grad is not None for p in params.values()),
+               "gradient_shapes_match": all(p.grad is None or (p.grad.shape == p.shape and
+                                                               p.grad.device.type == "meta")
+                                            for p in params.values()),
+               "without_gradient": [n for n, p in params.items() if p.grad is None]}
+    finally:
+        _dispatch.backend_for = saved
+        torch._dynamo.reset()
+        pipeline._STATS.clear()
+        pipeline._STATS.update(stats)
+    log(f"aot_eager meta {name:9s} forward {fwd:6.2f} s, backward {bwd:6.2f} s "
+        f"({res['graph_ops']} ops; backward graph ops {res['fused_ops_backward']})")
+    return res
 
 
 def inductor_cpu(tr, got, name: str, log) -> dict:

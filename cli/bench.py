@@ -55,16 +55,21 @@ def bench():
 @click.option("--loader", default=OPTIONS["loader.backend"].field.default,
               type=click.Choice(OPTIONS["loader.backend"].meta["choices"]),
               help=OPTIONS["loader.backend"].meta["help"])
-@click.option("--modes", default="eager,compiled", help="Comma list of eager, compiled.")
+@click.option("--modes", default="eager,compiled",
+              help="Comma list of eager, compiled, run in this order.")
 @click.option("--label-rate", default=0.1, type=float, help="Label rate of the bench stream.")
 @click.option("--tiny-peak", is_flag=True, help="Short matmul-peak measurement (tests).")
 @click.option("--compile-time-step-0", is_flag=True,
               help="Compiled mode: also compile time step 0 (warm-up, not timed) as "
                    "`train --compile` does: one more graph to build [default: eager there].")
+@click.option("--mode-seconds", default=None, type=float,
+              help="Stop a mode that has others after it after this many seconds (recorded as "
+                   "failed with the graphs it compiled; the next mode runs; the last mode runs "
+                   "to its end) [default: no limit].")
 @DEVICE
 @OUT
 def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, loader, modes,
-         label_rate, tiny_peak, compile_time_step_0, device, out):
+         label_rate, tiny_peak, compile_time_step_0, mode_seconds, device, out):
     """DietCL joint and buffer-only iterations through the real trainer, eager vs compiled:
     s/iteration, images/s, data wait, eval and checkpoint seconds, MFU against the matmul
     peak measured in the same run, projected seconds per time step; `speedup` = compiled
@@ -79,7 +84,8 @@ def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, lo
     _run(bench_step, log=log, preset=preset, data=data, device=device, budget=budget, steps=steps,
          warmup=warmup, split=split, batch_size=batch_size, micro_batch=micro_batch,
          loader=loader, modes=tuple(m for m in modes.split(",") if m), label_rate=label_rate,
-         out=out, tiny_peak=tiny_peak, compile_time_step_0=compile_time_step_0, echo=click.echo)
+         out=out, tiny_peak=tiny_peak, compile_time_step_0=compile_time_step_0,
+         mode_seconds=mode_seconds, echo=click.echo)
 
 
 @bench.command(context_settings={"show_default": True})
@@ -92,12 +98,24 @@ def step(preset, data, budget, steps, warmup, split, batch_size, micro_batch, lo
 @click.option("--timings/--no-timings", default=True, help="Time fused vs eager.")
 @click.option("--warmup-ms", default=100.0, type=float)
 @click.option("--rep-ms", default=500.0, type=float)
+@click.option("--compile-only", is_flag=True,
+              help="No device: compile every Triton kernel variant a training run launches for "
+                   "--arch (Triton's compiler + ptxas) and report registers, spills and shared "
+                   "memory per variant (--tiny: ViT-B/16 at one micro-batch size).")
+@click.option("--arch", multiple=True, type=int, default=(90,),
+              help="CUDA compute capability for --compile-only (repeatable: --arch 90 --arch 80).")
 @DEVICE
 @OUT
-def kernels(tiny, batch, compile_ref, check, timings, warmup_ms, rep_ms, device, out):
+def kernels(tiny, batch, compile_ref, check, timings, warmup_ms, rep_ms, compile_only, arch,
+            device, out):
     """Fused MAE loss and random masking: correctness vs float64 on the trainer's exact shapes
-    (fp32 images, the pred[:, 1:] view, uneven micro-batches), then fused vs eager timings
-    (`speedup`) and the memory floor."""
+    (fp32 images, the pred[:, 1:] view, uneven micro-batches, channels-last and contiguous
+    images), then fused vs eager timings (`speedup`) and the memory floor. --compile-only:
+    every kernel variant compiled for --arch, no device needed."""
+    if compile_only:
+        from dietcl_fast.bench.kernel_compile import bench_compile_only
+        _run(bench_compile_only, archs=arch, tiny=tiny, out=out, echo=click.echo)
+        return
     from dietcl_fast.bench.kernels import bench_kernels
     _run(bench_kernels, device=device, tiny=tiny, batch=batch, compile_ref=compile_ref,
          check=check, timings=timings, warmup_ms=warmup_ms, rep_ms=rep_ms, out=out,

@@ -130,26 +130,34 @@ class CompileLog:
 FAKE_MICRO_BATCH_FIELDS = ("x", "y", "noise", "mix", "seen", "step", "step_classes", "views")
 
 
-def fake_tensors(obj, mode, device: str):
-    """Host tensors (nested in dicts, lists and dataclasses, as in a micro-batch) -> fake
-    tensors of FakeTensorMode `mode` on `device` (shapes and dtypes only: a step can be traced
-    in its CUDA form on a machine without a GPU)."""
+def map_tensors(obj, fn):
+    """`fn` applied to every tensor nested in dicts, lists and dataclasses (as in a
+    micro-batch: its images, labels, MixPlan, ClassSet); everything else as it is."""
     if isinstance(obj, torch.Tensor):
-        return mode.from_tensor(obj).to(device)
+        return fn(obj)
     if isinstance(obj, dict):
-        return {k: fake_tensors(v, mode, device) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [fake_tensors(v, mode, device) for v in obj]
+        return [map_tensors(v, fn) for v in obj]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return type(obj)(**{f.name: fake_tensors(getattr(obj, f.name), mode, device)
+        return type(obj)(**{f.name: map_tensors(getattr(obj, f.name), fn)
                             for f in dataclasses.fields(obj)})
     return obj
 
 
-def fake_micro_batch(mb, mode, device: str):
-    """A micro-batch with its tensors faked on `device` (`fake_tensors`) and no generators."""
+def fake_tensors(obj, mode, device: str):
+    """Host tensors (nested as in a micro-batch) -> fake tensors of FakeTensorMode `mode` on
+    `device` (shapes and dtypes only: a step can be traced in its CUDA form on a machine
+    without a GPU)."""
+    return map_tensors(obj, lambda t: mode.from_tensor(t).to(device))
+
+
+def fake_micro_batch(mb, mode, device: str, to=None):
+    """A micro-batch with its tensors faked on `device` (`fake_tensors`; `to`: instead, this
+    function applied to each tensor, e.g. a move to the meta device) and no generators."""
+    fn = to or (lambda t: mode.from_tensor(t).to(device))
     return dataclasses.replace(mb, generator=None, mask_generator=None,
-                               **{f: fake_tensors(getattr(mb, f), mode, device)
+                               **{f: map_tensors(getattr(mb, f), fn)
                                   for f in FAKE_MICRO_BATCH_FIELDS})
 
 

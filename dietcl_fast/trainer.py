@@ -155,7 +155,7 @@ class Trainer:
                                cfg.run.seed, self.method, cfg.method)
         self.engine = build_engine(self.plan.engine, self.model, self.device, self.amp_dtype,
                                    dist_info=self.dist, zero_stage=cfg.engine.zero_stage,
-                                   micro_batch=self.micro, accum=self.accum)
+                                   micro_batch=self.micro, accum=self.accum, log=self.log)
 
         self.buffer = BalancedBuffer(seed=cfg.run.seed, replacement=cfg.method.buffer_replacement,
                                      class_balanced=cfg.method.buffer_class_balanced)
@@ -277,7 +277,7 @@ class Trainer:
         while self.pos.phase < len(phases):
             p_idx = self.pos.phase
             phase = phases[p_idx]
-            self._fresh_optimizer()
+            self._fresh_optimizer(phase)
             if self._pending_engine_state is not None:
                 self.engine.load_state_dict(self._pending_engine_state)
                 self._pending_engine_state = None
@@ -489,9 +489,10 @@ class Trainer:
         return cosine_lr(self.cfg.optim.blr * self.G / 256 * phase.lr_scale, self.cfg.optim.min_lr,
                          it, phase.steps)
 
-    def _fresh_optimizer(self) -> None:
+    def _fresh_optimizer(self, phase) -> None:
         groups = self.model.param_groups_lrd(self.cfg.optim.weight_decay, self.cfg.optim.layer_decay)
-        self.engine.build_optimizer(groups, lr=0.0, betas=(self.cfg.optim.beta1, self.cfg.optim.beta2))
+        self.engine.build_optimizer(groups, lr=0.0, betas=(self.cfg.optim.beta1, self.cfg.optim.beta2),
+                                    all_parameters_used=phase.all_parameters_used)
 
     def _charge(self, phase, sizes: dict) -> None:
         """Charge one micro-batch (images per source) before it runs: the ledger refuses a pass

@@ -267,12 +267,14 @@ def _mae_loss_backward_cpu(imgs, pred, mask, denom, grad_out, patch_size, norm_p
     P = pred.shape[-1]
     scale = grad_out.to(cdt).reshape(()) * 2.0 / (denom.to(cdt).reshape(()) * P)
     g = (pred.to(cdt) - target) * (mask.to(cdt) * scale).unsqueeze(-1)
-    return g.to(pred.dtype)
+    # contiguous, as the Triton kernel writes it (elementwise ops would follow a permuted pred)
+    return g.to(pred.dtype).contiguous()
 
 
 @mae_loss_backward.register_fake
 def _mae_loss_backward_fake(imgs, pred, mask, denom, grad_out, patch_size, norm_pix):
-    return torch.empty_like(pred)
+    # contiguous whatever pred's strides (a view, or a dense permutation): the kernels' layout
+    return pred.new_empty(pred.shape)
 
 
 def _mae_setup(ctx, inputs, output):

@@ -1,21 +1,36 @@
 """`dietcl-fast bench ...` and bench/gpu_suite.sh, run as a user runs them (real processes) at
 tiny sizes on the CPU, so none of them can rot: the suite's CPU mode runs bench kernels, step,
-loader and flops; buffer and engines run on their own. Numbers are not checked (this is not a
-speed test), the schema and the ratios' consistency are."""
+loader and the kernel timings; buffer, flops and engines run on their own. Numbers are not
+checked (this is not a speed test), the schema and the ratios' consistency are. The suite's
+plan (parts, order, limits against the deadline) is checked as `--plan` prints it, and its
+file rule (at most 8 files under $OUT) after a part is stopped and after the suite itself is
+killed."""
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
+import tarfile
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
+GPU_ORDER = ["env", "build", "kernels", "pytest_kernels", "step", "mae_loss", "loader"]
+SUITE_FILES = {"kernels.json", "step.json", "mae_loss.json", "loader.json", "suite.log",
+               "summary.json", "logs.tar.gz"}
 
 
 def run(args, **kw):
-    return subprocess.run(args, capture_output=True, text=True, timeout=2500, cwd=ROOT, **kw)
+    return subprocess.run(args, capture_output=True, text=True, timeout=2900, cwd=ROOT, **kw)
+
+
+def plan(*args):
+    p = run(["bash", "bench/gpu_suite.sh", "--plan", *args])
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +42,40 @@ def suite(tmp_path_factory):
     return out
 
 
+def test_gpu_suite_plan_orders_the_parts_and_fits_the_deadline():
+    """The parts in the order a short GPU window must return them, and limits that add up to
+    no more than the deadline: the default (360 s on a GPU, the offline build included) and any
+    --deadline (a part's limit is then cut to what is left). The step part keeps a share for
+    the eager mode after the compiled one's."""
+    for args, deadline in (((), 360), (("--cpu",), None)):
+        pl = plan(*args)
+        assert [p["name"] for p in pl["parts"]] == GPU_ORDER
+        total = sum(p["limit_seconds"] for p in pl["parts"]) + pl["reserve_seconds"]
+        assert total <= pl["deadline_seconds"] == pl["default_deadline_seconds"]
+        if deadline is not None:
+            assert pl["deadline_seconds"] == deadline
+        step = next(p for p in pl["parts"] if p["name"] == "step")
+        assert 0 < pl["eager_share_seconds"] < step["limit_seconds"]
+        assert all(0 < p["min_seconds"] <= p["limit_seconds"] for p in pl["parts"])
+    assert plan("--deadline", "200")["deadline_seconds"] == 200
+
+
 def test_gpu_suite_cpu_mode_writes_its_files(suite):
-    files = sorted(os.listdir(suite))
-    assert files == sorted(["env.json", "kernels.json", "step.json", "loader.json", "flops.json",
-                            "pytest_kernels.txt", "suite.log", "summary.json"])
+    """The CPU dry run: every part in order, each within its limit, the files of the rule."""
+    assert set(os.listdir(suite)) == SUITE_FILES
     summary = json.loads((suite / "summary.json").read_text())
     assert summary["pass"] and summary["mode"] == "cpu"
-    assert set(summary["parts"]) == {"env", "pytest_kernels", "kernels", "step", "loader", "flops"}
-    assert summary["kernels_correct"] is True
+    assert list(summary["parts"]) == [p for p in GPU_ORDER if p != "build"]       # --no-build
+    limits = {p["name"]: p["limit_seconds"] for p in plan("--cpu")["parts"]}
+    assert all(p["seconds"] <= limits[n] for n, p in summary["parts"].items()), summary["parts"]
+    assert summary["elapsed_seconds"] <= summary["deadline_seconds"]
+    assert summary["kernels_correct"] is True and summary["kernels_cases_checked"] == 4
+    assert summary["env"]["torch"] and summary["mae_loss_fused_speedup"] > 0
+    with tarfile.open(suite / "logs.tar.gz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {"env.json", "pytest_kernels.txt", "status"} <= names
+    log = (suite / "suite.log").read_text()
+    assert "--loader memory --modes compiled,eager --mode-seconds" in log
 
 
 def test_bench_step_schema(suite):
@@ -96,17 +137,32 @@ def test_bench_step_compiled_mode_builds_only_the_graphs_it_times(suite):
         [g["where"] for g in cl["graphs"]]
 
 
-def test_bench_kernels_loader_flops_results(suite):
+def test_bench_kernels_loader_results(suite):
     k = json.loads((suite / "kernels.json").read_text())
-    assert k["check"]["pass"] and [c["micro_batch"] for c in k["check"]["cases"]] == [7, 6]
+    assert k["check"]["pass"] and k["complete"] and "timings" not in k
+    assert [(c["micro_batch"], c["layout"]) for c in k["check"]["cases"]] == \
+        [(7, "channels_last"), (7, "contiguous"), (6, "channels_last"), (6, "contiguous")]
     assert all(not c["pred_is_contiguous"] for c in k["check"]["cases"])
-    assert k["speedup"] > 0
+    for c in k["check"]["cases"]:           # the layouts a run hands the kernels
+        S = 32
+        if c["layout"] == "channels_last":
+            assert c["imgs_stride"] == [3 * S * S, 1, 3 * S, 3] and c["tokens_stride"][2] == 1
+        else:
+            assert c["imgs_stride"] == [3 * S * S, S * S, S, 1] and c["tokens_stride"][1] == 1
+    m = json.loads((suite / "mae_loss.json").read_text())
+    assert "check" not in m and m["complete"] and m["speedup"] > 0
+    assert {r["variant"] for r in m["timings"]["rows"]} == {"eager", "fused"}
     ld = json.loads((suite / "loader.json").read_text())
     row, = ld["backends"]
-    assert row["backend"] == "torch-decode_jpeg-cpu"
+    assert row["backend"] == "torch-decode_jpeg-cpu" and ld["complete"]
     assert row["loader_ratio"] == pytest.approx(row["images_per_second_with_step"] / row["images_per_second"])
     assert row["step_slowdown"] > 0
-    f = json.loads((suite / "flops.json").read_text())
+
+
+def test_bench_flops(tmp_path):
+    p = run([*CLI, "bench", "flops", "--tiny", "--device", "cpu", "--out", str(tmp_path / "f.json")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    f = json.loads((tmp_path / "f.json").read_text())
     assert f["ledger_exact"] and 0 < f["mfu"]
 
 
@@ -152,56 +208,107 @@ def test_gpu_suite_deadline_skips_and_records(tmp_path):
     assert not (tmp_path / "step.json").exists()
 
 
-def test_gpu_suite_killed_part_keeps_its_partial_figures(tmp_path):
-    """A part still running at the deadline is killed; what it wrote before (bench step writes
-    step.json after each mode) is in summary.json, and the suite still ends with a summary.
-    The python here answers `bench step` by writing an eager-only step.json and hanging, as a
-    compile that never finishes would."""
+def fake_python(tmp_path, bench: str) -> str:
+    """A `python` for the suite that runs everything for real but `bench ...` and pytest: the
+    given bash lines answer `bench PART` ($4; `out` is its --out file), pytest succeeds."""
     fake = tmp_path / "python"
     fake.write_text(f"""#!/bin/bash
-if [ "$2" = dietcl_fast.cli.main ] && [ "$3" = bench ] && [ "$4" = step ]; then
-    out=""; prev=""
-    for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
-    echo '{{"complete": false, "modes": {{"eager": {{"mfu": 0.5, "mode_wall_seconds": 3.0}}}},
-           "errors": {{}}, "speedup": null}}' > "$out"
-    exec sleep 600
+out=""; prev=""
+for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
+if [ "$2" = dietcl_fast.cli.main ] && [ "$3" = bench ]; then
+{bench}
 fi
+[ "$1" = -m ] && [ "$2" = pytest ] && exit 0
 exec {sys.executable} "$@"
 """)
     fake.chmod(0o755)
+    return str(fake)
+
+
+def test_gpu_suite_killed_part_keeps_its_partial_figures(tmp_path):
+    """A part still running at its limit (cut to the deadline) is stopped; what it wrote before
+    (the benches write their JSON as they go) is in summary.json, the next part is skipped for
+    want of time, and the suite still ends with a summary, within the deadline. The python here
+    answers the kernel timings by writing the first rows and hanging, as a stuck compile would."""
+    py = fake_python(tmp_path, """
+    if [ "$4" = kernels ]; then
+        echo '{"complete": false, "speedup": 2.5, "timings": {"rows": [{"op": "loss fwd+bwd",
+              "variant": "fused", "median_ms": 1.0, "speedup": 2.5}]}}' > "$out"
+        exec sleep 600
+    fi""")
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake)}
-    p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--deadline", "63",
-             "--only", "step,flops"], env=env)
+    env = {**os.environ, "OUT": str(out), "PYTHON": py}
+    p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--deadline", "45",
+             "--only", "mae_loss,loader"], env=env)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["parts"]["step"]["timed_out"] and not s["parts"]["step"]["pass"]
-    assert s["parts"]["flops"]["skipped"]                    # no time left after the kill
-    assert s["step"]["complete"] is False and s["step"]["mfu"] == {"eager": 0.5}
-    assert s["elapsed_seconds"] <= 63
+    assert list(s["parts"]) == ["env", "mae_loss", "loader"]
+    assert s["parts"]["mae_loss"]["timed_out"] and not s["parts"]["mae_loss"]["pass"]
+    assert s["parts"]["loader"]["skipped"]                   # no time left after the stop
+    assert s["mae_loss_fused_speedup"] == 2.5
+    assert s["elapsed_seconds"] <= 45
+    assert set(os.listdir(out)) == {"mae_loss.json", "suite.log", "summary.json", "logs.tar.gz"}
+
+
+def test_gpu_suite_killed_from_outside_leaves_at_most_8_files(tmp_path):
+    """The device returns at most 8 files: the whole suite killed (SIGKILL to its process
+    group, as a command limit does) in the middle of a part, with an atomic write caught
+    half-way, leaves the summary of the parts that finished, the live log, the log archive and
+    the parts' JSON: at most 8 files, one of them the temporary file. Scratch files (status,
+    env, pytest output) are kept outside $OUT."""
+    py = fake_python(tmp_path, """
+    case "$4" in
+        kernels) echo '{"check": {"pass": true, "cases": []}, "complete": true}' > "$out"; exit 0 ;;
+        step) echo '{"complete": false, "modes": {}, "errors": {}}' > "$out"
+              echo $$ > "$(dirname "$out")/../hung.pid"
+              echo '{"half": ' > "$(dirname "$out")/.tmp-0a1b2c-step.json"
+              exec sleep 600 ;;
+    esac""")
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": py}
+    proc = subprocess.Popen(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        t_end = time.time() + 300
+        while not (out / ".tmp-0a1b2c-step.json").exists():
+            assert proc.poll() is None and time.time() < t_end, "the suite never reached step"
+            time.sleep(0.2)
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # `timeout` runs each part in a process group of its own: end the hung part too
+        if (tmp_path / "hung.pid").exists():
+            try:
+                os.kill(int((tmp_path / "hung.pid").read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    files = set(os.listdir(out))
+    assert len(files) <= 8, files
+    assert files == {"summary.json", "suite.log", "logs.tar.gz", "kernels.json", "step.json",
+                     ".tmp-0a1b2c-step.json"}, files
+    s = json.loads((out / "summary.json").read_text())
+    assert list(s["parts"]) == ["env", "kernels", "pytest_kernels"] and s["kernels_correct"]
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        assert "pytest_kernels.txt" in {os.path.basename(n) for n in tar.getnames()}
 
 
 def test_gpu_suite_summary_lists_the_graphs_a_stopped_compile_built(tmp_path):
     """A compiled mode stopped at the step part's limit records the graphs it had built in
     step.json's errors (bench step's SIGTERM handling); summary.json lists them with their
     seconds beside the finished modes' ones. The python here writes such a step.json."""
-    fake = tmp_path / "python"
-    fake.write_text(f"""#!/bin/bash
-if [ "$2" = dietcl_fast.cli.main ] && [ "$3" = bench ] && [ "$4" = step ]; then
-    out=""; prev=""
-    for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
-    echo '{{"complete": false, "modes": {{"eager": {{"mfu": 0.5, "compile_log": null}}}},
-           "errors": {{"compiled": {{"error": "Terminated: SIGTERM", "compile_log":
-             {{"graphs": [{{"function": "step_loss", "seconds": 95.5,
-                           "where": {{"time_step": 1, "phase": "joint", "iteration": 0}}}}]}}}}}},
-           "speedup": null, "compile_seconds": {{}}}}' > "$out"
-    exit 1
-fi
-exec {sys.executable} "$@"
-""")
-    fake.chmod(0o755)
+    py = fake_python(tmp_path, """
+    if [ "$4" = step ]; then
+        echo '{"complete": false, "modes": {"eager": {"mfu": 0.5, "compile_log": null}},
+               "errors": {"compiled": {"error": "Terminated: SIGTERM", "compile_log":
+                 {"graphs": [{"function": "step_loss", "seconds": 95.5,
+                              "where": {"time_step": 1, "phase": "joint", "iteration": 0}}]}}},
+               "speedup": null, "compile_seconds": {}}' > "$out"
+        exit 1
+    fi""")
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "PYTHON": str(fake)}
+    env = {**os.environ, "OUT": str(out), "PYTHON": py}
     p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--only", "step"], env=env)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
@@ -212,9 +319,13 @@ exec {sys.executable} "$@"
 
 
 def test_bench_step_keeps_the_modes_that_ran_when_one_fails(tmp_path, monkeypatch):
-    """A mode that raises is recorded in step.json with its error; the other mode's figures are
-    written (after each mode) and the call ends with BenchFailed (the CLI's exit status 1).
+    """Modes run in the order given (the GPU suite: compiled first). A mode that raises is
+    recorded in step.json with its error, and so is one stopped at --mode-seconds (here a
+    compiled mode that hangs, as a cold compile past its share would): the next mode still runs,
+    its figures are written, and the call ends with BenchFailed (the CLI's exit status 1).
     Bad input (ConfigError) is not swallowed: it stops at once, as before."""
+    import time as _time
+
     from dietcl_fast.bench import step as bstep
     from dietcl_fast.bench.common import BenchFailed
     from dietcl_fast.config import ConfigError
@@ -224,19 +335,25 @@ def test_bench_step_keeps_the_modes_that_ran_when_one_fails(tmp_path, monkeypatc
     def flaky(mode, *a, **kw):
         calls.append(mode)
         if mode == "compiled":
-            raise RuntimeError("inductor fell over")
+            _time.sleep(120)                # stopped by the alarm after --mode-seconds
         return real(mode, *a, **kw)
 
     monkeypatch.setattr(bstep, "run_mode", flaky)
     out = tmp_path / "step.json"
-    with pytest.raises(BenchFailed, match="mode compiled failed: RuntimeError: inductor fell over"):
+    t0 = _time.perf_counter()
+    with pytest.raises(BenchFailed, match="mode compiled failed: ModeTimeout: stopped after "
+                                          "--mode-seconds 2"):
         bstep.bench_step(preset="cpu-tiny", device="cpu", steps=1, warmup=1, tiny_peak=True,
-                         out=str(out), workdir=str(tmp_path), echo=lambda *_: None)
+                         modes=("compiled", "eager"), mode_seconds=2, out=str(out),
+                         workdir=str(tmp_path), echo=lambda *_: None)
     r = json.loads(out.read_text())
-    assert calls == ["eager", "compiled"] and r["complete"] is False
+    assert calls == ["compiled", "eager"] and r["complete"] is False
     assert set(r["modes"]) == {"eager"} and r["speedup"] is None
     assert r["modes"]["eager"]["mode_wall_seconds"] > 0
-    assert "inductor fell over" in r["errors"]["compiled"]["traceback_tail"]
+    assert 2 <= r["errors"]["compiled"]["mode_wall_seconds"] < 10
+    assert _time.perf_counter() - t0 < 120
+    import signal as _signal
+    assert _signal.getitimer(_signal.ITIMER_REAL) == (0.0, 0.0)       # no alarm left behind
 
     def bad(mode, *a, **kw):
         raise ConfigError("--data 'nope': no such dataset")

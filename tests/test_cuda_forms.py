@@ -1,100 +1,93 @@
 """The code that only runs on a GPU, checked on a machine without one as far as it can be.
 
-* The fused Triton kernels are compiled for an H100 / H200 (sm_90: Triton's own compiler and
-  ptxas, no driver needed) through the launchers the model calls, with the argument types,
-  strides and block sizes the trainer passes (bf16 `pred[:, 1:]` view, fp32 images, timm's
-  transposed patch tokens, fp32 `pos_embed[:, 1:]` view). The Triton interpreter the kernel
-  tests use on the CPU accepts code the GPU compiler refuses; this does not.
+* The fused Triton kernels are compiled for an H100 / H200 (sm_90) and an A100 (sm_80) by
+  Triton's own compiler and ptxas, no driver needed (`bench kernels --compile-only`), through
+  the launchers the model calls, with the argument types, strides and block sizes the trainer
+  passes; registers, spills and shared memory are checked per variant. The Triton
+  interpreter the kernel tests use on the CPU accepts code the GPU compiler refuses; this
+  does not.
 * The compiled DietCL step in its CUDA form: on fake CUDA tensors `backend_for` picks the
   Triton path, so the step traces whole (`fullgraph=True`) with the fused custom ops in the
   graph, under bf16 autocast, for every phase shape of a run (on the CPU the step traces the
   torch reference instead). AOTAutograd's inference graph is built too. The backward through
-  the ops cannot run on fake CUDA tensors (the autograd engine needs a device); opcheck covers
-  their fake kernels and autograd formulas (test_kernel_ops.py).
+  the ops cannot run on fake CUDA tensors (the autograd engine needs a device): on meta
+  tensors, with the fused kernels forced, the ViT-B/16 joint step is traced forward and
+  backward (the ops' autograd formulas and backward fakes); opcheck covers their fake kernels
+  and autograd formulas op by op (test_kernel_ops.py).
 """
+import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 from conftest import tiny_cfg
 
-# The kernels exactly as the launchers call them at ViT-B/16 shapes, compiled (not run) for
-# sm_90 by a stand-in driver that only names the target.
-_AOT = textwrap.dedent("""
-    import importlib, json, sys
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
-    from triton.runtime.jit import JITFunction
-
-    class Target:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-
-    driver.set_active(Target())
-    from dietcl_fast.kernels import _dispatch
-    ML = importlib.import_module("dietcl_fast.kernels.mae_loss")
-    MK = importlib.import_module("dietcl_fast.kernels.masking")
-    done = []
-
-    class CompileOnly:              # _dispatch.jit(fn)[grid](...) compiles instead of launching
-        def __init__(self, fn):
-            self.fn = JITFunction(fn)
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                k = self.fn.warmup(*args, grid=grid, **kwargs)
-                done.append({"kernel": self.fn.__name__, "shared": k.metadata.shared,
-                             "num_warps": k.metadata.num_warps, "cubin": "cubin" in k.asm,
-                             "dtype": str(args[1].dtype)})
-            return launch
-
-    _dispatch.jit = CompileOnly
-    N, C, S, p, D = 2, 3, 224, 16, 768
-    L, P = (S // p) ** 2, p * p * C
-    K = L // 4
-    for dt in (torch.bfloat16, torch.float32):          # autocast on a GPU, and fp32
-        imgs = torch.empty(N, C, S, S)
-        pred = torch.empty(N, L + 1, P, dtype=dt)[:, 1:]      # the decoder's view
-        mask = torch.empty(N, L)
-        loss, denom, _ = ML._launch_fwd(imgs, pred, mask, p)
-        ML._launch_bwd(imgs, pred, mask, denom, torch.empty(()), p)
-        x = torch.empty(N, D, L, dtype=dt).transpose(1, 2)    # timm's patch_embed output
-        pos = torch.empty(1, L + 1, D)[:, 1:, :]
-        ids = torch.empty(N, L, dtype=torch.int64)
-        vis, _, restore = MK._masking_triton(x, pos, ids, K)
-        MK._launch_bwd_x(vis, ids, L, dt)
-        MK._launch_bwd_pos(vis, restore, L, torch.float32)
-    print(json.dumps(done))
-""")
+CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
+KERNELS = {"_mae_loss_fwd_kernel", "_mae_loss_finalize_kernel", "_mae_loss_bwd_kernel",
+           "_masking_fwd_kernel", "_masking_bwd_x_kernel", "_masking_bwd_pos_kernel"}
 
 
-def test_triton_kernels_compile_for_sm90_as_the_trainer_launches_them(tmp_path):
-    triton = pytest.importorskip("triton")
-    from triton.backends import backends
-    if "nvidia" not in backends:
-        pytest.skip("this triton has no NVIDIA backend")
+def compile_only(tmp_path, extra_env=None):
+    """`dietcl-fast bench kernels --compile-only --tiny --arch 90 --arch 80` as a user runs it
+    -> its JSON."""
+    pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DIETCL_KERNELS")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")     # really compile, every time
-    r = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True,
-                       timeout=600)
+    env.update(extra_env or {})
+    out = tmp_path / "compile.json"
+    r = subprocess.run([*CLI, "bench", "kernels", "--compile-only", "--tiny", "--arch", "90",
+                        "--arch", "80", "--out", str(out)], env=env, capture_output=True,
+                       text=True, timeout=900)
+    if "has no NVIDIA backend" in r.stderr:
+        pytest.skip(r.stderr.strip())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
-    import json
-    done = json.loads(r.stdout.strip().splitlines()[-1])
-    names = {d["kernel"] for d in done}
-    assert names == {"_mae_loss_fwd_kernel", "_mae_loss_finalize_kernel", "_mae_loss_bwd_kernel",
-                     "_masking_fwd_kernel", "_masking_bwd_x_kernel", "_masking_bwd_pos_kernel"}, \
-        (triton.__version__, names)
-    assert len(done) == 12 and all(d["cubin"] for d in done), done
-    # an H100's shared memory per block (227 KiB); today's kernels use at most a few KiB
-    assert max(d["shared"] for d in done) <= 227 * 1024, done
+    assert "PASS" in r.stdout
+    return json.loads(out.read_text())
+
+
+def test_every_triton_kernel_compiles_for_sm90_and_sm80_as_the_trainer_launches_it(tmp_path):
+    """Through the real CLI: the launchers called with the trainer's ViT-B/16 arguments (bf16
+    and fp32; channels-last images with contiguous tokens, as the torch loader gives them, and
+    contiguous images with transposed tokens, as the memory loader does; `pred[:, 1:]`,
+    `pos_embed[:, 1:]`) compiled by Triton's compiler and ptxas for sm_90 and sm_80, no GPU
+    needed: every kernel compiles, with no spill and no local memory. The full set (both
+    presets, 13 micro-batch sizes; 112 variants, ~2 minutes) is `bench kernels --compile-only`
+    without --tiny (bench/RESULTS.md). ~30 s: 38 compiles."""
+    res = compile_only(tmp_path)
+    assert res["pass"] and res["summary"]["failures"] == 0 and res["summary"]["spills"] == 0
+    assert res["cases"] == ["vit-b16/c3/bf16/channels_last/n102", "vit-b16/c3/bf16/contiguous/n102",
+                            "vit-b16/c3/fp32/channels_last/n102", "vit-b16/c3/fp32/contiguous/n102"]
+    vs = res["variants"]
+    for arch in (90, 80):
+        assert {v["kernel"] for v in vs if v["arch"] == arch} == KERNELS, arch
+    for v in vs:
+        assert v["registers"] <= 255 and v["local_bytes"] == 0 and v["stack_bytes"] == 0, v
+        assert v["shared_static_bytes"] + v["shared_dynamic_bytes"] <= 163 * 1024, v
+    # what Triton saw is what the trainer passes: bf16 and fp32 `pred`, fp32 images, and the
+    # channels-last images' unit channel stride specialised to a constant
+    fwd = [v for v in vs if v["kernel"] == "_mae_loss_fwd_kernel" and v["arch"] == 90]
+    assert {v["signature"]["pred_ptr"] for v in fwd} == {"*bf16", "*fp32"}
+    assert {v["signature"]["img_ptr"] for v in fwd} == {"*fp32"}
+    assert any(v["constexprs"].get("s_ic") == 1 for v in fwd)          # NHWC: channel stride 1
+    assert any("s_ic" in v["signature"] for v in fwd)                  # NCHW: a runtime stride
+    assert all(v["constexprs"]["BLOCK_P"] == 1024 and v["constexprs"]["BLOCK_L"] == 4 for v in fwd)
+
+
+@pytest.mark.skipif(not os.environ.get("DIETCL_EXTRA_TRITON"),
+                    reason="DIETCL_EXTRA_TRITON (a directory holding another triton, e.g. "
+                           "pip install --target DIR triton==3.6.0) is not set")
+def test_every_triton_kernel_compiles_with_another_triton(tmp_path):
+    """The same compile with the triton installed in $DIETCL_EXTRA_TRITON ahead of the pinned
+    one (e.g. the GPU machine's 3.6): an API or codegen change between versions shows here."""
+    import triton
+    d = os.environ["DIETCL_EXTRA_TRITON"]
+    res = compile_only(tmp_path, {"PYTHONPATH": os.pathsep.join(
+        [d, *filter(None, [os.environ.get("PYTHONPATH")])])})
+    assert res["triton"] != triton.__version__, (res["triton"], d)
+    assert res["pass"] and res["summary"]["spills"] == 0
+    assert {v["kernel"] for v in res["variants"]} == KERNELS
 
 
 @pytest.mark.slow
@@ -156,6 +149,35 @@ def test_compiled_step_in_its_cuda_form_traces_whole_with_the_fused_ops(tmp_path
     assert len(graphs) == 6 and len(joint) == 4, len(graphs)     # 3 phases x 2 backends
     assert all("torch.ops.dietcl.mae_loss" in g for g in joint)
     assert not any("torch.ops.dietcl" in g for g in graphs if g not in joint)     # buffer-only: no MAE
+
+
+@pytest.mark.slow
+def test_compiled_step_traced_forward_and_backward_on_meta_with_the_fused_ops(tmp_path):
+    """The compiled DietCL step at ViT-B/16 shapes (time step 1's joint graph, a GPU run's
+    micro-batch of 1,024 / 4: 102 unlabeled, 77 labeled, 77 buffer images of 224 x 224) traced
+    by dynamo + AOTAutograd on meta tensors with the fused kernels forced (what `backend_for`
+    answers for a CUDA tensor), then its backward run: the forward graph holds the fused ops,
+    the backward graph their backward ops (`register_autograd`), whose fake kernels give
+    every parameter a gradient of its shape. Fake CUDA tensors stop at the backward (the
+    autograd engine needs their device); meta tensors need none (no autocast there: fp32).
+    ~35 s on an idle 2-core machine (the joint graph's ~800 ops); the micro-batches come from
+    a tiny real vit-b16 run with a zero loss (bench/compile_cost.py)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "compile_cost", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench",
+                                     "compile_cost.py"))
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    tr, got = cc.capture_micro_batches("vit-b16", 8, str(tmp_path), lambda m: None, compute=False)
+    r = cc.trace_meta(tr, got, "t1-joint", 1024, 256, lambda m: None)
+    assert r["per_micro_batch"] == {"unlabeled": 102, "labeled": 77, "buffer": 77}
+    assert r["frames"] == 1 and r["graph_breaks"] == 0 and r["graph_ops"] > 700
+    assert r["loss"] == {"device": "meta", "dtype": "torch.float32"}
+    assert r["logs"] == ["Lr", "Lm", "Lb"]
+    assert r["fused_ops_forward"] == ["dietcl.random_masking", "dietcl.mae_loss"]
+    # pos_embed is the fixed sin-cos table (no gradient): no positional-gradient op
+    assert r["fused_ops_backward"] == ["dietcl.mae_loss_backward", "dietcl.random_masking_backward_x"]
+    assert r["parameters_with_gradient"] == r["parameters"] > 200 and r["gradient_shapes_match"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nvjpeg on CUDA)")

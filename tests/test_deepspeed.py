@@ -132,3 +132,77 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path):
                str(tmp_path / "r"), extra_env={"CROSS_RANK": "0", "CROSS_SIZE": "1"})
     ok(p)
     assert "(engine deepspeed, ZeRO-0)" in p.stderr      # auto: started "by the deepspeed launcher"
+
+
+_AUTOCAST_PROBE = r"""
+import json, os, sys
+os.environ["DS_ACCELERATOR"] = "cpu"
+import torch
+from dietcl_fast.engine import build_engine, init_from_env
+
+seen = []
+
+class Probe(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.norm = torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)
+
+    def forward(self, x):                   # what DeepSpeed's own forward calls
+        y = self.lin(x)
+        seen.append(["module forward", torch.is_autocast_enabled("cpu"), str(y.dtype)])
+        return self.norm(y).float().sum()
+
+def loss(model, x):                         # a method's loss, as the trainer hands it over
+    y = model.lin(x)
+    seen.append(["forward_backward", torch.is_autocast_enabled("cpu"), str(y.dtype)])
+    return model.norm(y).float().sum(), {}
+
+dist = init_from_env("cpu", force_group=True)
+out = {}
+for stage in (0, 2):
+    seen.clear()
+    logs = []
+    eng = build_engine("deepspeed", Probe(), torch.device("cpu"), torch.bfloat16, dist_info=dist,
+                       zero_stage=stage, micro_batch=2, accum=1, log=logs.append)
+    eng.build_optimizer([{"params": list(eng.model.parameters())}], lr=0.1, betas=(0.9, 0.95))
+    x = torch.randn(2, 4)
+    eng.forward_backward(loss, x)           # 1. the trainer's way
+    eng.step()
+    eng.ds(x)                               # 2. DeepSpeed's forward, no outer autocast
+    with eng.autocast():                    # 3. DeepSpeed's forward inside the engine's autocast
+        eng.ds(x)
+    out[stage] = {"seen": list(seen), "log": logs, "comm": eng.grad_comm_dtypes(),
+                  "config": eng.ds_config().get("torch_autocast"),
+                  "param_dtypes": sorted({str(p.dtype) for p in eng.model.parameters()})}
+print(json.dumps(out))
+"""
+
+
+@ds
+def test_deepspeed_engine_computes_in_bf16_whichever_way_it_is_called(tmp_path):
+    """bf16 through DeepSpeed's torch_autocast section (the engine's `bf16` section is not used:
+    see deepspeed_engine.py), on the CPU with bf16 autocast standing in for a GPU's: the loss
+    computes in bf16 through `forward_backward`, through DeepSpeed's own forward (without the
+    section: fp32, silently), and through DeepSpeed's forward inside the engine's `autocast()`
+    (where, on a GPU, DeepSpeed without the section switches the outer autocast off); weights
+    stay fp32; the log states how
+    gradients are reduced: ZeRO-0 all in fp32, ZeRO-2 the Linear layer's two in bf16 and the
+    LayerNorm's two in fp32."""
+    import json
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _AUTOCAST_PROBE], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for stage, res in out.items():
+        assert [s[0] for s in res["seen"]] == ["forward_backward", "module forward", "module forward"]
+        assert all(s[1] and s[2] == "torch.bfloat16" for s in res["seen"]), (stage, res["seen"])
+        assert res["config"] == {"enabled": True, "dtype": "bfloat16"}
+        assert res["param_dtypes"] == ["torch.float32"]
+        log, = res["log"]
+        assert f"ZeRO-{stage}, compute bfloat16 (DeepSpeed torch_autocast)" in log, log
+    assert out["0"]["comm"] == {"float32": 4}
+    assert out["2"]["comm"] == {"bfloat16": 2, "float32": 2}
+    assert "gradients reduced across ranks: 2 parameters in bfloat16, 2 parameters in float32" \
+        in out["2"]["log"][0]

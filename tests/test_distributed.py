@@ -18,13 +18,20 @@ import pytest
 
 from dietcl_fast.checkpoint import decode_file
 from dietcl_fast.engine.distributed import launched_by, resolve_engine
-from launchers import _DIRS, TINY, launch, run_once, same_run, torch_ref  # noqa: F401 (fixture)
+from launchers import _DIRS, TINY, launch, launcher, run_once, same_run, torch_ref  # noqa: F401 (fixture)
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_matches_one(tmp_path_factory, torch_ref):
     res, ps = run_once("torch2", tmp_path_factory, 2, *TINY, via="torchrun")   # the real torchrun
-    assert "x 2 processes (engine torch)" in ps[0].stdout + ps[0].stderr
+    out = ps[0].stdout + ps[0].stderr
+    assert "x 2 processes (engine torch)" in out
+    assert "gradients all-reduced in fp32 by DDP over 2 processes" in out
+    # DDP as wrapped: no deprecated argument (torch 2.13+ warns on `broadcast_buffers`), and no
+    # search for unused parameters in DietCL's joint phase, which uses them all (DDP would warn
+    # that it found none; with one unused, it would stop with an error)
+    assert "FutureWarning" not in out and "broadcast_buffers" not in out, out[-3000:]
+    assert "find_unused_parameters=True was specified" not in out, out[-3000:]
     same_run(torch_ref, res)
     # the weights themselves: DDP's all-reduce must give the one-process gradient every step
     import torch
@@ -90,3 +97,60 @@ def test_global_batch_must_divide(tmp_path):
     for p in ps:
         assert p.returncode == 2, p.stderr[-2000:]
         assert "micro-batch 16 x world size 2 = 32" in p.stderr
+
+
+def test_dietcl_phases_say_whether_every_parameter_gets_a_gradient(tmp_path):
+    """The declaration the torch engine's DDP relies on (`Phase.all_parameters_used`: no search
+    for unused parameters when True), checked against the gradients of a real tiny run's
+    micro-batches, one per phase shape: the joint phases (MAE + classifier, at t=0 without the
+    buffer) give every trainable parameter a gradient and say so; the buffer-only phase leaves
+    the MAE decoder without one and says so."""
+    import copy
+
+    from conftest import tiny_cfg
+    from dietcl_fast.trainer import Trainer
+
+    tr = Trainer(tiny_cfg("dietcl", budget=2, method__split="ratio:0.5", device="cpu"),
+                 log=lambda m: None)
+    got, inner = {}, tr.loss_fn
+
+    def keep(model, mb):
+        if (mb.t, mb.phase) not in got:
+            phase = next(p for p in tr.method.phases(tr.step_context(mb.t)) if p.name == mb.phase)
+            got[(mb.t, mb.phase)] = (mb, phase)
+        return inner(model, mb)
+    tr.loss_fn = keep
+    tr.run(str(tmp_path / "run"))
+    assert set(got) == {(0, "joint"), (1, "joint"), (1, "buffer")}
+    for key, (mb, phase) in got.items():
+        model = copy.deepcopy(tr.model)
+        model.zero_grad(set_to_none=True)
+        loss, _ = inner(model, mb)
+        loss.backward()
+        unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert phase.all_parameters_used is (key[1] == "joint"), key
+        assert phase.all_parameters_used == (not unused), (key, unused)
+        if key[1] == "buffer":
+            assert unused and all(n.startswith(("decoder", "mask_token")) for n in unused), unused
+
+
+@pytest.mark.slow
+def test_bench_engines_under_torchrun_measures_the_data_parallel_overhead(tmp_path):
+    """`bench engines` started by the real torchrun on 2 processes: each rank times the torch
+    engine alone on its share (`torch-1`), then DDP across the two; the overhead ratio comes
+    from the same run, and DDP is built without deprecated arguments or an unused-parameter
+    search (DietCL's joint iteration uses every parameter)."""
+    import json
+
+    p = launcher("torchrun", "bench", "engines", "--tiny", "--engines", "torch", "--device", "cpu",
+                 "--out", str(tmp_path / "e.json"), timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["processes"] == 2 and e["global_batch"] == 16 and e["accumulation"] == 2
+    assert [(r["engine"], r["processes"]) for r in e["rows"]] == [("torch-1", 1), ("torch", 2)]
+    one, ddp = e["rows"]
+    assert one["ratio_vs_one_process"] == 1.0
+    assert ddp["ratio_vs_one_process"] == pytest.approx(ddp["ms_per_step_median"] / one["ms_per_step_median"])
+    assert out.count("| torch |") == 1                  # rank 0 alone prints the table
+    assert "FutureWarning" not in out and "find_unused_parameters=True was specified" not in out

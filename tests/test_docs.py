@@ -45,7 +45,8 @@ FOREIGN = {"--hostfile": "deepspeed", "--num_nodes": "deepspeed", "--num_gpus": 
            "--nproc_per_node": "torchrun", "--node_rank": "torchrun", "--rdzv_backend": "torchrun",
            "--rdzv_endpoint": "torchrun", "--build": "cmake", "--install": "cmake",
            "--prefix": "cmake", "--test-dir": "ctest", "--write": "options_table",
-           "--check": "options_table", "--no-deps": "pip", "--no-build-isolation": "pip"}
+           "--check": "options_table", "--no-deps": "pip", "--no-build-isolation": "pip",
+           "--no-index": "pip", "--target": "pip"}
 
 
 # ------------------------------------------------------------------ reading the docs
@@ -422,6 +423,11 @@ def test_the_documented_commands_run(tmp_path):
             not_run[where] = "GPU and DeepSpeed benchmark (tests/test_bench.py runs it with --tiny)"
             todo.pop(args)
             continue
+        elif name == "bench kernels" and "--compile-only" in rest:
+            not_run[where] = ("112 Triton compiles, ~2 minutes (tests/test_cuda_forms.py runs it "
+                              "with --tiny through the CLI)")
+            todo.pop(args)
+            continue
         elif name == "compare":
             r = _invoke([*a, *TINY, "--seeds", "0", "--out", str(tmp_path / "compare")], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
@@ -549,7 +555,8 @@ def _compare_transcript(shown: list[str], printed: str):
 def _suite():
     text = open(os.path.join(ROOT, "bench", "gpu_suite.sh"), encoding="utf-8").read()
     flags = set(re.findall(r"^\s*(--[a-z-]+)\)", text, re.M))
-    parts = re.search(r'^PARTS="([^"]*)"', text, re.M).group(1).split()
+    table = re.search(r'^PART_TABLE="([^"]*)"', text, re.M).group(1).split()
+    parts = [e.split(":")[0] for e in table]
     return flags, parts
 
 
@@ -573,7 +580,7 @@ def test_gpu_suite_lines_in_the_docs_use_its_options_and_parts():
                 bad = set(toks[i + 1].split(",")) - set(parts)
                 assert not bad, f"{rel}:{n}: gpu_suite.sh has no part {sorted(bad)}"
             if t == "--deadline":
-                assert toks[i + 1].isdigit() and int(toks[i + 1]) >= 60, f"{rel}:{n}"
+                assert toks[i + 1].isdigit() and int(toks[i + 1]) >= 20, f"{rel}:{n}"
     text = open(os.path.join(ROOT, "docs", "bench.md"), encoding="utf-8").read()
     listed = re.search(r"runs, in order of value per second: (.*?)\n\(", text, re.S)
     assert listed, "docs/bench.md: the sentence listing the suite's parts moved"

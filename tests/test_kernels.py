@@ -173,6 +173,16 @@ def test_mae_loss_nan_propagates(triton_path, request, where):
     assert torch.isnan(loss), where
 
 
+def test_triton_kernels_give_the_fake_kernels_layouts(triton_path):
+    """Each op's Triton kernel (the interpreter on the CPU, compiled on a GPU) and its fake
+    kernel agree on the outputs' shapes, dtypes and strides, for the layouts a run passes
+    and dense non-contiguous ones (a fake `empty_like(pred)` fails on the permuted `pred`:
+    the kernel's gradient is contiguous); the same samples as test_kernel_ops.py's."""
+    from test_kernel_ops import assert_fake_matches_real, layout_samples
+    for name, op, args in layout_samples(device=DEVICE):
+        assert_fake_matches_real(name, op, args)
+
+
 def test_mae_loss_validation_names_argument():
     imgs = torch.randn(2, 3, 8, 8)
     pred = torch.randn(2, 4, 48)

@@ -7,7 +7,15 @@ DietCL does at every phase start, and peak memory. DeepSpeed is optional: withou
 are left out and the result says why.
 
 The stage it would pick: the fastest, preferring the lower stage within 2% (on one GPU ZeRO-1/2
-shard nothing; they only add bookkeeping)."""
+shard nothing; they only add bookkeeping).
+
+Under a launcher (`torchrun --nproc_per_node W -m dietcl_fast.cli.main bench engines`) each
+rank runs its share of the global batch (batch / W in micro-batches of --micro) and the engines
+reduce gradients across the W processes (the torch engine through DDP). The data-parallel
+overhead is measured in the same run: first the torch engine on each rank alone (`torch-1`: the
+same micro-batches, no process group, no gradient reduction), then the engines across ranks;
+`ratio_vs_one_process` = ms/step across the W processes over `torch-1`'s (1.0: the all-reduce and
+DDP's bookkeeping cost nothing). Rank 0 prints and writes --out."""
 from __future__ import annotations
 
 import os
@@ -36,8 +44,10 @@ def bench_engines(engines: str = "torch,ds0,ds1,ds2", batch: int = 1024, micro: 
     if tiny:
         batch, micro, classes = 16, 4, 10
         steps, warmup = min(steps, 3), min(warmup, 1)
-    if batch % micro:
-        raise ValueError(f"--batch {batch} must be a multiple of --micro {micro}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch % (micro * world):
+        raise ValueError(f"--batch {batch} must be a multiple of --micro {micro}"
+                         + (f" x {world} processes" if world > 1 else ""))
     notes = []
     if any(n.startswith("ds") for n in names):
         try:
@@ -60,8 +70,12 @@ def bench_engines(engines: str = "torch,ds0,ds1,ds2", batch: int = 1024, micro: 
     spec = ModelSpec(**PRESETS[preset]["spec"], in_chans=3).validate()
     cfg = Config()
     method = build_method(cfg)
+    from dietcl_fast.engine import DistInfo
     dist_info = init_from_env(dev.type, force_group=any(n.startswith("ds") for n in names))
-    accum = batch // micro
+    rank = dist_info.rank
+    accum = batch // (micro * world)            # micro-batches per rank per optimiser step
+    if world > 1:                               # the baseline: each rank alone, same work
+        names = ["torch-1", *names]
     counts = {"unlabeled": round(0.4 * batch)}
     counts["labeled"] = (batch - counts["unlabeled"]) // 2
     counts["buffer"] = batch - counts["unlabeled"] - counts["labeled"]
@@ -71,8 +85,8 @@ def bench_engines(engines: str = "torch,ds0,ds1,ds2", batch: int = 1024, micro: 
     mbs = []
     for j in range(accum):
         xs, ys = {}, {}
-        for src, n in counts.items():
-            m = len(range(j, n, accum))
+        for src, n in counts.items():           # rank r's j-th micro-batch of each source
+            m = len(range(j * world + rank, n, accum * world))
             xs[src] = torch.randn(m, 3, S, S, generator=g).to(dev)
             lo = classes // 2 if src == "labeled" else 0
             ys[src] = torch.randint(lo, classes, (m,), generator=g).to(dev)
@@ -89,13 +103,16 @@ def bench_engines(engines: str = "torch,ds0,ds1,ds2", batch: int = 1024, micro: 
             torch.cuda.reset_peak_memory_stats()
         stage = int(name[2:]) if name.startswith("ds") else None
         eng = build_engine("deepspeed" if stage is not None else "torch", model, dev, amp,
-                           dist_info=dist_info, zero_stage=stage or 0, micro_batch=micro,
-                           accum=accum)
+                           dist_info=DistInfo() if name == "torch-1" else dist_info,
+                           zero_stage=stage or 0, micro_batch=micro, accum=accum)
         rebuild = []
         for _ in range(2):
             sync(dev)
             t0 = time.perf_counter()
-            eng.build_optimizer(model.param_groups_lrd(0.05, 0.65), lr=0.0, betas=(0.9, 0.95))
+            # DietCL's joint iteration uses every parameter (its phase declares it): DDP does
+            # not search for unused ones (it would stop with an error if one were unused)
+            eng.build_optimizer(model.param_groups_lrd(0.05, 0.65), lr=0.0, betas=(0.9, 0.95),
+                                all_parameters_used=True)
             sync(dev)
             rebuild.append(time.perf_counter() - t0)
         eng.set_lr(1e-4 * batch / 256)
@@ -110,7 +127,8 @@ def bench_engines(engines: str = "torch,ds0,ds1,ds2", batch: int = 1024, micro: 
             if it >= warmup:
                 times.append(time.perf_counter() - t0)
         med = statistics.median(times)
-        rows.append({"engine": name, "zero_stage": stage, "ms_per_step_median": 1e3 * med,
+        rows.append({"engine": name, "zero_stage": stage, "processes": 1 if name == "torch-1" else world,
+                     "ms_per_step_median": 1e3 * med,
                      "ms_per_step_min": 1e3 * min(times), "images_per_second": batch / med,
                      "rebuild_seconds": rebuild,
                      "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if dev.type == "cuda" else None,
@@ -119,22 +137,27 @@ def bench_engines(engines: str = "torch,ds0,ds1,ds2", batch: int = 1024, micro: 
             eng._destroy()
         del eng, model
     base = next((r["ms_per_step_median"] for r in rows if r["engine"] == "torch"), None)
+    one = next((r["ms_per_step_median"] for r in rows if r["engine"] == "torch-1"), None)
     for r in rows:
         r["ratio_vs_torch"] = r["ms_per_step_median"] / base if base else None
+        r["ratio_vs_one_process"] = r["ms_per_step_median"] / one if one else None
     ds = [r for r in rows if r["zero_stage"] is not None]
     pick = None
     if ds:
         best = min(r["ms_per_step_median"] for r in ds)
         pick = min(r["zero_stage"] for r in ds if r["ms_per_step_median"] <= 1.02 * best)
     res = {**header("engines", dev), "preset": preset, "global_batch": batch, "micro_batch": micro,
-           "accumulation": accum, "classes": classes, "steps": steps, "warmup": warmup,
-           "rows": rows, "picked_default_zero_stage": pick, "notes": notes,
+           "accumulation": accum, "processes": world, "classes": classes, "steps": steps,
+           "warmup": warmup, "rows": rows, "picked_default_zero_stage": pick, "notes": notes,
            "smoke_only": dev.type == "cpu"}
-    echo(f"\n{res['device']['name']} | {preset} | global batch {batch} = {micro} x {accum} | "
-         f"{'bf16 autocast' if amp else 'fp32'}\n")
+    if rank != 0:
+        return res
+    echo(f"\n{res['device']['name']} | {preset} | global batch {batch} = {micro} x {accum}"
+         f"{f' x {world} processes' if world > 1 else ''} | {'bf16 autocast' if amp else 'fp32'}\n")
     echo(table([{**r, "rb": r["rebuild_seconds"][-1]} for r in rows],
-               [("engine", "engine"), ("ms_per_step_median", "ms/step (median)"),
-                ("images_per_second", "img/s"), ("ratio_vs_torch", "x torch"),
+               [("engine", "engine"), ("processes", "processes"),
+                ("ms_per_step_median", "ms/step (median)"), ("images_per_second", "img/s"),
+                ("ratio_vs_torch", "x torch"), ("ratio_vs_one_process", "x 1 process"),
                 ("rb", "rebuild s"), ("peak_gib", "peak GiB")]))
     for m in notes:
         echo(m)

@@ -167,6 +167,15 @@ def bench_loader(preset: str = "cpu-tiny", n: int = 400, batch: int = 64, size=(
     step_batch = step_batch or (batch if dev.type == "cpu" else 256)
     cfgs, notes = _backend_configs(dev, backends)
     rows = []
+    alone_steps = []
+
+    def document(complete: bool) -> dict:
+        return {**header("loader", dev), "preset": preset, "img_size": img_size, "batch": batch,
+                "n_images": n, "source_size": list(size), "data": data if not data.startswith(
+                    "folder:" + tempfile.gettempdir()) else f"synthetic JPEGs {size[0]}x{size[1]}",
+                "seconds_per_measurement": seconds, "step_batch": step_batch,
+                "step_seconds_alone": statistics.median(alone_steps) if alone_steps else None,
+                "backends": rows, "notes": notes, "complete": complete}
     with tempfile.TemporaryDirectory(prefix="dietcl-bench-loader-") as tmp:
         if data is None:
             echo(f"generating {n} synthetic JPEGs ({size[0]}x{size[1]})")
@@ -177,7 +186,6 @@ def bench_loader(preset: str = "cpu-tiny", n: int = 400, batch: int = 64, size=(
         for _ in range(3):
             step()
         sync(dev)
-        alone_steps = []
         for name, kw in cfgs:
             cfg = LoaderConfig(workers=workers)
             for k, v in kw.items():
@@ -200,12 +208,9 @@ def bench_loader(preset: str = "cpu-tiny", n: int = 400, batch: int = 64, size=(
                          "step_slowdown": s_step / step_alone})
             echo(f"{name}: {alone:,.0f} img/s alone, {both:,.0f} with the step running; "
                  f"step x{s_step / step_alone:.2f}")
-    res = {**header("loader", dev), "preset": preset, "img_size": img_size, "batch": batch,
-           "n_images": n, "source_size": list(size), "data": data if not data.startswith(
-               "folder:" + tempfile.gettempdir()) else f"synthetic JPEGs {size[0]}x{size[1]}",
-           "seconds_per_measurement": seconds, "step_batch": step_batch,
-           "step_seconds_alone": statistics.median(alone_steps) if alone_steps else None,
-           "backends": rows, "notes": notes}
+            # after each backend: a run stopped at a time limit keeps the backends it measured
+            write_json(out, document(complete=False))
+    res = document(complete=True)
     echo(f"\n{res['device']['name']} | {preset} ({img_size} px) | batch {batch} | "
          f"training step of {step_batch} images\n")
     echo(table(rows, [("backend", "backend"), ("images_per_second", "img/s alone"),

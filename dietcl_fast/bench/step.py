@@ -27,12 +27,16 @@ Projection for `--budget` steps per time step at t >= 1, with the DietCL split g
 + eval + checkpoint. `seconds_per_step` is that over the budget: end-to-end wall seconds per
 optimiser step, data wait included, eval and checkpoint amortised.
 
-The modes run one after the other (eager first) and `--out` is rewritten after each, with
-`complete: false` until the last: a run killed during the compiled mode's compilation keeps
-the eager figures. A mode that raises is recorded under `errors` (message and traceback tail),
-the other modes still run, and the call ends with `BenchFailed` (exit status 1); bad input
-(`ConfigError`) stops at once. SIGTERM (the GPU suite's time limit) during a mode records that
-mode as failed with the graphs it had compiled, writes `--out` and stops.
+The modes run one after the other in the order of `--modes` (default eager first; the GPU
+suite runs compiled first, its headline) and `--out` is rewritten after each, with
+`complete: false` until the last: a run killed in a later mode keeps the earlier modes'
+figures. A mode that raises is recorded under `errors` (message and traceback tail), the other
+modes still run, and the call ends with `BenchFailed` (exit status 1); bad input
+(`ConfigError`) stops at once. `--mode-seconds S` stops a mode that runs longer than S seconds
+while other modes are still to come (SIGALRM): it is recorded as failed with the graphs it had
+compiled and the next mode runs (the last mode runs to its end).
+SIGTERM (the GPU suite's time limit) during a mode records that mode as failed with the graphs
+it had compiled, writes `--out` and stops.
 """
 from __future__ import annotations
 
@@ -161,19 +165,35 @@ class Terminated(Exception):
     what it compiled so far, step.json is written, and no further mode starts."""
 
 
+class ModeTimeout(Exception):
+    """A mode ran past `mode_seconds`: it is recorded as failed with what it compiled so far,
+    and the next mode runs (the GPU suite gives the compiled mode a share of its time and
+    keeps the rest for the eager mode, so a slow compile still leaves the eager figures)."""
+
+
 @contextlib.contextmanager
-def sigterm_raises():
-    """SIGTERM raises `Terminated` in the main thread while the modes run (elsewhere: as is)."""
+def sigterm_raises(mode_seconds: float | None = None):
+    """SIGTERM raises `Terminated`, and `mode_seconds` after entry SIGALRM raises
+    `ModeTimeout`, in the main thread while a mode runs (elsewhere: as is, no time limit)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
         raise Terminated("terminated by SIGTERM (a time limit?)")
+
+    def alarm(signum, frame):
+        raise ModeTimeout(f"stopped after --mode-seconds {mode_seconds:g}")
     old = signal.signal(signal.SIGTERM, handler)
+    old_alarm = signal.signal(signal.SIGALRM, alarm) if mode_seconds else None
+    if mode_seconds:
+        signal.setitimer(signal.ITIMER_REAL, float(mode_seconds))
     try:
         yield
     finally:
+        if mode_seconds:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old_alarm)
         signal.signal(signal.SIGTERM, old)
 
 
@@ -197,7 +217,8 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                batch_size: int | None = None, micro_batch: int | None = None,
                loader: str = "auto", modes=MODES, label_rate: float = 0.1,
                out: str | None = None, workdir: str | None = None, tiny_peak: bool = False,
-               compile_time_step_0: bool = False, echo=print, log=_quiet) -> dict:
+               compile_time_step_0: bool = False, mode_seconds: float | None = None,
+               echo=print, log=_quiet) -> dict:
     from dietcl_fast.config import ConfigError, parse_split
     dev = pick_device(device)
     if preset not in PRESET_DATA:
@@ -207,8 +228,10 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps {steps} / --warmup {warmup}: need steps >= 1, warmup >= 0")
     parse_split(split)
+    if mode_seconds is not None and not mode_seconds > 0:
+        raise ValueError(f"--mode-seconds {mode_seconds}: must be > 0")
     bad = [m for m in modes if m not in MODES]
-    if bad or not modes:
+    if bad or not modes or len(set(modes)) != len(modes):
         raise ValueError(f"--modes {','.join(modes)}: choose from {', '.join(MODES)}")
     if "compiled" in modes and warmup < 1:
         raise ValueError(f"--warmup {warmup}: the compiled mode builds each graph of time step 1 "
@@ -226,11 +249,13 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
         shown = data if not data.startswith("folder:" + tempfile.gettempdir()) else \
             "synthetic JPEGs " + "x".join(map(str, PRESET_DATA[preset]["size"]))
         res_modes, errors = {}, {}
-        for m in modes:
+        for i, m in enumerate(modes):
             echo(f"running {m} ...")
             t0 = time.perf_counter()
+            # --mode-seconds keeps time for the modes after this one; the last runs to its end
+            limit = mode_seconds if i < len(modes) - 1 else None
             try:
-                with sigterm_raises():
+                with sigterm_raises(limit):
                     r = run_mode(m, data, preset, dev, steps, warmup, os.path.join(tmp, m),
                                  batch_size, micro_batch, loader, label_rate, log, compile_from)
             except ConfigError:             # bad input: the same for every mode, stop now

@@ -13,11 +13,18 @@ What it does differently from a textbook DeepSpeed loop, and why:
   divides each loss by `gradient_accumulation_steps` (`scale_wrt_gas`, turned off here) and
   averages gradients over data-parallel ranks (we multiply the loss by `world_size` to undo it).
   The gradient at the optimiser step is then the one-process gradient of the global batch.
-* **Precision.** Parameters, gradients and optimiser state stay fp32; compute runs under
-  `torch.autocast(bf16)` on GPUs (fp32 on the CPU), as in the torch engine. DeepSpeed's own
-  `bf16` mode keeps bf16 weights with fp32 master copies inside the optimiser; re-creating the
+* **Precision.** Parameters, gradients and optimiser state stay fp32; compute runs in bf16 on
+  GPUs (fp32 on the CPU), as in the torch engine, through DeepSpeed's `torch_autocast` section
+  (torch.autocast(bf16) with fp32 weights): `forward_backward` runs the loss under it, and so
+  does DeepSpeed's own forward (`engine.ds(...)`), which without the section computes in fp32,
+  silently (on a GPU it even switches an outer autocast off). DeepSpeed's `bf16` section is not used: it
+  keeps bf16 weights with fp32 master copies inside the optimiser, and re-creating the
   optimiser every phase would re-derive the masters from bf16 weights, i.e. round every weight
-  to bf16 at every phase boundary. Gradient clipping is off (as in the reference recipe).
+  to bf16 at every phase boundary. Gradient communication: with `torch_autocast`, ZeRO-1/2
+  reduce the gradients of Linear and Conv layers (DeepSpeed's lower-precision-safe modules) in
+  bf16 and the rest in fp32; ZeRO-0 all-reduces in `communication_data_type` (fp32). The run's
+  log states it when the first optimiser is built (`precision_summary`). Gradient clipping is
+  off (as in the reference recipe).
 * **LR.** Set per parameter group every iteration from the trainer's cosine x the group's
   layer-decay `lr_scale` (no DeepSpeed scheduler).
 * **Checkpoints** go through `save_checkpoint` (ZeRO shards + module) with the trainer's state
@@ -72,7 +79,8 @@ class DeepSpeedEngine:
     saves_checkpoints = True        # the trainer hands checkpoints to `save_checkpoint`
 
     def __init__(self, model: torch.nn.Module, device: torch.device, amp_dtype=None, *,
-                 dist_info, zero_stage: int = 0, micro_batch: int = 1, accum: int = 1):
+                 dist_info, zero_stage: int = 0, micro_batch: int = 1, accum: int = 1,
+                 log=None):
         if zero_stage not in (0, 1, 2):
             raise ValueError(f"--zero-stage {zero_stage}: the deepspeed engine supports ZeRO 0, 1 "
                              "and 2 (stage 3 partitions the parameters, which the growing head and "
@@ -90,10 +98,12 @@ class DeepSpeedEngine:
         self.optimizer = None
         self._lr_scales: list[float] = []
         self._micro = 0             # micro-batches since the last optimiser step
+        self.log = log if (log is not None and dist_info.is_main) else (lambda m: None)
+        self._told = False
 
     # ---------------------------------------------------------------- config
     def ds_config(self) -> dict:
-        return {
+        cfg = {
             "train_batch_size": self.micro_batch * self.accum * self.world_size,
             "train_micro_batch_size_per_gpu": self.micro_batch,
             "gradient_accumulation_steps": self.accum,
@@ -103,9 +113,37 @@ class DeepSpeedEngine:
             "wall_clock_breakdown": False,
             "zero_allow_untested_optimizer": True,
         }
+        if self.amp_dtype is not None:      # DeepSpeed's forward computes as forward_backward
+            cfg["torch_autocast"] = {"enabled": True, "dtype": str(self.amp_dtype).replace("torch.", "")}
+        return cfg
+
+    def grad_comm_dtypes(self) -> dict[str, int]:
+        """How DeepSpeed reduces the gradients of the current engine: dtype -> number of
+        trainable parameters whose gradient is reduced in it."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.zero_stage == 0:            # one all-reduce of every gradient
+            return {str(self.ds.communication_data_type).replace("torch.", ""): len(params)}
+        from deepspeed.runtime.torch_autocast import get_comm_dtype, is_autocast_initialized
+        out: dict[str, int] = {}
+        for p in params:        # ZeRO-1/2: per parameter (torch_autocast marks safe modules)
+            dt = get_comm_dtype(p) if is_autocast_initialized() else self.ds.communication_data_type
+            key = str(dt).replace("torch.", "")
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def precision_summary(self) -> str:
+        compute = (f"compute {str(self.amp_dtype).replace('torch.', '')} (DeepSpeed torch_autocast)"
+                   if self.amp_dtype is not None else "compute fp32")
+        comm = ", ".join(f"{n} parameters in {dt}" for dt, n in sorted(self.grad_comm_dtypes().items()))
+        return (f"deepspeed engine: ZeRO-{self.zero_stage}, {compute}; weights, gradients and "
+                f"AdamW state fp32; gradients reduced across ranks: {comm}")
 
     # ---------------------------------------------------------------- seam
-    def build_optimizer(self, param_groups: list[dict], lr: float, betas, weight_decay=None):
+    def build_optimizer(self, param_groups: list[dict], lr: float, betas, weight_decay=None,
+                        all_parameters_used: bool = False):
+        """A fresh DeepSpeed engine with a fresh AdamW; `all_parameters_used` (the phase's
+        declaration, used by the torch engine's DDP) changes nothing here: ZeRO reduces a
+        gradient for every parameter whether the loss used it or not."""
         self._destroy()
         for g in param_groups:
             g.setdefault("lr_scale", 1.0)
@@ -116,6 +154,9 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, _ = self.deepspeed.initialize(
             model=self.model, optimizer=opt, config=self.ds_config(),
             dist_init_required=False)
+        if not self._told:          # once per run: the precision, and how gradients travel
+            self._told = True
+            self.log(self.precision_summary())
         return self.optimizer
 
     def _destroy(self) -> None:

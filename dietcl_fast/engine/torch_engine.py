@@ -7,9 +7,15 @@ Across ranks the model is wrapped, per phase, in `DistributedDataParallel` aroun
 `LossModule` whose `forward(fn, mb)` runs the method's whole loss (`fn(model, mb)`): DDP's
 reducer is armed by `forward`, and a method calls several entry points (`classify`,
 `forward_mae`) for one backward, so the loss as a whole is the one forward DDP sees.
-`find_unused_parameters=True` because the parameter set used changes with the phase (the MAE
-decoder is idle in buffer-only phases); every micro-batch but a rank's last runs under
-`no_sync`, so gradients are all-reduced once per optimiser step. Losses are normalised by the
+DDP searches each backward for parameters the loss left without a gradient
+(`find_unused_parameters`: an extra traversal of the autograd graph per iteration) only in a
+phase that may leave some (the phase's `all_parameters_used` is False, the default: e.g. the
+MAE decoder in a buffer-only phase); DietCL's joint phase uses every parameter and declares it,
+so there DDP does not search. Buffers (the head's class counters, identical on every rank) are
+synced when DDP wraps the model, not at every forward (`forward_sync_buffers=False` where
+torch has it, 2.13+; `broadcast_buffers=False`, its deprecated predecessor, before). Every
+micro-batch but a rank's last runs under `no_sync`, so gradients are all-reduced once per
+optimiser step. Losses are normalised by the
 *global* per-source counts, so a rank's gradient is its share of the global-batch gradient; DDP
 averages over ranks, hence the loss is multiplied by the world size and the result equals the
 one-process gradient (up to float summation order).
@@ -17,6 +23,8 @@ one-process gradient (up to float summation order).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
 from torch import nn
@@ -33,11 +41,24 @@ class LossModule(nn.Module):
         return fn(self.model, mb)
 
 
+@functools.lru_cache(maxsize=None)
+def ddp_buffer_option() -> dict:
+    """DDP's keyword for 'no buffer broadcast at every forward' in this torch: torch 2.13
+    deprecated `broadcast_buffers` (a FutureWarning on every rank) for `forward_sync_buffers`,
+    which earlier versions (the GPU machine's 2.11) do not accept."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    params = inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params \
+        else {"broadcast_buffers": False}
+
+
 class TorchEngine:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, device: torch.device, amp_dtype=None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, log=None):
+        self.log = log or (lambda m: None)
+        self._told = False
         self.model = model.to(device)
         self.device = device
         self.amp_dtype = amp_dtype          # bf16 on GPUs, None (fp32) on the CPU
@@ -45,7 +66,11 @@ class TorchEngine:
         self.optimizer = None
         self.ddp = None
 
-    def build_optimizer(self, param_groups: list[dict], lr: float, betas, weight_decay=None):
+    def build_optimizer(self, param_groups: list[dict], lr: float, betas, weight_decay=None,
+                        all_parameters_used: bool = False):
+        """A fresh AdamW over `param_groups` (and, across ranks, a fresh DDP wrap);
+        `all_parameters_used`: the phase's declaration that every parameter gets a gradient
+        in every micro-batch (DDP then does not search for unused ones)."""
         for g in param_groups:
             g.setdefault("lr_scale", 1.0)
             g["lr"] = lr * g["lr_scale"]
@@ -55,8 +80,14 @@ class TorchEngine:
         if self.world_size > 1:
             # re-wrapped every phase: head growth changes the parameter set DDP registers
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.ddp = DDP(LossModule(self.model), device_ids=None, broadcast_buffers=False,
-                           find_unused_parameters=True)
+            self.ddp = DDP(LossModule(self.model), device_ids=None,
+                           find_unused_parameters=not all_parameters_used, **ddp_buffer_option())
+        if self.world_size > 1 and not self._told:     # once per run: how gradients travel
+            self._told = True
+            amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None
+            self.log(f"torch engine: compute {f'{amp} (torch.autocast)' if amp else 'fp32'}; "
+                     "weights, gradients and AdamW state fp32; gradients all-reduced in fp32 by "
+                     f"DDP over {self.world_size} processes")
         return self.optimizer
 
     def set_lr(self, lr: float) -> None:

@@ -42,6 +42,14 @@ class Phase:
     # head forward+backward) and whose fwd_bwd FLOPs are a full training pass of it, so the
     # charge is images / G x (what runs / a full training pass) units
     forward_only: tuple = ()
+    # True: every trainable parameter gets a gradient from every micro-batch of this phase
+    # (DietCL's joint phase: the MAE path and the classifier), so data-parallel training need
+    # not search each backward for unused parameters (DDP's find_unused_parameters, an extra
+    # autograd-graph traversal per iteration). False, the safe default: some parameters may be
+    # left without one (the MAE decoder in a classification-only phase, the head in an MAE
+    # phase), and DDP searches. A phase that says True and leaves one unused stops with DDP's
+    # error on more than one process (never a wrong gradient).
+    all_parameters_used: bool = False
 
     def mix_at(self, it: int) -> dict[str, float]:
         return self.mix if self.mix_fn is None else self.mix_fn(it)
