@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from .pretrained import SHIPPED, is_shipped
+
 
 class ConfigError(ValueError):
     """Bad configuration value; the message names the option and the value. `path`: the
@@ -70,7 +72,9 @@ class ModelConfig:
                          help="Model size; auto = vit-b16 on a GPU, cpu-tiny on the CPU.")
     pretrained: Optional[str] = option(
         None, path="file",
-        help="Official MAE checkpoint (weights under 'model', with decoder); strict mapping.")
+        help="MAE encoder to start from: a shipped one by name (glyphs-mae-tiny, for cpu-tiny on "
+             "--data glyphs) or an official MAE checkpoint file (weights under 'model', with "
+             "decoder); strict mapping.")
     mask_ratio: float = option(0.75, cli=None, help="MAE mask ratio (share of patches hidden).")
 
 
@@ -575,8 +579,10 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     if cfg.model.pretrained is not None and not isinstance(cfg.model.pretrained, str):
         raise ConfigError(f"{_named('model.pretrained', cfg.model.pretrained)}: expected a path",
                           "model.pretrained")
-    if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
-        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file", "model.pretrained")
+    if cfg.model.pretrained and not (is_shipped(cfg.model.pretrained)
+                                     or os.path.isfile(cfg.model.pretrained)):
+        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file, and not a shipped "
+                          f"encoder ({', '.join(SHIPPED) or 'none'})", "model.pretrained")
     m = cfg.method
     if not isinstance(m.name, str) or not m.name:
         raise ConfigError(f"{_named('method.name', m.name)}: give a method name", "method.name")
