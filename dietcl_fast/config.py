@@ -171,8 +171,13 @@ class MethodConfig:
                                   help="--split auto: candidate thresholds as shares of the "
                                        "budget, validated on the first 3 steps.")
     unlabeled_fraction: float = option(0.4, method="dietcl",
-                                       help="Share of each joint batch for Lr.")
+                                       help="Share of each joint batch for Lr, in [0, 1) (0: no "
+                                            "Lr, the paper's ablation without it).")
     recon_weight: float = option(50.0, method="dietcl", help="w_r, weight of the MAE loss Lr.")
+    joint_buffer: bool = option(True, method="dietcl",
+                                help="DietCL's joint batch draws Lb from the buffer (off: "
+                                     "unlabeled and current labels only, the buffer-only phase "
+                                     "unchanged; the paper's ablation without Lb).")
     buffer_lr_scale: float = option(0.1, cli=None, help="DietCL buffer-only phase LR multiplier.")
     mixup: bool = option(True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
     mixup_alpha: float = option(0.8, cli=None, help="Mixup's Beta(alpha, alpha).")
@@ -589,13 +594,13 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     if not isinstance(m.split, str):
         raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F, threshold:N or "
                           "auto", "method.split")
-    _num(cfg, "method.unlabeled_fraction", lo=0, hi=1)
+    _num(cfg, "method.unlabeled_fraction", lo=0, hi=1, hi_open=True)
     _num(cfg, "method.recon_weight", lo=0)
     _num(cfg, "method.buffer_lr_scale", lo=0, lo_open=True)
     _num(cfg, "method.mixup_alpha", lo=0)
     _num(cfg, "method.cutmix_alpha", lo=0)
     _num(cfg, "method.label_smoothing", lo=0, hi=1, hi_open=True)
-    for key in ("mixup", "buffer_replacement", "buffer_class_balanced"):
+    for key in ("mixup", "buffer_replacement", "buffer_class_balanced", "joint_buffer"):
         _bool(cfg, f"method.{key}")
     _num(cfg, "optim.blr", lo=0, lo_open=True, optional=True)
     _num(cfg, "optim.min_lr", lo=0, optional=True)
