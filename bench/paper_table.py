@@ -13,9 +13,9 @@ with one thread so that two run side by side on 2 cores; a rerun reuses finished
 resumes killed ones), then this script reads their compare.csv files and writes OUT/table.md:
 
   main      all 12 methods, class and time scenarios, seeds 0-2 (Table 1, Fig. 3)
-  budget    DietCL, ER and CaSSLe at budgets 25 and 100 beside the main table's 50 (Fig. 2)
+  budget    DietCL, ER and CaSSLe at budgets 50 and 200 beside the main table's 100 (Fig. 2)
   labels    the same three at 0.5 % and 2 % labels beside the main table's 1 %
-  length    DietCL and ER over 5 and 20 time steps at the main table's total compute
+  length    DietCL and ER over 2 and 10 time steps at the main table's total compute
   ablation  DietCL without Lr, without Lb, without the buffer-only phase (Table 2)
 
 Every number is a mean ± sample std over seeds with the standard error of the mean; the
@@ -35,9 +35,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 # the regime (docs/regime.md)
-DATA = "glyphs:classes=200,per_class=500"
-REGIME = {"--data": DATA, "--time-steps": "10", "--label-rate": "0.01", "--eval-fraction": "0.1",
-          "--budget": "50", "--pretrained": "glyphs-mae-tiny"}
+DATA = "glyphs:classes=100,per_class=1000"
+REGIME = {"--data": DATA, "--time-steps": "5", "--label-rate": "0.01", "--eval-fraction": "0.1",
+          "--budget": "100", "--pretrained": "glyphs-mae-tiny"}
 TINY = {"--data": "glyphs:classes=6,per_class=30", "--time-steps": "2", "--label-rate": "0.2",
         "--eval-fraction": "0.2", "--budget": "2", "--batch-size": "16", "--micro-batch": "8"}
 ABLATIONS = {"no Lr": ["--unlabeled-fraction", "0"], "no Lb": ["--no-joint-buffer"],
@@ -52,15 +52,15 @@ def cells(part: str, tiny: bool) -> list[tuple[str, dict, list]]:
     three = {"--methods": "dietcl,er,cassle"}
     if part == "budget":
         return [(f"budget-{b}", {**three, "--budget": str(b)}, []) for b in
-                ((1, 3) if tiny else (25, 100))]
+                ((1, 3) if tiny else (50, 200))]
     if part == "labels":
         return [(f"labels-{r}", {**three, "--label-rate": str(r)}, []) for r in
                 ((0.1, 0.3) if tiny else (0.005, 0.02))]
     if part == "length":
-        # equal total compute: T x budget = the main table's 10 x 50
+        # equal total compute: T x budget = the main table's 5 x 100
         return [(f"length-{T}", {"--methods": "dietcl,er", "--time-steps": str(T),
                                  "--budget": str(B)}, []) for T, B in
-                (((3, 1),) if tiny else ((5, 100), (20, 25)))]
+                (((3, 1),) if tiny else ((2, 250), (10, 50)))]
     if part == "ablation":
         return [(f"ablation-{name.replace(' ', '-')}", {"--methods": "dietcl"}, extra)
                 for name, extra in ABLATIONS.items()]
