@@ -57,6 +57,7 @@ setup(
     packages=[
         "dietcl_fast",
         "dietcl_fast.streams",
+        "dietcl_fast.pretrained",
         "dietcl_fast.data",
         "dietcl_fast.models",
         "dietcl_fast.engine",
@@ -69,7 +70,8 @@ setup(
         "dietcl_fast.kernels": "kernels",
         "dietcl_fast.cli": "cli",
     },
-    package_data={"dietcl_fast": ["embedded/*.npz", "embedded/*LICENSE*", "embedded/README.md"]},
+    package_data={"dietcl_fast": ["embedded/*.npz", "embedded/*LICENSE*", "embedded/README.md"],
+                  "dietcl_fast.pretrained": ["*.pth"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},

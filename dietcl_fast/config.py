@@ -11,6 +11,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
+from .pretrained import SHIPPED, is_shipped
+
 
 class ConfigError(ValueError):
     """Bad configuration value; the message names the option and the value. `path`: the
@@ -70,7 +72,9 @@ class ModelConfig:
                          help="Model size; auto = vit-b16 on a GPU, cpu-tiny on the CPU.")
     pretrained: Optional[str] = option(
         None, path="file",
-        help="Official MAE checkpoint (weights under 'model', with decoder); strict mapping.")
+        help="MAE encoder to start from: a shipped one by name (glyphs-mae-tiny, for cpu-tiny on "
+             "--data glyphs) or an official MAE checkpoint file (weights under 'model', with "
+             "decoder); strict mapping.")
     mask_ratio: float = option(0.75, cli=None, help="MAE mask ratio (share of patches hidden).")
 
 
@@ -167,8 +171,13 @@ class MethodConfig:
                                   help="--split auto: candidate thresholds as shares of the "
                                        "budget, validated on the first 3 steps.")
     unlabeled_fraction: float = option(0.4, method="dietcl",
-                                       help="Share of each joint batch for Lr.")
+                                       help="Share of each joint batch for Lr, in [0, 1) (0: no "
+                                            "Lr, the paper's ablation without it).")
     recon_weight: float = option(50.0, method="dietcl", help="w_r, weight of the MAE loss Lr.")
+    joint_buffer: bool = option(True, method="dietcl",
+                                help="DietCL's joint batch draws Lb from the buffer (off: "
+                                     "unlabeled and current labels only, the buffer-only phase "
+                                     "unchanged; the paper's ablation without Lb).")
     buffer_lr_scale: float = option(0.1, cli=None, help="DietCL buffer-only phase LR multiplier.")
     mixup: bool = option(True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
     mixup_alpha: float = option(0.8, cli=None, help="Mixup's Beta(alpha, alpha).")
@@ -575,21 +584,23 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     if cfg.model.pretrained is not None and not isinstance(cfg.model.pretrained, str):
         raise ConfigError(f"{_named('model.pretrained', cfg.model.pretrained)}: expected a path",
                           "model.pretrained")
-    if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
-        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file", "model.pretrained")
+    if cfg.model.pretrained and not (is_shipped(cfg.model.pretrained)
+                                     or os.path.isfile(cfg.model.pretrained)):
+        raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file, and not a shipped "
+                          f"encoder ({', '.join(SHIPPED) or 'none'})", "model.pretrained")
     m = cfg.method
     if not isinstance(m.name, str) or not m.name:
         raise ConfigError(f"{_named('method.name', m.name)}: give a method name", "method.name")
     if not isinstance(m.split, str):
         raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F, threshold:N or "
                           "auto", "method.split")
-    _num(cfg, "method.unlabeled_fraction", lo=0, hi=1)
+    _num(cfg, "method.unlabeled_fraction", lo=0, hi=1, hi_open=True)
     _num(cfg, "method.recon_weight", lo=0)
     _num(cfg, "method.buffer_lr_scale", lo=0, lo_open=True)
     _num(cfg, "method.mixup_alpha", lo=0)
     _num(cfg, "method.cutmix_alpha", lo=0)
     _num(cfg, "method.label_smoothing", lo=0, hi=1, hi_open=True)
-    for key in ("mixup", "buffer_replacement", "buffer_class_balanced"):
+    for key in ("mixup", "buffer_replacement", "buffer_class_balanced", "joint_buffer"):
         _bool(cfg, f"method.{key}")
     _num(cfg, "optim.blr", lo=0, lo_open=True, optional=True)
     _num(cfg, "optim.min_lr", lo=0, optional=True)

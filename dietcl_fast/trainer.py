@@ -42,6 +42,7 @@ from .evaluate import (KNN_K, eval_pad_sizes, knn_readout, sharded_accuracy, sum
                        summarise_readout)
 from .ledger import Ledger
 from .methods import StepContext, build_method
+from .methods.base import describe_passes, pool_passes
 from .mfu import matmul_peak, mfu as flops_utilisation, sync as sync_device
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
 from .results import plot_curve, progress_bar, table, versions, write_json
@@ -163,6 +164,7 @@ class Trainer:
         self.pos = Position()
         self.acc: list[list[float]] = []
         self.A: list[float] = []
+        self.passes: list[dict] = []            # per time step: draws and passes per pool
         self.wall_before = 0.0
         self.data_seconds = 0.0
         self.compute_seconds = 0.0
@@ -273,6 +275,12 @@ class Trainer:
             raise RuntimeError(f"method {self.method.name} planned more than the budget")
         step_classes = torch.as_tensor(np.array(step.classes), dtype=torch.long, device=self.device)
         num_seen = self.stream.num_seen_classes(t)
+        own = self.method.source_ids(ctx)       # e.g. joint: all steps' unlabeled ids
+        if len(self.passes) == t:               # which regime the step is in (results.json)
+            self.passes.append(pool_passes(phases, self.batch.counts, {
+                "unlabeled": len(own.get("unlabeled", step.unlabeled_ids)),
+                "labeled": len(own.get("labeled", step.labeled_ids)), "buffer": len(self.buffer)}))
+            self.log(f"time step {t} draws: {describe_passes(self.passes[t])}")
 
         while self.pos.phase < len(phases):
             p_idx = self.pos.phase
@@ -282,7 +290,6 @@ class Trainer:
                 self.engine.load_state_dict(self._pending_engine_state)
                 self._pending_engine_state = None
             counts = self.batch.counts(phase)
-            own = self.method.source_ids(ctx)       # e.g. joint: all steps' unlabeled ids
             samplers = {
                 "unlabeled": EpochSampler(own.get("unlabeled", step.unlabeled_ids), cfg.run.seed, (t, p_idx, 0)),
                 "labeled": EpochSampler(own.get("labeled", step.labeled_ids), cfg.run.seed, (t, p_idx, 1)),
@@ -596,7 +603,7 @@ class Trainer:
             "ledger": self.ledger.state_bytes(),
             "method": self.method.state_dict(),
             "position": vars(self.pos).copy(),
-            "acc": self.acc, "A": self.A, "knn": self.knn,
+            "acc": self.acc, "A": self.A, "knn": self.knn, "passes": self.passes,
             "wall_seconds": self.wall_before + (time.perf_counter() - self._t0),
             "data_seconds": self.data_seconds,          # throughput counts all the run's work
             "compute_seconds": self.compute_seconds,
@@ -620,6 +627,7 @@ class Trainer:
         # absent in checkpoints of older versions: the readout's rows until then are unknown
         # (None, filled in by _knn_readout)
         self.knn = st.get("knn") or {"acc": [], "A": [], "seconds": 0.0, "images_forwarded": 0}
+        self.passes = list(st.get("passes", []))    # absent in older checkpoints
         self.wall_before = st["wall_seconds"]
         self.data_seconds = float(st["data_seconds"])
         self.compute_seconds = float(st["compute_seconds"])
@@ -737,6 +745,7 @@ class Trainer:
             "initialisation": cfg.model.pretrained or "random",
             "warnings": list(self.warnings),
             "accuracy_matrix": self.acc,
+            "passes": self.passes,
             **summarise(self.acc, self.A),
             "readouts": self._readouts(),
             "ledger": led,

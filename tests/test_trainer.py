@@ -20,7 +20,8 @@ from conftest import cli, tiny_cfg
 @pytest.mark.parametrize("method", ["dietcl", "er", "finetune"])
 def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     cfg = tiny_cfg(method)
-    res = Trainer(cfg, log=lambda m: None).run(str(tmp_path))
+    tr = Trainer(cfg, log=lambda m: None)
+    res = tr.run(str(tmp_path))
     for key in ("method", "scenario", "dataset", "time_steps", "budget", "label_rate", "seed",
                 "accuracy_matrix", "A", "final_accuracy", "average_accuracy", "forgetting",
                 "ledger", "wall_seconds", "versions", "config"):
@@ -47,6 +48,15 @@ def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     evals = [s["eval"] for s in res["stream"]["steps"]]
     assert knn["images_forwarded"] == labeled[0] + evals[0] + sum(labeled) + sum(evals)
     assert knn["seconds"] > 0 and on_disk["readouts"] == json.loads(json.dumps(res["readouts"]))
+    # which regime each step ran in: draws per pool over the step's phases (3 iterations)
+    assert len(res["passes"]) == 2
+    p1 = res["passes"][1]
+    assert sum(d["draws"] for d in p1.values()) == 3 * cfg.run.batch_size
+    step = tr.stream.steps[1]
+    assert p1["labeled"]["pool"] == len(step.labeled_ids)
+    assert p1["labeled"]["passes"] == p1["labeled"]["draws"] / len(step.labeled_ids)
+    if "unlabeled" in p1:
+        assert p1["unlabeled"]["pool"] == len(step.unlabeled_ids)
     # evaluation and checkpoints are timed apart from training; the time-step-end checkpoint
     # (written in the background) carries no optimiser state: each phase starts a fresh one
     assert on_disk["eval_seconds"] > 0 and on_disk["checkpoint_seconds"] > 0
@@ -160,6 +170,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert kc["average_accuracy"] is None and kc["forgetting"] is None
     assert a["ledger"]["flops_total"] == b["ledger"]["flops_total"]
     assert a["ledger"]["steps_per_step"] == b["ledger"]["steps_per_step"]
+    assert a["passes"] == b["passes"] and len(a["passes"]) == 2
     # refusing to overwrite a run
     p = cli(*TINY, "--out", str(full), check=False)
     assert p.returncode == 2 and "--resume" in p.stderr

@@ -9,6 +9,10 @@ Joint phase:  w_r * Lr + Lm + Lb
   Lb  cross-entropy over all seen classes on draws from the task-balanced buffer
 Buffer phase: Lb alone ("balanced fine-tuning") at `buffer_lr_scale` x LR.
 
+Ablations (the paper's Table 2): `--unlabeled-fraction 0` (no Lr: the joint batch is current
+labels and buffer, half each), `--no-joint-buffer` (no Lb in the joint phase), `--split ratio:1`
+(no buffer-only phase).
+
 Budget split: `ratio:F` (reference code: F of the steps joint, the rest buffer-only; step 0 all
 joint), `threshold:N` (paper: up to N steps joint, the rest buffer-only; step 0 all joint) or
 `auto` (paper: N chosen by validation on the first 3 time steps, see dietcl_fast/tuning.py).
@@ -51,8 +55,6 @@ class DietCL(Method):
         if self.split[0] == "auto":
             from dietcl_fast.tuning import parse_candidates
             parse_candidates(self.mcfg.auto_candidates)
-        if not 0.0 < self.mcfg.unlabeled_fraction < 1.0:
-            raise ValueError(f"--unlabeled-fraction {self.mcfg.unlabeled_fraction}: must be in (0, 1)")
 
     def joint_steps(self, t: int, budget: int) -> int:
         """Joint-phase optimiser steps at time step t (the rest is buffer-only); step 0 has no
@@ -92,7 +94,9 @@ class DietCL(Method):
         joint = self.joint_steps(t, budget)
         out = []
         if joint > 0:
-            if t == 0:   # no past steps: the labeled share is all current (reference code)
+            if t == 0 or not self.mcfg.joint_buffer:
+                # step 0 has no past steps: the labeled share is all current (reference code);
+                # --no-joint-buffer: the paper's ablation without Lb
                 mix = {"unlabeled": u, "labeled": 1 - u}
             else:
                 mix = {"unlabeled": u, "labeled": (1 - u) / 2, "buffer": (1 - u) / 2}

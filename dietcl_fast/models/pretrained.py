@@ -1,7 +1,11 @@
 """Load an MAE checkpoint in the official format (facebookresearch/mae: weights under `model`,
 encoder names `patch_embed/blocks/norm/cls_token/pos_embed`, decoder names `decoder_*`,
 `mask_token`) with a strict name mapping. Nothing is silently ignored: every key that does not
-map, every missing key and every shape mismatch is reported, and any of them stops the load."""
+map, every missing key and every shape mismatch is reported, and any of them stops the load.
+
+Encoders shipped inside the package are selected by name (`--pretrained glyphs-mae-tiny`):
+`SHIPPED` lists each with the SHA-256 of its file, checked before the file is read, and the
+command that made it (docs/pretrained.md)."""
 from __future__ import annotations
 
 import os
@@ -9,11 +13,24 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dietcl_fast.pretrained import is_shipped, shipped_file
+
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 
 
 class PretrainedMismatch(ValueError):
     pass
+
+
+def resolve_pretrained(value: str) -> str:
+    """`--pretrained` value -> the file to read: a shipped encoder's name is its package file,
+    after its SHA-256 is checked; anything else is a path, returned as it is."""
+    if not is_shipped(value):
+        return value
+    try:
+        return shipped_file(value)
+    except ValueError as e:
+        raise PretrainedMismatch(str(e)) from None
 
 
 @dataclass
@@ -49,6 +66,9 @@ def map_mae_name(name: str) -> str:
 
 
 def load_mae_checkpoint(model, path: str, *, strict: bool = True) -> LoadReport:
+    """Copy an MAE checkpoint (a file, or a shipped encoder's name) into `model`: every tensor
+    maps by name and shape or the load stops (strict), and every value must be finite."""
+    name, path = path, resolve_pretrained(path)
     if not os.path.isfile(path):
         raise PretrainedMismatch(f"--pretrained {path!r}: no such file")
     try:
@@ -62,7 +82,7 @@ def load_mae_checkpoint(model, path: str, *, strict: bool = True) -> LoadReport:
                                  f"weights under 'model'; found {keys}")
     src = ckpt["model"]
     own = model.state_dict()
-    report = LoadReport(path=path)
+    report = LoadReport(path=name if is_shipped(name) else path)
     mapped = {}
     for name, tensor in src.items():
         target = map_mae_name(name)
@@ -82,6 +102,11 @@ def load_mae_checkpoint(model, path: str, *, strict: bool = True) -> LoadReport:
             report.missing.append(target)
     if strict and not report.ok:
         raise PretrainedMismatch(report.summary())
+    bad = [n for n, t in src.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise PretrainedMismatch(f"--pretrained {name!r}: non-finite values (NaN or inf) in "
+                                 f"{', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; the file is "
+                                 "damaged or its pretraining diverged")
     with torch.no_grad():
         for target, tensor in mapped.items():
             own[target].copy_(tensor.to(own[target].dtype))
