@@ -95,3 +95,31 @@ def cli(*args, check=True, extra_env=None, timeout=600):
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
+
+
+# `dietcl-fast ARGS` with one optimiser step held: the real CLI (`main`, as the entry point runs
+# it) after a global torch optimiser pre-step hook is registered; the hook's `hold`-th call
+# sleeps until a signal ends the process (the test's Ctrl-C). No hook of the package is used.
+_HELD = """
+import sys, time
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+hold, calls = int(sys.argv.pop(1)), [0]
+def pre_step(opt, args, kwargs):
+    calls[0] += 1
+    while calls[0] == hold:
+        time.sleep(0.05)
+register_optimizer_step_pre_hook(pre_step)
+from dietcl_fast.cli.main import main
+main(prog_name="dietcl-fast")
+"""
+
+
+def held_cli(*args, hold: int, **popen):
+    """Start `dietcl-fast ARGS` as a real process whose `hold`-th optimiser step never
+    returns, so a test that signals it once a checkpoint is on disk finds the run still going
+    however fast or slow the machine is (a run that finished first is not possible) -> Popen
+    (stdout and stderr piped, text)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", _HELD, str(hold), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **popen)
