@@ -15,8 +15,26 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# two cores: keep torch from oversubscribing when pytest-xdist is not used
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two cores: keep torch from oversubscribing; under pytest-xdist (two worker processes, see
+# pyproject.toml) one intra-op thread per worker
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
+                      min(2, torch.get_num_threads()))
+
+# pytest-xdist hands out whole groups (--dist loadgroup): a file's tests stay in one worker, so
+# its module-scoped fixtures (one shared run each) run once; the two files whose reference runs
+# are shared through tests/launchers.py (`run_once`, per process) are one group. Heaviest groups
+# first, so that neither worker is left with a long file at the end.
+GROUPS = {"test_distributed.py": "launchers", "test_deepspeed.py": "launchers"}
+FIRST = ["test_bench.py", "test_compiled_step.py", "test_deepspeed.py", "test_distributed.py",
+         "test_compile_graphs.py", "test_docs.py", "test_first_user.py", "test_kernels.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group(GROUPS.get(name, name)))
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))   # stable within a file
 
 
 def tiny_cfg(method: str = "dietcl", budget: int = 3, *, batch_size: int = 16, micro_batch=8,
