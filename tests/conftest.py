@@ -21,10 +21,11 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
                       min(2, torch.get_num_threads()))
 
 # pytest-xdist hands out whole groups (--dist loadgroup): a file's tests stay in one worker, so
-# its module-scoped fixtures (one shared run each) run once; the two files whose reference runs
-# are shared through tests/launchers.py (`run_once`, per process) are one group. Heaviest groups
-# first, so that neither worker is left with a long file at the end.
-GROUPS = {"test_distributed.py": "launchers", "test_deepspeed.py": "launchers"}
+# its module-scoped fixtures (one shared run each) run once. test_distributed and test_deepspeed
+# each make the one-process reference run (tests/launchers.py `run_once`, once per process): a
+# few seconds twice, cheaper than running the two heaviest files one after the other. Heaviest
+# files first, so that neither worker is left with a long file at the end.
+GROUPS: dict[str, str] = {}
 FIRST = ["test_bench.py", "test_compiled_step.py", "test_deepspeed.py", "test_distributed.py",
          "test_compile_graphs.py", "test_docs.py", "test_first_user.py", "test_kernels.py"]
 
