@@ -20,20 +20,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
                       min(2, torch.get_num_threads()))
 
-# pytest-xdist hands out whole groups (--dist loadgroup): a file's tests stay in one worker, so
-# its module-scoped fixtures (one shared run each) run once. test_distributed and test_deepspeed
-# each make the one-process reference run (tests/launchers.py `run_once`, once per process): a
-# few seconds twice, cheaper than running the two heaviest files one after the other. Heaviest
-# files first, so that neither worker is left with a long file at the end.
-GROUPS: dict[str, str] = {}
+# pytest-xdist hands out whole files (--dist loadfile, pyproject.toml): a file's module-scoped
+# fixtures (one shared run each) run once. test_distributed and test_deepspeed each make the
+# one-process reference run (tests/launchers.py `run_once`, once per process): a few seconds
+# twice, cheaper than running the two heavy files one after the other. Heaviest files first
+# (--no-loadscope-reorder keeps this order), so that neither worker is left with a long file
+# at the end.
 FIRST = ["test_bench.py", "test_compiled_step.py", "test_deepspeed.py", "test_distributed.py",
          "test_compile_graphs.py", "test_docs.py", "test_first_user.py", "test_kernels.py"]
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group(GROUPS.get(name, name)))
     rank = {name: i for i, name in enumerate(FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))   # stable within a file
 
@@ -120,12 +117,14 @@ def cli(*args, check=True, extra_env=None, timeout=600):
 # it) after a global torch optimiser pre-step hook is registered; the hook's `hold`-th call
 # sleeps until a signal ends the process (the test's Ctrl-C). No hook of the package is used.
 _HELD = """
-import sys, time
+import os, sys, time
 from torch.optim.optimizer import register_optimizer_step_pre_hook
-hold, calls = int(sys.argv.pop(1)), [0]
+hold, calls, parent = int(sys.argv.pop(1)), [0], os.getppid()
 def pre_step(opt, args, kwargs):
     calls[0] += 1
     while calls[0] == hold:
+        if os.getppid() != parent:      # the test is gone: do not wait forever
+            os._exit(3)
         time.sleep(0.05)
 register_optimizer_step_pre_hook(pre_step)
 from dietcl_fast.cli.main import main
