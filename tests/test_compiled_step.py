@@ -51,6 +51,8 @@ def _tiny(method, budget=4):
     ("er", {(0, "replay"), (1, "replay")}),
 ])
 def test_losses_compile_whole_on_inductor(tmp_path, method, phases):
+    """Over 20 s: torch.compile on inductor builds the method's graphs (C++ compiles on a cold
+    cache: minutes; the other DietCL runs of this file then load DietCL's from the cache)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -87,6 +89,8 @@ TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--
 
 @pytest.mark.slow
 def test_kill_and_resume_compiled_is_identical(tmp_path):
+    """Over 20 s: three real processes (the full run, the killed run: an abrupt exit needs a
+    process, and its resume), each tracing the compiled graphs (inductor's code from its cache)."""
     full = tmp_path / "full"
     cli(*TINY, "--out", str(full))
     part = tmp_path / "part"
@@ -105,7 +109,8 @@ def test_kill_and_resume_compiled_is_identical(tmp_path):
 def test_compiled_buffer_phase_with_one_micro_batch(tmp_path):
     """One micro-batch per global batch: the buffer-only loss is a single term and its log is
     `term.detach() * 1.0`; compiled, that once came back as the loss without a gradient
-    (RuntimeError in backward). The run must finish and charge what the eager run charges."""
+    (RuntimeError in backward). The run must finish and charge what the eager run charges.
+    Over 20 s: a compiled and an eager process (the compiled graphs from inductor's cache)."""
     args = ["train", "--time-steps", "2", "--budget", "2", "--batch-size", "16",
             "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5"]
     cli(*args, "--compile", "--out", str(tmp_path / "c"))
