@@ -15,10 +15,10 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# two cores: keep torch from oversubscribing; under pytest-xdist (two worker processes, see
-# pyproject.toml) one intra-op thread per worker
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
-                      min(2, torch.get_num_threads()))
+# two cores: keep torch from oversubscribing. Also under pytest-xdist's two workers: inductor's
+# generated CPU code depends on the thread count, so in-process compiled runs with one thread
+# would not share its on-disk cache with the CLI processes the tests start (two threads here)
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 # pytest-xdist hands out whole files (--dist loadfile, pyproject.toml): a file's module-scoped
 # fixtures (one shared run each) run once. test_distributed and test_deepspeed each make the
