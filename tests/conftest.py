@@ -15,8 +15,24 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# two cores: keep torch from oversubscribing when pytest-xdist is not used
+# two cores: keep torch from oversubscribing. Also under pytest-xdist's two workers: inductor's
+# generated CPU code depends on the thread count, so in-process compiled runs with one thread
+# would not share its on-disk cache with the CLI processes the tests start (two threads here)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# pytest-xdist hands out whole files (--dist loadfile, pyproject.toml): a file's module-scoped
+# fixtures (one shared run each) run once. test_distributed and test_deepspeed each make the
+# one-process reference run (tests/launchers.py `run_once`, once per process): a few seconds
+# twice, cheaper than running the two heavy files one after the other. Heaviest files first
+# (--no-loadscope-reorder keeps this order), so that neither worker is left with a long file
+# at the end.
+FIRST = ["test_bench.py", "test_compiled_step.py", "test_deepspeed.py", "test_distributed.py",
+         "test_compile_graphs.py", "test_docs.py", "test_first_user.py", "test_kernels.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(FIRST)))   # stable within a file
 
 
 def tiny_cfg(method: str = "dietcl", budget: int = 3, *, batch_size: int = 16, micro_batch=8,
@@ -95,3 +111,33 @@ def cli(*args, check=True, extra_env=None, timeout=600):
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
+
+
+# `dietcl-fast ARGS` with one optimiser step held: the real CLI (`main`, as the entry point runs
+# it) after a global torch optimiser pre-step hook is registered; the hook's `hold`-th call
+# sleeps until a signal ends the process (the test's Ctrl-C). No hook of the package is used.
+_HELD = """
+import os, sys, time
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+hold, calls, parent = int(sys.argv.pop(1)), [0], os.getppid()
+def pre_step(opt, args, kwargs):
+    calls[0] += 1
+    while calls[0] == hold:
+        if os.getppid() != parent:      # the test is gone: do not wait forever
+            os._exit(3)
+        time.sleep(0.05)
+register_optimizer_step_pre_hook(pre_step)
+from dietcl_fast.cli.main import main
+main(prog_name="dietcl-fast")
+"""
+
+
+def held_cli(*args, hold: int, **popen):
+    """Start `dietcl-fast ARGS` as a real process whose `hold`-th optimiser step never
+    returns, so a test that signals it once a checkpoint is on disk finds the run still going
+    however fast or slow the machine is (a run that finished first is not possible) -> Popen
+    (stdout and stderr piped, text)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", _HELD, str(hold), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **popen)

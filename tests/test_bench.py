@@ -35,6 +35,9 @@ def plan(*args):
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
+    """bench/gpu_suite.sh --cpu as a user runs it, once for the tests below. Over 20 s: every
+    part is a real process and the step part's compiled mode builds its graphs with inductor
+    (from its cache after the first run on a machine)."""
     out = tmp_path_factory.mktemp("gpu-suite")
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
     p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build"], env=env)

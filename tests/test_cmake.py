@@ -18,6 +18,8 @@ def run(*cmd, cwd=None):
 
 
 def test_cmake_build_ctest_and_consume(tmp_path):
+    """Over 20 s: a real CMake build of the C++ core, its ctest, an install and a consumer's
+    build (what a C++ user does)."""
     build, prefix = tmp_path / "build", tmp_path / "prefix"
     jobs = str(min(2, os.cpu_count() or 1))
     run("cmake", "-S", ROOT, "-B", build, "-DDIETCL_BUILD_PYTHON=OFF", f"-DCMAKE_INSTALL_PREFIX={prefix}")

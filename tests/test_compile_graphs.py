@@ -92,7 +92,8 @@ def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
     """bench/compile_cost.py as it is run for ViT-B/16, at cpu-tiny: each of the four graphs
     traced whole on fake CUDA tensors (the fused kernels' ops in the joint graphs) and through
     AOTAutograd on fake CPU tensors, with the GPU run's per-micro-batch counts; one graph
-    compiled by inductor on the CPU."""
+    compiled by inductor on the CPU. Over 20 s: the script is run as users run it (a process),
+    tracing four graphs twice and compiling one with inductor."""
     out = tmp_path / "cc.json"
     p = subprocess.run([sys.executable, "bench/compile_cost.py", "--preset", "cpu-tiny",
                         "--gpu-batch", "64", "--gpu-micro", "16", "--eval-batch", "32",
@@ -124,7 +125,8 @@ def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
 def test_bench_step_killed_while_compiling_keeps_what_it_compiled(tmp_path):
     """The GPU suite stops a part at its time limit with SIGTERM: a compiled mode stopped after
     its first graph records the graphs built so far (with their seconds) in step.json's
-    errors, and the bench exits 1 at once instead of starting anything else."""
+    errors, and the bench exits 1 at once instead of starting anything else. Over 20 s: a real
+    bench step process (the signal is the point) that builds its first graph before the signal."""
     import signal
     import time
     out = tmp_path / "step.json"

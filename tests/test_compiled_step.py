@@ -1,7 +1,10 @@
 """The compiled step on the CPU inductor backend, kept tiny: DietCL's joint and buffer-only
 losses and ER's compile whole (`fullgraph=True`: a graph break raises instead of running a
 slower, partly compiled step), and a killed compiled run resumes to the same accuracies.
-Compiled graphs are cached on disk by inductor, so the CLI runs after the first reuse them."""
+Compiled graphs are cached on disk by inductor, so the CLI runs after the first reuse them: every
+DietCL run here has the same shapes (global batch 16 in one micro-batch of 16, the default
+evaluation batch), so inductor's cold build of its graphs (minutes on a loaded 2-core machine)
+happens once, not once per test."""
 import json
 import os
 
@@ -36,9 +39,8 @@ def _tiny(method, budget=4):
     cfg.stream.label_rate = 0.05
     cfg.run.budget = budget
     cfg.run.batch_size = 16
-    cfg.engine.micro_batch = 8
+    cfg.engine.micro_batch = 16         # the shapes of every compiled DietCL run in this file
     cfg.run.progress = False
-    cfg.run.eval_batch_size = 1024
     cfg.engine.compile = True
     return cfg
 
@@ -49,6 +51,8 @@ def _tiny(method, budget=4):
     ("er", {(0, "replay"), (1, "replay")}),
 ])
 def test_losses_compile_whole_on_inductor(tmp_path, method, phases):
+    """Over 20 s: torch.compile on inductor builds the method's graphs (C++ compiles on a cold
+    cache: minutes; the other DietCL runs of this file then load DietCL's from the cache)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
@@ -79,12 +83,14 @@ def cli(*args, **kw):
     return run_cli(*args, timeout=1200, **kw)
 
 
-TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--micro-batch", "8",
+TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--micro-batch", "16",
         "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5", "--compile"]
 
 
 @pytest.mark.slow
 def test_kill_and_resume_compiled_is_identical(tmp_path):
+    """Over 20 s: three real processes (the full run, the killed run: an abrupt exit needs a
+    process, and its resume), each tracing the compiled graphs (inductor's code from its cache)."""
     full = tmp_path / "full"
     cli(*TINY, "--out", str(full))
     part = tmp_path / "part"
@@ -103,7 +109,8 @@ def test_kill_and_resume_compiled_is_identical(tmp_path):
 def test_compiled_buffer_phase_with_one_micro_batch(tmp_path):
     """One micro-batch per global batch: the buffer-only loss is a single term and its log is
     `term.detach() * 1.0`; compiled, that once came back as the loss without a gradient
-    (RuntimeError in backward). The run must finish and charge what the eager run charges."""
+    (RuntimeError in backward). The run must finish and charge what the eager run charges.
+    Over 20 s: a compiled and an eager process (the compiled graphs from inductor's cache)."""
     args = ["train", "--time-steps", "2", "--budget", "2", "--batch-size", "16",
             "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5"]
     cli(*args, "--compile", "--out", str(tmp_path / "c"))

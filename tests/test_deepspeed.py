@@ -37,6 +37,8 @@ def ds(f):
 @pytest.mark.slow
 @pytest.mark.parametrize("world,stage", [(1, 0), (2, 2)])   # ZeRO-1: resume test below; 2 ranks
 def test_deepspeed_matches_torch_engine(tmp_path_factory, torch_ref, world, stage):
+    """Over 20 s: each rank is a real process that imports DeepSpeed and sets up gloo; the
+    2-rank ZeRO-2 run is shared with the kill-and-resume test below."""
     res, ps = run_once(f"ds{world}z{stage}", tmp_path_factory, world, *TINY, "--engine",
                        "deepspeed", "--zero-stage", str(stage))
     same_run(torch_ref, res)
@@ -51,7 +53,8 @@ def test_deepspeed_matches_torch_engine(tmp_path_factory, torch_ref, world, stag
 def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, tmp_path_factory,
                                                                     torch_ref):
     """The deepspeed launcher puts --local_rank=N before the subcommand; engine auto picks
-    DeepSpeed under it. Train and compare both start and match the one-process run."""
+    DeepSpeed under it. Train and compare both start and match the one-process run. Over 20 s:
+    two runs through the real launcher (the launcher is the point), 2 ranks each."""
     res, ps = run_once("dslaunch", tmp_path_factory, 2, *TINY, via="deepspeed")
     out = ps[0].stdout + ps[0].stderr
     assert "--local_rank=1" in out and "x 2 processes (engine deepspeed, ZeRO-0)" in out
@@ -67,6 +70,8 @@ def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, t
 @ds
 @pytest.mark.slow
 def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
+    """Over 20 s: a killed 2-rank run, a refused 1-process resume, the 2-rank resume and a
+    refused second training, each real processes (an abrupt exit needs a process)."""
     args = [*TINY, "--engine", "deepspeed", "--zero-stage", "2"]
     full, _ = run_once("ds2z2", tmp_path_factory, 2, *args)
     part = tmp_path / "part"
@@ -102,7 +107,8 @@ def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
 @pytest.mark.slow
 def test_deepspeed_zero1_resume_on_other_world_size_at_phase_boundary(tmp_path, torch_ref):
     """ZeRO-1 on 2 processes, killed in t=1; the last checkpoint (t=0's end) holds no optimiser
-    state, so it resumes on 1 process; the whole run equals the torch engine's."""
+    state, so it resumes on 1 process; the whole run equals the torch engine's. Over 20 s: a
+    killed 2-rank run and a 1-process resume, real processes importing DeepSpeed."""
     part = tmp_path / "part"
     ps = launch(2, *TINY, "--engine", "deepspeed", "--zero-stage", "1", "--out", str(part),
                 extra_env=exit_after(4))

@@ -23,6 +23,8 @@ from launchers import _DIRS, TINY, launch, launcher, run_once, same_run, torch_r
 
 @pytest.mark.slow
 def test_torchrun_two_processes_matches_one(tmp_path_factory, torch_ref):
+    """Over 20 s: the real torchrun starting 2 ranks (the launcher is the point), beside the
+    one-process reference run."""
     res, ps = run_once("torch2", tmp_path_factory, 2, *TINY, via="torchrun")   # the real torchrun
     out = ps[0].stdout + ps[0].stderr
     assert "x 2 processes (engine torch)" in out

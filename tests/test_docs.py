@@ -335,6 +335,8 @@ def _transcript(text: str) -> tuple[list[str], list[str]]:
 
 @pytest.mark.slow
 def test_the_documented_commands_run(tmp_path):
+    """Over 20 s: every documented command runs once at a tiny size (about 25 of them, in
+    process where the process is not the point); the quick start is two real processes."""
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     cmds = all_commands()
     # fixtures for the placeholders: an image folder, a CSV index over it, a train/val folder, a

@@ -86,9 +86,15 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}C{}_{}x{}_p{}_bl{}".format(*s))
+# every shape with a random mask; the all-ones mask (every patch in the loss) on the multi-block
+# shape only: the mask enters the kernels as a per-patch weight, whatever the shape
+CASES = [(shape, mask_kind) for shape in SHAPES for mask_kind in ("random", "ones")
+         if mask_kind == "random" or shape == SHAPES[0]]
+
+
+@pytest.mark.parametrize("shape,mask_kind", CASES,
+                         ids=["N{}C{}_{}x{}_p{}_bl{}-{}".format(*s, m) for s, m in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mask_kind", ["random", "ones"])
 def test_mae_loss_matches_float64(triton_path, request, shape, dtype, mask_kind):
     N, C, h, w, p, block_l = shape
     imgs, pred, mask = _inputs(_gen(request), N, C, h, w, p, dtype, mask_kind)
@@ -357,7 +363,7 @@ def test_random_masking_bf16_and_poisoned(triton_path, request):
 
 
 def test_random_masking_determinism_and_distribution(triton_path):
-    N, L, D = 256, 8, 3
+    N, L, D = 128, 8, 3
     x = torch.zeros(N, L, D, device=DEVICE)
     _, m1, r1 = K.random_masking(x, None, 0.75, seed=1)
     _, m2, r2 = K.random_masking(x, None, 0.75, seed=1)
@@ -368,7 +374,7 @@ def test_random_masking_determinism_and_distribution(triton_path):
     gen.manual_seed(1)
     _, m4, _ = K.random_masking(x, None, 0.75, generator=gen)
     assert torch.equal(m1, m4)  # seed s == a generator seeded with s
-    freq = torch.cat([m1, m3]).mean(0)  # 512 samples per position, sd ~0.019
+    freq = torch.cat([m1, m3]).mean(0)  # 256 samples per position, sd ~0.027
     assert ((freq - 0.75).abs() < 0.1).all(), freq
     assert not torch.equal(m1[0], m1[1]) or not torch.equal(m1[1], m1[2])  # per-sample masks
     with pytest.raises(ValueError, match="not both"):

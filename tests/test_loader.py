@@ -362,32 +362,52 @@ def test_submitting_ahead_never_blocks_the_training_thread():
         ld.close()
 
 
+def _sigterm_caught(pid) -> bool:
+    """Whether process `pid` has a handler for SIGTERM (Linux's /proc/PID/status SigCgt mask)."""
+    import signal
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    raise AssertionError(f"no SigCgt line for {pid}")
+
+
+def _meet_then_report(task):
+    """Run in a pool worker (so after the worker's start-up): wait until `n` workers have
+    arrived in `meet` (one task per worker: a worker waiting here takes no other), then
+    -> (pid, whether this worker catches SIGTERM)."""
+    import time
+    meet, n = task
+    open(os.path.join(meet, str(os.getpid())), "w").close()
+    while len(os.listdir(meet)) < n:
+        time.sleep(0.01)
+    return os.getpid(), _sigterm_caught(os.getpid())
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"),
                     reason="reads the workers' signal dispositions from Linux's /proc/PID/status")
-def test_decode_workers_die_on_terminate_under_the_bench_sigterm_handler(folder):
+def test_decode_workers_die_on_terminate_under_the_bench_sigterm_handler(folder, tmp_path):
     """`bench step` runs each mode under a Python SIGTERM handler (`sigterm_raises`), and the
     loader forks its decode workers from its prefetch thread inside it. Workers that inherit a
     caught SIGTERM can outlive `Pool.terminate()`, and `close()` then waits on them forever (the
     GPU suite's CPU mode hung there for 10 minutes). The workers must start with SIGTERM's
-    default action, and close() must return."""
-    import signal
+    default action, and close() must return. Each worker reads its own disposition in a task,
+    i.e. after its start-up (read from here, a worker not yet through its start-up still
+    showed the inherited handler: that raced under load)."""
     import threading
 
     from dietcl_fast.bench.step import sigterm_raises
 
-    def caught(pid):
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
-        raise AssertionError(f"no SigCgt line for {pid}")
-
     src = load_source(f"folder:{folder}")
     with sigterm_raises():
-        assert caught(os.getpid())               # the parent does catch it here
+        assert _sigterm_caught(os.getpid())      # the parent does catch it here
         ld, _ = make_loader(src, "torch", workers=2)
         ld.fetch(ld.submit([Request(np.arange(8), "labeled", 3)]))   # forks from the thread
-        pids = [p.pid for p in ld._pool._pool]
-        assert pids and not any(caught(p) for p in pids)
+        pids = sorted(p.pid for p in ld._pool._pool)
+        meet = tmp_path / "meet"
+        meet.mkdir()
+        seen = ld._pool.map(_meet_then_report, [(str(meet), len(pids))] * len(pids), chunksize=1)
+        assert sorted(pid for pid, _ in seen) == pids, (seen, pids)   # every worker answered
+        assert not any(caught for _, caught in seen), seen
         done = threading.Event()
         threading.Thread(target=lambda: (ld.close(), done.set()), daemon=True).start()
         assert done.wait(60), "TorchLoader.close() did not return within 60 s"

@@ -257,11 +257,17 @@ def test_help_documents_every_option():
 def test_progress_bar_in_a_log_file_is_a_few_lines_not_a_flood(tmp_path):
     """With stderr a pipe (a job's log), the bar writes at most one line every 30 s: a short
     run leaves a handful of bar lines, not one per update (a 2,500-step run used to write
-    1,600+). The bar still shows (it is not switched off) and ends at the total."""
+    1,600+). The bar still shows (it is not switched off) and ends at the total. Lines allowed:
+    the first and the last, the redraws after the log lines written under the bar (the 4 an idle
+    machine shows, plus one), and one per 30 s the run took: a busy machine makes the run longer
+    and may add a line, not fail the test (seen: 7 lines in a 112 s run at load 7)."""
+    import time
     args = [a for a in TINY if a != "--no-progress"]
     args[args.index("--budget") + 1] = "30"                  # 60 optimiser steps
+    t0 = time.monotonic()
     p = cli(*args, "--out", str(tmp_path / "run"))
+    seconds = time.monotonic() - t0
     bar_lines = [ln for ln in p.stderr.replace("\r", "\n").splitlines() if "step/s" in ln or "it/s" in ln
                  or "steps/s]" in ln or "/60 [" in ln]
-    assert 1 <= len(bar_lines) <= 4, p.stderr[-3000:]
+    assert 1 <= len(bar_lines) <= 5 + seconds // 30, (seconds, p.stderr[-3000:])
     assert any("60/60" in ln for ln in bar_lines), bar_lines
