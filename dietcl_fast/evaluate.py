@@ -78,28 +78,42 @@ def accuracy_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: 
     ids, labels: [n]. `classify(x [b, C, S, S]) -> logits [b, K]` (default `model.classify`);
     `pad`: sizes to pad a partial batch to (the smallest that holds it; `eval_pad_sizes`), for
     a compiled classify with static shapes; empty: no padding."""
+    classify = classify or model.classify
+    correct, n = readouts_on(model, loader, ids, labels, batch_size, autocast,
+                             lambda x: classify(x).argmax(-1)[None], 1, channels, pad)
+    return correct[0], n
+
+
+def readouts_on(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: int, autocast,
+                predict, num_readouts: int, channels: int | None = None,
+                pad: tuple[int, ...] = ()) -> tuple[list[int], int]:
+    """-> (correct [R], total): R = num_readouts readouts scored from one pass over the images
+    of `ids`.
+
+    `predict(x [b, C, S, S]) -> predicted classes [R, b]` (e.g. the head's argmax and the kNN
+    readout's vote from the same features); `pad` as in `accuracy_on` (rows past the batch's
+    real images are not counted)."""
     n = len(ids)
     if n == 0:
-        return 0, 0
+        return [0] * num_readouts, 0
     spec = getattr(model, "spec", None)
     channels = channels or getattr(spec, "in_chans", None)
-    classify = classify or model.classify
     y_host = torch.as_tensor(np.array(labels), dtype=torch.long)
     y = correct = None
     with eval_mode(model):
         for s, x in eval_batches(loader, ids, batch_size, channels):
-            if y is None:               # labels and the counter live on the batches' device
-                y = host_to_device(y_host, x.device)
-                correct = torch.zeros((), dtype=torch.long, device=x.device)
             m = x.shape[0]
             if pad:                     # static shapes: the smallest allowed size that holds m
                 b = next((p for p in pad if p >= m), m)
                 if b > m:
                     x = torch.cat([x, x[-1:].expand(b - m, *x.shape[1:])])
             with autocast():
-                pred = classify(x)[:m].argmax(-1)
-            correct += (pred == y[s:s + m]).sum()
-    return int(correct), n
+                pred = predict(x)[:, :m]
+            if y is None:               # labels and the counters live on the batches' device
+                y = host_to_device(y_host, x.device)
+                correct = torch.zeros(pred.shape[0], dtype=torch.long, device=x.device)
+            correct += (pred == y[s:s + m]).sum(1)
+    return [int(c) for c in correct.tolist()], n
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> slice:
@@ -111,13 +125,25 @@ def sharded_accuracy(model, loader, ids: np.ndarray, labels: np.ndarray, batch_s
                      autocast, dist_info=None, **kw) -> tuple[int, int]:
     """Exact (correct, total) over all ranks: rank r evaluates the r-th of W contiguous,
     disjoint slices of the ids (no padding, no duplicates), then the counts are summed."""
+    classify = kw.pop("classify", None) or model.classify
+    correct, n = sharded_readouts(model, loader, ids, labels, batch_size, autocast, dist_info,
+                                  lambda x: classify(x).argmax(-1)[None], 1, **kw)
+    return correct[0], n
+
+
+def sharded_readouts(model, loader, ids: np.ndarray, labels: np.ndarray, batch_size: int,
+                     autocast, dist_info, predict, num_readouts: int,
+                     **kw) -> tuple[list[int], int]:
+    """`readouts_on` exact over all ranks (as `sharded_accuracy`) -> (correct [R], total)."""
     if dist_info is None or dist_info.world_size == 1:
-        return accuracy_on(model, loader, ids, labels, batch_size, autocast, **kw)
+        return readouts_on(model, loader, ids, labels, batch_size, autocast, predict,
+                           num_readouts, **kw)
     sl = eval_shard(len(ids), dist_info.rank, dist_info.world_size)
-    c, n = accuracy_on(model, loader, ids[sl], labels[sl], batch_size, autocast, **kw)
-    c, n = dist_info.all_reduce_sum([c, n])
+    c, n = readouts_on(model, loader, ids[sl], labels[sl], batch_size, autocast, predict,
+                       num_readouts, **kw)
+    *c, n = dist_info.all_reduce_sum([*c, n])
     assert int(n) == len(ids), (n, len(ids))
-    return int(c), int(n)
+    return [int(v) for v in c], int(n)
 
 
 # ---------------------------------------------------------------------- kNN over a labeled bank
@@ -161,28 +187,24 @@ class KNNReadout:
                  k: int = KNN_K):
         self.encoder, self.bank, self.bank_y, self.K, self.k = encoder, bank, bank_y, num_classes, k
 
-    def classify(self, x: torch.Tensor) -> torch.Tensor:
-        f = F.normalize(self.encoder(x).float(), dim=1)                        # [N, D]
+    def predict(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features [N, D] (not normalised) -> predicted classes [N]."""
+        f = F.normalize(feats.float(), dim=1)                                  # [N, D]
         with torch.autocast(f.device.type, enabled=False):
             sim = f @ self.bank.T                                              # [N, M] cosines
-        pred = knn_predict(*knn_votes(-sim, self.bank_y, self.K, self.k))
-        return F.one_hot(pred, self.K)
+        return knn_predict(*knn_votes(-sim, self.bank_y, self.K, self.k))
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(self.predict(self.encoder(x)), self.K)
 
 
-def knn_readout(encoder, loader, bank_ids: np.ndarray, bank_labels: np.ndarray, eval_sets: list,
-                num_classes: int, batch_size: int, autocast, dist_info=None,
-                channels: int | None = None, k: int = KNN_K) -> tuple[list[float], int, int]:
-    """The common readout of a model: accuracy (%) of `KNNReadout` on each eval set ->
-    (row [len(eval_sets)], bank images forwarded by this process, eval images forwarded).
-
-    encoder: a module, x [b, C, S, S] -> features [b, D] (eval mode for the pass, its mode
-    restored after); bank_ids, bank_labels [M]: the labeled images the readout may use (every
-    label seen so far), forwarded with the evaluation transform; eval_sets: [(ids [n_k],
-    labels [n_k])]. Every process forwards the whole bank; the eval sets are scored by
-    `sharded_accuracy`, exact whatever the world size. No label seen (M = 0): NaN for every
-    set, nothing forwarded. Forwards run under `autocast`; no random state is read or changed."""
-    if len(bank_ids) == 0:
-        return [float("nan")] * len(eval_sets), 0, 0
+def knn_bank(encoder, loader, bank_ids: np.ndarray, bank_labels: np.ndarray, num_classes: int,
+             batch_size: int, autocast, channels: int | None = None,
+             k: int = KNN_K) -> KNNReadout:
+    """The common readout's classifier: the labeled images the readout may use (every label
+    seen so far, bank_ids / bank_labels [M], M >= 1) forwarded with the evaluation transform
+    through `encoder` (eval mode for the pass, its mode restored after) under `autocast`, kept
+    L2-normalised in float32. No random state is read or changed."""
     feats = []
     with eval_mode(encoder):
         for _, x in eval_batches(loader, bank_ids, batch_size, channels):
@@ -191,7 +213,23 @@ def knn_readout(encoder, loader, bank_ids: np.ndarray, bank_labels: np.ndarray, 
             feats.append(F.normalize(f.float(), dim=1))
     bank = torch.cat(feats)                                                    # [M, D]
     bank_y = torch.as_tensor(np.asarray(bank_labels), dtype=torch.long, device=bank.device)
-    clf = KNNReadout(encoder, bank, bank_y, num_classes, k)
+    return KNNReadout(encoder, bank, bank_y, num_classes, k)
+
+
+def knn_readout(encoder, loader, bank_ids: np.ndarray, bank_labels: np.ndarray, eval_sets: list,
+                num_classes: int, batch_size: int, autocast, dist_info=None,
+                channels: int | None = None, k: int = KNN_K) -> tuple[list[float], int, int]:
+    """The common readout of a model: accuracy (%) of `KNNReadout` on each eval set ->
+    (row [len(eval_sets)], bank images forwarded by this process, eval images forwarded).
+
+    encoder: a module, x [b, C, S, S] -> features [b, D]; eval_sets: [(ids [n_k], labels
+    [n_k])], scored by `sharded_accuracy`, exact whatever the world size (every process
+    forwards the whole bank, `knn_bank`). No label seen (M = 0): NaN for every set, nothing
+    forwarded."""
+    if len(bank_ids) == 0:
+        return [float("nan")] * len(eval_sets), 0, 0
+    clf = knn_bank(encoder, loader, bank_ids, bank_labels, num_classes, batch_size, autocast,
+                   channels, k)
     row, n_eval = [], 0
     for ids, labels in eval_sets:
         c, n = sharded_accuracy(encoder, loader, ids, labels, batch_size, autocast, dist_info,

@@ -38,8 +38,8 @@ from .ckpt_writer import BackgroundCheckpointer
 from .config import Config, ConfigError, save_yaml
 from .data.sampling import EpochSampler
 from .engine import build_engine, init_from_env
-from .evaluate import (KNN_K, eval_pad_sizes, knn_readout, sharded_accuracy, summarise,
-                       summarise_readout)
+from .evaluate import (KNN_K, eval_pad_sizes, knn_bank, sharded_accuracy, sharded_readouts,
+                       summarise, summarise_readout)
 from .ledger import Ledger
 from .methods import StepContext, build_method
 from .methods.base import describe_passes, pool_passes
@@ -327,12 +327,15 @@ class Trainer:
             # step-end checkpoint below; a resume mid-step still has only the past steps')
             self.buffer.add(t, step.labeled_ids, step.labeled_labels)
 
-        row = self._evaluate(t)                 # evaluation (not charged)
+        # evaluation (not charged): the method's own classifier and, where asked, the common
+        # kNN readout, both from one pass over the eval images where the method classifies
+        # with the model itself (uncompiled); in a pass of its own otherwise
+        row, knn_row = self._evaluate(t)
         self.acc.append(row)
         self.A.append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
         knn = ""
-        if cfg.run.knn_readout:                 # the common readout (evaluation, not charged)
-            knn = f"  {KNN_K}-NN readout A({t}) = {self._knn_readout(t):.2f}%"
+        if cfg.run.knn_readout:
+            knn = f"  {KNN_K}-NN readout A({t}) = {self._knn_readout(t, knn_row):.2f}%"
         spent = self.ledger.spent_units()
         self.log(f"time step {t}: A({t}) = {self.A[-1]:.2f}%  acc = "
                  f"[{', '.join(f'{a:.1f}' for a in row)}]{knn}  budget spent "
@@ -512,46 +515,91 @@ class Trainer:
                 self.ledger.charge(path, sizes[src] * k, backward)
 
     # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, t: int) -> list[float]:
+    def _evaluate(self, t: int) -> tuple[list[float], list[float] | None]:
         """Accuracy (%) on the eval split of every step k <= t with the current model (or what
-        the method classifies with at test time, e.g. CCIC's kNN); the seconds it took and the
-        images it saw are logged (`eval_log`, `eval_images`)."""
+        the method classifies with at test time, e.g. CCIC's kNN) -> (row, the kNN readout's
+        row when it came from the same pass, else None). The seconds it took and the images it
+        saw are logged (`eval_log`, `eval_images`); a shared pass's kNN bank is timed apart, as
+        the readout's own cost (`knn`)."""
         t_eval = time.perf_counter()
-        row, n_eval = [], 0
+        row, knn_row, n_eval = [], None, 0
         eval_model = self.method.eval_model(self.step_context(t))
         classify, pad = self._eval_fn(t) if eval_model is self.model else (eval_model.classify, ())
-        for k in range(t + 1):
-            ids, labels = self.stream.eval_for(t, k)
-            c, n = sharded_accuracy(eval_model, self.loader, ids, labels,
-                                    self.cfg.run.eval_batch_size, self.engine.autocast,
-                                    self.dist, channels=self.spec.in_chans, classify=classify,
-                                    pad=pad)            # exact over ranks
-            row.append(100.0 * c / n if n else float("nan"))
-            n_eval += n
+        sets = self.stream.eval_sets_upto(t)
+        args = (self.cfg.run.eval_batch_size, self.engine.autocast, self.dist)
+        if self.cfg.run.knn_readout and classify == self.model.classify and self.knn_bank_n(t):
+            t_bank = time.perf_counter()
+            clf = self._knn_classifier(t)
+            self.knn["seconds"] += time.perf_counter() - t_bank
+
+            def predict(x):             # one encoder pass, two readouts: [2, b]
+                f = self.model.forward_features(x)
+                return torch.stack([self.model.head(f).argmax(-1), clf.predict(f)])
+            knn_row = []
+            for ids, labels in sets:
+                (c, ck), n = sharded_readouts(self.model, self.loader, ids, labels, *args,
+                                              predict, 2, channels=self.spec.in_chans)
+                row.append(100.0 * c / n if n else float("nan"))
+                knn_row.append(100.0 * ck / n if n else float("nan"))
+                n_eval += n
+        else:
+            for ids, labels in sets:
+                c, n = sharded_accuracy(eval_model, self.loader, ids, labels, *args,
+                                        channels=self.spec.in_chans, classify=classify,
+                                        pad=pad)            # exact over ranks
+                row.append(100.0 * c / n if n else float("nan"))
+                n_eval += n
         self.eval_log.append(time.perf_counter() - t_eval)
         self.eval_images.append(n_eval)
         self.eval_seconds += self.eval_log[-1]
         if self.compile_log is not None:
             self._compiled_now({"time_step": t, "phase": "eval"})
-        return row
+        return row, knn_row
 
-    def _knn_readout(self, t: int) -> float:
-        """The common readout after step t (evaluate.knn_readout): 3-NN on the features of the
-        shared encoder (`model.encoder`, whatever the method classifies with at test time) over
-        every label of steps 0..t, on the eval sets of steps 0..t. Appends acc_knn[t], A_knn(t)
-        and its cost to `self.knn` (evaluation: not charged); returns A_knn(t)."""
-        t0, steps, k = time.perf_counter(), self.stream.steps[:t + 1], self.knn
-        row, bank_n, eval_n = knn_readout(
-            self.model.encoder, self.loader, np.concatenate([s.labeled_ids for s in steps]),
-            np.concatenate([s.labeled_labels for s in steps]), self.stream.eval_sets_upto(t),
-            self.stream.num_seen_classes(t), self.cfg.run.eval_batch_size, self.engine.autocast,
-            self.dist, channels=self.spec.in_chans)
+    def knn_bank_n(self, t: int) -> int:
+        """Labeled images of steps 0..t: the common readout's bank."""
+        return sum(s.num_labeled for s in self.stream.steps[:t + 1])
+
+    def _knn_classifier(self, t: int):
+        """The common readout's classifier after step t (evaluate.knn_bank): every label of
+        steps 0..t through the shared encoder (`model.encoder`, whatever the method classifies
+        with at test time); its images are counted in `knn`."""
+        steps = self.stream.steps[:t + 1]
+        clf = knn_bank(self.model.encoder, self.loader,
+                       np.concatenate([s.labeled_ids for s in steps]),
+                       np.concatenate([s.labeled_labels for s in steps]),
+                       self.stream.num_seen_classes(t), self.cfg.run.eval_batch_size,
+                       self.engine.autocast, channels=self.spec.in_chans)
+        self.knn["images_forwarded"] += self.knn_bank_n(t) * self.dist.world_size
+        return clf
+
+    def _knn_readout(self, t: int, row: list[float] | None = None) -> float:
+        """The common readout after step t: 3-NN on the shared encoder's features over every
+        label of steps 0..t (evaluate.knn_bank), scored on the eval sets of steps 0..t; `row`:
+        already scored in the evaluation's pass (`_evaluate`), else scored here in a pass of its
+        own. Appends acc_knn[t], A_knn(t) and its cost to `self.knn` (evaluation: not
+        charged); returns A_knn(t)."""
+        k = self.knn
+        if row is None:
+            t0 = time.perf_counter()
+            sets = self.stream.eval_sets_upto(t)
+            if self.knn_bank_n(t):
+                clf = self._knn_classifier(t)
+                row = []
+                for ids, labels in sets:
+                    c, n = sharded_accuracy(self.model.encoder, self.loader, ids, labels,
+                                            self.cfg.run.eval_batch_size, self.engine.autocast,
+                                            self.dist, channels=self.spec.in_chans,
+                                            classify=clf.classify)
+                    row.append(100.0 * c / n if n else float("nan"))
+                    k["images_forwarded"] += n
+            else:               # no label seen yet: nothing to vote with
+                row = [float("nan")] * len(sets)
+            k["seconds"] += time.perf_counter() - t0
         k["acc"] += [None] * (t - len(k["acc"]))    # steps before a resume that had no readout
         k["A"] += [None] * (t - len(k["A"]))
         k["acc"].append(row)
         k["A"].append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
-        k["seconds"] += time.perf_counter() - t0
-        k["images_forwarded"] += bank_n * self.dist.world_size + eval_n
         return k["A"][-1]
 
     def _compiled_now(self, where: dict) -> None:

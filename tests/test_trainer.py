@@ -46,7 +46,21 @@ def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     assert knn["average_accuracy"] == pytest.approx(np.mean(knn["A"]))
     labeled = [s["labeled"] for s in res["stream"]["steps"]]
     evals = [s["eval"] for s in res["stream"]["steps"]]
-    assert knn["images_forwarded"] == labeled[0] + evals[0] + sum(labeled) + sum(evals)
+    # the bank (every label so far) after each step; the eval images are shared with the own
+    # readout's pass where the method classifies with the model (CCIC: a pass of its own)
+    assert knn["images_forwarded"] == labeled[0] + sum(labeled)
+    # ... and that shared pass scores exactly what each readout's pass of its own scores
+    from dietcl_fast.evaluate import knn_readout, sharded_accuracy
+    t, steps = 1, tr.stream.steps
+    own = [sharded_accuracy(tr.model, tr.loader, ids, y, 7, tr.engine.autocast)
+           for ids, y in tr.stream.eval_sets_upto(t)]
+    assert res["accuracy_matrix"][t] == [100.0 * c / n for c, n in own]
+    row, _, _ = knn_readout(tr.model.encoder, tr.loader,
+                            np.concatenate([s.labeled_ids for s in steps]),
+                            np.concatenate([s.labeled_labels for s in steps]),
+                            tr.stream.eval_sets_upto(t), tr.stream.num_seen_classes(t), 7,
+                            tr.engine.autocast)
+    assert knn["accuracy_matrix"][t] == row
     assert knn["seconds"] > 0 and on_disk["readouts"] == json.loads(json.dumps(res["readouts"]))
     # which regime each step ran in: draws per pool over the step's phases (3 iterations)
     assert len(res["passes"]) == 2
