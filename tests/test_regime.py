@@ -158,3 +158,20 @@ def test_paper_table_runs_a_part_through_the_real_compare(tmp_path):
                         "nonsense"], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode != 0 and "unknown part 'nonsense'" in p.stderr
+
+
+def test_the_shipped_glyphs_encoder_loads_strictly_into_cpu_tiny():
+    """glyphs-mae-tiny: its file has the listed SHA-256, and every tensor of the cpu-tiny RGB
+    model but the head comes from it (weights only, strict names and shapes, finite)."""
+    from dietcl_fast.models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
+    from dietcl_fast.pretrained import SHIPPED, shipped_file
+    s = SHIPPED["glyphs-mae-tiny"]
+    assert hashlib.sha256(open(shipped_file("glyphs-mae-tiny"), "rb").read()).hexdigest() == s.sha256
+    spec = ModelSpec(**PRESETS[s.preset]["spec"], in_chans=s.in_chans).validate()
+    m = build_model(spec, num_classes=5)
+    rep = load_mae_checkpoint(m, "glyphs-mae-tiny")
+    assert rep.ok and rep.path == "glyphs-mae-tiny"
+    assert set(rep.fresh) == {k for k in m.state_dict() if k.startswith("head.")}
+    assert len(rep.loaded) == len(m.state_dict()) - len(rep.fresh)
+    with torch.no_grad():
+        assert torch.isfinite(m.classify(torch.zeros(2, 3, spec.img_size, spec.img_size))).all()
