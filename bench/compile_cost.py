@@ -78,7 +78,7 @@ def capture_micro_batches(preset: str, batch_size: int, workdir: str, log,
     cfg.engine.compile = False
     cfg.loader.backend = "torch"
     tr = Trainer(cfg, log=lambda m: None)
-    tr._evaluate = lambda t: [0.0] * (t + 1)      # not needed here: only the micro-batches
+    tr._evaluate = lambda t: ([0.0] * (t + 1), None)   # not needed here: only the micro-batches
     got, inner = {}, tr.loss_fn
 
     def keep(model, mb):
