@@ -311,6 +311,11 @@ from dietcl_fast.cli.plan import make_plan  # noqa: E402
 
 main.add_command(make_plan(train, build_config, _fail))
 
+from dietcl_fast.cli.afterrun import make_commands  # noqa: E402
+
+for _cmd in make_commands(_fail):
+    main.add_command(_cmd)
+
 
 if __name__ == "__main__":
     main()
