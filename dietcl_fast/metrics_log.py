@@ -7,7 +7,8 @@ One JSON object per line (docs/after-the-run.md has the fields):
      "losses": {"Lr": 0.61, "Lm": 1.9, "Lb": 2.1}, "lr": 0.0009, "images_per_second": 410.2,
      "data_wait": 0.03, "flops": 2.2e12, "wall_seconds": 31.5}
     {"kind": "time_step", "optimiser_step": 200, "time_step": 1, "acc": [61.0, 70.2], "A": 65.6,
-     "knn_A": 58.1, "budget_spent": 100.0, "eval_seconds": 0.4, "flops": 3.4e12, "wall_seconds": 40.1}
+     "knn_A": 58.1, "budget_spent": 100.0, "eval_seconds": 0.4, "flops": 3.4e12,
+     "wall_seconds": 40.1}
 
 A step record is written every `--log-every` optimiser steps, from values the trainer reads at
 the progress bar's sync point (the losses leave the device there; nothing here touches a

@@ -63,9 +63,14 @@ def decoder_state_dict(model) -> dict:
             if k.startswith(_DECODER_KEYS)}
 
 
-def build_timm(spec: ModelSpec, num_classes: int):
+def load_timm(spec: ModelSpec, sd: dict):
+    """timm's VisionTransformer built from `model_args` (on the meta device: no init) with the
+    weights `sd` loaded strictly (every key, every shape) -> the model, in eval mode."""
     from timm.models.vision_transformer import VisionTransformer
-    return VisionTransformer(**model_args(spec, num_classes))
+    with torch.device("meta"):
+        vit = VisionTransformer(**model_args(spec, int(sd["head.weight"].shape[0])))
+    vit.load_state_dict(sd, strict=True, assign=True)
+    return vit.eval()
 
 
 def hf_config(spec: ModelSpec, preset: str, class_names: list, provenance: dict) -> dict:
@@ -126,9 +131,7 @@ def provenance(run: RunModel) -> dict:
 def check_logits(model, spec: ModelSpec, sd: dict, n: int = 2, seed: int = 0) -> float:
     """Build timm's VisionTransformer, load `sd` with strict=True, and return the largest
     |logit difference| to the run's model on `n` random images (float32, CPU)."""
-    vit = build_timm(spec, model.num_classes)
-    vit.load_state_dict(sd, strict=True)
-    vit.eval()
+    vit = load_timm(spec, sd)
     x = torch.randn(n, spec.in_chans, spec.img_size, spec.img_size,
                     generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device

@@ -78,7 +78,9 @@ def top_k(model, loader, ids: np.ndarray, k: int, batch_size: int, channels: int
         for s, x in eval_batches(loader, ids, batch_size, channels):
             with autocast():
                 logits = model.classify(x)
-            p, i = logits.float().softmax(-1).topk(k, dim=-1)
+            logits = logits.float()
+            i = logits.topk(k, dim=-1).indices          # ranked on the logits, as argmax is
+            p = logits.softmax(-1).gather(1, i)
             probs.append(p)
             idx.append(i)
             if on_batch is not None:
@@ -95,7 +97,7 @@ def predict(run: RunModel, *, out: str, data: str | None = None, images: tuple =
     write `out` (CSV: image, label_1, prob_1, ..., label_k, prob_k[, true_label][, error]).
     Returns a summary (counts, seconds, images/s, top-1 agreement with known labels)."""
     if (data is None) == (not images):
-        raise RunError("give the images to classify: --data SPEC (a dataset, folder:PATH, "
+        raise RunError("give the images to classify: --data DATASET (a dataset name, folder:PATH, "
                        "csv:PATH) or image files / directories as arguments, not both")
     if k < 1:
         raise RunError(f"--top-k {k}: must be >= 1")

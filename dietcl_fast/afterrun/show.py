@@ -69,7 +69,8 @@ def summary(run_dir: str) -> dict:
                                "mfu": res.get("mfu"),
                                "eval_images_per_second": _rate(res.get("eval_images"),
                                                                res.get("eval_seconds"))},
-                   warnings=res.get("warnings", []), skipped_files=len(res.get("skipped_files", [])))
+                   warnings=res.get("warnings", []),
+                   skipped_files=len(res.get("skipped_files", [])))
     else:
         st = read_state(run_dir)
         cfg = Config.from_dict(st["config"], source=os.path.join(run_dir, ckpt_io.CKPT_NAME))
@@ -142,8 +143,9 @@ def render(s: dict) -> str:
         tp.append(f"MFU {100 * th['mfu']:.1f}%")
     if th.get("eval_images_per_second"):
         tp.append(f"evaluation {th['eval_images_per_second']:.0f} images/s")
+    dev = s["device"] or {}
     lines.append("throughput  " + ", ".join(tp)
-                 + (f" on {s['device'].get('name', s['device'].get('type'))}" if s["device"] else ""))
+                 + (f" on {dev.get('name', dev.get('type'))}" if dev else ""))
     r = s["last_log_record"]
     if r:
         losses = " ".join(f"{k} {v:.3f}" for k, v in r["losses"].items())
