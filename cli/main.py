@@ -45,6 +45,9 @@ def build_config(ctx: click.Context, params: dict, *, method_options: bool = Tru
             node[key] = params[opt]
     apply_dict(cfg, overrides, source="command line")
     validate(cfg, method_options=method_options)
+    if cfg.run.tensorboard:     # an optional package: checked with the options, before any work
+        from dietcl_fast.metrics_log import require_tensorboard
+        require_tensorboard()
     return cfg
 
 

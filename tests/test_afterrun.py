@@ -138,8 +138,8 @@ def test_tensorboard_events_are_the_logs_records(runs):
 
 
 def test_tensorboard_missing_is_a_clear_error_before_any_compute(tmp_path, monkeypatch):
-    """--tensorboard without the package: train stops before anything is created, naming the
-    option and the install command; metrics.jsonl alone needs nothing."""
+    """--tensorboard without the package: train and compare stop before anything is created,
+    naming the option and the install command."""
     from dietcl_fast.cli.main import main
     monkeypatch.setitem(sys.modules, "tensorboard", None)       # import tensorboard fails
     monkeypatch.delitem(sys.modules, "torch.utils.tensorboard", raising=False)
@@ -150,6 +150,11 @@ def test_tensorboard_missing_is_a_clear_error_before_any_compute(tmp_path, monke
     assert "--tensorboard needs the tensorboard package" in r.output
     assert "pip install 'dietcl-fast[tensorboard]'" in r.output
     assert not out.exists()
+    r = CliRunner().invoke(main, ["compare", "--methods", "er,finetune", "--seeds", "0",
+                                  "--tensorboard", "--out", str(out)])
+    assert r.exit_code == 2 and "--tensorboard needs the tensorboard package" in r.output, \
+        r.output
+    assert not out.exists()                     # refused once, before any run
 
 
 _DS_MONITOR_PROBE = r"""
