@@ -111,6 +111,7 @@ def open_run(run_dir: str, *, time_step: Optional[int] = None, unfinished: bool 
         pos = dict(state["position"])
     except (KeyError, TypeError, ValueError) as e:
         raise RunError(f"{latest} does not hold a run's config and position ({e})") from None
+    name = os.path.relpath(latest, run_dir)     # latest.pt, or deepspeed/ (DeepSpeed runs)
     T = cfg.stream.time_steps
     done = pos["t"]                         # time steps 0..done-1 are finished
     finished = done >= T
@@ -120,7 +121,7 @@ def open_run(run_dir: str, *, time_step: Optional[int] = None, unfinished: bool 
     def available() -> str:
         have = [f"{t} ({os.path.relpath(p, run_dir)})" for t, p in kept.items()]
         if at_boundary and done >= 1 and done - 1 not in kept:
-            have.append(f"{done - 1} ({ckpt_io.CKPT_NAME})")
+            have.append(f"{done - 1} ({name})")
         return ", ".join(have) if have else "none"
 
     if time_step is not None:
@@ -131,7 +132,7 @@ def open_run(run_dir: str, *, time_step: Optional[int] = None, unfinished: bool 
             return _from_step_model(run_dir, kept[t], t, state, cfg, finished)
         if at_boundary and t == done - 1:
             return _from_state(run_dir, latest, state, cfg, t, finished,
-                               f"the model after time step {t} ({ckpt_io.CKPT_NAME})")
+                               f"the model after time step {t} ({name})")
         if t >= done:
             why = (f"the run has finished time steps 0..{done - 1} only" if done else
                    "the run has not finished any time step")
@@ -141,7 +142,7 @@ def open_run(run_dir: str, *, time_step: Optional[int] = None, unfinished: bool 
         raise RunError(f"{option} {t}: {why}; models available after time step(s): {available()}")
     if finished:
         return _from_state(run_dir, latest, state, cfg, T - 1, True,
-                           f"the final model, after time step {T - 1} ({ckpt_io.CKPT_NAME})")
+                           f"the final model, after time step {T - 1} ({name})")
     last = (f"the last finished time step is {done - 1}" if done else
             "no time step has finished yet")
     if not unfinished:
@@ -151,9 +152,9 @@ def open_run(run_dir: str, *, time_step: Optional[int] = None, unfinished: bool 
             f"its latest model, or --time-step N for the model after a finished time step "
             f"(available: {available()})")
     what = (f"the latest model of an unfinished run, after time step {done - 1} "
-            f"({ckpt_io.CKPT_NAME})" if at_boundary and done else
+            f"({name})" if at_boundary and done else
             f"the latest model of an unfinished run, stopped {_position_text(pos, T)}; {last} "
-            f"({ckpt_io.CKPT_NAME})")
+            f"({name})")
     return _from_state(run_dir, latest, state, cfg, pos["t"] if pos["step_started"] else done - 1,
                        False, what)
 
