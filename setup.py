@@ -38,13 +38,16 @@ install_requires = [
     "matplotlib>=3.7",
     "scikit-learn>=1.3",
     "pillow>=10",
+    "safetensors>=0.4",
 ]
 extras = {
     "dali": ["nvidia-dali-cuda130"],
     "deepspeed": ["deepspeed>=0.15"],
+    "tensorboard": ["tensorboard>=2.14"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "scipy>=1.11", "pybind11>=2.12", "cmake>=3.18"],
 }
-extras["dev"] = sorted(set(extras["dali"] + extras["deepspeed"] + extras["test"]))
+extras["dev"] = sorted(set(extras["dali"] + extras["deepspeed"] + extras["tensorboard"]
+                           + extras["test"]))
 
 setup(
     name="dietcl-fast",
@@ -62,6 +65,8 @@ setup(
         "dietcl_fast.models",
         "dietcl_fast.engine",
         "dietcl_fast.methods",
+        "dietcl_fast.bench",
+        "dietcl_fast.afterrun",
         "dietcl_fast.kernels",
         "dietcl_fast.cli",
     ],

@@ -45,6 +45,9 @@ def build_config(ctx: click.Context, params: dict, *, method_options: bool = Tru
             node[key] = params[opt]
     apply_dict(cfg, overrides, source="command line")
     validate(cfg, method_options=method_options)
+    if cfg.run.tensorboard:     # an optional package: checked with the options, before any work
+        from dietcl_fast.metrics_log import require_tensorboard
+        require_tensorboard()
     return cfg
 
 
@@ -310,6 +313,11 @@ main.add_command(bench)
 from dietcl_fast.cli.plan import make_plan  # noqa: E402
 
 main.add_command(make_plan(train, build_config, _fail))
+
+from dietcl_fast.cli.afterrun import make_commands  # noqa: E402
+
+for _cmd in make_commands(_fail):
+    main.add_command(_cmd)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import time
 
 import torch
@@ -34,6 +35,7 @@ from .engine.deepspeed_engine import DS_SUBDIR, POINTER, load_client_state
 from .fsio import FORMAT_VERSION, CheckpointError, atomic_write_bytes, plain_state  # noqa: F401
 
 CKPT_NAME = "latest.pt"
+STEP_MODELS = "models"                  # models/t<t>.pt: the model after time step t
 MAGIC = b"DIETCLCKPT\x00\x02"          # 12 bytes; the last one is FORMAT_VERSION
 _DIGEST = 32
 
@@ -98,6 +100,33 @@ def write_failure_message(path: str, need: int, e: OSError) -> str:
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         what += f"; make {d} writable"
     return what
+
+
+def step_model_path(run_dir: str, t: int) -> str:
+    """Where --keep-step-models keeps the model after time step t."""
+    return os.path.join(run_dir, STEP_MODELS, f"t{int(t)}.pt")
+
+
+def save_step_model(run_dir: str, t: int, record: dict, *, retry_seconds: float = 0.0,
+                    log=None) -> str:
+    """Write the model after time step t (the trainer's `model_record`) as
+    `run_dir/models/t<t>.pt`, in the checkpoint format (MAGIC | SHA-256 | plain-data payload)."""
+    path = step_model_path(run_dir, t)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_with_retry(path, encode_state(record), retry_seconds=retry_seconds, log=log)
+    return path
+
+
+def step_models(run_dir: str) -> dict[int, str]:
+    """{time step: path} of the models/t<t>.pt files a run kept."""
+    d = os.path.join(run_dir, STEP_MODELS)
+    out = {}
+    if os.path.isdir(d):
+        for name in os.listdir(d):
+            m = re.fullmatch(r"t(\d+)\.pt", name)
+            if m:
+                out[int(m.group(1))] = os.path.join(d, name)
+    return dict(sorted(out.items()))
 
 
 # ---------------------------------------------------------------------------------------- reading

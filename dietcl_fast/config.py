@@ -280,6 +280,17 @@ class RunConfig:
     knn_readout: bool = option(True, help="After each time step also score the encoder's "
                                           "features with the common 3-NN readout "
                                           "(docs/readout.md; not charged to the budget).")
+    log_every: int = option(10, help="metrics.jsonl in the run directory: a record of the "
+                                     "losses, LR, images/s, data wait and FLOPs every N optimiser "
+                                     "steps (read where the progress bar reads them), and one per "
+                                     "time step with its accuracies; 0: time-step records only "
+                                     "(docs/after-the-run.md).")
+    tensorboard: bool = option(False, help="Also write metrics.jsonl's scalars as TensorBoard "
+                                           "event files in <out>/tensorboard (the tensorboard "
+                                           "extra; DeepSpeed's own monitor writes there too).")
+    keep_step_models: bool = option(False, help="Keep the model after every time step as "
+                                                "<out>/models/t<t>.pt (weights only, "
+                                                "checksummed), for predict/export --time-step.")
 
 
 @dataclass(slots=True)
@@ -628,6 +639,7 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     if cfg.run.out is not None and (not isinstance(cfg.run.out, str) or not cfg.run.out.strip()):
         raise ConfigError(f"{_named('run.out', cfg.run.out)}: give a directory path", "run.out")
     _num(cfg, "run.ckpt_every", lo=0, integer=True, why=" (0: only at time-step ends)")
+    _num(cfg, "run.log_every", lo=0, integer=True, why=" (0: time-step records only)")
     _num(cfg, "run.ckpt_retry_seconds", lo=0, hi=86400)
     _choice(cfg, "run.device")
     _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)

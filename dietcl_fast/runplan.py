@@ -17,6 +17,7 @@ import torch
 
 from .config import Config, ConfigError, parse_split, validate
 from .engine import resolve_engine
+from .metrics_log import require_tensorboard
 from .models import PRESETS, resolve_preset
 
 # Preset optimiser defaults. The paper's recipe (blr 1e-4, floor 5e-5, layer decay 0.65) is
@@ -89,6 +90,8 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     processes there); the checks that need the device and the world size come after it."""
     from .methods import method_class
     cfg = validate(copy.deepcopy(cfg))      # validate normalises (8.0 -> 8): on the copy
+    if cfg.run.tensorboard:
+        require_tensorboard()               # not installed: stop now, saying how to install it
     notes, warnings = [], []
     engine = resolve_engine(cfg.engine.engine)          # auto -> the recorded choice
     cfg.engine.engine = engine

@@ -43,6 +43,7 @@ from .evaluate import (KNN_K, eval_pad_sizes, knn_bank, sharded_accuracy, sharde
 from .ledger import Ledger
 from .methods import StepContext, build_method
 from .methods.base import describe_passes, pool_passes
+from .metrics_log import TENSORBOARD_DIR, MetricsLog
 from .mfu import matmul_peak, mfu as flops_utilisation, sync as sync_device
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
 from .results import plot_curve, progress_bar, table, versions, write_json
@@ -181,7 +182,8 @@ class Trainer:
         self.checkpointer = BackgroundCheckpointer(
             save=lambda d, st: ckpt_io.save_checkpoint(
                 d, st, retry_seconds=self.cfg.run.ckpt_retry_seconds, log=self.log))
-        self._sync_checkpoint_seconds = 0.0     # engines that write their own (DeepSpeed)
+        # on the training thread: engines that write their own (DeepSpeed), models/t<t>.pt
+        self._sync_checkpoint_seconds = 0.0
         # per-iteration record [(t, phase, seconds, data seconds, FLOPs)]: `bench step` reads
         # it; timing_sync makes each record end after the device finished the iteration
         self.iteration_log: list[tuple] = []
@@ -191,6 +193,7 @@ class Trainer:
         self._saved_gstep = None                # optimiser step of the last checkpoint submitted
         self._good_gstep = None                 # ... and of the last one known to be on disk
         self._exit_after = None                 # test hook (dietcl_fast/testing.py), set by run
+        self.metrics = None                     # metrics.jsonl (+ TensorBoard), opened by run
 
     # the resolved batch arithmetic (RunPlan owns it; BatchPlan reads it for this rank)
     G = property(lambda self: self.plan.global_batch, doc="global batch: images per optimiser step")
@@ -233,6 +236,14 @@ class Trainer:
         if self.dist.is_main:           # room for one checkpoint, before any compute
             from .rundir import check_space
             check_space(run_dir, self.checkpoint_bytes_estimate())
+            # the training log: cut back to this checkpoint on resume, then appended to
+            self.metrics = MetricsLog(
+                run_dir, every=cfg.run.log_every, global_batch=self.G,
+                tensorboard=cfg.run.tensorboard, wall_before=self.wall_before,
+                resume=None if resume_state is None else (self.pos.gstep, self.pos.t),
+                data_seconds=self.data_seconds, log=self.log)
+        if cfg.run.tensorboard and hasattr(self.engine, "monitor_dir"):
+            self.engine.monitor_dir = os.path.join(run_dir, TENSORBOARD_DIR)   # DeepSpeed's own
         T = self.stream.time_steps
         self.log(f"device {self.device}{' (bf16 autocast)' if self.amp_dtype else ' (fp32)'}; "
                  f"global batch {self.G} = {self.micro} micro x {self.accum} accumulation x "
@@ -258,6 +269,8 @@ class Trainer:
             self.batcher.ahead = None
             self.loader.close()     # worker processes / loader thread (restarted on next use)
             self._wait_checkpoint()    # the last checkpoint is on disk before results.json
+            if self.metrics is not None:
+                self.metrics.close()
         return self._finish()
 
     def _run_step(self, t: int, bar) -> None:
@@ -344,6 +357,17 @@ class Trainer:
         if ip is not None:
             self._run_importance(ip)
         self.method.on_step_end(ctx)
+        if self.metrics is not None:
+            self.metrics.log_time_step(
+                gstep=self.pos.gstep, t=t, acc=row, A=self.A[-1],
+                knn_A=self.knn["A"][-1] if cfg.run.knn_readout else None,
+                spent=self.ledger.spent_units(), eval_seconds=self.eval_log[-1],
+                flops=self.ledger.flops_total, data_seconds=self.data_seconds)
+        if cfg.run.keep_step_models and self.dist.is_main:     # models/t<t>.pt (predict, export)
+            t0 = time.perf_counter()
+            ckpt_io.save_step_model(self.run_dir, t, self.model_record(t),
+                                    retry_seconds=cfg.run.ckpt_retry_seconds, log=self.log)
+            self._sync_checkpoint_seconds += time.perf_counter() - t0
         self.pos = Position(t=t + 1, phase=0, it=0, gstep=self.pos.gstep, step_started=False)
         self.save()
 
@@ -398,17 +422,27 @@ class Trainer:
         return logs_acc
 
     def _progress(self, bar, t: int, phase, logs: dict) -> None:
-        """Progress bar after an iteration; every 10 steps it reads the losses (a device sync,
-        outside the iteration)."""
-        if bar is None:
+        """Progress bar after an iteration, and the training log's step record: every 10 steps
+        (the bar) and every --log-every steps (metrics.jsonl) the losses are read, a device
+        sync outside the iteration (one read when both are due)."""
+        g = self.pos.gstep
+        if bar is not None:
+            bar.update(1)
+        show = bar is not None and (g % 10 == 0 or self.pos.it == phase.steps)
+        record = self.metrics is not None and self.metrics.due(g)
+        if not (show or record):
             return
-        bar.update(1)
-        if self.pos.gstep % 10 == 0 or self.pos.it == phase.steps:
-            self._check_finite()                # a non-finite loss seen since: stop here
-            post = {k: f"{float(v):.3f}" for k, v in logs.items()}
+        self._check_finite()                    # a non-finite loss seen since: stop here
+        losses = {k: float(v) for k, v in logs.items()}
+        if show:
+            post = {k: f"{v:.3f}" for k, v in losses.items()}
             bar.set_description(f"t={t + 1}/{self.stream.time_steps} {phase.name}", refresh=False)
             post["spent"] = f"{self.ledger.spent_units():.0f}/{self.budget}"
             bar.set_postfix(post, refresh=False)
+        if record:
+            self.metrics.log_step(gstep=g, t=t, phase=phase.name, it=self.pos.it, losses=losses,
+                                  lr=self._lr(phase, self.pos.it - 1),
+                                  flops=self.ledger.flops_total, data_seconds=self.data_seconds)
 
     # ------------------------------------------------------------------ time-step hooks
     def _open_step(self, t: int) -> None:
@@ -657,7 +691,17 @@ class Trainer:
             "compute_seconds": self.compute_seconds,
             "train_seconds": self.train_seconds, "train_flops": self.train_flops,
             "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
+            "class_names": [str(c) for c in self.stream.class_names],  # head order (predict)
         }
+
+    def model_record(self, t: int) -> dict:
+        """What `models/t<t>.pt` keeps (--keep-step-models): the model after time step t and
+        what reading it needs, without the training state."""
+        return {"model": self.model.state_dict(), "config": self.cfg.to_dict(),
+                "stream_fingerprint": self.stream.fingerprint(), "time_step": t,
+                "optimiser_steps": self.pos.gstep, "acc": self.acc[t], "A": self.A[t],
+                "ledger": self.ledger.state_bytes(),
+                "class_names": [str(c) for c in self.stream.class_names]}
 
     def load_state(self, st: dict) -> None:
         fp = self.stream.fingerprint()
@@ -805,6 +849,7 @@ class Trainer:
             # off the training step: evaluation passes, and checkpoint time on the training
             # thread (snapshot + waiting for a write in flight) vs in the background writer
             "eval_seconds": self.eval_seconds,
+            "eval_images": sum(self.eval_images),      # forwarded in those seconds
             "checkpoint_seconds": self._ckpt_seconds(),
             "checkpoint_write_seconds": self.checkpointer.write_seconds,
             "skipped_files": getattr(self.loader, "skipped_files", []),

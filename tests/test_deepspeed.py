@@ -19,8 +19,8 @@ import os
 import pytest
 
 from dietcl_fast.testing import exit_after
-from launchers import (TINY, launch, launcher, ok, results, run_once, same_run, single,
-                       torch_ref)  # noqa: F401 (fixture)
+from launchers import (_DIRS, TINY, launch, launcher, ok, results, run_once, same_run,
+                       single, torch_ref)  # noqa: F401 (fixture)
 
 HAVE_DS = importlib.util.find_spec("deepspeed") is not None
 needs_ds = [pytest.mark.deepspeed,
@@ -46,6 +46,44 @@ def test_deepspeed_matches_torch_engine(tmp_path_factory, torch_ref, world, stag
     assert res["config"]["engine"]["engine"] == "deepspeed"
     if world > 1:
         assert "time step" not in ps[1].stderr                  # rank 0 speaks alone
+
+
+@ds
+def test_a_deepspeed_runs_model_is_predicted_exported_and_shown(tmp_path_factory, tmp_path):
+    """The model of a DeepSpeed run (the module in deepspeed/<tag>/, read through the checksum
+    and weights_only path) opens for predict, export and show as a torch-engine run's does: its
+    top-1 on the run's evaluation images counts what the run's evaluation counted, and the export
+    gives its logits in timm. Shares the one-process ZeRO-0 run with the test above."""
+    import contextlib
+
+    from dietcl_fast.afterrun import open_run
+    from dietcl_fast.afterrun.export import export
+    from dietcl_fast.afterrun.predict import top_k
+    from dietcl_fast.afterrun.show import summary
+    from dietcl_fast.data import build_loader
+    from dietcl_fast.streams import build_stream, load_source
+    res, _ = run_once("ds1z0", tmp_path_factory, 1, *TINY, "--engine", "deepspeed",
+                      "--zero-stage", "0")
+    d = _DIRS["ds1z0"]
+    rm = open_run(str(d))
+    assert rm.finished and rm.source == str(d / "deepspeed") and "(deepspeed)" in rm.what
+    cfg = rm.cfg
+    source = load_source(cfg.stream.data)
+    stream = build_stream(source, scenario=cfg.stream.scenario, time_steps=cfg.stream.time_steps,
+                          label_rate=cfg.stream.label_rate,
+                          eval_fraction=cfg.stream.eval_fraction, seed=cfg.run.seed)
+    loader, _ = build_loader(source, cfg.loader, rm.spec.img_size, rm.spec.in_chans, "cpu",
+                             log=lambda m: None)
+    T = stream.time_steps
+    for k in range(T):
+        ids, labels = stream.eval_for(T - 1, k)
+        _, idx = top_k(rm.model, loader, ids, 1, cfg.run.eval_batch_size, rm.spec.in_chans,
+                       contextlib.nullcontext)
+        assert 100.0 * int((idx[:, 0].numpy() == labels).sum()) / len(ids) == \
+            pytest.approx(res["accuracy_matrix"][T - 1][k], abs=1e-9)
+    r = export(rm, str(tmp_path / "model"), log=lambda m: None)
+    assert r["max_logit_diff"] <= 1e-5
+    assert summary(str(d))["accuracy_matrix"] == res["accuracy_matrix"]
 
 
 @ds

@@ -46,7 +46,7 @@ FOREIGN = {"--hostfile": "deepspeed", "--num_nodes": "deepspeed", "--num_gpus": 
            "--rdzv_endpoint": "torchrun", "--build": "cmake", "--install": "cmake",
            "--prefix": "cmake", "--test-dir": "ctest", "--write": "options_table",
            "--check": "options_table", "--no-deps": "pip", "--no-build-isolation": "pip",
-           "--no-index": "pip", "--target": "pip"}
+           "--no-index": "pip", "--target": "pip", "--logdir": "tensorboard"}
 
 
 # ------------------------------------------------------------------ reading the docs
@@ -455,6 +455,21 @@ def test_the_documented_commands_run(tmp_path):
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
             if "--json" in rest:
                 json.loads(r.stdout)
+        elif name in ("predict", "export", "show"):     # on the quick start's run
+            r = _invoke(a, tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            if name == "predict":
+                rows = open(tmp_path / rest[rest.index("--out") + 1]).read().splitlines()
+                assert rows[0].startswith("image,label_1,prob_1") and len(rows) > 1, rows[:2]
+            elif name == "export":
+                out = tmp_path / rest[rest.index("--out") + 1]
+                for f in ("model.safetensors", "config.json") + (
+                        ("mae_decoder.safetensors",) if "--with-decoder" in rest else ()):
+                    assert (out / f).exists(), (where, f)
+            elif "--json" in rest:
+                assert json.loads(r.stdout)["status"] == "finished"
+            else:
+                assert "A(T) =" in r.stdout and "metrics.jsonl" in r.stdout, r.stdout
         elif name == "flops":
             r = _invoke(a, tmp_path)
             assert r.exit_code == 0, (where, r.output)

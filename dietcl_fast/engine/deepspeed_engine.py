@@ -100,6 +100,9 @@ class DeepSpeedEngine:
         self._micro = 0             # micro-batches since the last optimiser step
         self.log = log if (log is not None and dist_info.is_main) else (lambda m: None)
         self._told = False
+        # --tensorboard: DeepSpeed's own monitor writes its events under <monitor_dir>/deepspeed
+        # (set by the trainer; None: off)
+        self.monitor_dir = None
 
     # ---------------------------------------------------------------- config
     def ds_config(self) -> dict:
@@ -115,6 +118,9 @@ class DeepSpeedEngine:
         }
         if self.amp_dtype is not None:      # DeepSpeed's forward computes as forward_backward
             cfg["torch_autocast"] = {"enabled": True, "dtype": str(self.amp_dtype).replace("torch.", "")}
+        if self.monitor_dir:                # a fresh engine per phase: its sample count restarts
+            cfg["tensorboard"] = {"enabled": True, "output_path": self.monitor_dir,
+                                  "job_name": "deepspeed"}
         return cfg
 
     def grad_comm_dtypes(self) -> dict[str, int]:
@@ -162,6 +168,9 @@ class DeepSpeedEngine:
     def _destroy(self) -> None:
         if self.ds is not None:
             self.ds.destroy()           # removes ZeRO's gradient hooks from the parameters
+            tb = getattr(getattr(self.ds, "monitor", None), "tb_monitor", None)
+            if getattr(tb, "summary_writer", None) is not None:
+                tb.summary_writer.close()       # its event file is complete; a phase, one file
             self.ds, self.optimizer = None, None
 
     def set_lr(self, lr: float) -> None:

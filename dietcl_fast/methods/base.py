@@ -176,6 +176,12 @@ class Method:
     # initial weights (seeded build; --pretrained reloaded) with the head grown to the seen
     # classes (GDumb: retrain from scratch)
     reinitialise = False
+    # what test-time classification is, for `predict` and `export` (docs/after-the-run.md):
+    # "vit": model.classify, the encoder's pooled features through the head (a plain timm
+    # VisionTransformer); "vit+modules": model.classify with the method's modules in the path
+    # (L2P's prompts: predict runs it, export cannot write it as a plain ViT); "own": eval_model
+    # builds another classifier (CCIC's kNN over labeled features, DualNet's fast learner)
+    classifier = "vit"
 
     def __init__(self, cfg):
         self.cfg = cfg

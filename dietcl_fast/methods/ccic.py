@@ -87,6 +87,7 @@ class KNNClassifier:
 @register
 class CCIC(Method):
     name = "ccic"
+    classifier = "own"          # see Method.classifier
     buffer_insertion = "after"      # the buffer holds past steps: the contrastive term's negatives
 
     def __init__(self, cfg):

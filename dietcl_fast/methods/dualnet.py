@@ -105,6 +105,7 @@ class _FastClassifier:
 @register
 class DualNet(Method):
     name = "dualnet"
+    classifier = "own"          # see Method.classifier
     buffer_insertion = "after"      # replay from past steps only (the original's memory_sampling)
 
     def __init__(self, cfg):

@@ -60,6 +60,7 @@ def prompted_features(model, x, q=None):
 @register
 class L2P(Method):
     name = "l2p"
+    classifier = "vit+modules"  # see Method.classifier
 
     def __init__(self, cfg):
         super().__init__(cfg)
