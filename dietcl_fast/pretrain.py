@@ -218,7 +218,7 @@ class Pretrainer:
                         loss, _, _ = self.model.forward_mae(x, generator=gen)
                     if not torch.isfinite(loss):
                         raise self._stopped(f"the pretraining loss became non-finite "
-                                            f"({float(loss)}) at step {it}")
+                                            f"({float(loss.detach())}) at step {it}")
                     (loss * len(part) / G).backward()
                     total += float(loss.detach()) * len(part) / G
                 self.opt.step()
