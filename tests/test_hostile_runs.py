@@ -449,8 +449,11 @@ def test_results_are_written_last(run_copy):
 
 def test_a_truncated_results_json_is_named(run_copy):
     p = run_copy / "results.json"
-    p.write_bytes(p.read_bytes()[:0])
-    refused(invoke("train", "--resume", run_copy), str(p))
+    p.write_bytes(p.read_bytes()[:100])
+    r = invoke("train", "--resume", run_copy)
+    refused(r)
+    (error,) = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert str(p) in error and "not valid JSON" in error, r.output
 
 
 def test_plan_overflow_is_a_clear_error():
