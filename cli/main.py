@@ -71,7 +71,9 @@ def build_config(ctx: click.Context, params: dict, *, method_options: bool = Tru
     apply_dict(cfg, overrides, source="command line")
     # paths made absolute: the saved config names the same files from any directory (resume)
     cfg.stream.data = absolute_data(cfg.stream.data)
-    if isinstance(cfg.model.pretrained, str) and cfg.model.pretrained:
+    from dietcl_fast.pretrained import is_shipped
+    if isinstance(cfg.model.pretrained, str) and cfg.model.pretrained and \
+            not is_shipped(cfg.model.pretrained):       # a file, not a shipped encoder's name
         cfg.model.pretrained = os.path.abspath(os.path.expanduser(cfg.model.pretrained))
     validate(cfg, method_options=method_options)
     return cfg
