@@ -45,8 +45,7 @@ def read_json(path: str) -> dict:
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): truncated or damaged; restore it or "
-                         "move it away") from None
+        raise ValueError(f"{path} is not valid JSON ({e}): truncated or damaged") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object")
     return obj

@@ -126,6 +126,7 @@ def check_owner(run_dir: str, saved: dict, *, skip=("run.out", "run.progress")) 
     import yaml
 
     from .config import Config, differences
+    from .results import read_json
     ck = os.path.join(run_dir, "latest.pt")
     came = saved.get("run", {}).get("out")
     origin = f" (written by the run in {came!r})" if came and os.path.abspath(came) != \
@@ -135,14 +136,17 @@ def check_owner(run_dir: str, saved: dict, *, skip=("run.out", "run.progress")) 
         if not os.path.isfile(path):
             continue
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-            mine = (yaml.safe_load(raw) if name == "config.yaml" else json.loads(raw)["config"])
+            if name == "results.json":
+                mine = read_json(path)["config"]    # ValueError naming the file
+            else:
+                with open(path, "rb") as f:
+                    mine = yaml.safe_load(f)
             mine = Config.from_dict(mine, source=path).to_dict()
         except Exception as e:      # noqa: BLE001 - named, not hidden: the resume stops
-            raise ConfigError(f"--resume {run_dir!r}: {path} cannot be read ({type(e).__name__}: "
-                              f"{' '.join(str(e).split())[:200]}); restore it or move it away "
-                              f"to continue from {ck}") from None
+            what = str(e) if str(path) in str(e) else \
+                f"{path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            raise ConfigError(f"--resume {run_dir!r}: {what}; restore it or move it away to "
+                              f"continue from {ck}") from None
         diff = differences(mine, Config.from_dict(saved, source=ck).to_dict(), skip=skip,
                            labels=(f"in {name}", "in latest.pt"))
         if diff:
