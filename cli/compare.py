@@ -71,9 +71,11 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
                                        f"({_differences(old, req)}); use another --out")
             res_path = os.path.join(run_dir, "results.json")
             if os.path.exists(res_path):
-                with open(res_path) as f:
-                    return json.load(f)
+                from dietcl_fast.results import read_json
+                return read_json(res_path)
         elif os.environ.get("RANK", "0") == "0":
+            from dietcl_fast.rundir import check_fresh
+            check_fresh(run_dir)    # a directory holding another run's files is not adopted
             atomic_write_bytes(os.path.join(run_dir, "compare_request.json"),
                                json.dumps(req, indent=1).encode())
         with open(log_path, "a") as logf:

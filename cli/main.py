@@ -1,6 +1,7 @@
 """`dietcl-fast`: thin click front end. Parse, build the config, call the library."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -8,7 +9,8 @@ import sys
 import click
 
 from dietcl_fast.cli.options import click_option, cli_options, train_params
-from dietcl_fast.config import Config, ConfigError, apply_dict, load_yaml, validate
+from dietcl_fast.config import (Config, ConfigError, absolute_data, apply_dict, load_yaml,
+                                validate)
 from dietcl_fast.rundir import check_out_dir
 
 # train's config options, generated from the config fields (name, type, default, help), and
@@ -19,6 +21,29 @@ TRAIN_PARAMS, TRAIN_OPTIONS = train_params()
 def _fail(msg: str) -> None:
     click.echo(f"error: {msg}", err=True)
     sys.exit(2)
+
+
+class Preempted(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `kill`): handled as Ctrl-C is (the lock released, the
+    last checkpoint kept and named), exit status 143."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """While a run works, SIGTERM raises `Preempted` in the main thread (elsewhere: as is)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Preempted()
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _explicit(ctx: click.Context, name: str) -> bool:
@@ -44,6 +69,12 @@ def build_config(ctx: click.Context, params: dict, *, method_options: bool = Tru
                 node = node.setdefault(sec, {})
             node[key] = params[opt]
     apply_dict(cfg, overrides, source="command line")
+    # paths made absolute: the saved config names the same files from any directory (resume)
+    cfg.stream.data = absolute_data(cfg.stream.data)
+    from dietcl_fast.pretrained import is_shipped
+    if isinstance(cfg.model.pretrained, str) and cfg.model.pretrained and \
+            not is_shipped(cfg.model.pretrained):       # a file, not a shipped encoder's name
+        cfg.model.pretrained = os.path.abspath(os.path.expanduser(cfg.model.pretrained))
     validate(cfg, method_options=method_options)
     if cfg.run.tensorboard:     # an optional package: checked with the options, before any work
         from dietcl_fast.metrics_log import require_tensorboard
@@ -68,7 +99,14 @@ def _other_methods_options(ctx: click.Context, method: str) -> list[tuple[str, s
 
 
 def default_run_dir(cfg: Config) -> str:
-    data = cfg.stream.data.replace(os.sep, "_").replace(":", "_").strip("_")[-40:]
+    data = cfg.stream.data
+    for prefix in ("folder:", "csv:", ""):      # named as typed when under this directory
+        p = data[len(prefix):]
+        if data.startswith(prefix) and os.path.isabs(p) and \
+                not os.path.relpath(p).startswith(".."):
+            data = prefix + os.path.relpath(p)
+            break
+    data = data.replace(os.sep, "_").replace(":", "_").strip("_")[-40:]
     return os.path.join("runs", f"{cfg.method.name}-{data}-{cfg.stream.scenario}-"
                                 f"lr{cfg.stream.label_rate:g}-b{cfg.run.budget:g}-s{cfg.run.seed}")
 
@@ -96,6 +134,7 @@ def train(ctx, **params):
     """Train a continual learner on a stream under a per-step compute budget; writes
     results.json, curve.png, config.yaml and checkpoints into the run directory."""
     from dietcl_fast import checkpoint as ckpt_io
+    from dietcl_fast.rundir import check_fresh
     from dietcl_fast.trainer import RunStopped, Trainer
     run_dir = None
     try:
@@ -103,7 +142,11 @@ def train(ctx, **params):
             run_dir = params["resume"]
             if not os.path.isdir(run_dir):
                 _fail(f"--resume {run_dir!r}: no such directory")
-            with run_lock(run_dir):
+            if params.get("config"):
+                _fail(f"--resume continues the run in {run_dir!r} with its saved options; "
+                      f"--config {params['config']!r} cannot change them: drop --config (or "
+                      "start its options in another --out)")
+            with run_lock(run_dir), sigterm_interrupts():
                 _resume(ctx, params, run_dir)
         else:
             cfg = build_config(ctx, params)
@@ -115,9 +158,10 @@ def train(ctx, **params):
             created = not os.path.exists(run_dir)
             check_out_dir(run_dir, data=cfg.stream.data)
             try:
-                with run_lock(run_dir):
+                with run_lock(run_dir), sigterm_interrupts():
                     if ckpt_io.has_checkpoint(run_dir):
                         _fail(_holds_a_run(run_dir, cfg))
+                    check_fresh(run_dir, resume_hint=" but no checkpoint to continue it from")
                     trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
                     trainer.run(run_dir)
             except BaseException:
@@ -127,8 +171,8 @@ def train(ctx, **params):
                 raise
     except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
         _fail(str(e))
-    except KeyboardInterrupt:
-        _interrupted(run_dir)
+    except KeyboardInterrupt as e:
+        _interrupted(run_dir, e)
 
 
 def _holds_a_run(run_dir: str, cfg: Config) -> str:
@@ -167,17 +211,19 @@ def _resolved(cfg: Config) -> dict:
         return cfg.to_dict()
 
 
-def _interrupted(run_dir: str | None) -> None:
-    """Ctrl-C: say what is kept and how to continue, instead of click's bare 'Aborted!'."""
+def _interrupted(run_dir: str | None, e: BaseException | None = None) -> None:
+    """Ctrl-C or SIGTERM: say what is kept and how to continue, instead of click's bare
+    'Aborted!'; exit 130 (Ctrl-C) or 143 (SIGTERM), as the signal's default action would."""
     from dietcl_fast import checkpoint as ckpt_io
+    what = "terminated (SIGTERM)" if isinstance(e, Preempted) else "interrupted"
     if run_dir and os.path.isdir(run_dir) and ckpt_io.has_checkpoint(run_dir):
-        click.echo(f"interrupted: {run_dir} keeps its last checkpoint (written at every time-step "
+        click.echo(f"{what}: {run_dir} keeps its last checkpoint (written at every time-step "
                    f"end and every --ckpt-every steps); continue with: dietcl-fast train "
                    f"--resume {run_dir}", err=True)
     else:
-        click.echo("interrupted before the first checkpoint was written; nothing to resume",
+        click.echo(f"{what} before the first checkpoint was written; nothing to resume",
                    err=True)
-    sys.exit(130)
+    sys.exit(143 if isinstance(e, Preempted) else 130)
 
 
 train.params[:0] = TRAIN_PARAMS      # the config's options first, then --resume/--config
@@ -186,8 +232,14 @@ train.params[:0] = TRAIN_PARAMS      # the config's options first, then --resume
 def _resume(ctx, params, run_dir: str) -> None:
     from dietcl_fast import checkpoint as ckpt_io
     from dietcl_fast.trainer import Trainer
+    from dietcl_fast.config import save_yaml
+    from dietcl_fast.rundir import check_owner
     state = ckpt_io.load_checkpoint(run_dir)
     cfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
+    check_owner(run_dir, state["config"])   # the directory's own run, and config.yaml agrees
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")) and \
+            os.environ.get("RANK", "0") == "0":
+        save_yaml(cfg, os.path.join(run_dir, "config.yaml"))    # put back where it was deleted
     ignored = [o for o in TRAIN_OPTIONS if o in params and _explicit(ctx, o)
                and o != "progress"]
     if ignored:
@@ -259,28 +311,48 @@ def _flops_error(msg: str, kw: dict) -> str:
 def pretrain(ctx, resume, **params):
     """MAE pretraining of the encoder and decoder on a dataset under a step budget; writes
     OUT/checkpoint.pth for `train --pretrained`."""
-    from dietcl_fast.config import PretrainConfig
+    from dietcl_fast.config import PretrainConfig, validate_pretrain
     from dietcl_fast.pretrain import STATE_NAME, Pretrainer, saved_step
+    from dietcl_fast.rundir import PRETRAIN_FILES, check_fresh
+    from dietcl_fast.run_state import RunStopped
     try:
-        cfg = PretrainConfig(**params)
+        cfg = validate_pretrain(PretrainConfig(**params))
+        cfg.data = absolute_data(cfg.data)     # the same files from any directory (resume)
         if not resume and os.path.isfile(os.path.join(cfg.out, STATE_NAME)):
             _fail(f"--out {cfg.out!r} already holds a pretraining; add --resume to continue it, "
                   "or choose another --out")
-        Pretrainer(cfg, log=lambda m: click.echo(m, err=True)).run(resume=resume)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if resume and not os.path.isdir(cfg.out):
+            _fail(f"--resume: --out {cfg.out!r} is not a directory (no pretraining to continue)")
+        created = not os.path.exists(cfg.out)
+        check_out_dir(cfg.out, data=cfg.data)
+        try:
+            with run_lock(cfg.out), sigterm_interrupts():
+                if not resume:      # a finished pretraining whose state was deleted is kept too
+                    check_fresh(cfg.out, PRETRAIN_FILES,
+                                resume_hint=" but no pretrain_state.pt to continue it from")
+                Pretrainer(cfg, log=lambda m: click.echo(m, err=True)).run(resume=resume)
+        except BaseException:
+            # refused before anything was written: leave no empty directory behind
+            if created and os.path.isdir(cfg.out) and not os.listdir(cfg.out):
+                os.rmdir(cfg.out)
+            raise
+    except (ConfigError, ValueError, FileNotFoundError, RunStopped) as e:
         _fail(str(e))
-    except KeyboardInterrupt:
+    except OSError as e:        # a state or checkpoint.pth that could not be written
+        _fail(f"{e.strerror or e}" if e.filename is None else f"{e.filename}: {e.strerror}")
+    except KeyboardInterrupt as e:
         out = params["out"]
+        code, what = (143, "terminated (SIGTERM)") if isinstance(e, Preempted) else (130, "interrupted")
         if out and os.path.isfile(os.path.join(out, STATE_NAME)):
             step = saved_step(out)
             at = f" at step {step}" if step is not None else ""
-            click.echo(f"interrupted: {out} keeps its pretraining state{at} (written every "
+            click.echo(f"{what}: {out} keeps its pretraining state{at} (written every "
                        f"--ckpt-every steps); continue with: {_command_line(ctx, '--resume')}",
                        err=True)
         else:
-            click.echo("interrupted before the first pretraining state was written (every "
+            click.echo(f"{what} before the first pretraining state was written (every "
                        "--ckpt-every steps); nothing to resume", err=True)
-        sys.exit(130)
+        sys.exit(code)
 
 
 def _command_line(ctx: click.Context, *extra: str) -> str:

@@ -136,6 +136,15 @@ def has_checkpoint(run_dir: str) -> bool:
         os.path.isfile(os.path.join(run_dir, DS_SUBDIR, POINTER))
 
 
+def is_run_checkpoint(path: str) -> bool:
+    """Whether `path` starts with this format's header (a latest.pt or pretrain_state.pt)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC) - 1) == MAGIC[:-1]
+    except OSError:
+        return False
+
+
 def safe_torch_load(path: str, what: str = "checkpoint"):
     """`torch.load(path, weights_only=True)` on the CPU; a file that would need to unpickle
     anything else (code) is a CheckpointError naming it, and nothing in it runs."""

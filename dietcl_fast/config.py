@@ -415,10 +415,11 @@ def _shown(v) -> str:
     return repr(v) if isinstance(v, str) else str(v)
 
 
-def differences(old: dict, new: dict, cls=None, skip=()) -> list[str]:
+def differences(old: dict, new: dict, cls=None, skip=(), labels=("there", "now")) -> list[str]:
     """The options whose values differ between two configs (`to_dict()` / `asdict` form) of
     the tree `cls` (default: Config), as the user writes them: '--budget 1 there, 2 now'
-    (the config key where there is no flag). Keys in `skip` are left out."""
+    (the config key where there is no flag; `labels` name the two sides). Keys in `skip` are
+    left out."""
     opts = {o.path: o for o in options(cls or Config)}
     a, b = _flat(old), _flat(new)
     out = []
@@ -427,7 +428,7 @@ def differences(old: dict, new: dict, cls=None, skip=()) -> list[str]:
             continue
         o = opts.get(path)
         name = o.flag if o is not None and o.flag else path
-        out.append(f"{name} {_shown(a.get(path))} there, {_shown(b.get(path))} now")
+        out.append(f"{name} {_shown(a.get(path))} {labels[0]}, {_shown(b.get(path))} {labels[1]}")
     return out
 
 
@@ -788,17 +789,85 @@ def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any
     return value
 
 
-def load_yaml(path: str) -> dict:
+def absolute_data(spec):
+    """A `--data` value with its path made absolute (`folder:PATH`, `csv:PATH`, a directory or
+    a .csv file), so that the saved config names the same files from any working directory
+    (a resume started elsewhere); named datasets are returned as they are."""
     import os
+    if not isinstance(spec, str) or not spec.strip():
+        return spec
+    for prefix in ("folder:", "csv:"):
+        if spec.lower().startswith(prefix):
+            return prefix + os.path.abspath(os.path.expanduser(spec[len(prefix):]))
+    name = spec.lower().partition(":")[0]
+    from .streams.sources import SOURCES
+    if name in SOURCES:
+        return spec
+    p = os.path.expanduser(spec)
+    if os.path.isdir(p) or spec.lower().endswith(".csv"):
+        return os.path.abspath(p)
+    return spec
+
+
+def _unique_key_loader():
+    """yaml.SafeLoader that refuses a key written twice in one mapping (YAML keeps the last one
+    silently: a config with `run:` twice would drop the first section's options)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen: dict = {}
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        first = seen.setdefault(key, key_node.start_mark.line + 1)
+                    except TypeError:       # an unhashable key: SafeLoader reports it
+                        continue
+                    if first != key_node.start_mark.line + 1:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} appears twice in one mapping (lines {first} "
+                            f"and {key_node.start_mark.line + 1}); YAML would keep only the last",
+                            key_node.start_mark)
+            return super().construct_mapping(node, deep=deep)
+    return UniqueKeyLoader
+
+
+def load_yaml(path: str, option: str = "--config") -> dict:
+    """A YAML config file -> dict. A missing path, a directory, a FIFO or device, an unreadable
+    file, bytes that are not UTF-8, invalid YAML and a key written twice are ConfigErrors naming
+    `option` and the file."""
+    import os
+    import stat
 
     import yaml
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config {path!r}: no such file")
     try:
-        with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f) or {}
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{option} {path!r}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{option} {path!r}: cannot be read ({e.strerror or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"{option} {path!r} is a directory, not a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{option} {path!r} is not a regular file (a FIFO, socket or device); "
+                          "give a YAML file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{option} {path!r}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{option} {path!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                          f"offset {e.start}): not a YAML config file") from None
+    try:
+        d = yaml.load(text, Loader=_unique_key_loader()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path!r}: not valid YAML ({e})") from e
+        raise ConfigError(f"{option} {path!r}: not valid YAML ({e})") from None
     return d
 
 

@@ -155,6 +155,7 @@ def compute(w: Workload, speed: Speed, price: Optional[float] = None) -> list[Fi
     keep = H / 24.0
     out.append(Figure("gpus_to_keep_pace", f"{u}s busy around the clock to keep pace", keep, u,
                       "H / 24", f"{_fmt(H)} / 24 = {_fmt(keep)}"))
+    _finite(out, L, r, s, n, t)
     whole = max(1, math.ceil(keep - 1e-12))
     out.append(Figure("gpus_needed", f"{u}s needed (whole)", whole, u,
                       "ceil(H / 24), at least 1", f"ceil({_fmt(keep)}) = {whole}"))
@@ -174,7 +175,19 @@ def compute(w: Workload, speed: Speed, price: Optional[float] = None) -> list[Fi
         out.append(Figure("cost_per_labeler_day", "cost per labeler per day", H * price / L,
                           "currency", "H x p / L",
                           f"{_fmt(H * price)} / {_fmt(L)} = {_fmt(H * price / L)}"))
+    _finite(out, L, r, s, n, t)
     return out
+
+
+def _finite(figs: list, L, r, s, n, t) -> None:
+    """Inputs within range can still multiply past a float's range: a ConfigError naming the
+    first figure that did, and the inputs."""
+    for f in figs:
+        if not math.isfinite(f.value):
+            raise ConfigError(
+                f"the plan's {f.label} ({f.formula}) overflows: {f.arithmetic}. The inputs "
+                f"(--labelers {_fmt(L)}, --labels-per-labeler-day {_fmt(r)}, --steps-per-labels "
+                f"{_fmt(s)} {_fmt(n)}, {_fmt(t)} s per step) are too large to plan with")
 
 
 def paper_stated_check(w: Workload) -> dict:

@@ -5,8 +5,11 @@ It uses the training run's pieces: the same sources and loaders (the unlabeled a
 RandomResizedCrop scale 0.2-1, bicubic, flip), the same model and MAE loss (mask 0.75, norm-pix),
 the same ledger (every micro-batch is charged on the `mae` path before it runs; one unit = one
 forward+backward of the global batch), a progress bar, and resume: `DIR/pretrain_state.pt` is
-written atomically every `--ckpt-every` steps and at the end, and `--resume` (with the same
-`--out DIR`) continues to bit-identical weights (every draw is a function of the seed and the step).
+written atomically every `--ckpt-every` steps and at the end, in the training checkpoint's
+format (header, SHA-256 of the payload, a weights-only payload: `checkpoint.py`), and `--resume`
+(with `--out DIR`, wherever DIR was moved) continues to bit-identical weights (every draw is a
+function of the seed and the step). A non-finite loss stops the pretraining cleanly
+(`RunStopped`), naming the step; the last state written stays as it was.
 
 Recipe (MAE, He et al. 2022): AdamW betas (0.9, 0.95), weight decay 0.05 (none on 1-D
 parameters and tokens), no layer decay, LR = blr x batch / 256 with linear warm-up over the first
@@ -32,6 +35,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
+from . import checkpoint as ckpt_io
 from . import testing
 from .fsio import atomic_write_bytes
 from .config import ConfigError, LoaderConfig, PretrainConfig
@@ -40,6 +44,7 @@ from .data.sampling import EpochSampler
 from .seeding import AUGMENT, PRETRAIN, derive_seed, source_key
 from .ledger import Ledger
 from .models import PRESETS, ModelSpec, build_model, resolve_preset
+from .run_state import RunStopped
 
 STATE_NAME = "pretrain_state.pt"
 CKPT_NAME = "checkpoint.pth"
@@ -65,11 +70,9 @@ def _save(path: str, obj) -> None:
 def saved_step(out: str) -> "int | None":
     """The step of the pretraining state kept in `out` (None: none, or unreadable). Read from
     the file, which is the truth after an interrupt (it may land between a write's rename and
-    anything recorded in memory); memory-mapped, so no tensor is read."""
+    anything recorded in memory)."""
     try:
-        st = torch.load(os.path.join(out, STATE_NAME), map_location="cpu", weights_only=True,
-                        mmap=True)
-        return int(st["step"])
+        return int(ckpt_io.decode_file(os.path.join(out, STATE_NAME))["step"])
     except Exception:       # noqa: BLE001 - only for the message: the step is then not named
         return None
 
@@ -103,7 +106,8 @@ class Pretrainer:
         in_chans = source.channels if preset == "cpu-tiny" else 3
         self.spec = ModelSpec(**pdef["spec"], in_chans=in_chans, mask_ratio=cfg.mask_ratio).validate()
         self.loader, self.source = build_loader(source, LoaderConfig(), self.spec.img_size,
-                                                in_chans, self.device, log=log)
+                                                in_chans, self.device, log=log,
+                                                progress=cfg.progress)
         self.ids = np.arange(len(self.source), dtype=np.int64)     # every image, no label read
         torch.manual_seed(cfg.seed)
         self.model = build_model(self.spec, num_classes=0).to(self.device)
@@ -115,6 +119,7 @@ class Pretrainer:
         self.ledger.register_model(self.spec, num_classes=1)
         self.ledger.begin_step(0, float(cfg.budget))
         self.step, self.losses, self.wall_before = 0, [], 0.0
+        self.saved = None       # the step of the last state written (None: none yet)
 
     def lr(self, it: int) -> float:
         peak = self.cfg.blr * self.cfg.batch_size / 256
@@ -132,9 +137,11 @@ class Pretrainer:
                 "wall_seconds": self.wall_before + time.perf_counter() - self._t0}
 
     def load_state(self, st: dict) -> None:
-        # (older states also saved a test aid, stop_after_steps: not part of the pretraining)
-        saved = {k: v for k, v in st["config"].items() if k not in ("progress", "ckpt_every", "stop_after_steps")}
-        mine = {k: v for k, v in asdict(self.cfg).items() if k not in ("progress", "ckpt_every")}
+        # (older states also saved a test aid, stop_after_steps: not part of the pretraining);
+        # --out is where the state is now: a moved pretraining resumes
+        free = ("progress", "ckpt_every", "stop_after_steps", "out")
+        saved = {k: v for k, v in st["config"].items() if k not in free}
+        mine = {k: v for k, v in asdict(self.cfg).items() if k not in free}
         if saved != mine:
             from .config import differences
             diff = differences(saved, mine, PretrainConfig)
@@ -147,9 +154,26 @@ class Pretrainer:
         self.ledger = Ledger.from_state_bytes(st["ledger"].numpy().tobytes())
         self.losses = [float(x) for x in st["losses"]]
         self.wall_before = float(st["wall_seconds"])
+        self.saved = self.step
 
     def save(self) -> None:
-        _save(os.path.join(self.cfg.out, STATE_NAME), self.state_dict())
+        """`pretrain_state.pt` (checksummed, weights-only: the training checkpoint's format);
+        weights that are not finite (an update from a huge --blr) are never saved."""
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise self._stopped(f"the weights became non-finite (NaN or inf: {', '.join(bad[:3])}"
+                                f"{', ...' if len(bad) > 3 else ''}) at step {self.step - 1}")
+        ckpt_io.write_with_retry(os.path.join(self.cfg.out, STATE_NAME),
+                                 ckpt_io.encode_state(self.state_dict()))
+        self.saved = self.step
+
+    def _stopped(self, what: str) -> RunStopped:
+        kept = (f"the last state written ({os.path.join(self.cfg.out, STATE_NAME)}, step "
+                f"{self.saved}) is kept" if self.saved is not None
+                else "no pretraining state had been written yet")
+        return RunStopped(f"{what}; "
+                          f"pretraining stopped and {kept}. Lower --blr (now {self.cfg.blr:g}) "
+                          "and start again")
 
     # ------------------------------------------------------------------ loop
     def run(self, resume: bool = False) -> dict:
@@ -162,7 +186,7 @@ class Pretrainer:
         if resume:
             if not os.path.isfile(state_path):
                 raise ConfigError(f"--resume: no {STATE_NAME} in {cfg.out!r}")
-            self.load_state(torch.load(state_path, map_location="cpu", weights_only=True))
+            self.load_state(ckpt_io.decode_file(state_path))  # checksum, then weights-only
             self.log(f"resuming pretraining at step {self.step}/{cfg.budget}")
         G, M = cfg.batch_size, cfg.micro_batch
         self.log(f"MAE pretraining on {self.source.name} ({len(self.ids)} images, labels unused): "
@@ -193,8 +217,8 @@ class Pretrainer:
                                         enabled=self.amp_dtype is not None):
                         loss, _, _ = self.model.forward_mae(x, generator=gen)
                     if not torch.isfinite(loss):
-                        raise RuntimeError(f"pretraining loss is {float(loss)} at step {it}; "
-                                           f"lower --blr (now {cfg.blr})")
+                        raise self._stopped(f"the pretraining loss became non-finite "
+                                            f"({float(loss.detach())}) at step {it}")
                     (loss * len(part) / G).backward()
                     total += float(loss.detach()) * len(part) / G
                 self.opt.step()

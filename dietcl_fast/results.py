@@ -34,6 +34,23 @@ def write_json(path: str, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def read_json(path: str) -> dict:
+    """A JSON file written by dietcl-fast (results.json, ...); an unreadable, truncated or
+    non-JSON file is a ValueError naming it."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror or e})") from None
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): truncated or damaged") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def plot_curve(results: dict, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")

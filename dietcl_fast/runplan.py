@@ -122,6 +122,12 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     G = int(cfg.run.batch_size)
     if cfg.engine.micro_batch is None:
         cfg.engine.micro_batch = popt["micro_batch"] or max(G // world, 1)
+        if not popt["micro_batch"] and world > 1:
+            # the micro-batch cuts each step's draws: another cut, other draws and FLOPs
+            notes.append(f"--micro-batch defaults to the global batch over the processes: "
+                         f"{cfg.engine.micro_batch} here, {G} in one process; runs agree across "
+                         f"process counts only at the same --micro-batch (e.g. --micro-batch "
+                         f"{cfg.engine.micro_batch} in one process reproduces this run)")
     probe_micro = cfg.engine.micro_batch == "auto"      # resolved once the model exists
     if probe_micro:
         cfg.engine.micro_batch = max(G // world, 1)

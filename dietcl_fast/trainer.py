@@ -46,7 +46,7 @@ from .methods.base import describe_passes, pool_passes
 from .metrics_log import TENSORBOARD_DIR, MetricsLog
 from .mfu import matmul_peak, mfu as flops_utilisation, sync as sync_device
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
-from .results import plot_curve, progress_bar, table, versions, write_json
+from .results import plot_curve, progress_bar, read_json, table, versions, write_json
 from .run_state import (FiniteWatch, Position, RunStopped, numpy_rng_state,  # noqa: F401
                         set_numpy_rng_state)
 from .runplan import resolve
@@ -110,9 +110,12 @@ class Trainer:
         # stream options are checked before any file is decoded
         self._stream = build_stream(source, **stream_args)
         self.loader, self.source = build_loader(source, cfg.loader, self.spec.img_size, in_chans,
-                                                self.device, log=self.log)
+                                                self.device, log=self.log,
+                                                progress=cfg.run.progress and self.dist.is_main)
         if self.source is not source:     # bad files skipped: split only what decodes
             self._stream = build_stream(self.source, **stream_args)
+        # the processes agree on the options and the data before anything collective runs
+        self.dist.check_agree(cfg.to_dict(), self.stream.fingerprint())
         if self.stream.synthetic_timestamps:
             self.log(f"--scenario time: {cfg.stream.data!r} has no timestamps, so synthetic "
                      "drifting ones are used (each class recurs around a seeded centre in [0, 1]); "
@@ -136,7 +139,8 @@ class Trainer:
         # model: one seed drives init; the head has a row for every class of the stream
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(self.spec, head_capacity=self.stream.num_classes)
-        self.warnings: list[str] = list(self.plan.warnings)     # also written into results.json
+        # also written into results.json; the stream's: classes never evaluated
+        self.warnings: list[str] = list(self.plan.warnings) + self.stream.warnings()
         if cfg.model.pretrained:
             self.log(load_mae_checkpoint(self.model, cfg.model.pretrained).summary())
         for w in self.warnings:
@@ -226,9 +230,11 @@ class Trainer:
             if self.pos.t >= self.stream.time_steps and os.path.isfile(res_path):
                 self.log(f"{run_dir} is a finished run; its results ({res_path}) are left as they are")
                 self.loader.close()
-                import json
-                with open(res_path, encoding="utf-8") as f:
-                    return json.load(f)
+                res = read_json(res_path)
+                curve = os.path.join(run_dir, "curve.png")
+                if self.dist.is_main and not os.path.isfile(curve):    # lost to a kill: redrawn
+                    plot_curve(res, curve)
+                return res
             self.log(f"resuming {run_dir} at time step {self.pos.t}, phase {self.pos.phase}, "
                      f"iteration {self.pos.it} ({self.pos.gstep} optimiser steps done)")
         elif self.dist.is_main:
@@ -874,9 +880,9 @@ class Trainer:
         res["mfu"] = (flops_utilisation(self.train_flops, self.train_seconds,
                                         res["matmul_peak"]["flops_per_second"], self.dist.world_size)
                       if res["matmul_peak"] else None)
-        if self.dist.is_main:
-            write_json(os.path.join(self.run_dir, "results.json"), res)
+        if self.dist.is_main:   # results.json last: it marks the run finished
             plot_curve(res, os.path.join(self.run_dir, "curve.png"))
+            write_json(os.path.join(self.run_dir, "results.json"), res)
         self.log(table(res))
         mfu = f", MFU {100 * res['mfu']:.1f}%" if res["mfu"] else ""
         self.log(f"{self.pos.gstep} optimiser steps in {wall:.1f} s ({res['steps_per_second']:.2f} "

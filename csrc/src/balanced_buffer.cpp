@@ -154,7 +154,15 @@ std::map<int32_t, int64_t> BalancedBuffer::task_sizes() const {
 }
 
 int64_t BalancedBuffer::shard_size(int64_t n, int64_t rank, int64_t world_size) {
-    if (n <= rank) return 0;
+    if (n < 0)
+        throw std::invalid_argument(arg_err("shard_size: n must be >= 0 (got " + std::to_string(n) + ")"));
+    if (world_size < 1)  // (a division by zero: SIGFPE, not an error, without this check)
+        throw std::invalid_argument(
+            arg_err("shard_size: world_size must be >= 1 (got " + std::to_string(world_size) + ")"));
+    if (rank < 0 || rank >= world_size)
+        throw std::invalid_argument(arg_err("shard_size: rank must be in [0, world_size) (got rank " +
+                                            std::to_string(rank) + ", world_size " +
+                                            std::to_string(world_size) + ")"));
     return n > rank ? (n - rank - 1) / world_size + 1 : 0;  // no overflow near INT64_MAX
 }
 

@@ -1,3 +1,4 @@
+#include <array>
 #include <cstdint>
 #include <algorithm>
 #include <set>
@@ -132,5 +133,15 @@ int main() {
     CHECK(dietcl::BalancedBuffer::shard_size(INT64_MAX, 0, 2) == INT64_MAX / 2 + 1);
     CHECK(dietcl::BalancedBuffer::shard_size(INT64_MAX, 1, 2) == INT64_MAX / 2);
     CHECK(dietcl::BalancedBuffer::shard_size(3, 5, 8) == 0);
+    // preconditions: a world of 0 was a division by zero (SIGFPE), a negative rank a negative size
+    for (auto args : {std::array<int64_t, 3>{10, 0, 0}, {10, 5, -1}, {10, -1, 2}, {10, 2, 2}, {-1, 0, 1}}) {
+        bool threw = false;
+        try {
+            dietcl::BalancedBuffer::shard_size(args[0], args[1], args[2]);
+        } catch (const std::invalid_argument&) {
+            threw = true;
+        }
+        CHECK(threw);
+    }
     TEST_MAIN_END();
 }

@@ -61,9 +61,10 @@ def choose_backend(source, device: torch.device, img_size: int) -> tuple[str, st
     return "torch", f"CPU run, {mib:.0f} MiB decoded is too large to cache; PIL worker processes"
 
 
-def build_loader(source, cfg, img_size: int, channels: int, device, log=print):
+def build_loader(source, cfg, img_size: int, channels: int, device, log=print, progress=True):
     """-> (loader, source). The source comes back filtered when bad files were skipped, so the
-    stream is built only from samples that decode. Files are checked before any budget is spent."""
+    stream is built only from samples that decode. Files are checked before any budget is spent.
+    `progress` False (--no-progress): no progress bar for the one-time decode either."""
     if cfg.backend not in BACKENDS:
         raise ValueError(f"--loader {cfg.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
     if cfg.on_bad_image not in ("error", "skip"):
@@ -101,7 +102,8 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print):
         size = round(img_size / 0.875)
         log(f"loader: decoding {len(source)} files once into memory at {size}x{size} (memory backend)")
         images, ok, skipped = decode_all(source.paths, size, on_bad=cfg.on_bad_image,
-                                         progress=len(source) > 2000, workers=workers)
+                                         progress=progress and len(source) > 2000,
+                                         workers=workers)
         if skipped:
             log(f"loader: skipped {len(skipped)} bad file(s) (--on-bad-image skip); listed in "
                 "results.json under skipped_files")

@@ -1,7 +1,11 @@
 """Decode image files into a uint8 array once (small file datasets on the `memory` backend).
 
-Every mode PIL knows is converted correctly (grayscale, palette, CMYK, RGBA, 16-bit); a file
-that cannot be decoded stops the run naming it, or is skipped and recorded, per the policy.
+Every mode PIL knows is converted by a fixed rule that depends on the file's pixel format,
+never on its values (`to_rgb_array`): 8-bit modes (grayscale, palette, CMYK, RGB) as PIL
+converts them, transparency composited on white, 16-bit integers v -> round(v * 255 / 65535),
+floats as intensities in [0, 1] (v -> round(v * 255)). A float image with a value outside
+[0, 1] (or NaN) and a 32-bit integer image (no fixed intensity range) are bad files. A file that
+cannot be decoded stops the run naming it, or is skipped and recorded, per the policy.
 """
 from __future__ import annotations
 
@@ -67,18 +71,30 @@ def open_image(path: str):
     return im
 
 
-def to_rgb_array(img) -> np.ndarray:
-    """PIL image of any mode -> uint8 [H, W, 3]."""
+def to_rgb_array(img, path: str = "image") -> np.ndarray:
+    """PIL image of any mode -> uint8 [H, W, 3] by the module's fixed rule; BadImageError
+    (naming `path`) for a float image outside [0, 1] and a 32-bit integer image."""
     from PIL import Image
 
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode.startswith("I;16"):
         a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        a = np.floor(a * (255.0 / 65535.0) + 0.5).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=2)
+    if img.mode == "I":
+        raise BadImageError(f"{path}: 32-bit integer pixels have no fixed intensity range (is "
+                            "255 white, or 65535, or 2^31 - 1?); convert the image to 8-bit or "
+                            "16-bit")
     if img.mode == "F":
         a = np.asarray(img, dtype=np.float64)
-        a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8)
+        finite = np.isfinite(a)
+        if not finite.all() or a.min() < 0.0 or a.max() > 1.0:
+            lo, hi = (float(a[finite].min()), float(a[finite].max())) if finite.any() else (0, 0)
+            what = (f"{int((~finite).sum())} NaN or infinite value(s)" if not finite.all()
+                    else f"values in [{lo:g}, {hi:g}]")
+            raise BadImageError(f"{path}: a floating-point image is read as intensities in "
+                                f"[0, 1], and this one has {what}; rescale it to [0, 1] or save "
+                                "it as 8-bit or 16-bit")
+        a = np.floor(a * 255.0 + 0.5).astype(np.uint8)
         return np.repeat(a[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # composite on white: transparent pixels get a defined colour, not whatever RGB hid there
@@ -95,7 +111,7 @@ def load_rgb(path: str) -> np.ndarray:
     try:
         with open_image(path) as im:
             im.load()
-            arr = to_rgb_array(im)
+            arr = to_rgb_array(im, path)
     except BadImageError:
         raise
     except UnidentifiedImageError:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decode import BadImageError, open_image
+from .decode import BadImageError, open_image, to_rgb_array
 
 NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
 
@@ -53,6 +53,9 @@ def check_file(path: str, mode: str = "full"):
                 im.verify()
             else:
                 im.load()
+            if pmode in ("I", "F"):     # 32-bit pixels: their values decide if the file is good
+                im.load()
+                to_rgb_array(im, path)
     except BadImageError:
         raise
     except UnidentifiedImageError:

@@ -55,6 +55,34 @@ class DistInfo:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return [float(v) for v in t.cpu().tolist()]
 
+    def check_agree(self, config: dict, fingerprint: str) -> None:
+        """Every rank was started with the same options (`config`, `Config.to_dict()` form)
+        and built the same stream (`fingerprint`); else a ConfigError on every rank naming the
+        first rank that differs from rank 0 and the first difference, before any compute
+        (options that differ would otherwise give a silently different run, or collectives
+        that do not match: an abort under gloo, a hang under NCCL)."""
+        if not (self.active and self.world_size > 1):
+            return
+        from ..config import ConfigError, differences
+        mine = (config, fingerprint)
+        every = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        (cfg0, fp0) = every[0]
+        for r, (cfg_r, fp_r) in enumerate(every):
+            diff = differences(cfg0, cfg_r, skip=("run.progress",),   # (drawn by rank 0 only)
+                               labels=("on rank 0", f"on rank {r}"))
+            if diff:
+                more = f" (and {len(diff) - 1} more difference(s))" if len(diff) > 1 else ""
+                raise ConfigError(
+                    f"the {self.world_size} processes were not started with the same options: "
+                    f"{diff[0]}{more}; start every process with the same command (stopped "
+                    "before any compute)")
+            if fp_r != fp0:
+                raise ConfigError(
+                    f"the {self.world_size} processes read different data: rank {r}'s stream "
+                    f"(fingerprint {fp_r}) is not rank 0's ({fp0}); --data must name the same "
+                    "files with the same labels on every machine (stopped before any compute)")
+
     def describe(self) -> str:
         if self.world_size == 1 and self.backend is None:
             return "1 process"

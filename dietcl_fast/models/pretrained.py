@@ -71,11 +71,23 @@ def load_mae_checkpoint(model, path: str, *, strict: bool = True) -> LoadReport:
     name, path = path, resolve_pretrained(path)
     if not os.path.isfile(path):
         raise PretrainedMismatch(f"--pretrained {path!r}: no such file")
+    from ..checkpoint import is_run_checkpoint
+    if is_run_checkpoint(path):     # a training run's latest.pt or pretrain's pretrain_state.pt
+        raise PretrainedMismatch(
+            f"--pretrained {path!r} is a dietcl-fast run state (latest.pt / pretrain_state.pt), "
+            "not MAE weights: give the checkpoint.pth that `dietcl-fast pretrain` writes beside "
+            "pretrain_state.pt, or an official MAE checkpoint; a run is continued with "
+            "train --resume DIR")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:      # torch's own advice (weights_only=False) would run code: not shown
+        import pickle
+        first = ("it holds objects other than tensors, numbers and strings, which could run "
+                 "code when unpickled" if isinstance(e, pickle.UnpicklingError) else
+                 str(e).strip().splitlines()[0] if str(e).strip() else "")
         raise PretrainedMismatch(f"--pretrained {path!r}: cannot be read as a torch checkpoint "
-                                 f"({type(e).__name__}: {e})") from e
+                                 f"holding only tensors ({type(e).__name__}: {first[:200]}); "
+                                 "only weights are loaded, never other objects") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt["model"], dict):
         keys = list(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise PretrainedMismatch(f"--pretrained {path!r}: expected the official MAE format with the "

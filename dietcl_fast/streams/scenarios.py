@@ -183,6 +183,25 @@ class Stream:
         w = (sizes > 0).astype(np.float64) if self.scenario == "class" else sizes
         return float(np.dot(w, accs) / w.sum()) if w.sum() > 0 else float("nan")
 
+    def warnings(self) -> list:
+        """With the dataset's own split: the classes trained on that have no evaluation image
+        (never evaluated: A(t) says nothing about them), as one message; else []."""
+        if self.eval_split != "dataset":
+            return []
+        evaluated = set(np.concatenate([s.eval_labels for s in self.steps]).tolist())
+        trained = set()
+        for s in self.steps:
+            trained |= set(s.labeled_labels.tolist()) | set(self.labels_of(s.unlabeled_ids).tolist())
+        missing = sorted(trained - evaluated)
+        if not missing:
+            return []
+        names = ", ".join(repr(str(self.class_names[c])) for c in missing[:10])
+        more = f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""
+        return [f"{len(missing)} class(es) of {self.source_name} have training images but no "
+                f"image in its own evaluation split (val): {names}{more}. They are never "
+                "evaluated, so A(t) says nothing about them; add val images for them, or give "
+                "the data without a split (--eval-fraction then holds out a share of every class)"]
+
     # ---- reporting
     def summary(self) -> dict:
         steps = []

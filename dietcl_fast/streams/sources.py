@@ -14,7 +14,9 @@ Spec strings accepted by :func:`load_source`:
 * ``folder:PATH`` or an existing directory – ``PATH/<class>/<image>``; class directories
   are sorted by name and numbered 0..C-1; only files whose extension (case-insensitive) is
   one of :data:`IMAGE_EXTENSIONS` count; other files, hidden files/dirs and files directly
-  in ``PATH`` are ignored. A class directory without images is an error. A folder with
+  in ``PATH`` are ignored. A class directory without images is an error, and so is one file
+  reached twice (class folders or files that are symbolic links to the same file: it would
+  carry two labels, or sit in training and evaluation at once). A folder with
   ``PATH/train/<class>/`` and ``PATH/val/<class>/`` (both holding class directories) is a
   dataset with its own evaluation split: classes are the ``train`` ones, ``val`` images are
   evaluated on (a ``val`` class absent from ``train`` is an error).
@@ -122,10 +124,8 @@ class Source:
         """Image ``i`` as uint8: the stored array, or the file decoded to RGB [H, W, 3]."""
         if self.kind == "array":
             return self.images[i]
-        from PIL import Image
-
-        with Image.open(self.paths[i]) as im:
-            return np.asarray(im.convert("RGB"))
+        from ..data.decode import load_rgb     # the loaders' fixed decode rule
+        return load_rgb(self.paths[i])
 
     def __repr__(self) -> str:  # keep arrays out of logs
         return (f"Source(name={self.name!r}, kind={self.kind!r}, n={len(self)}, "
@@ -235,22 +235,58 @@ def _is_dir(e) -> bool:
 
 
 def _has_class_dirs(d: str) -> bool:
-    with os.scandir(d) as it:
-        return any(_is_dir(e) and not e.name.startswith(".") for e in it)
+    return any(_is_dir(e) and not e.name.startswith(".") for e in _scandir(d, "image folder"))
+
+
+def _scandir(d: str, what: str) -> list:
+    """os.scandir(d) as a list; an unreadable folder is a StreamError naming it."""
+    try:
+        with os.scandir(d) as it:
+            return list(it)
+    except PermissionError:
+        raise StreamError(f"{what} {d!r} cannot be read (permission denied)") from None
+    except OSError as e:
+        raise StreamError(f"{what} {d!r} cannot be read ({e.strerror or e})") from None
+
+
+def _refuse_duplicates(root: str, paths: list, labels: np.ndarray, class_names: list,
+                       eval_mask=None) -> None:
+    """Each real file once: two paths reaching one file (symbolic links) are refused."""
+    seen: dict = {}
+    for k, p in enumerate(paths):
+        key = os.path.realpath(p)
+        j = seen.setdefault(key, k)
+        if j != k:
+            def where(i):
+                split = "" if eval_mask is None else (" (val)" if eval_mask[i] else " (train)")
+                return f"{paths[i]!r} (class {class_names[labels[i]]!r}{split})"
+            raise StreamError(
+                f"image folder {root!r}: {where(j)} and {where(k)} are the same file "
+                f"({key!r}, reached through symbolic links); one file under two names would be "
+                "trained on under two labels, or trained on and evaluated at once. Keep one path "
+                "to each file")
 
 
 def load_image_folder(path: str) -> Source:
     """``path/<class>/*.{jpg,jpeg,png,bmp,webp}`` -> files Source (sorted classes and files);
     ``path/{train,val}/<class>/...`` -> the same with the dataset's own evaluation split."""
-    path = os.path.abspath(path)
+    src = _load_image_folder(os.path.abspath(path))
+    _refuse_duplicates(os.path.abspath(path), src.paths, src.labels, src.class_names,
+                       src.eval_mask)
+    return src
+
+
+def _load_image_folder(path: str) -> Source:
     if not os.path.exists(path):
         raise StreamError(f"image folder not found: {path!r}")
     if not os.path.isdir(path):
         raise StreamError(f"image folder is not a directory: {path!r}")
     tr, va = os.path.join(path, "train"), os.path.join(path, "val")
-    if os.path.isdir(tr) and os.path.isdir(va) and _has_class_dirs(tr) and _has_class_dirs(va):
-        train = load_image_folder(tr)
-        val = load_image_folder(va)
+    has_tr = os.path.isdir(tr) and _has_class_dirs(tr)
+    has_va = os.path.isdir(va) and _has_class_dirs(va)
+    if has_tr and has_va:
+        train = _load_image_folder(tr)
+        val = _load_image_folder(va)
         index = {n: i for i, n in enumerate(train.class_names)}
         extra = [n for n in val.class_names if n not in index]
         if extra:
@@ -261,8 +297,8 @@ def load_image_folder(path: str) -> Source:
                       class_names=list(train.class_names), channels=3, kind="files",
                       paths=train.paths + val.paths,
                       eval_mask=np.r_[np.zeros(len(train), bool), np.ones(len(val), bool)])
-    with os.scandir(path) as it:
-        class_dirs = sorted(e.name for e in it if _is_dir(e) and not e.name.startswith("."))
+    entries = _scandir(path, "image folder")
+    class_dirs = sorted(e.name for e in entries if _is_dir(e) and not e.name.startswith("."))
     if not class_dirs:
         raise StreamError(f"image folder {path!r} has no class sub-directories "
                           f"(expected {path}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS)}}})")
@@ -270,11 +306,18 @@ def load_image_folder(path: str) -> Source:
     counts = []
     for name in class_dirs:
         d = os.path.join(path, name)
-        with os.scandir(d) as it:
-            # image-named entries that are not regular files (symlink loops, broken links,
-            # FIFOs) are kept: the pre-flight scan reports them as bad files, per --on-bad-image
-            files = sorted(e.name for e in it if _is_image(e.name) and not _is_dir(e))
+        entries = _scandir(d, "class directory")
+        # image-named entries that are not regular files (symlink loops, broken links,
+        # FIFOs) are kept: the pre-flight scan reports them as bad files, per --on-bad-image
+        files = sorted(e.name for e in entries if _is_image(e.name) and not _is_dir(e))
         if not files:
+            if name in ("train", "val") and any(_is_dir(e) for e in entries):
+                other = "val" if name == "train" else "train"
+                raise StreamError(
+                    f"image folder {path!r} has {name}/ with class folders but no {other}/ with "
+                    f"class folders: a dataset with its own evaluation split needs both "
+                    f"{path}/train/<class>/ and {path}/val/<class>/ (or give class folders "
+                    f"directly: {path}/<class>/<image>)")
             raise StreamError(f"class directory {d!r} contains no images "
                               f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
         paths.extend(os.path.join(d, f) for f in files)
@@ -305,10 +348,15 @@ def load_csv(path: str, missing: str = "error") -> Source:
     """CSV index ``path,label[,timestamp]`` -> files Source (see module docstring)."""
     path = os.path.abspath(path)
     if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise StreamError(f"CSV index {path!r} is not a regular file (a directory, FIFO or "
+                              "device); give a CSV file")
         raise StreamError(f"CSV index not found: {path!r}")
     base = os.path.dirname(path)
     try:
         return _load_csv(path, base, missing)
+    except PermissionError:
+        raise StreamError(f"CSV index {path!r} cannot be read (permission denied)") from None
     except UnicodeDecodeError as e:
         raise StreamError(f"CSV {path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                           f"{e.start}); save it as UTF-8") from None

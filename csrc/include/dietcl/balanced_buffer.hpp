@@ -82,6 +82,9 @@ public:
     // Same, writing into caller-provided arrays of length shard_size(n, rank, world_size).
     void sample_into(int64_t n, int64_t step, int64_t rank, int64_t world_size, int64_t* ids,
                      int64_t* labels, int32_t* tasks) const;
+    // Items of the global draw of n that rank `rank` of `world_size` gets: ceil((n - rank) / W)
+    // for n > rank, else 0 (exact up to n = INT64_MAX). Preconditions: n >= 0, world_size >= 1,
+    // 0 <= rank < world_size; otherwise throws std::invalid_argument.
     static int64_t shard_size(int64_t n, int64_t rank, int64_t world_size);
 
     int64_t size() const;             // total samples
