@@ -8,9 +8,10 @@ The regime (docs/regime.md) keeps the paper's ratios on the built-in glyphs stre
 classes per time step, 1 % labels, a shipped MAE encoder pretrained on classes the stream never
 shows, and a budget whose joint phase draws well under one pass over each step's unlabeled
 pool while the labeled share passes the step's labels ~20 times (every run logs and records
-its passes). Each part is one or more `dietcl-fast compare` commands (real processes, each
-with one thread so that two run side by side on 2 cores; a rerun reuses finished runs and
-resumes killed ones), then this script reads their compare.csv files and writes OUT/table.md:
+its passes). Each part is one or more cells, each cell one `dietcl-fast compare` command per
+seed into OUT/CELL/s<seed> (real processes, each with one thread so that two run side by side
+on 2 cores, the parts' cells in order; a rerun reuses finished runs and resumes killed ones),
+then this script reads their compare.csv files and writes OUT/table.md:
 
   main      all 12 methods, class and time scenarios, seeds 0-2 (Table 1, Fig. 3)
   budget    DietCL, ER and CaSSLe at budgets 50 and 200 beside the main table's 100 (Fig. 2)
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import math
 import os
 import subprocess
@@ -68,12 +70,14 @@ def cells(part: str, tiny: bool) -> list[tuple[str, dict, list]]:
                      "ablation")
 
 
-def command(out: str, name: str, over: dict, extra: list, tiny: bool, seeds: str) -> list[str]:
+def command(out: str, name: str, over: dict, extra: list, tiny: bool, seed: int) -> list[str]:
+    """One cell's compare command for one seed (a seed a command: two jobs share a cell's
+    work, and the main table's class scenario is done first)."""
     opts = {**(TINY if tiny else REGIME), "--scenario": "class", **over}
     args = [a for k, v in opts.items() for a in (k, v)]
     exe = os.path.join(os.path.dirname(sys.executable), "dietcl-fast")
-    return [exe, "compare", *args, *extra, "--seeds", seeds, "--no-progress",
-            "--out", os.path.join(out, name)]
+    return [exe, "compare", *args, *extra, "--seeds", str(seed), "--no-progress",
+            "--out", os.path.join(out, name, f"s{seed}")]
 
 
 def run(cmd: list[str], log_path: str) -> tuple[int, float]:
@@ -87,11 +91,17 @@ def run(cmd: list[str], log_path: str) -> tuple[int, float]:
 
 
 # ---------------------------------------------------------------------------- the summary
-def read(path: str) -> list[dict]:
+def read_csv(path: str) -> list[dict]:
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8") as f:
         return [r for r in csv.DictReader(f) if r.get("status", "ok") == "ok"]
+
+
+def read(out: str, name: str) -> list[dict]:
+    """The finished runs of cell `name`: one compare per seed, OUT/NAME/s<seed>/compare.csv."""
+    return [r for d in sorted(glob.glob(os.path.join(out, name, "s*", "compare.csv")))
+            for r in read_csv(d)]
 
 
 def stats(vals: list[float]) -> tuple[float, float, float, int]:
@@ -158,7 +168,7 @@ def method_table(rows: list[dict]) -> list[str]:
 def sweep_table(out: str, title: str, key: str, points: list[tuple[str, str]]) -> list[str]:
     """points: [(label, compare dir)] -> one row per method, one column per point (A(T) own
     and 3-NN)."""
-    data = {lab: {c: by_method(read(os.path.join(out, d, "compare.csv")), c)
+    data = {lab: {c: by_method(read(out, d), c)
                   for c in ("A_T", "knn_A_T", "A_bar")} for lab, d in points}
     methods = sorted({m for lab in data for m in data[lab]["A_T"]})
     lines = [f"**{title}** (A(T) own / 3-NN; Ā own)", "",
@@ -182,7 +192,7 @@ def summary(out: str, parts: list[str], tiny: bool) -> str:
              "global batch 64 (cpu-tiny). Mean ± sample std over seeds.", ""]
     if "main" in parts:
         for sc in ("class", "time"):
-            rows = read(os.path.join(out, f"main-{sc}", "compare.csv"))
+            rows = read(out, f"main-{sc}")
             lines += [f"## Table 1: {sc}-incremental", ""] + method_table(rows) + [""]
     base, main = TINY if tiny else REGIME, "main-class"
     for part, flag, title, key in (("budget", "--budget", "Fig. 2: budget sweep", "B"),
@@ -194,11 +204,11 @@ def summary(out: str, parts: list[str], tiny: bool) -> str:
                          key=lambda p: float(p[0]))
             lines += [f"## {title} (class)", ""] + sweep_table(out, title, key, pts)
     if "ablation" in parts:
-        rows = [dict(r, method="dietcl (full)") for r in read(os.path.join(out, main, "compare.csv"))
+        rows = [dict(r, method="dietcl (full)") for r in read(out, main)
                 if r["method"] == "dietcl"]
         for name, _ in ABLATIONS.items():
             rows += [dict(r, method=f"dietcl {name}") for r in
-                     read(os.path.join(out, f"ablation-{name.replace(' ', '-')}", "compare.csv"))]
+                     read(out, f"ablation-{name.replace(' ', '-')}")]
         lines += ["## Table 2: DietCL ablation (class)", ""] + \
             method_table(rows)[:-len(METRICS) - 1] + [""]
     return "\n".join(lines) + "\n"
@@ -216,18 +226,25 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="The test suite's size.")
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
-    todo = [c for p in parts for c in cells(p, a.tiny)]       # unknown parts stop here
+    try:
+        seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds {a.seeds!r}: comma-separated integers, e.g. 0,1,2")
+    if not seeds or min(seeds) < 0:
+        ap.error(f"--seeds {a.seeds!r}: at least one seed, none negative")
+    # a (cell, seed) a command, in the parts' order: the first part's cells finish first
+    todo = [(c, s) for p in parts for c in cells(p, a.tiny) for s in seeds]   # unknown parts stop here
     if a.jobs < 1:
         ap.error(f"--jobs {a.jobs}: must be >= 1")
     os.makedirs(a.out, exist_ok=True)
     failed = []
     if not a.summary_only:
-        def one(c):
-            name, over, extra = c
-            rc, s = run(command(a.out, name, over, extra, a.tiny, a.seeds),
-                        os.path.join(a.out, f"{name}.log"))
-            print(f"{name}: exit {rc}, {s:.0f} s", file=sys.stderr, flush=True)
-            return name, rc
+        def one(cs):
+            (name, over, extra), seed = cs
+            rc, s = run(command(a.out, name, over, extra, a.tiny, seed),
+                        os.path.join(a.out, f"{name}-s{seed}.log"))
+            print(f"{name} seed {seed}: exit {rc}, {s:.0f} s", file=sys.stderr, flush=True)
+            return f"{name} seed {seed}", rc
         with ThreadPoolExecutor(a.jobs) as ex:
             failed = [n for n, rc in ex.map(one, todo) if rc != 0]
     text = summary(a.out, parts, a.tiny)
@@ -235,7 +252,7 @@ def main(argv=None) -> int:
         f.write(text)
     print(text)
     if failed:
-        print(f"failed: {', '.join(failed)} (see OUT/<name>.log and each run's train.log)",
+        print(f"failed: {', '.join(failed)} (see OUT/<name>-s<seed>.log and each run's train.log)",
               file=sys.stderr)
     return 1 if failed else 0
 

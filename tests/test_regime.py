@@ -129,7 +129,10 @@ def test_paper_table_summary_ranks_and_margins_by_standard_error(tmp_path):
     rows = [("dietcl", s, a, 30, 40, 41, "ok") for s, a in enumerate((20.0, 22.0, 24.0))]
     rows += [("er", s, a, 25, 45, 46, "ok") for s, a in enumerate((17.0, 18.0, 19.0))]
     rows += [("joint", 0, 60.0, "", 50, "", "ok"), ("ewc", 0, "", "", "", "", "failed: x")]
-    _csv(tmp_path / "main-class" / "compare.csv", rows)
+    (tmp_path / "main-class" / "s0").mkdir(parents=True)     # a seed's compare per directory
+    _csv(tmp_path / "main-class" / "s0" / "compare.csv", rows[:2] + rows[3:])
+    (tmp_path / "main-class" / "s2").mkdir()
+    _csv(tmp_path / "main-class" / "s2" / "compare.csv", rows[2:3])
     text = pt.summary(str(tmp_path), ["main"], tiny=False)
     # DietCL 22 ± 2 (SE 1.155), ER 18 ± 1 (SE 0.577): +4.00 = 3.1 combined SE (1.291)
     assert "| **dietcl** | 22.00 ± 2.00 | 30.00 ± 0.00 | 40.00 ± 0.00 | 41.00 ± 0.00 | 3 |" in text
@@ -153,11 +156,13 @@ def test_paper_table_runs_a_part_through_the_real_compare(tmp_path):
     table = (out / "table.md").read_text()
     assert "## Stream length at equal total compute (class)" in table
     assert "| dietcl |" in table and "| er |" in table
-    assert (out / "length-3" / "compare.csv").exists()
-    p = subprocess.run([sys.executable, "bench/paper_table.py", "--out", str(out), "--parts",
-                        "nonsense"], capture_output=True, text=True,
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert p.returncode != 0 and "unknown part 'nonsense'" in p.stderr
+    assert (out / "length-3" / "s0" / "compare.csv").exists()
+    for bad, says in ((["--parts", "nonsense"], "unknown part 'nonsense'"),
+                      (["--seeds", "0,x"], "--seeds '0,x'"), (["--seeds", "-1"], "none negative")):
+        p = subprocess.run([sys.executable, "bench/paper_table.py", "--out", str(out), *bad],
+                           capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert p.returncode != 0 and says in p.stderr, (bad, p.stderr)
 
 
 def test_the_shipped_glyphs_encoder_loads_strictly_into_cpu_tiny():
