@@ -67,7 +67,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Directory for the pretraining and probe.json.")
-    ap.add_argument("--budget", type=int, default=6000, help="Pretraining optimiser steps.")
+    ap.add_argument("--budget", type=int, default=3000,
+                    help="Pretraining optimiser steps (the shipped glyphs-mae-tiny: 3,000).")
     ap.add_argument("--batch-size", type=int, default=256, help="Pretraining global batch.")
     ap.add_argument("--per-class", type=int, default=100,
                     help="Pretraining images per class (glyphs-pretrain has 749 classes).")

@@ -175,8 +175,8 @@ def test_bench_buffer_and_engines(tmp_path):
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["kind"] == "dietcl-fast/bench-buffer" and b["speedup"] > 0
     assert "| workload |" in p.stdout
-    # the old script name still works (a thin wrapper), DeepSpeed included when installed
-    p = run([sys.executable, "bench/bench_engines.py", "--tiny", "--engines", "torch,ds0",
+    # DeepSpeed included when installed
+    p = run([*CLI, "bench", "engines", "--tiny", "--engines", "torch,ds0",
              "--out", str(tmp_path / "e.json")])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     e = json.loads((tmp_path / "e.json").read_text())

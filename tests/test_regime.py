@@ -180,3 +180,27 @@ def test_the_shipped_glyphs_encoder_loads_strictly_into_cpu_tiny():
     assert len(rep.loaded) == len(m.state_dict()) - len(rep.fresh)
     with torch.no_grad():
         assert torch.isfinite(m.classify(torch.zeros(2, 3, spec.img_size, spec.img_size))).all()
+
+
+def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_path):
+    """bench/pretrain_glyphs.py as it is run to rebuild the shipped encoder, at its tiny size (a
+    process: 3 MAE steps on 8 pretraining classes, then the 3-NN and linear probes of the
+    random and the pretrained encoder on 4 held-out classes)."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "pt"
+    env = dict(os.environ, DIETCL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               MPLBACKEND="Agg")
+    p = subprocess.run([sys.executable, "bench/pretrain_glyphs.py", "--tiny", "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["pretraining"]["budget"] == 3 and probe["probe_data"].startswith("glyphs:classes=4,")
+    for enc in ("random", "pretrained"):
+        assert 0.0 <= probe[enc]["knn3"] <= 100.0 and 0.0 <= probe[enc]["linear"] <= 100.0
+    assert (out / "checkpoint.pth").is_file()
+    p = subprocess.run([sys.executable, "bench/pretrain_glyphs.py", "--out", str(out),
+                        "--budget", "0"], cwd=root, capture_output=True, text=True, env=env)
+    assert p.returncode != 0 and "--budget 0: must be >= 1" in p.stderr
