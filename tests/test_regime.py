@@ -204,3 +204,23 @@ def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_
     p = subprocess.run([sys.executable, "bench/pretrain_glyphs.py", "--out", str(out),
                         "--budget", "0"], cwd=root, capture_output=True, text=True, env=env)
     assert p.returncode != 0 and "--budget 0: must be >= 1" in p.stderr
+
+
+def test_grad_ratio_script_measures_both_gradients_at_the_tiny_size(tmp_path):
+    """bench/grad_ratio.py as a process (~10 s: torch's import and one tiny batch a encoder)."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, DIETCL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "bench/grad_ratio.py", "--tiny", "random", "glyphs-mae-tiny",
+                        "--out", str(tmp_path / "g.json")], cwd=root, capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert [r["encoder"] for r in rows] == ["random", "glyphs-mae-tiny"]
+    assert all(r["ratio_mean"] > 0 and r["Lr"] > 0 and r["Lm"] > 0 for r in rows)
+    assert "||grad 50*Lr|| / ||grad Lm||" in p.stdout
+    p = subprocess.run([sys.executable, "bench/grad_ratio.py", "random", "--recon-weight", "0"],
+                       cwd=root, capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and "--recon-weight > 0" in p.stderr
