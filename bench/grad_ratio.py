@@ -80,8 +80,8 @@ def main(argv=None) -> int:
                 lr, _, _ = m.forward_mae(xu, generator=torch.Generator().manual_seed(b))
                 ce = F.cross_entropy(m.classify(xl), y)
                 ratios.append(grad_norm(a.recon_weight * lr, enc) / grad_norm(ce, enc))
-                lrs.append(float(lr))
-                ces.append(float(ce))
+                lrs.append(float(lr.detach()))
+                ces.append(float(ce.detach()))
             row = {"encoder": name, "Lr": float(np.mean(lrs)), "Lm": float(np.mean(ces)),
                    "ratio_mean": float(np.mean(ratios)), "ratio_median": float(np.median(ratios))}
             rows.append(row)
