@@ -17,7 +17,8 @@ then this script reads their compare.csv files and writes OUT/table.md:
   budget    DietCL, ER and CaSSLe at budgets 50 and 200 beside the main table's 100 (Fig. 2)
   labels    the same three at 0.5 % and 2 % labels beside the main table's 1 %
   length    DietCL and ER over 2 and 10 time steps at the main table's total compute
-  ablation  DietCL without Lr, without Lb, without the buffer-only phase (Table 2)
+  ablation  DietCL without Lr, without Lb, without the buffer-only phase (Table 2), and with
+            w_r = 1 instead of 50 (a sensitivity row, not the paper's)
 
 Every number is a mean ± sample std over seeds with the standard error of the mean; the
 method's own classifier (the paper's protocol) and the common 3-NN readout of its encoder
@@ -43,7 +44,10 @@ REGIME = {"--data": DATA, "--time-steps": "5", "--label-rate": "0.01", "--eval-f
 TINY = {"--data": "glyphs:classes=6,per_class=30", "--time-steps": "2", "--label-rate": "0.2",
         "--eval-fraction": "0.2", "--budget": "2", "--batch-size": "16", "--micro-batch": "8"}
 ABLATIONS = {"no Lr": ["--unlabeled-fraction", "0"], "no Lb": ["--no-joint-buffer"],
-             "no buffer-only phase": ["--split", "ratio:1.0"]}
+             "no buffer-only phase": ["--split", "ratio:1.0"],
+             # not the paper's: w_r = 1 instead of the reference code's 50 (bench/grad_ratio.py:
+             # at 50, Lr's gradient on the shipped encoder is ~14x the classifier's)
+             "w_r 1": ["--recon-weight", "1"]}
 UPPER_BOUND = "joint"       # trains once, at the last step, on everything: not a CL method
 
 
