@@ -224,6 +224,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="Directory of the parts' compare runs and table.md.")
     ap.add_argument("--parts", default="main,budget,labels,length,ablation",
                     help="Comma-separated parts to run (main, budget, labels, length, ablation).")
+    ap.add_argument("--cells", help="Comma-separated cells of those parts to run now (e.g. "
+                    "main-class,ablation-no-Lr); the others are left for a later call. The summary "
+                    "still covers every part.")
     ap.add_argument("--seeds", default="0,1,2", help="Seeds of every cell.")
     ap.add_argument("--jobs", type=int, default=2, help="Compare commands run at once (1 thread each).")
     ap.add_argument("--summary-only", action="store_true", help="Only rewrite table.md.")
@@ -238,6 +241,13 @@ def main(argv=None) -> int:
         ap.error(f"--seeds {a.seeds!r}: at least one seed, none negative")
     # a (cell, seed) a command, in the parts' order: the first part's cells finish first
     todo = [(c, s) for p in parts for c in cells(p, a.tiny) for s in seeds]   # unknown parts stop here
+    if a.cells:
+        want = [c.strip() for c in a.cells.split(",") if c.strip()]
+        known = {c[0] for c, _ in todo}
+        if not want or set(want) - known:
+            ap.error(f"--cells {a.cells!r}: the cells of --parts {a.parts!r} are "
+                     f"{', '.join(sorted(known))}")
+        todo = [cs for cs in todo if cs[0][0] in want]
     if a.jobs < 1:
         ap.error(f"--jobs {a.jobs}: must be >= 1")
     os.makedirs(a.out, exist_ok=True)

@@ -149,7 +149,7 @@ def test_paper_table_runs_a_part_through_the_real_compare(tmp_path):
     import sys
     out = tmp_path / "pt"
     p = subprocess.run([sys.executable, "bench/paper_table.py", "--tiny", "--out", str(out),
-                        "--parts", "length", "--seeds", "0"],
+                        "--parts", "length,ablation", "--cells", "length-3", "--seeds", "0"],
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -157,8 +157,11 @@ def test_paper_table_runs_a_part_through_the_real_compare(tmp_path):
     assert "## Stream length at equal total compute (class)" in table
     assert "| dietcl |" in table and "| er |" in table
     assert (out / "length-3" / "s0" / "compare.csv").exists()
+    assert not (out / "ablation-no-Lr").exists()            # a cell --cells left out
+    assert "## Table 2: DietCL ablation (class)" in table    # the summary covers every part
     for bad, says in ((["--parts", "nonsense"], "unknown part 'nonsense'"),
-                      (["--seeds", "0,x"], "--seeds '0,x'"), (["--seeds", "-1"], "none negative")):
+                      (["--seeds", "0,x"], "--seeds '0,x'"), (["--seeds", "-1"], "none negative"),
+                      (["--parts", "length", "--cells", "main-class"], "the cells of --parts")):
         p = subprocess.run([sys.executable, "bench/paper_table.py", "--out", str(out), *bad],
                            capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
