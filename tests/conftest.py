@@ -6,6 +6,12 @@ import sys
 import tempfile
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# one thread per process, in every worker and every process a test starts (they inherit this):
+# the suite runs two xdist workers on two cores, and torch's OpenMP threads beyond one per core
+# spin and contend. Measured (bench/RESULTS.md, "Test suite wall time"): test_methods +
+# test_pinned_accuracy took 370 CPU-s with two threads a process, 103 with one.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 # what the glyphs source generates goes into a cache of this session (set before any test module
 # copies the environment for its processes), never the user's ~/.cache; removed at exit
 _CACHE = tempfile.mkdtemp(prefix="dietcl-test-cache-")
@@ -15,10 +21,10 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# two cores: keep torch from oversubscribing. Also under pytest-xdist's two workers: inductor's
-# generated CPU code depends on the thread count, so in-process compiled runs with one thread
-# would not share its on-disk cache with the CLI processes the tests start (two threads here)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread here too: inductor's generated CPU code depends on the thread count, so the
+# in-process compiled runs and the CLI processes the tests start share its on-disk cache only
+# when both run with the same count
+torch.set_num_threads(1)
 
 # pytest-xdist hands out whole files (--dist loadfile, pyproject.toml): a file's module-scoped
 # fixtures (one shared run each) run once. test_distributed and test_deepspeed each make the
