@@ -1,11 +1,11 @@
-"""The README's option tables, generated from the config dataclasses.
+"""The option tables of docs/options.md, generated from the config dataclasses.
 
-    python -m dietcl_fast.cli.options_table                   # print the tables
-    python -m dietcl_fast.cli.options_table --write README.md # replace them in the README
-    python -m dietcl_fast.cli.options_table --check README.md # exit 1 if the README disagrees
+    python -m dietcl_fast.cli.options_table                         # print the tables
+    python -m dietcl_fast.cli.options_table --write docs/options.md # replace them in the file
+    python -m dietcl_fast.cli.options_table --check docs/options.md # exit 1 if the file disagrees
 
 The tables sit between the marker lines BEGIN and END below; everything else in the file is
-left as it is. A test runs --check on the repository's README.
+left as it is. A test runs --check on the repository's docs/options.md.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dietcl_fast.cli.options import cli_options, default_text
 from dietcl_fast.config import Config, Option, PretrainConfig, options
 
 BEGIN = "<!-- options table: generated from dietcl_fast/config.py by " \
-        "`python -m dietcl_fast.cli.options_table --write README.md`; do not edit by hand -->"
+        "`python -m dietcl_fast.cli.options_table --write docs/options.md`; do not edit by hand -->"
 END = "<!-- end of options table -->"
 
 

@@ -244,7 +244,7 @@ class EngineConfig:
                               "(deepspeed when started by the deepspeed launcher, else torch).")
     zero_stage: int = option(0, help="DeepSpeed ZeRO stage (0: replicated optimiser, 1: sharded "
                                      "optimiser state, 2: + sharded gradients; 3 is refused, see "
-                                     "README 'Scaling out').")
+                                     "docs/scaling.md).")
     micro_batch: Any = option(None, auto=True, default_text="the preset's",
                               help="Micro-batch (gradient accumulation makes up the global "
                                    "batch), or auto: on a GPU the largest that fits, probed once "

@@ -9,10 +9,11 @@ bench/gpu_suite.sh, or of a named external tool (the launchers, CMake).
 
 Then the commands are run, as a user would, at a tiny size: every `train` line with size knobs
 appended (`--budget`, `--time-steps`, `--batch-size`: click takes the last value of an option),
-`pretrain`, `plan` (including the `plan --from-run` transcript the README prints, compared line
+`pretrain`, `plan` (including the `plan --from-run` transcript docs/plan.md prints, compared line
 by line), `plan --sweep`, `flops` (its figures compared with the ones the docs quote), `bench
 step` (eager only: a compile costs minutes on a CPU) and every `--help`. The quick start's run is
-a real process, killed after a checkpoint and continued with the README's `--resume` line.
+a real process, killed after a checkpoint and continued with the documented `--resume` line; the
+quick start's transcript in the README is rendered from a stored run by the code that prints it.
 A command added to the docs is classified by its subcommand; a placeholder path the test cannot
 stand in for fails it, so a new command cannot go untested silently.
 """
@@ -231,11 +232,15 @@ def test_quick_start_is_two_commands_and_the_test_command_is_what_ci_runs():
 
 
 def test_the_method_table_lists_every_registered_method():
+    """The README's short method table and docs/methods.md's full one (with the adaptations)
+    both list every registered method, once."""
     from dietcl_fast.methods import METHODS
     text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     section = text.split("## Methods", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([a-z_0-9]+)` \|", section, re.M)
-    assert sorted(rows) == sorted(METHODS), (rows, sorted(METHODS))
+    full = open(os.path.join(ROOT, "docs", "methods.md"), encoding="utf-8").read()
+    for where, part in (("README.md", section), ("docs/methods.md", full)):
+        rows = re.findall(r"^\| `([a-z_0-9]+)` \|", part, re.M)
+        assert sorted(rows) == sorted(METHODS), (where, rows, sorted(METHODS))
     for name, cls in METHODS.items():
         doc = sys.modules[cls.__module__].__doc__ or ""
         assert re.search(r"Adaptations", doc), f"{cls.__module__}: its docstring lists no adaptations"
@@ -326,18 +331,38 @@ def _process(args, cwd, env=None, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _transcript(text: str) -> tuple[list[str], list[str]]:
-    """README's `$ dietcl-fast ...` block: (args, the output lines it shows)."""
-    m = re.search(r"```\n\$ dietcl-fast (.*?)\n(.*?)```", text, re.S)
-    assert m
+def _transcript(rel: str, subcommand: str) -> tuple[list[str], list[str]]:
+    """The first `$ dietcl-fast SUBCOMMAND ...` block of a doc: (args, the output lines it shows)."""
+    text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
+    m = re.search(r"```\n\$ dietcl-fast (" + re.escape(subcommand) + r" .*?)\n(.*?)```", text, re.S)
+    assert m, f"{rel}: no ```-block starting with `$ dietcl-fast {subcommand}`"
     return shlex.split(m.group(1)), m.group(2).rstrip("\n").splitlines()
+
+
+# the stored real run of the quick start's command whose last lines the README shows
+QUICK_START_RUN = "bench/results/default-run-mfu-results.json"
+
+
+def test_the_quick_start_transcript_is_a_real_runs_output():
+    """The README shows what the quick start prints: its lines (those not cut with '...') are
+    `results.table` of a stored real run of that command, the function the trainer prints them
+    with; the run is named next to the block. The slow test below checks that a real process
+    prints the same kind of lines, the cut ones included."""
+    from dietcl_fast.results import table
+    args, shown = _transcript("README.md", "train")
+    assert args == ["train", "--budget", "500", "--label-rate", "0.01"], args
+    res = json.load(open(os.path.join(ROOT, QUICK_START_RUN)))
+    assert (res["budget"], res["label_rate"], res["seed"], res["method"]) == (500, 0.01, 0, "dietcl")
+    full = [s for s in shown if not s.endswith("...")]
+    assert full == table(res).splitlines(), (full, table(res))
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    assert f"`{QUICK_START_RUN}`" in readme
 
 
 @pytest.mark.slow
 def test_the_documented_commands_run(tmp_path):
     """Over 20 s: every documented command runs once at a tiny size (about 25 of them, in
     process where the process is not the point); the quick start is two real processes."""
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     cmds = all_commands()
     # fixtures for the placeholders: an image folder, a CSV index over it, a train/val folder, a
     # YAML config
@@ -361,7 +386,7 @@ def test_the_documented_commands_run(tmp_path):
         ran.append(" ".join(args))
 
     # 1. the quick start, as a real process: killed after time step 0's checkpoint, then the
-    #    README's --resume line continues it to the end
+    #    documented --resume line continues it to the end
     qs = ["train", "--budget", "500", "--label-rate", "0.01"]
     # the preset's own global batch (64): the log must say that it replaces the paper's 1,024
     p = _process([*qs, "--budget", "2", "--time-steps", "2", "--no-progress"], tmp_path,
@@ -376,6 +401,15 @@ def test_the_documented_commands_run(tmp_path):
     p = _process(_substitute(list(resume), tmp_path, run_dir), tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "A(T) =" in p.stderr and "Ā" in p.stderr          # the accuracy matrix and A(T)/Ā
+    printed = p.stderr.splitlines()
+    for s in _transcript("README.md", "train")[1]:            # every line the README shows starts one
+        if s.strip() == "...":                                 # lines left out
+            continue
+        # a cut line as shown; a full line (its figures are the stored run's) up to its first
+        # digit; a matrix row (`      t | ...`) as a row
+        want = s[:-3] if s.endswith("...") else re.match(r"\D*", s).group(0)[:12]
+        pat = re.escape(want) if want.strip() else r"\s+\d+ \| "
+        assert any(re.match(pat, ln) for ln in printed), (s, p.stderr[-3000:])
     for f in ("results.json", "curve.png", "config.yaml", "latest.pt"):
         assert os.path.exists(os.path.join(run_dir, f)), f
     done(resume)
@@ -450,7 +484,7 @@ def test_the_documented_commands_run(tmp_path):
             else:
                 r = _invoke(a, tmp_path)
             if "--require-gpu" in rest and "--from-bench" in rest:
-                # the bench file here was measured on this CPU: refused, as the README says
+                # the bench file here was measured on this CPU: refused, as docs/plan.md says
                 assert r.exit_code == 2 and "--require-gpu" in r.output, (where, r.output)
                 r = _invoke([x for x in a if x != "--require-gpu"], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
@@ -476,9 +510,10 @@ def test_the_documented_commands_run(tmp_path):
             assert r.exit_code == 0, (where, r.output)
             rep = json.loads(r.stdout)
             flat = json.dumps(rep)
-            # the figures README and docs/algorithm.md quote for ViT-B/16 at 224, 1,000 classes
+            # the figures docs/algorithm.md quotes for ViT-B/16 at 224, 1,000 classes
+            alg = open(os.path.join(ROOT, "docs", "algorithm.md"), encoding="utf-8").read()
             for g in ("35.13", "105.15", "58.46"):
-                assert g in readme, g
+                assert g in alg, g
             vals = [v for v in _numbers(rep)]
             for g in (35.13e9, 105.15e9, 58.46e9):
                 assert any(abs(v - g) <= 0.005e9 for v in vals), (g, flat[:2000])
@@ -487,7 +522,7 @@ def test_the_documented_commands_run(tmp_path):
                         f"`{name}` at a tiny size; teach it (or say why it is not run)")
         done(args)
         if name == "plan" and "--from-run" in rest and "bench/results/" in " ".join(args):
-            shown_args, shown = _transcript(readme)
+            shown_args, shown = _transcript("docs/plan.md", "plan")
             assert shown_args == list(args)
             _compare_transcript(shown, r.stdout)
 
@@ -497,7 +532,7 @@ def test_the_documented_commands_run(tmp_path):
     _check_results_fields(results)
 
 
-# results.json fields the README and docs/algorithm.md name (each must still be named there)
+# results.json fields the docs name (each must still be named there)
 RESULTS_FIELDS = ["data_wait_fraction", "skipped_files", "eval_split", "initialisation", "warnings",
                   "eval_seconds", "checkpoint_seconds", "checkpoint_write_seconds", "matmul_peak",
                   "mfu"]
@@ -552,8 +587,8 @@ def _numbers(obj):
 
 
 def _compare_transcript(shown: list[str], printed: str):
-    """Each line the README shows is the start of a printed line, in order; lines shown one after
-    the other are printed one after the other (a README line ending in '...' is cut there; a
+    """Each line a doc's transcript shows is the start of a printed line, in order; lines shown one
+    after the other are printed one after the other (a shown line ending in '...' is cut there; a
     line '...' stands for lines left out)."""
     out = printed.splitlines()
     i, gap = 0, True
@@ -565,7 +600,7 @@ def _compare_transcript(shown: list[str], printed: str):
         while gap and i < len(out) and not out[i].startswith(want):
             i += 1
         assert i < len(out) and out[i].startswith(want), (
-            f"README transcript line not printed {'(in order)' if gap else 'right after the one before'}: "
+            f"transcript line not printed {'(in order)' if gap else 'right after the one before'}: "
             f"{s!r}\nprinted:\n{printed}")
         i, gap = i + 1, False
 
@@ -606,15 +641,16 @@ def test_gpu_suite_lines_in_the_docs_use_its_options_and_parts():
 
 
 def test_defaults_the_prose_states_are_the_configs():
-    """Defaults docs/*.md and the README state in words, against dietcl_fast/config.py: a
+    """Defaults docs/*.md state in words, against dietcl_fast/config.py: a
     changed default fails here until the text follows (the options table is checked by
     tests/test_options_table.py)."""
     from dietcl_fast.config import Config, PlanDefaults, PretrainConfig
     c, p, pt = Config(), PlanDefaults(), PretrainConfig(out="x")
     alg = open(os.path.join(ROOT, "docs", "algorithm.md"), encoding="utf-8").read()
     plan = open(os.path.join(ROOT, "docs", "plan.md"), encoding="utf-8").read()
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     safety = open(os.path.join(ROOT, "docs", "safety.md"), encoding="utf-8").read()
+    data = open(os.path.join(ROOT, "docs", "data.md"), encoding="utf-8").read()
+    scaling = open(os.path.join(ROOT, "docs", "scaling.md"), encoding="utf-8").read()
     pct = lambda f: f"{f * 100:g}%"                                    # noqa: E731
     m = c.method
     want = {
@@ -630,13 +666,14 @@ def test_defaults_the_prose_states_are_the_configs():
                f"`--tolerance` points (default {p.tolerance:g})", f"ER by default" if p.methods == "er" else p.methods],
         safety: [f"`--ckpt-retry-seconds` (default {c.run.ckpt_retry_seconds:g})",
                  f"`--max-image-pixels` (default {c.loader.max_image_pixels:,}"],
-        readme: [f"`--eval-fraction` ({c.stream.eval_fraction:g})",
-                 f"`--on-bad-image {c.loader.on_bad_image}` (default)", f"(`--fallback {c.loader.fallback}`, the default)",
-                 f"`--engine {c.engine.engine}` (default)", f"**{c.engine.zero_stage}** (default)"],
+        data: [f"`--eval-fraction` ({c.stream.eval_fraction:g})",
+               f"`--on-bad-image {c.loader.on_bad_image}` (default)", f"(`--fallback {c.loader.fallback}`, the default)"],
+        scaling: [f"`--engine {c.engine.engine}` (default)", f"**{c.engine.zero_stage}** (default)"],
     }
     flat = lambda t: " ".join(t.split())                               # noqa: E731
-    name = {id(alg): "algorithm.md", id(plan): "plan.md", id(safety): "safety.md"}
-    bad = [f"{name.get(id(t), 'README.md')}: {s!r}"
+    name = {id(alg): "algorithm.md", id(plan): "plan.md", id(safety): "safety.md", id(data): "data.md",
+            id(scaling): "scaling.md"}
+    bad = [f"{name[id(t)]}: {s!r}"
            for t, phrases in want.items() for s in phrases if flat(s) not in flat(t)]
     assert not bad, "defaults the docs state that are not config.py's:\n" + "\n".join(bad)
 
@@ -674,10 +711,15 @@ def test_links_point_at_files_and_headings_that_exist(rel):
     assert not bad, f"{rel}:\n" + "\n".join(bad)
 
 
+def _doc(rel: str) -> str:
+    """A doc's text with its line breaks and runs of spaces as single spaces."""
+    return " ".join(open(os.path.join(ROOT, rel), encoding="utf-8").read().split())
+
+
 def test_figures_the_readme_quotes_from_results_md():
-    """The README's accuracy figures are bench/RESULTS.md's, rounded as printed, from the section
-    it names."""
-    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
+    """The README's results are bench/RESULTS.md's, rounded as printed, from the sections it
+    names; so are the figures docs/reproducibility.md and docs/plan.md quote."""
+    readme = _doc("README.md")
     notebook = open(os.path.join(ROOT, "bench", "RESULTS.md"), encoding="utf-8").read()
     title = "The budget-100 compare after the fidelity fixes"
     assert f'"{title}"' in readme
@@ -697,23 +739,38 @@ def test_figures_the_readme_quotes_from_results_md():
     # DietCL leads the continual methods with a linear head; CCIC (kNN) is above it
     linear = {m: v for m, v in at.items() if m not in ("ccic", "joint")}
     assert max(linear, key=lambda m: linear[m][0]) == "dietcl" and at["ccic"][0] > at["dietcl"][0]
+    # own classifier against the common 3-NN readout, seed 0
+    title = "The common kNN readout beside each method's own classifier"
+    assert f'"{title}"' in readme
+    section = notebook.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    ro = {m: (own, knn) for m, own, knn in
+          re.findall(r"^\| (\w+) \| ([\d.]+) \| [\d.]+ \| ([\d.]+) \|", section, re.M)}
+    assert (f"A(T) is {ro['dietcl'][0]} for DietCL, {ro['er'][0]} for ER and {ro['ccic'][0]} for CCIC; "
+            f"with the common 3-NN readout on each encoder's features it is {ro['dietcl'][1]}, "
+            f"{ro['er'][1]} and {ro['ccic'][1]}") in readme, ro
+    # the complete plan sweep: DietCL at budget 50 against ER at 100
+    section = notebook.split("### `plan --sweep` on the embedded default, budgets 25-200", 1)[1].split("\n## ", 1)[0]
+    sw = {(m, int(b)): Decimal(a) for m, b, a in
+          re.findall(r"^\| (dietcl|er) \| (\d+) \| ([\d.]+) ±", section, re.M)}
+    assert sw[("dietcl", 50)] > sw[("er", 100)]
+    assert (f"DietCL at budget 50 (A(T) {r1(sw[('dietcl', 50)])}) beats ER at budget 100 "
+            f"({r1(sw[('er', 100)])})") in readme
     # the thread-count figures
     for v in ("33.20", "33.75"):
-        assert v in readme and v in notebook, v
+        assert v in _doc("docs/reproducibility.md") and v in notebook, v
     # the default run the plan example reads
     res = json.load(open(os.path.join(ROOT, "bench", "results", "default-run-results.json")))
-    assert f"in {res['wall_seconds']:.1f} s" in readme
+    assert f"in {res['wall_seconds']:.1f} s" in _doc("docs/plan.md")
 
 
-def test_the_memory_bound_figure_the_readme_quotes():
+def test_the_memory_bound_figure_the_docs_quote():
     from dietcl_fast.models import PRESETS
     from dietcl_fast.runplan import PRESET_OPTIM, training_bytes_lower_bound
     spec = {**PRESETS["vit-b16"]["spec"], "in_chans": 3}
     per_image, model = training_bytes_lower_bound(spec, "cpu")
     micro = PRESET_OPTIM["vit-b16"]["micro_batch"]      # vit-b16's default micro-batch
-    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
     assert (f"for ViT-B/16 on a CPU at its default micro-batch of {micro} the bound is "
-            f"{(micro * per_image + model) / 1e9:.1f} GB") in readme
+            f"{(micro * per_image + model) / 1e9:.1f} GB") in _doc("docs/safety.md")
 
 
 def _project_modules() -> dict:
@@ -792,14 +849,13 @@ def test_class_names_in_the_docs_exist():
     assert n >= 10 and not bad, bad
 
 
-def test_the_parameter_count_the_readme_quotes():
+def test_the_parameter_count_the_docs_quote():
     import torch
     from dietcl_fast.models import PRESETS, ModelSpec, build_model
     spec = ModelSpec(**PRESETS["vit-b16"]["spec"], in_chans=3).validate()
     with torch.device("meta"):
         n = sum(p.numel() for p in build_model(spec, 1000).parameters())
-    readme = " ".join(open(os.path.join(ROOT, "README.md"), encoding="utf-8").read().split())
-    assert f"~{n / 1e6:.0f} M parameters, i.e. ~{16 * n / 1e9:.1f} GB" in readme
+    assert f"~{n / 1e6:.0f} M parameters, i.e. ~{16 * n / 1e9:.1f} GB" in _doc("docs/scaling.md")
 
 
 def test_loader_workers_zero_means_one_per_core_as_its_help_says(tmp_path):

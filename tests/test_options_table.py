@@ -1,8 +1,8 @@
 """One source for every option: the config dataclasses (dietcl_fast/config.py).
 
-The README's option table and `train`/`pretrain`'s command-line options are generated from
-the config fields; these tests run the real `dietcl-fast` command and the table generator as
-processes and fail when the README, the CLI and the config disagree."""
+The option table of docs/options.md and `train`/`pretrain`'s command-line options are generated
+from the config fields; these tests run the real `dietcl-fast` command and the table generator as
+processes and fail when docs/options.md, the CLI and the config disagree."""
 import os
 import re
 import shutil
@@ -16,7 +16,7 @@ from dietcl_fast.config import Config, ConfigError, PretrainConfig, apply_dict, 
 from dietcl_fast.testing import exit_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+TABLE = os.path.join(ROOT, "docs", "options.md")
 PY = sys.executable
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -32,15 +32,15 @@ def dietcl(*args, timeout=300, cwd=None, extra_env=None):
                           cwd=cwd or ROOT)
 
 
-def test_readme_table_matches_the_config():
-    p = run("-m", "dietcl_fast.cli.options_table", "--check", README)
+def test_the_options_table_matches_the_config():
+    p = run("-m", "dietcl_fast.cli.options_table", "--check", TABLE)
     assert p.returncode == 0, p.stderr
 
 
-def test_check_fails_when_the_readme_and_the_config_disagree(tmp_path):
-    readme = tmp_path / "README.md"
-    text = open(README, encoding="utf-8").read()
-    # a default changed in the README only
+def test_check_fails_when_the_table_and_the_config_disagree(tmp_path):
+    readme = tmp_path / "options.md"
+    text = open(TABLE, encoding="utf-8").read()
+    # a default changed in the file only
     assert "| `--time-steps` | `stream.time_steps` | `5` |" in text
     readme.write_text(text.replace("| `--time-steps` | `stream.time_steps` | `5` |",
                                    "| `--time-steps` | `stream.time_steps` | `6` |"))
@@ -65,8 +65,8 @@ def _rows(text):
     return {m.group(2): m.group(1) for m in re.finditer(r"^\| (.*?) \| `([a-z0-9_.]+)` \|", text, re.M)}
 
 
-def test_every_config_field_is_in_the_readme_table_and_every_flag_in_help():
-    text = open(README, encoding="utf-8").read()
+def test_every_config_field_is_in_the_options_table_and_every_flag_in_help():
+    text = open(TABLE, encoding="utf-8").read()
     rows = _rows(text)
     help_ = dietcl("train", "--help").stdout
     for o in options(Config):

@@ -17,7 +17,7 @@ Budget split: `ratio:F` (reference code: F of the steps joint, the rest buffer-o
 joint), `threshold:N` (paper: up to N steps joint, the rest buffer-only; step 0 all joint) or
 `auto` (paper: N chosen by validation on the first 3 time steps, see dietcl_fast/tuning.py).
 
-Adaptations (also in the README's method table):
+Adaptations (also in docs/methods.md):
   * time-incremental Lm keeps the classes present at step t (its labeled set), where the
     reference code keeps the classes present in each labeled batch: the step's set does not
     depend on how a global batch is cut into micro-batches or ranks.
