@@ -151,9 +151,16 @@ def parse(args: list[str]):
     return path
 
 
+# a backticked `python bench/SCRIPT.py ARGS` in the prose: its flags are the script's, checked
+# against its --help by test_bench_script_lines_in_the_docs_use_their_options
+INLINE_SCRIPT = re.compile(r"`python3? (bench/\w+\.py)([^`\n]*)`")
+
+
 def backticked_flags(rel: str):
     text = open(os.path.join(ROOT, rel), encoding="utf-8").read()
     for m in re.finditer(r"`([^`\n]+)`", text):
+        if INLINE_SCRIPT.fullmatch(m.group(0)):
+            continue
         for f in re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*)", m.group(1)):
             yield text[:m.start()].count("\n") + 1, f
 
@@ -913,14 +920,17 @@ def test_python_m_lines_in_the_docs_parse():
 
 
 def test_bench_script_lines_in_the_docs_use_their_options():
-    """`python bench/SCRIPT.py ARGS` lines of the docs' shell blocks: each --flag is one the
-    script's --help lists (the script is run with --help as a real process)."""
+    """`python bench/SCRIPT.py ARGS` lines of the docs' shell blocks, and such commands in
+    backticks in the prose: each --flag is one the script's --help lists (the script is run with
+    --help as a real process)."""
     found = {}
     for rel in DOCS:
         for n, ln in enumerate(open(os.path.join(ROOT, rel), encoding="utf-8"), 1):
             m = re.match(r"\s*(?:\$ )?python3? (bench/\w+\.py)(.*)$", ln)
             if m:
                 found.setdefault(m.group(1), []).append((f"{rel}:{n}", shlex.split(m.group(2), comments=True)))
+            for m in INLINE_SCRIPT.finditer(ln):
+                found.setdefault(m.group(1), []).append((f"{rel}:{n}", shlex.split(m.group(2))))
     for script, uses in found.items():
         p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=ENV, capture_output=True,
                            text=True, timeout=120)
