@@ -1,4 +1,4 @@
-"""Hostile and careless use of runs, pretrainings and their files (issue 25's round): each case
+"""Hostile and careless use of runs, pretrainings and their files (the hostile round): each case
 once lost data, gave a silently wrong result or crashed; each must now be refused before compute
 naming the file or option, stop cleanly keeping the last good state, or do the right thing.
 
