@@ -27,22 +27,11 @@ import time
 
 import numpy as np
 
-from .config import ConfigError
+from .config import ConfigError, parse_candidates
 from .seeding import VALIDATION_SPLIT, derive_seed
 
 VALIDATION_STEPS = 3
 VALIDATION_FRACTION = 0.2
-
-
-def parse_candidates(text: str) -> list[float]:
-    try:
-        fs = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        fs = []
-    if not fs or any(not 0.0 <= f <= 1.0 for f in fs):
-        raise ConfigError(f"method.auto_candidates {text!r}: expected comma-separated shares of "
-                          "the budget in [0, 1], e.g. 0.6,0.7,0.8,0.9,1.0")
-    return fs
 
 
 def validation_stream(stream, steps: int, seed: int, fraction: float = VALIDATION_FRACTION):

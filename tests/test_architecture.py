@@ -27,7 +27,6 @@ LAYERS = {
 }
 # imports allowed against the layering, each with its reason (docs/architecture.md)
 EXCEPTIONS = {
-    ("methods", "tuning"): "DietCL's --split auto parses its candidate list (tuning.parse_candidates)",
     ("trainer", "tuning"): "a --split auto run tunes before step 0, and the tuning runs trainers "
                            "of its own (both imports are lazy)",
 }
