@@ -61,6 +61,7 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
     from dietcl_fast.config import Config
     from dietcl_fast.rundir import RunLock, check_out_dir
     from dietcl_fast.trainer import Trainer
+    from dietcl_fast.tuning import prepare
     check_out_dir(run_dir, data=cfg.stream.data)
     with RunLock(run_dir):
         req = _request(cfg)
@@ -87,7 +88,9 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
                 rcfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
                 rcfg.run.progress = False
                 return Trainer(rcfg, log=log).run(run_dir, resume_state=state)
-            return Trainer(cfg, log=log).run(run_dir)
+            trainer = Trainer(cfg, log=log)
+            prepare(trainer, run_dir)           # --split auto: the threshold, chosen first
+            return trainer.run(run_dir)
 
 
 def knn_of(res: dict) -> dict:

@@ -136,6 +136,7 @@ def train(ctx, **params):
     from dietcl_fast import checkpoint as ckpt_io
     from dietcl_fast.rundir import check_fresh
     from dietcl_fast.trainer import RunStopped, Trainer
+    from dietcl_fast.tuning import prepare
     run_dir = None
     try:
         if params["resume"]:
@@ -163,6 +164,7 @@ def train(ctx, **params):
                         _fail(_holds_a_run(run_dir, cfg))
                     check_fresh(run_dir, resume_hint=" but no checkpoint to continue it from")
                     trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
+                    prepare(trainer, run_dir)      # --split auto: the threshold, chosen first
                     trainer.run(run_dir)
             except BaseException:
                 # refused before anything was written: leave no empty run directory behind

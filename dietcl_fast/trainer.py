@@ -64,7 +64,10 @@ def cosine_lr(peak: float, min_lr: float, it: int, steps: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, log=print, train_region=None, micro_fits=None):
+    def __init__(self, cfg: Config, *, log=print, train_region=None, micro_fits=None,
+                 stream=None):
+        """`stream`: train on this stream of the config's data instead of the one its options
+        build (--split auto's validation stream, tuning.py)."""
         self.log = log
         # `--micro-batch auto`: micro_fits(m) -> bool says whether micro-batch m fits in memory
         # (None: a trial step on the device; tests inject one)
@@ -72,10 +75,10 @@ class Trainer:
         # A context factory wrapped around every training micro-batch (tests pass a FLOP counter
         # here to prove the ledger charges every pass; evaluation stays outside it).
         self.train_region = train_region or contextlib.nullcontext
-        self._setup(cfg)
+        self._setup(cfg, stream)
 
     # ------------------------------------------------------------------ setup
-    def _setup(self, cfg: Config) -> None:
+    def _setup(self, cfg: Config, stream) -> None:
         from .data import build_loader
         from .streams import build_stream, load_source
 
@@ -108,12 +111,14 @@ class Trainer:
                            label_rate=cfg.stream.label_rate,
                            eval_fraction=cfg.stream.eval_fraction, seed=cfg.run.seed)
         # stream options are checked before any file is decoded
-        self._stream = build_stream(source, **stream_args)
+        self.stream = build_stream(source, **stream_args)
         self.loader, self.source = build_loader(source, cfg.loader, self.spec.img_size, in_chans,
                                                 self.device, log=self.log,
                                                 progress=cfg.run.progress and self.dist.is_main)
         if self.source is not source:     # bad files skipped: split only what decodes
-            self._stream = build_stream(self.source, **stream_args)
+            self.stream = build_stream(self.source, **stream_args)
+        if stream is not None:
+            self.stream = stream
         # the processes agree on the options and the data before anything collective runs
         self.dist.check_agree(cfg.to_dict(), self.stream.fingerprint())
         if self.stream.synthetic_timestamps:
@@ -198,6 +203,8 @@ class Trainer:
         self._good_gstep = None                 # ... and of the last one known to be on disk
         self._exit_after = None                 # test hook (dietcl_fast/testing.py), set by run
         self.metrics = None                     # metrics.jsonl (+ TensorBoard), opened by run
+        self._pending_engine_state = None       # a mid-phase resume's optimiser state
+        self._t0 = time.perf_counter()          # wall clock (reset when the run starts)
 
     # the resolved batch arithmetic (RunPlan owns it; BatchPlan reads it for this rank)
     G = property(lambda self: self.plan.global_batch, doc="global batch: images per optimiser step")
@@ -206,23 +213,12 @@ class Trainer:
     accum = property(lambda self: self.plan.accum, doc="micro-batches per process per step")
     granule = property(lambda self: self.batch.granule, doc="micro-batches with equal counts")
 
-    @property
-    def stream(self):
-        """The stream the run trains on (--split auto's validation swaps in its own)."""
-        return self._stream
-
-    @stream.setter
-    def stream(self, s) -> None:
-        self._stream = s
-        self.batcher.stream = s
-
     # ------------------------------------------------------------------ the loop
     def run(self, run_dir: str, resume_state: dict | None = None) -> dict:
         cfg = self.cfg
         self.run_dir = run_dir
         os.makedirs(run_dir, exist_ok=True)
         self._t0 = time.perf_counter()
-        self._pending_engine_state = None
         self._exit_after = testing.exit_after_steps()   # the test suite's kill aid, else None
         if resume_state is not None:
             self.load_state(resume_state)
@@ -237,6 +233,10 @@ class Trainer:
                 return res
             self.log(f"resuming {run_dir} at time step {self.pos.t}, phase {self.pos.phase}, "
                      f"iteration {self.pos.it} ({self.pos.gstep} optimiser steps done)")
+        elif getattr(self.method, "needs_split_tuning", False):
+            raise ConfigError("--split auto: the threshold is chosen by validation before the "
+                              "run starts (dietcl_fast.tuning.choose_split, which `dietcl-fast "
+                              "train` and `compare` run first); it was not chosen here")
         elif self.dist.is_main:
             save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
         if self.dist.is_main:           # room for one checkpoint, before any compute
@@ -259,25 +259,34 @@ class Trainer:
                  f"kernels {self._kernel_backend()}; step "
                  f"{'compiled (torch.compile, whole graph)' if cfg.engine.compile else 'eager'}")
 
-        if getattr(self.method, "needs_split_tuning", False):
-            self._tune_split()
+        if resume_state is None and getattr(self.method, "tuning", None):
+            self.save()     # --split auto's threshold, chosen before the run: a resume keeps it
         total_steps = T * self.budget
         bar = None
         if cfg.run.progress and self.dist.is_main:
             bar = progress_bar(total=total_steps, initial=min(self.pos.gstep, total_steps),
                                unit="step")
         try:
-            while self.pos.t < T:
-                self._run_step(self.pos.t, bar)
+            self.train_steps(run_dir, T, bar)
         finally:
             if bar is not None:
                 bar.close()
-            self.batcher.ahead = None
-            self.loader.close()     # worker processes / loader thread (restarted on next use)
-            self._wait_checkpoint()    # the last checkpoint is on disk before results.json
             if self.metrics is not None:
                 self.metrics.close()
         return self._finish()
+
+    def train_steps(self, run_dir: str, until: int, bar=None) -> None:
+        """Time steps pos.t .. until - 1, checkpointed into `run_dir`; then the loader is closed
+        and the last checkpoint is on disk. `run` trains the whole stream with it; --split
+        auto's validation (tuning.py) the first steps, with no run files but checkpoints."""
+        self.run_dir = run_dir
+        try:
+            while self.pos.t < until:
+                self._run_step(self.pos.t, bar)
+        finally:
+            self.batcher.ahead = None
+            self.loader.close()     # worker processes / loader thread (restarted on next use)
+            self._wait_checkpoint()    # the last checkpoint is on disk before results.json
 
     def _run_step(self, t: int, bar) -> None:
         cfg = self.cfg
@@ -657,20 +666,6 @@ class Trainer:
             # all head rows, unseen classes masked (never the argmax): one shape for the run
             self._eval_classify = torch.compile(self.model.classify_all, dynamic=False)
         return self._eval_classify, eval_pad_sizes(self.cfg.run.eval_batch_size, self.device.type)
-
-    def _tune_split(self) -> None:
-        """--split auto: choose the threshold by validation before step 0 (dietcl_fast/tuning.py);
-        its compute is recorded apart from the per-step budget, and saved at once so that a
-        resumed run does not tune again."""
-        from .tuning import choose_split, remove_stale_scratch
-        if self.dist.world_size > 1:
-            raise ConfigError("--split auto runs its validation in one process; choose the "
-                              "threshold there and pass --split threshold:N to the multi-process run")
-        remove_stale_scratch(self.run_dir)
-        rec = choose_split(self)
-        self.method.tuning = rec
-        self.method.set_threshold(rec["chosen_threshold"])
-        self.save()
 
     def _kernel_backend(self) -> str:
         try:

@@ -164,3 +164,15 @@ def test_validation_stream_holds_out_labels_only():
     with pytest.raises(Exception, match="auto_candidates"):
         from dietcl_fast.tuning import parse_candidates
         parse_candidates("0.5,2")
+
+
+def test_a_split_auto_run_without_its_threshold_is_refused_before_any_file(tmp_path):
+    """The threshold is chosen before the run (tuning.prepare, which the command line runs):
+    a Trainer run without it stops with the option named, before anything is written."""
+    from conftest import tiny_cfg
+    from dietcl_fast.config import ConfigError
+    from dietcl_fast.trainer import Trainer
+    tr = Trainer(tiny_cfg("dietcl", budget=1, method__split="auto"), log=lambda m: None)
+    with pytest.raises(ConfigError, match="--split auto"):
+        tr.run(str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists() or not os.listdir(tmp_path / "r")

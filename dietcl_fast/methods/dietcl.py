@@ -63,7 +63,7 @@ class DietCL(Method):
         kind, v = self.split
         if kind == "auto":
             raise RuntimeError("--split auto: the threshold has not been chosen yet "
-                               "(the trainer runs the validation protocol before step 0)")
+                               "(tuning.prepare runs the validation protocol before the run)")
         if kind == "ratio":
             return int(round(budget * v))
         return min(budget, int(v))
