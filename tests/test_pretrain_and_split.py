@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dietcl_fast.testing import exit_after
+from kill import EXIT_STATUS, exit_after
 
 from conftest import cli
 
@@ -47,7 +47,7 @@ def test_kill_and_resume_gives_the_same_weights(pretrained, tmp_path):
     out, _ = pretrained
     run = tmp_path / "killed"
     p = cli(*PRE, "--out", str(run), check=False, extra_env=exit_after(3))
-    assert p.returncode == 17 and not (run / "checkpoint.pth").exists()
+    assert p.returncode == EXIT_STATUS and not (run / "checkpoint.pth").exists()
     assert (run / "pretrain_state.pt").exists()              # written at step 2
     again = cli(*PRE, "--out", str(run), check=False)          # no --resume: refused, named
     assert again.returncode == 2 and "--resume" in again.stderr
