@@ -60,7 +60,9 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
     from dietcl_fast.fsio import atomic_write_bytes
     from dietcl_fast.config import Config
     from dietcl_fast.rundir import RunLock, check_out_dir
+    from dietcl_fast.meter import run_meter
     from dietcl_fast.trainer import Trainer
+    from dietcl_fast.tuning import prepare
     check_out_dir(run_dir, data=cfg.stream.data)
     with RunLock(run_dir):
         req = _request(cfg)
@@ -86,8 +88,11 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
                 state = ckpt_io.load_checkpoint(run_dir)
                 rcfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
                 rcfg.run.progress = False
-                return Trainer(rcfg, log=log).run(run_dir, resume_state=state)
-            return Trainer(cfg, log=log).run(run_dir)
+                return Trainer(rcfg, log=log, meter=run_meter(rcfg.engine.compile, log)).run(
+                    run_dir, resume_state=state)
+            trainer = Trainer(cfg, log=log, meter=run_meter(cfg.engine.compile, log))
+            prepare(trainer, run_dir)           # --split auto: the threshold, chosen first
+            return trainer.run(run_dir)
 
 
 def knn_of(res: dict) -> dict:

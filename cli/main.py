@@ -135,7 +135,9 @@ def train(ctx, **params):
     results.json, curve.png, config.yaml and checkpoints into the run directory."""
     from dietcl_fast import checkpoint as ckpt_io
     from dietcl_fast.rundir import check_fresh
+    from dietcl_fast.meter import run_meter
     from dietcl_fast.trainer import RunStopped, Trainer
+    from dietcl_fast.tuning import prepare
     run_dir = None
     try:
         if params["resume"]:
@@ -162,7 +164,8 @@ def train(ctx, **params):
                     if ckpt_io.has_checkpoint(run_dir):
                         _fail(_holds_a_run(run_dir, cfg))
                     check_fresh(run_dir, resume_hint=" but no checkpoint to continue it from")
-                    trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
+                    trainer = Trainer(cfg, log=_echo, meter=run_meter(cfg.engine.compile, _echo))
+                    prepare(trainer, run_dir)      # --split auto: the threshold, chosen first
                     trainer.run(run_dir)
             except BaseException:
                 # refused before anything was written: leave no empty run directory behind
@@ -231,6 +234,7 @@ train.params[:0] = TRAIN_PARAMS      # the config's options first, then --resume
 
 def _resume(ctx, params, run_dir: str) -> None:
     from dietcl_fast import checkpoint as ckpt_io
+    from dietcl_fast.meter import run_meter
     from dietcl_fast.trainer import Trainer
     from dietcl_fast.config import save_yaml
     from dietcl_fast.rundir import check_owner
@@ -246,8 +250,12 @@ def _resume(ctx, params, run_dir: str) -> None:
         click.echo(f"note: --resume uses the run's saved config; ignoring "
                    f"{', '.join('--' + o.replace('_', '-') for o in ignored)}", err=True)
     cfg.run.progress = params["progress"]
-    trainer = Trainer(cfg, log=lambda m: click.echo(m, err=True))
+    trainer = Trainer(cfg, log=_echo, meter=run_meter(cfg.engine.compile, _echo))
     trainer.run(run_dir, resume_state=state)
+
+
+def _echo(m: str) -> None:
+    click.echo(m, err=True)
 
 
 def run_lock(run_dir: str):

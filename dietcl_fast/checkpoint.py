@@ -32,11 +32,11 @@ import time
 import torch
 
 from .engine.deepspeed_engine import DS_SUBDIR, POINTER, load_client_state
-from .fsio import FORMAT_VERSION, CheckpointError, atomic_write_bytes, plain_state  # noqa: F401
+from .fsio import (FORMAT_VERSION, MAGIC, CheckpointError, atomic_write_bytes,  # noqa: F401
+                   is_run_checkpoint, plain_state)
 
 CKPT_NAME = "latest.pt"
 STEP_MODELS = "models"                  # models/t<t>.pt: the model after time step t
-MAGIC = b"DIETCLCKPT\x00\x02"          # 12 bytes; the last one is FORMAT_VERSION
 _DIGEST = 32
 
 
@@ -134,15 +134,6 @@ def has_checkpoint(run_dir: str) -> bool:
     """A torch-engine `latest.pt` or a DeepSpeed checkpoint pointer."""
     return os.path.isfile(os.path.join(run_dir, CKPT_NAME)) or \
         os.path.isfile(os.path.join(run_dir, DS_SUBDIR, POINTER))
-
-
-def is_run_checkpoint(path: str) -> bool:
-    """Whether `path` starts with this format's header (a latest.pt or pretrain_state.pt)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC) - 1) == MAGIC[:-1]
-    except OSError:
-        return False
 
 
 def safe_torch_load(path: str, what: str = "checkpoint"):

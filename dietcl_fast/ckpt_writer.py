@@ -9,7 +9,8 @@ error, if any, on the training thread. A process killed during a write leaves th
 rename is the commit point), so at worst the run resumes from the one before.
 
 `critical_seconds` is the time the training thread spent (snapshot + waiting for the previous
-write); `write_seconds` the background time (serialise + write + fsync).
+write); `write_seconds` the background time (serialise + write + fsync). `Checkpoints` is what a
+run holds: this writer or the engine's own, and which checkpoint is known to be on disk.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
+from .run_state import RunStopped
 
 
 def snapshot(obj, events: list):
@@ -99,3 +101,69 @@ class BackgroundCheckpointer:
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+
+class Checkpoints:
+    """A run's checkpoints: `latest.pt` snapshotted by rank 0 and written in the background
+    (`BackgroundCheckpointer`, retrying a failed write for `retry_seconds`), or, for an engine
+    that keeps its own layout (DeepSpeed: `saves_checkpoints`), written by every rank on the
+    training thread; `models/t<t>.pt` (`keep_step_model`). Remembers the optimiser step of the
+    last checkpoint submitted (`saved_gstep`) and of the last one known to be on disk
+    (`good_gstep`), which the run's stop messages name, and the training thread's seconds
+    spent on checkpoints (`seconds`, taken out of MFU)."""
+
+    def __init__(self, engine, dist, *, retry_seconds: float, log):
+        self.engine, self.dist, self.retry_seconds = engine, dist, retry_seconds
+        self.writer = BackgroundCheckpointer(
+            save=lambda d, st: ckpt_io.save_checkpoint(d, st, retry_seconds=retry_seconds, log=log))
+        self._log = log
+        self.saved_gstep: int | None = None
+        self.good_gstep: int | None = None
+        self.sync_seconds = 0.0     # on the training thread: DeepSpeed's writes, models/t<t>.pt
+
+    @property
+    def seconds(self) -> float:
+        return self.writer.critical_seconds + self.sync_seconds
+
+    def resumed_at(self, gstep: int) -> None:
+        self.saved_gstep = self.good_gstep = gstep
+
+    def save(self, run_dir: str, state, gstep: int) -> None:
+        """All ranks call this; `state()` gives the state to write (called where it is
+        written). A failed earlier background write stops the run (`RunStopped`)."""
+        if getattr(self.engine, "saves_checkpoints", False):
+            t0 = time.perf_counter()
+            self.engine.save_checkpoint(run_dir, state())
+            self.sync_seconds += time.perf_counter() - t0
+            self.saved_gstep = self.good_gstep = gstep      # written before it returned
+            return
+        if self.dist.is_main:
+            try:
+                self.writer.submit(run_dir, state())
+            except ckpt_io.CheckpointWriteError as e:       # the previous write, joined here
+                raise self.stopped(run_dir, e) from None
+            self.good_gstep = self.saved_gstep              # that previous write is on disk
+        self.dist.barrier()
+        self.saved_gstep = gstep
+
+    def wait(self, run_dir: str) -> None:
+        """The write in flight is on disk (or the run stops saying what to free)."""
+        try:
+            self.writer.wait()
+        except ckpt_io.CheckpointWriteError as e:
+            raise self.stopped(run_dir, e) from None
+        self.good_gstep = self.saved_gstep
+
+    def keep_step_model(self, run_dir: str, t: int, record: dict) -> None:
+        """`models/t<t>.pt` (--keep-step-models), written on the training thread (rank 0)."""
+        t0 = time.perf_counter()
+        ckpt_io.save_step_model(run_dir, t, record, retry_seconds=self.retry_seconds,
+                                log=self._log)
+        self.sync_seconds += time.perf_counter() - t0
+
+    def stopped(self, run_dir: str, e: OSError) -> RunStopped:
+        kept = (f"the previous checkpoint (optimiser step {self.good_gstep}) is intact; "
+                f"--resume {run_dir} continues from it once there is room"
+                if self.good_gstep is not None else "no earlier checkpoint exists")
+        return RunStopped(f"{e.strerror}. The run stopped after retrying for "
+                          f"{self.retry_seconds:g} s; {kept}.")

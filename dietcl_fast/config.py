@@ -504,6 +504,19 @@ def _bool(cfg: "Config", path: str, error=ConfigError) -> None:
         raise error(f"{_named(path, v)}: expected true or false", path)
 
 
+def parse_candidates(text: str) -> list[float]:
+    """`method.auto_candidates` (--split auto's candidate thresholds as shares of the budget)
+    -> the shares; ConfigError naming the option."""
+    try:
+        fs = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        fs = []
+    if not fs or any(not 0.0 <= f <= 1.0 for f in fs):
+        raise ConfigError(f"method.auto_candidates {text!r}: expected comma-separated shares of "
+                          "the budget in [0, 1], e.g. 0.6,0.7,0.8,0.9,1.0")
+    return fs
+
+
 def parse_split(split: str) -> tuple[str, float]:
     """DietCL's `--split` -> ("ratio", F) | ("threshold", N) | ("auto", nan); ValueError naming
     the option and the accepted forms."""

@@ -21,9 +21,21 @@ import secrets
 import numpy as np
 import torch
 
-__all__ = ["FORMAT_VERSION", "CheckpointError", "atomic_write_bytes", "plain_state"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "CheckpointError", "atomic_write_bytes", "is_run_checkpoint",
+           "plain_state"]
 
 FORMAT_VERSION = 2      # layout of a saved run state (latest.pt and DeepSpeed client state)
+MAGIC = b"DIETCLCKPT\x00" + bytes([FORMAT_VERSION])   # a checkpoint file's first 12 bytes
+
+
+def is_run_checkpoint(path: str) -> bool:
+    """Whether `path` starts with the checkpoint header (a latest.pt or pretrain_state.pt, of
+    any format version): what `--pretrained` refuses by name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC) - 1) == MAGIC[:-1]
+    except OSError:
+        return False
 
 
 class CheckpointError(ValueError):

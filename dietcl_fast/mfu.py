@@ -74,3 +74,47 @@ def mfu(train_flops: float, train_seconds: float, peak_flops_per_second: float,
     if train_seconds <= 0 or peak_flops_per_second <= 0 or world_size < 1:
         return None
     return train_flops / train_seconds / (peak_flops_per_second * world_size)
+
+
+class TrainClock:
+    """The run's MFU clock: the phases' wall time with the device synchronised at each reading,
+    and their FLOPs (the ledger's running total, given at each call); checkpoints left out.
+    The trainer starts it at a phase's start, reads it (`lap`) before a checkpoint and stops it
+    at the phase's end; `skip` leaves out the time since the last reading (the checkpoint's)."""
+
+    def __init__(self, device: torch.device, seconds: float = 0.0, flops: int = 0):
+        self.device, self.seconds, self.flops = device, seconds, flops
+        self._mark = None       # (perf_counter, ledger FLOPs) of the last reading, in a phase
+
+    def start(self, flops: int) -> None:
+        self._mark = (time.perf_counter(), flops)
+
+    def lap(self, flops: int) -> None:
+        """Add the time and FLOPs since the last reading (the device synchronised first, so the
+        time is the work's, not the launches'); nothing outside a phase."""
+        if self._mark is None:
+            return
+        sync(self.device)
+        now = time.perf_counter()
+        self.seconds += now - self._mark[0]
+        self.flops += flops - self._mark[1]
+        self._mark = (now, flops)
+
+    def stop(self, flops: int) -> None:
+        self.lap(flops)
+        self._mark = None
+
+    def skip(self, flops: int) -> None:
+        if self._mark is not None:
+            self._mark = (time.perf_counter(), flops)
+
+    def summary(self, measure_peak: bool, world_size: int) -> dict:
+        """results.json's MFU fields: train_seconds, train_flops, achieved_flops_per_second,
+        matmul_peak (measured once per process; None where `measure_peak` is false: ranks
+        other than 0) and mfu."""
+        achieved = self.flops / self.seconds if self.seconds > 0 else 0.0
+        peak = matmul_peak(self.device) if measure_peak else None
+        return {"train_seconds": self.seconds, "train_flops": self.flops,
+                "achieved_flops_per_second": achieved, "matmul_peak": peak,
+                "mfu": (mfu(self.flops, self.seconds, peak["flops_per_second"], world_size)
+                        if peak else None)}

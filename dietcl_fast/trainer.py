@@ -1,14 +1,16 @@
 """The training loop, top to bottom.
 
-    for each time step t:
-        grow the head, open the step's budget; insert the step's labels into the buffer here
-        (the method's `buffer_insertion` "before": DietCL) or after the step's training ("after":
-        ER, whose replay draws come from past steps only)
-        for each phase the method plans (e.g. DietCL: joint, then buffer-only):
-            fresh AdamW + cosine schedule
-            for each optimiser step:  draw ids per source -> micro-batches -> charge the ledger
-                                      -> method.loss -> backward;  optimiser step
+    run: start (or resume) the run in its directory, then every remaining time step:
+      time step t: grow the head, open the step's budget; insert the step's labels into the
+        buffer here (the method's `buffer_insertion` "before": DietCL) or after the step's
+        training ("after": ER, whose replay draws come from past steps only)
+        phase (the method plans them, e.g. DietCL: joint, then buffer-only):
+          fresh AdamW + cosine schedule
+          iteration (one optimiser step): draw ids per source -> micro-batches -> charge the
+            ledger -> method.loss -> backward; optimiser step; then the progress bar, the
+            training log and a checkpoint at the --ckpt-every cadence
         evaluate on every seen step -> acc[t][:]; the method's importance pass; checkpoint
+      results.json, curve.png, the table
 
 Every pass is charged to the native ledger *before* it runs; the ledger refuses a pass that
 would exceed the step's budget, so no step can overspend. All randomness is derived from the
@@ -17,12 +19,13 @@ an uninterrupted one drew.
 
 What lives elsewhere: the configuration resolved once (`runplan.resolve -> RunPlan`), the
 global batch's cut into micro-batches and the loader look-ahead (`batching`), the compiled
-step function (`step_loss`), the run's position and non-finite watch (`run_state`), MFU
-(`mfu`), and what a method sees (`methods/context.StepContext`).
+step function (`step_loss`), the evaluation and the common kNN readout (`evaluator`), the
+checkpoints written in the background (`ckpt_writer.Checkpoints`), the run's position and
+non-finite watch (`run_state`), the MFU clock (`mfu.TrainClock`), what a method sees
+(`methods/context.StepContext`) and what a bench measures (`meter.Meter`, installed by it).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
@@ -31,27 +34,27 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from . import testing
 from .batching import Batcher, BatchPlan, micro_fits_on_device, probe_micro_batch
 from .buffer import BalancedBuffer
-from .ckpt_writer import BackgroundCheckpointer
+from .ckpt_writer import Checkpoints
 from .config import Config, ConfigError, save_yaml
 from .data.sampling import EpochSampler
 from .engine import build_engine, init_from_env
-from .evaluate import (KNN_K, eval_pad_sizes, knn_bank, sharded_accuracy, sharded_readouts,
-                       summarise, summarise_readout)
+from .evaluate import KNN_K, summarise
+from .evaluator import Evaluator, empty_knn_record
 from .ledger import Ledger
+from .meter import Meter
 from .methods import StepContext, build_method
-from .methods.base import describe_passes, pool_passes
+from .methods.base import ClassSet, describe_passes, pool_passes
 from .metrics_log import TENSORBOARD_DIR, MetricsLog
-from .mfu import matmul_peak, mfu as flops_utilisation, sync as sync_device
+from .mfu import TrainClock
 from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
 from .results import plot_curve, progress_bar, read_json, table, versions, write_json
 from .run_state import (FiniteWatch, Position, RunStopped, numpy_rng_state,  # noqa: F401
                         set_numpy_rng_state)
 from .runplan import resolve
 from .seeding import HEAD_INIT, derive_seed
-from .step_loss import CompileLog, step_loss_fn
+from .step_loss import step_loss_fn
 
 
 def cosine_lr(peak: float, min_lr: float, it: int, steps: int) -> float:
@@ -64,20 +67,13 @@ def cosine_lr(peak: float, min_lr: float, it: int, steps: int) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, *, log=print, train_region=None, micro_fits=None):
-        self.log = log
-        # `--micro-batch auto`: micro_fits(m) -> bool says whether micro-batch m fits in memory
-        # (None: a trial step on the device; tests inject one)
-        self.micro_fits = micro_fits
-        # A context factory wrapped around every training micro-batch (tests pass a FLOP counter
-        # here to prove the ledger charges every pass; evaluation stays outside it).
-        self.train_region = train_region or contextlib.nullcontext
-        self._setup(cfg)
-
-    # ------------------------------------------------------------------ setup
-    def _setup(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, log=print, meter: Meter | None = None, stream=None):
+        """`meter`: told of every iteration and evaluation (meter.py; a bench's, or the
+        command line's compile log); `stream`: train on this stream of the config's data
+        instead of the one its options build (--split auto's validation stream, tuning.py)."""
         from .data import build_loader
         from .streams import build_stream, load_source
+        self.log, self.meter = log, meter or Meter()
 
         # the plan: every option checked and resolved once (runplan.resolve); once the options
         # are known to be valid, `start` joins the processes (torchrun / the deepspeed launcher
@@ -108,12 +104,14 @@ class Trainer:
                            label_rate=cfg.stream.label_rate,
                            eval_fraction=cfg.stream.eval_fraction, seed=cfg.run.seed)
         # stream options are checked before any file is decoded
-        self._stream = build_stream(source, **stream_args)
+        self.stream = build_stream(source, **stream_args)
         self.loader, self.source = build_loader(source, cfg.loader, self.spec.img_size, in_chans,
                                                 self.device, log=self.log,
                                                 progress=cfg.run.progress and self.dist.is_main)
         if self.source is not source:     # bad files skipped: split only what decodes
-            self._stream = build_stream(self.source, **stream_args)
+            self.stream = build_stream(self.source, **stream_args)
+        if stream is not None:
+            self.stream = stream
         # the processes agree on the options and the data before anything collective runs
         self.dist.check_agree(cfg.to_dict(), self.stream.fingerprint())
         if self.stream.synthetic_timestamps:
@@ -128,13 +126,6 @@ class Trainer:
         # runs per micro-batch (compiled whole with --compile)
         self.method = build_method(cfg)
         self.loss_fn = step_loss_fn(self.method, self.plan.compile, in_chans)
-        # with --compile: the graphs built and their compile seconds (CompileLog); time steps
-        # before `compile_from` run eager (0 for a run; `bench step` starts compiling at the
-        # first time step it times)
-        self.compile_log = CompileLog() if self.plan.compile else None
-        self.compile_from = 0
-        self._eager_loss_fn = step_loss_fn(self.method, False, in_chans) \
-            if self.plan.compile else self.loss_fn
 
         # model: one seed drives init; the head has a row for every class of the stream
         torch.manual_seed(cfg.run.seed)
@@ -146,11 +137,10 @@ class Trainer:
         for w in self.warnings:
             self.log("=" * 78 + "\nWARNING: " + w + "\n" + "=" * 78)
         self.method.setup_model(self.model)     # method modules (projectors, prompts, ...)
-        if self.plan.probe_micro:               # --micro-batch auto, probed once
-            fits = self.micro_fits or (lambda m: micro_fits_on_device(
-                self.model, self.spec, self.device, self.amp_dtype, m))
-            self.plan = self.plan.with_micro(
-                probe_micro_batch(self.plan.global_batch, self.plan.world, fits))
+        if self.plan.probe_micro:               # --micro-batch auto: a trial step per size
+            self.plan = self.plan.with_micro(probe_micro_batch(
+                self.plan.global_batch, self.plan.world, lambda m: micro_fits_on_device(
+                    self.model, self.spec, self.device, self.amp_dtype, m)))
             self.cfg = self.plan.cfg
             self.log(f"--micro-batch auto: {self.plan.micro} (the largest divisor of "
                      f"{self.plan.global_batch // self.plan.world} that fits)")
@@ -170,34 +160,22 @@ class Trainer:
         self.acc: list[list[float]] = []
         self.A: list[float] = []
         self.passes: list[dict] = []            # per time step: draws and passes per pool
-        self.wall_before = 0.0
-        self.data_seconds = 0.0
-        self.compute_seconds = 0.0
-        # phases' wall time, device synchronised, checkpoints out; and their FLOPs (MFU)
-        self.train_seconds, self.train_flops = 0.0, 0
-        self._mark = None       # (perf_counter, ledger FLOPs) since the last clock, in a phase
-        self.eval_seconds = 0.0
-        self.eval_log: list[float] = []        # evaluation seconds per time step
-        self.eval_images: list[int] = []
-        # the common kNN readout (evaluate.knn_readout): rows acc_knn[t][k], A_knn(t), its cost
-        self.knn = {"acc": [], "A": [], "seconds": 0.0, "images_forwarded": 0}
+        self.evaluator = Evaluator(self.model, self.loader, self.stream, channels=in_chans,
+                                   batch_size=cfg.run.eval_batch_size,
+                                   autocast=self.engine.autocast, dist=self.dist,
+                                   compiled=cfg.engine.compile, device_type=self.device.type,
+                                   knn=cfg.run.knn_readout)
         # the writer retries a failed write (disk full, ...) for --ckpt-retry-seconds, keeping
-        # the snapshot in memory, before its error stops the run (see _checkpoint_stopped)
-        self.checkpointer = BackgroundCheckpointer(
-            save=lambda d, st: ckpt_io.save_checkpoint(
-                d, st, retry_seconds=self.cfg.run.ckpt_retry_seconds, log=self.log))
-        # on the training thread: engines that write their own (DeepSpeed), models/t<t>.pt
-        self._sync_checkpoint_seconds = 0.0
-        # per-iteration record [(t, phase, seconds, data seconds, FLOPs)]: `bench step` reads
-        # it; timing_sync makes each record end after the device finished the iteration
-        self.iteration_log: list[tuple] = []
-        self.timing_sync = False
-        self._eval_classify = None
+        # the snapshot in memory, before its error stops the run
+        self.checkpoints = Checkpoints(self.engine, self.dist, log=self.log,
+                                       retry_seconds=cfg.run.ckpt_retry_seconds)
+        self.clock = TrainClock(self.device)    # the phases' synchronised seconds and FLOPs
+        self.wall_before, self.data_seconds, self.compute_seconds = 0.0, 0.0, 0.0
         self.finite = FiniteWatch()             # non-finite loss watch, read at sync points
-        self._saved_gstep = None                # optimiser step of the last checkpoint submitted
-        self._good_gstep = None                 # ... and of the last one known to be on disk
-        self._exit_after = None                 # test hook (dietcl_fast/testing.py), set by run
         self.metrics = None                     # metrics.jsonl (+ TensorBoard), opened by run
+        self._pending_engine_state = None       # a mid-phase resume's optimiser state
+        self._phase_name = "?"
+        self._t0 = time.perf_counter()          # wall clock (reset when the run starts)
 
     # the resolved batch arithmetic (RunPlan owns it; BatchPlan reads it for this rank)
     G = property(lambda self: self.plan.global_batch, doc="global batch: images per optimiser step")
@@ -206,159 +184,78 @@ class Trainer:
     accum = property(lambda self: self.plan.accum, doc="micro-batches per process per step")
     granule = property(lambda self: self.batch.granule, doc="micro-batches with equal counts")
 
-    @property
-    def stream(self):
-        """The stream the run trains on (--split auto's validation swaps in its own)."""
-        return self._stream
-
-    @stream.setter
-    def stream(self, s) -> None:
-        self._stream = s
-        self.batcher.stream = s
-
     # ------------------------------------------------------------------ the loop
     def run(self, run_dir: str, resume_state: dict | None = None) -> dict:
-        cfg = self.cfg
-        self.run_dir = run_dir
-        os.makedirs(run_dir, exist_ok=True)
-        self._t0 = time.perf_counter()
-        self._pending_engine_state = None
-        self._exit_after = testing.exit_after_steps()   # the test suite's kill aid, else None
-        if resume_state is not None:
-            self.load_state(resume_state)
-            res_path = os.path.join(run_dir, "results.json")
-            if self.pos.t >= self.stream.time_steps and os.path.isfile(res_path):
-                self.log(f"{run_dir} is a finished run; its results ({res_path}) are left as they are")
-                self.loader.close()
-                res = read_json(res_path)
-                curve = os.path.join(run_dir, "curve.png")
-                if self.dist.is_main and not os.path.isfile(curve):    # lost to a kill: redrawn
-                    plot_curve(res, curve)
-                return res
-            self.log(f"resuming {run_dir} at time step {self.pos.t}, phase {self.pos.phase}, "
-                     f"iteration {self.pos.it} ({self.pos.gstep} optimiser steps done)")
-        elif self.dist.is_main:
-            save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
-        if self.dist.is_main:           # room for one checkpoint, before any compute
-            from .rundir import check_space
-            check_space(run_dir, self.checkpoint_bytes_estimate())
-            # the training log: cut back to this checkpoint on resume, then appended to
-            self.metrics = MetricsLog(
-                run_dir, every=cfg.run.log_every, global_batch=self.G,
-                tensorboard=cfg.run.tensorboard, wall_before=self.wall_before,
-                resume=None if resume_state is None else (self.pos.gstep, self.pos.t),
-                data_seconds=self.data_seconds, log=self.log)
-        if cfg.run.tensorboard and hasattr(self.engine, "monitor_dir"):
-            self.engine.monitor_dir = os.path.join(run_dir, TENSORBOARD_DIR)   # DeepSpeed's own
+        """The whole run in `run_dir` (from `resume_state`, a checkpoint, if given) -> the
+        results (results.json; a finished run's are read back, not redone)."""
+        done = self._start(run_dir, resume_state)
+        if done is not None:
+            return done
         T = self.stream.time_steps
-        self.log(f"device {self.device}{' (bf16 autocast)' if self.amp_dtype else ' (fp32)'}; "
-                 f"global batch {self.G} = {self.micro} micro x {self.accum} accumulation x "
-                 f"{self.dist.world_size} processes (engine {self.engine.name}"
-                 f"{f', ZeRO-{cfg.engine.zero_stage}' if self.engine.name == 'deepspeed' else ''}); "
-                 f"budget {self.budget} steps per time step; loader {self.loader.name}; "
-                 f"kernels {self._kernel_backend()}; step "
-                 f"{'compiled (torch.compile, whole graph)' if cfg.engine.compile else 'eager'}")
-
-        if getattr(self.method, "needs_split_tuning", False):
-            self._tune_split()
-        total_steps = T * self.budget
         bar = None
-        if cfg.run.progress and self.dist.is_main:
-            bar = progress_bar(total=total_steps, initial=min(self.pos.gstep, total_steps),
+        if self.cfg.run.progress and self.dist.is_main:
+            bar = progress_bar(total=T * self.budget, initial=min(self.pos.gstep, T * self.budget),
                                unit="step")
         try:
-            while self.pos.t < T:
-                self._run_step(self.pos.t, bar)
+            self.train_steps(run_dir, T, bar)
         finally:
             if bar is not None:
                 bar.close()
-            self.batcher.ahead = None
-            self.loader.close()     # worker processes / loader thread (restarted on next use)
-            self._wait_checkpoint()    # the last checkpoint is on disk before results.json
             if self.metrics is not None:
                 self.metrics.close()
         return self._finish()
 
-    def _run_step(self, t: int, bar) -> None:
+    def train_steps(self, run_dir: str, until: int, bar=None) -> None:
+        """Time steps pos.t .. until - 1, checkpointed into `run_dir`; then the loader is closed
+        and the last checkpoint is on disk. `run` trains the whole stream with it; --split
+        auto's validation (tuning.py) the first steps, with no run files but checkpoints."""
+        self.run_dir = run_dir
+        try:
+            while self.pos.t < until:
+                self._time_step(self.pos.t, bar)
+        finally:
+            self.batcher.ahead = None
+            self.loader.close()     # worker processes / loader thread (restarted on next use)
+            self.checkpoints.wait(run_dir)  # the last checkpoint is on disk before results.json
+
+    def _time_step(self, t: int, bar) -> None:
         cfg = self.cfg
         if not self.pos.step_started:
             self._open_step(t)
             if cfg.run.ckpt_every:
                 self.save()
-        step = self.stream.steps[t]
-        ctx = self.step_context(t)
+        step, ctx = self.stream.steps[t], self.step_context(t)
         phases = self.method.phases(ctx)
         planned = sum(p.planned_units(self.G, self._units_for, self.method.paths, self.granule)
                       for p in phases)
         if planned + self.method.reserve_units(ctx) > self.ledger.budget_units() + 1e-6:
             raise RuntimeError(f"method {self.method.name} planned more than the budget")
-        step_classes = torch.as_tensor(np.array(step.classes), dtype=torch.long, device=self.device)
-        num_seen = self.stream.num_seen_classes(t)
         own = self.method.source_ids(ctx)       # e.g. joint: all steps' unlabeled ids
+        pools = {"unlabeled": own.get("unlabeled", step.unlabeled_ids),
+                 "labeled": own.get("labeled", step.labeled_ids)}
         if len(self.passes) == t:               # which regime the step is in (results.json)
             self.passes.append(pool_passes(phases, self.batch.counts, {
-                "unlabeled": len(own.get("unlabeled", step.unlabeled_ids)),
-                "labeled": len(own.get("labeled", step.labeled_ids)), "buffer": len(self.buffer)}))
+                "unlabeled": len(pools["unlabeled"]), "labeled": len(pools["labeled"]),
+                "buffer": len(self.buffer)}))
             self.log(f"time step {t} draws: {describe_passes(self.passes[t])}")
-
         while self.pos.phase < len(phases):
-            p_idx = self.pos.phase
-            phase = phases[p_idx]
-            self._fresh_optimizer(phase)
-            if self._pending_engine_state is not None:
-                self.engine.load_state_dict(self._pending_engine_state)
-                self._pending_engine_state = None
-            counts = self.batch.counts(phase)
-            samplers = {
-                "unlabeled": EpochSampler(own.get("unlabeled", step.unlabeled_ids), cfg.run.seed, (t, p_idx, 0)),
-                "labeled": EpochSampler(own.get("labeled", step.labeled_ids), cfg.run.seed, (t, p_idx, 1)),
-            }
-            for src in counts:
-                if src in samplers and len(samplers[src]) == 0:
-                    raise ConfigError(f"time step {t} has no {src} samples but phase "
-                                      f"{phase.name} of {self.method.name} needs them")
-            self._phase_name = phase.name
-            self._mark = (time.perf_counter(), self.ledger.flops_total)
-            while self.pos.it < phase.steps:
-                t_it, d0, f0 = time.perf_counter(), self.data_seconds, self.ledger.flops_total
-                it_ = self.pos.it
-                logs = self._train_iteration(t, p_idx, phase, counts, samplers, step_classes, num_seen)
-                if self.timing_sync:
-                    sync_device(self.device)
-                self.iteration_log.append((t, phase.name, time.perf_counter() - t_it,
-                                           self.data_seconds - d0, self.ledger.flops_total - f0))
-                if self.compile_log is not None:
-                    self._compiled_now({"time_step": t, "phase": phase.name, "iteration": it_})
-                # between iterations: the only places that may wait for the device
-                self._progress(bar, t, phase, logs)
-                if cfg.run.ckpt_every and self.pos.gstep % cfg.run.ckpt_every == 0:
-                    self.save()
-                if self._exit_after is not None and self.pos.gstep >= self._exit_after:
-                    self._wait_checkpoint()     # test aid: die as if killed, write on disk
-                    testing.exit_now()
-            self._check_finite()        # phase end
-            self._clock()
-            self._mark = None
-            self.pos.phase += 1
-            self.pos.it = 0
+            self._phase(t, self.pos.phase, phases[self.pos.phase], pools, bar)
         if step.num_labeled and self.method.buffer_insertion == "after":
             # the step's labels join the buffer once its training is over (saved with the
             # step-end checkpoint below; a resume mid-step still has only the past steps')
             self.buffer.add(t, step.labeled_ids, step.labeled_labels)
 
         # evaluation (not charged): the method's own classifier and, where asked, the common
-        # kNN readout, both from one pass over the eval images where the method classifies
-        # with the model itself (uncompiled); in a pass of its own otherwise
-        row, knn_row = self._evaluate(t)
+        # kNN readout, from one pass where the method classifies with the model itself
+        row, knn_row = self.evaluate(t)
         self.acc.append(row)
         self.A.append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
         knn = ""
         if cfg.run.knn_readout:
-            knn = f"  {KNN_K}-NN readout A({t}) = {self._knn_readout(t, knn_row):.2f}%"
-        spent = self.ledger.spent_units()
+            knn = f"  {KNN_K}-NN readout A({t}) = {self.evaluator.knn_readout(t, knn_row):.2f}%"
         self.log(f"time step {t}: A({t}) = {self.A[-1]:.2f}%  acc = "
                  f"[{', '.join(f'{a:.1f}' for a in row)}]{knn}  budget spent "
-                 f"{spent:.3f}/{self.budget}")
+                 f"{self.ledger.spent_units():.3f}/{self.budget}")
         ip = self.method.importance_pass(ctx)   # e.g. EWC's Fisher, charged in step t's budget
         if ip is not None:
             self._run_importance(ip)
@@ -366,18 +263,47 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.log_time_step(
                 gstep=self.pos.gstep, t=t, acc=row, A=self.A[-1],
-                knn_A=self.knn["A"][-1] if cfg.run.knn_readout else None,
-                spent=self.ledger.spent_units(), eval_seconds=self.eval_log[-1],
+                knn_A=self.evaluator.knn["A"][-1] if cfg.run.knn_readout else None,
+                spent=self.ledger.spent_units(), eval_seconds=self.evaluator.log[-1],
                 flops=self.ledger.flops_total, data_seconds=self.data_seconds)
         if cfg.run.keep_step_models and self.dist.is_main:     # models/t<t>.pt (predict, export)
-            t0 = time.perf_counter()
-            ckpt_io.save_step_model(self.run_dir, t, self.model_record(t),
-                                    retry_seconds=cfg.run.ckpt_retry_seconds, log=self.log)
-            self._sync_checkpoint_seconds += time.perf_counter() - t0
+            self.checkpoints.keep_step_model(self.run_dir, t, self.model_record(t))
         self.pos = Position(t=t + 1, phase=0, it=0, gstep=self.pos.gstep, step_started=False)
         self.save()
 
-    def _train_iteration(self, t, p_idx, phase, counts, samplers, step_classes, num_seen) -> dict:
+    def _phase(self, t: int, p_idx: int, phase, pools: dict, bar) -> None:
+        self._fresh_optimizer(phase)
+        if self._pending_engine_state is not None:      # resumed mid-phase
+            self.engine.load_state_dict(self._pending_engine_state)
+            self._pending_engine_state = None
+        counts = self.batch.counts(phase)
+        samplers = {src: EpochSampler(pools[src], self.cfg.run.seed, (t, p_idx, k))
+                    for k, src in enumerate(("unlabeled", "labeled"))}
+        for src in counts:
+            if src in samplers and len(samplers[src]) == 0:
+                raise ConfigError(f"time step {t} has no {src} samples but phase "
+                                  f"{phase.name} of {self.method.name} needs them")
+        self._phase_name = phase.name
+        self.clock.start(self.ledger.flops_total)
+        while self.pos.it < phase.steps:
+            self._iteration(t, p_idx, phase, counts, samplers, bar)
+        self._check_finite()                    # phase end: a sync point
+        self.clock.stop(self.ledger.flops_total)
+        self.pos.phase += 1
+        self.pos.it = 0
+
+    def _iteration(self, t: int, p_idx: int, phase, counts, samplers, bar) -> None:
+        """One optimiser step, then what may wait for the device: the progress bar, the
+        training log and a checkpoint at the --ckpt-every cadence."""
+        it = self.pos.it
+        self.meter.iteration_start(t, phase.name, it, self.ledger.flops_total, self.data_seconds)
+        logs = self._train_iteration(t, p_idx, phase, counts, samplers)
+        self.meter.iteration_end(t, phase.name, it, self.ledger.flops_total, self.data_seconds)
+        self._progress(bar, t, phase, logs)
+        if self.cfg.run.ckpt_every and self.pos.gstep % self.cfg.run.ckpt_every == 0:
+            self.save()
+
+    def _train_iteration(self, t, p_idx, phase, counts, samplers) -> dict:
         """One optimiser step -> its logs (device tensors). Nothing in here waits for the
         device: labels and Mixup plans come from the host with one non-blocking copy each,
         masks are drawn on the device, checks on values run on the host before any copy, and
@@ -405,14 +331,13 @@ class Trainer:
             t_data = time.perf_counter()
             ticket, keys, host = tickets[j // W]
             mb = self.batcher.micro_batch(t, p_idx, it, j, phase, counts, ticket, keys, host,
-                                          step_classes, num_seen, self.seen_set, self.step_set)
+                                          self.step_classes, self.stream.num_seen_classes(t),
+                                          self.seen_set, self.step_set)
             self.data_seconds += time.perf_counter() - t_data
             # charge before running: the ledger refuses a pass that would overspend
             self._charge(phase, {src: int(x.shape[0]) for src, x in mb.x.items()})
             t_c = time.perf_counter()
-            loss_fn = self.loss_fn if t >= self.compile_from else self._eager_loss_fn
-            with self.train_region():
-                loss, logs = self.engine.forward_backward(loss_fn, mb, sync=j + W >= self.n_micro)
+            loss, logs = self.engine.forward_backward(self.loss_fn, mb, sync=j + W >= self.n_micro)
             if self.cfg.engine.compile and not loss.requires_grad:     # metadata: no sync
                 raise RuntimeError(
                     f"time step {t}, phase {phase.name}: the compiled step returned a loss with no "
@@ -449,6 +374,127 @@ class Trainer:
             self.metrics.log_step(gstep=g, t=t, phase=phase.name, it=self.pos.it, losses=losses,
                                   lr=self._lr(phase, self.pos.it - 1),
                                   flops=self.ledger.flops_total, data_seconds=self.data_seconds)
+
+    def evaluate(self, t: int) -> tuple[list[float], list[float] | None]:
+        """Accuracy (%) on the eval sets of steps 0..t of what the method classifies with at
+        test time (`Evaluator.evaluate`) -> (row, the kNN readout's row when it came from the
+        same pass, else None); the meter is told its seconds and images."""
+        row, knn_row = self.evaluator.evaluate(t, self.method.eval_model(self.step_context(t)))
+        self.meter.evaluated(t, self.evaluator.log[-1], self.evaluator.images[-1])
+        return row, knn_row
+
+    # ------------------------------------------------------------------ start and finish
+    def _start(self, run_dir: str, resume_state: dict | None) -> dict | None:
+        """Resume (or start) the run in `run_dir`: its state, config.yaml, the room for one
+        checkpoint, the training log -> the results of a run already finished, else None."""
+        cfg = self.cfg
+        os.makedirs(run_dir, exist_ok=True)
+        self.run_dir, self._t0 = run_dir, time.perf_counter()
+        if resume_state is not None:
+            self.load_state(resume_state)
+            res_path = os.path.join(run_dir, "results.json")
+            if self.pos.t >= self.stream.time_steps and os.path.isfile(res_path):
+                self.log(f"{run_dir} is a finished run; its results ({res_path}) are left as they are")
+                self.loader.close()
+                res = read_json(res_path)
+                curve = os.path.join(run_dir, "curve.png")
+                if self.dist.is_main and not os.path.isfile(curve):    # lost to a kill: redrawn
+                    plot_curve(res, curve)
+                return res
+            self.log(f"resuming {run_dir} at time step {self.pos.t}, phase {self.pos.phase}, "
+                     f"iteration {self.pos.it} ({self.pos.gstep} optimiser steps done)")
+        elif getattr(self.method, "needs_split_tuning", False):
+            raise ConfigError("--split auto: the threshold is chosen by validation before the "
+                              "run starts (dietcl_fast.tuning.prepare, which `dietcl-fast "
+                              "train` and `compare` run first); it was not chosen here")
+        elif self.dist.is_main:
+            save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+        if self.dist.is_main:           # room for one checkpoint, before any compute
+            from .rundir import check_space
+            check_space(run_dir, self.checkpoint_bytes_estimate())
+            # the training log: cut back to this checkpoint on resume, then appended to
+            self.metrics = MetricsLog(
+                run_dir, every=cfg.run.log_every, global_batch=self.G,
+                tensorboard=cfg.run.tensorboard, wall_before=self.wall_before,
+                resume=None if resume_state is None else (self.pos.gstep, self.pos.t),
+                data_seconds=self.data_seconds, log=self.log)
+        if cfg.run.tensorboard and hasattr(self.engine, "monitor_dir"):
+            self.engine.monitor_dir = os.path.join(run_dir, TENSORBOARD_DIR)   # DeepSpeed's own
+        self.log(f"device {self.device}{' (bf16 autocast)' if self.amp_dtype else ' (fp32)'}; "
+                 f"global batch {self.G} = {self.micro} micro x {self.accum} accumulation x "
+                 f"{self.dist.world_size} processes (engine {self.engine.name}"
+                 f"{f', ZeRO-{cfg.engine.zero_stage}' if self.engine.name == 'deepspeed' else ''}); "
+                 f"budget {self.budget} steps per time step; loader {self.loader.name}; "
+                 f"kernels {self._kernel_backend()}; step "
+                 f"{'compiled (torch.compile, whole graph)' if cfg.engine.compile else 'eager'}")
+        if resume_state is None and getattr(self.method, "tuning", None):
+            self.save()     # --split auto's threshold, chosen before the run: a resume keeps it
+        return None
+
+    def _finish(self) -> dict:
+        cfg, ev = self.cfg, self.evaluator
+        wall = self.wall_before + (time.perf_counter() - self._t0)
+        led = self.ledger.to_dict()
+        res = {
+            "method": self.method.name,
+            "scenario": cfg.stream.scenario,
+            "dataset": cfg.stream.data,
+            "time_steps": self.stream.time_steps,
+            "budget": self.budget,
+            "label_rate": cfg.stream.label_rate,
+            "eval_split": self.stream.eval_split,    # "dataset" (its own val split) | "carved"
+            "seed": cfg.run.seed,
+            "initialisation": cfg.model.pretrained or "random",
+            "warnings": list(self.warnings),
+            "accuracy_matrix": self.acc,
+            "passes": self.passes,
+            **summarise(self.acc, self.A),
+            "readouts": ev.readouts(self.acc, self.A),
+            "ledger": led,
+            "wall_seconds": wall,
+            "steps_per_second": self.pos.gstep / wall if wall > 0 else None,
+            "optimiser_steps": self.pos.gstep,
+            "global_batch": self.G,
+            "data_wait_fraction": self.data_seconds / max(self.data_seconds + self.compute_seconds, 1e-9),
+            # off the training step: evaluation passes, and checkpoint time on the training
+            # thread (snapshot + waiting for a write in flight) vs in the background writer
+            "eval_seconds": ev.seconds,
+            "eval_images": sum(ev.images),      # forwarded in those seconds
+            "checkpoint_seconds": self.checkpoints.seconds,
+            "checkpoint_write_seconds": self.checkpoints.writer.write_seconds,
+            "skipped_files": getattr(self.loader, "skipped_files", []),
+            "stream": self.stream.to_dict(),
+            "versions": versions(),
+            "device": {"type": self.device.type, "count": self.dist.world_size,
+                       "name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                                else "cpu")},
+            "config": cfg.to_dict(),
+        }
+        tuning = getattr(self.method, "tuning", None)
+        if tuning:      # --split auto: validation compute, apart from the per-step budget
+            led["tuning"] = {"units": tuning["units"], "flops": tuning["flops"],
+                             "what": "--split auto threshold validation"}
+            res["split_tuning"] = tuning
+        # MFU: the phases' FLOPs over their synchronised wall time, against the matmul rate
+        # measured on this device (once per process; bf16 on a GPU, fp32 on the CPU), times the processes
+        res.update(self.clock.summary(self.dist.is_main, self.dist.world_size))
+        if self.dist.is_main:   # results.json last: it marks the run finished
+            plot_curve(res, os.path.join(self.run_dir, "curve.png"))
+            write_json(os.path.join(self.run_dir, "results.json"), res)
+        self.log(table(res))
+        mfu = f", MFU {100 * res['mfu']:.1f}%" if res["mfu"] else ""
+        self.log(f"{self.pos.gstep} optimiser steps in {wall:.1f} s ({res['steps_per_second']:.2f} "
+                 f"steps/s; {res['achieved_flops_per_second'] / 1e9:.1f} GFLOP/s in training "
+                 f"compute{mfu}; data wait {100 * res['data_wait_fraction']:.1f}%). "
+                 f"Results in {self.run_dir}")
+        return res
+
+    def _kernel_backend(self) -> str:
+        try:
+            from dietcl_fast.kernels import backend_for
+            return backend_for(torch.empty(0, device=self.device))
+        except Exception as e:   # the kernels report their own errors when called
+            return f"unknown ({e})"
 
     # ------------------------------------------------------------------ time-step hooks
     def _open_step(self, t: int) -> None:
@@ -513,9 +559,8 @@ class Trainer:
             self.ledger.charge(ip.path, len(chunk), True)     # before the pass
             x = self.loader.batch(chunk, "eval")
             y = torch.as_tensor(self.stream.labels_of(chunk), dtype=torch.long, device=x.device)
-            with self.train_region():
-                with self.engine.autocast():
-                    ip.accumulate(x, y)
+            with self.engine.autocast():
+                ip.accumulate(x, y)
         ip.finish()
 
     def _register_paths(self, t: int) -> None:
@@ -528,11 +573,14 @@ class Trainer:
             self.ledger.register_path(name, fwd, fwd_bwd)
 
     def _class_sets(self, t: int) -> None:
-        """Step t's class sets on the device, made once per time step (no per-step transfer)."""
-        from .methods.base import ClassSet
+        """Step t's classes and class sets on the device, made once per time step (no
+        per-step transfer)."""
         cap, s = self.model.head.capacity, self.cfg.method.label_smoothing
+        step = self.stream.steps[t]
+        self.step_classes = torch.as_tensor(np.array(step.classes), dtype=torch.long,
+                                            device=self.device)
         self.seen_set = ClassSet.of(range(self.stream.num_seen_classes(t)), cap, s, self.device)
-        self.step_set = ClassSet.of(self.stream.steps[t].classes, cap, s, self.device)
+        self.step_set = ClassSet.of(step.classes, cap, s, self.device)
 
     def _lr(self, phase, it: int) -> float:
         """Half-cycle cosine from the phase's peak to its floor, no warm-up (docs/algorithm.md)."""
@@ -554,131 +602,6 @@ class Trainer:
             if src in sizes:
                 self.ledger.charge(path, sizes[src] * k, backward)
 
-    # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, t: int) -> tuple[list[float], list[float] | None]:
-        """Accuracy (%) on the eval split of every step k <= t with the current model (or what
-        the method classifies with at test time, e.g. CCIC's kNN) -> (row, the kNN readout's
-        row when it came from the same pass, else None). The seconds it took and the images it
-        saw are logged (`eval_log`, `eval_images`); a shared pass's kNN bank is timed apart, as
-        the readout's own cost (`knn`)."""
-        t_eval = time.perf_counter()
-        row, knn_row, n_eval = [], None, 0
-        eval_model = self.method.eval_model(self.step_context(t))
-        classify, pad = self._eval_fn(t) if eval_model is self.model else (eval_model.classify, ())
-        sets = self.stream.eval_sets_upto(t)
-        args = (self.cfg.run.eval_batch_size, self.engine.autocast, self.dist)
-        if self.cfg.run.knn_readout and classify == self.model.classify and self.knn_bank_n(t):
-            t_bank = time.perf_counter()
-            clf = self._knn_classifier(t)
-            self.knn["seconds"] += time.perf_counter() - t_bank
-
-            def predict(x):             # one encoder pass, two readouts: [2, b]
-                f = self.model.forward_features(x)
-                return torch.stack([self.model.head(f).argmax(-1), clf.predict(f)])
-            knn_row = []
-            for ids, labels in sets:
-                (c, ck), n = sharded_readouts(self.model, self.loader, ids, labels, *args,
-                                              predict, 2, channels=self.spec.in_chans)
-                row.append(100.0 * c / n if n else float("nan"))
-                knn_row.append(100.0 * ck / n if n else float("nan"))
-                n_eval += n
-        else:
-            for ids, labels in sets:
-                c, n = sharded_accuracy(eval_model, self.loader, ids, labels, *args,
-                                        channels=self.spec.in_chans, classify=classify,
-                                        pad=pad)            # exact over ranks
-                row.append(100.0 * c / n if n else float("nan"))
-                n_eval += n
-        self.eval_log.append(time.perf_counter() - t_eval)
-        self.eval_images.append(n_eval)
-        self.eval_seconds += self.eval_log[-1]
-        if self.compile_log is not None:
-            self._compiled_now({"time_step": t, "phase": "eval"})
-        return row, knn_row
-
-    def knn_bank_n(self, t: int) -> int:
-        """Labeled images of steps 0..t: the common readout's bank."""
-        return sum(s.num_labeled for s in self.stream.steps[:t + 1])
-
-    def _knn_classifier(self, t: int):
-        """The common readout's classifier after step t (evaluate.knn_bank): every label of
-        steps 0..t through the shared encoder (`model.encoder`, whatever the method classifies
-        with at test time); its images are counted in `knn`."""
-        steps = self.stream.steps[:t + 1]
-        clf = knn_bank(self.model.encoder, self.loader,
-                       np.concatenate([s.labeled_ids for s in steps]),
-                       np.concatenate([s.labeled_labels for s in steps]),
-                       self.stream.num_seen_classes(t), self.cfg.run.eval_batch_size,
-                       self.engine.autocast, channels=self.spec.in_chans)
-        self.knn["images_forwarded"] += self.knn_bank_n(t) * self.dist.world_size
-        return clf
-
-    def _knn_readout(self, t: int, row: list[float] | None = None) -> float:
-        """The common readout after step t: 3-NN on the shared encoder's features over every
-        label of steps 0..t (evaluate.knn_bank), scored on the eval sets of steps 0..t; `row`:
-        already scored in the evaluation's pass (`_evaluate`), else scored here in a pass of its
-        own. Appends acc_knn[t], A_knn(t) and its cost to `self.knn` (evaluation: not
-        charged); returns A_knn(t)."""
-        k = self.knn
-        if row is None:
-            t0 = time.perf_counter()
-            sets = self.stream.eval_sets_upto(t)
-            if self.knn_bank_n(t):
-                clf = self._knn_classifier(t)
-                row = []
-                for ids, labels in sets:
-                    c, n = sharded_accuracy(self.model.encoder, self.loader, ids, labels,
-                                            self.cfg.run.eval_batch_size, self.engine.autocast,
-                                            self.dist, channels=self.spec.in_chans,
-                                            classify=clf.classify)
-                    row.append(100.0 * c / n if n else float("nan"))
-                    k["images_forwarded"] += n
-            else:               # no label seen yet: nothing to vote with
-                row = [float("nan")] * len(sets)
-            k["seconds"] += time.perf_counter() - t0
-        k["acc"] += [None] * (t - len(k["acc"]))    # steps before a resume that had no readout
-        k["A"] += [None] * (t - len(k["A"]))
-        k["acc"].append(row)
-        k["A"].append(100.0 * self.stream.accuracy_upto(t, [r / 100.0 for r in row]))
-        return k["A"][-1]
-
-    def _compiled_now(self, where: dict) -> None:
-        """The graphs torch.compile built since the last call, labelled `where` and logged."""
-        for g in self.compile_log.collect(where):
-            self.log(self.compile_log.describe(g))
-
-    def _eval_fn(self, t: int):
-        """-> (classify, pad sizes): `model.classify` (no padding), or `model.classify_all`
-        compiled (static shapes: partial batches padded to `eval_pad_sizes`) when the run
-        compiles (from time step `compile_from` on)."""
-        if not self.cfg.engine.compile or t < self.compile_from:
-            return self.model.classify, ()
-        if self._eval_classify is None:
-            # all head rows, unseen classes masked (never the argmax): one shape for the run
-            self._eval_classify = torch.compile(self.model.classify_all, dynamic=False)
-        return self._eval_classify, eval_pad_sizes(self.cfg.run.eval_batch_size, self.device.type)
-
-    def _tune_split(self) -> None:
-        """--split auto: choose the threshold by validation before step 0 (dietcl_fast/tuning.py);
-        its compute is recorded apart from the per-step budget, and saved at once so that a
-        resumed run does not tune again."""
-        from .tuning import choose_split, remove_stale_scratch
-        if self.dist.world_size > 1:
-            raise ConfigError("--split auto runs its validation in one process; choose the "
-                              "threshold there and pass --split threshold:N to the multi-process run")
-        remove_stale_scratch(self.run_dir)
-        rec = choose_split(self)
-        self.method.tuning = rec
-        self.method.set_threshold(rec["chosen_threshold"])
-        self.save()
-
-    def _kernel_backend(self) -> str:
-        try:
-            from dietcl_fast.kernels import backend_for
-            return backend_for(torch.empty(0, device=self.device))
-        except Exception as e:   # the kernels report their own errors when called
-            return f"unknown ({e})"
-
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {
@@ -691,11 +614,11 @@ class Trainer:
             "ledger": self.ledger.state_bytes(),
             "method": self.method.state_dict(),
             "position": vars(self.pos).copy(),
-            "acc": self.acc, "A": self.A, "knn": self.knn, "passes": self.passes,
+            "acc": self.acc, "A": self.A, "knn": self.evaluator.knn, "passes": self.passes,
             "wall_seconds": self.wall_before + (time.perf_counter() - self._t0),
             "data_seconds": self.data_seconds,          # throughput counts all the run's work
             "compute_seconds": self.compute_seconds,
-            "train_seconds": self.train_seconds, "train_flops": self.train_flops,
+            "train_seconds": self.clock.seconds, "train_flops": self.clock.flops,
             "rng": {"torch": torch.get_rng_state(), "numpy": numpy_rng_state()},
             "class_names": [str(c) for c in self.stream.class_names],  # head order (predict)
         }
@@ -723,16 +646,16 @@ class Trainer:
         self.method.load_state_dict(st["method"])
         self.acc, self.A = st["acc"], st["A"]
         # absent in checkpoints of older versions: the readout's rows until then are unknown
-        # (None, filled in by _knn_readout)
-        self.knn = st.get("knn") or {"acc": [], "A": [], "seconds": 0.0, "images_forwarded": 0}
+        # (None, filled in by Evaluator.knn_readout)
+        self.evaluator.knn = st.get("knn") or empty_knn_record()
         self.passes = list(st.get("passes", []))    # absent in older checkpoints
         self.wall_before = st["wall_seconds"]
         self.data_seconds = float(st["data_seconds"])
         self.compute_seconds = float(st["compute_seconds"])
         # absent in checkpoints of older versions: MFU then covers the work after the resume
-        self.train_seconds = float(st.get("train_seconds", 0.0))
-        self.train_flops = int(st.get("train_flops", 0))
-        self._saved_gstep = self._good_gstep = self.pos.gstep
+        self.clock.seconds = float(st.get("train_seconds", 0.0))
+        self.clock.flops = int(st.get("train_flops", 0))
+        self.checkpoints.resumed_at(self.pos.gstep)
         torch.set_rng_state(st["rng"]["torch"])
         set_numpy_rng_state(st["rng"]["numpy"])
         self._pending_engine_state = st["engine"] if self.pos.it > 0 else None
@@ -745,22 +668,6 @@ class Trainer:
         n = sum(p.numel() * p.element_size() for p in self.model.parameters())
         return 3 * n + len(self.buffer.state_bytes()) + (1 << 20)
 
-    def _clock(self) -> None:
-        """Add the phase's wall time and FLOPs since the last mark to the MFU clock (the device
-        synchronised first, so the time is the work's, not the launches'); called at phase end
-        and before a checkpoint, whose own time is left out."""
-        if self._mark is None:
-            return
-        sync_device(self.device)
-        now, flops = time.perf_counter(), self.ledger.flops_total
-        self.train_seconds += now - self._mark[0]
-        self.train_flops += flops - self._mark[1]
-        self._mark = (now, flops)
-
-    def _ckpt_seconds(self) -> float:
-        """Seconds the training thread has spent on checkpoints so far (taken out of MFU)."""
-        return self.checkpointer.critical_seconds + self._sync_checkpoint_seconds
-
     def _check_finite(self) -> None:
         """At a sync point (progress log, phase end, before a checkpoint): stop the run if a
         non-finite loss was seen, before anything computed from it is saved."""
@@ -769,123 +676,22 @@ class Trainer:
             return
         gstep, terms = bad
         ck = os.path.join(self.run_dir, ckpt_io.CKPT_NAME)
-        kept = (f"the last good checkpoint {ck} (optimiser step {self._saved_gstep}) is kept"
-                if self._saved_gstep is not None else "no checkpoint had been written yet")
+        saved = self.checkpoints.saved_gstep
+        kept = (f"the last good checkpoint {ck} (optimiser step {saved}) is kept"
+                if saved is not None else "no checkpoint had been written yet")
         raise RunStopped(
             f"the loss became non-finite (NaN or inf) at optimiser step {gstep} "
-            f"(time step {self.pos.t}, phase {getattr(self, '_phase_name', '?')}) in term(s) "
+            f"(time step {self.pos.t}, phase {self._phase_name}) in term(s) "
             f"{', '.join(terms)} of method {self.method.name}; training stopped and {kept}. "
             "Lower --blr, check --recon-weight and the data, and start again.")
-
-    def _checkpoint_stopped(self, e: OSError) -> "RunStopped":
-        kept = (f"the previous checkpoint (optimiser step {self._good_gstep}) is intact; "
-                f"--resume {self.run_dir} continues from it once there is room"
-                if self._good_gstep is not None else "no earlier checkpoint exists")
-        return RunStopped(f"{e.strerror}. The run stopped after retrying for "
-                          f"{self.cfg.run.ckpt_retry_seconds:g} s; {kept}.")
-
-    def _wait_checkpoint(self) -> None:
-        """The write in flight is on disk (or the run stops saying what to free)."""
-        try:
-            self.checkpointer.wait()
-        except ckpt_io.CheckpointWriteError as e:
-            raise self._checkpoint_stopped(e) from None
-        self._good_gstep = self._saved_gstep
 
     def save(self) -> None:
         """All ranks call this (their states are identical): the deepspeed engine writes its ZeRO
         shards with this state as client state; otherwise rank 0 snapshots the state and a
         background thread writes `latest.pt` atomically (`ckpt_writer`) while training goes on."""
         self._check_finite()            # never save a state computed from a non-finite loss
-        self._clock()                   # the work so far is in the saved MFU clock
+        self.clock.lap(self.ledger.flops_total)     # the work so far is in the saved MFU clock
         try:
-            if getattr(self.engine, "saves_checkpoints", False):
-                t0 = time.perf_counter()
-                self.engine.save_checkpoint(self.run_dir, self.state_dict())
-                self._sync_checkpoint_seconds += time.perf_counter() - t0
-                return
-            if self.dist.is_main:
-                try:
-                    self.checkpointer.submit(self.run_dir, self.state_dict())
-                except ckpt_io.CheckpointWriteError as e:   # the previous write, joined here
-                    raise self._checkpoint_stopped(e) from None
-                self._good_gstep = self._saved_gstep        # that previous write is on disk
-            self.dist.barrier()
-            self._saved_gstep = self.pos.gstep
-        finally:
-            if self._mark is not None:  # the checkpoint's own time is not training time
-                self._mark = (time.perf_counter(), self.ledger.flops_total)
-
-    # ------------------------------------------------------------------ results
-    def _readouts(self) -> dict:
-        """results.json["readouts"]: "own" (the method's own classifier, as the top-level keys)
-        and "knn" (the common readout, docs/readout.md; absent with --no-knn-readout)."""
-        out = {"own": summarise_readout(self.acc, self.A)}
-        if self.cfg.run.knn_readout:
-            k = self.knn
-            out["knn"] = {"k": KNN_K, **summarise_readout(k["acc"], k["A"]),
-                          "seconds": k["seconds"], "images_forwarded": k["images_forwarded"]}
-        return out
-
-    def _finish(self) -> dict:
-        cfg = self.cfg
-        wall = self.wall_before + (time.perf_counter() - self._t0)
-        led = self.ledger.to_dict()
-        res = {
-            "method": self.method.name,
-            "scenario": cfg.stream.scenario,
-            "dataset": cfg.stream.data,
-            "time_steps": self.stream.time_steps,
-            "budget": self.budget,
-            "label_rate": cfg.stream.label_rate,
-            "eval_split": self.stream.eval_split,    # "dataset" (its own val split) | "carved"
-            "seed": cfg.run.seed,
-            "initialisation": cfg.model.pretrained or "random",
-            "warnings": list(self.warnings),
-            "accuracy_matrix": self.acc,
-            "passes": self.passes,
-            **summarise(self.acc, self.A),
-            "readouts": self._readouts(),
-            "ledger": led,
-            "wall_seconds": wall,
-            "steps_per_second": self.pos.gstep / wall if wall > 0 else None,
-            "optimiser_steps": self.pos.gstep,
-            "global_batch": self.G,
-            "data_wait_fraction": self.data_seconds / max(self.data_seconds + self.compute_seconds, 1e-9),
-            # off the training step: evaluation passes, and checkpoint time on the training
-            # thread (snapshot + waiting for a write in flight) vs in the background writer
-            "eval_seconds": self.eval_seconds,
-            "eval_images": sum(self.eval_images),      # forwarded in those seconds
-            "checkpoint_seconds": self._ckpt_seconds(),
-            "checkpoint_write_seconds": self.checkpointer.write_seconds,
-            "skipped_files": getattr(self.loader, "skipped_files", []),
-            "stream": self.stream.to_dict(),
-            "versions": versions(),
-            "device": {"type": self.device.type, "count": self.dist.world_size,
-                       "name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                                else "cpu")},
-            "config": cfg.to_dict(),
-        }
-        tuning = getattr(self.method, "tuning", None)
-        if tuning:      # --split auto: validation compute, apart from the per-step budget
-            led["tuning"] = {"units": tuning["units"], "flops": tuning["flops"],
-                             "what": "--split auto threshold validation"}
-            res["split_tuning"] = tuning
-        # MFU: the phases' FLOPs over their synchronised wall time, against the matmul rate
-        # measured on this device (once per process; bf16 on a GPU, fp32 on the CPU), times the processes
-        achieved = self.train_flops / self.train_seconds if self.train_seconds > 0 else 0.0
-        res["train_seconds"], res["train_flops"] = self.train_seconds, self.train_flops
-        res["achieved_flops_per_second"] = achieved
-        res["matmul_peak"] = matmul_peak(self.device) if self.dist.is_main else None
-        res["mfu"] = (flops_utilisation(self.train_flops, self.train_seconds,
-                                        res["matmul_peak"]["flops_per_second"], self.dist.world_size)
-                      if res["matmul_peak"] else None)
-        if self.dist.is_main:   # results.json last: it marks the run finished
-            plot_curve(res, os.path.join(self.run_dir, "curve.png"))
-            write_json(os.path.join(self.run_dir, "results.json"), res)
-        self.log(table(res))
-        mfu = f", MFU {100 * res['mfu']:.1f}%" if res["mfu"] else ""
-        self.log(f"{self.pos.gstep} optimiser steps in {wall:.1f} s ({res['steps_per_second']:.2f} "
-                 f"steps/s; {achieved / 1e9:.1f} GFLOP/s in training compute{mfu}; data wait "
-                 f"{100 * res['data_wait_fraction']:.1f}%). Results in {self.run_dir}")
-        return res
+            self.checkpoints.save(self.run_dir, self.state_dict, self.pos.gstep)
+        finally:                        # the checkpoint's own time is not training time
+            self.clock.skip(self.ledger.flops_total)

@@ -12,6 +12,10 @@ Protocol (before the run's step 0; docs/algorithm.md):
      budget B, and score it by the mean validation accuracy over the validation steps.
   3. The best score wins (ties: the larger threshold). The run then starts from scratch with it.
 
+`prepare` runs it before a fresh run starts (the command line calls it; `Trainer.run` refuses a
+--split auto run whose threshold was not chosen), and the run's first checkpoint keeps the
+choice. The run's `wall_seconds` starts after it; the tuning's own is in `split_tuning`.
+
 Compute: every tuning pass is charged to a ledger of its own (the tuning runs' ledgers), which
 is reported as `ledger.tuning` and `split_tuning` in results.json, apart from the per-step budget
 of the run itself: the tuning cost is B + K (S - 1) B units for K candidates and S steps.
@@ -27,22 +31,11 @@ import time
 
 import numpy as np
 
-from .config import ConfigError
+from .config import ConfigError, parse_candidates
 from .seeding import VALIDATION_SPLIT, derive_seed
 
 VALIDATION_STEPS = 3
 VALIDATION_FRACTION = 0.2
-
-
-def parse_candidates(text: str) -> list[float]:
-    try:
-        fs = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        fs = []
-    if not fs or any(not 0.0 <= f <= 1.0 for f in fs):
-        raise ConfigError(f"method.auto_candidates {text!r}: expected comma-separated shares of "
-                          "the budget in [0, 1], e.g. 0.6,0.7,0.8,0.9,1.0")
-    return fs
 
 
 def validation_stream(stream, steps: int, seed: int, fraction: float = VALIDATION_FRACTION):
@@ -68,9 +61,28 @@ def validation_stream(stream, steps: int, seed: int, fraction: float = VALIDATIO
     return val, held
 
 
-def choose_split(trainer) -> dict:
-    """Run the protocol for `trainer` (a Trainer whose method has `--split auto`); returns the
-    record that goes into results.json (candidates, scores, chosen threshold, tuning compute)."""
+def prepare(trainer, run_dir: str) -> None:
+    """Before a fresh run in `run_dir` starts (`dietcl-fast train`, `compare`): --split auto's
+    threshold chosen by the protocol and given to the run's method, which `Trainer.run` then
+    checkpoints at once, so that a resumed run does not tune again; nothing for other splits."""
+    if not getattr(trainer.method, "needs_split_tuning", False):
+        return
+    if trainer.dist.world_size > 1:
+        raise ConfigError("--split auto runs its validation in one process; choose the "
+                          "threshold there and pass --split threshold:N to the multi-process run")
+    os.makedirs(run_dir, exist_ok=True)
+    remove_stale_scratch(run_dir)
+    rec = choose_split(trainer, run_dir)
+    trainer.method.tuning = rec
+    trainer.method.set_threshold(rec["chosen_threshold"])
+
+
+def choose_split(trainer, run_dir: str) -> dict:
+    """Run the protocol for `trainer` (a Trainer whose method has `--split auto`), its trials in
+    a scratch folder of `run_dir`; returns the record that goes into results.json (candidates,
+    scores, chosen threshold, tuning compute). The trials are Trainers of their own on the
+    validation stream, run through the public interface (`train_steps`, `state_dict`,
+    `load_state`)."""
     from .trainer import Trainer
 
     cfg, B = trainer.cfg, trainer.budget
@@ -90,37 +102,21 @@ def choose_split(trainer) -> dict:
     trainer.log(f"--split auto: validating thresholds {thresholds} (of {B} steps) on time steps "
                 f"0..{S - 1} with {held} held-out labels; tuning compute is charged apart from "
                 "the run's budget")
-    scratch = tempfile.mkdtemp(prefix="split-auto-", dir=trainer.run_dir)
+    scratch = tempfile.mkdtemp(prefix="split-auto-", dir=run_dir)
     units, flops, rows = 0.0, 0, []
-
-    def fresh():        # a trainer on the validation stream, from the run's initialisation
-        tr = Trainer(copy.deepcopy(vcfg), log=quiet)
-        tr.stream = vstream
-        tr.run_dir, tr._t0, tr._pending_engine_state, tr.wall_before = \
-            scratch, time.perf_counter(), None, 0.0
-        return tr
-
-    def run_steps(tr, steps):
-        try:
-            for t in steps:
-                tr._run_step(t, None)
-        finally:
-            tr.batcher.ahead = None
-            tr.loader.close()
-            tr.checkpointer.wait()      # its background writes land before the scratch goes
-
     try:
-        tr = fresh()
-        run_steps(tr, [0])                         # all joint whatever the threshold
+        # from the run's initialisation (same seed, same pretrained weights)
+        tr = Trainer(copy.deepcopy(vcfg), log=quiet, stream=vstream)
+        tr.train_steps(scratch, 1)                  # step 0: all joint whatever the threshold
         led0 = tr.ledger.to_dict()
         units += sum(led0["steps_per_step"])
         flops += sum(led0["flops_per_step"])
         snap = copy.deepcopy(tr.state_dict())
         for n in thresholds:
-            tr = fresh()
+            tr = Trainer(copy.deepcopy(vcfg), log=quiet, stream=vstream)
             tr.load_state(copy.deepcopy(snap))
             tr.method.set_threshold(n)
-            run_steps(tr, range(1, S))
+            tr.train_steps(scratch, S)
             led = tr.ledger.to_dict()
             units += sum(led["steps_per_step"][1:])
             flops += sum(led["flops_per_step"][1:])

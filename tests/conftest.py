@@ -78,8 +78,8 @@ def tiny_spec():
 
 
 class FlopRegions:
-    """A Trainer `train_region` factory: every training pass runs inside its own
-    FlopCounterMode (which clears its counts on entry), and the totals are kept here."""
+    """Every training pass of the trainers it `watch`es runs inside its own FlopCounterMode
+    (which clears its counts on entry), and the totals are kept here."""
 
     def __init__(self):
         self.counts: list[int] = []
@@ -87,6 +87,25 @@ class FlopRegions:
     @property
     def total(self) -> int:
         return sum(self.counts)
+
+    def watch(self, tr):
+        """Count `tr`'s training passes: every micro-batch its engine runs (forward_backward)
+        and every chunk of its method's importance passes; evaluation stays outside."""
+        import dataclasses
+        forward_backward, importance_pass = tr.engine.forward_backward, tr.method.importance_pass
+
+        def counted(fn):
+            def run(*a, **kw):
+                with self():
+                    return fn(*a, **kw)
+            return run
+
+        def counted_pass(ctx):
+            ip = importance_pass(ctx)
+            return ip and dataclasses.replace(ip, accumulate=counted(ip.accumulate))
+        tr.engine.forward_backward = counted(forward_backward)
+        tr.method.importance_pass = counted_pass
+        return tr
 
     def __call__(self):
         from torch.utils.flop_counter import FlopCounterMode

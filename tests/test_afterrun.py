@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import cli
-from dietcl_fast.testing import EXIT_STATUS, exit_after
+from kill import EXIT_STATUS, exit_after
 
 HAVE_TB = importlib.util.find_spec("tensorboard") is not None
 TORN = '{"kind":"step","optimiser_st'

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from dietcl_fast.testing import exit_after
+from kill import EXIT_STATUS, exit_after
 from dietcl_fast.methods import build_method
 from dietcl_fast.trainer import Trainer
 from test_methods import tiny_cfg
@@ -315,7 +315,7 @@ def test_er_kill_and_resume_keeps_past_only_replay(tmp_path, kill_at, ckpt_every
     part = tmp_path / "part"
     p = cli(*args, "--out", str(part), "--ckpt-every", str(ckpt_every), check=False,
             extra_env=exit_after(kill_at))
-    assert p.returncode == 17, p.stderr
+    assert p.returncode == EXIT_STATUS, p.stderr
     from dietcl_fast.buffer import BalancedBuffer
     ck = load_checkpoint(str(part))
     buf = BalancedBuffer.from_state_bytes(ck["buffer"])

@@ -41,18 +41,30 @@ def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, a
     """Four time steps of DietCL, compiled: the loss graphs of time step 0's joint phase (no
     buffer), the joint phase with the buffer and the buffer-only phase, each built in its first
     iteration and never again (time steps 2 and 3 reuse them: the head grows, the class sets
-    change, the shapes do not), and the evaluation graph(s) (at most one per padded size).
-    With `compile_from = 1` (what `bench step` does) time step 0 runs eager and builds none."""
+    change, the shapes do not), and the evaluation graph(s) (at most one per padded size), each
+    logged by the compile meter the command line installs (meter.CompileMeter).
+    With `compile_from = 1` (what `bench step` does) time step 0 runs in an eager trainer whose
+    state the compiled one resumes, and builds none."""
+    import copy
+
     from dietcl_fast.evaluate import eval_pad_sizes
+    from dietcl_fast.meter import CompileMeter
     from dietcl_fast.trainer import Trainer
     cfg = tiny_cfg("dietcl", budget=4, method__split="ratio:0.5", engine__compile=True,
                    device="cpu")
     cfg.stream.time_steps = 4
     logged = []
-    tr = Trainer(cfg, log=logged.append)
-    tr.compile_from = compile_from
-    tr.run(str(tmp_path / "run"))
-    graphs = tr.compile_log.graphs
+    meter = CompileMeter(logged.append)
+    state, run = None, str(tmp_path / "run")
+    if compile_from == 1:
+        eager = copy.deepcopy(cfg)
+        eager.engine.compile = False
+        warm = Trainer(eager, log=logged.append, meter=meter)
+        warm.train_steps(run, 1)
+        state = warm.state_dict()
+    tr = Trainer(cfg, log=logged.append, meter=meter)
+    tr.run(run, resume_state=state)
+    graphs = meter.compile_log.graphs
     train = [(g["where"]["time_step"], g["where"]["phase"], g["where"]["iteration"])
              for g in graphs if g["function"] == "step_loss"]
     expect = [(1, "joint", 0), (1, "buffer", 0)]
@@ -67,15 +79,17 @@ def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, a
         if g["recompile_reason"]:
             assert "mb.x" in g["recompile_reason"], g["recompile_reason"]
     assert sum(g["backward_seconds"] > 0 for g in graphs) == len(train)     # the loss graphs
-    assert tr.compile_log.seconds == pytest.approx(sum(g["seconds"] for g in graphs))
+    assert meter.compile_log.seconds == pytest.approx(sum(g["seconds"] for g in graphs))
     assert sum("torch.compile built graph" in m for m in logged) == len(graphs)
 
 
 def test_an_eager_run_keeps_no_compile_log(tmp_path):
+    from dietcl_fast.meter import CompileMeter, Meter, run_meter
     from dietcl_fast.trainer import Trainer
+    assert run_meter(False, print) is None and isinstance(run_meter(True, print), CompileMeter)
     tr = Trainer(tiny_cfg("dietcl", budget=2, method__split="ratio:0.5", engine__compile=False,
                           device="cpu"), log=lambda m: None)
-    assert tr.compile_log is None
+    assert type(tr.meter) is Meter                  # none installed: the base, doing nothing
 
 
 def test_bench_step_compiled_mode_needs_a_warmup_iteration():

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from dietcl_fast.testing import exit_after
+from kill import EXIT_STATUS, exit_after
 from dietcl_fast.config import Config
 from dietcl_fast.trainer import Trainer
 
@@ -95,7 +95,7 @@ def test_kill_and_resume_compiled_is_identical(tmp_path):
     cli(*TINY, "--out", str(full))
     part = tmp_path / "part"
     p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", check=False, extra_env=exit_after(6))
-    assert p.returncode == 17, p.stderr
+    assert p.returncode == EXIT_STATUS, p.stderr
     p = cli("train", "--resume", str(part), "--no-progress")
     assert "resuming" in p.stderr
     a = json.loads((full / "results.json").read_text())

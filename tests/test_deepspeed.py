@@ -18,7 +18,7 @@ import os
 
 import pytest
 
-from dietcl_fast.testing import exit_after
+from kill import EXIT_STATUS, exit_after
 from launchers import (_DIRS, TINY, launch, launcher, ok, results, run_once, same_run,
                        single, torch_ref)  # noqa: F401 (fixture)
 
@@ -117,7 +117,7 @@ def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
     # abruptly after step 5, so the last checkpoint is step 4: t=1, joint, iteration 1 (mid-phase,
     # with ZeRO-2 optimiser shards that must be restored)
     ps = launch(2, *args, "--out", str(part), "--ckpt-every", "2", extra_env=exit_after(5))
-    assert [p.returncode for p in ps] == [17, 17], ps[0].stderr[-2000:]
+    assert [p.returncode for p in ps] == [EXIT_STATUS] * 2, ps[0].stderr[-2000:]
     assert not (part / "results.json").exists()
     tag = (part / "deepspeed" / "latest_dietcl").read_text()
     assert tag == "g4-t1-p0-i1-1", tag
@@ -150,7 +150,7 @@ def test_deepspeed_zero1_resume_on_other_world_size_at_phase_boundary(tmp_path, 
     part = tmp_path / "part"
     ps = launch(2, *TINY, "--engine", "deepspeed", "--zero-stage", "1", "--out", str(part),
                 extra_env=exit_after(4))
-    assert [p.returncode for p in ps] == [17, 17], ps[0].stderr[-2000:]
+    assert [p.returncode for p in ps] == [EXIT_STATUS] * 2, ps[0].stderr[-2000:]
     assert (part / "deepspeed" / "latest_dietcl").read_text().startswith("g3-t1-")
     p = single("train", "--resume", str(part), "--no-progress")
     ok(p)

@@ -33,7 +33,7 @@ import yaml
 from click.testing import CliRunner
 
 from dietcl_fast.cli.main import main
-from dietcl_fast.testing import EXIT_STATUS, exit_after
+from kill import EXIT_STATUS, exit_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))

@@ -177,7 +177,7 @@ def test_ctrl_c_in_pretrain_says_how_to_resume_and_the_command_resumes(tmp_path)
     import re
     import shlex
 
-    from dietcl_fast.testing import exit_after
+    from kill import EXIT_STATUS, exit_after
     out = tmp_path / "pt"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
@@ -203,5 +203,5 @@ def test_ctrl_c_in_pretrain_says_how_to_resume_and_the_command_resumes(tmp_path)
     p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", *cmd[1:]],
                        capture_output=True, text=True, env={**env, **exit_after(step + 1)},
                        timeout=300)
-    assert p.returncode == 17, p.stderr
+    assert p.returncode == EXIT_STATUS, p.stderr
     assert f"resuming pretraining at step {step}/100000" in p.stderr, p.stderr

@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dietcl_fast.testing import exit_after
+from kill import EXIT_STATUS, exit_after
 from dietcl_fast import checkpoint as ckpt_io
 from dietcl_fast.cli.main import main
 
@@ -76,7 +76,7 @@ def killed_run(tmp_path_factory):
                         "--ckpt-every", "1"],
                        capture_output=True, text=True, env=env, timeout=600,
                        preexec_fn=lambda: os.umask(0o027))
-    assert p.returncode == 17, p.stderr
+    assert p.returncode == EXIT_STATUS, p.stderr
     return d
 
 

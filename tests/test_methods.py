@@ -20,7 +20,7 @@ def tiny_cfg(method, budget=3, **opts):
 
 def run_counted(tmp_path, counter, method, budget=3, **opts):
     from dietcl_fast.models import set_fused_attention
-    tr = Trainer(tiny_cfg(method, budget, **opts), log=lambda m: None, train_region=counter)
+    tr = counter.watch(Trainer(tiny_cfg(method, budget, **opts), log=lambda m: None))
     set_fused_attention(tr.model, False)
     res = tr.run(str(tmp_path))
     return tr, res, counter
@@ -244,8 +244,8 @@ def test_a_new_method_declares_its_importance_pass_and_reinit_the_trainer_runs_a
 
     register(Probe)
     try:
-        tr = Trainer(tiny_cfg("test_probe_method", budget=2), log=lambda m: None,
-                     train_region=flop_regions)
+        tr = flop_regions.watch(Trainer(tiny_cfg("test_probe_method", budget=2),
+                                        log=lambda m: None))
         from dietcl_fast.models import set_fused_attention
         set_fused_attention(tr.model, False)
         reinit = []

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from dietcl_fast.config import Config, ConfigError, PretrainConfig, apply_dict, options, validate
-from dietcl_fast.testing import exit_after
+from kill import exit_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "docs", "options.md")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dietcl_fast.testing import exit_after
+from kill import EXIT_STATUS, exit_after
 
 from conftest import cli
 
@@ -47,7 +47,7 @@ def test_kill_and_resume_gives_the_same_weights(pretrained, tmp_path):
     out, _ = pretrained
     run = tmp_path / "killed"
     p = cli(*PRE, "--out", str(run), check=False, extra_env=exit_after(3))
-    assert p.returncode == 17 and not (run / "checkpoint.pth").exists()
+    assert p.returncode == EXIT_STATUS and not (run / "checkpoint.pth").exists()
     assert (run / "pretrain_state.pt").exists()              # written at step 2
     again = cli(*PRE, "--out", str(run), check=False)          # no --resume: refused, named
     assert again.returncode == 2 and "--resume" in again.stderr
@@ -164,3 +164,15 @@ def test_validation_stream_holds_out_labels_only():
     with pytest.raises(Exception, match="auto_candidates"):
         from dietcl_fast.tuning import parse_candidates
         parse_candidates("0.5,2")
+
+
+def test_a_split_auto_run_without_its_threshold_is_refused_before_any_file(tmp_path):
+    """The threshold is chosen before the run (tuning.prepare, which the command line runs):
+    a Trainer run without it stops with the option named, before anything is written."""
+    from conftest import tiny_cfg
+    from dietcl_fast.config import ConfigError
+    from dietcl_fast.trainer import Trainer
+    tr = Trainer(tiny_cfg("dietcl", budget=1, method__split="auto"), log=lambda m: None)
+    with pytest.raises(ConfigError, match="--split auto"):
+        tr.run(str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists() or not os.listdir(tmp_path / "r")

@@ -1,6 +1,5 @@
 """The run plan (config resolved once, the caller's config untouched), the global batch's
-micro-batch arithmetic, the MFU helper and the test-only kill hook."""
-import os
+micro-batch arithmetic, the MFU helper, and no kill switch in the package."""
 import subprocess
 import sys
 
@@ -11,7 +10,6 @@ from dietcl_fast.batching import BatchPlan, probe_micro_batch
 from dietcl_fast.config import Config, ConfigError
 from dietcl_fast.mfu import mfu
 from dietcl_fast.runplan import resolve
-from dietcl_fast.testing import EXIT_AFTER_STEPS, exit_after, exit_after_steps
 
 CPU = torch.device("cpu")
 
@@ -123,14 +121,11 @@ def test_mfu_is_flops_per_synchronised_second_over_the_measured_peak_of_all_proc
     assert again == peak and again is not peak and torch.equal(torch.get_rng_state(), state)
 
 
-def test_the_kill_aid_is_a_test_hook_not_an_option(monkeypatch, tmp_path):
-    monkeypatch.delenv(EXIT_AFTER_STEPS, raising=False)
-    assert exit_after_steps() is None
-    monkeypatch.setenv(EXIT_AFTER_STEPS, "3")
-    assert exit_after_steps() == 3 and exit_after(3) == {EXIT_AFTER_STEPS: "3"}
-    monkeypatch.setenv(EXIT_AFTER_STEPS, "0")
-    with pytest.raises(ValueError, match=EXIT_AFTER_STEPS):
-        exit_after_steps()
+def test_no_kill_aid_in_the_package_or_its_options(tmp_path):
+    """Kill-and-resume tests kill a real process from the test side (tests/kill.py): the
+    package has no test hook, and no option stops a run early."""
+    import importlib.util
+    assert importlib.util.find_spec("dietcl_fast.testing") is None
     assert not hasattr(Config().run, "stop_after_steps")
     # a config saved by an older version (the field as null) still loads; a set value does not
     d = Config().to_dict()
@@ -139,9 +134,8 @@ def test_the_kill_aid_is_a_test_hook_not_an_option(monkeypatch, tmp_path):
     d["run"]["stop_after_steps"] = 5
     with pytest.raises(ConfigError, match="run.stop_after_steps"):
         Config.from_dict(d)
-    env = {k: v for k, v in os.environ.items() if k != EXIT_AFTER_STEPS}
     p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", "train", "--stop-after-steps",
-                        "2", "--out", str(tmp_path / "r")], capture_output=True, text=True, env=env,
+                        "2", "--out", str(tmp_path / "r")], capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 2 and "--stop-after-steps" in p.stderr
 

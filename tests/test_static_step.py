@@ -155,15 +155,18 @@ def test_every_micro_batch_of_a_phase_has_the_same_sizes(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ --micro-batch auto
-def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path):
+def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path, monkeypatch):
     import yaml
+
+    import dietcl_fast.trainer as trainer_mod
     probed = []
 
-    def fits(m):
+    def fits(model, spec, device, amp_dtype, m):     # the device's trial step, stood in for
         probed.append(m)
         return m <= 4
+    monkeypatch.setattr(trainer_mod, "micro_fits_on_device", fits)
     cfg = tiny_cfg("er", budget=2, micro_batch="auto")
-    tr = Trainer(cfg, log=lambda m: None, micro_fits=fits)
+    tr = Trainer(cfg, log=lambda m: None)
     assert probed == [16, 8, 4] and tr.micro == 4 and tr.n_micro == 4 and tr.G == 16
     res = tr.run(str(tmp_path / "auto"))
     assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["engine"]["micro_batch"] == 4

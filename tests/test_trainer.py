@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from dietcl_fast.testing import exit_after
 from dietcl_fast.checkpoint import decode_file, load_checkpoint
 from dietcl_fast.config import Config
 from dietcl_fast.methods import MicroBatch, build_method
 from dietcl_fast.trainer import Trainer
 
 from conftest import cli, tiny_cfg
-
+from kill import EXIT_STATUS, exit_after
 
 
 @pytest.mark.parametrize("method", ["dietcl", "er", "finetune"])
@@ -95,7 +94,7 @@ def test_ledger_equals_flopcounter_for_a_whole_run(tmp_path, flop_regions):
     from dietcl_fast.models import set_fused_attention
 
     cfg = tiny_cfg("dietcl", budget=4)
-    tr = Trainer(cfg, log=lambda m: None, train_region=flop_regions)
+    tr = flop_regions.watch(Trainer(cfg, log=lambda m: None))
     set_fused_attention(tr.model, False)
     res = tr.run(str(tmp_path))
     ledger_total = res["ledger"]["flops_total"]
@@ -158,7 +157,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     # killed abruptly at optimiser step 7 (time step 1, mid joint phase); last checkpoint at 6
     part = tmp_path / "part"
     p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", check=False, extra_env=exit_after(7))
-    assert p.returncode == 17, p.stderr
+    assert p.returncode == EXIT_STATUS, p.stderr
     assert not (part / "results.json").exists()
     ck = decode_file(part / "latest.pt")
     assert ck["position"]["gstep"] == 6 and ck["position"]["t"] == 1 and ck["position"]["it"] == 2

@@ -7,14 +7,17 @@ filled, head grown) the joint and buffer-only phases each run `warmup + steps` i
 first `warmup` of each are dropped and the rest timed (the device is synchronised at the end of
 each iteration).
 
-The compiled mode compiles only the graphs it times: time step 0 runs eager, so torch.compile
-builds time step 1's joint graph and buffer-only graph in their phase's first iteration (one of
-the dropped `warmup`, so `warmup >= 1` is required) and the evaluation graph in the first eval
-pass. `train --compile` also compiles time step 0's joint graph (no buffer yet): a fourth graph
-the bench would only pay for (`compile_time_step_0=True` / `--compile-time-step-0` compiles it
-too, as a run does). Each graph built is recorded with where and in how many seconds
+The compiled mode compiles only the graphs it times: time step 0 runs in an eager Trainer whose
+state a compiled one resumes (as from a checkpoint), so torch.compile builds time step 1's joint
+graph and buffer-only graph in their phase's first iteration (one of the dropped `warmup`, so
+`warmup >= 1` is required) and the evaluation graph in the first eval pass. `train --compile`
+also compiles time step 0's joint graph (no buffer yet): a fourth graph the bench would only
+pay for (`compile_time_step_0=True` / `--compile-time-step-0` compiles it too, in one compiled
+Trainer, as a run does). Each graph built is recorded with where and in how many seconds
 (`compile_log`; step_loss.CompileLog), so a GPU run shows where its compile minutes went, and a
-graph built inside a timed iteration or the second eval pass (a recompile) is flagged.
+graph built inside a timed iteration or the second eval pass (a recompile) is flagged. The
+timing, the data wait, the FLOPs and the compile log are the bench's meter's (`StepMeter`, a
+meter.Meter the Trainer calls around every iteration and evaluation).
 
 Per phase: seconds per iteration, images/s, data-wait fraction, ledger FLOPs per iteration and
 MFU against the matmul peak measured in the same run (bf16 on a GPU, fp32 on the CPU). The
@@ -51,7 +54,8 @@ import traceback
 
 import torch
 
-from dietcl_fast.mfu import matmul_peak
+from dietcl_fast.meter import CompileMeter
+from dietcl_fast.mfu import matmul_peak, sync
 
 from .common import (BenchFailed, header, make_jpeg_folder, pick_device, release_memory, table,
                      write_json)
@@ -67,9 +71,44 @@ def _quiet(_msg):
     pass
 
 
+class StepMeter(CompileMeter):
+    """`bench step`'s meter (meter.py): every iteration timed with the device synchronised at
+    its end, with its data-wait seconds and ledger FLOPs (`iterations`: (t, phase, seconds,
+    data seconds, FLOPs)), every evaluation pass's seconds and images (`evals`), and, in the
+    compiled mode, the graphs torch.compile builds (CompileMeter)."""
+
+    def __init__(self, device: torch.device, log, compiled: bool):
+        super().__init__(log)
+        self.device, self.compiled = device, compiled
+        self.iterations: list[tuple] = []
+        self.evals: list[tuple[float, int]] = []
+        self._start = None
+
+    def iteration_start(self, t, phase, it, flops, data_seconds) -> None:
+        super().iteration_start(t, phase, it, flops, data_seconds)
+        self._start = (time.perf_counter(), flops, data_seconds)
+
+    def iteration_end(self, t, phase, it, flops, data_seconds) -> None:
+        sync(self.device)
+        t0, f0, d0 = self._start
+        self.iterations.append((t, phase, time.perf_counter() - t0, data_seconds - d0, flops - f0))
+        if self.compiled:
+            super().iteration_end(t, phase, it, flops, data_seconds)
+
+    def evaluated(self, t, seconds, images) -> None:
+        self.evals.append((seconds, images))
+        if self.compiled:
+            super().evaluated(t, seconds, images)
+
+
 def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int, warmup: int,
              out_dir: str, batch_size: int | None, micro_batch: int | None, loader: str,
              label_rate: float, log, compile_from: int = 1) -> dict:
+    """One mode through the real Trainer. The compiled mode with `compile_from` 1 runs time
+    step 0 (warm-up) in an eager Trainer and resumes its state in a compiled one, as a run
+    resumes a checkpoint: the graphs built are time step 1's only."""
+    import copy
+
     from dietcl_fast.config import Config
     from dietcl_fast.trainer import Trainer
 
@@ -89,21 +128,32 @@ def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int
     cfg.engine.micro_batch = micro_batch
     cfg.engine.compile = mode == "compiled"
     cfg.loader.backend = loader
-    trainer = Trainer(cfg, log=log)
-    trainer.timing_sync = True
-    trainer.compile_from = compile_from     # compiled mode: time step 0 (warm-up) eager unless 0
+    meter = StepMeter(device, log, compiled=cfg.engine.compile)
+    warm_writes = 0.0
     try:
-        res = trainer.run(out_dir)
+        if cfg.engine.compile and compile_from == 1:
+            eager = copy.deepcopy(cfg)
+            eager.engine.compile = False
+            warm = Trainer(eager, log=log, meter=meter)
+            warm.train_steps(out_dir, 1)
+            state, warm_writes = warm.state_dict(), warm.checkpoints.writer.write_seconds
+            del warm
+            trainer = Trainer(cfg, log=log, meter=meter)
+            res = trainer.run(out_dir, resume_state=state)
+            del state
+        else:
+            trainer = Trainer(cfg, log=log, meter=meter)
+            res = trainer.run(out_dir)
     except BaseException as e:              # what was compiled so far goes with the error
-        if trainer.compile_log is not None:
-            trainer._compiled_now({"time_step": trainer.pos.t, "phase": "stopped"})
-        e.compile_log = compile_summary(trainer, warmup, None)
+        if meter.compiled:
+            meter.collect({"time_step": meter.t, "phase": "stopped"})
+        e.compile_log = compile_summary(meter, warmup, None, compile_from)
         raise
-    first_eval = trainer.eval_log[-1]
-    graphs_before = len(trainer.compile_log.graphs) if trainer.compile_log else 0
-    trainer._evaluate(1)                    # again: steady state (compiled graphs warm)
+    first_eval = meter.evals[-1][0]
+    graphs_before = len(meter.compile_log.graphs)
+    trainer.evaluate(1)                     # again: steady state (compiled graphs warm)
     trainer.loader.close()
-    log_ = trainer.iteration_log
+    log_ = meter.iterations
     phases = {}
     for name in ("joint", "buffer"):
         its = [r for r in log_ if r[0] == 1 and r[1] == name]
@@ -122,38 +172,40 @@ def run_mode(mode: str, data: str, preset: str, device: torch.device, steps: int
             "flops_per_iteration": flops,
             "achieved_flops_per_second": flops / s_it,
         }
-    warm = [r for r in log_ if r[0] == 0]
+    warm_its = [r for r in log_ if r[0] == 0]
+    ck_log = trainer.checkpoints.writer.log
     return {
         "compile": cfg.engine.compile,
-        "compile_log": compile_summary(trainer, warmup, graphs_before),
+        "compile_log": compile_summary(meter, warmup, graphs_before, compile_from),
         "resolved_config": {"global_batch": trainer.G, "micro_batch": trainer.micro,
                             "loader": trainer.loader.name, "engine": trainer.engine.name},
         "phases": phases,
-        "eval_seconds": trainer.eval_log[-1],
+        "eval_seconds": meter.evals[-1][0],
         "eval_seconds_first_pass": first_eval,
-        "eval_images": trainer.eval_images[-1],
-        "checkpoint_seconds": trainer.checkpointer.log[-1] if trainer.checkpointer.log else 0.0,
-        "checkpoint_write_seconds": res["checkpoint_write_seconds"],
-        "warmup_seconds_time_step_0": sum(r[2] for r in warm),
+        "eval_images": meter.evals[-1][1],
+        "checkpoint_seconds": ck_log[-1] if ck_log else 0.0,
+        "checkpoint_write_seconds": res["checkpoint_write_seconds"] + warm_writes,
+        "warmup_seconds_time_step_0": sum(r[2] for r in warm_its),
         "wall_seconds": res["wall_seconds"],
         "final_accuracy": res["final_accuracy"],
         "global_batch": trainer.G,
     }
 
 
-def compile_summary(trainer, warmup: int, graphs_before_second_eval: int) -> dict | None:
+def compile_summary(meter: StepMeter, warmup: int, graphs_before_second_eval: int | None,
+                    compile_from: int) -> dict | None:
     """What torch.compile built in a mode (None in eager): each graph with where it was built
     and its seconds (step_loss.CompileLog), their total, and the graphs built where they must
     not be: in a timed iteration (a recompile there would be timed) or in the second
     evaluation pass (the steady state)."""
-    cl = trainer.compile_log
-    if cl is None:
+    if not meter.compiled:
         return None
+    cl = meter.compile_log
     timed = [g for g in cl.graphs if g["where"].get("phase") in ("joint", "buffer")
              and g["where"].get("time_step") == 1 and g["where"]["iteration"] >= warmup]
     second = cl.graphs[graphs_before_second_eval:] if graphs_before_second_eval is not None \
         else []
-    return {"compiled_from_time_step": trainer.compile_from,
+    return {"compiled_from_time_step": compile_from,
             "graphs": cl.graphs, "seconds": cl.seconds,
             "training_graphs": sum(g["function"] == "step_loss" for g in cl.graphs),
             "eval_graphs": sum(g["function"] == "classify_all" for g in cl.graphs),

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from dietcl_fast.config import parse_split
+from dietcl_fast.config import parse_candidates, parse_split
 
 from . import register
 from .base import Method, MicroBatch, Phase, StepContext
@@ -53,7 +53,6 @@ class DietCL(Method):
         self.split = parse_split(self.mcfg.split)
         self.tuning = None          # --split auto: the validation record (dietcl_fast/tuning.py)
         if self.split[0] == "auto":
-            from dietcl_fast.tuning import parse_candidates
             parse_candidates(self.mcfg.auto_candidates)
 
     def joint_steps(self, t: int, budget: int) -> int:
@@ -64,7 +63,7 @@ class DietCL(Method):
         kind, v = self.split
         if kind == "auto":
             raise RuntimeError("--split auto: the threshold has not been chosen yet "
-                               "(the trainer runs the validation protocol before step 0)")
+                               "(tuning.prepare runs the validation protocol before the run)")
         if kind == "ratio":
             return int(round(budget * v))
         return min(budget, int(v))

@@ -71,7 +71,7 @@ def load_mae_checkpoint(model, path: str, *, strict: bool = True) -> LoadReport:
     name, path = path, resolve_pretrained(path)
     if not os.path.isfile(path):
         raise PretrainedMismatch(f"--pretrained {path!r}: no such file")
-    from ..checkpoint import is_run_checkpoint
+    from ..fsio import is_run_checkpoint
     if is_run_checkpoint(path):     # a training run's latest.pt or pretrain's pretrain_state.pt
         raise PretrainedMismatch(
             f"--pretrained {path!r} is a dietcl-fast run state (latest.pt / pretrain_state.pt), "
