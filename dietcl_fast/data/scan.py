@@ -8,6 +8,11 @@ EOI marker, a PNG must pass `verify()`: chunk CRCs up to IEND), for very large s
 full decode costs minutes; what it misses is caught when the file is loaded (error: stop
 naming it; skip: a good sample of the same batch stands in and the file is recorded).
 
+Results are kept in the source's files record (`scan_source`, `dietcl_fast.streams.index`):
+a later start scans only the files that are new or changed since (size, mtime), and in a
+multi-process start the processes that waited for the record's lock read the first one's
+result. The log says how many files came from the record and how many were scanned.
+
 The scan also records each file's size (the host computes crop boxes from it) and whether it
 is a plain 8-bit RGB/gray JPEG or PNG that DALI / nvjpeg decode natively; others (palette,
 CMYK, RGBA, 16-bit, other formats) are converted on the host by PIL (`to_rgb_array`).
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decode import BadImageError, open_image, to_rgb_array
+from .decode import BadImageError, is_member, open_image, read_bytes, to_rgb_array
 
 NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
 
@@ -45,10 +50,14 @@ def check_file(path: str, mode: str = "full"):
             if mode == "full":
                 im.load()
             elif fmt == "JPEG":
-                with open(path, "rb") as f:
-                    f.seek(max(0, os.path.getsize(path) - 64))
-                    if b"\xff\xd9" not in f.read():
-                        raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker)")
+                if is_member(path):
+                    tail = read_bytes(path)[-64:]
+                else:
+                    with open(path, "rb") as f:
+                        f.seek(max(0, os.path.getsize(path) - 64))
+                        tail = f.read()
+                if b"\xff\xd9" not in tail:
+                    raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker)")
             elif fmt == "PNG":
                 im.verify()
             else:
@@ -95,4 +104,76 @@ def scan_files(paths: list[str], mode: str = "full", on_bad: str = "error", work
         raise BadImageError("bad image file(s), found before training: "
                             + "; ".join(b["reason"] for b in bad[:3]) + more
                             + ". Use --on-bad-image skip to skip them.")
+    return res
+
+
+LEVEL = {"header": 1, "full": 2}
+NATIVE_BIT, JPEG_BIT = 1, 2
+
+
+def _fail_on_bad(skipped: list) -> None:
+    more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    raise BadImageError("bad image file(s), found before training: "
+                        + "; ".join(b["reason"] for b in skipped[:3]) + more
+                        + ". Use --on-bad-image skip to skip them.")
+
+
+def scan_source(source, mode: str = "full", on_bad: str = "error", workers: int = 1,
+                max_pixels: int | None = None, log=print) -> ScanResult:
+    """`scan_files` through the source's files record: only rows not yet scanned at this
+    `mode` (or whose file changed since, or scanned under another --max-image-pixels) are
+    scanned; the record is updated under its lock. Sources without a record (built in code)
+    are scanned whole."""
+    import time
+    fs = (getattr(source, "meta", None) or {}).get("files")
+    paths = source.paths
+    if fs is None:
+        return scan_files(paths, mode, on_bad=on_bad, workers=workers, log=log)
+    if mode not in LEVEL:
+        raise ValueError(f"loader scan {mode!r}: choose full or header")
+    from ..streams import index
+    need = LEVEL[mode]
+    t0 = time.perf_counter()
+    with index.record_lock(fs, log) as waited:
+        rec = index.read_record(fs)
+        if rec is None or rec["rows_id"] != fs.rows_id:      # replaced by another start since
+            rec = index.check_locked(paths, fs, rec, False, log)
+        stale = max_pixels is not None and rec.get("max_pixels") not in (None, max_pixels)
+        level = np.asarray(rec["level"])
+        todo = np.arange(len(level)) if stale else np.flatnonzero(level < need)
+        if todo.size or (max_pixels is not None and rec.get("max_pixels") is None):
+            sub = scan_files(paths.take(todo), mode, on_bad="skip", workers=workers, log=log)
+            new = dict(rec)
+            new["hw"] = np.array(rec["hw"])
+            new["flags"] = np.array(rec["flags"])
+            new["level"] = np.array(level)
+            new["hw"][todo] = sub.sizes
+            new["flags"][todo] = (np.where(sub.native, NATIVE_BIT, 0)
+                                  | np.where(sub.jpeg, JPEG_BIT, 0)).astype(np.uint8)
+            new["level"][todo] = need
+            reasons = {} if stale else dict(rec["reasons"])
+            if reasons:
+                good = set(todo[sub.ok].tolist())
+                reasons = {i: r for i, r in reasons.items() if i not in good}
+            why = {b["path"]: b["reason"] for b in sub.skipped}
+            for k in np.flatnonzero(~sub.ok):
+                i = int(todo[k])
+                reasons[i] = why.get(str(paths[i]), f"{paths[i]}: bad image file")
+            new["reasons"], new["max_pixels"] = reasons, max_pixels
+            rec = index.write_record(fs, new)
+    n = len(paths)
+    how = " (read after waiting for another process)" if waited and not todo.size else ""
+    log(f"scan: {n:,} files ({mode} scan): {n - todo.size:,} from the cache, {todo.size:,} "
+        f"scanned, in {time.perf_counter() - t0:.1f} s{how}")
+    reasons = rec["reasons"]
+    ok = np.ones(n, bool)
+    ok[list(reasons)] = False
+    flags = np.asarray(rec["flags"])
+    res = ScanResult(ok=ok, sizes=np.asarray(rec["hw"]), native=(flags & NATIVE_BIT) > 0,
+                     jpeg=(flags & JPEG_BIT) > 0)
+    res.skipped = [{"path": str(paths[i]), "reason": reasons[i], "found": f"scan ({mode})"}
+                   for i in sorted(reasons)]
+    res.scanned = int(todo.size)
+    if res.skipped and on_bad == "error":
+        _fail_on_bad(res.skipped)
     return res
