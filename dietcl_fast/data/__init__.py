@@ -117,9 +117,14 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
         return loader, source
     t0 = time.perf_counter()
     scan = scan_source(source, scan_mode, on_bad=cfg.on_bad_image, workers=workers,
-                       max_pixels=getattr(cfg, "max_image_pixels", 89_478_485), log=log)
-    log(f"loader: checked {len(source)} files ({scan_mode} scan) in {time.perf_counter() - t0:.1f} s"
-        f"; {int((~scan.native).sum())} converted on the host (palette/CMYK/alpha/16-bit/other)")
+                       max_pixels=getattr(cfg, "max_image_pixels", 89_478_485), log=log,
+                       reader="dali" if backend == "dali" else "files")
+    how = "" if scan.scanned < 0 else (
+        f": {scan.cached:,} from the files record, {scan.scanned:,} scanned"
+        + (" (another process scanned them; this one waited)" if scan.waited else ""))
+    log(f"loader: checked {len(source):,} files ({scan_mode} scan) in "
+        f"{time.perf_counter() - t0:.1f} s{how}; {int((~scan.native).sum())} converted on the "
+        "host (palette/CMYK/alpha/16-bit/other)")
     if scan.skipped:
         log(f"loader: skipped {len(scan.skipped)} bad file(s) (--on-bad-image skip); listed in "
             "results.json under skipped_files")

@@ -66,18 +66,19 @@ def check_regular_file(path: str) -> None:
                             "block forever)")
 
 
-def open_image(path: str):
+def open_image(path: str, data: bytes | None = None):
     """PIL.Image.open after the regular-file and pixel-count checks (header only, cheap); a file
-    over MAX_IMAGE_PIXELS is a BadImageError handled by the bad-image policy."""
+    over MAX_IMAGE_PIXELS is a BadImageError handled by the bad-image policy. `data`: the
+    bytes, already read (the file is then not opened)."""
     import warnings
 
     from PIL import Image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            if is_member(path):
+            if data is not None or is_member(path):
                 import io
-                im = Image.open(io.BytesIO(read_bytes(path)))
+                im = Image.open(io.BytesIO(data if data is not None else read_bytes(path)))
             else:
                 check_regular_file(path)
                 im = Image.open(path)
