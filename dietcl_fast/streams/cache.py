@@ -1,9 +1,9 @@
 """The on-disk cache the sources share: ``$DIETCL_CACHE`` (default ``~/.cache/dietcl-fast``).
 
-A cache entry is a directory of ``.npy`` arrays plus ``manifest.json`` (written last: each
-file's size, shape, dtype and SHA-256, and the parameters the entry describes). It is built in
-a temporary directory under a lock file and renamed into place whole (`cached`), so a killed
-build leaves nothing half-written; every read checks the manifest (`read_entry`) and maps the
+A cache entry is a directory of ``.npy`` arrays plus ``manifest.json`` (written last, by
+``fsio.atomic_write_bytes``: each file's size, shape, dtype and SHA-256, and the parameters the
+entry describes). It is built in a temporary directory under a lock file and renamed into place
+whole (`cached`), so a killed build leaves nothing half-written; every read checks the manifest (`read_entry`) and maps the
 arrays read-only (``np.load(mmap_mode="r")``): the processes of a node share one copy in the
 page cache. A file whose (device, inode, size, mtime) this process has already checked is not
 hashed again.
@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ..fsio import atomic_write_bytes
 from .sources import StreamError
 
 _MIB = 2 ** 20
@@ -92,11 +93,7 @@ def finish_entry(tmp: str, final: str | None, params: dict, extra: dict | None =
         with open(p, "rb+") as f:
             os.fsync(f.fileno())
     man = {"format": 1, "params": params, "files": files, **(extra or {})}
-    with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(man, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
+    atomic_write_bytes(os.path.join(tmp, "manifest.json"), json.dumps(man, indent=1).encode())
     if final is not None:
         os.rename(tmp, final)
         fsync_dir(os.path.dirname(final))
