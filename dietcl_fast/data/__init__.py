@@ -19,7 +19,7 @@ from .dali_loader import DALI_HINT
 from .decode import BadImageError, decode_all
 from .memory import MemoryLoader
 from .pipeline import Loader, Request
-from .scan import scan_source
+from .scan import fail_on_bad, scan_source
 from .transforms import Augment
 
 BACKENDS = ("auto", "memory", "torch", "dali")
@@ -116,7 +116,7 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
         loader.skipped_files = skipped + list((source.meta or {}).get("skipped", []))
         return loader, source
     t0 = time.perf_counter()
-    scan = scan_source(source, scan_mode, on_bad=cfg.on_bad_image, workers=workers,
+    scan = scan_source(source, scan_mode, on_bad="skip", workers=workers,
                        max_pixels=getattr(cfg, "max_image_pixels", 89_478_485), log=log,
                        reader="dali" if backend == "dali" else "files")
     how = "" if scan.scanned < 0 else (
@@ -125,6 +125,8 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
     log(f"loader: checked {len(source):,} files ({scan_mode} scan) in "
         f"{time.perf_counter() - t0:.1f} s{how}; {int((~scan.native).sum())} converted on the "
         "host (palette/CMYK/alpha/16-bit/other)")
+    if scan.skipped and cfg.on_bad_image == "error":
+        fail_on_bad(scan.skipped)
     if scan.skipped:
         log(f"loader: skipped {len(scan.skipped)} bad file(s) (--on-bad-image skip); listed in "
             "results.json under skipped_files")

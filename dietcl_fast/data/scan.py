@@ -104,7 +104,7 @@ def scan_files(paths: list[str], mode: str = "full", on_bad: str = "error", work
         for part in ex.map(chunk, range(0, n, 256)):
             _collect(res, part, mode)
     if res.skipped and on_bad == "error":
-        _fail_on_bad(res.skipped)
+        fail_on_bad(res.skipped)
     return res
 
 
@@ -181,7 +181,7 @@ LEVEL = {"header": 1, "full": 2}
 NATIVE_BIT, JPEG_BIT = 1, 2
 
 
-def _fail_on_bad(skipped: list) -> None:
+def fail_on_bad(skipped: list) -> None:
     more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
     raise BadImageError("bad image file(s), found before training: "
                         + "; ".join(b["reason"] for b in skipped[:3]) + more
@@ -246,5 +246,5 @@ def scan_source(source, mode: str = "full", on_bad: str = "error", workers: int 
     res.scanned, res.cached = int(todo.size), n - int(todo.size)
     res.waited = bool(waited and not todo.size)
     if res.skipped and on_bad == "error":
-        _fail_on_bad(res.skipped)
+        fail_on_bad(res.skipped)
     return res
