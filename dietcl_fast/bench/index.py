@@ -60,24 +60,31 @@ def _child(argv: list) -> dict:
     if task["what"] == "folder":
         from dietcl_fast.data.scan import scan_source       # (imports torch: not timed)
     quiet = lambda m: None     # noqa: E731
+    import resource
     before = _smaps()
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
+
+    def cpu():      # user + system seconds of every thread since t0 (load-independent)
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime - ru0.ru_utime + ru.ru_stime - ru0.ru_stime
     if task["what"] in ("csv", "parquet"):
         fn = index.index_csv if task["what"] == "csv" else index.index_parquet
         cols = fn(task["path"], log=quiet)
-        sec = time.perf_counter() - t0
+        sec, cpu_s = time.perf_counter() - t0, cpu()
         rows = len(cols.labels)
         for a in (cols.labels, cols.timestamps, cols.paths.off, cols.paths.buf):
             _touch(a)
         after = _smaps()
-        return {"seconds": sec, "rows": rows,
+        return {"seconds": sec, "cpu_seconds": cpu_s, "rows": rows,
                 "private_bytes": after.get("Anonymous", 0) - before.get("Anonymous", 0),
                 "shared_bytes": (after["Rss"] - after.get("Anonymous", 0))
                 - (before["Rss"] - before.get("Anonymous", 0))}
     src = load_source(f"folder:{task['path']}")
     t_check = time.perf_counter() - t0
     res = scan_source(src, "full", on_bad="error", workers=task["workers"], log=quiet)
-    return {"seconds": time.perf_counter() - t0, "check_seconds": t_check, "files": len(src),
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": cpu(), "check_seconds": t_check,
+            "files": len(src),
             "scanned": res.scanned, "cached": res.cached}
 
 
@@ -170,7 +177,8 @@ def bench_index(rows: int = 1_000_000, classes: int = 2000, scan_files: int | No
                          private_b_per_row=r["private_bytes"] / rows,
                          shared_b_per_row=r["shared_bytes"] / rows)
                 parse.append(r)
-                echo(f"  {kind} {phase}: {r['seconds']:.2f} s ({r['rows_per_s']:,.0f} rows/s), "
+                echo(f"  {kind} {phase}: {r['seconds']:.2f} s ({r['rows_per_s']:,.0f} rows/s; "
+                     f"{r['cpu_seconds']:.2f} s of CPU), "
                      f"private {r['private_b_per_row']:.1f} B/row, shared {r['shared_b_per_row']:.1f} B/row")
             res[f"{kind}_cache_bytes"] = sum(
                 os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(cache) for f in fs)
@@ -207,6 +215,7 @@ def bench_index(rows: int = 1_000_000, classes: int = 2000, scan_files: int | No
         res["extrapolation"] = ext
         res["loadavg_after"] = os.getloadavg()
         echo(table(parse, [("kind", "index"), ("phase", "start"), ("seconds", "s"),
+                           ("cpu_seconds", "CPU s"),
                            ("rows_per_s", "rows/s"), ("private_b_per_row", "private B/row"),
                            ("shared_b_per_row", "shared B/row")]))
         echo(f"files: scan {scan_rate:,.0f} files/s (full, {workers} workers), check "

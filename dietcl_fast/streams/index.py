@@ -589,6 +589,8 @@ def _cached_index(kind: str, ident: str, params: dict, build, log) -> Columns:
     a = _cache.cached(final, params, _NAMES, make, log=log, what=f"--data {kind}:{ident}",
                       name="index", optional=_OPTIONAL)
     if timing:
+        pa, _ = _arrow()
+        pa.default_memory_pool().release_unused()    # the parse's buffers: the entry is mapped now
         log(f"index: {kind}:{ident}: {int(a['manifest']['rows']):,} rows parsed in "
             f"{timing['s']:.1f} s and cached in {final}")
         for stale in os.listdir(root):      # older versions of this source (we built anew)
