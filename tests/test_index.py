@@ -334,3 +334,14 @@ def test_bench_index_tiny(tmp_path):
     assert (first["scanned"], first["cached"], second["scanned"], second["cached"]) == (200, 0, 0, 200)
     assert [e["rows"] for e in b["extrapolation"]] == [39_000_000, 9_800_000]
     assert not any(d.startswith("bench-index-") for d in os.listdir(tmp_path))   # cleaned up
+
+
+def test_a_csv_source_loads_without_torch(tmp_path):
+    """streams never import torch: parsing, caching and checking an index included."""
+    rows = _tree(tmp_path, 2, 2)
+    (tmp_path / "i.csv").write_text("path,label\n" + "".join(f"{p},{l}\n" for p, l, _ in rows))
+    code = (f"import sys; from dietcl_fast.streams import load_source, build_stream; "
+            f"build_stream(load_source('csv:{tmp_path / 'i.csv'}'), 'class', 2, 0.5); "
+            "sys.exit('torch' in sys.modules)")
+    env = dict(os.environ, DIETCL_CACHE=str(tmp_path / "cache"))
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode == 0

@@ -30,6 +30,17 @@ _MIB = 2 ** 20
 _VERIFIED: dict = {}        # (dev, ino, size, mtime_ns) -> sha256 checked by this process
 
 
+def give_back_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; elsewhere nothing). After a
+    step that allocates and frees arrays of many rows, glibc keeps their pages otherwise: its
+    mmap threshold grows with each large free, so later large arrays come from the heap."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cache_root(sub: str) -> str:
     """``$DIETCL_CACHE/<sub>``, else ``~/.cache/dietcl-fast/<sub>``."""
     base = os.environ.get("DIETCL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",

@@ -591,6 +591,7 @@ def _cached_index(kind: str, ident: str, params: dict, build, log) -> Columns:
     if timing:
         pa, _ = _arrow()
         pa.default_memory_pool().release_unused()    # the parse's buffers: the entry is mapped now
+        _cache.give_back_memory()
         log(f"index: {kind}:{ident}: {int(a['manifest']['rows']):,} rows parsed in "
             f"{timing['s']:.1f} s and cached in {final}")
         for stale in os.listdir(root):      # older versions of this source (we built anew)
@@ -1061,6 +1062,7 @@ def check_locked(paths: PathTable, fs: FileSet, old: Optional[dict], waited: boo
         log(f"index: checked {len(paths):,} files in {time.perf_counter() - t0:.1f} s: "
             f"{len(paths) - n_changed:,} unchanged since the last check, {n_changed:,} new "
             "or changed")
+    _cache.give_back_memory()       # the check's per-row arrays
     if rec.get("error"):
         raise StreamError(rec["error"])
     fs.record = rec

@@ -272,13 +272,13 @@ def load_image_folder(path: str) -> Source:
     from .index import FileSet, PathTable, check_files, digest
     path = os.path.abspath(path)
     src = _load_image_folder(path)
-    paths, labels, names, ev = src.paths, src.labels, src.class_names, src.eval_mask
 
-    def describe(i):
+    def describe(i):        # reads src.paths: the listing is dropped once the record has it
+        ev = src.eval_mask
         split = "" if ev is None else (" (val)" if ev[i] else " (train)")
-        return f"{paths[i]!r} (class {names[labels[i]]!r}{split})"
-    fs = FileSet(["folder", path], digest(paths), describe, listed=False)
-    rec = check_files(paths, fs, log=_log)
+        return f"{src.paths[i]!r} (class {src.class_names[src.labels[i]]!r}{split})"
+    fs = FileSet(["folder", path], digest(src.paths), describe, listed=False)
+    rec = check_files(src.paths, fs, log=_log)
     src.paths = PathTable(rec["paths_buf"], rec["paths_off"])    # the record's copy: shared
     src.meta["files"] = fs
     return src
