@@ -338,7 +338,7 @@ def test_bench_index_tiny(tmp_path):
 
 def test_a_csv_source_loads_without_torch(tmp_path):
     """streams never import torch: parsing, caching and checking an index included."""
-    rows = _tree(tmp_path, 2, 2)
+    rows = _tree(tmp_path, 2, 5)
     (tmp_path / "i.csv").write_text("path,label\n" + "".join(f"{p},{l}\n" for p, l, _ in rows))
     code = (f"import sys; from dietcl_fast.streams import load_source, build_stream; "
             f"build_stream(load_source('csv:{tmp_path / 'i.csv'}'), 'class', 2, 0.5); "
