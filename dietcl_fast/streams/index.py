@@ -904,7 +904,7 @@ def write_record(fs: FileSet, rec: dict) -> dict:
 def _new_record(paths: PathTable) -> dict:
     n = len(paths)
     p = paths.compact()
-    return {"paths_buf": np.asarray(p.buf), "paths_off": np.asarray(p.off),
+    return {"paths_buf": p.buf, "paths_off": p.off,      # an index's maps: hard-linked
             "size": np.full(n, -1, np.int64), "mtime": np.full(n, -1, np.int64),
             "status": np.full(n, UNKNOWN, np.uint8), "level": np.zeros(n, np.uint8),
             "hw": np.zeros((n, 2), np.int32), "flags": np.zeros(n, np.uint8), "reasons": {}}
