@@ -39,6 +39,7 @@ install_requires = [
     "scikit-learn>=1.3",
     "pillow>=10",
     "safetensors>=0.4",
+    "pyarrow>=14",          # csv:/parquet: indexes (dietcl_fast/streams/index.py)
 ]
 extras = {
     "dali": ["nvidia-dali-cuda130"],

@@ -35,8 +35,8 @@ DEVICE = click.option("--device", default=OPTIONS["run.device"].field.default,
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def bench():
-    """Benchmarks: step, kernels, loader, buffer, flops, engines (ratios against a baseline
-    measured in the same run)."""
+    """Benchmarks: step, kernels, loader, buffer, flops, engines, index (ratios against a
+    baseline measured in the same run)."""
 
 
 @bench.command(context_settings={"show_default": True})
@@ -192,3 +192,23 @@ def engines(engines, batch, micro, classes, steps, warmup, tiny, device, out):
     from dietcl_fast.bench.engines import bench_engines
     _run(bench_engines, engines=engines, batch=batch, micro=micro, classes=classes,
          steps=steps, warmup=warmup, device=device, tiny=tiny, out=out, echo=click.echo)
+
+
+@bench.command(context_settings={"show_default": True})
+@click.option("--rows", default=1_000_000, type=int, help="Rows of the synthetic index (fake paths: the parse alone).")
+@click.option("--classes", default=2000, type=int, help="Class names among them.")
+@click.option("--scan-files", default=None, type=int,
+              help="Hard links to 16 small JPEGs for the files check and scan [default: min(rows, 20,000)].")
+@click.option("--workers", default=2, type=int, help="Scan threads.")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False),
+              help="Where the synthetic files and caches go [default: the system temp dir].")
+@click.option("--keep", is_flag=True, help="Keep the synthetic files and caches.")
+@click.option("--tiny", is_flag=True, help="2,000 rows, 200 files (tests).")
+@OUT
+def index(rows, classes, scan_files, workers, workdir, keep, tiny, out):
+    """The file index at scale: CSV and Parquet rows/s cold and warm, private and shared memory
+    per process, files check and scan files/s, a second start against the first, and the
+    extrapolation to 39M (CLOC) and 9.8M (ImageNet10K) rows (docs/data-at-scale.md)."""
+    from dietcl_fast.bench.index import bench_index
+    _run(bench_index, rows=rows, classes=classes, scan_files=scan_files, workers=workers,
+         workdir=workdir, keep=keep, tiny=tiny, out=out, echo=click.echo)

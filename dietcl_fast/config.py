@@ -54,8 +54,9 @@ class StreamConfig:
                        help="Dataset: animal-mnist (embedded), digits (sklearn), "
                             "glyphs[:classes=N,per_class=N,size=N,seed=N] (generated, 1,000 "
                             "classes by default; docs/streams.md), folder:PATH "
-                            "(root/<class>/*.jpg), csv:PATH (path,label[,timestamp][,split]) or a "
-                            "path.")
+                            "(root/<class>/*.jpg), csv:PATH (path,label[,timestamp][,split]), "
+                            "parquet:PATH (the same columns), wds:PATTERN (WebDataset shards, "
+                            "e.g. shards/{000000..000999}.tar; docs/data-at-scale.md) or a path.")
     scenario: str = option("class", choices=("class", "time"),
                            help="class-incremental, or time-incremental (embedded sets drift over "
                                 "time).")
@@ -803,13 +804,13 @@ def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any
 
 
 def absolute_data(spec):
-    """A `--data` value with its path made absolute (`folder:PATH`, `csv:PATH`, a directory or
-    a .csv file), so that the saved config names the same files from any working directory
+    """A `--data` value with its path made absolute (`folder:PATH`, `csv:PATH`, `parquet:PATH`,
+    `wds:PATTERN`, a directory or a .csv or .parquet file), so that the saved config names the same files from any working directory
     (a resume started elsewhere); named datasets are returned as they are."""
     import os
     if not isinstance(spec, str) or not spec.strip():
         return spec
-    for prefix in ("folder:", "csv:"):
+    for prefix in ("folder:", "csv:", "parquet:", "wds:"):
         if spec.lower().startswith(prefix):
             return prefix + os.path.abspath(os.path.expanduser(spec[len(prefix):]))
     name = spec.lower().partition(":")[0]
@@ -817,7 +818,7 @@ def absolute_data(spec):
     if name in SOURCES:
         return spec
     p = os.path.expanduser(spec)
-    if os.path.isdir(p) or spec.lower().endswith(".csv"):
+    if os.path.isdir(p) or spec.lower().endswith((".csv", ".parquet")):
         return os.path.abspath(p)
     return spec
 

@@ -19,7 +19,6 @@ import os
 import secrets
 
 import numpy as np
-import torch
 
 __all__ = ["FORMAT_VERSION", "MAGIC", "CheckpointError", "atomic_write_bytes", "is_run_checkpoint",
            "plain_state"]
@@ -72,6 +71,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 def plain_state(obj, where: str):
     """obj with NumPy values turned into tensors / Python numbers; anything that is not plain data
     (tensors, numbers, strings, bytes, None, containers of those) is a TypeError naming `where`."""
+    import torch    # here, not at import: the streams' caches write with this module, without torch
     if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor, torch.Size)):
         return obj
     if isinstance(obj, np.ndarray):

@@ -310,6 +310,25 @@ def _images(root, classes=4, per_class=70):
             Image.fromarray(a).save(d / f"{i}.png")
 
 
+def _parquet_and_shards(data, rows):
+    """index.parquet (the CSV's rows) and shards/00000{0,1}.tar (the same images as samples)."""
+    import io
+    import tarfile
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    paths, labels = zip(*(r.split(",") for r in rows[1:]))
+    pq.write_table(pa.table({"path": list(paths), "label": list(labels)}), data / "index.parquet")
+    (data / "shards").mkdir()
+    for s in range(2):
+        with tarfile.open(data / "shards" / f"{s:06d}.tar", "w") as t:
+            for k in range(s, len(paths), 2):
+                for name, b in ((f"{k:06d}.png", (data / paths[k]).read_bytes()),
+                                (f"{k:06d}.cls", labels[k].encode())):
+                    ti = tarfile.TarInfo(name)
+                    ti.size = len(b)
+                    t.addfile(ti, io.BytesIO(b))
+
+
 def _substitute(args, tmp, run_dir):
     """The docs' placeholders -> files this test made."""
     out = []
@@ -318,6 +337,8 @@ def _substitute(args, tmp, run_dir):
             a = str(run_dir)
         a = a.replace("/data/imgs", str(tmp / "data" / "imgs")).replace(
             "/data/index.csv", str(tmp / "data" / "index.csv")).replace("/data/ds", str(tmp / "data" / "ds"))
+        a = a.replace("/data/index.parquet", str(tmp / "data" / "index.parquet")).replace(
+            "/data/shards/{000000..000999}.tar", str(tmp / "data" / "shards" / "{000000..000001}.tar"))
         if a.startswith("bench/results/"):
             a = os.path.join(ROOT, a)
         out.append(a)
@@ -376,6 +397,7 @@ def test_the_documented_commands_run(tmp_path):
     _images(tmp_path / "data" / "imgs")
     rows = ["path,label"] + [f"imgs/{c}/{i}.png,{c}" for c in ("c0", "c1", "c2", "c3") for i in range(70)]
     (tmp_path / "data" / "index.csv").write_text("\n".join(rows) + "\n")
+    _parquet_and_shards(tmp_path / "data", rows)
     _images(tmp_path / "data" / "ds" / "train")
     _images(tmp_path / "data" / "ds" / "val", per_class=5)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({"stream": {"label_rate": 0.05},
@@ -463,6 +485,10 @@ def test_the_documented_commands_run(tmp_path):
             step = json.load(open(tmp_path / out))
             assert step["kind"] == "dietcl-fast/bench-step"
             _check_step_schema(step)
+        elif name == "bench index":
+            not_run[where] = "parses 1M rows (tests/test_index.py runs it with --tiny)"
+            todo.pop(args)
+            continue
         elif name == "bench engines":
             not_run[where] = "GPU and DeepSpeed benchmark (tests/test_bench.py runs it with --tiny)"
             todo.pop(args)

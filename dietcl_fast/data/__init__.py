@@ -19,7 +19,7 @@ from .dali_loader import DALI_HINT
 from .decode import BadImageError, decode_all
 from .memory import MemoryLoader
 from .pipeline import Loader, Request
-from .scan import scan_files
+from .scan import fail_on_bad, scan_source
 from .transforms import Augment
 
 BACKENDS = ("auto", "memory", "torch", "dali")
@@ -31,13 +31,16 @@ def subset_source(source, keep: np.ndarray):
     idx = np.flatnonzero(keep)
     kw = {"labels": source.labels[idx]}
     if source.paths is not None:
-        kw["paths"] = [source.paths[i] for i in idx]
+        kw["paths"] = (source.paths.take(idx) if hasattr(source.paths, "take")
+                       else [source.paths[i] for i in idx])
     if source.images is not None:
         kw["images"] = source.images[idx]
     if source.timestamps is not None:
         kw["timestamps"] = source.timestamps[idx]
     if getattr(source, "eval_mask", None) is not None:
         kw["eval_mask"] = source.eval_mask[idx]
+    # the files record describes the rows before the subset
+    kw["meta"] = {k: v for k, v in (source.meta or {}).items() if k != "files"}
     return dataclasses.replace(source, **kw)
 
 
@@ -110,12 +113,20 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
             source = subset_source(source, ok)
             images = images[ok]
         loader = MemoryLoader(images, augment, device)
-        loader.skipped_files = skipped
+        loader.skipped_files = skipped + list((source.meta or {}).get("skipped", []))
         return loader, source
     t0 = time.perf_counter()
-    scan = scan_files(source.paths, scan_mode, on_bad=cfg.on_bad_image, workers=workers, log=log)
-    log(f"loader: checked {len(source)} files ({scan_mode} scan) in {time.perf_counter() - t0:.1f} s"
-        f"; {int((~scan.native).sum())} converted on the host (palette/CMYK/alpha/16-bit/other)")
+    scan = scan_source(source, scan_mode, on_bad="skip", workers=workers,
+                       max_pixels=getattr(cfg, "max_image_pixels", 89_478_485), log=log,
+                       reader="dali" if backend == "dali" else "files")
+    how = "" if scan.scanned < 0 else (
+        f": {scan.cached:,} from the files record, {scan.scanned:,} scanned"
+        + (" (another process scanned them; this one waited)" if scan.waited else ""))
+    log(f"loader: checked {len(source):,} files ({scan_mode} scan) in "
+        f"{time.perf_counter() - t0:.1f} s{how}; {int((~scan.native).sum())} converted on the "
+        "host (palette/CMYK/alpha/16-bit/other)")
+    if scan.skipped and cfg.on_bad_image == "error":
+        fail_on_bad(scan.skipped)
     if scan.skipped:
         log(f"loader: skipped {len(scan.skipped)} bad file(s) (--on-bad-image skip); listed in "
             "results.json under skipped_files")
@@ -130,7 +141,7 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
         from .torch_loader import TorchLoader
         loader = TorchLoader(source.paths, scan, img_size, channels, device, workers=workers,
                              on_bad=cfg.on_bad_image, decode=getattr(cfg, "decode", "auto"), log=log)
-    loader.skipped_files = list(scan.skipped)
+    loader.skipped_files = list(scan.skipped) + list((source.meta or {}).get("skipped", []))
     log(f"loader: {loader.name}")
     return loader, source
 

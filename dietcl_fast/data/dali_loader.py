@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from .decode import BadImageError, load_rgb
+from .decode import BadImageError, load_rgb, read_bytes
 from .pipeline import PrefetchLoader, Request, plan
 
 DALI_HINT = 'pip install "dietcl-fast[dali]" (or nvidia-dali-cuda120 / -cuda130 for your CUDA)'
@@ -49,7 +49,7 @@ class DaliLoader(PrefetchLoader):
                  on_bad: str = "error", log=print):
         super().__init__(device)
         from .pipeline import Normalise
-        self.paths = list(paths)
+        self.paths = paths if hasattr(paths, "take") else list(paths)    # a PathTable stays one
         self.sizes = scan.sizes
         self.native = scan.native
         self.size = size
@@ -98,7 +98,7 @@ class DaliLoader(PrefetchLoader):
                 Image.fromarray(load_rgb(self.paths[i])).save(buf, format="PNG", compress_level=1)
                 b = self._converted[i] = np.frombuffer(buf.getvalue(), dtype=np.uint8)
             return b
-        return np.fromfile(self.paths[i], dtype=np.uint8)
+        return np.frombuffer(read_bytes(self.paths[i]), dtype=np.uint8)
 
     def _feed(self, encs, boxes, flips, resample, schedule: bool = True) -> None:
         """Queue one chunk's inputs and (by default) schedule its run (asynchronous)."""

@@ -27,14 +27,31 @@ def set_max_image_pixels(n: int) -> None:
     MAX_IMAGE_PIXELS = int(n)
 
 
+def is_member(path) -> bool:
+    """A sample inside a tar shard (`streams.index.MemberPath`), not a file of its own."""
+    return hasattr(path, "tar")
+
+
+def read_bytes(path) -> bytes:
+    """The encoded bytes of an image file or of a sample in a tar shard; BadImageError naming
+    it when they cannot all be read."""
+    from ..streams.index import read_bytes_of
+    check_regular_file(path)
+    try:
+        return read_bytes_of(path)
+    except (OSError, EOFError) as e:
+        raise BadImageError(f"{path}: cannot be read ({e})") from None
+
+
 def check_regular_file(path: str) -> None:
-    """A bad-file error unless `path` is a regular file (missing, a symbolic-link loop, a
-    directory, or a FIFO / socket / device, whose reading could block forever)."""
+    """A bad-file error unless `path` (or the shard of a sample in one) is a regular file
+    (missing, a symbolic-link loop, a directory, or a FIFO / socket / device, whose reading
+    could block forever)."""
     import errno
     import os
     import stat
     try:
-        st = os.stat(path)
+        st = os.stat(path.tar if is_member(path) else path)
     except FileNotFoundError:
         raise BadImageError(f"{path}: file does not exist") from None
     except OSError as e:
@@ -49,17 +66,22 @@ def check_regular_file(path: str) -> None:
                             "block forever)")
 
 
-def open_image(path: str):
+def open_image(path: str, data: bytes | None = None):
     """PIL.Image.open after the regular-file and pixel-count checks (header only, cheap); a file
-    over MAX_IMAGE_PIXELS is a BadImageError handled by the bad-image policy."""
+    over MAX_IMAGE_PIXELS is a BadImageError handled by the bad-image policy. `data`: the
+    bytes, already read (the file is then not opened)."""
     import warnings
 
     from PIL import Image
-    check_regular_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            im = Image.open(path)
+            if data is not None or is_member(path):
+                import io
+                im = Image.open(io.BytesIO(data if data is not None else read_bytes(path)))
+            else:
+                check_regular_file(path)
+                im = Image.open(path)
         except Image.DecompressionBombError as e:
             raise BadImageError(f"{path}: too many pixels, a possible decompression bomb ({e}); "
                                 f"--max-image-pixels is {MAX_IMAGE_PIXELS}") from None

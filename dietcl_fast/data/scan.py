@@ -8,6 +8,11 @@ EOI marker, a PNG must pass `verify()`: chunk CRCs up to IEND), for very large s
 full decode costs minutes; what it misses is caught when the file is loaded (error: stop
 naming it; skip: a good sample of the same batch stands in and the file is recorded).
 
+Results are kept in the source's files record (`scan_source`, `dietcl_fast.streams.index`):
+a later start scans only the files that are new or changed since (size, mtime), and in a
+multi-process start the processes that waited for the record's lock read the first one's
+result. The log says how many files came from the record and how many were scanned.
+
 The scan also records each file's size (the host computes crop boxes from it) and whether it
 is a plain 8-bit RGB/gray JPEG or PNG that DALI / nvjpeg decode natively; others (palette,
 CMYK, RGBA, 16-bit, other formats) are converted on the host by PIL (`to_rgb_array`).
@@ -20,7 +25,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decode import BadImageError, open_image, to_rgb_array
+from ..streams.index import IMAGE_EXTS
+from .decode import BadImageError, is_member, open_image, read_bytes, to_rgb_array
 
 NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
 
@@ -32,23 +38,31 @@ class ScanResult:
     native: np.ndarray                   # bool [N]: DALI / nvjpeg can decode it as is
     jpeg: np.ndarray                     # bool [N]: plain JPEG (torchvision decode_jpeg)
     skipped: list = field(default_factory=list)
+    scanned: int = -1                    # files decoded by this call (-1: no record, all)
+    cached: int = 0                      # files whose result came from the files record
+    waited: bool = False                 # read after waiting for another process's scan
 
 
-def check_file(path: str, mode: str = "full"):
-    """-> (height, width, native, jpeg) or raises BadImageError naming the file and the reason."""
+def check_file(path: str, mode: str = "full", data: bytes | None = None):
+    """-> (height, width, native, jpeg) or raises BadImageError naming the file and the reason.
+    `data`: the file's bytes when they are already read (a sample of a shard, read by DALI)."""
     from PIL import UnidentifiedImageError
 
     try:
-        with open_image(path) as im:    # regular file, pixel limit (decompression bombs)
+        with open_image(path, data) as im:    # regular file, pixel limit (decompression bombs)
             w, h = im.size
             fmt, pmode = im.format, im.mode
             if mode == "full":
                 im.load()
             elif fmt == "JPEG":
-                with open(path, "rb") as f:
-                    f.seek(max(0, os.path.getsize(path) - 64))
-                    if b"\xff\xd9" not in f.read():
-                        raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker)")
+                if data is not None or is_member(path):
+                    tail = (data if data is not None else read_bytes(path))[-64:]
+                else:
+                    with open(path, "rb") as f:
+                        f.seek(max(0, os.path.getsize(path) - 64))
+                        tail = f.read()
+                if b"\xff\xd9" not in tail:
+                    raise BadImageError(f"{path}: truncated JPEG (no end-of-image marker)")
             elif fmt == "PNG":
                 im.verify()
             else:
@@ -76,23 +90,161 @@ def scan_files(paths: list[str], mode: str = "full", on_bad: str = "error", work
     res = ScanResult(ok=np.ones(n, bool), sizes=np.zeros((n, 2), np.int64),
                      native=np.zeros(n, bool), jpeg=np.zeros(n, bool))
 
-    def one(i):
-        try:
-            return i, check_file(paths[i], mode), None
-        except BadImageError as e:
-            return i, None, str(e)
+    def chunk(lo):
+        out = []
+        for i in range(lo, min(n, lo + 256)):
+            p = paths[i]
+            try:
+                out.append((i, p, check_file(p, mode), None))
+            except BadImageError as e:
+                out.append((i, p, None, str(e)))
+        return out
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:   # PIL decodes without the GIL
-        for i, info, err in ex.map(one, range(n), chunksize=64):
-            if err is None:
-                res.sizes[i, 0], res.sizes[i, 1], res.native[i], res.jpeg[i] = info
-            else:
-                res.ok[i] = False
-                res.skipped.append({"path": paths[i], "reason": err, "found": f"scan ({mode})"})
+        for part in ex.map(chunk, range(0, n, 256)):
+            _collect(res, part, mode)
     if res.skipped and on_bad == "error":
-        bad = res.skipped
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise BadImageError("bad image file(s), found before training: "
-                            + "; ".join(b["reason"] for b in bad[:3]) + more
-                            + ". Use --on-bad-image skip to skip them.")
+        fail_on_bad(res.skipped)
+    return res
+
+
+def _collect(res: ScanResult, part, mode: str) -> None:
+    for i, p, info, err in part:
+        if err is None:
+            res.sizes[i, 0], res.sizes[i, 1], res.native[i], res.jpeg[i] = info
+        else:
+            res.ok[i] = False
+            res.skipped.append({"path": p, "reason": err, "found": f"scan ({mode})"})
+
+
+def scan_members_dali(paths, mode: str = "full", workers: int = 1, log=print) -> ScanResult:
+    """`scan_files` for samples of WebDataset shards (a PathTable of MemberPaths), read by
+    DALI's webdataset reader (`fn.readers.webdataset`, CPU): each shard holding a sample to
+    check is read once, in order; each image's bytes are checked like a file's. The reader's
+    own offset of every sample (its source_info) must be the index's."""
+    from nvidia.dali import fn, pipeline_def
+
+    n = len(paths)
+    res = ScanResult(ok=np.ones(n, bool), sizes=np.zeros((n, 2), np.int64),
+                     native=np.zeros(n, bool), jpeg=np.zeros(n, bool))
+    where: dict = {}
+    for i in range(n):
+        p = paths[i]
+        where[(p.tar, p.offset)] = (i, p)
+    shards = sorted({t for t, _ in where})
+    batch = 64
+
+    @pipeline_def(batch_size=batch, num_threads=max(1, workers), device_id=None,
+                  prefetch_queue_depth=2)
+    def pipe():
+        return fn.readers.webdataset(paths=shards, ext=[";".join(IMAGE_EXTS)],
+                                     missing_component_behavior="skip",
+                                     case_sensitive_extensions=False, name="wds")
+
+    p = pipe()
+    p.build()
+    total = p.epoch_size("wds")
+    seen = set()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
+        futs = []
+        for _ in range(-(-total // batch)):
+            out, = p.run()
+            for k in range(len(out)):
+                info = out[k].source_info()           # "SHARD:OFFSET:NAME"
+                shard = next((s for s in shards if info.startswith(s + ":")), None)
+                off = info[len(shard) + 1:].split(":", 1)[0] if shard else ""
+                hit = where.get((shard, int(off))) if off.isdigit() else None
+                if hit is None or hit[0] in seen:
+                    continue
+                seen.add(hit[0])
+                data = bytes(np.array(out[k]))
+                futs.append(ex.submit(_check_one, hit[0], hit[1], mode, data))
+        _collect(res, [f.result() for f in futs], mode)
+    del p
+    missed = [i for i in range(n) if i not in seen]
+    if missed:      # the reader did not see a sample the index has: a shard changed under us
+        raise BadImageError(f"{paths[missed[0]]}: DALI's webdataset reader finds no image at the "
+                            f"index's offset ({len(missed)} sample(s)); the shard changed "
+                            "since it was indexed: start again to index it anew")
+    return res
+
+
+
+def _check_one(i, p, mode, data):
+    try:
+        return i, p, check_file(p, mode, data), None
+    except BadImageError as e:
+        return i, p, None, str(e)
+
+
+LEVEL = {"header": 1, "full": 2}
+NATIVE_BIT, JPEG_BIT = 1, 2
+
+
+def fail_on_bad(skipped: list) -> None:
+    more = f" (and {len(skipped) - 3} more)" if len(skipped) > 3 else ""
+    raise BadImageError("bad image file(s), found before training: "
+                        + "; ".join(b["reason"] for b in skipped[:3]) + more
+                        + ". Use --on-bad-image skip to skip them.")
+
+
+def scan_source(source, mode: str = "full", on_bad: str = "error", workers: int = 1,
+                max_pixels: int | None = None, log=print, reader: str = "files") -> ScanResult:
+    """`scan_files` through the source's files record: only rows not yet scanned at this
+    `mode` (or whose file changed since, or scanned under another --max-image-pixels) are
+    scanned; the record is updated under its lock. Sources without a record (built in code)
+    are scanned whole. `reader="dali"`: samples of WebDataset shards are read by DALI's
+    webdataset reader (`scan_members_dali`), other files as usual."""
+    fs = (getattr(source, "meta", None) or {}).get("files")
+    paths = source.paths
+    if fs is None:
+        return scan_files(paths, mode, on_bad=on_bad, workers=workers, log=log)
+    if mode not in LEVEL:
+        raise ValueError(f"loader scan {mode!r}: choose full or header")
+    from ..streams import index
+    need = LEVEL[mode]
+    with index.record_lock(fs, log) as waited:
+        rec = index.read_record(fs)
+        if rec is None or rec["rows_id"] != fs.rows_id:      # replaced by another start since
+            rec = index.check_locked(paths, fs, rec, False, log)
+        stale = max_pixels is not None and rec.get("max_pixels") not in (None, max_pixels)
+        level = np.asarray(rec["level"])
+        todo = np.arange(len(level)) if stale else np.flatnonzero(level < need)
+        if todo.size or (max_pixels is not None and rec.get("max_pixels") is None):
+            part = paths.take(todo)
+            if reader == "dali" and part.members is not None:
+                sub = scan_members_dali(part, mode, workers=workers, log=log)
+            else:
+                sub = scan_files(part, mode, on_bad="skip", workers=workers, log=log)
+            new = dict(rec)
+            new["hw"] = np.array(rec["hw"])
+            new["flags"] = np.array(rec["flags"])
+            new["level"] = np.array(level)
+            new["hw"][todo] = sub.sizes
+            new["flags"][todo] = (np.where(sub.native, NATIVE_BIT, 0)
+                                  | np.where(sub.jpeg, JPEG_BIT, 0)).astype(np.uint8)
+            new["level"][todo] = need
+            reasons = {} if stale else dict(rec["reasons"])
+            if reasons:
+                good = set(todo[sub.ok].tolist())
+                reasons = {i: r for i, r in reasons.items() if i not in good}
+            why = {b["path"]: b["reason"] for b in sub.skipped}
+            for k in np.flatnonzero(~sub.ok):
+                i = int(todo[k])
+                reasons[i] = why.get(str(paths[i]), f"{paths[i]}: bad image file")
+            new["reasons"], new["max_pixels"] = reasons, max_pixels
+            rec = index.write_record(fs, new)
+    n = len(paths)
+    reasons = rec["reasons"]
+    ok = np.ones(n, bool)
+    ok[list(reasons)] = False
+    flags = np.asarray(rec["flags"])
+    res = ScanResult(ok=ok, sizes=np.asarray(rec["hw"]), native=(flags & NATIVE_BIT) > 0,
+                     jpeg=(flags & JPEG_BIT) > 0)
+    res.skipped = [{"path": str(paths[i]), "reason": reasons[i], "found": f"scan ({mode})"}
+                   for i in sorted(reasons)]
+    res.scanned, res.cached = int(todo.size), n - int(todo.size)
+    res.waited = bool(waited and not todo.size)
+    if res.skipped and on_bad == "error":
+        fail_on_bad(res.skipped)
     return res

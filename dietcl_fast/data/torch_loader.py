@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import BadImageError, crop_resize, load_rgb
+from .decode import BadImageError, crop_resize, load_rgb, read_bytes
 from .pipeline import RESAMPLE, Normalise, PrefetchLoader, Request, eval_geometry, plan
 from .transforms import host_to_device
 
@@ -157,7 +157,7 @@ class TorchLoader(PrefetchLoader):
     def __init__(self, paths, scan, size: int, channels: int, device, workers: int = 0,
                  on_bad: str = "error", decode: str = "auto", log=print):
         super().__init__(device)
-        self.paths = list(paths)
+        self.paths = paths if hasattr(paths, "take") else list(paths)    # a PathTable stays one
         self.sizes = scan.sizes
         self.jpeg = scan.jpeg
         self.size = size
@@ -265,15 +265,18 @@ class TorchLoader(PrefetchLoader):
 
         dev = self.device if self.decode == "nvjpeg" else torch.device("cpu")
         # 1) every plain JPEG of every request in one batched decode
-        jpeg_keys, datas = [], []
+        jpeg_keys, datas, reasons = [], [], []
         for q, (ids, _, _) in enumerate(plans):
             for k, i in enumerate(ids):
                 if self.jpeg[i]:
-                    with open(self.paths[i], "rb") as f:
-                        datas.append(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8))
+                    try:
+                        data = read_bytes(self.paths[i])
+                    except BadImageError as e:
+                        reasons.append(((q, k), str(e)))
+                        continue
+                    datas.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
                     jpeg_keys.append((q, k))
         decoded = {}
-        reasons = []
         if datas:
             try:
                 def dec(d):

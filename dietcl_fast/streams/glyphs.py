@@ -70,8 +70,6 @@ Cache: ``$DIETCL_CACHE/glyphs`` (default ``~/.cache/dietcl-fast/glyphs``) holds 
 from __future__ import annotations
 
 import colorsys
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -83,6 +81,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..seeding import GLYPHS, derive_seed
+from . import cache as _cache
 from .sources import Source, StreamError
 
 __all__ = ["GLYPHS_VERSION", "FACES", "RENDER_COLUMNS", "DEFAULTS", "GlyphPool", "class_pool",
@@ -153,17 +152,10 @@ def font_dir() -> str:
 
 def cache_root() -> str:
     """``$DIETCL_CACHE/glyphs``, else ``~/.cache/dietcl-fast/glyphs``."""
-    base = os.environ.get("DIETCL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                          "dietcl-fast")
-    return os.path.join(os.path.abspath(base), "glyphs")
+    return _cache.cache_root("glyphs")
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 * _MIB), b""):
-            h.update(block)
-    return h.hexdigest()
+_sha256_file = _cache.sha256_file
 
 
 @lru_cache(maxsize=None)
@@ -175,120 +167,13 @@ def _software_key(fdir: str) -> tuple:
     return (GLYPHS_VERSION, PIL.__version__, features.version("freetype2"), np.__version__, fonts)
 
 
-def _key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class _Damaged(Exception):
-    """A cache directory that fails its manifest check (the message says how)."""
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:         # some filesystems refuse fsync on a directory
-        pass
-
-
-def _finish(tmp: str, final: str, params: dict, extra: dict | None = None) -> None:
-    """Checksum every .npy of ``tmp``, write its manifest last, rename it to ``final``."""
-    files = {}
-    for name in sorted(os.listdir(tmp)):
-        p = os.path.join(tmp, name)
-        arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        files[name] = {"bytes": os.path.getsize(p), "shape": list(arr.shape),
-                       "dtype": str(arr.dtype), "sha256": _sha256_file(p)}
-        del arr
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
-    man = {"format": 1, "params": params, "files": files, **(extra or {})}
-    with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
-        json.dump(man, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    os.rename(tmp, final)
-    _fsync_dir(os.path.dirname(final))
-
-
-def _read(final: str, params: dict, names: tuple) -> dict:
-    """The arrays of a cache directory after its manifest check (images memory-mapped)."""
-    man_path = os.path.join(final, "manifest.json")
-    try:
-        with open(man_path, encoding="utf-8") as f:
-            man = json.load(f)
-    except FileNotFoundError:
-        raise _Damaged("manifest.json is missing") from None
-    except (OSError, ValueError) as e:
-        raise _Damaged(f"manifest.json is unreadable ({e})") from None
-    if not isinstance(man, dict) or man.get("params") != params:
-        raise _Damaged("manifest.json does not describe these parameters")
-    out = {}
-    for name in names:
-        fn = name + ".npy"
-        rec = man.get("files", {}).get(fn)
-        p = os.path.join(final, fn)
-        if not isinstance(rec, dict):
-            raise _Damaged(f"manifest.json does not list {fn}")
-        if not os.path.isfile(p):
-            raise _Damaged(f"{fn} is missing")
-        if os.path.getsize(p) != rec.get("bytes"):
-            raise _Damaged(f"{fn} has {os.path.getsize(p)} bytes, the manifest says {rec.get('bytes')}")
-        if _sha256_file(p) != rec.get("sha256"):
-            raise _Damaged(f"{fn} fails its SHA-256 check")
-        try:
-            arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise _Damaged(f"{fn} is not a NumPy array file ({e})") from None
-        if list(arr.shape) != rec.get("shape") or str(arr.dtype) != rec.get("dtype"):
-            raise _Damaged(f"{fn} has shape {arr.shape} {arr.dtype}, the manifest says "
-                           f"{rec.get('shape')} {rec.get('dtype')}")
-        out[name] = arr
-    return out
+_key = _cache.key_of
 
 
 def _cached(final: str, params: dict, names: tuple, build, log=_log) -> dict:
     """Read ``final``, or (re)generate it with ``build(tmp_dir)`` while holding its lock file."""
-    try:
-        return _read(final, params, names)
-    except _Damaged:
-        pass
-    root = os.path.dirname(final)
-    try:
-        os.makedirs(root, exist_ok=True)
-        lock = open(final + ".lock", "a+b")
-    except OSError as e:
-        raise StreamError(f"--data glyphs: cannot write the cache directory {root!r} ({e}); "
-                          f"set DIETCL_CACHE to a writable directory") from None
-    import fcntl
-    with lock:
-        try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log(f"glyphs: another process is generating {final}; waiting for it")
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:        # done by the process we waited for, or damaged
-            return _read(final, params, names)
-        except _Damaged as e:
-            if os.path.isdir(final):
-                log(f"glyphs: cache {final} is damaged ({e}); generating it again")
-                shutil.rmtree(final)
-        base = os.path.basename(final)
-        for stale in os.listdir(root):        # left by a killed generation (we hold the lock)
-            if stale.startswith(f".tmp-{base}-"):
-                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
-        tmp = os.path.join(root, f".tmp-{base}-{os.getpid()}")
-        os.makedirs(tmp)
-        try:
-            _finish(tmp, final, params, build(tmp))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    return _read(final, params, names)
+    return _cache.cached(final, params, names, build, log=log, what="--data glyphs",
+                         name="glyphs")
 
 
 # --------------------------------------------------------------------------- drawing primitives

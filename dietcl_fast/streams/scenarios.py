@@ -320,6 +320,8 @@ def build_stream(source: Source, scenario: str = "class", time_steps: int = 5,
     else:
         st = _build_time(source, T, lr, ef, seed, float(drift_sigma))
     _check_eval_sets(st, source)
+    from .cache import give_back_memory
+    give_back_memory()      # the sorts' per-sample temporaries (a stream keeps ~16 B a sample)
     return st
 
 

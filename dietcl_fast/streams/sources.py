@@ -22,13 +22,24 @@ Spec strings accepted by :func:`load_source`:
   evaluated on (a ``val`` class absent from ``train`` is an error).
 * ``csv:PATH`` or a path ending in ``.csv`` – header ``path,label[,timestamp]`` (column names
   case-insensitive, extra columns ignored); paths relative to the CSV's directory unless
-  absolute; every listed file must exist. Labels: if every label is an integer literal
+  absolute; every listed file must exist; two rows naming one file are refused. Labels: if every label is an integer literal
   they must be >= 0 and are re-mapped to contiguous ids by sorted integer value
   (``class_names`` = the original integers as strings); otherwise every label is a class
   name and names are numbered in sorted (string) order. Timestamps: a float (epoch seconds
   or any monotone unit) or an ISO-8601 date/datetime (naive = UTC) -> epoch seconds.
   An optional ``split`` column (``train`` or ``val``; ``test`` is read as ``val``) gives the
   dataset's own evaluation split: ``val`` rows are evaluated on, ``train`` rows are trained on.
+* ``parquet:PATH`` or a path ending in ``.parquet`` – the same columns in a Parquet file
+  (text or numbers; timestamps also as a timestamp type); errors name the row.
+* ``wds:PATTERN`` – WebDataset tar shards (``shards/{000000..000999}.tar``, ``{a,b}`` lists,
+  wildcards): one image per sample (jpg, jpeg, png, bmp, webp), its label in ``KEY.cls`` (text)
+  or ``KEY.json`` (``"label"``), optional ``"timestamp"`` and ``"split"`` in the json, by the
+  CSV's rules. A bad sample (no image, no label, bad json) stops the load naming the shard and
+  the sample, or with ``missing="keep"`` (``--on-bad-image skip``) is left out and listed.
+
+Files are indexed as arrays, cached and checked once per start (``dietcl_fast.streams.index``,
+docs/data-at-scale.md): ``Source.paths`` is then a :class:`~dietcl_fast.streams.index.PathTable`
+(a sequence of str), and ``Source.meta["files"]`` ties the source to its files record.
 
 Relative paths in ``folder:``/``csv:`` specs are resolved against ``root`` when given,
 otherwise against the current directory. Named sources registered with
@@ -37,13 +48,9 @@ a spec ``NAME:OPTS`` when ``fn`` takes ``options``.
 """
 from __future__ import annotations
 
-import csv
 import inspect
-import math
 import os
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -59,6 +66,8 @@ __all__ = [
     "load_source",
     "load_image_folder",
     "load_csv",
+    "load_parquet",
+    "load_wds",
 ]
 
 
@@ -210,16 +219,23 @@ def load_source(spec: str = "animal-mnist", *, root=None, missing: str = "error"
         return load_image_folder(_resolve(spec[7:], root))
     if key.startswith("csv:"):
         return load_csv(_resolve(spec[4:], root), missing=missing)
+    if key.startswith("parquet:"):
+        return load_parquet(_resolve(spec[8:], root), missing=missing)
+    if key.startswith("wds:"):
+        return load_wds(_resolve(spec[4:], root), missing=missing)
     path = _resolve(spec, root)
     if key.endswith(".csv"):
         return load_csv(path, missing=missing)
+    if key.endswith(".parquet"):
+        return load_parquet(path, missing=missing)
     if os.path.isdir(path):
         return load_image_folder(path)
     known = ", ".join(sorted(SOURCES))
     if os.sep in spec or "/" in spec or spec.startswith("."):
         raise StreamError(f"dataset path not found: {path!r} (from --data {spec!r})")
     raise StreamError(f"unknown dataset {spec!r}; known: {known}; or folder:PATH, csv:PATH, "
-                      f"an image-folder directory, or a .csv file")
+                      f"parquet:PATH, wds:PATTERN, an image-folder directory, or a .csv or "
+                      f".parquet file")
 
 
 # --------------------------------------------------------------------------- image folder
@@ -249,34 +265,27 @@ def _scandir(d: str, what: str) -> list:
         raise StreamError(f"{what} {d!r} cannot be read ({e.strerror or e})") from None
 
 
-def _refuse_duplicates(root: str, paths: list, labels: np.ndarray, class_names: list,
-                       eval_mask=None) -> None:
-    """Each real file once: two paths reaching one file (symbolic links) are refused."""
-    seen: dict = {}
-    for k, p in enumerate(paths):
-        key = os.path.realpath(p)
-        j = seen.setdefault(key, k)
-        if j != k:
-            def where(i):
-                split = "" if eval_mask is None else (" (val)" if eval_mask[i] else " (train)")
-                return f"{paths[i]!r} (class {class_names[labels[i]]!r}{split})"
-            raise StreamError(
-                f"image folder {root!r}: {where(j)} and {where(k)} are the same file "
-                f"({key!r}, reached through symbolic links); one file under two names would be "
-                "trained on under two labels, or trained on and evaluated at once. Keep one path "
-                "to each file")
-
-
 def load_image_folder(path: str) -> Source:
     """``path/<class>/*.{jpg,jpeg,png,bmp,webp}`` -> files Source (sorted classes and files);
-    ``path/{train,val}/<class>/...`` -> the same with the dataset's own evaluation split."""
-    src = _load_image_folder(os.path.abspath(path))
-    _refuse_duplicates(os.path.abspath(path), src.paths, src.labels, src.class_names,
-                       src.eval_mask)
+    ``path/{train,val}/<class>/...`` -> the same with the dataset's own evaluation split. Every
+    file is checked against its record; one file reached twice (symbolic links) is refused."""
+    from .index import FileSet, PathTable, check_files, digest
+    path = os.path.abspath(path)
+    src = _load_image_folder(path)
+
+    def describe(i):        # reads src.paths: the listing is dropped once the record has it
+        ev = src.eval_mask
+        split = "" if ev is None else (" (val)" if ev[i] else " (train)")
+        return f"{src.paths[i]!r} (class {src.class_names[src.labels[i]]!r}{split})"
+    fs = FileSet(["folder", path], digest(src.paths), describe, listed=False)
+    rec = check_files(src.paths, fs, log=_log)
+    src.paths = PathTable(rec["paths_buf"], rec["paths_off"])    # the record's copy: shared
+    src.meta["files"] = fs
     return src
 
 
 def _load_image_folder(path: str) -> Source:
+    from .index import PathTable
     if not os.path.exists(path):
         raise StreamError(f"image folder not found: {path!r}")
     if not os.path.isdir(path):
@@ -295,14 +304,14 @@ def _load_image_folder(path: str) -> Source:
         vlabels = np.array([index[val.class_names[c]] for c in val.labels], dtype=np.int64)
         return Source(name=f"folder:{path}", labels=np.concatenate([train.labels, vlabels]),
                       class_names=list(train.class_names), channels=3, kind="files",
-                      paths=train.paths + val.paths,
+                      paths=PathTable.concat([train.paths, val.paths]),
                       eval_mask=np.r_[np.zeros(len(train), bool), np.ones(len(val), bool)])
     entries = _scandir(path, "image folder")
     class_dirs = sorted(e.name for e in entries if _is_dir(e) and not e.name.startswith("."))
     if not class_dirs:
         raise StreamError(f"image folder {path!r} has no class sub-directories "
                           f"(expected {path}/<class>/<image>{{{','.join(IMAGE_EXTENSIONS)}}})")
-    paths: list = []
+    paths: list = []            # bytes: a path costs its length, not a str object, until the table
     counts = []
     for name in class_dirs:
         d = os.path.join(path, name)
@@ -320,159 +329,84 @@ def _load_image_folder(path: str) -> Source:
                     f"directly: {path}/<class>/<image>)")
             raise StreamError(f"class directory {d!r} contains no images "
                               f"(extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        paths.extend(os.path.join(d, f) for f in files)
+        prefix = os.fsencode(d) + b"/"
+        paths.extend(prefix + os.fsencode(f) for f in files)
         counts.append(len(files))
     labels = np.repeat(np.arange(len(class_dirs), dtype=np.int64), counts)
     return Source(name=f"folder:{path}", labels=labels, class_names=list(class_dirs), channels=3,
-                  kind="files", paths=paths, timestamps=None, image_size=None)
+                  kind="files", paths=PathTable.from_strings(paths), timestamps=None,
+                  image_size=None)
 
 
-# --------------------------------------------------------------------------- CSV index
-_INT_RE = re.compile(r"^[+-]?\d+$")
+# --------------------------------------------------------------------------- CSV, Parquet, WebDataset
+def _log(msg: str) -> None:
+    import sys
+    print(msg, file=sys.stderr, flush=True)
 
 
-def _parse_time(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        dt = datetime.fromisoformat(s.replace("Z", "+00:00") if s.endswith("Z") else s)
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-        v = dt.timestamp()
-    if not math.isfinite(v):
-        raise ValueError(s)
-    return v
+def _indexed(name: str, cols, identity: list, describe, missing: str) -> Source:
+    """Columns from a cached index -> a files Source whose files are checked (once per start)."""
+    from .index import FileSet, check_files, file_problem
+    fs = FileSet(identity, cols.entry, describe, listed=True)
+    check_files(cols.paths, fs, log=_log)
+    file_problem(fs, cols.paths, missing)
+    meta = {"files": fs}
+    if cols.skipped:
+        meta["skipped"] = list(cols.skipped)
+    return Source(name=name, labels=cols.labels, class_names=list(cols.class_names), channels=3,
+                  kind="files", paths=cols.paths, timestamps=cols.timestamps, image_size=None,
+                  eval_mask=cols.eval_mask, meta=meta)
+
+
+def _index_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        if os.path.exists(path):
+            raise StreamError(f"{what} index {path!r} is not a regular file (a directory, FIFO or "
+                              f"device); give a {what} file")
+        raise StreamError(f"{what} index not found: {path!r}")
 
 
 def load_csv(path: str, missing: str = "error") -> Source:
-    """CSV index ``path,label[,timestamp]`` -> files Source (see module docstring)."""
+    """CSV index ``path,label[,timestamp][,split]`` -> files Source (see module docstring)."""
+    from .index import _csv_where, index_csv
     path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        if os.path.exists(path):
-            raise StreamError(f"CSV index {path!r} is not a regular file (a directory, FIFO or "
-                              "device); give a CSV file")
-        raise StreamError(f"CSV index not found: {path!r}")
-    base = os.path.dirname(path)
+    _index_file(path, "CSV")
     try:
-        return _load_csv(path, base, missing)
+        with open(path, "rb"):      # readable at all: said before any cache work
+            pass
+        cols = index_csv(path, log=_log)
     except PermissionError:
         raise StreamError(f"CSV index {path!r} cannot be read (permission denied)") from None
     except UnicodeDecodeError as e:
         raise StreamError(f"CSV {path!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                           f"{e.start}); save it as UTF-8") from None
+    return _indexed(f"csv:{path}", cols, ["csv", path], _csv_where(path), missing)
 
 
-def _load_csv(path: str, base: str, missing: str) -> Source:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise StreamError(f"CSV {path!r} is empty (expected header 'path,label[,timestamp][,split]')")
-        cols = [h.strip().lower() for h in header]
-        for need in ("path", "label"):
-            if need not in cols:
-                raise StreamError(f"CSV {path!r} has no {need!r} column (header: {','.join(header)}); "
-                                  f"expected 'path,label[,timestamp][,split]'")
-        ip, il = cols.index("path"), cols.index("label")
-        it = cols.index("timestamp") if "timestamp" in cols else None
-        isp = cols.index("split") if "split" in cols else None
-        width = max(ip, il, it if it is not None else 0, isp if isp is not None else 0) + 1
-        rows, lines = [], []
-        for r in reader:
-            if any(c.strip() for c in r):
-                rows.append(r)
-                lines.append(reader.line_num)
-    if not rows:
-        raise StreamError(f"CSV {path!r} has a header but no rows")
+def load_parquet(path: str, missing: str = "error") -> Source:
+    """Parquet index with the CSV's columns -> files Source (see module docstring)."""
+    from .index import index_parquet
+    path = os.path.abspath(path)
+    _index_file(path, "Parquet")
+    try:
+        with open(path, "rb"):
+            pass
+        cols = index_parquet(path, log=_log)
+    except PermissionError:
+        raise StreamError(f"Parquet index {path!r} cannot be read (permission denied)") from None
+    return _indexed(f"parquet:{path}", cols, ["parquet", path],
+                    lambda k: f"Parquet {path!r} row {int(k) + 1}", missing)
 
-    def where(k):  # data row number (1-based, blank lines skipped) and file line number
-        return f"CSV {path!r} row {k + 1} (line {lines[k]})"
 
-    for i, r in enumerate(rows):
-        if len(r) < width:
-            raise StreamError(f"{where(i)}: expected >= {width} fields, got {len(r)}: {r!r}")
-    raw_paths = [r[ip].strip() for r in rows]
-    raw_labels = np.array([r[il].strip() for r in rows], dtype=object).astype(str)
-
-    # ---- labels (parse unique values only)
-    uniq, inv = np.unique(raw_labels, return_inverse=True)
-    inv = inv.reshape(-1)
-
-    def first_row(j):
-        return int(np.flatnonzero(inv == j)[0])
-
-    if uniq.size and uniq[0] == "":
-        raise StreamError(f"{where(first_row(0))}: empty label")
-    if all(_INT_RE.match(u) for u in uniq):
-        ints = np.array([int(u) for u in uniq], dtype=np.int64)
-        if (ints < 0).any():
-            j = int(np.flatnonzero(ints < 0)[0])
-            raise StreamError(f"{where(first_row(j))}: invalid label {str(uniq[j])!r} "
-                              f"(integer labels must be >= 0)")
-        values, inv2 = np.unique(ints, return_inverse=True)   # several spellings ("3","03") merge
-        labels = inv2.reshape(-1)[inv].astype(np.int64)
-        class_names = [str(int(v)) for v in values]
-    else:
-        labels = inv.astype(np.int64)
-        class_names = [str(u) for u in uniq]
-
-    # ---- timestamps
-    timestamps = None
-    if it is not None:
-        raw_t = [r[it].strip() for r in rows]
-        try:
-            timestamps = np.array(raw_t, dtype=np.float64)
-            bad = ~np.isfinite(timestamps)
-            if bad.any():
-                k = int(np.flatnonzero(bad)[0])
-                raise StreamError(f"{where(k)}: invalid timestamp {raw_t[k]!r}")
-        except ValueError as e:
-            if isinstance(e, StreamError):
-                raise
-            timestamps = np.empty(len(raw_t), dtype=np.float64)
-            for k, s in enumerate(raw_t):
-                try:
-                    timestamps[k] = _parse_time(s)
-                except ValueError:
-                    what = "empty timestamp" if not s else f"invalid timestamp {s!r}"
-                    raise StreamError(f"{where(k)}: {what} "
-                                      f"(expected a number or an ISO-8601 date)") from None
-
-    # ---- the dataset's own evaluation split
-    eval_mask = None
-    if isp is not None:
-        sp = [r[isp].strip().lower() for r in rows]
-        for k, v in enumerate(sp):
-            if v not in ("train", "val", "test"):
-                raise StreamError(f"{where(k)}: split {rows[k][isp].strip()!r} must be train or val "
-                                  f"(test is read as val)")
-        eval_mask = np.array([v != "train" for v in sp], dtype=bool)
-        trained = set(labels[~eval_mask].tolist())
-        missing_cls = sorted(set(labels[eval_mask].tolist()) - trained)
-        if missing_cls:
-            raise StreamError(f"CSV {path!r}: class(es) {', '.join(class_names[c] for c in missing_cls)} "
-                              f"appear only in split=val rows (every evaluated class must be trainable)")
-
-    # ---- files (eager existence check)
-    paths = []
-    for k, p in enumerate(raw_paths):
-        if not p:
-            raise StreamError(f"{where(k)}: empty path")
-        full = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
-        if not os.path.exists(full) and missing != "keep":
-            if os.path.islink(full):
-                raise StreamError(f"{where(k)}: {full!r} is a broken symbolic link or a link loop")
-            raise StreamError(f"{where(k)}: file not found: {full!r}")
-        paths.append(full)
-    # one file named twice would sit in training and evaluation at once: refuse it
-    seen: dict[str, int] = {}
-    for k, full in enumerate(paths):
-        key = os.path.realpath(full)
-        if key in seen:
-            raise StreamError(f"{where(k)} names the same file as {where(seen[key])} ({full!r}); "
-                              "a file listed twice could be trained on and evaluated at once. "
-                              "Remove the duplicate rows")
-        seen[key] = k
-    return Source(name=f"csv:{path}", labels=labels, class_names=class_names, channels=3,
-                  kind="files", paths=paths, timestamps=timestamps, image_size=None,
-                  eval_mask=eval_mask)
+def load_wds(pattern: str, missing: str = "error") -> Source:
+    """WebDataset shards -> files Source whose paths are the samples' images in the shards."""
+    from .index import index_wds
+    cols = index_wds(pattern, log=_log)
+    if cols.skipped and missing != "keep":
+        bad = cols.skipped
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise StreamError(f"--data wds:{pattern}: {len(bad)} bad sample(s): "
+                          + "; ".join(b["reason"] for b in bad[:3]) + more
+                          + ". Use --on-bad-image skip to skip them.")
+    paths = cols.paths
+    return _indexed(f"wds:{pattern}", cols, ["wds", pattern], lambda k: str(paths[int(k)]), missing)
