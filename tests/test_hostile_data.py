@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from dietcl_fast.cli.main import main
-from dietcl_fast.data.decode import BadImageError
+from dietcl_fast.streams.decode import BadImageError
 from dietcl_fast.data.scan import check_file
 from dietcl_fast.streams import load_source
 from dietcl_fast.streams.scenarios import StreamError
@@ -77,7 +77,7 @@ def test_bomb_under_both_policies_through_the_cli(tmp_path):
 def test_pixel_limit_is_an_option(tmp_path):
     img = tmp_path / "x.png"
     Image.new("L", (30, 30)).save(img)
-    from dietcl_fast.data import decode
+    from dietcl_fast.streams import decode
     old = decode.MAX_IMAGE_PIXELS
     try:
         decode.set_max_image_pixels(800)

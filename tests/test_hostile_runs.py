@@ -111,7 +111,7 @@ def _tiff(path, a):
 def test_images_decode_by_a_fixed_rule_never_by_their_own_maximum(tmp_path):
     from PIL import Image
 
-    from dietcl_fast.data.decode import BadImageError, load_rgb
+    from dietcl_fast.streams.decode import BadImageError, load_rgb
     from dietcl_fast.data.scan import check_file
     ok = _tiff(tmp_path / "f.tif", np.array([[0.2, 0.5, 0.99]], np.float32))
     assert load_rgb(ok)[0, :, 0].tolist() == [51, 128, 252]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from dietcl_fast.config import Config
 from dietcl_fast.data import build_loader
-from dietcl_fast.data.decode import BadImageError
+from dietcl_fast.streams.decode import BadImageError
 from dietcl_fast.streams import StreamError, load_source
 from dietcl_fast.streams import index as ix
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .dali_loader import DALI_HINT
-from .decode import BadImageError, decode_all
+from ..streams.decode import BadImageError, decode_all
 from .memory import MemoryLoader
 from .pipeline import Loader, Request
 from .scan import fail_on_bad, scan_source
@@ -97,7 +97,7 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
         backend, why = choose_backend(source, device, img_size)
         log(f"loader: auto picked {backend}: {why}")
     workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
-    from .decode import set_max_image_pixels
+    from ..streams.decode import set_max_image_pixels
     set_max_image_pixels(getattr(cfg, "max_image_pixels", 89_478_485))
     scan_mode = getattr(cfg, "scan", "full")
     if backend == "memory":

@@ -27,7 +27,7 @@ import os
 import numpy as np
 import torch
 
-from .decode import BadImageError, load_rgb, read_bytes
+from ..streams.decode import BadImageError, load_rgb, read_bytes
 from .pipeline import PrefetchLoader, Request, plan
 
 DALI_HINT = 'pip install "dietcl-fast[dali]" (or nvidia-dali-cuda120 / -cuda130 for your CUDA)'

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..streams.index import IMAGE_EXTS
-from .decode import BadImageError, is_member, open_image, read_bytes, to_rgb_array
+from ..streams.decode import BadImageError, is_member, open_image, read_bytes, to_rgb_array
 
 NATIVE = {("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("PNG", "L")}
 

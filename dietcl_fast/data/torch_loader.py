@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .decode import BadImageError, crop_resize, load_rgb, read_bytes
+from ..streams.decode import BadImageError, crop_resize, load_rgb, read_bytes
 from .pipeline import RESAMPLE, Normalise, PrefetchLoader, Request, eval_geometry, plan
 from .transforms import host_to_device
 

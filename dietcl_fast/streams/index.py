@@ -65,7 +65,7 @@ def _arrow():
 # --------------------------------------------------------------------------- path tables
 class MemberPath(str):
     """A sample's image inside a tar shard. The string ``SHARD:KEY.EXT`` names it in messages;
-    ``tar``, ``offset`` and ``size`` locate its bytes (``dietcl_fast.data.decode`` reads them)."""
+    ``tar``, ``offset`` and ``size`` locate its bytes (``dietcl_fast.streams.decode`` reads them)."""
 
     def __new__(cls, text: str, tar: str, offset: int, size: int):
         s = super().__new__(cls, text)

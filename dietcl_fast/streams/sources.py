@@ -133,7 +133,7 @@ class Source:
         """Image ``i`` as uint8: the stored array, or the file decoded to RGB [H, W, 3]."""
         if self.kind == "array":
             return self.images[i]
-        from ..data.decode import load_rgb     # the loaders' fixed decode rule
+        from .decode import load_rgb     # the loaders' fixed decode rule
         return load_rgb(self.paths[i])
 
     def __repr__(self) -> str:  # keep arrays out of logs

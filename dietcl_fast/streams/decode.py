@@ -35,7 +35,7 @@ def is_member(path) -> bool:
 def read_bytes(path) -> bytes:
     """The encoded bytes of an image file or of a sample in a tar shard; BadImageError naming
     it when they cannot all be read."""
-    from ..streams.index import read_bytes_of
+    from .index import read_bytes_of
     check_regular_file(path)
     try:
         return read_bytes_of(path)
