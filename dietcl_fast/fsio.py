@@ -20,8 +20,8 @@ import secrets
 
 import numpy as np
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "CheckpointError", "atomic_write_bytes", "is_run_checkpoint",
-           "plain_state"]
+__all__ = ["FORMAT_VERSION", "MAGIC", "CheckpointError", "atomic_write_bytes", "fsync_dir",
+           "is_run_checkpoint", "plain_state"]
 
 FORMAT_VERSION = 2      # layout of a saved run state (latest.pt and DeepSpeed client state)
 MAGIC = b"DIETCLCKPT\x00" + bytes([FORMAT_VERSION])   # a checkpoint file's first 12 bytes
@@ -58,13 +58,19 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(d)
+
+
+def fsync_dir(d: str) -> None:
+    """Make a rename or link in directory `d` durable (fsync of the directory); a filesystem
+    that refuses fsync on a directory is left as it is (the rename itself is done)."""
     try:
         dfd = os.open(d, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-    except OSError:     # some filesystems refuse fsync on a directory; the rename is done
+    except OSError:
         pass
 
 

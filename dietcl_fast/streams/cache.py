@@ -23,7 +23,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from ..fsio import atomic_write_bytes
+from ..fsio import atomic_write_bytes, fsync_dir
 from .sources import StreamError
 
 _MIB = 2 ** 20
@@ -69,15 +69,6 @@ class Damaged(Exception):
     """A cache entry that fails its manifest check (the message says how)."""
 
 
-def fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:         # some filesystems refuse fsync on a directory
-        pass
 
 
 def _checked_sha(p: str) -> str:
