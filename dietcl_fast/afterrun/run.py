@@ -7,7 +7,6 @@ fit the run's model, is a RunError naming it, before any image is read.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -18,6 +17,7 @@ from .. import checkpoint as ckpt_io
 from ..config import Config
 from ..methods import build_method
 from ..models import PRESETS, ModelSpec, build_model
+from ..results import read_json
 
 
 class RunError(ValueError):
@@ -47,11 +47,10 @@ def read_results(run_dir: str) -> Optional[dict]:
     if not os.path.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            res = json.load(f)
-    except (OSError, ValueError) as e:
-        raise RunError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(res, dict) or "accuracy_matrix" not in res:
+        res = read_json(path)       # names the file: unreadable, damaged, or not an object
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    if "accuracy_matrix" not in res:
         raise RunError(f"{path} is not a dietcl-fast results file (no accuracy_matrix)")
     return res
 
