@@ -35,7 +35,7 @@ DEVICE = click.option("--device", default=OPTIONS["run.device"].field.default,
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def bench():
-    """Benchmarks: step, kernels, loader, buffer, flops, engines, index (ratios against a
+    """Benchmarks: step, kernels, loader, buffer, flops, engines, index, threads (ratios against a
     baseline measured in the same run)."""
 
 
@@ -212,3 +212,27 @@ def index(rows, classes, scan_files, workers, workdir, keep, tiny, out):
     from dietcl_fast.bench.index import bench_index
     _run(bench_index, rows=rows, classes=classes, scan_files=scan_files, workers=workers,
          workdir=workdir, keep=keep, tiny=tiny, out=out, echo=click.echo)
+
+
+@bench.command(context_settings={"show_default": True})
+@click.option("--threads-list", default="1,2", help="--threads values to time, comma-separated.")
+@click.option("--waits", default="active,passive",
+              help="OpenMP waiting policies to time, comma-separated: active, passive "
+                   "(OMP_WAIT_POLICY) or spinN (GOMP_SPINCOUNT=N).")
+@click.option("--busy", default=2, type=int, help="CPU-bound loops started beside the busy runs.")
+@click.option("--repeats", default=1, type=int, help="Runs per cell (the fastest is kept).")
+@click.option("--machines", default="idle,busy", help="idle, busy or both, comma-separated.")
+@click.option("--tiny", is_flag=True, help="A 2-step run at batch 8 (tests).")
+@OUT
+def threads(threads_list, waits, busy, repeats, machines, tiny, out):
+    """CPU threads on an idle and a busy machine: one short training run per --threads value
+    and OpenMP waiting policy, alone and beside --busy CPU-bound loops (the preset's default
+    thread count comes from this table)."""
+    from dietcl_fast.bench.threads import bench_threads
+    try:
+        tl = [int(x) for x in threads_list.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--threads-list {threads_list!r}: comma-separated whole numbers")
+    _run(bench_threads, threads_list=tl, waits=[w.strip() for w in waits.split(",") if w.strip()],
+         busy=busy, repeats=repeats, machines=[m.strip() for m in machines.split(",") if m.strip()],
+         tiny=tiny, out=out, echo=click.echo)

@@ -254,6 +254,11 @@ class EngineConfig:
                                                         "compile costs minutes for ~5% a step",
                                      help="Compile each micro-batch's loss and backward whole "
                                           "(torch.compile, no graph break).")
+    threads: Optional[int] = option(None, default_text="the preset's: 1 for cpu-tiny, torch's "
+                                                       "default for vit-b16",
+                                    help="CPU threads of torch's operators in this process "
+                                         "(recorded in results.json; the cpu-tiny default is "
+                                         "measured by `bench threads`, docs/options.md).")
 
 
 @dataclass(slots=True)
@@ -648,6 +653,7 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
              why=' (or "auto")')
     if cfg.engine.compile is not None:
         _bool(cfg, "engine.compile")
+    _num(cfg, "engine.threads", lo=1, hi=4096, integer=True, optional=True)
     _num(cfg, "run.budget", lo=1, hi=1e12, integer=True, why=" of training steps per time step")
     _num(cfg, "run.batch_size", lo=2, hi=2 ** 31 - 1, integer=True, optional=True)
     _num(cfg, "run.seed", lo=0, hi=SEED_MAX, integer=True)

@@ -23,8 +23,8 @@ from .models import PRESETS, resolve_preset
 # Preset optimiser defaults. The paper's recipe (blr 1e-4, floor 5e-5, layer decay 0.65) is
 # for fine-tuning a pretrained ViT-B; the tiny CPU model trains from scratch and needs more.
 PRESET_OPTIM = {
-    "vit-b16": dict(blr=1e-4, min_lr=5e-5, layer_decay=0.65, micro_batch=256),
-    "cpu-tiny": dict(blr=4e-3, min_lr=1e-5, layer_decay=0.9, micro_batch=None),
+    "vit-b16": dict(blr=1e-4, min_lr=5e-5, layer_decay=0.65, micro_batch=256, threads=None),
+    "cpu-tiny": dict(blr=4e-3, min_lr=1e-5, layer_decay=0.9, micro_batch=None, threads=1),
 }
 
 SCRATCH_VIT_B16_WARNING = (
@@ -119,6 +119,10 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     for k in ("blr", "min_lr", "layer_decay"):
         if getattr(cfg.optim, k) is None:
             setattr(cfg.optim, k, popt[k])
+    # CPU threads (`bench threads`, RESULTS "Threads"): cpu-tiny's ops are too small for a
+    # second thread to pay on a shared 2-core machine; None: torch's default (the cores)
+    if cfg.engine.threads is None:
+        cfg.engine.threads = popt["threads"] or torch.get_num_threads()
     G = int(cfg.run.batch_size)
     if cfg.engine.micro_batch is None:
         cfg.engine.micro_batch = popt["micro_batch"] or max(G // world, 1)

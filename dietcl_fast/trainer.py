@@ -90,6 +90,7 @@ class Trainer:
             return self.device, self.dist.world_size
         self.plan = resolve(cfg, start=start)
         self.cfg = cfg = self.plan.cfg  # the resolved copy (config.yaml); the caller's is untouched
+        torch.set_num_threads(cfg.engine.threads)       # --threads (the preset's, measured)
         self.amp_dtype, self.budget = self.plan.amp_dtype, self.plan.budget
         for note in self.plan.notes:
             self.log(note)
@@ -465,6 +466,8 @@ class Trainer:
             "skipped_files": getattr(self.loader, "skipped_files", []),
             "stream": self.stream.to_dict(),
             "versions": versions(),
+            "threads": {"torch": torch.get_num_threads(),
+                        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")},
             "device": {"type": self.device.type, "count": self.dist.world_size,
                        "name": (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                                 else "cpu")},

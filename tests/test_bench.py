@@ -185,7 +185,31 @@ def test_bench_buffer_and_engines(tmp_path):
     assert names == ["torch", "ds0"] or any("deepspeed is not importable" in n for n in e["notes"])
 
 
+def test_bench_threads_times_real_runs_idle_and_busy(tmp_path):
+    """`bench threads` at its tiny size: real `dietcl-fast train` processes, one alone and one
+    beside a CPU-bound loop the bench starts (and stops: no loop outlives it); each run records
+    the thread count it was given. About 15 s: two training processes."""
+    before = set(_python_loops())
+    p = run([*CLI, "bench", "threads", "--tiny", "--threads-list", "2", "--waits", "passive",
+             "--busy", "1", "--out", str(tmp_path / "t.json")])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    t = json.loads((tmp_path / "t.json").read_text())
+    assert t["kind"] == "dietcl-fast/bench-threads" and len(t["loadavg_before"]) == 3
+    assert [(r["machine"], r["threads"], r["wait"]) for r in t["rows"]] == [
+        ("idle", 2, "passive"), ("busy", 2, "passive")]
+    assert all(r["seconds"] > 0 for r in t["rows"]) and t["rows"][1]["busy_over_idle"] > 0
+    assert "| machine |" in p.stdout
+    assert set(_python_loops()) <= before          # the busy loop was stopped
+
+
+def _python_loops():
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if "while True: pass" in line]
+
+
 @pytest.mark.parametrize("args, needle", [
+    (["threads", "--threads-list", "0"], "--threads-list"),
+    (["threads", "--waits", "spin"], "--waits spin"),
     (["step", "--budget", "0"], "--budget 0"),
     (["step", "--split", "half"], "--split 'half'"),
     (["step", "--modes", "eager,fast"], "--modes eager,fast"),

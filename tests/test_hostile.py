@@ -184,6 +184,7 @@ def test_run_files_follow_the_umask(killed_run):
 @pytest.mark.parametrize("args,words", [
     (["--micro-batch", "0"], ["--micro-batch", "0"]),
     (["--micro-batch", "-8"], ["--micro-batch", "-8"]),
+    (["--threads", "0"], ["--threads", "0"]),
     (["--recon-weight", "nan"], ["--recon-weight", "nan"]),
     (["--recon-weight", "-1"], ["--recon-weight", "-1"]),
     (["--blr", "nan"], ["--blr", "nan"]),
