@@ -257,8 +257,8 @@ class EngineConfig:
     threads: Optional[int] = option(None, default_text="the preset's: 1 for cpu-tiny, torch's "
                                                        "default for vit-b16",
                                     help="CPU threads of torch's operators in this process "
-                                         "(recorded in results.json; the cpu-tiny default is "
-                                         "measured by `bench threads`, docs/options.md).")
+                                         "(recorded in results.json; the cpu-tiny default comes "
+                                         "from `dietcl-fast bench threads`, docs/bench.md).")
 
 
 @dataclass(slots=True)
