@@ -128,10 +128,13 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
         cfg.engine.micro_batch = popt["micro_batch"] or max(G // world, 1)
         if not popt["micro_batch"] and world > 1:
             # the micro-batch cuts each step's draws: another cut, other draws and FLOPs
+            # the global batch's mix and the ledger do not depend on it (eager); the cut
+            # decides which images share a micro-batch (Mixup partners, mask draws)
             notes.append(f"--micro-batch defaults to the global batch over the processes: "
-                         f"{cfg.engine.micro_batch} here, {G} in one process; runs agree across "
-                         f"process counts only at the same --micro-batch (e.g. --micro-batch "
-                         f"{cfg.engine.micro_batch} in one process reproduces this run)")
+                         f"{cfg.engine.micro_batch} here, {G} in one process; the global batch "
+                         f"and the ledger are the same at any process count, and --micro-batch "
+                         f"{cfg.engine.micro_batch} in one process also cuts it into the same "
+                         f"micro-batches (Mixup partners, mask draws), reproducing this run")
     probe_micro = cfg.engine.micro_batch == "auto"      # resolved once the model exists
     if probe_micro:
         cfg.engine.micro_batch = max(G // world, 1)

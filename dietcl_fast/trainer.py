@@ -145,9 +145,14 @@ class Trainer:
             self.cfg = self.plan.cfg
             self.log(f"--micro-batch auto: {self.plan.micro} (the largest divisor of "
                      f"{self.plan.global_batch // self.plan.world} that fits)")
-        # static-shape methods: every micro-batch of a phase has the same per-source counts
+        # A compiled step needs static shapes: every micro-batch of a phase then holds the same
+        # number of images of each source, so each source's count per global batch is rounded
+        # to a multiple of the micro-batches (the granule). Eager, the counts are the global
+        # batch's own (granule 1), whatever the world size or micro-batch: the global batch's
+        # mix, and so the ledger, do not depend on how many processes share it.
         self.batch = BatchPlan(self.plan, self.dist.rank,
-                               self.plan.n_micro if self.method.static_shapes else 1)
+                               self.plan.n_micro if self.method.static_shapes and self.plan.compile
+                               else 1)
         self.batcher = Batcher(self.batch, self.loader, self.stream, self.spec, self.device,
                                cfg.run.seed, self.method, cfg.method)
         self.engine = build_engine(self.plan.engine, self.model, self.device, self.amp_dtype,
@@ -537,7 +542,8 @@ class Trainer:
         ledger's prices, and the model."""
         return StepContext(t=t, budget=self.budget, seed=self.cfg.run.seed,
                            time_steps=self.stream.time_steps, global_batch=self.G,
-                           granule=self.granule, accum=self.accum, units_for=self._units_for,
+                           granule=self.granule, n_micro=self.n_micro, accum=self.accum,
+                           units_for=self._units_for,
                            stream=self.stream, model=self.model, spec=self.spec,
                            num_classes=self.stream.num_seen_classes(t), eval_map=self._eval_map)
 

@@ -50,6 +50,46 @@ def test_torchrun_two_processes_matches_one(tmp_path_factory, torch_ref):
     assert close >= 0.95 * len(diffs), {k: d for k, d in diffs.items() if d > 1e-5}
 
 
+def _without_charge_counts(ledger: dict) -> dict:
+    """The ledger less its charge counts (one charge per micro-batch: more micro-batches, more
+    charges of the same images)."""
+    out = {k: v for k, v in ledger.items() if k != "num_charges"}
+    out["per_path"] = {p: {k: v for k, v in d.items() if k != "charges"}
+                       for p, d in ledger["per_path"].items()}
+    return out
+
+
+@pytest.mark.slow
+def test_the_global_batch_and_its_ledger_do_not_depend_on_the_world_size(tmp_path):
+    """--batch-size 30 with the default micro-batch: 30 in one process, 15 on each of 2 ranks,
+    and DietCL's 40/30/30 mix (12 + 9 + 9) does not cut into 2 equal micro-batches. The images
+    each time step charges, path by path, and each pool's draws are the same on 1 process, on 2
+    ranks under the real torchrun and (when installed) under the real deepspeed launcher. Over
+    20 s: three runs, two of them 2 ranks through a real launcher (the launchers are the point)."""
+    import importlib.util
+    import json
+
+    from launchers import single
+    args = ["train", "--time-steps", "2", "--budget", "3", "--batch-size", "30",
+            "--label-rate", "0.05", "--no-progress", "--no-knn-readout"]
+    runs = {"one": single(*args, "--out", str(tmp_path / "one")),
+            "torchrun": launcher("torchrun", *args, "--out", str(tmp_path / "torchrun"))}
+    if importlib.util.find_spec("deepspeed") is not None:
+        runs["deepspeed"] = launcher("deepspeed", *args, "--out", str(tmp_path / "deepspeed"))
+    for name, p in runs.items():
+        assert p.returncode == 0, (name, (p.stdout + p.stderr)[-3000:])
+    res = {n: json.loads((tmp_path / n / "results.json").read_text()) for n in runs}
+    assert res["torchrun"]["device"]["count"] == 2 and res["one"]["device"]["count"] == 1
+    assert res["torchrun"]["config"]["engine"]["micro_batch"] == 15
+    assert res["one"]["config"]["engine"]["micro_batch"] == 30
+    ref = _without_charge_counts(res["one"]["ledger"])
+    for n in runs:
+        assert _without_charge_counts(res[n]["ledger"]) == ref, n
+        assert res[n]["passes"] == res["one"]["passes"], n
+    # more micro-batches, the same images: 2 charges per pass where one process makes 1
+    assert res["torchrun"]["ledger"]["num_charges"] > res["one"]["ledger"]["num_charges"]
+
+
 def test_sharded_evaluation_is_exact():
     """The W contiguous slices are disjoint and cover every eval id once (no padding), so the
     summed (correct, total) equal one process's; the 2-process runs above exercise the

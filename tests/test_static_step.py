@@ -137,21 +137,28 @@ def test_counts_are_multiples_of_the_micro_batches():
     assert sum(c.values()) == 16 and all(v % 2 == 0 for v in c.values())
 
 
-def test_every_micro_batch_of_a_phase_has_the_same_sizes(tmp_path, monkeypatch):
+def test_eager_micro_batches_hold_the_global_batchs_exact_mix(tmp_path, monkeypatch):
+    """Eager, a source's count per global batch is its share of the global batch rounded once
+    (granule 1), whatever the micro-batch or world size: 16 at 40/30/30 is 6 + 5 + 5, cut into
+    4 micro-batches of unequal sizes. (A compiled step rounds to multiples of the
+    micro-batches instead, so that every micro-batch of a phase has one shape:
+    test_compile_graphs.py counts its graphs.)"""
     sizes = []
     cfg = tiny_cfg("dietcl", budget=4, batch_size=16, micro_batch=4)
     tr = Trainer(cfg, log=lambda m: None)
+    assert tr.granule == 1 and tr.n_micro == 4
     orig = tr.loss_fn
 
     def loss(model, mb):
-        sizes.append((mb.t, mb.phase, tuple(sorted((s, x.shape[0]) for s, x in mb.x.items()))))
+        sizes.append((mb.t, mb.phase, {s: x.shape[0] for s, x in mb.x.items()}, dict(mb.n_global)))
         return orig(model, mb)
     tr.loss_fn = loss
     tr.run(str(tmp_path))
-    by_phase = {}
-    for t, ph, sz in sizes:
-        by_phase.setdefault((t, ph), set()).add(sz)
-    assert len(by_phase) == 3 and all(len(v) == 1 for v in by_phase.values()), by_phase
+    joint = [(sz, ng) for t, ph, sz, ng in sizes if ph == "joint" and t == 1]
+    assert joint and all(ng == {"unlabeled": 6, "labeled": 5, "buffer": 5} for _, ng in joint)
+    per_micro = [sz for sz, _ in joint[:4]]         # one global batch: its 4 micro-batches
+    assert {s: sum(m[s] for m in per_micro) for s in per_micro[0]} == joint[0][1]
+    assert len({tuple(sorted(m.items())) for m in per_micro}) > 1      # not all one shape
 
 
 # ------------------------------------------------------------------ --micro-batch auto

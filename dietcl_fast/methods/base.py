@@ -56,10 +56,12 @@ class Phase:
 
     def counts(self, global_batch: int, it: int | None = None, granule: int = 1) -> dict[str, int]:
         """Integer images per source per global batch. Each source's count is the multiple of
-        `granule` (the number of micro-batches of a global batch) nearest to its share, so that
-        every micro-batch of a phase holds the same number of images of each source (static
-        shapes); the rounding remainder goes to the first source, so the counts sum to the
-        global batch exactly. E.g. 1,024 in 4 micro-batches at 0.4 unlabeled: 408 + 616."""
+        `granule` nearest to its share; the rounding remainder goes to the first source, so the
+        counts sum to the global batch exactly. The trainer's granule is 1 (the global batch's
+        own mix, whatever the micro-batches and processes), or for a compiled step the number
+        of micro-batches, so that every micro-batch of a phase holds the same number of images
+        of each source (static shapes). E.g. 1,024 in 4 micro-batches at 0.4 unlabeled:
+        408 + 616; 30 at 40/30/30 with granule 1: 12 + 9 + 9."""
         mix = self.mix if it is None else self.mix_at(it)
         srcs = [s for s in SOURCES if mix.get(s, 0) > 0]
         g = granule if global_batch % granule == 0 else 1

@@ -32,7 +32,9 @@ class StepContext:
     seed: int                           # the run's seed: a method's own draws derive from it
     time_steps: int                     # T, time steps in the stream
     global_batch: int = 1024            # G images per optimiser step (one budget unit)
-    granule: int = 1                    # micro-batches per global batch with equal counts
+    granule: int = 1                    # each source's count per global batch is a multiple
+                                        # of it (the micro-batches, when shapes are static)
+    n_micro: int = 1                    # micro-batches per global batch (all processes)
     accum: int = 1                      # micro-batches one process runs per optimiser step
     # (ledger path, images, backward) -> budget units: the price of a pass (read-only ledger)
     units_for: Optional[Callable[[str, int, bool], float]] = None

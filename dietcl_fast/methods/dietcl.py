@@ -101,11 +101,11 @@ class DietCL(Method):
                 mix = {"unlabeled": u, "labeled": (1 - u) / 2, "buffer": (1 - u) / 2}
             ph = Phase("joint", joint, mix)
             # MAE on the unlabeled share, the classifier on the rest: with images of every
-            # source in each micro-batch (static shapes: each source's count is a multiple of
-            # the micro-batches), every parameter gets a gradient (the buffer-only phase
-            # leaves the MAE decoder without one)
+            # source in each micro-batch (micro-batch j holds a source's items j, j + n_micro,
+            # ...), every parameter gets a gradient (the buffer-only phase leaves the MAE
+            # decoder without one)
             counts = ph.counts(ctx.global_batch, granule=ctx.granule)
-            ph.all_parameters_used = all(counts.get(s, 0) >= ctx.granule for s in mix)
+            ph.all_parameters_used = all(counts.get(s, 0) >= ctx.n_micro for s in mix)
             out.append(ph)
         if budget - joint > 0:
             out.append(Phase("buffer", budget - joint, {"buffer": 1.0}, self.mcfg.buffer_lr_scale))
