@@ -209,6 +209,31 @@ def test_two_processes_at_once_scan_once_and_a_changed_file_is_rescanned(tmp_pat
     assert f"KEPT 23 ['{broken}']" in out, out
 
 
+def test_a_folder_that_gains_a_file_rescans_that_file_only(tmp_path):
+    """The listing changed (a new file): the record is re-aligned by path, keeps what it knew
+    (also a bad file's reason) and the scan decodes the new file alone."""
+    rows = _tree(tmp_path, 2, 5)
+    bad = tmp_path / "img" / "k1" / "zz.jpg"
+    bad.write_bytes(b"not an image")
+    said = []
+    cfg = _loader_cfg("torch", "skip")
+    ld, kept = build_loader(load_source(f"folder:{tmp_path / 'img'}"), cfg, 16, 3, "cpu", log=said.append)
+    ld.close()
+    _img(str(tmp_path / "img" / "k0" / "new.jpg"), 77)
+    ld, kept = build_loader(load_source(f"folder:{tmp_path / 'img'}"), cfg, 16, 3, "cpu", log=said.append)
+    ld.close()
+    assert _counts("\n".join(said)) == [(0, 11), (11, 1)], said
+    assert len(kept) == len(rows) + 1 and [s["path"] for s in ld.skipped_files] == [str(bad)]
+
+
+def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
+    _tree(tmp_path, 2, 2)
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("DIETCL_CACHE", str(tmp_path / "afile"))
+    with pytest.raises(StreamError, match=r"--data folder:.*cannot write the cache directory .*afile/index.*DIETCL_CACHE"):
+        load_source(f"folder:{tmp_path / 'img'}")
+
+
 def test_a_resume_reads_the_scan_from_the_record(tmp_path):
     rows = _tree(tmp_path, 2, 10)
     (tmp_path / "i.csv").write_text("path,label\n" + "".join(f"{p},{l}\n" for p, l, _ in rows))

@@ -120,18 +120,26 @@ def _collect(res: ScanResult, part, mode: str) -> None:
 def scan_members_dali(paths, mode: str = "full", workers: int = 1, log=print) -> ScanResult:
     """`scan_files` for samples of WebDataset shards (a PathTable of MemberPaths), read by
     DALI's webdataset reader (`fn.readers.webdataset`, CPU): each shard holding a sample to
-    check is read once, in order; each image's bytes are checked like a file's. The reader's
-    own offset of every sample (its source_info) must be the index's."""
+    check is read once, in order; each image's bytes are checked like a file's, a reader batch
+    per task. The reader's own offset of every sample (its source_info) must be the index's."""
+    from collections import deque
+
     from nvidia.dali import fn, pipeline_def
 
     n = len(paths)
     res = ScanResult(ok=np.ones(n, bool), sizes=np.zeros((n, 2), np.int64),
                      native=np.zeros(n, bool), jpeg=np.zeros(n, bool))
-    where: dict = {}
-    for i in range(n):
-        p = paths[i]
-        where[(p.tar, p.offset)] = (i, p)
-    shards = sorted({t for t, _ in where})
+    m = paths.members
+    rows = np.arange(n) if paths.rows is None else np.asarray(paths.rows)
+    used = np.unique(np.asarray(m.shard)[rows])
+    shards = [m.shards[int(s)] for s in used]
+    slot = {s: k for k, s in enumerate(shards)}
+    # (shard slot, offset) of each row as one sortable key: offsets are below 2^40 (1 TiB)
+    key = np.searchsorted(used, np.asarray(m.shard)[rows]).astype(np.int64) << 40 \
+        | np.asarray(m.offset)[rows]
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    seen = np.zeros(n, bool)
     batch = 64
 
     @pipeline_def(batch_size=batch, num_threads=max(1, workers), device_id=None,
@@ -141,33 +149,43 @@ def scan_members_dali(paths, mode: str = "full", workers: int = 1, log=print) ->
                                      missing_component_behavior="skip",
                                      case_sensitive_extensions=False, name="wds")
 
+    def check(items):
+        return [_check_one(i, paths[i], mode, data) for i, data in items]
+
     p = pipe()
     p.build()
     total = p.epoch_size("wds")
-    seen = set()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as ex:
-        futs = []
+        pending: deque = deque()
         for _ in range(-(-total // batch)):
             out, = p.run()
+            items = []
             for k in range(len(out)):
                 info = out[k].source_info()           # "SHARD:OFFSET:NAME"
                 shard = next((s for s in shards if info.startswith(s + ":")), None)
                 off = info[len(shard) + 1:].split(":", 1)[0] if shard else ""
-                hit = where.get((shard, int(off))) if off.isdigit() else None
-                if hit is None or hit[0] in seen:
+                if not off.isdigit():
                     continue
-                seen.add(hit[0])
-                data = bytes(np.array(out[k]))
-                futs.append(ex.submit(_check_one, hit[0], hit[1], mode, data))
-        _collect(res, [f.result() for f in futs], mode)
+                want = (slot[shard] << 40) | int(off)
+                j = int(np.searchsorted(skey, want))
+                if j == n or skey[j] != want or seen[order[j]]:
+                    continue                          # a sample not to check, or the wrap-around
+                i = int(order[j])
+                seen[i] = True
+                items.append((i, bytes(np.array(out[k]))))
+            if items:
+                pending.append(ex.submit(check, items))
+            while len(pending) > 2 * max(1, workers):
+                _collect(res, pending.popleft().result(), mode)
+        while pending:
+            _collect(res, pending.popleft().result(), mode)
     del p
-    missed = [i for i in range(n) if i not in seen]
-    if missed:      # the reader did not see a sample the index has: a shard changed under us
-        raise BadImageError(f"{paths[missed[0]]}: DALI's webdataset reader finds no image at the "
-                            f"index's offset ({len(missed)} sample(s)); the shard changed "
+    if not seen.all():      # the reader did not see a sample the index has: the shard changed
+        k = int(np.flatnonzero(~seen)[0])
+        raise BadImageError(f"{paths[k]}: DALI's webdataset reader finds no image at the "
+                            f"index's offset ({int((~seen).sum())} sample(s)); the shard changed "
                             "since it was indexed: start again to index it anew")
     return res
-
 
 
 def _check_one(i, p, mode, data):

@@ -927,8 +927,9 @@ def _realign(old: Optional[dict], paths: PathTable, rows_id: str) -> tuple:
     src = pos[hit]
     for name in ("size", "mtime", "status", "level", "hw", "flags"):
         new[name][hit] = np.asarray(old[name])[src]
-    back = {int(o): int(k) for k, o in zip(hit, src)}
-    new["reasons"] = {back[r]: v for r, v in old["reasons"].items() if r in back}
+    back = np.full(len(old["size"]), -1, np.int64)      # old row -> new row
+    back[src] = hit
+    new["reasons"] = {int(back[r]): v for r, v in old["reasons"].items() if back[r] >= 0}
     new["max_pixels"] = old.get("max_pixels")
     return new, int(hit.size)
 
