@@ -16,7 +16,8 @@ import sys
 import click
 import numpy as np
 
-from dietcl_fast.config import OPTIONS, PlanDefaults
+from dietcl_fast.config import OPTIONS
+from dietcl_fast.plan import PlanDefaults
 
 D = PlanDefaults()
 # train options that plan sets itself, or that clash with plan's own

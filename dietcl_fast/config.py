@@ -701,68 +701,13 @@ def validate_pretrain(cfg: "PretrainConfig") -> "PretrainConfig":
     return cfg
 
 
-# Keys of the free `method.options` mapping that configs written before the typed per-method
-# sections hold (config.yaml of older runs, their checkpoints): each maps to the typed option(s)
-# of the methods that read it. `memory_size` 0 meant "every label seen" (now: no --memory).
-_LEGACY_METHOD_OPTIONS = {
-    "ewc_lambda": ("ewc.lambda_", "mas.lambda_"), "ewc_gamma": ("ewc.gamma", "mas.gamma"),
-    "importance_batch": ("ewc.importance_batch", "mas.importance_batch"),
-    "importance_budget": ("ewc.importance_budget", "mas.importance_budget"),
-    "pool_size": ("l2p.pool_size",), "prompt_length": ("l2p.prompt_length",),
-    "top_k": ("l2p.top_k",), "key_weight": ("l2p.key_weight",),
-    "ssl_fraction": ("cassle.ssl_fraction",),
-    "bt_lambda": ("cassle.bt_lambda", "dualnet.bt_lambda"),
-    "proj_dim": ("cassle.proj_dim", "dualnet.proj_dim"),
-    "threshold": ("dualnet.threshold",), "slow_supervised": ("dualnet.slow_supervised",),
-    "contrast_weight": ("ccic.contrast_weight",), "consistency_weight": ("ccic.consistency_weight",),
-    "unsup_contrast_weight": ("ccic.unsup_contrast_weight",), "margin": ("ccic.margin",),
-    "mix_alpha": ("ccic.mix_alpha",), "sharp_temp": ("ccic.sharp_temp",),
-    "temperature": ("ccic.temperature",), "knn": ("ccic.knn",),
-    "pretrain_fraction": ("pretrain_ft.pretrain_fraction", "joint.pretrain_fraction"),
-    "finetune_lr_scale": ("pretrain_ft.finetune_lr_scale",),
-}
-
-
-def _legacy_method_options(values: dict, source: str) -> dict:
-    """A `method.options` mapping of an older config, as the typed method sections."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: method.options={values!r}: expected a mapping")
-    out: dict = {}
-    for k, v in values.items():
-        if k == "memory_size":
-            out["memory"] = None if v == 0 else v
-            continue
-        if k not in _LEGACY_METHOD_OPTIONS:
-            raise ConfigError(f"{source}: unknown key method.options.{k}; each method's options "
-                              "are now typed sections (method.ewc, method.l2p, ...)")
-        for target in _LEGACY_METHOD_OPTIONS[k]:
-            sec, key = target.split(".")
-            out.setdefault(sec, {})[key] = v
-    return out
-
-
-# keys older versions saved in every run's config (null when unset) that no longer exist
-_REMOVED = {"run.stop_after_steps"}
-
-
 def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> None:
-    """Merge a nested dict into cfg; unknown sections/keys are errors naming them. Older
-    configs still load: `method.options` (the free mapping the typed per-method sections
-    replace) and whole numbers written as floats (budget: 500.0)."""
+    """Merge a nested dict into cfg; unknown sections/keys are errors naming them. Whole
+    numbers written as floats (budget: 500.0) are whole numbers."""
     if not isinstance(d, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
-    if _prefix == "method." and "options" in d:
-        d = dict(d)
-        legacy = _legacy_method_options(d.pop("options"), source)
-        for k, v in legacy.items():
-            if isinstance(v, dict):
-                d[k] = {**v, **(d.get(k) or {})}
-            else:
-                d.setdefault(k, v)
     known = {f.name: f for f in fields(cfg)}
     for k, v in d.items():
-        if f"{_prefix}{k}" in _REMOVED and v is None:   # saved unset by an older version
-            continue
         if k not in known:
             if not _prefix:
                 raise ConfigError(f"{source}: unknown section {k!r}; known: {', '.join(known)}")
@@ -895,32 +840,3 @@ def save_yaml(cfg: Config, path: str) -> None:
     import yaml
     from .fsio import atomic_write_bytes
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-
-
-@dataclass(frozen=True)
-class PlanDefaults:
-    """Defaults of `dietcl-fast plan`: the DietCL paper's real-world cost example (its Appendix D).
-
-    A labeling team of `labelers` people, each producing `labels_per_labeler_day` labels a day,
-    on a platform receiving `videos_per_day` x `frames_per_video` images a day (Snap's figure);
-    the paper trains `steps` optimiser steps of `batch_size` images per `labels` new labels
-    (ImageNet10K: 20 time steps, 1% labels, 500 steps each), which took at least
-    `paper_gpu_hours_per_task` GPU-hours on one `paper_device` (up to
-    `paper_slow_gpu_hours_per_task` with slow data loading). The paper's text states
-    `paper_stated_gpu_hours_per_labeler` GPU-hours for B/L, which these inputs do not give.
-    """
-    labelers: int = 1
-    labels_per_labeler_day: float = 4000.0
-    videos_per_day: float = 3.5e9
-    frames_per_video: float = 1.0
-    steps: float = 500.0
-    labels: float = 10000.0
-    batch_size: int = 1024
-    paper_device: str = "A100 80GB"
-    paper_gpu_hours_per_task: float = 0.5
-    paper_slow_gpu_hours_per_task: float = 18.0
-    paper_stated_gpu_hours_per_labeler: float = 100.0
-    tolerance: float = 1.0                       # --sweep: A(T) points below DietCL's best
-    budgets: str = "25,50,100,200,500"           # --sweep
-    seeds: str = "0,1,2"                         # --sweep
-    methods: str = "er"                          # --sweep: compared beside DietCL

@@ -27,7 +27,38 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .config import ConfigError, PlanDefaults
+from .config import ConfigError
+
+
+@dataclass(frozen=True)
+class PlanDefaults:
+    """Defaults of `dietcl-fast plan`: the DietCL paper's real-world cost example (its Appendix D).
+
+    A labeling team of `labelers` people, each producing `labels_per_labeler_day` labels a day,
+    on a platform receiving `videos_per_day` x `frames_per_video` images a day (Snap's figure);
+    the paper trains `steps` optimiser steps of `batch_size` images per `labels` new labels
+    (ImageNet10K: 20 time steps, 1% labels, 500 steps each), which took at least
+    `paper_gpu_hours_per_task` GPU-hours on one `paper_device` (up to
+    `paper_slow_gpu_hours_per_task` with slow data loading). The paper's text states
+    `paper_stated_gpu_hours_per_labeler` GPU-hours for B/L, which these inputs do not give.
+    """
+    labelers: int = 1
+    labels_per_labeler_day: float = 4000.0
+    videos_per_day: float = 3.5e9
+    frames_per_video: float = 1.0
+    steps: float = 500.0
+    labels: float = 10000.0
+    batch_size: int = 1024
+    paper_device: str = "A100 80GB"
+    paper_gpu_hours_per_task: float = 0.5
+    paper_slow_gpu_hours_per_task: float = 18.0
+    paper_stated_gpu_hours_per_labeler: float = 100.0
+    tolerance: float = 1.0                       # --sweep: A(T) points below DietCL's best
+    budgets: str = "25,50,100,200,500"           # --sweep
+    seeds: str = "0,1,2"                         # --sweep
+    methods: str = "er"                          # --sweep: compared beside DietCL
+
+
 
 D = PlanDefaults()
 BENCH_KIND = "dietcl-fast/bench-step"

@@ -136,9 +136,8 @@ class Pretrainer:
                 "wall_seconds": self.wall_before + time.perf_counter() - self._t0}
 
     def load_state(self, st: dict) -> None:
-        # (older states also saved a test aid, stop_after_steps: not part of the pretraining);
         # --out is where the state is now: a moved pretraining resumes
-        free = ("progress", "ckpt_every", "stop_after_steps", "out")
+        free = ("progress", "ckpt_every", "out")
         saved = {k: v for k, v in st["config"].items() if k not in free}
         mine = {k: v for k, v in asdict(self.cfg).items() if k not in free}
         if saved != mine:

@@ -42,13 +42,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_cfg(method: str = "dietcl", budget: int = 3, *, batch_size: int = 16, micro_batch=8,
-             options: dict | None = None, **fields):
+             **fields):
     """The tiny run the trainer tests share: 2 time steps of the embedded stream at 5% labels,
     `budget` optimiser steps per time step at a global batch of `batch_size` in micro-batches of
-    `micro_batch`, no progress bar, evaluation in one batch. `options`: the method's options.
+    `micro_batch`, no progress bar, evaluation in one batch.
     `fields`: `section__field=value` for any config field (`optim__min_lr=5e-5`), or a bare
     `field=value` for a run field (`seed=1`); a field the config does not have is an error."""
-    from dietcl_fast.config import Config, apply_dict
+    from dietcl_fast.config import Config
     cfg = Config()
     cfg.method.name = method
     cfg.stream.time_steps = 2
@@ -58,9 +58,6 @@ def tiny_cfg(method: str = "dietcl", budget: int = 3, *, batch_size: int = 16, m
     cfg.engine.micro_batch = micro_batch
     cfg.run.progress = False
     cfg.run.eval_batch_size = 1024
-    if options:     # by the names older configs used (method.options), through the config's
-        # own mapping onto the typed per-method sections
-        apply_dict(cfg, {"method": {"options": dict(options)}}, source="test")
     for name, value in fields.items():
         section, key = name.split("__", 1) if "__" in name else ("run", name)
         if not hasattr(getattr(cfg, section), key):

@@ -677,7 +677,8 @@ def test_defaults_the_prose_states_are_the_configs():
     """Defaults docs/*.md state in words, against dietcl_fast/config.py: a
     changed default fails here until the text follows (the options table is checked by
     tests/test_options_table.py)."""
-    from dietcl_fast.config import Config, PlanDefaults, PretrainConfig
+    from dietcl_fast.config import Config, PretrainConfig
+    from dietcl_fast.plan import PlanDefaults
     c, p, pt = Config(), PlanDefaults(), PretrainConfig(out="x")
     alg = open(os.path.join(ROOT, "docs", "algorithm.md"), encoding="utf-8").read()
     plan = open(os.path.join(ROOT, "docs", "plan.md"), encoding="utf-8").read()

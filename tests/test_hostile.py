@@ -424,7 +424,7 @@ def test_compare_records_a_failing_method_and_goes_on(tmp_path):
     out = tmp_path / "cmp"
     # gdumb with a negative memory fails at setup; er must still run and the table be written
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("method: {options: {memory_size: -1}}\n")
+    cfg.write_text("method: {memory: -1}\n")
     r = invoke(*CMP, "--config", cfg, "--methods", "gdumb,er", "--seeds", "0,0", "--out", out)
     assert r.exit_code == 2 and "1 of 2 runs failed" in r.output, r.output
     assert "each run counts once" in r.output

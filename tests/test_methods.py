@@ -14,8 +14,16 @@ ALL = sorted(METHODS)
 
 
 def tiny_cfg(method, budget=3, **opts):
-    """conftest's tiny run; keyword arguments are the method's options."""
-    return shared_tiny_cfg(method, budget, options=opts)
+    """conftest's tiny run; keyword arguments are the method's options (its own section's,
+    else the shared method section's: `memory`)."""
+    cfg = shared_tiny_cfg(method, budget)
+    own = getattr(cfg.method, method, None)
+    for k, v in opts.items():
+        target = own if own is not None and hasattr(own, k) else cfg.method
+        if not hasattr(target, k):
+            raise AttributeError(f"tiny_cfg: {method} has no option {k}")
+        setattr(target, k, v)
+    return cfg
 
 
 def run_counted(tmp_path, counter, method, budget=3, **opts):
@@ -71,7 +79,7 @@ def test_penalty_zero_before_first_step_and_grows_with_importance(tmp_path, flop
 # ---------------------------------------------------------------- GDumb
 def test_gdumb_memory_is_class_balanced_greedy():
     from dietcl_fast.methods import build_method
-    m = build_method(tiny_cfg("gdumb", memory_size=6))
+    m = build_method(tiny_cfg("gdumb", memory=6))
     rng = np.random.default_rng(0)
     m.add(np.arange(10), np.zeros(10, dtype=int), rng)          # class 0 fills the memory
     assert {c: len(v) for c, v in m.memory.items()} == {0: 6}
