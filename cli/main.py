@@ -129,6 +129,10 @@ def main(local_rank):
 @click.option("--config", "config", default=None, type=click.Path(dir_okay=False),
               help="YAML config file (sections stream/model/method/optim/loader/engine/run); "
                    "options typed on the command line override it.")
+@click.option("--check", is_flag=True,
+              help="Check and resolve the options (preset defaults, engine, micro-batch, the "
+                   "method's options), print the config the run would record, and exit: no "
+                   "data read, nothing written.")
 @click.pass_context
 def train(ctx, **params):
     """Train a continual learner on a stream under a per-step compute budget; writes
@@ -155,6 +159,9 @@ def train(ctx, **params):
             for flag, owner in _other_methods_options(ctx, cfg.method.name):
                 click.echo(f"note: {flag} is an option of method {owner}; --method "
                            f"{cfg.method.name} does not read it", err=True)
+            if params["check"]:
+                _check(cfg)
+                return
             run_dir = cfg.run.out or default_run_dir(cfg)
             cfg.run.out = run_dir
             created = not os.path.exists(run_dir)
@@ -176,6 +183,24 @@ def train(ctx, **params):
         _fail(str(e))
     except KeyboardInterrupt as e:
         _interrupted(run_dir, e)
+
+
+def _check(cfg: Config) -> None:
+    """train --check: the options as the run would resolve them (runplan.resolve: validation,
+    preset, engine, micro-batch; the method built from them), printed as config.yaml would
+    hold them. Errors as a run would give them; nothing is read or written."""
+    import torch
+    import yaml
+
+    from dietcl_fast.methods import build_method
+    from dietcl_fast.runplan import resolve, resolve_device
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = resolve(cfg, torch.device(resolve_device(cfg.run.device)), world)
+    build_method(plan.cfg)
+    click.echo(yaml.safe_dump(plan.cfg.to_dict(), sort_keys=False), nl=False)
+    click.echo(f"# options checked: {plan.preset}, global batch {plan.global_batch} in "
+               f"micro-batches of {plan.micro} x {plan.world} process(es), engine {plan.engine}",
+               err=True)
 
 
 def _holds_a_run(run_dir: str, cfg: Config) -> str:

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 def option(default=dataclasses.MISSING, *, help: str, cli: "str | None" = "", choices=None,
            default_text: Optional[str] = None, path: Optional[str] = None, hidden: bool = False,
            whole: bool = False, auto: bool = False, required: bool = False, method=None,
-           default_factory=dataclasses.MISSING):
+           num: Optional[dict] = None, default_factory=dataclasses.MISSING):
     """A config field and everything the command line and the README need to know about it.
 
     help: the --help text (and the README's option table); cli: the flag ("" derives `--key`
@@ -34,17 +34,21 @@ def option(default=dataclasses.MISSING, *, help: str, cli: "str | None" = "", ch
     and the check in `validate`); default_text: the default described in words when it depends
     on something else (the preset, the device); path: "file" | "dir" for path-valued options;
     whole: a whole number that the command line also accepts written as 500.0; auto: a whole
-    number or the word "auto"; method: the method that reads it (checked only when it runs).
+    number or the word "auto"; method: the method that reads it (checked only when it runs);
+    num: the numeric bounds `validate` checks and every layer then trusts: lo, hi (inclusive
+    unless lo_open / hi_open), integer, optional (None allowed), why (words after the range in
+    the error). The one place an option's range is written.
     """
     meta = {"help": help, "cli": cli, "choices": tuple(choices) if choices else None,
             "default_text": default_text, "path": path, "hidden": hidden, "whole": whole,
-            "auto": auto, "required": required, "method": method}
+            "auto": auto, "required": required, "method": method, "num": num}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
 PRESETS = ("auto", "cpu-tiny", "vit-b16")
+SEED_MAX = 2 ** 63 - 1          # seeds are int64 (numpy and torch generators)
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -60,11 +64,16 @@ class StreamConfig:
     scenario: str = option("class", choices=("class", "time"),
                            help="class-incremental, or time-incremental (embedded sets drift over "
                                 "time).")
-    time_steps: int = option(5, help="Number of time steps T.")
-    label_rate: float = option(0.01, help="Fraction of each class labeled, in (0, 1].")
+    time_steps: int = option(5, help="Number of time steps T.",
+                             num=dict(lo=1, hi=100000, integer=True))
+    label_rate: float = option(0.01, help="Fraction of each class labeled, in (0, 1].",
+                               num=dict(lo=0, hi=1, lo_open=True))
+    # 0 is in range (a dataset with its own evaluation split ignores it); a stream left with no
+    # evaluation image is refused when it is built, still before compute
     eval_fraction: float = option(
         0.2, help="Held-out evaluation share per class (or time chunk); a dataset with its own "
-                  "val split (folder train/+val/, CSV split column) is evaluated on that instead.")
+                  "val split (folder train/+val/, CSV split column) is evaluated on that instead.",
+        num=dict(lo=0, hi=1, hi_open=True))
 
 
 @dataclass(slots=True)
@@ -76,55 +85,74 @@ class ModelConfig:
         help="MAE encoder to start from: a shipped one by name (glyphs-mae-tiny, for cpu-tiny on "
              "--data glyphs) or an official MAE checkpoint file (weights under 'model', with "
              "decoder); strict mapping.")
-    mask_ratio: float = option(0.75, cli=None, help="MAE mask ratio (share of patches hidden).")
+    mask_ratio: float = option(0.75, cli=None, help="MAE mask ratio (share of patches hidden).",
+                               num=dict(lo=0, hi=1, hi_open=True))
 
 
 @dataclass(slots=True)
 class EWCOptions:
     """EWC (online form); `lambda_` weighs the quadratic penalty lambda/2 * sum F (w - w*)^2."""
-    lambda_: float = option(100.0, help="EWC: penalty weight lambda.")
+    lambda_: float = option(100.0, help="EWC: penalty weight lambda.",
+                            num=dict(lo=0))
     gamma: float = option(1.0, help="EWC: decay of the accumulated importance at each step "
-                                    "(online EWC's gamma).")
+                                    "(online EWC's gamma).",
+                          num=dict(lo=0, hi=1))
     importance_batch: int = option(16, help="EWC: images per per-sample-gradient chunk of the "
-                                            "importance pass.")
+                                            "importance pass.",
+                                   num=dict(lo=1, hi=2 ** 31 - 1, integer=True))
     importance_budget: float = option(0.1, help="EWC: largest share of a step's budget spent on "
-                                                "the importance pass.")
+                                                "the importance pass.",
+                                      num=dict(lo=0, hi=1, hi_open=True))
 
 
 @dataclass(slots=True)
 class MASOptions:
-    lambda_: float = option(1.0, help="MAS: penalty weight lambda.")
-    gamma: float = option(1.0, help="MAS: decay of the accumulated importance at each step.")
+    lambda_: float = option(1.0, help="MAS: penalty weight lambda.",
+                            num=dict(lo=0))
+    gamma: float = option(1.0, help="MAS: decay of the accumulated importance at each step.",
+                          num=dict(lo=0, hi=1))
     importance_batch: int = option(16, help="MAS: images per per-sample-gradient chunk of the "
-                                            "importance pass.")
+                                            "importance pass.",
+                                   num=dict(lo=1, hi=2 ** 31 - 1, integer=True))
     importance_budget: float = option(0.1, help="MAS: largest share of a step's budget spent on "
-                                                "the importance pass.")
+                                                "the importance pass.",
+                                      num=dict(lo=0, hi=1, hi_open=True))
 
 
 @dataclass(slots=True)
 class L2POptions:
-    pool_size: int = option(10, help="L2P: prompts in the pool.")
-    prompt_length: int = option(5, help="L2P: tokens per prompt.")
-    top_k: int = option(5, help="L2P: prompts selected per image (at most --l2p-pool-size).")
-    key_weight: float = option(0.1, help="L2P: weight of the key-matching loss.")
+    pool_size: int = option(10, help="L2P: prompts in the pool.",
+                            num=dict(lo=1, hi=100000, integer=True))
+    prompt_length: int = option(5, help="L2P: tokens per prompt.",
+                                num=dict(lo=1, hi=100000, integer=True))
+    top_k: int = option(5, help="L2P: prompts selected per image (at most --l2p-pool-size).",
+                        num=dict(lo=1, integer=True))
+    key_weight: float = option(0.1, help="L2P: weight of the key-matching loss.",
+                               num=dict(lo=0))
 
 
 @dataclass(slots=True)
 class CaSSLeOptions:
     ssl_fraction: float = option(0.8, help="CaSSLe: share of a step's budget for Barlow Twins + "
-                                           "distillation (the rest: the linear probe).")
-    bt_lambda: float = option(5e-3, help="CaSSLe: Barlow Twins off-diagonal weight.")
+                                           "distillation (the rest: the linear probe).",
+                                 num=dict(lo=0, hi=1))
+    bt_lambda: float = option(5e-3, help="CaSSLe: Barlow Twins off-diagonal weight.",
+                              num=dict(lo=0))
     proj_dim: int = option(0, default_text="2 x the embedding width",
-                           help="CaSSLe: projector width (0: 2 x the embedding width).")
+                           help="CaSSLe: projector width (0: 2 x the embedding width).",
+                           num=dict(lo=0, hi=2 ** 20, integer=True))
 
 
 @dataclass(slots=True)
 class DualNetOptions:
     threshold: float = option(0.5, help="DualNet: share of iterations that train the slow "
-                                        "learner, in [0, 1].")
-    bt_lambda: float = option(5e-3, help="DualNet: Barlow Twins off-diagonal weight.")
+                                        "learner, in [0, 1].",
+                              num=dict(lo=0, hi=1))
+    bt_lambda: float = option(5e-3, help="DualNet: Barlow Twins off-diagonal weight.",
+                              num=dict(lo=0))
     proj_dim: int = option(0, default_text="2 x the embedding width",
-                           help="DualNet: projector width (0: 2 x the embedding width).")
+                           help="DualNet: projector width (0: 2 x the embedding width).",
+                           num=dict(lo=0, hi=2 ** 20, integer=True))
     slow_supervised: bool = option(True, help="DualNet: the supervised loss also trains the slow "
                                               "learner (off: gradient stopped at the slow "
                                               "features).")
@@ -132,31 +160,42 @@ class DualNetOptions:
 
 @dataclass(slots=True)
 class CCICOptions:
-    contrast_weight: float = option(1.0, help="CCIC: weight of the supervised contrastive term.")
+    contrast_weight: float = option(1.0, help="CCIC: weight of the supervised contrastive term.",
+                                    num=dict(lo=0))
     consistency_weight: float = option(0.5, help="CCIC: weight of the interpolation-consistency "
-                                                 "term.")
+                                                 "term.",
+                                       num=dict(lo=0))
     unsup_contrast_weight: float = option(0.5, help="CCIC: weight of the pseudo-label "
-                                                    "contrastive term.")
-    margin: float = option(1.0, help="CCIC: margin of the pseudo-label contrastive term.")
-    mix_alpha: float = option(0.75, help="CCIC: Beta(alpha, alpha) of the mixup interpolation.")
-    sharp_temp: float = option(0.5, help="CCIC: pseudo-label sharpening temperature.")
-    temperature: float = option(0.1, help="CCIC: contrastive temperature.")
-    knn: int = option(3, help="CCIC: neighbours of the kNN classifier at test time.")
+                                                    "contrastive term.",
+                                          num=dict(lo=0))
+    margin: float = option(1.0, help="CCIC: margin of the pseudo-label contrastive term.",
+                           num=dict(lo=0))
+    mix_alpha: float = option(0.75, help="CCIC: Beta(alpha, alpha) of the mixup interpolation.",
+                              num=dict(lo=0, lo_open=True))
+    sharp_temp: float = option(0.5, help="CCIC: pseudo-label sharpening temperature.",
+                               num=dict(lo=0, lo_open=True))
+    temperature: float = option(0.1, help="CCIC: contrastive temperature.",
+                                num=dict(lo=0, lo_open=True))
+    knn: int = option(3, help="CCIC: neighbours of the kNN classifier at test time.",
+                      num=dict(lo=1, hi=2 ** 31 - 1, integer=True))
 
 
 @dataclass(slots=True)
 class PretrainFTOptions:
     pretrain_fraction: float = option(0.8, cli="--pretrain-ft-fraction",
-                                      help="pretrain_ft: share of each step's budget for MAE.")
+                                      help="pretrain_ft: share of each step's budget for MAE.",
+                                      num=dict(lo=0, hi=1))
     finetune_lr_scale: float = option(5.0, cli="--pretrain-ft-lr-scale",
-                                      help="pretrain_ft: LR multiplier of the fine-tuning phase.")
+                                      help="pretrain_ft: LR multiplier of the fine-tuning phase.",
+                                      num=dict(lo=0, lo_open=True))
 
 
 @dataclass(slots=True)
 class JointOptions:
     pretrain_fraction: float = option(0.8, cli="--joint-pretrain-fraction",
                                       help="joint: share of the run's budget for MAE on all "
-                                           "unlabeled images.")
+                                           "unlabeled images.",
+                                      num=dict(lo=0, hi=1))
 
 
 @dataclass(slots=True)
@@ -173,23 +212,32 @@ class MethodConfig:
                                        "budget, validated on the first 3 steps.")
     unlabeled_fraction: float = option(0.4, method="dietcl",
                                        help="Share of each joint batch for Lr, in [0, 1) (0: no "
-                                            "Lr, the paper's ablation without it).")
-    recon_weight: float = option(50.0, method="dietcl", help="w_r, weight of the MAE loss Lr.")
+                                            "Lr, the paper's ablation without it).",
+                                       num=dict(lo=0, hi=1, hi_open=True))
+    recon_weight: float = option(50.0, method="dietcl", help="w_r, weight of the MAE loss Lr.",
+                                 num=dict(lo=0))
     joint_buffer: bool = option(True, method="dietcl",
                                 help="DietCL's joint batch draws Lb from the buffer (off: "
                                      "unlabeled and current labels only, the buffer-only phase "
                                      "unchanged; the paper's ablation without Lb).")
-    buffer_lr_scale: float = option(0.1, cli=None, help="DietCL buffer-only phase LR multiplier.")
+    buffer_lr_scale: float = option(0.1, cli=None, help="DietCL buffer-only phase LR multiplier.",
+                                    num=dict(lo=0, lo_open=True))
     mixup: bool = option(True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
-    mixup_alpha: float = option(0.8, cli=None, help="Mixup's Beta(alpha, alpha).")
-    cutmix_alpha: float = option(1.0, cli=None, help="CutMix's Beta(alpha, alpha).")
-    label_smoothing: float = option(0.1, cli=None, help="Label smoothing of the CE targets.")
+    mixup_alpha: float = option(0.8, cli=None, help="Mixup's Beta(alpha, alpha).",
+                                num=dict(lo=0))
+    cutmix_alpha: float = option(1.0, cli=None, help="CutMix's Beta(alpha, alpha).",
+                                 num=dict(lo=0))
+    label_smoothing: float = option(0.1, cli=None, help="Label smoothing of the CE targets.",
+                                    num=dict(lo=0, hi=1, hi_open=True))
     buffer_replacement: bool = option(False, cli=None,
                                       help="Replay buffer draws with replacement.")
     buffer_class_balanced: bool = option(False, cli=None,
                                          help="Replay buffer balances classes (else time steps).")
     memory: Optional[int] = option(None, method="gdumb", default_text="every label seen",
-                                   help="GDumb: memory size in labeled samples.")
+                                   help="GDumb: memory size in labeled samples.",
+                                   num=dict(lo=1, integer=True, optional=True,
+                                            why=" sample (leave it out to keep every labeled "
+                                                "sample)"))
     # each method's own options (checked when that method runs)
     ewc: EWCOptions = option(default_factory=EWCOptions, help="EWC's options.")
     mas: MASOptions = option(default_factory=MASOptions, help="MAS's options.")
@@ -205,13 +253,19 @@ class MethodConfig:
 @dataclass(slots=True)
 class OptimConfig:
     blr: Optional[float] = option(None, default_text="the preset's",
-                                  help="Base LR (lr = blr x batch / 256).")
-    min_lr: Optional[float] = option(None, default_text="the preset's", help="Cosine floor.")
-    beta1: float = option(0.9, cli=None, help="AdamW beta1.")
-    beta2: float = option(0.95, cli=None, help="AdamW beta2.")
-    weight_decay: float = option(0.05, help="AdamW weight decay (none on 1-D params).")
+                                  help="Base LR (lr = blr x batch / 256).",
+                                  num=dict(lo=0, lo_open=True, optional=True))
+    min_lr: Optional[float] = option(None, default_text="the preset's", help="Cosine floor.",
+                                     num=dict(lo=0, optional=True))
+    beta1: float = option(0.9, cli=None, help="AdamW beta1.",
+                          num=dict(lo=0, hi=1, hi_open=True))
+    beta2: float = option(0.95, cli=None, help="AdamW beta2.",
+                          num=dict(lo=0, hi=1, hi_open=True))
+    weight_decay: float = option(0.05, help="AdamW weight decay (none on 1-D params).",
+                                 num=dict(lo=0))
     layer_decay: Optional[float] = option(None, default_text="the preset's",
-                                          help="Layer-wise LR decay.")
+                                          help="Layer-wise LR decay.",
+                                          num=dict(lo=0, hi=1, lo_open=True, optional=True))
 
 
 @dataclass(slots=True)
@@ -219,7 +273,8 @@ class LoaderConfig:
     backend: str = option("auto", cli="--loader", choices=("auto", "memory", "torch", "dali"),
                           help="Data loader backend.")
     workers: int = option(0, cli=None, help="Decoding workers: the torch backend's processes, DALI's "
-                                            "and the file scan's threads (0: one per CPU core).")
+                                            "and the file scan's threads (0: one per CPU core).",
+                          num=dict(lo=0, hi=1024, integer=True))
     on_bad_image: str = option("error", choices=("error", "skip"),
                                help="A corrupt/missing image stops the run (error) or is skipped "
                                     "and listed.")
@@ -234,7 +289,8 @@ class LoaderConfig:
                          help="torch backend's JPEG decoder (tensor: decode_jpeg on the CPU).")
     max_image_pixels: int = option(89_478_485,
                                    help="Images with more pixels are bad files (decompression "
-                                        "bombs; handled by --on-bad-image).")
+                                        "bombs; handled by --on-bad-image).",
+                                   num=dict(lo=1, integer=True))
 
 
 @dataclass(slots=True)
@@ -245,11 +301,13 @@ class EngineConfig:
                               "(deepspeed when started by the deepspeed launcher, else torch).")
     zero_stage: int = option(0, help="DeepSpeed ZeRO stage (0: replicated optimiser, 1: sharded "
                                      "optimiser state, 2: + sharded gradients; 3 is refused, see "
-                                     "docs/scaling.md).")
+                                     "docs/scaling.md).",
+                             num=dict(lo=0, hi=3, integer=True))
     micro_batch: Any = option(None, auto=True, default_text="the preset's",
                               help="Micro-batch (gradient accumulation makes up the global "
                                    "batch), or auto: on a GPU the largest that fits, probed once "
-                                   "and recorded in config.yaml.")
+                                   "and recorded in config.yaml.",
+                              num=dict(lo=1, integer=True, optional=True, why=' (or "auto")'))
     compile: Optional[bool] = option(None, default_text="on for CUDA, off on the CPU, where the "
                                                         "compile costs minutes for ~5% a step",
                                      help="Compile each micro-batch's loss and backward whole "
@@ -258,30 +316,38 @@ class EngineConfig:
                                                        "default for vit-b16",
                                     help="CPU threads of torch's operators in this process "
                                          "(recorded in results.json; the cpu-tiny default comes "
-                                         "from `dietcl-fast bench threads`, docs/bench.md).")
+                                         "from `dietcl-fast bench threads`, docs/bench.md).",
+                                    num=dict(lo=1, hi=4096, integer=True, optional=True))
 
 
 @dataclass(slots=True)
 class RunConfig:
     budget: int = option(500, whole=True,
                          help="Training steps per time step at the global batch (one unit = one "
-                              "forward+backward of the global batch, whatever mix of paths).")
+                              "forward+backward of the global batch, whatever mix of paths).",
+                         num=dict(lo=1, hi=1e12, integer=True,
+                                  why=" of training steps per time step"))
     batch_size: Optional[int] = option(None, default_text="the preset's: 1024 for vit-b16, 64 "
                                                           "for cpu-tiny",
-                                       help="Global batch.")
-    seed: int = option(0, help="One seed drives splits, masks, sampling and init.")
+                                       help="Global batch.",
+                                       num=dict(lo=2, hi=2 ** 31 - 1, integer=True, optional=True))
+    seed: int = option(0, help="One seed drives splits, masks, sampling and init.",
+                       num=dict(lo=0, hi=SEED_MAX, integer=True))
     out: Optional[str] = option(None, default_text="runs/<method>-<data>-...",
                                 help="Run directory.")
     ckpt_every: int = option(0, help="Also checkpoint every N training steps (always at each "
-                                     "time-step end).")
+                                     "time-step end).",
+                             num=dict(lo=0, integer=True, why=" (0: only at time-step ends)"))
     ckpt_retry_seconds: float = option(120.0,
                                        help="A failed checkpoint write (disk full, ...) is "
                                             "retried this long, keeping the state, before the run "
-                                            "stops saying what to free.")
+                                            "stops saying what to free.",
+                                       num=dict(lo=0, hi=86400))
     device: str = option("auto", choices=DEVICES, help="Device.")
     eval_batch_size: int = option(1024, cli=None,
                                   help="Images per evaluation forward (>= 1,024 keeps the device "
-                                       "busy).")
+                                       "busy).",
+                                  num=dict(lo=1, hi=2 ** 31 - 1, integer=True))
     progress: bool = option(True, help="Show the progress bar.")
     knn_readout: bool = option(True, help="After each time step also score the encoder's "
                                           "features with the common 3-NN readout "
@@ -290,7 +356,8 @@ class RunConfig:
                                      "losses, LR, images/s, data wait and FLOPs every N optimiser "
                                      "steps (read where the progress bar reads them), and one per "
                                      "time step with its accuracies; 0: time-step records only "
-                                     "(docs/after-the-run.md).")
+                                     "(docs/after-the-run.md).",
+                            num=dict(lo=0, integer=True, why=" (0: time-step records only)"))
     tensorboard: bool = option(False, help="Also write metrics.jsonl's scalars as TensorBoard "
                                            "event files in <out>/tensorboard (the tensorboard "
                                            "extra; DeepSpeed's own monitor writes there too).")
@@ -329,22 +396,31 @@ class PretrainConfig:
                                 help="Directory: writes checkpoint.pth (official MAE layout), "
                                      "pretrain.json and the resume state.")
     budget: int = option(1000, whole=True,
-                         help="Optimiser steps at the global batch (= budget units).")
+                         help="Optimiser steps at the global batch (= budget units).",
+                         num=dict(lo=1, hi=1e12, integer=True, why=" of optimiser steps"))
     preset: str = option("auto", choices=PRESETS,
                          help="Model size; must match the later train run's preset.")
-    batch_size: Optional[int] = option(None, default_text="the preset's", help="Global batch.")
+    batch_size: Optional[int] = option(None, default_text="the preset's", help="Global batch.",
+                                       num=dict(lo=2, hi=2 ** 31 - 1, integer=True, optional=True))
     micro_batch: Optional[int] = option(None, whole=True,
                                         default_text="whole batch; 256 for vit-b16",
-                                        help="Micro-batch.")
+                                        help="Micro-batch.",
+                                        num=dict(lo=1, hi=2 ** 31 - 1, integer=True, optional=True))
     blr: Optional[float] = option(None, default_text="1.5e-4 for vit-b16 (MAE), 4e-3 for cpu-tiny",
-                                  help="Base LR (lr = blr x batch / 256).")
+                                  help="Base LR (lr = blr x batch / 256).",
+                                  num=dict(lo=0, lo_open=True, optional=True))
     warmup_fraction: float = option(0.05, help="Linear warm-up share of the steps (MAE: 40 of 800 "
-                                               "epochs).")
-    weight_decay: float = option(0.05, help="AdamW weight decay.")
-    mask_ratio: float = option(0.75, help="MAE mask ratio.")
-    seed: int = option(0, help="Seed of init, sampling, augmentation and masks.")
+                                               "epochs).",
+                                    num=dict(lo=0, hi=1, hi_open=True))
+    weight_decay: float = option(0.05, help="AdamW weight decay.",
+                                 num=dict(lo=0))
+    mask_ratio: float = option(0.75, help="MAE mask ratio.",
+                               num=dict(lo=0, hi=1, lo_open=True, hi_open=True))
+    seed: int = option(0, help="Seed of init, sampling, augmentation and masks.",
+                       num=dict(lo=0, hi=SEED_MAX, integer=True))
     device: str = option("auto", choices=DEVICES, help="Device.")
-    ckpt_every: int = option(100, help="Resume checkpoint every N steps (and at the end).")
+    ckpt_every: int = option(100, help="Resume checkpoint every N steps (and at the end).",
+                             num=dict(lo=0, integer=True, why=" (0: only at the end)"))
     progress: bool = option(True, help="Show the progress bar.")
 
 
@@ -401,6 +477,9 @@ def options(cls=None, prefix: str = "") -> list[Option]:
 
 # every option of the run config by path (`run.budget`, `method.ewc.lambda_`)
 OPTIONS = {o.path: o for o in options()}
+# the methods with a section of their own options (method.ewc, method.l2p, ...)
+METHOD_SECTIONS = tuple(dict.fromkeys(o.path.split(".")[1] for o in OPTIONS.values()
+                                      if o.path.startswith("method.") and o.path.count(".") == 2))
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -439,7 +518,6 @@ def differences(old: dict, new: dict, cls=None, skip=(), labels=("there", "now")
 
 
 # ------------------------------------------------------------------------------- validation
-SEED_MAX = 2 ** 63 - 1
 
 
 class MethodOptionError(ConfigError):
@@ -553,46 +631,29 @@ def _split(cfg: "Config") -> None:
 
 def validate_method_options(cfg: "Config") -> None:
     """The options of the method that runs (cfg.method.name); another method's are not read.
-    Raises MethodOptionError naming the option."""
+    Each option's declared bounds (`option(num=...)`), and the bounds that depend on another
+    option. Raises MethodOptionError naming the option."""
     name = cfg.method.name
-    def num(key, **kw):
-        _num(cfg, f"method.{name}.{key}", error=MethodOptionError, **kw)
     if name == "dietcl":
         _split(cfg)
-    elif name == "gdumb":
-        _num(cfg, "method.memory", lo=1, integer=True, optional=True, error=MethodOptionError,
-             why=" sample (leave it out to keep every labeled sample)")
-    elif name in ("ewc", "mas"):
-        num("lambda_", lo=0)
-        num("gamma", lo=0, hi=1)
-        num("importance_batch", lo=1, hi=2 ** 31 - 1, integer=True)
-        num("importance_budget", lo=0, hi=1, hi_open=True)
-    elif name == "l2p":
-        num("pool_size", lo=1, hi=100000, integer=True)
-        num("prompt_length", lo=1, hi=100000, integer=True)
-        num("top_k", lo=1, hi=cfg.method.l2p.pool_size, integer=True,
-            why=" (--l2p-pool-size)")
-        num("key_weight", lo=0)
-    elif name == "cassle":
-        num("ssl_fraction", lo=0, hi=1)
-        num("bt_lambda", lo=0)
-        num("proj_dim", lo=0, hi=2 ** 20, integer=True)
-    elif name == "dualnet":
-        num("threshold", lo=0, hi=1)
-        num("bt_lambda", lo=0)
-        num("proj_dim", lo=0, hi=2 ** 20, integer=True)
-        _bool(cfg, "method.dualnet.slow_supervised", error=MethodOptionError)
-    elif name == "ccic":
-        for key in ("contrast_weight", "consistency_weight", "unsup_contrast_weight", "margin"):
-            num(key, lo=0)
-        for key in ("mix_alpha", "sharp_temp", "temperature"):
-            num(key, lo=0, lo_open=True)
-        num("knn", lo=1, hi=2 ** 31 - 1, integer=True)
-    elif name == "pretrain_ft":
-        num("pretrain_fraction", lo=0, hi=1)
-        num("finetune_lr_scale", lo=0, lo_open=True)
-    elif name == "joint":
-        num("pretrain_fraction", lo=0, hi=1)
+    if name == "gdumb":
+        _bounds(cfg, OPTIONS["method.memory"], error=MethodOptionError)
+    if name in METHOD_SECTIONS:
+        for o in options(type(getattr(cfg.method, name)), f"method.{name}."):
+            _bounds(cfg, o, error=MethodOptionError)
+            if o.type is bool:
+                _bool(cfg, o.path, error=MethodOptionError)
+    if name == "l2p" and cfg.method.l2p.top_k > cfg.method.l2p.pool_size:
+        raise MethodOptionError(f"{_named('method.l2p.top_k', cfg.method.l2p.top_k)}: must be at "
+                                f"most --l2p-pool-size ({cfg.method.l2p.pool_size})",
+                                "method.l2p.top_k")
+
+
+def _bounds(cfg, o: "Option", error=None) -> None:
+    """Option o's declared numeric bounds (`option(num=...)`), if it has any."""
+    b = o.meta.get("num")
+    if b:
+        _num(cfg, o.path, error=error or ConfigError, **b)
 
 
 def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
@@ -605,13 +666,7 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
         raise ConfigError(f"{_named('stream.data', cfg.stream.data)}: give a dataset name "
                           "or a path (an empty value would silently mean the current directory)",
                           "stream.data")
-    _num(cfg, "stream.time_steps", lo=1, hi=100000, integer=True)
-    _num(cfg, "stream.label_rate", lo=0, hi=1, lo_open=True)
-    # 0 is allowed here (a dataset with its own evaluation split ignores it); a stream left
-    # with no evaluation image is refused when it is built, still before compute
-    _num(cfg, "stream.eval_fraction", lo=0, hi=1, hi_open=True)
     _choice(cfg, "model.preset")
-    _num(cfg, "model.mask_ratio", lo=0, hi=1, hi_open=True)
     if cfg.model.pretrained is not None and not isinstance(cfg.model.pretrained, str):
         raise ConfigError(f"{_named('model.pretrained', cfg.model.pretrained)}: expected a path",
                           "model.pretrained")
@@ -625,45 +680,26 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     if not isinstance(m.split, str):
         raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F, threshold:N or "
                           "auto", "method.split")
-    _num(cfg, "method.unlabeled_fraction", lo=0, hi=1, hi_open=True)
-    _num(cfg, "method.recon_weight", lo=0)
-    _num(cfg, "method.buffer_lr_scale", lo=0, lo_open=True)
-    _num(cfg, "method.mixup_alpha", lo=0)
-    _num(cfg, "method.cutmix_alpha", lo=0)
-    _num(cfg, "method.label_smoothing", lo=0, hi=1, hi_open=True)
     for key in ("mixup", "buffer_replacement", "buffer_class_balanced", "joint_buffer"):
         _bool(cfg, f"method.{key}")
-    _num(cfg, "optim.blr", lo=0, lo_open=True, optional=True)
-    _num(cfg, "optim.min_lr", lo=0, optional=True)
-    _num(cfg, "optim.beta1", lo=0, hi=1, hi_open=True)
-    _num(cfg, "optim.beta2", lo=0, hi=1, hi_open=True)
-    _num(cfg, "optim.weight_decay", lo=0)
-    _num(cfg, "optim.layer_decay", lo=0, hi=1, lo_open=True, optional=True)
     _choice(cfg, "loader.backend")
-    _num(cfg, "loader.workers", lo=0, hi=1024, integer=True)
     _choice(cfg, "loader.on_bad_image")
     _choice(cfg, "loader.fallback")
     _choice(cfg, "loader.scan")
     _choice(cfg, "loader.decode")
-    _num(cfg, "loader.max_image_pixels", lo=1, integer=True)
     _choice(cfg, "engine.engine")
-    _num(cfg, "engine.zero_stage", lo=0, hi=3, integer=True)
-    if cfg.engine.micro_batch != "auto":      # "auto": probed by the trainer
-        _num(cfg, "engine.micro_batch", lo=1, integer=True, optional=True,
-             why=' (or "auto")')
     if cfg.engine.compile is not None:
         _bool(cfg, "engine.compile")
-    _num(cfg, "engine.threads", lo=1, hi=4096, integer=True, optional=True)
-    _num(cfg, "run.budget", lo=1, hi=1e12, integer=True, why=" of training steps per time step")
-    _num(cfg, "run.batch_size", lo=2, hi=2 ** 31 - 1, integer=True, optional=True)
-    _num(cfg, "run.seed", lo=0, hi=SEED_MAX, integer=True)
     if cfg.run.out is not None and (not isinstance(cfg.run.out, str) or not cfg.run.out.strip()):
         raise ConfigError(f"{_named('run.out', cfg.run.out)}: give a directory path", "run.out")
-    _num(cfg, "run.ckpt_every", lo=0, integer=True, why=" (0: only at time-step ends)")
-    _num(cfg, "run.log_every", lo=0, integer=True, why=" (0: time-step records only)")
-    _num(cfg, "run.ckpt_retry_seconds", lo=0, hi=86400)
     _choice(cfg, "run.device")
-    _num(cfg, "run.eval_batch_size", lo=1, hi=2 ** 31 - 1, integer=True)
+    # every declared range (option(num=...)); a method's own options (its section, gdumb's
+    # --memory) only when it runs, in validate_method_options; "auto" is --micro-batch's word
+    for o in OPTIONS.values():
+        if o.path.count(".") > 1 or o.path == "method.memory":
+            continue
+        if not (o.meta.get("auto") and _get(cfg, o.path) == "auto"):
+            _bounds(cfg, o)
     if method_options:      # off: checked per run by a caller that sets the method (compare)
         validate_method_options(cfg)
     _whole_numbers_as_int(cfg, OPTIONS.values())
@@ -682,15 +718,8 @@ def _whole_numbers_as_int(cfg, opts) -> None:
 
 def validate_pretrain(cfg: "PretrainConfig") -> "PretrainConfig":
     """`pretrain`'s options, checked the same way (command line and library callers alike)."""
-    _num(cfg, "budget", lo=1, hi=1e12, integer=True, why=" of optimiser steps")
-    _num(cfg, "batch_size", lo=2, hi=2 ** 31 - 1, integer=True, optional=True)
-    _num(cfg, "micro_batch", lo=1, hi=2 ** 31 - 1, integer=True, optional=True)
-    _num(cfg, "blr", lo=0, lo_open=True, optional=True)
-    _num(cfg, "weight_decay", lo=0)
-    _num(cfg, "mask_ratio", lo=0, hi=1, lo_open=True, hi_open=True)
-    _num(cfg, "seed", lo=0, hi=SEED_MAX, integer=True)
-    _num(cfg, "warmup_fraction", lo=0, hi=1, hi_open=True)
-    _num(cfg, "ckpt_every", lo=0, integer=True, why=" (0: only at the end)")
+    for o in options(PretrainConfig):
+        _bounds(cfg, o)
     _choice(cfg, "preset", PRESETS)
     _choice(cfg, "device", DEVICES)
     if not isinstance(cfg.data, str) or not cfg.data.strip():

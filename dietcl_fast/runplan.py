@@ -101,21 +101,22 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
         raise TypeError("resolve: give the device (and world size), or start")
     cuda = device.type == "cuda"
 
-    if cfg.run.budget < 1 or not float(cfg.run.budget).is_integer():
-        raise ConfigError(f"--budget {cfg.run.budget}: must be a whole number of steps >= 1")
-
     # preset -> model spec, global batch, optimiser defaults (recorded in the resolved config)
     preset = resolve_preset(cfg.model.preset, cuda)
     cfg.model.preset = preset
     pdef, popt = PRESETS[preset], PRESET_OPTIM[preset]
+    # model.mask_ratio's range is [0, 1); the preset's patch count says where it leaves no patch
+    L = (pdef["spec"]["img_size"] // pdef["spec"]["patch_size"]) ** 2
+    if int(L * (1 - cfg.model.mask_ratio)) < 1:
+        raise ConfigError(f"model.mask_ratio {cfg.model.mask_ratio}: leaves none of the {L} "
+                          f"patches of preset {preset} visible; at most {1 - 1 / L:g} here",
+                          "model.mask_ratio")
     if cfg.run.batch_size is None:
         cfg.run.batch_size = pdef["batch_size"]
         if pdef["batch_size"] != 1024:
             notes.append(f"[preset {preset}] global batch {pdef['batch_size']} instead of the "
                          f"paper's 1024 ({pdef['why']}); one budget unit = one fwd+bwd of "
                          f"{pdef['batch_size']} images")
-    if cfg.run.batch_size < 2:
-        raise ConfigError(f"--batch-size {cfg.run.batch_size}: must be >= 2")
     for k in ("blr", "min_lr", "layer_decay"):
         if getattr(cfg.optim, k) is None:
             setattr(cfg.optim, k, popt[k])
@@ -138,8 +139,6 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     probe_micro = cfg.engine.micro_batch == "auto"      # resolved once the model exists
     if probe_micro:
         cfg.engine.micro_batch = max(G // world, 1)
-    elif not isinstance(cfg.engine.micro_batch, int) or cfg.engine.micro_batch < 1:
-        raise ConfigError(f"--micro-batch {cfg.engine.micro_batch!r}: a whole number >= 1 or auto")
     micro = min(int(cfg.engine.micro_batch), G)
     # global batch = micro-batch x accumulation x world size; G is fixed by the config, not by
     # the number of processes, so the ledger and the results do not depend on it
@@ -155,8 +154,6 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
 
     # the compiled step: static-shape methods only; default on for CUDA, off on the CPU
     want = cfg.engine.compile
-    if want not in (None, True, False):
-        raise ConfigError(f"--compile {want!r}: true, false or unset (device default)")
     static = method_class(cfg.method.name).static_shapes
     if want and not static:
         raise ConfigError(

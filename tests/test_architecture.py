@@ -210,16 +210,16 @@ def _name_lists(members: set[str]) -> dict[str, set[str]]:
     return out
 
 
-def test_a_loader_backend_is_named_in_two_places():
-    """docs/architecture.md: a new backend's name goes into the config's choices and
-    data.BACKENDS (and its class into data.build_loader); no other list of backends exists."""
-    from dietcl_fast.config import Config
-    from dietcl_fast.data import BACKENDS
+def test_a_loader_backend_is_named_in_one_list():
+    """docs/architecture.md: a new backend's name goes into the config's choices (its class
+    into data.build_loader, which trusts the validated value); no other list of backends
+    exists."""
+    from dietcl_fast.config import OPTIONS, Config
     lists = _name_lists({"memory", "torch", "dali"})
-    assert sorted(lists) == [os.path.join("dietcl_fast", "config.py"),
-                             os.path.join("dietcl_fast", "data", "__init__.py")], lists
-    assert set(BACKENDS) == lists[os.path.join("dietcl_fast", "config.py")]
-    assert Config().loader.backend in BACKENDS
+    assert sorted(lists) == [os.path.join("dietcl_fast", "config.py")], lists
+    assert set(OPTIONS["loader.backend"].meta["choices"]) == lists[
+        os.path.join("dietcl_fast", "config.py")]
+    assert Config().loader.backend in OPTIONS["loader.backend"].meta["choices"]
 
 
 def test_an_engine_is_named_in_the_config_and_built_in_one_place():

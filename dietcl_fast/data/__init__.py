@@ -22,7 +22,6 @@ from .pipeline import Loader, Request
 from .scan import fail_on_bad, scan_source
 from .transforms import Augment
 
-BACKENDS = ("auto", "memory", "torch", "dali")
 MEMORY_AUTO_MIB = 1024        # auto on the CPU: file sets that decode into at most this are cached
 
 
@@ -67,14 +66,9 @@ def choose_backend(source, device: torch.device, img_size: int) -> tuple[str, st
 def build_loader(source, cfg, img_size: int, channels: int, device, log=print, progress=True):
     """-> (loader, source). The source comes back filtered when bad files were skipped, so the
     stream is built only from samples that decode. Files are checked before any budget is spent.
-    `progress` False (--no-progress): no progress bar for the one-time decode either."""
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"--loader {cfg.backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
-    if cfg.on_bad_image not in ("error", "skip"):
-        raise ValueError(f"--on-bad-image {cfg.on_bad_image!r}: choose error or skip")
-    fallback = getattr(cfg, "fallback", "loud")
-    if fallback not in ("loud", "stop"):
-        raise ValueError(f"loader.fallback {fallback!r}: choose loud or stop")
+    `progress` False (--no-progress): no progress bar for the one-time decode either.
+    `cfg`: a `config.LoaderConfig` that `config.validate` checked (or its defaults): its values
+    are trusted here, not checked again."""
     device = torch.device(device)
     augment = Augment(img_size, channels)
     if source.kind == "array":
@@ -88,7 +82,7 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
         ok, why = dali_available()
         if not ok:
             msg = f"--loader dali: {why}. Install it with: {DALI_HINT}"
-            if fallback == "stop":
+            if cfg.fallback == "stop":
                 raise ValueError(msg)
             log(f"WARNING: {msg}. Falling back to the torch loader (loader.fallback=loud; "
                 "set loader.fallback: stop to make this an error)")
@@ -98,8 +92,8 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
         log(f"loader: auto picked {backend}: {why}")
     workers = cfg.workers if cfg.workers > 0 else (os.cpu_count() or 1)
     from ..streams.decode import set_max_image_pixels
-    set_max_image_pixels(getattr(cfg, "max_image_pixels", 89_478_485))
-    scan_mode = getattr(cfg, "scan", "full")
+    set_max_image_pixels(cfg.max_image_pixels)
+    scan_mode = cfg.scan
     if backend == "memory":
         # files: decode once, at a size that leaves room for the eval resize and random crops
         size = round(img_size / 0.875)
@@ -117,7 +111,7 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
         return loader, source
     t0 = time.perf_counter()
     scan = scan_source(source, scan_mode, on_bad="skip", workers=workers,
-                       max_pixels=getattr(cfg, "max_image_pixels", 89_478_485), log=log,
+                       max_pixels=cfg.max_image_pixels, log=log,
                        reader="dali" if backend == "dali" else "files")
     how = "" if scan.scanned < 0 else (
         f": {scan.cached:,} from the files record, {scan.scanned:,} scanned"
@@ -140,7 +134,7 @@ def build_loader(source, cfg, img_size: int, channels: int, device, log=print, p
     else:
         from .torch_loader import TorchLoader
         loader = TorchLoader(source.paths, scan, img_size, channels, device, workers=workers,
-                             on_bad=cfg.on_bad_image, decode=getattr(cfg, "decode", "auto"), log=log)
+                             on_bad=cfg.on_bad_image, decode=cfg.decode, log=log)
     loader.skipped_files = list(scan.skipped) + list((source.meta or {}).get("skipped", []))
     log(f"loader: {loader.name}")
     return loader, source
