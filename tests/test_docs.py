@@ -458,6 +458,12 @@ def test_the_documented_commands_run(tmp_path):
                               "tests/test_deepspeed.py run the real launchers on 2 CPU ranks)")
             todo.pop(args)
             continue
+        elif name == "train" and "--check" in rest:     # resolved, printed, nothing written
+            out = tmp_path / "out" / str(len(ran))
+            r = _invoke([*a, *TINY, "--out", str(out)], tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            assert yaml.safe_load(r.stdout)["run"]["budget"] == int(TINY[TINY.index("--budget") + 1])
+            assert not out.exists()
         elif name == "train":
             out = tmp_path / "out" / str(len(ran))
             r = _invoke([*a, *TINY, "--out", str(out)], tmp_path)

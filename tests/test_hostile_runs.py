@@ -347,7 +347,9 @@ def test_the_world_size_dependent_micro_batch_default_is_said():
     cfg = Config()
     plan = resolve(cfg, torch.device("cpu"), 2)
     assert plan.micro == 32
-    assert any("--micro-batch 32 in one process reproduces this run" in n for n in plan.notes)
+    note = next(n for n in plan.notes if "--micro-batch defaults" in n)
+    assert "the global batch and the ledger are the same at any process count" in note
+    assert "--micro-batch 32 in one process also cuts it into the same micro-batches" in note
     assert not any("--micro-batch defaults" in n for n in resolve(Config(), torch.device("cpu"), 1).notes)
 
 
