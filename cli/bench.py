@@ -36,7 +36,8 @@ DEVICE = click.option("--device", default=OPTIONS["run.device"].field.default,
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 def bench():
     """Benchmarks: step, kernels, loader, buffer, flops, engines, index, threads (ratios against a
-    baseline measured in the same run)."""
+    baseline measured in the same run), and the studies: compile-cost, grad-ratio,
+    paper-table, pretrain-glyphs."""
 
 
 @bench.command(context_settings={"show_default": True})
@@ -236,3 +237,82 @@ def threads(threads_list, waits, busy, repeats, machines, tiny, out):
     _run(bench_threads, threads_list=tl, waits=[w.strip() for w in waits.split(",") if w.strip()],
          busy=busy, repeats=repeats, machines=[m.strip() for m in machines.split(",") if m.strip()],
          tiny=tiny, out=out, echo=click.echo)
+
+
+class _Study(click.Command):
+    """A study whose options are declared once, in its module's argparse parser
+    (`build_parser()`): the command carries the same options (so --help, the docs' checks and
+    shell completion see them) and hands the command line back to the study's `main`, which
+    parses it with that parser (its own checks and messages). The module (and torch with it)
+    is imported only when the command's options are first needed, not at every start of
+    `dietcl-fast`."""
+
+    def __init__(self, name: str, module: str, doc: str):
+        self._module, self._params, self._order = f"dietcl_fast.bench.{module}", None, []
+        super().__init__(name, callback=self._run, help=doc,
+                         short_help=doc.split(":")[0].split(" (")[0])
+
+    @property
+    def params(self):
+        if self._params is None:
+            self._params = self._build()
+        return self._params
+
+    @params.setter
+    def params(self, value):            # click.Command.__init__ sets []: built lazily instead
+        self._params = value or None
+
+    def _build(self) -> list:
+        import argparse
+        import importlib
+        ap = importlib.import_module(self._module).build_parser()
+        params = []
+        for a in ap._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            help_ = (a.help or "") % {"default": a.default} if a.help else None
+            if not a.option_strings:                    # a positional: encoders ...
+                params.append(click.Argument([a.dest], nargs=-1 if a.nargs in ("*", "+") else 1,
+                                             required=a.nargs == "+"))
+            elif isinstance(a, argparse._StoreTrueAction):
+                params.append(click.Option([*a.option_strings, a.dest], is_flag=True, help=help_))
+            else:
+                if a.default is not None and help_ is not None and "default" not in help_:
+                    help_ += f" [default: {a.default}]"
+                params.append(click.Option([*a.option_strings, a.dest], default=None,
+                                           help=help_, metavar=a.metavar or a.dest.upper()))
+            self._order.append(a)
+        return params
+
+    def _run(self, **kw):
+        import argparse
+        import importlib
+        import sys
+        argv, pos = [], []
+        for a in self._order:
+            v = kw.get(a.dest)
+            if not a.option_strings:
+                pos += list(v) if isinstance(v, (list, tuple)) else [v]
+            elif isinstance(a, argparse._StoreTrueAction):
+                argv += [a.option_strings[-1]] if v else []
+            elif v is not None:
+                argv += [a.option_strings[-1], str(v)]
+        sys.exit(importlib.import_module(self._module).main(argv + pos))
+
+
+def _script(name: str, module: str, doc: str):
+    bench.add_command(_Study(name, module, doc))
+
+
+_script("compile-cost", "compile_cost",
+        "The host side of compiling the training step: each graph traced on fake CUDA and CPU "
+        "tensors, one compiled by inductor on the CPU (docs/bench.md).")
+_script("grad-ratio", "grad_ratio",
+        "||grad of w_r x Lr|| / ||grad of Lm|| on the encoder at DietCL's first joint step, "
+        "from random init and pretrained encoders (docs/regime.md).")
+_script("paper-table", "paper_table",
+        "The paper's Table 1, Fig. 2 and Table 2 at CPU scale on the glyphs stream: one "
+        "compare per cell and seed, resumable (docs/regime.md).")
+_script("pretrain-glyphs", "pretrain_glyphs",
+        "Pretrain the shipped glyphs-mae-tiny encoder on classes the glyphs stream never shows, "
+        "with its loss curve and probes (docs/regime.md).")

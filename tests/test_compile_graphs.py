@@ -1,7 +1,7 @@
 """What torch.compile builds in a compiled run, and what it costs: one graph per phase shape
 and one evaluation graph, nothing built twice (no recompile from the head's growth, the time
 step, the iteration or the evaluation's padding), each graph recorded with where it was built
-and its compile seconds (`step_loss.CompileLog`); `bench/compile_cost.py` (the host-side trace
+and its compile seconds (`step_loss.CompileLog`); `dietcl-fast bench compile-cost` (the host-side trace
 cost of each graph at a GPU run's shapes) runs at a tiny size.
 
 The graph count is dynamo's (its guards decide when a function is compiled again), so the
@@ -101,15 +101,18 @@ def test_bench_step_compiled_mode_needs_a_warmup_iteration():
     assert p.returncode == 2 and "--warmup 0" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
+
+
 @pytest.mark.slow
 def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
-    """bench/compile_cost.py as it is run for ViT-B/16, at cpu-tiny: each of the four graphs
+    """dietcl-fast bench compile-cost as it is run for ViT-B/16, at cpu-tiny: each of the four graphs
     traced whole on fake CUDA tensors (the fused kernels' ops in the joint graphs) and through
     AOTAutograd on fake CPU tensors, with the GPU run's per-micro-batch counts; one graph
     compiled by inductor on the CPU. Over 20 s: the script is run as users run it (a process),
     tracing four graphs twice and compiling one with inductor."""
     out = tmp_path / "cc.json"
-    p = subprocess.run([sys.executable, "bench/compile_cost.py", "--preset", "cpu-tiny",
+    p = subprocess.run([*CLI, "bench", "compile-cost", "--preset", "cpu-tiny",
                         "--gpu-batch", "64", "--gpu-micro", "16", "--eval-batch", "32",
                         "--traces", "eager:cuda,aot_eager:cpu", "--inductor-cpu", "t1-buffer",
                         "--out", str(out)],

@@ -161,13 +161,8 @@ def test_compiled_step_traced_forward_and_backward_on_meta_with_the_fused_ops(tm
     every parameter a gradient of its shape. Fake CUDA tensors stop at the backward (the
     autograd engine needs their device); meta tensors need none (no autocast there: fp32).
     ~35 s on an idle 2-core machine (the joint graph's ~800 ops); the micro-batches come from
-    a tiny real vit-b16 run with a zero loss (bench/compile_cost.py)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(
-        "compile_cost", os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench",
-                                     "compile_cost.py"))
-    cc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cc)
+    a tiny real vit-b16 run with a zero loss (dietcl-fast bench compile-cost)."""
+    from dietcl_fast.bench import compile_cost as cc
     tr, got = cc.capture_micro_batches("vit-b16", 8, str(tmp_path), lambda m: None, compute=False)
     r = cc.trace_meta(tr, got, "t1-joint", 1024, 256, lambda m: None)
     assert r["per_micro_batch"] == {"unlabeled": 102, "labeled": 77, "buffer": 77}

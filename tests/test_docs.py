@@ -495,6 +495,12 @@ def test_the_documented_commands_run(tmp_path):
             not_run[where] = "parses 1M rows (tests/test_index.py runs it with --tiny)"
             todo.pop(args)
             continue
+        elif name in ("bench compile-cost", "bench paper-table", "bench pretrain-glyphs",
+                      "bench grad-ratio"):
+            not_run[where] = ("a study of minutes to hours (tests/test_compile_graphs.py and "
+                              "tests/test_regime.py run each through the CLI at its tiny size)")
+            todo.pop(args)
+            continue
         elif name == "bench engines":
             not_run[where] = "GPU and DeepSpeed benchmark (tests/test_bench.py runs it with --tiny)"
             todo.pop(args)

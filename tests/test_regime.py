@@ -2,6 +2,7 @@
 logged and in results.json), and MAE encoders shipped in the package by name."""
 import hashlib
 import os
+import sys
 
 import pytest
 import torch
@@ -104,13 +105,12 @@ def test_dietcl_ablations_change_the_joint_batch_as_the_paper_ablates():
         phases(unlabeled_fraction=1.0)
 
 
+CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
+
+
 def _bench(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import importlib
+    return importlib.import_module(f"dietcl_fast.bench.{name}")
 
 
 def _csv(path, rows):
@@ -148,7 +148,7 @@ def test_paper_table_runs_a_part_through_the_real_compare(tmp_path):
     import subprocess
     import sys
     out = tmp_path / "pt"
-    p = subprocess.run([sys.executable, "bench/paper_table.py", "--tiny", "--out", str(out),
+    p = subprocess.run([*CLI, "bench", "paper-table", "--tiny", "--out", str(out),
                         "--parts", "length,ablation", "--cells", "length-3", "--seeds", "0"],
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        capture_output=True, text=True, timeout=600)
@@ -162,7 +162,7 @@ def test_paper_table_runs_a_part_through_the_real_compare(tmp_path):
     for bad, says in ((["--parts", "nonsense"], "unknown part 'nonsense'"),
                       (["--seeds", "0,x"], "--seeds '0,x'"), (["--seeds", "-1"], "none negative"),
                       (["--parts", "length", "--cells", "main-class"], "the cells of --parts")):
-        p = subprocess.run([sys.executable, "bench/paper_table.py", "--out", str(out), *bad],
+        p = subprocess.run([*CLI, "bench", "paper-table", "--out", str(out), *bad],
                            capture_output=True, text=True,
                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert p.returncode != 0 and says in p.stderr, (bad, p.stderr)
@@ -186,7 +186,7 @@ def test_the_shipped_glyphs_encoder_loads_strictly_into_cpu_tiny():
 
 
 def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_path):
-    """bench/pretrain_glyphs.py as it is run to rebuild the shipped encoder, at its tiny size (a
+    """dietcl-fast bench pretrain-glyphs as it is run to rebuild the shipped encoder, at its tiny size (a
     process: 3 MAE steps on 8 pretraining classes, then the 3-NN and linear probes of the
     random and the pretrained encoder on 4 held-out classes)."""
     import json
@@ -196,7 +196,7 @@ def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_
     out = tmp_path / "pt"
     env = dict(os.environ, DIETCL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
                MPLBACKEND="Agg")
-    p = subprocess.run([sys.executable, "bench/pretrain_glyphs.py", "--tiny", "--out", str(out)],
+    p = subprocess.run([*CLI, "bench", "pretrain-glyphs", "--tiny", "--out", str(out)],
                        cwd=root, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     probe = json.loads((out / "probe.json").read_text())
@@ -204,19 +204,19 @@ def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_
     for enc in ("random", "pretrained"):
         assert 0.0 <= probe[enc]["knn3"] <= 100.0 and 0.0 <= probe[enc]["linear"] <= 100.0
     assert (out / "checkpoint.pth").is_file()
-    p = subprocess.run([sys.executable, "bench/pretrain_glyphs.py", "--out", str(out),
+    p = subprocess.run([*CLI, "bench", "pretrain-glyphs", "--out", str(out),
                         "--budget", "0"], cwd=root, capture_output=True, text=True, env=env)
     assert p.returncode != 0 and "--budget 0: must be >= 1" in p.stderr
 
 
 def test_grad_ratio_script_measures_both_gradients_at_the_tiny_size(tmp_path):
-    """bench/grad_ratio.py as a process (~10 s: torch's import and one tiny batch a encoder)."""
+    """dietcl-fast bench grad-ratio as a process (~10 s: torch's import and one tiny batch a encoder)."""
     import json
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, DIETCL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "bench/grad_ratio.py", "--tiny", "random", "glyphs-mae-tiny",
+    p = subprocess.run([*CLI, "bench", "grad-ratio", "--tiny", "random", "glyphs-mae-tiny",
                         "--out", str(tmp_path / "g.json")], cwd=root, capture_output=True,
                        text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -224,6 +224,6 @@ def test_grad_ratio_script_measures_both_gradients_at_the_tiny_size(tmp_path):
     assert [r["encoder"] for r in rows] == ["random", "glyphs-mae-tiny"]
     assert all(r["ratio_mean"] > 0 and r["Lr"] > 0 and r["Lm"] > 0 for r in rows)
     assert "||grad 50*Lr|| / ||grad Lm||" in p.stdout
-    p = subprocess.run([sys.executable, "bench/grad_ratio.py", "random", "--recon-weight", "0"],
+    p = subprocess.run([*CLI, "bench", "grad-ratio", "random", "--recon-weight", "0"],
                        cwd=root, capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "--recon-weight > 0" in p.stderr

@@ -34,7 +34,7 @@ SHIPPED: dict[str, Shipped] = {
         preset="cpu-tiny", in_chans=3,
         what="cpu-tiny MAE (encoder + decoder) pretrained on the glyphs pretraining classes, "
              "which no glyphs stream shows (749 classes x 100 images, 32 px RGB): 3,000 steps "
-             "x 256 images, blr 4e-3, warm-up 5 %, cosine; `python bench/pretrain_glyphs.py "
+             "x 256 images, blr 4e-3, warm-up 5 %, cosine; `dietcl-fast bench pretrain-glyphs "
              "--install` (bench/results/glyphs-mae-tiny/)"),
 }
 

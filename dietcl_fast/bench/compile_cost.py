@@ -28,8 +28,8 @@ figures. The graphs' micro-batches come from a real tiny run of the trainer (the
 at `--batch-size` images, 2 time steps), resized to the GPU run's shapes:
 under fake tensors only the shapes matter.
 
-    python bench/compile_cost.py --preset vit-b16 --out bench/results/compile-cost.json
-    python bench/compile_cost.py --preset cpu-tiny --eval-batch 64   # the test suite's size
+    dietcl-fast bench compile-cost --preset vit-b16 --out bench/results/compile-cost.json
+    dietcl-fast bench compile-cost --preset cpu-tiny --eval-batch 64   # the test suite's size
 """
 from __future__ import annotations
 
@@ -323,8 +323,9 @@ def inductor_cpu(tr, got, name: str, log) -> dict:
     return res
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """This study's options (`dietcl-fast bench compile-cost` takes them)."""
+    ap = argparse.ArgumentParser(prog="dietcl-fast bench compile-cost", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="vit-b16", choices=["cpu-tiny", "vit-b16"])
     ap.add_argument("--batch-size", type=int, default=8,
                     help="global batch of the tiny real run that provides the micro-batches")
@@ -339,6 +340,11 @@ def main(argv=None) -> int:
     ap.add_argument("--inductor-cpu", default=None, choices=[None, *GRAPHS],
                     help="also compile this graph with inductor on the CPU (minutes on ViT-B/16)")
     ap.add_argument("--out", default=None, help="write the JSON result here")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     gpu_batch = a.gpu_batch or (1024 if a.preset == "vit-b16" else 64)
     gpu_micro = a.gpu_micro or (256 if a.preset == "vit-b16" else 64)
@@ -360,7 +366,7 @@ def main(argv=None) -> int:
         tr, got = capture_micro_batches(a.preset, a.batch_size, tmp, log)
         log(f"micro-batches captured in {time.perf_counter() - t0:.1f} s")
         res = {**header("compile-cost", torch.device("cpu")), "preset": a.preset,
-               "command": " ".join(["python", "bench/compile_cost.py", *(argv or sys.argv[1:])]),
+               "command": " ".join(["dietcl-fast", "bench", "compile-cost", *(argv or sys.argv[1:])]),
                "gpu_batch": gpu_batch, "gpu_micro": gpu_micro, "eval_batch": a.eval_batch,
                "what": "host-side trace cost on this CPU, fake CUDA tensors, bf16 autocast; "
                        "not a GPU compile time",

@@ -1,8 +1,8 @@
 """Make the shipped MAE encoder `glyphs-mae-tiny` and measure what it is worth.
 
-    python bench/pretrain_glyphs.py --out runs/glyphs-mae-tiny            # ~15 min on 2 cores
-    python bench/pretrain_glyphs.py --out runs/glyphs-mae-tiny --install  # + copy into the package
-    python bench/pretrain_glyphs.py --tiny --out /tmp/pg                  # the test suite's size
+    dietcl-fast bench pretrain-glyphs --out runs/glyphs-mae-tiny            # ~15 min on 2 cores
+    dietcl-fast bench pretrain-glyphs --out runs/glyphs-mae-tiny --install  # + copy into the package
+    dietcl-fast bench pretrain-glyphs --tiny --out /tmp/pg                  # the test suite's size
 
 1. MAE pretraining of the cpu-tiny encoder + decoder (`dietcl-fast pretrain`'s Pretrainer) on
    the glyphs pretraining classes, which the stream never shows (as ImageNet-1K is kept apart
@@ -63,8 +63,9 @@ def probe(model, loader, labels: np.ndarray, per_class: int, n_labels: int, n_tr
             "linear_train_per_class": n_train, "test_per_class": n_test}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    """This study's options (`dietcl-fast bench pretrain-glyphs` takes them)."""
+    ap = argparse.ArgumentParser(prog="dietcl-fast bench pretrain-glyphs", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Directory for the pretraining and probe.json.")
     ap.add_argument("--budget", type=int, default=3000,
@@ -82,6 +83,11 @@ def main(argv=None) -> int:
                     help=f"Copy the checkpoint to dietcl_fast/pretrained/{NAME}.pth.")
     ap.add_argument("--tiny", action="store_true",
                     help="The test suite's size: 8 pretraining classes, 3 steps, 4 probe classes.")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.tiny:
         a.budget, a.batch_size, a.probe_classes, a.labels, a.probe_train, a.probe_test = \

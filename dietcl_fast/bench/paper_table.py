@@ -1,8 +1,8 @@
 """The paper's Table 1, Fig. 2 and Table 2 reproduced at CPU scale, in the paper's regime.
 
-    python bench/paper_table.py --out bench/results/paper-table            # every part
-    python bench/paper_table.py --out DIR --parts main --jobs 2             # one part, 2 at a time
-    python bench/paper_table.py --tiny --out /tmp/pt                        # the test suite's size
+    dietcl-fast bench paper-table --out bench/results/paper-table            # every part
+    dietcl-fast bench paper-table --out DIR --parts main --jobs 2             # one part, 2 at a time
+    dietcl-fast bench paper-table --tiny --out /tmp/pt                        # the test suite's size
 
 The regime (docs/regime.md) keeps the paper's ratios on the built-in glyphs stream: tens of new
 classes per time step, 1 % labels, a shipped MAE encoder pretrained on classes the stream never
@@ -45,7 +45,7 @@ TINY = {"--data": "glyphs:classes=6,per_class=30", "--time-steps": "2", "--label
         "--eval-fraction": "0.2", "--budget": "2", "--batch-size": "16", "--micro-batch": "8"}
 ABLATIONS = {"no Lr": ["--unlabeled-fraction", "0"], "no Lb": ["--no-joint-buffer"],
              "no buffer-only phase": ["--split", "ratio:1.0"],
-             # not the paper's: w_r = 1 instead of the reference code's 50 (bench/grad_ratio.py:
+             # not the paper's: w_r = 1 instead of the reference code's 50 (`dietcl-fast bench grad-ratio`:
              # at 50, Lr's gradient on the shipped encoder is ~14x the classifier's)
              "w_r 1": ["--recon-weight", "1"]}
 UPPER_BOUND = "joint"       # trains once, at the last step, on everything: not a CL method
@@ -218,8 +218,9 @@ def summary(out: str, parts: list[str], tiny: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    """This study's options (`dietcl-fast bench paper-table` takes them)."""
+    ap = argparse.ArgumentParser(prog="dietcl-fast bench paper-table", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="Directory of the parts' compare runs and table.md.")
     ap.add_argument("--parts", default="main,budget,labels,length,ablation",
@@ -231,6 +232,11 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="Compare commands run at once (1 thread each).")
     ap.add_argument("--summary-only", action="store_true", help="Only rewrite table.md.")
     ap.add_argument("--tiny", action="store_true", help="The test suite's size.")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     parts = [p.strip() for p in a.parts.split(",") if p.strip()]
     try:

@@ -2,8 +2,8 @@
 the start of a time step: ||∇_enc (w_r · Lr)|| / ||∇_enc Lm|| for encoders at several stages of
 MAE pretraining.
 
-    python bench/grad_ratio.py random glyphs-mae-tiny                 # the shipped encoder vs none
-    python bench/grad_ratio.py --tiny random                          # the test suite's size
+    dietcl-fast bench grad-ratio random glyphs-mae-tiny                 # the shipped encoder vs none
+    dietcl-fast bench grad-ratio --tiny random                          # the test suite's size
 
 Each batch is what DietCL's joint phase draws at the cpu-tiny global batch of 64 (26 unlabeled
 images for Lr, 38 labeled for the classification loss; the paper's 40/60 split), from the
@@ -29,8 +29,9 @@ def grad_norm(loss: torch.Tensor, params: list[torch.Tensor]) -> float:
     return float(torch.sqrt(sum((x.float() ** 2).sum() for x in g if x is not None)))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def build_parser() -> argparse.ArgumentParser:
+    """This study's options (`dietcl-fast bench grad-ratio` takes them)."""
+    ap = argparse.ArgumentParser(prog="dietcl-fast bench grad-ratio", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("encoders", nargs="+",
                     help="`random`, a shipped encoder's name (glyphs-mae-tiny) or a "
@@ -41,6 +42,11 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="Also write the figures as JSON here.")
     ap.add_argument("--tiny", action="store_true", help="The test suite's size.")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     a = ap.parse_args(argv)
     if a.classes < 2 or a.batches < 1 or not a.recon_weight > 0:
         ap.error("--classes >= 2, --batches >= 1 and --recon-weight > 0 are needed")
