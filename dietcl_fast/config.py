@@ -89,34 +89,29 @@ class ModelConfig:
                                num=dict(lo=0, hi=1, hi_open=True))
 
 
-@dataclass(slots=True)
-class EWCOptions:
-    """EWC (online form); `lambda_` weighs the quadratic penalty lambda/2 * sum F (w - w*)^2."""
-    lambda_: float = option(100.0, help="EWC: penalty weight lambda.",
-                            num=dict(lo=0))
-    gamma: float = option(1.0, help="EWC: decay of the accumulated importance at each step "
-                                    "(online EWC's gamma).",
-                          num=dict(lo=0, hi=1))
-    importance_batch: int = option(16, help="EWC: images per per-sample-gradient chunk of the "
-                                            "importance pass.",
-                                   num=dict(lo=1, hi=2 ** 31 - 1, integer=True))
-    importance_budget: float = option(0.1, help="EWC: largest share of a step's budget spent on "
-                                                "the importance pass.",
-                                      num=dict(lo=0, hi=1, hi_open=True))
+def _importance_options(name: str, lambda_: float, what: str):
+    """The options of a penalty method with a per-parameter importance pass (EWC, MAS): one
+    declaration for both; each method's section keeps its own defaults and help text."""
+    fields_ = [
+        ("lambda_", float, option(lambda_, help=f"{name}: penalty weight lambda.",
+                                  num=dict(lo=0))),
+        ("gamma", float, option(1.0, help=f"{name}: decay of the accumulated importance at each "
+                                          f"step{what}.", num=dict(lo=0, hi=1))),
+        ("importance_batch", int, option(16, help=f"{name}: images per per-sample-gradient chunk "
+                                                  "of the importance pass.",
+                                         num=dict(lo=1, hi=2 ** 31 - 1, integer=True))),
+        ("importance_budget", float, option(0.1, help=f"{name}: largest share of a step's budget "
+                                                      "spent on the importance pass.",
+                                            num=dict(lo=0, hi=1, hi_open=True))),
+    ]
+    cls = dataclasses.make_dataclass(f"{name}Options", fields_, slots=True)
+    cls.__module__ = __name__
+    return cls
 
 
-@dataclass(slots=True)
-class MASOptions:
-    lambda_: float = option(1.0, help="MAS: penalty weight lambda.",
-                            num=dict(lo=0))
-    gamma: float = option(1.0, help="MAS: decay of the accumulated importance at each step.",
-                          num=dict(lo=0, hi=1))
-    importance_batch: int = option(16, help="MAS: images per per-sample-gradient chunk of the "
-                                            "importance pass.",
-                                   num=dict(lo=1, hi=2 ** 31 - 1, integer=True))
-    importance_budget: float = option(0.1, help="MAS: largest share of a step's budget spent on "
-                                                "the importance pass.",
-                                      num=dict(lo=0, hi=1, hi_open=True))
+# EWC (online form): `lambda_` weighs the quadratic penalty lambda/2 * sum F (w - w*)^2
+EWCOptions = _importance_options("EWC", 100.0, " (online EWC's gamma)")
+MASOptions = _importance_options("MAS", 1.0, "")
 
 
 @dataclass(slots=True)
