@@ -307,11 +307,11 @@ class EngineConfig:
                                                         "compile costs minutes for ~5% a step",
                                      help="Compile each micro-batch's loss and backward whole "
                                           "(torch.compile, no graph break).")
-    threads: Optional[int] = option(None, default_text="the preset's: 1 for cpu-tiny, torch's "
-                                                       "default for vit-b16",
+    threads: Optional[int] = option(None, default_text="torch's default: the cores",
                                     help="CPU threads of torch's operators in this process "
-                                         "(recorded in results.json; the cpu-tiny default comes "
-                                         "from `dietcl-fast bench threads`, docs/bench.md).",
+                                         "(recorded in results.json). On a machine busy with "
+                                         "other CPU-bound work, 1 (`dietcl-fast bench threads`, "
+                                         "docs/bench.md).",
                                     num=dict(lo=1, hi=4096, integer=True, optional=True))
 
 
