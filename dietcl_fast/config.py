@@ -634,7 +634,7 @@ def validate_method_options(cfg: "Config") -> None:
     if name == "gdumb":
         _bounds(cfg, OPTIONS["method.memory"], error=MethodOptionError)
     if name in METHOD_SECTIONS:
-        for o in options(type(getattr(cfg.method, name)), f"method.{name}."):
+        for o in (o for path, o in OPTIONS.items() if path.startswith(f"method.{name}.")):
             _bounds(cfg, o, error=MethodOptionError)
             if o.type is bool:
                 _bool(cfg, o.path, error=MethodOptionError)

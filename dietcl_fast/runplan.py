@@ -18,13 +18,13 @@ import torch
 from .config import Config, ConfigError, parse_split, validate
 from .engine import resolve_engine
 from .metrics_log import require_tensorboard
-from .models import PRESETS, resolve_preset
+from .models import PRESETS, ModelSpec, resolve_preset
 
 # Preset optimiser defaults. The paper's recipe (blr 1e-4, floor 5e-5, layer decay 0.65) is
 # for fine-tuning a pretrained ViT-B; the tiny CPU model trains from scratch and needs more.
 PRESET_OPTIM = {
-    "vit-b16": dict(blr=1e-4, min_lr=5e-5, layer_decay=0.65, micro_batch=256, threads=None),
-    "cpu-tiny": dict(blr=4e-3, min_lr=1e-5, layer_decay=0.9, micro_batch=None, threads=None),
+    "vit-b16": dict(blr=1e-4, min_lr=5e-5, layer_decay=0.65, micro_batch=256),
+    "cpu-tiny": dict(blr=4e-3, min_lr=1e-5, layer_decay=0.9, micro_batch=None),
 }
 
 SCRATCH_VIT_B16_WARNING = (
@@ -106,8 +106,9 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     cfg.model.preset = preset
     pdef, popt = PRESETS[preset], PRESET_OPTIM[preset]
     # model.mask_ratio's range is [0, 1); the preset's patch count says where it leaves no patch
-    L = (pdef["spec"]["img_size"] // pdef["spec"]["patch_size"]) ** 2
-    if int(L * (1 - cfg.model.mask_ratio)) < 1:
+    spec = ModelSpec(**pdef["spec"], mask_ratio=cfg.model.mask_ratio)
+    if spec.num_visible < 1:
+        L = spec.num_patches
         raise ConfigError(f"model.mask_ratio {cfg.model.mask_ratio}: leaves none of the {L} "
                           f"patches of preset {preset} visible; at most {1 - 1 / L:g} here",
                           "model.mask_ratio")
@@ -120,11 +121,11 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     for k in ("blr", "min_lr", "layer_decay"):
         if getattr(cfg.optim, k) is None:
             setattr(cfg.optim, k, popt[k])
-    # CPU threads (`bench threads`, RESULTS "Threads"): None, torch's default (the cores), for
-    # both presets: on an idle machine the quick start trains 1.4x faster with 2 threads than
-    # with 1; beside other CPU-bound work --threads 1 avoids the spinning threads' collapse
+    # CPU threads (`bench threads`, RESULTS "Threads"): torch's default (the cores) for both
+    # presets: on an idle machine the quick start trains 1.4x faster with 2 threads than with
+    # 1; beside other CPU-bound work --threads 1 avoids the spinning threads' collapse
     if cfg.engine.threads is None:
-        cfg.engine.threads = popt["threads"] or torch.get_num_threads()
+        cfg.engine.threads = torch.get_num_threads()
     G = int(cfg.run.batch_size)
     if cfg.engine.micro_batch is None:
         cfg.engine.micro_batch = popt["micro_batch"] or max(G // world, 1)

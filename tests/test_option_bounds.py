@@ -12,8 +12,8 @@ import yaml
 from click.testing import CliRunner
 
 from dietcl_fast.cli.main import main
-from dietcl_fast.config import (ConfigError, Config, PretrainConfig, options, validate,
-                                validate_pretrain)
+from dietcl_fast.config import (OPTIONS, ConfigError, Config, PretrainConfig, options,
+                                validate, validate_pretrain)
 
 TRAIN = [o for o in options(Config) if o.meta.get("num")]
 PRETRAIN = [o for o in options(PretrainConfig) if o.meta.get("num")]
@@ -60,23 +60,18 @@ def _set(cfg, path, value):
     setattr(obj, key, value)
 
 
-def _context(cfg, path):
-    """The run in which path's option is read: its method runs; L2P's pool holds top_k."""
+def _context(path) -> dict:
+    """The settings of the run in which path's option is read: its method runs; L2P's pool
+    holds top_k."""
     parts = path.split(".")
-    if parts[0] == "method" and len(parts) == 3:
-        cfg.method.name = parts[1]
-    if path == "method.memory":
-        cfg.method.name = "gdumb"
-    if path == "method.l2p.pool_size":
-        cfg.method.l2p.top_k = 1
+    out = {"method.name": parts[1]} if parts[0] == "method" and len(parts) == 3 else \
+        {"method.name": "gdumb"} if path == "method.memory" else {}
+    return {**out, **({"method.l2p.top_k": 1} if path == "method.l2p.pool_size" else {})}
 
 
-def _context_args(path):
+def _context_args(path) -> list:
     """_context on the command line."""
-    parts = path.split(".")
-    args = ["--method", parts[1]] if parts[0] == "method" and len(parts) == 3 else \
-        ["--method", "gdumb"] if path == "method.memory" else []
-    return args + (["--l2p-top-k", "1"] if path == "method.l2p.pool_size" else [])
+    return [a for p, v in _context(path).items() for a in (OPTIONS[p].flag, str(v))]
 
 
 def _text(v):
@@ -87,8 +82,8 @@ def _text(v):
 def test_train_option_bounds_agree_in_the_library_and_on_the_command_line(o, tmp_path):
     for value, accepted in cases(o):
         cfg = Config()
-        _context(cfg, o.path)
-        _set(cfg, o.path, value)
+        for p, v in {**_context(o.path), o.path: value}.items():
+            _set(cfg, p, v)
         if accepted:
             validate(cfg)
         else:
