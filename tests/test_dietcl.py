@@ -5,9 +5,6 @@ reference (decoder LayerNorm eps, weight decay of mask_token, bicubic evaluation
 whole time-incremental run through the CLI."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,8 +15,6 @@ from dietcl_fast.methods import MicroBatch, build_method, planning
 from dietcl_fast.trainer import Trainer, cosine_lr
 
 from conftest import tiny_cfg as shared_tiny_cfg
-
-PY = sys.executable
 
 
 def dietcl(**method):
@@ -268,13 +263,10 @@ def test_vit_b16_without_pretrained_warns_and_records_it(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a whole time-incremental run
 def test_whole_time_incremental_run_through_the_cli(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run([PY, "-m", "dietcl_fast.cli.main", "train", "--scenario", "time",
-                        "--time-steps", "3", "--budget", "3", "--batch-size", "16",
-                        "--micro-batch", "8", "--label-rate", "0.05", "--split", "ratio:0.5",
-                        "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert p.returncode == 0, p.stderr
+    from conftest import cli
+    p = cli("train", "--scenario", "time", "--time-steps", "3", "--budget", "3", "--batch-size",
+            "16", "--micro-batch", "8", "--label-rate", "0.05", "--split", "ratio:0.5",
+            "--out", out, "--no-progress")
     res = json.loads((out / "results.json").read_text())
     assert res["scenario"] == "time" and res["method"] == "dietcl"
     assert len(res["A"]) == 3 and all(len(r) == k + 1 for k, r in enumerate(res["accuracy_matrix"]))

@@ -282,17 +282,13 @@ def test_pretrain_split_has_no_drift_and_other_classes(pool):
 # --------------------------------------------------------------------------- the command line
 @pytest.mark.slow
 def test_train_on_glyphs_from_the_command_line(tmp_path, pool):
-    """A real `dietcl-fast train` process on a tiny glyphs stream: generated on first use, RGB
-    into the cpu-tiny model (3 input channels), 2 time steps end to end (~20 s: the process
-    imports torch)."""
+    """`dietcl-fast train` on a tiny glyphs stream: generated on first use, RGB into the cpu-tiny
+    model (3 input channels), 2 time steps end to end."""
+    from conftest import cli
     out = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", "train",
-                        "--data", "glyphs:classes=12,per_class=20,size=32", "--time-steps", "2",
-                        "--budget", "2", "--batch-size", "16", "--micro-batch", "16",
-                        "--label-rate", "0.1", "--no-progress", "--out", str(out)],
-                       capture_output=True, text=True, timeout=600,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 0, p.stderr[-3000:]
+    p = cli("train", "--data", "glyphs:classes=12,per_class=20,size=32", "--time-steps", "2",
+            "--budget", "2", "--batch-size", "16", "--micro-batch", "16", "--label-rate", "0.1",
+            "--no-progress", "--out", out)
     assert "glyphs: generating 240 images" in p.stderr
     res = json.load(open(out / "results.json"))
     assert res["stream"]["source"] == "glyphs:classes=12,per_class=20,size=32,seed=0"

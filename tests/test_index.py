@@ -342,14 +342,12 @@ def test_train_on_wds_with_a_corrupt_sample_skipped(tmp_path):
 
 # ----------------------------------------------------------------------------- bench
 def test_bench_index_tiny(tmp_path):
-    """A real `dietcl-fast bench index --tiny` process. About 12 s on 2 idle cores, over 20 s
-    on a loaded machine: each of its six measurements is a fresh process (memory is per
-    process), and the two that scan import torch."""
+    """`dietcl-fast bench index --tiny`. About 12 s on 2 idle cores, over 20 s on a loaded
+    machine: each of its six measurements is a fresh process (memory is per process), and the
+    two that scan import torch."""
+    from conftest import cli
     out = tmp_path / "b.json"
-    p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", "bench", "index", "--tiny",
-                        "--workdir", str(tmp_path), "--out", str(out)], capture_output=True,
-                       text=True, timeout=600, cwd=ROOT)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    cli("bench", "index", "--tiny", "--workdir", tmp_path, "--out", out, cwd=ROOT)
     b = json.loads(out.read_text())
     assert b["kind"] == "dietcl-fast/bench-index" and b["rows"] == 2000
     assert [(r["kind"], r["phase"]) for r in b["parse"]] == [

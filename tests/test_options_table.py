@@ -1,20 +1,20 @@
 """One source for every option: the config dataclasses (dietcl_fast/config.py).
 
 The option table of docs/options.md and `train`/`pretrain`'s command-line options are generated
-from the config fields; these tests run the real `dietcl-fast` command and the table generator as
-processes and fail when docs/options.md, the CLI and the config disagree."""
+from the config fields; these tests run the `dietcl-fast` command (through click, in process) and
+the table generator (a process) and fail when docs/options.md, the CLI and the config disagree."""
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from dietcl_fast.config import Config, ConfigError, PretrainConfig, apply_dict, options, validate
-from kill import exit_after
+from conftest import cli
+
+from dietcl_fast.config import Config, ConfigError, PretrainConfig, options, validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE = os.path.join(ROOT, "docs", "options.md")
@@ -28,9 +28,9 @@ def run(*args, timeout=120):
 
 
 def dietcl(*args, timeout=300, cwd=None, extra_env=None):
-    return subprocess.run([PY, "-m", "dietcl_fast.cli.main", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**ENV, **(extra_env or {})},
-                          cwd=cwd or ROOT)
+    """`dietcl-fast ARGS` from the repository root (or `cwd`): in this process unless
+    `extra_env` needs a new one (conftest's `cli`)."""
+    return cli(*args, check=False, timeout=timeout, cwd=cwd or ROOT, extra_env=extra_env)
 
 
 def test_the_options_table_matches_the_config():

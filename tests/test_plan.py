@@ -304,12 +304,10 @@ def test_sweep_on_tiny_runs_reuses_and_recommends(tmp_path):
 @pytest.mark.slow
 def test_plan_from_a_real_bench_step_file(tmp_path):
     """The file `dietcl-fast bench step` writes (tiny, eager only) feeds `plan --from-bench`."""
-    exe = os.path.join(os.path.dirname(sys.executable), "dietcl-fast")
+    from conftest import cli
     f = tmp_path / "step.json"
-    p = subprocess.run([exe, "bench", "step", "--steps", "1", "--warmup", "1", "--modes", "eager",
-                        "--tiny-peak", "--budget", "10", "--device", "cpu", "--out", str(f)],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-2000:]
+    cli("bench", "step", "--steps", "1", "--warmup", "1", "--modes", "eager", "--tiny-peak",
+        "--budget", "10", "--device", "cpu", "--out", f)
     b = json.loads(f.read_text())
     r = invoke("--from-bench", str(f), "--bench-mode", "eager", "--json")
     assert r.exit_code == 0, r.output

@@ -2,11 +2,11 @@
 logged and in results.json), and MAE encoders shipped in the package by name."""
 import hashlib
 import os
-import sys
 
 import pytest
 import torch
 
+from conftest import cli
 from dietcl_fast.methods.base import Phase, describe_passes, pool_passes
 
 
@@ -105,7 +105,7 @@ def test_dietcl_ablations_change_the_joint_batch_as_the_paper_ablates():
         phases(unlabeled_fraction=1.0)
 
 
-CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _bench(name):
@@ -145,14 +145,9 @@ def test_paper_table_summary_ranks_and_margins_by_standard_error(tmp_path):
 def test_paper_table_runs_a_part_through_the_real_compare(tmp_path):
     """One real part at the tiny size: `dietcl-fast compare` processes, table.md (~30 s idle:
     two tiny runs of a 6-class glyphs stream, each a process of its own)."""
-    import subprocess
-    import sys
     out = tmp_path / "pt"
-    p = subprocess.run([*CLI, "bench", "paper-table", "--tiny", "--out", str(out),
-                        "--parts", "length,ablation", "--cells", "length-3", "--seeds", "0"],
-                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    cli("bench", "paper-table", "--tiny", "--out", out, "--parts", "length,ablation", "--cells",
+        "length-3", "--seeds", "0", cwd=ROOT)
     table = (out / "table.md").read_text()
     assert "## Stream length at equal total compute (class)" in table
     assert "| dietcl |" in table and "| er |" in table
@@ -162,9 +157,7 @@ def test_paper_table_runs_a_part_through_the_real_compare(tmp_path):
     for bad, says in ((["--parts", "nonsense"], "unknown part 'nonsense'"),
                       (["--seeds", "0,x"], "--seeds '0,x'"), (["--seeds", "-1"], "none negative"),
                       (["--parts", "length", "--cells", "main-class"], "the cells of --parts")):
-        p = subprocess.run([*CLI, "bench", "paper-table", "--out", str(out), *bad],
-                           capture_output=True, text=True,
-                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        p = cli("bench", "paper-table", "--out", out, *bad, check=False, cwd=ROOT)
         assert p.returncode != 0 and says in p.stderr, (bad, p.stderr)
 
 
@@ -185,45 +178,33 @@ def test_the_shipped_glyphs_encoder_loads_strictly_into_cpu_tiny():
         assert torch.isfinite(m.classify(torch.zeros(2, 3, spec.img_size, spec.img_size))).all()
 
 
-def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_path):
-    """dietcl-fast bench pretrain-glyphs as it is run to rebuild the shipped encoder, at its tiny size (a
-    process: 3 MAE steps on 8 pretraining classes, then the 3-NN and linear probes of the
+def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_path,
+                                                                          monkeypatch):
+    """dietcl-fast bench pretrain-glyphs as it is run to rebuild the shipped encoder, at its
+    tiny size (3 MAE steps on 8 pretraining classes, then the 3-NN and linear probes of the
     random and the pretrained encoder on 4 held-out classes)."""
     import json
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("DIETCL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "pt"
-    env = dict(os.environ, DIETCL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
-               MPLBACKEND="Agg")
-    p = subprocess.run([*CLI, "bench", "pretrain-glyphs", "--tiny", "--out", str(out)],
-                       cwd=root, capture_output=True, text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    cli("bench", "pretrain-glyphs", "--tiny", "--out", out, cwd=ROOT)
     probe = json.loads((out / "probe.json").read_text())
     assert probe["pretraining"]["budget"] == 3 and probe["probe_data"].startswith("glyphs:classes=4,")
     for enc in ("random", "pretrained"):
         assert 0.0 <= probe[enc]["knn3"] <= 100.0 and 0.0 <= probe[enc]["linear"] <= 100.0
     assert (out / "checkpoint.pth").is_file()
-    p = subprocess.run([*CLI, "bench", "pretrain-glyphs", "--out", str(out),
-                        "--budget", "0"], cwd=root, capture_output=True, text=True, env=env)
+    p = cli("bench", "pretrain-glyphs", "--out", out, "--budget", "0", check=False, cwd=ROOT)
     assert p.returncode != 0 and "--budget 0: must be >= 1" in p.stderr
 
 
-def test_grad_ratio_script_measures_both_gradients_at_the_tiny_size(tmp_path):
-    """dietcl-fast bench grad-ratio as a process (~10 s: torch's import and one tiny batch a encoder)."""
+def test_grad_ratio_script_measures_both_gradients_at_the_tiny_size(tmp_path, monkeypatch):
+    """dietcl-fast bench grad-ratio at its tiny size (one tiny batch an encoder)."""
     import json
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, DIETCL_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    p = subprocess.run([*CLI, "bench", "grad-ratio", "--tiny", "random", "glyphs-mae-tiny",
-                        "--out", str(tmp_path / "g.json")], cwd=root, capture_output=True,
-                       text=True, timeout=600, env=env)
-    assert p.returncode == 0, p.stderr[-3000:]
+    monkeypatch.setenv("DIETCL_CACHE", str(tmp_path / "cache"))
+    p = cli("bench", "grad-ratio", "--tiny", "random", "glyphs-mae-tiny", "--out",
+            tmp_path / "g.json", cwd=ROOT)
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]
     assert [r["encoder"] for r in rows] == ["random", "glyphs-mae-tiny"]
     assert all(r["ratio_mean"] > 0 and r["Lr"] > 0 and r["Lm"] > 0 for r in rows)
     assert "||grad 50*Lr|| / ||grad Lm||" in p.stdout
-    p = subprocess.run([*CLI, "bench", "grad-ratio", "random", "--recon-weight", "0"],
-                       cwd=root, capture_output=True, text=True, env=env)
+    p = cli("bench", "grad-ratio", "random", "--recon-weight", "0", check=False, cwd=ROOT)
     assert p.returncode == 2 and "--recon-weight > 0" in p.stderr

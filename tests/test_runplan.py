@@ -1,8 +1,5 @@
 """The run plan (config resolved once, the caller's config untouched), the global batch's
 micro-batch arithmetic, the MFU helper, and no kill switch in the package."""
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -131,9 +128,8 @@ def test_no_kill_aid_in_the_package_or_its_options(tmp_path):
     d["run"]["stop_after_steps"] = 5
     with pytest.raises(ConfigError, match="run.stop_after_steps"):
         Config.from_dict(d)
-    p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", "train", "--stop-after-steps",
-                        "2", "--out", str(tmp_path / "r")], capture_output=True, text=True,
-                       timeout=300)
+    from conftest import cli
+    p = cli("train", "--stop-after-steps", "2", "--out", tmp_path / "r", check=False)
     assert p.returncode == 2 and "--stop-after-steps" in p.stderr
 
 

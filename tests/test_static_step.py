@@ -192,21 +192,17 @@ def test_micro_batch_auto_on_the_cpu_takes_the_whole_batch(tmp_path):
 
 
 def test_cli_micro_batch_auto_and_compile_are_recorded(tmp_path):
-    import subprocess
-    import sys
-
     import yaml
-    base = [sys.executable, "-m", "dietcl_fast.cli.main", "train", "--time-steps", "2",
-            "--budget", "1", "--batch-size", "16", "--label-rate", "0.05", "--no-progress"]
-    p = subprocess.run(base + ["--micro-batch", "auto", "--no-compile", "--out", str(tmp_path / "r")],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
+
+    from conftest import cli
+    base = ["train", "--time-steps", "2", "--budget", "1", "--batch-size", "16",
+            "--label-rate", "0.05", "--no-progress"]
+    p = cli(*base, "--micro-batch", "auto", "--no-compile", "--out", tmp_path / "r")
     cfg = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert cfg["engine"]["micro_batch"] == 16 and cfg["engine"]["compile"] is False
     assert "step eager" in p.stderr
     for bad, needle in ((["--micro-batch", "zero"], "--micro-batch"),
                         (["--micro-batch", "0"], "--micro-batch 0"),
                         (["--method", "cassle", "--compile"], "--compile")):
-        p = subprocess.run(base + bad + ["--out", str(tmp_path / "bad")], capture_output=True,
-                           text=True, timeout=600)
+        p = cli(*base, *bad, "--out", tmp_path / "bad", check=False)
         assert p.returncode == 2 and needle in p.stderr, (bad, p.stderr)
