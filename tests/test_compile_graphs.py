@@ -51,7 +51,7 @@ def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, a
     from dietcl_fast.meter import CompileMeter
     from dietcl_fast.trainer import Trainer
     cfg = tiny_cfg("dietcl", budget=4, method__split="ratio:0.5", engine__compile=True,
-                   device="cpu")
+                   device="cpu", stream__eval_fraction=0.2)    # evaluation sets as users have
     cfg.stream.time_steps = 4
     logged = []
     meter = CompileMeter(logged.append)
