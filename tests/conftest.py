@@ -1,6 +1,7 @@
 import atexit
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -184,10 +185,7 @@ def in_process(args: list[str], cwd=None) -> subprocess.CompletedProcess:
 # it) after a global torch optimiser pre-step hook is registered; the hook's `hold`-th call
 # sleeps until a signal ends the process (the test's Ctrl-C). No hook of the package is used.
 _HELD = """
-import os, signal, sys, time
-# Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &`, nohup, some CI
-# runners) hands its processes SIGINT ignored, and Python then never raises KeyboardInterrupt
-signal.signal(signal.SIGINT, signal.default_int_handler)
+import os, sys, time
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 hold, calls, parent = int(sys.argv.pop(1)), [0], os.getppid()
 def pre_step(opt, args, kwargs):
@@ -202,6 +200,13 @@ main(prog_name="dietcl-fast")
 """
 
 
+def terminal_sigint():
+    """A child's Ctrl-C as a terminal delivers it (`preexec_fn`): a suite started in the
+    background (`cmd &`, nohup, some CI runners) hands its processes SIGINT ignored, and
+    Python then never raises KeyboardInterrupt (each Ctrl-C test waited out its timeout)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def held_cli(*args, hold: int, **popen):
     """Start `dietcl-fast ARGS` as a real process whose `hold`-th optimiser step never
     returns, so a test that signals it once a checkpoint is on disk finds the run still going
@@ -210,4 +215,4 @@ def held_cli(*args, hold: int, **popen):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", _HELD, str(hold), *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **popen)
+                            preexec_fn=terminal_sigint, **popen)

@@ -10,9 +10,10 @@ import subprocess
 import sys
 import time
 
-from conftest import cli, held_cli
+from conftest import cli, held_cli, terminal_sigint
 
-TINY = ["--time-steps", "2", "--batch-size", "8", "--label-rate", "0.05", "--no-progress"]
+TINY = ["--time-steps", "2", "--batch-size", "8", "--label-rate", "0.05", "--eval-fraction",
+        "0.05", "--no-progress"]
 
 
 def ctrl_c_after(proc, checkpoint, wait_s=500):
@@ -184,7 +185,8 @@ def test_ctrl_c_in_pretrain_says_how_to_resume_and_the_command_resumes(tmp_path)
         [sys.executable, "-m", "dietcl_fast.cli.main", "pretrain", "--data", "digits",
          "--budget", "100000", "--batch-size", "8", "--micro-batch", "4", "--ckpt-every", "1",
          "--no-progress", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=terminal_sigint)
     err = ctrl_c_after(proc, out / "pretrain_state.pt")
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Aborted!" not in err, err

@@ -1,8 +1,8 @@
 """Every numeric option's range is declared once (`option(num=...)` in config.py) and every layer
 trusts the check `validate` makes from it. Each option's boundary values go through the library
-(`validate`, `validate_pretrain`) and through the command line (`train --check`, which also
-resolves the run plan and builds the method, so a layer that refuses what the declared range
-accepts fails here; `pretrain` for its refusals), and both must agree with the declaration:
+(`validate`, `validate_pretrain`) and through the command line (`train --check` and
+`pretrain --check`, which also resolve the run and build the method or the model, so a layer
+that refuses what the declared range accepts fails here), and both must agree with the declaration:
 inside the range accepted, outside it refused with an error naming the option and the value,
 before anything is read or written."""
 import math
@@ -127,13 +127,18 @@ def test_pretrain_option_bounds_agree_in_the_library_and_on_the_command_line(o, 
     for value, accepted in cases(o):
         cfg = PretrainConfig(out=str(tmp_path / "p"))
         _set(cfg, o.path, value)
+        r = CliRunner().invoke(main, ["pretrain", "--check", o.flag, _text(value),
+                                      "--out", str(tmp_path / "p")])
+        assert r.exception is None or isinstance(r.exception, SystemExit), (o.path, r.exception)
+        assert not (tmp_path / "p").exists()            # --check writes nothing
         if accepted:
             validate_pretrain(cfg)
-            continue            # (accepted: the command line would start a pretraining)
+            if o.path in PRESET_BOUND and value > 0.99:
+                assert r.exit_code == 2 and PRESET_BOUND[o.path] in r.output, (o.path, r.output)
+            else:
+                assert r.exit_code == 0, (o.path, value, r.output)
+            continue
         with pytest.raises(ConfigError) as e:
             validate_pretrain(cfg)
         assert o.flag in str(e.value), (o.path, value, str(e.value))
-        r = CliRunner().invoke(main, ["pretrain", o.flag, _text(value),
-                                      "--out", str(tmp_path / "p")])
         assert r.exit_code == 2 and o.flag in r.output, (o.path, value, r.output)
-        assert not (tmp_path / "p").exists()
