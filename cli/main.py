@@ -340,16 +340,29 @@ def _flops_error(msg: str, kw: dict) -> str:
 
 @main.command(context_settings={"show_default": True})
 @click.option("--resume", is_flag=True, help="Continue the pretraining in --out.")
+@click.option("--check", is_flag=True,
+              help="Check and resolve the options (device, preset, batch, micro-batch, base "
+                   "learning rate, the model), print them as the pretraining would use them, and "
+                   "exit: no data read, nothing written.")
 @click.pass_context
-def pretrain(ctx, resume, **params):
+def pretrain(ctx, resume, check, **params):
     """MAE pretraining of the encoder and decoder on a dataset under a step budget; writes
     OUT/checkpoint.pth for `train --pretrained`."""
     from dietcl_fast.config import PretrainConfig, validate_pretrain
-    from dietcl_fast.pretrain import STATE_NAME, Pretrainer, saved_step
+    from dietcl_fast.pretrain import STATE_NAME, Pretrainer, resolve, saved_step
     from dietcl_fast.rundir import PRETRAIN_FILES, check_fresh
     from dietcl_fast.run_state import RunStopped
     try:
         cfg = validate_pretrain(PretrainConfig(**params))
+        if check:
+            import dataclasses
+
+            import yaml
+            device = resolve(cfg)
+            click.echo(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), nl=False)
+            click.echo(f"# options checked: {cfg.preset} on {device.type}, global batch "
+                       f"{cfg.batch_size} in micro-batches of {cfg.micro_batch}", err=True)
+            return
         cfg.data = absolute_data(cfg.data)     # the same files from any directory (resume)
         if not resume and os.path.isfile(os.path.join(cfg.out, STATE_NAME)):
             _fail(f"--out {cfg.out!r} already holds a pretraining; add --resume to continue it, "

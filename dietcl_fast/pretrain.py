@@ -42,7 +42,7 @@ from .config import validate_pretrain as validate
 from .data.sampling import EpochSampler
 from .seeding import AUGMENT, PRETRAIN, derive_seed, source_key
 from .ledger import Ledger
-from .models import PRESETS, ModelSpec, build_model, resolve_preset
+from .models import PRESETS, ModelSpec, build_model, mask_ratio_error, resolve_preset
 from .run_state import RunStopped
 
 STATE_NAME = "pretrain_state.pt"
@@ -76,33 +76,42 @@ def saved_step(out: str) -> "int | None":
         return None
 
 
+def resolve(cfg: PretrainConfig) -> torch.device:
+    """The pretraining's options checked and resolved in place, before any data is read:
+    the device, the preset (`auto`), the global batch and micro-batch (the preset's), the base
+    learning rate (the preset's MAE blr) and the model the preset and --mask-ratio make
+    (ModelSpec's own checks) -> the device."""
+    validate(cfg)
+    want = cfg.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    cfg.preset = resolve_preset(cfg.preset, use_cuda)
+    pdef = PRESETS[cfg.preset]
+    cfg.batch_size = int(cfg.batch_size or pdef["batch_size"])
+    cfg.micro_batch = min(int(cfg.micro_batch or (256 if cfg.preset == "vit-b16" else cfg.batch_size)),
+                          cfg.batch_size)
+    if cfg.batch_size % cfg.micro_batch:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --micro-batch "
+                          f"{cfg.micro_batch}")
+    if cfg.blr is None:
+        cfg.blr = MAE_BLR[cfg.preset]
+    if msg := mask_ratio_error(cfg.preset, cfg.mask_ratio, "--mask-ratio"):
+        raise ConfigError(msg)
+    ModelSpec(**pdef["spec"], mask_ratio=cfg.mask_ratio).validate()
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
 class Pretrainer:
     def __init__(self, cfg: PretrainConfig, *, log=print):
         from .data import build_loader
         from .streams import load_source
-        validate(cfg)
+        self.device = resolve(cfg)
         self.cfg, self.log = cfg, log
-        want = cfg.device
-        if want not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device {want!r}: choose auto, cpu or cuda")
-        if want == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is visible")
-        use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda" if use_cuda else "cpu")
-        self.amp_dtype = torch.bfloat16 if use_cuda else None
-        preset = resolve_preset(cfg.preset, use_cuda)
-        cfg.preset = preset
-        pdef = PRESETS[preset]
-        cfg.batch_size = int(cfg.batch_size or pdef["batch_size"])
-        cfg.micro_batch = min(int(cfg.micro_batch or (256 if preset == "vit-b16" else cfg.batch_size)),
-                              cfg.batch_size)
-        if cfg.batch_size % cfg.micro_batch:
-            raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by --micro-batch "
-                              f"{cfg.micro_batch}")
-        if cfg.blr is None:
-            cfg.blr = MAE_BLR[preset]
+        self.amp_dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        pdef = PRESETS[cfg.preset]
         source = load_source(cfg.data)
-        in_chans = source.channels if preset == "cpu-tiny" else 3
+        in_chans = source.channels if cfg.preset == "cpu-tiny" else 3
         self.spec = ModelSpec(**pdef["spec"], in_chans=in_chans, mask_ratio=cfg.mask_ratio).validate()
         self.loader, self.source = build_loader(source, LoaderConfig(), self.spec.img_size,
                                                 in_chans, self.device, log=log,

@@ -18,7 +18,7 @@ import torch
 from .config import Config, ConfigError, parse_split, validate
 from .engine import resolve_engine
 from .metrics_log import require_tensorboard
-from .models import PRESETS, ModelSpec, resolve_preset
+from .models import PRESETS, mask_ratio_error, resolve_preset
 
 # Preset optimiser defaults. The paper's recipe (blr 1e-4, floor 5e-5, layer decay 0.65) is
 # for fine-tuning a pretrained ViT-B; the tiny CPU model trains from scratch and needs more.
@@ -105,13 +105,8 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     preset = resolve_preset(cfg.model.preset, cuda)
     cfg.model.preset = preset
     pdef, popt = PRESETS[preset], PRESET_OPTIM[preset]
-    # model.mask_ratio's range is [0, 1); the preset's patch count says where it leaves no patch
-    spec = ModelSpec(**pdef["spec"], mask_ratio=cfg.model.mask_ratio)
-    if spec.num_visible < 1:
-        L = spec.num_patches
-        raise ConfigError(f"model.mask_ratio {cfg.model.mask_ratio}: leaves none of the {L} "
-                          f"patches of preset {preset} visible; at most {1 - 1 / L:g} here",
-                          "model.mask_ratio")
+    if msg := mask_ratio_error(preset, cfg.model.mask_ratio, "model.mask_ratio"):
+        raise ConfigError(msg, "model.mask_ratio")
     if cfg.run.batch_size is None:
         cfg.run.batch_size = pdef["batch_size"]
         if pdef["batch_size"] != 1024:

@@ -479,6 +479,11 @@ def test_the_documented_commands_run(tmp_path):
                 assert res["initialisation"] in (given, str(tmp_path / given)), res["initialisation"]
             if "--method" in rest:
                 assert res["method"] == rest[rest.index("--method") + 1]
+        elif name == "pretrain" and "--check" in rest:  # resolved, printed, nothing written
+            r = _invoke(a, tmp_path)
+            assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
+            assert yaml.safe_load(r.stdout)["preset"] == "cpu-tiny"
+            assert not (tmp_path / rest[rest.index("--out") + 1]).exists()
         elif name == "pretrain":
             r = _invoke([*a, *TINY[:2], "--batch-size", "16", "--no-progress"], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)

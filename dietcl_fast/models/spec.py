@@ -76,6 +76,17 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def mask_ratio_error(preset: str, mask_ratio: float, name: str) -> "str | None":
+    """Why `mask_ratio` (the option `name`) is refused for `preset`, or None: its range is
+    [0, 1), and the preset's patch count says where it leaves no patch visible."""
+    spec = ModelSpec(**PRESETS[preset]["spec"], mask_ratio=mask_ratio)
+    if spec.num_visible >= 1:
+        return None
+    L = spec.num_patches
+    return (f"{name} {mask_ratio}: leaves none of the {L} patches of preset {preset} visible; "
+            f"at most {1 - 1 / L:g} here")
+
+
 def resolve_preset(name: str, cuda_available: bool) -> str:
     """`auto` -> vit-b16 on a GPU, cpu-tiny on the CPU."""
     if name == "auto":
