@@ -313,9 +313,13 @@ def _close_pairs(pics: np.ndarray, ok: np.ndarray) -> set:
 
 
 def _process_pool(workers: int, **kw):
-    """A process pool (fork where the platform has it: workers inherit the imported modules)."""
+    """A process pool whose workers are forked from a fresh single-threaded server
+    (`forkserver`; `spawn` where the platform has no fork). Not forked from this process: a
+    process with threads (a library caller's, an earlier run's checkpoint writer, Arrow's pools)
+    can hold a lock at the fork that the child then waits on forever; a test process that had
+    run a dozen commands hung that way once in `glyphs` generation."""
     import multiprocessing as mp
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     return ctx.Pool(workers, **kw)
 
 
