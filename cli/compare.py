@@ -59,7 +59,7 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
     from dietcl_fast import checkpoint as ckpt_io
     from dietcl_fast.fsio import atomic_write_bytes
     from dietcl_fast.config import Config
-    from dietcl_fast.rundir import RunLock, check_out_dir
+    from dietcl_fast.outdir import RunLock, check_out_dir
     from dietcl_fast.meter import run_meter
     from dietcl_fast.trainer import Trainer
     from dietcl_fast.tuning import prepare
@@ -76,7 +76,7 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
                 from dietcl_fast.results import read_json
                 return read_json(res_path)
         elif os.environ.get("RANK", "0") == "0":
-            from dietcl_fast.rundir import check_fresh
+            from dietcl_fast.outdir import check_fresh
             check_fresh(run_dir)    # a directory holding another run's files is not adopted
             atomic_write_bytes(os.path.join(run_dir, "compare_request.json"),
                                json.dumps(req, indent=1).encode())
@@ -229,7 +229,7 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
         from dietcl_fast.config import ConfigError
         from dietcl_fast.methods import METHODS
         from dietcl_fast.config import MethodOptionError, validate
-        from dietcl_fast.rundir import RunLock, check_out_dir
+        from dietcl_fast.outdir import RunLock, check_out_dir
         try:
             # everything is checked before anything is created
             names = sorted(METHODS) if params["methods"] == "all" else \

@@ -11,7 +11,7 @@ import click
 from dietcl_fast.cli.options import click_option, cli_options, train_params
 from dietcl_fast.config import (Config, ConfigError, absolute_data, apply_dict, load_yaml,
                                 validate)
-from dietcl_fast.rundir import check_out_dir
+from dietcl_fast.outdir import check_out_dir
 
 # train's config options, generated from the config fields (name, type, default, help), and
 # their map: click parameter name -> config path (section.key)
@@ -138,7 +138,7 @@ def train(ctx, **params):
     """Train a continual learner on a stream under a per-step compute budget; writes
     results.json, curve.png, config.yaml and checkpoints into the run directory."""
     from dietcl_fast import checkpoint as ckpt_io
-    from dietcl_fast.rundir import check_fresh
+    from dietcl_fast.outdir import check_fresh
     from dietcl_fast.meter import run_meter
     from dietcl_fast.trainer import RunStopped, Trainer
     from dietcl_fast.tuning import prepare
@@ -186,21 +186,21 @@ def train(ctx, **params):
 
 
 def _check(cfg: Config) -> None:
-    """train --check: the options as the run would resolve them (runplan.resolve: validation,
+    """train --check: the options as the run would resolve them (resolve.resolve: validation,
     preset, engine, micro-batch; the method built from them), printed as config.yaml would
     hold them. Errors as a run would give them; nothing is read or written."""
     import torch
     import yaml
 
     from dietcl_fast.methods import build_method
-    from dietcl_fast.runplan import resolve, resolve_device
+    from dietcl_fast.resolve import resolve, resolve_device
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = resolve(cfg, torch.device(resolve_device(cfg.run.device)), world)
-    build_method(plan.cfg)
-    click.echo(yaml.safe_dump(plan.cfg.to_dict(), sort_keys=False), nl=False)
-    click.echo(f"# options checked: {plan.preset}, global batch {plan.global_batch} in "
-               f"micro-batches of {plan.micro} x {plan.world} process(es), engine {plan.engine}",
-               err=True)
+    resolved = resolve(cfg, torch.device(resolve_device(cfg.run.device)), world)
+    build_method(resolved.cfg)
+    click.echo(yaml.safe_dump(resolved.cfg.to_dict(), sort_keys=False), nl=False)
+    click.echo(f"# options checked: {resolved.preset}, global batch {resolved.global_batch} in "
+               f"micro-batches of {resolved.micro} x {resolved.world} process(es), "
+               f"engine {resolved.engine}", err=True)
 
 
 def _holds_a_run(run_dir: str, cfg: Config) -> str:
@@ -231,7 +231,7 @@ def _resolved(cfg: Config) -> dict:
     so that it compares with a run's saved config; cfg itself where it cannot be resolved."""
     import torch
 
-    from dietcl_fast.runplan import resolve, resolve_device
+    from dietcl_fast.resolve import resolve, resolve_device
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return resolve(cfg, torch.device(resolve_device(cfg.run.device)), world).cfg.to_dict()
@@ -262,7 +262,7 @@ def _resume(ctx, params, run_dir: str) -> None:
     from dietcl_fast.meter import run_meter
     from dietcl_fast.trainer import Trainer
     from dietcl_fast.config import save_yaml
-    from dietcl_fast.rundir import check_owner
+    from dietcl_fast.outdir import check_owner
     state = ckpt_io.load_checkpoint(run_dir)
     cfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
     check_owner(run_dir, state["config"])   # the directory's own run, and config.yaml agrees
@@ -285,7 +285,7 @@ def _echo(m: str) -> None:
 
 def run_lock(run_dir: str):
     """The run directory's lock (taken by the main process only: rank 0 under a launcher)."""
-    from dietcl_fast.rundir import RunLock
+    from dietcl_fast.outdir import RunLock
     return RunLock(run_dir, log=lambda m: click.echo(m, err=True))
 
 
@@ -350,7 +350,7 @@ def pretrain(ctx, resume, check, **params):
     OUT/checkpoint.pth for `train --pretrained`."""
     from dietcl_fast.config import PretrainConfig, validate_pretrain
     from dietcl_fast.pretrain import STATE_NAME, Pretrainer, resolve, saved_step
-    from dietcl_fast.rundir import PRETRAIN_FILES, check_fresh
+    from dietcl_fast.outdir import PRETRAIN_FILES, check_fresh
     from dietcl_fast.run_state import RunStopped
     try:
         cfg = validate_pretrain(PretrainConfig(**params))

@@ -1,7 +1,7 @@
 """The global batch: how it is cut into micro-batches and processes, and how its images reach
 the device one iteration ahead.
 
-`BatchPlan` is this process's share of the run plan's global batch (`runplan.RunPlan` owns
+`BatchShare` is this process's share of the resolved run's global batch (`resolve.ResolvedRun` owns
 G, the micro-batch, the world size W and what follows from them: n_micro = G / micro
 micro-batches, accum = n_micro / W of them per process and optimiser step): process r runs
 micro-batches r, r+W, ... Micro-batch j of a global batch holds a source's draw items j,
@@ -19,16 +19,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .seeding import AUGMENT, MIX_PLAN, derive_seed, source_key
+from .seeding import AUGMENT, MIX_DRAW, derive_seed, source_key
 from .methods import MicroBatch
 
 
 @dataclass(frozen=True)
-class BatchPlan:
-    """Rank `rank`'s view of `run`'s global batch. `run` is the resolved run plan
-    (`runplan.RunPlan`, not imported: both units share a layer); its batch numbers are read
+class BatchShare:
+    """Rank `rank`'s view of `run`'s global batch. `run` is the resolved run
+    (`resolve.ResolvedRun`, not imported: both units share a layer); its batch numbers are read
     here, never recomputed."""
-    run: "RunPlan"          # global_batch, micro, world, n_micro, accum
+    run: "ResolvedRun"      # global_batch, micro, world, n_micro, accum
     rank: int = 0
     granule: int = 1        # micro-batches with equal per-source counts (static shapes: n_micro)
 
@@ -115,13 +115,13 @@ def micro_fits_on_device(model, spec, device: torch.device, amp_dtype, m: int) -
 class Batcher:
     """Ids -> loader tickets (one iteration ahead) -> MicroBatches on the device.
 
-    `method` supplies `static_shapes` (planned mask noise and Mixup plans go with each
+    `method` supplies `static_shapes` (planned mask noise and Mixup/CutMix draws go with each
     micro-batch) and `labeled_in_step` (labeled images must be of the step's classes, checked
     on the host before any copy); `mix` is the method config (mixup, mixup_alpha, cutmix_alpha)."""
 
-    def __init__(self, plan: BatchPlan, loader, stream, spec, device: torch.device, seed: int,
+    def __init__(self, share: BatchShare, loader, stream, spec, device: torch.device, seed: int,
                  method, mix):
-        self.plan, self.loader, self.stream, self.spec = plan, loader, stream, spec
+        self.share, self.loader, self.stream, self.spec = share, loader, stream, spec
         self.device, self.seed, self.method, self.mix_cfg = device, seed, method, mix
         self.ahead = None           # ((t, phase, it), ids, tickets) submitted one iteration ahead
 
@@ -129,7 +129,7 @@ class Batcher:
         """Ids of iteration `it` (a pure function of the position) and the labels of its
         labeled sources (the unlabeled source's labels are never looked up)."""
         ids, labels = {}, {}
-        r, W = self.plan.rank, self.plan.world          # this rank's shard of the draw
+        r, W = self.share.rank, self.share.world          # this rank's shard of the draw
         for src, n in counts.items():
             if src == "buffer":
                 b_ids, b_labels, _ = buffer.sample(n, gstep, r, W)
@@ -147,13 +147,13 @@ class Batcher:
         Each request's augmentation is seeded by its position (t, phase, it, j, source, view)
         only. `host` carries what the step needs from the host, checked and packed here, one
         iteration ahead: the labeled sources' labels (one pinned int64 tensor) and, for
-        static-shape methods, the Mixup/CutMix plans (one pinned float32 tensor)."""
+        static-shape methods, the Mixup/CutMix draws (one pinned float32 tensor)."""
         from .data import Request
         out = []
-        for j in self.plan.my_micro():
+        for j in self.share.my_micro():
             reqs, keys = [], []
             for src, n in counts.items():
-                sl = self.plan.split(n, j)
+                sl = self.share.split(n, j)
                 if sl.stop == sl.start:
                     continue
                 kind = "unlabeled" if src == "unlabeled" else "labeled"
@@ -166,15 +166,15 @@ class Batcher:
         return out
 
     def host_payload(self, t, p_idx, it, j, counts, labels) -> dict:
-        """Micro-batch j's labels and Mixup plans, on the host (pinned when the device is a
+        """Micro-batch j's labels and Mixup/CutMix draws, on the host (pinned when the device is a
         GPU, so that the step copies each with one non-blocking transfer). For methods that mask
         `labeled` to the step's classes, a labeled image of another class is an error here,
         before any copy."""
-        from .data.mixup import plan_mix
+        from .data.mixup import mix_draw_flat
         pin = self.device.type == "cuda"
         ys, sizes = [], {}
         for src in ("labeled", "buffer"):
-            sl = self.plan.split(counts[src], j) if src in labels else slice(0, 0)
+            sl = self.share.split(counts[src], j) if src in labels else slice(0, 0)
             if sl.stop > sl.start:
                 y = np.asarray(labels[src][sl], dtype=np.int64)
                 if src == "labeled" and self.method.labeled_in_step and \
@@ -183,21 +183,21 @@ class Batcher:
                 ys.append(y)
                 sizes[src] = len(y)
         y_host = torch.from_numpy(np.concatenate(ys)) if ys else torch.empty(0, dtype=torch.long)
-        plans = {}
+        draws = {}
         mc, S = self.mix_cfg, self.spec.img_size
         if self.method.static_shapes and mc.mixup:
             for src, n in sizes.items():
-                plans[src] = plan_mix(derive_seed(self.seed, t, p_idx, it, j, MIX_PLAN,
+                draws[src] = mix_draw_flat(derive_seed(self.seed, t, p_idx, it, j, MIX_DRAW,
                                                   source_key(src)),
                                       n, S, S, mc.mixup_alpha, mc.cutmix_alpha)
-        flat = [p for p in plans.values() if p is not None]
+        flat = [p for p in draws.values() if p is not None]
         mix_host = torch.from_numpy(np.concatenate(flat)) if flat else None
         if pin:
             y_host = y_host.pin_memory()
             mix_host = mix_host.pin_memory() if mix_host is not None else None
         return {"y": y_host, "y_sizes": sizes, "mix": mix_host,
-                "mix_srcs": [s for s, p in plans.items() if p is not None],
-                "no_mix": [s for s, p in plans.items() if p is None]}
+                "mix_srcs": [s for s, p in draws.items() if p is not None],
+                "no_mix": [s for s, p in draws.items() if p is None]}
 
     def tickets(self, t: int, p_idx: int, it: int, gstep: int, phase, counts, samplers,
                 buffer) -> list:
@@ -218,7 +218,7 @@ class Batcher:
         if tickets is None:
             tickets = self.submit(t, p_idx, it, phase, counts, ids, labels)
         if it + 1 < phase.steps:
-            n_counts = self.plan.counts(phase, it + 1) if phase.mix_fn is not None else counts
+            n_counts = self.share.counts(phase, it + 1) if phase.mix_fn is not None else counts
             n_ids, n_labels = self.draw_ids(it + 1, gstep + 1, n_counts, samplers, buffer)
             self.ahead = ((t, p_idx, it + 1), n_ids,
                           self.submit(t, p_idx, it + 1, phase, n_counts, n_ids, n_labels))
@@ -228,8 +228,8 @@ class Batcher:
                     num_seen, seen, step) -> MicroBatch:
         """Global micro-batch j: images from the loader, the labeled sources' labels (one
         non-blocking copy), and for static-shape methods the planned randomness: MAE mask
-        noise drawn on the device from the micro-batch seed, Mixup plans (one copy)."""
-        from .data.mixup import unpack_plan
+        noise drawn on the device from the micro-batch seed, Mixup/CutMix draws (one copy)."""
+        from .data.mixup import unpack_mix_draw
         key = derive_seed(self.seed, t, p_idx, it, j)
         gen = torch.Generator().manual_seed(key)
         mask_gen = gen if self.device.type == "cpu" else \
@@ -258,7 +258,7 @@ class Batcher:
             if host["mix"] is not None:
                 flat = host["mix"].to(self.device, non_blocking=True)
                 for src, part in zip(host["mix_srcs"], flat.chunk(len(host["mix_srcs"]))):
-                    mb.mix[src] = unpack_plan(part, S, S)
+                    mb.mix[src] = unpack_mix_draw(part, S, S)
             for src in host["no_mix"]:
                 mb.mix[src] = None
         return mb

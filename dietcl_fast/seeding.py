@@ -12,14 +12,14 @@ import zlib
 
 import numpy as np
 
-__all__ = ["derive_seed", "source_key", "HEAD_INIT", "AUGMENT", "MIX_PLAN", "GDUMB_MEMORY",
+__all__ = ["derive_seed", "source_key", "HEAD_INIT", "AUGMENT", "MIX_DRAW", "GDUMB_MEMORY",
            "IMPORTANCE_IMAGES", "DUALNET_SLOW", "PRETRAIN", "VALIDATION_SPLIT", "CLASS_STREAM",
            "DRIFT_TIMES", "TIME_STREAM", "GLYPHS"]
 
 # ------------------------------------------------------------------------- salts (one per stream)
 HEAD_INIT = 0x4EAD          # new head rows when a time step adds classes (and GDumb's re-init)
 AUGMENT = 0xDA7A            # a loader request's augmentation (crop, flip, colour), per source/view
-MIX_PLAN = 0x313C           # host-planned Mixup/CutMix of a micro-batch, per source
+MIX_DRAW = 0x313C           # host-drawn Mixup/CutMix of a micro-batch, per source
 GDUMB_MEMORY = 0x6D0B       # which samples GDumb's class-balanced memory keeps or evicts
 IMPORTANCE_IMAGES = 0xF15E  # the labeled images EWC/MAS estimate parameter importance on
 DUALNET_SLOW = 0xD7A1       # whether a DualNet iteration also updates the slow learner

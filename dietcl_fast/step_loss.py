@@ -50,7 +50,7 @@ def logs_apart(compiled):
 def step_loss_fn(method, compile: bool, channels: int):
     """(model, mb) -> (loss, logs): the loader's uint8 batches normalised on the device first
     (eager, one elementwise kernel per source), then the method's loss, compiled whole when
-    `compile` (static-shape methods only; the run plan checks it)."""
+    `compile` (static-shape methods only; resolve checks it)."""
     loss = method.loss
     if compile:
         loss = logs_apart(torch.compile(stacked_logs(method.loss), fullgraph=True, dynamic=False))
@@ -132,7 +132,7 @@ FAKE_MICRO_BATCH_FIELDS = ("x", "y", "noise", "mix", "seen", "step", "step_class
 
 def map_tensors(obj, fn):
     """`fn` applied to every tensor nested in dicts, lists and dataclasses (as in a
-    micro-batch: its images, labels, MixPlan, ClassSet); everything else as it is."""
+    micro-batch: its images, labels, MixDraw, ClassSet); everything else as it is."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):

@@ -17,7 +17,7 @@ would exceed the step's budget, so no step can overspend. All randomness is deri
 seed and the position (t, phase, iteration, micro-batch), so a resumed run draws exactly what
 an uninterrupted one drew.
 
-What lives elsewhere: the configuration resolved once (`runplan.resolve -> RunPlan`), the
+What lives elsewhere: the configuration resolved once (`resolve.resolve -> ResolvedRun`), the
 global batch's cut into micro-batches and the loader look-ahead (`batching`), the compiled
 step function (`step_loss`), the evaluation and the common kNN readout (`evaluator`), the
 checkpoints written in the background (`ckpt_writer.Checkpoints`), the run's position and
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
-from .batching import Batcher, BatchPlan, micro_fits_on_device, probe_micro_batch
+from .batching import Batcher, BatchShare, micro_fits_on_device, probe_micro_batch
 from .buffer import BalancedBuffer
 from .ckpt_writer import Checkpoints
 from .config import Config, ConfigError, save_yaml
@@ -52,7 +52,7 @@ from .models import PRESETS, ModelSpec, build_model, load_mae_checkpoint
 from .results import plot_curve, progress_bar, read_json, table, versions, write_json
 from .run_state import (FiniteWatch, Position, RunStopped, numpy_rng_state,  # noqa: F401
                         set_numpy_rng_state)
-from .runplan import resolve
+from .resolve import resolve
 from .seeding import HEAD_INIT, derive_seed
 from .step_loss import step_loss_fn
 
@@ -75,7 +75,7 @@ class Trainer:
         from .streams import build_stream, load_source
         self.log, self.meter = log, meter or Meter()
 
-        # the plan: every option checked and resolved once (runplan.resolve); once the options
+        # resolved: every option checked and resolved once (resolve.resolve); once the options
         # are known to be valid, `start` joins the processes (torchrun / the deepspeed launcher
         # describe them in RANK, WORLD_SIZE, ...) and says where this one runs
         def start(device_type: str, engine: str):
@@ -88,18 +88,19 @@ class Trainer:
             if not self.dist.is_main:   # one voice: rank 0 logs, draws the bar and writes files
                 self.log = lambda m: None
             return self.device, self.dist.world_size
-        self.plan = resolve(cfg, start=start)
-        self.cfg = cfg = self.plan.cfg  # the resolved copy (config.yaml); the caller's is untouched
+        self.resolved = resolve(cfg, start=start)
+        # the resolved copy (config.yaml); the caller's is untouched
+        self.cfg = cfg = self.resolved.cfg
         torch.set_num_threads(cfg.engine.threads)       # --threads (the preset's, measured)
-        self.amp_dtype, self.budget = self.plan.amp_dtype, self.plan.budget
-        for note in self.plan.notes:
+        self.amp_dtype, self.budget = self.resolved.amp_dtype, self.resolved.budget
+        for note in self.resolved.notes:
             self.log(note)
 
         # data
         source = load_source(cfg.stream.data,    # skip: a missing CSV file is skipped + listed
                              missing="keep" if cfg.loader.on_bad_image == "skip" else "error")
-        in_chans = source.channels if self.plan.preset == "cpu-tiny" else 3
-        self.spec = ModelSpec(**PRESETS[self.plan.preset]["spec"], in_chans=in_chans,
+        in_chans = source.channels if self.resolved.preset == "cpu-tiny" else 3
+        self.spec = ModelSpec(**PRESETS[self.resolved.preset]["spec"], in_chans=in_chans,
                               mask_ratio=cfg.model.mask_ratio).validate()
         stream_args = dict(scenario=cfg.stream.scenario, time_steps=cfg.stream.time_steps,
                            label_rate=cfg.stream.label_rate,
@@ -126,36 +127,36 @@ class Trainer:
         # method (validates its own options before any compute) and the function the engine
         # runs per micro-batch (compiled whole with --compile)
         self.method = build_method(cfg)
-        self.loss_fn = step_loss_fn(self.method, self.plan.compile, in_chans)
+        self.loss_fn = step_loss_fn(self.method, self.resolved.compile, in_chans)
 
         # model: one seed drives init; the head has a row for every class of the stream
         torch.manual_seed(cfg.run.seed)
         self.model = build_model(self.spec, head_capacity=self.stream.num_classes)
         # also written into results.json; the stream's: classes never evaluated
-        self.warnings: list[str] = list(self.plan.warnings) + self.stream.warnings()
+        self.warnings: list[str] = list(self.resolved.warnings) + self.stream.warnings()
         if cfg.model.pretrained:
             self.log(load_mae_checkpoint(self.model, cfg.model.pretrained).summary())
         for w in self.warnings:
             self.log("=" * 78 + "\nWARNING: " + w + "\n" + "=" * 78)
         self.method.setup_model(self.model)     # method modules (projectors, prompts, ...)
-        if self.plan.probe_micro:               # --micro-batch auto: a trial step per size
-            self.plan = self.plan.with_micro(probe_micro_batch(
-                self.plan.global_batch, self.plan.world, lambda m: micro_fits_on_device(
+        if self.resolved.probe_micro:               # --micro-batch auto: a trial step per size
+            self.resolved = self.resolved.with_micro(probe_micro_batch(
+                self.resolved.global_batch, self.resolved.world, lambda m: micro_fits_on_device(
                     self.model, self.spec, self.device, self.amp_dtype, m)))
-            self.cfg = self.plan.cfg
-            self.log(f"--micro-batch auto: {self.plan.micro} (the largest divisor of "
-                     f"{self.plan.global_batch // self.plan.world} that fits)")
+            self.cfg = self.resolved.cfg
+            self.log(f"--micro-batch auto: {self.resolved.micro} (the largest divisor of "
+                     f"{self.resolved.global_batch // self.resolved.world} that fits)")
         # A compiled step needs static shapes: every micro-batch of a phase then holds the same
         # number of images of each source, so each source's count per global batch is rounded
         # to a multiple of the micro-batches (the granule). Eager, the counts are the global
         # batch's own (granule 1), whatever the world size or micro-batch: the global batch's
         # mix, and so the ledger, do not depend on how many processes share it.
-        self.batch = BatchPlan(self.plan, self.dist.rank,
-                               self.plan.n_micro if self.method.static_shapes and self.plan.compile
-                               else 1)
+        static = self.method.static_shapes and self.resolved.compile
+        self.batch = BatchShare(self.resolved, self.dist.rank,
+                                self.resolved.n_micro if static else 1)
         self.batcher = Batcher(self.batch, self.loader, self.stream, self.spec, self.device,
                                cfg.run.seed, self.method, cfg.method)
-        self.engine = build_engine(self.plan.engine, self.model, self.device, self.amp_dtype,
+        self.engine = build_engine(self.resolved.engine, self.model, self.device, self.amp_dtype,
                                    dist_info=self.dist, zero_stage=cfg.engine.zero_stage,
                                    micro_batch=self.micro, accum=self.accum, log=self.log)
 
@@ -183,11 +184,12 @@ class Trainer:
         self._phase_name = "?"
         self._t0 = time.perf_counter()          # wall clock (reset when the run starts)
 
-    # the resolved batch arithmetic (RunPlan owns it; BatchPlan reads it for this rank)
-    G = property(lambda self: self.plan.global_batch, doc="global batch: images per optimiser step")
-    micro = property(lambda self: self.plan.micro, doc="images per micro-batch")
-    n_micro = property(lambda self: self.plan.n_micro, doc="micro-batches per global batch")
-    accum = property(lambda self: self.plan.accum, doc="micro-batches per process per step")
+    # the resolved batch arithmetic (ResolvedRun owns it; BatchShare reads it for this rank)
+    G = property(lambda self: self.resolved.global_batch,
+                 doc="global batch: images per optimiser step")
+    micro = property(lambda self: self.resolved.micro, doc="images per micro-batch")
+    n_micro = property(lambda self: self.resolved.n_micro, doc="micro-batches per global batch")
+    accum = property(lambda self: self.resolved.accum, doc="micro-batches per process per step")
     granule = property(lambda self: self.batch.granule, doc="micro-batches with equal counts")
 
     # ------------------------------------------------------------------ the loop
@@ -311,7 +313,7 @@ class Trainer:
 
     def _train_iteration(self, t, p_idx, phase, counts, samplers) -> dict:
         """One optimiser step -> its logs (device tensors). Nothing in here waits for the
-        device: labels and Mixup plans come from the host with one non-blocking copy each,
+        device: labels and Mixup draws come from the host with one non-blocking copy each,
         masks are drawn on the device, checks on values run on the host before any copy, and
         logging / checkpoints happen between iterations (`_progress`, `save`)."""
         it, W = self.pos.it, self.dist.world_size
@@ -416,7 +418,7 @@ class Trainer:
         elif self.dist.is_main:
             save_yaml(cfg, os.path.join(run_dir, "config.yaml"))
         if self.dist.is_main:           # room for one checkpoint, before any compute
-            from .rundir import check_space
+            from .outdir import check_space
             check_space(run_dir, self.checkpoint_bytes_estimate())
             # the training log: cut back to this checkpoint on resume, then appended to
             self.metrics = MetricsLog(

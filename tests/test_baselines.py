@@ -75,7 +75,7 @@ def replay_mb(spec, sizes, seed, **kw):
                                    {"labeled": 1, "buffer": 3}])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_replay_loss_has_one_form(tiny_spec, mixup, sizes, seed):
-    """ER's loss on a hand-made micro-batch (with_plans: Mixup plans drawn from its generator,
+    """ER's loss on a hand-made micro-batch (with_draws: Mixup plans drawn from its generator,
     seen head rows) equals, bit for bit, Method.mix's Mixup/CutMix with cross-entropy over the
     seen classes, and the trainer's full-capacity form (unseen rows masked) on the same plans;
     a method's own `classify` (DualNet) goes through the same form."""
@@ -103,7 +103,7 @@ def test_replay_loss_has_one_form(tiny_spec, mixup, sizes, seed):
     assert torch.equal(got.detach(), want.detach())
     assert torch.equal(mb.generator.get_state(), ref_mb.generator.get_state())  # same draws
     # the trainer's form: plans and class sets given, logits over all 8 head rows
-    planned = m.with_plans(replay_mb(tiny_spec, sizes, seed))
+    planned = m.with_draws(replay_mb(tiny_spec, sizes, seed))
     s = cfg.method.label_smoothing
     full = dataclasses.replace(planned, seen=ClassSet.of(range(6), 8, s, "cpu"),
                                step=ClassSet.of([3, 4, 5], 8, s, "cpu"))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dietcl_fast.config import Config
-from dietcl_fast.methods import MicroBatch, build_method, planning
+from dietcl_fast.methods import MicroBatch, build_method, standalone_context
 from dietcl_fast.trainer import Trainer, cosine_lr
 
 from conftest import tiny_cfg as shared_tiny_cfg
@@ -27,26 +27,26 @@ def dietcl(**method):
 # ---------------------------------------------------------------- phase plan
 def test_ratio_split_step0_all_joint_then_80_20():
     m, _ = dietcl(split="ratio:0.8")
-    p0 = m.phases(planning(0, 50))
+    p0 = m.phases(standalone_context(0, 50))
     assert [(p.name, p.steps) for p in p0] == [("joint", 50)]
     assert p0[0].mix == {"unlabeled": 0.4, "labeled": 0.6}          # no buffer at step 0
-    p1 = m.phases(planning(1, 50))
+    p1 = m.phases(standalone_context(1, 50))
     assert [(p.name, p.steps) for p in p1] == [("joint", 40), ("buffer", 10)]
     assert p1[0].mix == pytest.approx({"unlabeled": 0.4, "labeled": 0.3, "buffer": 0.3})
     assert p1[1].mix == {"buffer": 1.0}
     # round(7 x 0.8) = round(5.6) = 6 joint steps, 1 buffer-only
-    assert [p.steps for p in m.phases(planning(3, 7))] == [6, 1]
+    assert [p.steps for p in m.phases(standalone_context(3, 7))] == [6, 1]
     m1, _ = dietcl(split="ratio:1.0")
-    assert [(p.name, p.steps) for p in m1.phases(planning(2, 50))] == [("joint", 50)]
+    assert [(p.name, p.steps) for p in m1.phases(standalone_context(2, 50))] == [("joint", 50)]
 
 
 def test_threshold_split():
     m, _ = dietcl(split="threshold:30")
-    assert [(p.name, p.steps) for p in m.phases(planning(0, 50))] == [("joint", 50)]   # step 0: all joint
-    assert [(p.name, p.steps) for p in m.phases(planning(1, 50))] == [("joint", 30), ("buffer", 20)]
-    assert [(p.name, p.steps) for p in m.phases(planning(1, 20))] == [("joint", 20)]   # B <= threshold
+    assert [(p.name, p.steps) for p in m.phases(standalone_context(0, 50))] == [("joint", 50)]   # step 0: all joint
+    assert [(p.name, p.steps) for p in m.phases(standalone_context(1, 50))] == [("joint", 30), ("buffer", 20)]
+    assert [(p.name, p.steps) for p in m.phases(standalone_context(1, 20))] == [("joint", 20)]   # B <= threshold
     m0, _ = dietcl(split="threshold:0")
-    assert [(p.name, p.steps) for p in m0.phases(planning(1, 5))] == [("buffer", 5)]
+    assert [(p.name, p.steps) for p in m0.phases(standalone_context(1, 5))] == [("buffer", 5)]
     for bad in ("ratio:1.5", "threshold:2.5", "threshold:-1", "half", "ratio:x"):
         with pytest.raises(ValueError, match="--split"):
             dietcl(split=bad)
@@ -54,14 +54,14 @@ def test_threshold_split():
 
 def test_auto_split_needs_the_chosen_threshold_and_keeps_it_in_its_state():
     m, _ = dietcl(split="auto")
-    assert [p.steps for p in m.phases(planning(0, 10))] == [10]        # step 0 needs no threshold
+    assert [p.steps for p in m.phases(standalone_context(0, 10))] == [10]        # step 0 needs no threshold
     with pytest.raises(RuntimeError, match="split auto"):
-        m.phases(planning(1, 10))
+        m.phases(standalone_context(1, 10))
     m.set_threshold(7)
-    assert [p.steps for p in m.phases(planning(1, 10))] == [7, 3]
+    assert [p.steps for p in m.phases(standalone_context(1, 10))] == [7, 3]
     m2, _ = dietcl(split="auto")
     m2.load_state_dict(m.state_dict())
-    assert [p.steps for p in m2.phases(planning(1, 10))] == [7, 3]
+    assert [p.steps for p in m2.phases(standalone_context(1, 10))] == [7, 3]
 
 
 @pytest.mark.parametrize("G, counts", [
@@ -72,10 +72,10 @@ def test_auto_split_needs_the_chosen_threshold_and_keeps_it_in_its_state():
 ])
 def test_joint_mix_40_30_30_and_its_rounding(G, counts):
     m, _ = dietcl()
-    joint = m.phases(planning(1, 10))[0]
+    joint = m.phases(standalone_context(1, 10))[0]
     assert joint.counts(G) == counts
     assert sum(joint.counts(G).values()) == G
-    step0 = m.phases(planning(0, 10))[0]
+    step0 = m.phases(standalone_context(0, 10))[0]
     c0 = step0.counts(G)
     assert sum(c0.values()) == G and set(c0) == {"unlabeled", "labeled"}
 
@@ -299,7 +299,7 @@ def test_time_run_uses_the_time_masking(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("scenario", ["class", "time"])
 def test_a_hand_made_micro_batch_takes_the_trainers_loss(tiny_spec, scenario):
-    """A micro-batch without plans or class sets (with_plans + the seen head rows) gives the
+    """A micro-batch without plans or class sets (with_draws + the seen head rows) gives the
     loss the trainer's form gives (full-capacity head, unseen rows masked) on the same draws."""
     import dataclasses
     from dietcl_fast.methods.base import ClassSet
@@ -317,7 +317,7 @@ def test_a_hand_made_micro_batch_takes_the_trainers_loss(tiny_spec, scenario):
                     step_classes=torch.tensor([2, 3]), num_seen=6,
                     generator=torch.Generator().manual_seed(1),
                     mask_generator=torch.Generator().manual_seed(2))
-    planned = m.with_plans(dataclasses.replace(mb, generator=torch.Generator().manual_seed(1)))
+    planned = m.with_draws(dataclasses.replace(mb, generator=torch.Generator().manual_seed(1)))
     assert set(planned.mix) == {"labeled", "buffer"} and planned.mix["labeled"] is not None
     s = cfg.method.label_smoothing
     full = dataclasses.replace(planned, seen=ClassSet.of(range(6), 8, s, "cpu"),

@@ -818,7 +818,7 @@ def test_figures_the_readme_quotes_from_results_md():
 
 def test_the_memory_bound_figure_the_docs_quote():
     from dietcl_fast.models import PRESETS
-    from dietcl_fast.runplan import PRESET_OPTIM, training_bytes_lower_bound
+    from dietcl_fast.resolve import PRESET_OPTIM, training_bytes_lower_bound
     spec = {**PRESETS["vit-b16"]["spec"], "in_chans": 3}
     per_image, model = training_bytes_lower_bound(spec, "cpu")
     micro = PRESET_OPTIM["vit-b16"]["micro_batch"]      # vit-b16's default micro-batch
@@ -887,7 +887,7 @@ def test_code_names_in_the_docs_exist():
 
 
 def test_class_names_in_the_docs_exist():
-    """Backticked CamelCase names (`StepContext`, `BatchPlan`, ...) are classes of the package,
+    """Backticked CamelCase names (`StepContext`, `BatchShare`, ...) are classes of the package,
     or of torch (named here)."""
     external = {"FlopCounterMode", "DistributedDataParallel", "TorchFunctionMode", "TorchDispatchMode"}
     mods = _project_modules()

@@ -319,7 +319,7 @@ def test_out_inside_the_data_folder_is_refused(tmp_path):
 
 
 def test_second_run_on_the_same_out_is_refused_and_stale_locks_are_taken_over(tmp_path):
-    from dietcl_fast.rundir import RunLock
+    from dietcl_fast.outdir import RunLock
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([PY, "-c", "import time; time.sleep(60)"])

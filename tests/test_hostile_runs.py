@@ -230,7 +230,7 @@ def test_check_agree_names_data_that_differs(monkeypatch):
 def test_a_disk_turning_read_only_stops_cleanly_and_the_lock_never_raises(tmp_path, monkeypatch):
     """Every write fails (EROFS) after the start, the lock's removal too: one clean error
     saying what was kept, exit 2, no traceback."""
-    from dietcl_fast import fsio, rundir
+    from dietcl_fast import fsio, outdir
     real_unlink, real_write = os.unlink, fsio.atomic_write_bytes
     state = {"ro": False}
 
@@ -240,17 +240,17 @@ def test_a_disk_turning_read_only_stops_cleanly_and_the_lock_never_raises(tmp_pa
         return real_write(path, data)
 
     def unlink(path, *a, **k):
-        if state["ro"] and str(path).endswith(rundir.LOCK_NAME):
+        if state["ro"] and str(path).endswith(outdir.LOCK_NAME):
             raise OSError(errno.EROFS, "Read-only file system", path)
         return real_unlink(path, *a, **k)
 
-    real_check = rundir.check_space
+    real_check = outdir.check_space
 
     def turn_read_only(*a, **k):        # called once the run has started: the disk goes now
         real_check(*a, **k)
         state["ro"] = True
     monkeypatch.setattr(ckpt_io, "atomic_write_bytes", write)
-    monkeypatch.setattr(rundir, "check_space", turn_read_only)
+    monkeypatch.setattr(outdir, "check_space", turn_read_only)
     monkeypatch.setattr(os, "unlink", unlink)
     r = invoke(*TRAIN, "--ckpt-retry-seconds", "0", "--ckpt-every", "1", "--out", tmp_path / "run")
     refused(r, "Read-only file system", "The run stopped after retrying",
@@ -330,7 +330,7 @@ def test_an_edited_config_yaml_or_config_with_resume_is_not_silently_ignored(run
 
 
 def test_out_inside_the_data_through_a_symlinked_class_folder_is_refused(tmp_path):
-    from dietcl_fast.rundir import check_out_dir
+    from dietcl_fast.outdir import check_out_dir
     base = tmp_path / "elsewhere" / "cats"
     _png(base / "0.png")
     _png(tmp_path / "data" / "dogs" / "0.png")
@@ -343,11 +343,11 @@ def test_out_inside_the_data_through_a_symlinked_class_folder_is_refused(tmp_pat
 
 def test_the_world_size_dependent_micro_batch_default_is_said():
     from dietcl_fast.config import Config
-    from dietcl_fast.runplan import resolve
+    from dietcl_fast.resolve import resolve
     cfg = Config()
-    plan = resolve(cfg, torch.device("cpu"), 2)
-    assert plan.micro == 32
-    note = next(n for n in plan.notes if "--micro-batch defaults" in n)
+    resolved = resolve(cfg, torch.device("cpu"), 2)
+    assert resolved.micro == 32
+    note = next(n for n in resolved.notes if "--micro-batch defaults" in n)
     assert "the global batch and the ledger are the same at any process count" in note
     assert "--micro-batch 32 in one process also cuts it into the same micro-batches" in note
     assert not any("--micro-batch defaults" in n for n in resolve(Config(), torch.device("cpu"), 1).notes)

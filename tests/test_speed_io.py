@@ -105,7 +105,7 @@ def test_decode_stream_is_waited_for_before_use():
 def test_batched_resample_matches_the_per_image_resize():
     """One roi_align over the padded batch = per-image crop + antialiased resize (the old
     per-image path), within resampler rounding, for images of different sizes, crops and flips."""
-    from dietcl_fast.data.pipeline import plan
+    from dietcl_fast.data.pipeline import boxes_and_flips
     from dietcl_fast.data.torch_loader import batched_resample, tensor_transform
     rng = np.random.default_rng(0)
     shapes = [(40, 56), (64, 48), (33, 70), (90, 90)]
@@ -113,7 +113,7 @@ def test_batched_resample_matches_the_per_image_resize():
     imgs = [torch.nn.functional.avg_pool2d(i[None].float(), 3, 1, 1)[0].to(torch.uint8) for i in imgs]
     sizes = np.array(shapes)
     for kind in ("labeled", "eval"):
-        boxes, flips = plan(Request(np.arange(4), kind, 5), sizes, 24)
+        boxes, flips = boxes_and_flips(Request(np.arange(4), kind, 5), sizes, 24)
         if kind == "eval":
             flips = np.array([False, True, False, True])
         fast = batched_resample(imgs, boxes, flips, 24)

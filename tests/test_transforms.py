@@ -82,9 +82,9 @@ def test_rrc_falls_back_to_the_clamped_centre_crop():
     assert torch.all(x0 == (100 - 13) // 2) and torch.all(y0 == 0)
 
 
-def test_eager_and_planned_mix_share_one_draw(monkeypatch):
-    """`mixup_cutmix` (eager methods) and `plan_mix` (the planned step) take their Mixup/CutMix
-    from the one `draw_mix`: a box it returns is the box both cut, a lam both use."""
+def test_eager_and_host_drawn_mix_share_one_draw(monkeypatch):
+    """`mixup_cutmix` (eager methods) and `mix_draw_flat` (the compiled step) take their
+    Mixup/CutMix from the one `draw_mix`: a box it returns is the box both cut, a lam both use."""
     from dietcl_fast.data import mixup as M
     x = torch.rand(4, 2, 6, 5)
     y = torch.tensor([0, 1, 2, 1])
@@ -96,24 +96,24 @@ def test_eager_and_planned_mix_share_one_draw(monkeypatch):
     assert torch.equal(xm[:, :, ~box], x[:, :, ~box])
     t0 = smooth_one_hot(y, 3, 0.1)
     assert torch.allclose(t, t0 * 0.7 + t0.flip(0) * 0.3)
-    plan = M.unpack_plan(torch.from_numpy(M.plan_mix(0, 4, 6, 5)), 6, 5)
-    assert torch.equal(plan.b[0, 0] == 1, box) and torch.equal(plan.a[0, 0] == 0, box)
-    assert plan.lam.tolist() == pytest.approx([0.7, 0.3])
+    draw = M.unpack_mix_draw(torch.from_numpy(M.mix_draw_flat(0, 4, 6, 5)), 6, 5)
+    assert torch.equal(draw.b[0, 0] == 1, box) and torch.equal(draw.a[0, 0] == 0, box)
+    assert draw.lam.tolist() == pytest.approx([0.7, 0.3])
     monkeypatch.setattr(M, "draw_mix", lambda rng, h, w, *a: (0.25, None))
     xm, _ = M.mixup_cutmix(x, y, 3, torch.Generator().manual_seed(0))
     assert torch.allclose(xm, x * 0.25 + x.flip(0) * 0.75)
-    plan = M.unpack_plan(torch.from_numpy(M.plan_mix(0, 4, 6, 5)), 6, 5)
-    assert torch.all(plan.a == 0.25) and torch.all(plan.b == 0.75)
+    draw = M.unpack_mix_draw(torch.from_numpy(M.mix_draw_flat(0, 4, 6, 5)), 6, 5)
+    assert torch.all(draw.a == 0.25) and torch.all(draw.b == 0.75)
 
 
 @pytest.mark.parametrize("alphas", [(0.8, 1.0), (0.0, 1.0), (0.8, 0.0)])
-def test_eager_mix_equals_the_planned_mix(alphas):
+def test_eager_mix_equals_the_host_drawn_mix(alphas):
     """The same generator gives the same mixed images and targets both ways."""
-    from dietcl_fast.data.mixup import apply_mix, draw_plan
+    from dietcl_fast.data.mixup import apply_mix, mix_draw_from
     y = torch.tensor([0, 1, 2, 0, 1])
     for seed in range(40):
         x = torch.rand(5, 1, 9, 7, generator=torch.Generator().manual_seed(seed))
         xm, t = mixup_cutmix(x, y, 3, torch.Generator().manual_seed(seed), *alphas)
-        plan = draw_plan(torch.Generator().manual_seed(seed), 5, 9, 7, *alphas)
-        xp, tp = apply_mix(x, smooth_one_hot(y, 3, 0.1), plan)
+        draw = mix_draw_from(torch.Generator().manual_seed(seed), 5, 9, 7, *alphas)
+        xp, tp = apply_mix(x, smooth_one_hot(y, 3, 0.1), draw)
         assert torch.allclose(xm, xp, atol=1e-6) and torch.allclose(t, tp, atol=1e-6)

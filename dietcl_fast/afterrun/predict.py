@@ -108,7 +108,7 @@ def predict(run: RunModel, *, out: str, data: str | None = None, images: tuple =
                        "(not the encoder and head: CCIC's kNN over the labeled features, "
                        "DualNet's fast learner), which predict does not rebuild")
     check_out_file(out)
-    from ..runplan import resolve_device
+    from ..resolve import resolve_device
     dev = torch.device(resolve_device(device))
     K = len(run.class_names)
     if k > K:

@@ -14,7 +14,7 @@ timed for each combination of
 It reports each run's wall seconds and its ratio busy / idle. The ratio is the figure a
 shared laptop or CI runner cares about: a run that spins for cores the machine does not have
 slows down far more than the load it shares with. The preset's default (`--threads`'s default
-in runplan.PRESET_OPTIM) is chosen from this table (bench/RESULTS.md, "Threads").
+in resolve.PRESET_OPTIM) is chosen from this table (bench/RESULTS.md, "Threads").
 
 The machine's load average before the idle runs is recorded: an "idle" figure taken on a
 loaded machine is not an idle figure.

@@ -1,12 +1,13 @@
 """The `dali` backend: one DALI pipeline, built once, fed every batch through `external_source`.
 
-    enc, roi_start, roi_end, interp, mirror  <- fn.external_source   (host: file bytes + the plan)
+    enc, roi_start, roi_end, interp, mirror  <- fn.external_source   (host: file bytes, boxes, flips)
     fn.decoders.image(enc, device="mixed" on a GPU | "cpu", output_type=RGB, no EXIF rotation)
     fn.resize(size=S x S, roi_start, roi_end, interp_type=interp, antialias=True)
     fn.flip(horizontal=mirror)                                   -> uint8 [n, S, S, 3]
 
-The crop boxes and flips are planned on the host from the request seed (`pipeline.plan`), not by
-DALI's own random operators, whose streams depend on DALI's seed and batch order: the output is
+The crop boxes and flips are drawn on the host from the request seed
+(`pipeline.boxes_and_flips`), not by DALI's own random operators, whose streams depend on DALI's
+seed and batch order: the output is
 a pure function of (ids, kind, seed), so a resumed run reproduces the batches of an
 uninterrupted one. The evaluation transform (resize shorter side to S/0.875, centre crop S) is
 the same resize with the crop expressed as a fractional ROI, and per-sample interpolation
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from ..streams.decode import BadImageError, load_rgb, read_bytes
-from .pipeline import PrefetchLoader, Request, plan
+from .pipeline import PrefetchLoader, Request, boxes_and_flips
 
 DALI_HINT = 'pip install "dietcl-fast[dali]" (or nvidia-dali-cuda120 / -cuda130 for your CUDA)'
 
@@ -177,7 +178,7 @@ class DaliLoader(PrefetchLoader):
         out = []
         for r in requests:
             ids = np.asarray(r.ids, dtype=np.int64)
-            boxes, flips = plan(r, self.sizes[ids], self.size)
+            boxes, flips = boxes_and_flips(r, self.sizes[ids], self.size)
             encs, good, bad = [], [], []
             for k, i in enumerate(ids):
                 try:

@@ -23,7 +23,7 @@ def smooth_one_hot(y: torch.Tensor, num_classes: int, smoothing: float) -> torch
 def draw_mix(rng: np.random.Generator, h: int, w: int, mixup_alpha: float, cutmix_alpha: float,
              switch_prob: float):
     """The one draw of a batch's Mixup or CutMix (timm's batch mode), for `mixup_cutmix` and
-    `plan_mix` alike -> (lam, box). CutMix (chosen with `switch_prob` when both alphas are on):
+    `mix_draw_flat` alike -> (lam, box). CutMix (chosen with `switch_prob` when both alphas are on):
     box = (y0, y1, x0, x1), the region of an [h, w] image taken from the reversed batch (a
     square of side sqrt(1 - lam') x (h, w) around a uniform centre, clipped), and lam the share
     of the image kept; Mixup: box None and lam ~ Beta(mixup_alpha, mixup_alpha)."""
@@ -61,8 +61,8 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, num_classes: int, generator: 
 
 
 @dataclass
-class MixPlan:
-    """Mixup/CutMix of one source of a micro-batch, planned on the host (numpy, from the
+class MixDraw:
+    """Mixup/CutMix of one source of a micro-batch, drawn on the host (numpy, from the
     micro-batch seed) so that the step itself draws nothing and never syncs:
 
         x'      = x * a + x.flip(0) * b            a, b: [1, 1, H, W]
@@ -75,8 +75,8 @@ class MixPlan:
     lam: torch.Tensor
 
 
-def plan_mix(seed: int, n: int, h: int, w: int, mixup_alpha: float = 0.8,
-             cutmix_alpha: float = 1.0, switch_prob: float = 0.5):
+def mix_draw_flat(seed: int, n: int, h: int, w: int, mixup_alpha: float = 0.8,
+                  cutmix_alpha: float = 1.0, switch_prob: float = 0.5):
     """-> float32 array [2 + 2*h*w] = (lam, 1 - lam, a.ravel(), b.ravel()), or None (no mixing:
     fewer than 2 images or both alphas 0). Same distribution as `mixup_cutmix`."""
     if n < 2 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
@@ -94,31 +94,31 @@ def plan_mix(seed: int, n: int, h: int, w: int, mixup_alpha: float = 0.8,
     return np.concatenate([np.array([lam, 1.0 - lam], np.float32), a.ravel(), b.ravel()])
 
 
-def unpack_plan(flat: torch.Tensor, h: int, w: int) -> MixPlan:
-    """A `plan_mix` array (on the device) -> MixPlan views."""
+def unpack_mix_draw(flat: torch.Tensor, h: int, w: int) -> MixDraw:
+    """A `mix_draw_flat` array (on the device) -> MixDraw views."""
     hw = h * w
-    return MixPlan(a=flat[2:2 + hw].view(1, 1, h, w), b=flat[2 + hw:].view(1, 1, h, w),
+    return MixDraw(a=flat[2:2 + hw].view(1, 1, h, w), b=flat[2 + hw:].view(1, 1, h, w),
                    lam=flat[:2])
 
 
-def draw_plan(generator: torch.Generator, n: int, h: int, w: int, mixup_alpha: float = 0.8,
-              cutmix_alpha: float = 1.0, device=None) -> Optional[MixPlan]:
+def mix_draw_from(generator: torch.Generator, n: int, h: int, w: int, mixup_alpha: float = 0.8,
+                  cutmix_alpha: float = 1.0, device=None) -> Optional[MixDraw]:
     """The Mixup/CutMix `mixup_cutmix` applies to n images [n, C, h, w], drawn from `generator`
-    the same way (one torch draw seeding numpy), as a MixPlan on `device`; None (and no draw)
-    when it would not mix. For callers without a host-made plan; reads the draw on the host."""
+    the same way (one torch draw seeding numpy), as a MixDraw on `device`; None (and no draw)
+    when it would not mix. For callers without a host-made draw; reads the draw on the host."""
     if n < 2 or (mixup_alpha <= 0 and cutmix_alpha <= 0):
         return None
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    flat = plan_mix(seed, n, h, w, mixup_alpha, cutmix_alpha)
-    return unpack_plan(torch.from_numpy(flat).to(device), h, w)
+    flat = mix_draw_flat(seed, n, h, w, mixup_alpha, cutmix_alpha)
+    return unpack_mix_draw(torch.from_numpy(flat).to(device), h, w)
 
 
-def apply_mix(x: torch.Tensor, target: torch.Tensor, plan: Optional[MixPlan]):
-    """x [N, C, H, W], target [N, K] -> mixed (x, target) by a host-made plan (None: as is)."""
-    if plan is None:
+def apply_mix(x: torch.Tensor, target: torch.Tensor, draw: Optional[MixDraw]):
+    """x [N, C, H, W], target [N, K] -> mixed (x, target) by a host-made draw (None: as is)."""
+    if draw is None:
         return x, target
-    x = x * plan.a.to(x.dtype) + x.flip(0) * plan.b.to(x.dtype)
-    return x, target * plan.lam[0] + target.flip(0) * plan.lam[1]
+    x = x * draw.a.to(x.dtype) + x.flip(0) * draw.b.to(x.dtype)
+    return x, target * draw.lam[0] + target.flip(0) * draw.lam[1]
 
 
 def smooth_targets(y: torch.Tensor, allowed: torch.Tensor, off_on: torch.Tensor) -> torch.Tensor:

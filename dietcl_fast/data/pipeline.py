@@ -1,4 +1,4 @@
-"""The loader interface shared by every backend, and the host-side crop plan.
+"""The loader interface shared by every backend, and the host-drawn crop boxes and flips.
 
 A *request* is one batch to produce: ids, a transform kind (labeled | unlabeled | eval), a seed
 and the output dtype. The trainer `submit`s the requests of its next iteration ahead of time and
@@ -96,8 +96,8 @@ def eval_geometry(h: int, w: int, size: int, crop_pct: float = 0.875):
     return nh, nw, (nh - size) // 2, (nw - size) // 2
 
 
-def plan(req: Request, sizes: np.ndarray, size: int, labeled_scale=(0.08, 1.0),
-         unlabeled_scale=(0.2, 1.0)):
+def boxes_and_flips(req: Request, sizes: np.ndarray, size: int, labeled_scale=(0.08, 1.0),
+                    unlabeled_scale=(0.2, 1.0)):
     """-> boxes float64 [n, 4] (x0, y0, x1, y1 in source pixels, fractional allowed) and flips
     bool [n]: resampling box -> size x size (then flipping) is the whole transform."""
     n = len(req.ids)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..streams.decode import BadImageError, crop_resize, load_rgb, read_bytes
-from .pipeline import RESAMPLE, Normalise, PrefetchLoader, Request, eval_geometry, plan
+from .pipeline import RESAMPLE, Normalise, PrefetchLoader, Request, eval_geometry, boxes_and_flips
 from .transforms import host_to_device
 
 
@@ -242,31 +242,31 @@ class TorchLoader(PrefetchLoader):
 
     # ------------------------------------------------------------------ produce
     def produce(self, requests: list[Request]) -> list[torch.Tensor]:
-        plans = []
+        crops = []
         for r in requests:
             ids = np.asarray(r.ids, dtype=np.int64)
-            boxes, flips = plan(r, self.sizes[ids], self.size)
-            plans.append((ids, boxes, flips))
+            boxes, flips = boxes_and_flips(r, self.sizes[ids], self.size)
+            crops.append((ids, boxes, flips))
         if self.decode == "pil":
             arrs = self._pil_batches([([self.paths[i] for i in ids], boxes, flips, RESAMPLE[r.kind])
-                                      for r, (ids, boxes, flips) in zip(requests, plans)])
+                                      for r, (ids, boxes, flips) in zip(requests, crops)])
             return [self.norm(self.to_device(torch.from_numpy(a)), r.dtype)
                     for r, a in zip(requests, arrs)]
-        return self._tensor_produce(requests, plans)
+        return self._tensor_produce(requests, crops)
 
-    def _tensor_produce(self, requests, plans):
+    def _tensor_produce(self, requests, crops):
         import warnings
         with warnings.catch_warnings():          # torchvision 0.29 deprecates io for torchcodec
             warnings.simplefilter("ignore", DeprecationWarning)
-            return self._tensor_produce_(requests, plans)
+            return self._tensor_produce_(requests, crops)
 
-    def _tensor_produce_(self, requests, plans):
+    def _tensor_produce_(self, requests, crops):
         from torchvision.io import ImageReadMode, decode_jpeg
 
         dev = self.device if self.decode == "nvjpeg" else torch.device("cpu")
         # 1) every plain JPEG of every request in one batched decode
         jpeg_keys, datas, reasons = [], [], []
-        for q, (ids, _, _) in enumerate(plans):
+        for q, (ids, _, _) in enumerate(crops):
             for k, i in enumerate(ids):
                 if self.jpeg[i]:
                     try:
@@ -292,17 +292,17 @@ class TorchLoader(PrefetchLoader):
                                         if one else
                                         decode_ordered(dec, [d], self.stream_ops)[0])
                     except RuntimeError as e:
-                        reasons.append((key, f"{self.paths[plans[key[0]][0][key[1]]]}: "
+                        reasons.append((key, f"{self.paths[crops[key[0]][0][key[1]]]}: "
                                              f"corrupt or truncated JPEG ({e})"))
         # 2) the rest through the PIL workers
         rest = [(q, [k for k, i in enumerate(ids) if not self.jpeg[i]]) for q, (ids, _, _) in
-                enumerate(plans)]
-        jobs = [([self.paths[plans[q][0][k]] for k in ks], plans[q][1][ks], plans[q][2][ks],
+                enumerate(crops)]
+        jobs = [([self.paths[crops[q][0][k]] for k in ks], crops[q][1][ks], crops[q][2][ks],
                  RESAMPLE[requests[q].kind]) for q, ks in rest]
-        self._bad([(self.paths[plans[q][0][k]], r) for (q, k), r in reasons])
-        pil_out = self._pil_batches(jobs) if any(ks for _, ks in rest) else [None] * len(plans)
+        self._bad([(self.paths[crops[q][0][k]], r) for (q, k), r in reasons])
+        pil_out = self._pil_batches(jobs) if any(ks for _, ks in rest) else [None] * len(crops)
         out = []
-        for q, (r, (ids, boxes, flips)) in enumerate(zip(requests, plans)):
+        for q, (r, (ids, boxes, flips)) in enumerate(zip(requests, crops)):
             x = torch.empty((len(ids), self.size, self.size, 3), dtype=torch.uint8, device=self.device)
             if rest[q][1]:
                 pos = host_to_device(torch.as_tensor(rest[q][1], dtype=torch.long), self.device)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import SOURCES, MicroBatch, Method, Phase
-from .context import ImportancePass, StepContext, planning
+from .context import ImportancePass, StepContext, standalone_context
 
 METHODS: dict[str, type] = {}
 
@@ -26,4 +26,4 @@ from . import (ccic, cassle, dietcl, dualnet, er, ewc, finetune, gdumb, joint, l
                mas, pretrain_ft)  # (registration)
 
 __all__ = ["METHODS", "register", "build_method", "method_class", "Method", "Phase", "MicroBatch", "SOURCES",
-           "StepContext", "ImportancePass", "planning"]
+           "StepContext", "ImportancePass", "standalone_context"]

@@ -89,7 +89,7 @@ def pool_passes(phases: list, counts, pools: dict[str, int]) -> dict[str, dict]:
     """How hard a time step's phases use each pool of images: {source: {"pool": images in it,
     "draws": images drawn from it over all the phases' iterations, "passes": draws / pool}}
     for the sources drawn from (views and extra passes not counted: draws, not compute).
-    `counts(phase, it) -> {source: images}` (the trainer's BatchPlan.counts); `pools`: the
+    `counts(phase, it) -> {source: images}` (the trainer's BatchShare.counts); `pools`: the
     images each source draws from (unlabeled pool, the step's labels, the buffer).
     The paper's regime (ImageNet10K, 1 % labels, 500 steps of 1,024): under half a pass over the
     unlabeled pool, and the labeled share passing the step's labels ~15-30 times."""
@@ -140,7 +140,7 @@ class MicroBatch:
 
     `y` holds the labels of the labeled sources only (`labeled`, `buffer`): the unlabeled
     source's labels never leave the stream. Methods with `static_shapes` read their randomness
-    from host-made plans (`noise`, `mix`) and their class sets from `seen` / `step`, so their
+    from host-made draws (`noise`, `mix`) and their class sets from `seen` / `step`, so their
     loss has one shape per phase and draws nothing: it compiles with no graph break."""
     x: dict[str, torch.Tensor]
     y: dict[str, torch.Tensor]
@@ -154,7 +154,7 @@ class MicroBatch:
     extra: dict = field(default_factory=dict)
     views: dict = field(default_factory=dict)   # source -> [view 2, view 3, ...] (Phase.views)
     noise: dict = field(default_factory=dict)   # source -> MAE mask noise [n, L] (uniform)
-    mix: dict = field(default_factory=dict)     # source -> MixPlan | None (mixup off / n < 2)
+    mix: dict = field(default_factory=dict)     # source -> MixDraw | None (mixup off / n < 2)
     seen: Optional[ClassSet] = None             # the classes seen so far
     step: Optional[ClassSet] = None             # the classes of this time step
 
@@ -167,7 +167,7 @@ class Method:
     # buffer draws may hold step t's own labels) or "after" it (ER in the reference code: a
     # step-t draw holds steps 0..t-1 only)
     buffer_insertion = "before"
-    # True: the loss uses only MicroBatch's planned randomness (`noise`, `mix`), the class sets
+    # True: the loss uses only MicroBatch's host-drawn randomness (`noise`, `mix`), the class sets
     # and the full-capacity head (`classify_all`): static shapes, no draw, no host sync, so the
     # trainer may compile it whole (`fullgraph=True`). False: eager only.
     static_shapes = False
@@ -259,26 +259,26 @@ class Method:
         return mixup_cutmix(x, y, num_classes, generator, self.mcfg.mixup_alpha,
                             self.mcfg.cutmix_alpha, self.mcfg.label_smoothing)
 
-    def planned_mix(self, mb: MicroBatch, name: str, classes: "ClassSet"):
-        """Mixup/CutMix of source `name` as planned on the host -> (x, soft targets
+    def drawn_mix(self, mb: MicroBatch, name: str, classes: "ClassSet"):
+        """Mixup/CutMix of source `name` as drawn on the host -> (x, soft targets
         [n, capacity] over `classes` only). No draw, no host sync: the compiled form of `mix`."""
         from dietcl_fast.data.mixup import apply_mix, smooth_targets
         tgt = smooth_targets(mb.y[name], classes.mask, classes.off_on)
         return apply_mix(mb.x[name], tgt, mb.mix[name] if self.mcfg.mixup else None)
 
-    def with_plans(self, mb: MicroBatch) -> MicroBatch:
-        """A micro-batch without the trainer's plans (hand-made: unit tests, `bench engines`;
-        or the trainer's own for a method without static shapes, which carry no Mixup plans)
+    def with_draws(self, mb: MicroBatch) -> MicroBatch:
+        """A micro-batch without the trainer's draws (hand-made: unit tests, `bench engines`;
+        or the trainer's own for a method without static shapes, which carry no Mixup draws)
         completed as the trainer completes a static-shape method's, on the host (this reads
         values: eager only): the class sets `seen` and `step` over the seen head rows (capacity
         `num_seen`, the width of `model.classify`'s logits: the micro-batch's own sets cut to
         those rows when it has them, the same values, else made here), and the Mixup/CutMix
-        plans of `labeled` then `buffer` drawn from `mb.generator` exactly as `Method.mix` draws
+        draws of `labeled` then `buffer` made from `mb.generator` exactly as `Method.mix` draws
         them (`mixup_cutmix`: one torch draw seeding numpy; none with --no-mixup). The MAE masks
         stay with `mb.mask_generator` (the model draws them, after the Mixup draws: when the two
         generators are one object, the masks come from its later state). With
         `labeled_in_step`, a labeled image must be of the step's classes."""
-        from dietcl_fast.data.mixup import draw_plan
+        from dietcl_fast.data.mixup import mix_draw_from
         mc, k, dev = self.mcfg, mb.num_seen, mb.step_classes.device
         if self.labeled_in_step and "labeled" in mb.y:
             y = mb.y["labeled"]
@@ -299,7 +299,7 @@ class Method:
             for name in ("labeled", "buffer"):
                 if name in mb.x:
                     x = mb.x[name]
-                    mix[name] = draw_plan(mb.generator, x.shape[0], x.shape[-2], x.shape[-1],
+                    mix[name] = mix_draw_from(mb.generator, x.shape[0], x.shape[-2], x.shape[-1],
                                           mc.mixup_alpha, mc.cutmix_alpha, x.device)
         return dataclasses.replace(mb, seen=seen, step=step, mix=mix)
 
@@ -313,17 +313,17 @@ class Method:
         full-capacity head (`model.classify_all`, unseen classes masked), so nothing here draws
         or waits for the device and the loss compiles whole. Any other micro-batch (hand-made;
         the trainer's for a method without static shapes; any with `classify`) is first given
-        them by `with_plans`, from its own generator, and classified over the seen head rows.
+        them by `with_draws`, from its own generator, and classified over the seen head rows.
         `classify(x) -> logits [n, num_seen]`: the logits function (default `model.classify`;
         DualNet: its fast learner)."""
         if classify is None and self.static_shapes and mb.seen is not None:
             classify = model.classify_all                       # logits [n, capacity]
         else:
-            mb, classify = self.with_plans(mb), classify or model.classify   # [n, num_seen]
+            mb, classify = self.with_draws(mb), classify or model.classify   # [n, num_seen]
         xs, targets, names = [], [], []
         for name in ("labeled", "buffer"):
             if name in mb.x:
-                x, tgt = self.planned_mix(mb, name, mb.seen)
+                x, tgt = self.drawn_mix(mb, name, mb.seen)
                 xs.append(x), targets.append(tgt), names.append(name)
         logits = classify(torch.cat(xs) if len(xs) > 1 else xs[0])
         total, start, logs = 0.0, 0, {}

@@ -14,7 +14,7 @@ declares:
   * `Method.extra_paths(ctx) -> {path: (fwd FLOPs, fwd+bwd FLOPs)}` per image: the ledger
     paths a method charges beyond `classify` and `mae`; the trainer registers them.
 
-A planning context without a run (no ledger, no stream, no model) comes from `planning(...)`:
+A context without a run (no ledger, no stream, no model) comes from `standalone_context(...)`:
 enough for methods whose phases need no prices (tests, tools).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ class StepContext:
     def units(self, path: str, n: int, backward: bool = True) -> float:
         """Budget units of n images on ledger `path` (forward+backward, or forward only)."""
         if self.units_for is None:
-            raise RuntimeError("this planning context has no ledger prices (a trainer gives them)")
+            raise RuntimeError("this standalone context has no ledger prices (a trainer gives them)")
         return self.units_for(path, n, backward)
 
 
@@ -69,8 +69,8 @@ class ImportancePass:
     path: str = "classify"
 
 
-def planning(t: int, budget: int, *, seed: int = 0, time_steps: int = 1,
-             global_batch: int = 1024, units_for=None, granule: int = 1) -> StepContext:
-    """A context for planning phases away from a run (no ledger unless `units_for` is given)."""
+def standalone_context(t: int, budget: int, *, seed: int = 0, time_steps: int = 1,
+                       global_batch: int = 1024, units_for=None, granule: int = 1) -> StepContext:
+    """A StepContext for choosing phases away from a run (no ledger unless `units_for` is given)."""
     return StepContext(t=t, budget=budget, seed=seed, time_steps=max(time_steps, t + 1),
                        global_batch=global_batch, granule=granule, units_for=units_for)

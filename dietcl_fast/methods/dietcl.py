@@ -114,13 +114,13 @@ class DietCL(Method):
     def loss(self, model, mb: MicroBatch):
         """w_r * Lr + Lm + Lb of one micro-batch -> (its share of the global batch's loss, logs
         {Lr, Lm, Lb} scaled to their source's global-batch mean). The one form of the loss: the
-        trainer's micro-batches carry their randomness planned (MAE mask `noise`, Mixup `mix`)
+        trainer's micro-batches carry their randomness drawn (MAE mask `noise`, Mixup `mix`)
         and their class sets (`seen`, `step`) over the full-capacity head, so nothing here draws
         or waits for the device and the loss compiles whole with --compile (docs/step.md). A
         hand-made MicroBatch without them (unit tests, `bench engines`) is first given them by
-        `with_plans`, from its own generators, and classified over the seen head rows."""
+        `with_draws`, from its own generators, and classified over the seen head rows."""
         if mb.seen is None:
-            mb, classify = self.with_plans(mb), model.classify
+            mb, classify = self.with_draws(mb), model.classify
         else:
             classify = model.classify_all       # logits [n, capacity], unseen classes at min
         total = torch.zeros((), device=mb.seen.mask.device)
@@ -140,7 +140,7 @@ class DietCL(Method):
         xs, targets, names = [], [], []
         for name, classes in (("labeled", mb.seen if time_scenario else mb.step), ("buffer", mb.seen)):
             if name in mb.x:
-                x, tgt = self.planned_mix(mb, name, classes)
+                x, tgt = self.drawn_mix(mb, name, classes)
                 xs.append(x), targets.append(tgt), names.append(name)
         if xs:
             logits = classify(torch.cat(xs) if len(xs) > 1 else xs[0])

@@ -1,12 +1,12 @@
-"""The run plan (config resolved once, the caller's config untouched), the global batch's
+"""The run resolved (config resolved once, the caller's config untouched), the global batch's
 micro-batch arithmetic, the MFU helper, and no kill switch in the package."""
 import pytest
 import torch
 
-from dietcl_fast.batching import BatchPlan, probe_micro_batch
+from dietcl_fast.batching import BatchShare, probe_micro_batch
 from dietcl_fast.config import Config, ConfigError
 from dietcl_fast.mfu import mfu
-from dietcl_fast.runplan import resolve
+from dietcl_fast.resolve import resolve
 
 CPU = torch.device("cpu")
 
@@ -14,39 +14,39 @@ CPU = torch.device("cpu")
 def test_resolve_fills_the_presets_values_into_a_copy_and_leaves_the_config_alone():
     cfg = Config()
     before = cfg.to_dict()
-    plan = resolve(cfg, CPU, 1)
+    resolved = resolve(cfg, CPU, 1)
     assert cfg.to_dict() == before                      # nothing written back
-    assert plan.cfg is not cfg
-    assert (plan.preset, plan.global_batch, plan.micro, plan.n_micro, plan.accum) == \
+    assert resolved.cfg is not cfg
+    assert (resolved.preset, resolved.global_batch, resolved.micro, resolved.n_micro, resolved.accum) == \
         ("cpu-tiny", 64, 64, 1, 1)
-    assert plan.cfg.model.preset == "cpu-tiny" and plan.cfg.run.batch_size == 64
-    assert plan.cfg.optim.blr == 4e-3 and plan.cfg.engine.engine == "torch"
-    assert plan.compile is False and plan.cfg.engine.compile is False   # CPU default: eager
-    assert plan.amp_dtype is None and plan.budget == cfg.run.budget
-    assert any("global batch 64" in n for n in plan.notes)
+    assert resolved.cfg.model.preset == "cpu-tiny" and resolved.cfg.run.batch_size == 64
+    assert resolved.cfg.optim.blr == 4e-3 and resolved.cfg.engine.engine == "torch"
+    assert resolved.compile is False and resolved.cfg.engine.compile is False   # CPU default: eager
+    assert resolved.amp_dtype is None and resolved.budget == cfg.run.budget
+    assert any("global batch 64" in n for n in resolved.notes)
 
 
 def test_resolve_normalises_only_its_copy():
     cfg = Config()
     cfg.run.budget = 4.0                                # YAML may give a whole number as float
-    plan = resolve(cfg, CPU, 1)
-    assert plan.budget == 4 and isinstance(plan.cfg.run.budget, int)
+    resolved = resolve(cfg, CPU, 1)
+    assert resolved.budget == 4 and isinstance(resolved.cfg.run.budget, int)
     assert isinstance(cfg.run.budget, float)
 
 
 def test_resolve_splits_the_global_batch_over_processes_and_names_what_does_not_divide():
     cfg = Config()
     cfg.run.batch_size, cfg.engine.micro_batch = 16, 4
-    plan = resolve(cfg, CPU, 2)
-    assert (plan.micro, plan.n_micro, plan.accum, plan.world) == (4, 4, 2, 2)
+    resolved = resolve(cfg, CPU, 2)
+    assert (resolved.micro, resolved.n_micro, resolved.accum, resolved.world) == (4, 4, 2, 2)
     with pytest.raises(ConfigError, match=r"--batch-size 16 .* micro-batch 4 x world size 3"):
         resolve(cfg, CPU, 3)
     cfg.engine.micro_batch = "auto"                     # probed later: per-process batch first
-    plan = resolve(cfg, CPU, 2)
-    assert plan.probe_micro and plan.micro == 8
-    small = plan.with_micro(2)
+    resolved = resolve(cfg, CPU, 2)
+    assert resolved.probe_micro and resolved.micro == 8
+    small = resolved.with_micro(2)
     assert (small.micro, small.accum, small.probe_micro, small.cfg.engine.micro_batch) == (2, 4, False, 2)
-    assert plan.cfg.engine.micro_batch == 8             # with_micro returns a new plan
+    assert resolved.cfg.engine.micro_batch == 8             # with_micro returns a new resolved
     assert probe_micro_batch(16, 2, lambda m: m <= 3) == 2      # largest divisor of 8 that fits
     with pytest.raises(ConfigError, match="--micro-batch auto"):
         probe_micro_batch(16, 2, lambda m: False)
@@ -72,9 +72,9 @@ def test_micro_batch_auto_on_a_small_gpu_is_left_to_the_probe(monkeypatch):
     gpu = torch.device("cuda", 0)                   # resolve reads only the device's type here
     cfg = Config()
     cfg.engine.micro_batch = "auto"
-    plan = resolve(cfg, gpu, 1)
-    assert plan.preset == "vit-b16" and plan.probe_micro and plan.micro == 1024
-    assert plan.amp_dtype == torch.bfloat16 and plan.compile is True   # the CUDA defaults
+    resolved = resolve(cfg, gpu, 1)
+    assert resolved.preset == "vit-b16" and resolved.probe_micro and resolved.micro == 1024
+    assert resolved.amp_dtype == torch.bfloat16 and resolved.compile is True   # the CUDA defaults
     cfg.engine.micro_batch = 1024
     with pytest.raises(ConfigError, match="micro-batch 1024: one micro-batch needs"):
         resolve(cfg, gpu, 1)
@@ -95,13 +95,13 @@ def test_micro_batch_j_holds_draw_items_j_j_plus_M_whatever_the_world_size(G, mi
     run = run_plan(G, micro, world)
     for n in (0, 1, 5, G // 2, G):
         for rank in range(world):
-            bp = BatchPlan(run, rank)
+            bp = BatchShare(run, rank)
             shard = list(range(rank, n, world))          # this rank's items of an n-item draw
             for j in bp.my_micro():
                 got = shard[bp.split(n, j)]
                 assert got == list(range(j, n, bp.n_micro)), (n, rank, j)
                 assert len(got) == bp.micro_len(n, j)
-        all_j = sorted(j for r in range(world) for j in BatchPlan(run, r).my_micro())
+        all_j = sorted(j for r in range(world) for j in BatchShare(run, r).my_micro())
         assert all_j == list(range(G // micro))
 
 
@@ -149,7 +149,7 @@ def test_trainer_leaves_the_callers_config_alone():
 def test_the_options_are_validated_once_and_before_any_process_starts(monkeypatch):
     """The trainer's options go through config.validate once (in resolve), before the device is
     resolved and before any process group is joined; a bad option never reaches them."""
-    import dietcl_fast.runplan as rp
+    import dietcl_fast.resolve as rp
     import dietcl_fast.trainer as trainer_mod
     from test_trainer import tiny_cfg
     events = []
@@ -172,8 +172,8 @@ def test_the_options_are_validated_once_and_before_any_process_starts(monkeypatc
         assert not started
     cfg.run.device = "cpu"
     seen = []
-    plan = resolve(cfg, start=lambda d, e: (seen.append((d, e)), (CPU, 2))[1])
-    assert seen == [("cpu", "torch")] and plan.world == 2 and plan.device == CPU
+    resolved = resolve(cfg, start=lambda d, e: (seen.append((d, e)), (CPU, 2))[1])
+    assert seen == [("cpu", "torch")] and resolved.world == 2 and resolved.device == CPU
 
 
 def test_the_micro_batch_probe_treats_library_allocation_failures_as_out_of_memory():
@@ -194,9 +194,9 @@ def test_vit_b16_on_a_laptop_cpu_is_refused_before_it_can_exhaust_memory(monkeyp
     on the cheaper, MAE path; the old bound counted 2 of the ~14 tensors a block keeps, 14 MB)
     and refuses it, naming the options, instead of letting the kernel kill the process. A
     micro-batch that fits is accepted, and the embedded default (cpu-tiny) passes."""
-    from dietcl_fast import runplan
+    import dietcl_fast.resolve as resolve_mod
     from dietcl_fast.models import PRESETS
-    monkeypatch.setattr(runplan, "_available_host_memory", lambda: int(12e9))
+    monkeypatch.setattr(resolve_mod, "_available_host_memory", lambda: int(12e9))
     cfg = Config()
     cfg.model.preset = "vit-b16"
     with pytest.raises(ConfigError, match=r"--batch-size 1024 with micro-batch 256: one micro-batch "
@@ -205,7 +205,7 @@ def test_vit_b16_on_a_laptop_cpu_is_refused_before_it_can_exhaust_memory(monkeyp
     cfg.engine.micro_batch = 64                     # gradient accumulation: 64 x 16
     assert resolve(cfg, CPU, 1).micro == 64
     assert resolve(Config(), CPU, 1).preset == "cpu-tiny"
-    per_image, model = runplan.training_bytes_lower_bound(PRESETS["vit-b16"]["spec"], "cpu")
+    per_image, model = resolve_mod.training_bytes_lower_bound(PRESETS["vit-b16"]["spec"], "cpu")
     assert 40e6 < per_image < 60e6 and 1.5e9 < model < 2e9       # fp32: 4 bytes a value
-    per_image_gpu, _ = runplan.training_bytes_lower_bound(PRESETS["vit-b16"]["spec"], "cuda")
+    per_image_gpu, _ = resolve_mod.training_bytes_lower_bound(PRESETS["vit-b16"]["spec"], "cuda")
     assert per_image_gpu < per_image                                # bf16 activations

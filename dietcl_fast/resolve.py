@@ -1,9 +1,9 @@
-"""A run's configuration checked and resolved once: `resolve(cfg, device, world) -> RunPlan`.
+"""A run's configuration checked and resolved once: `resolve(cfg, device, world) -> ResolvedRun`.
 
 Every choice the configuration leaves open (`auto` preset, engine and micro-batch, the preset's
 global batch and optimiser defaults, whether the step is compiled) is made here, and every
 check that needs the device or the number of processes runs here, once, before any data is
-read. The caller's config is never changed: the plan carries a resolved copy (`plan.cfg`, what
+read. The caller's config is never changed: the ResolvedRun carries a resolved copy (`.cfg`, what
 `config.yaml` and `results.json` record) and the resolved values as typed fields.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def resolve_device(want: str) -> str:
 
 
 @dataclass(frozen=True)
-class RunPlan:
+class ResolvedRun:
     cfg: Config                     # the resolved copy of the config (recorded per run)
     device: torch.device
     amp_dtype: Optional[torch.dtype]    # bf16 autocast on CUDA, None (fp32) on the CPU
@@ -60,7 +60,7 @@ class RunPlan:
     notes: tuple = ()               # what resolution chose, for the log
     warnings: tuple = ()            # also written into results.json
 
-    # the batch numbers are owned here; batching.BatchPlan (one rank's share) reads them
+    # the batch numbers are owned here; batching.BatchShare (one rank's share) reads them
     @property
     def n_micro(self) -> int:
         """Micro-batches per global batch (all processes together)."""
@@ -71,8 +71,8 @@ class RunPlan:
         """Micro-batches each process runs per optimiser step (gradient accumulation)."""
         return self.n_micro // self.world
 
-    def with_micro(self, m: int) -> "RunPlan":
-        """The plan with micro-batch m (the `--micro-batch auto` probe's answer, a divisor of
+    def with_micro(self, m: int) -> "ResolvedRun":
+        """The same run with micro-batch m (the `--micro-batch auto` probe's answer, a divisor of
         the per-process batch), recorded in the resolved config."""
         cfg = copy.deepcopy(self.cfg)
         cfg.engine.micro_batch = m
@@ -80,7 +80,7 @@ class RunPlan:
 
 
 def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, *,
-            start: Optional[Callable[[str, str], tuple]] = None) -> RunPlan:
+            start: Optional[Callable[[str, str], tuple]] = None) -> ResolvedRun:
     """All of a run's checks and resolution, once; `cfg` is left as it is.
 
     The options are validated first (`config.validate`, on a copy), before anything else.
@@ -168,7 +168,7 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
                          "budget below its threshold)")
     if not cfg.model.pretrained and preset == "vit-b16":
         warnings.append(SCRATCH_VIT_B16_WARNING)
-    return RunPlan(cfg=cfg, device=device, amp_dtype=torch.bfloat16 if cuda else None,
+    return ResolvedRun(cfg=cfg, device=device, amp_dtype=torch.bfloat16 if cuda else None,
                    engine=engine, preset=preset, budget=int(cfg.run.budget), global_batch=G,
                    micro=micro, world=world, probe_micro=probe_micro, compile=on,
                    notes=tuple(notes), warnings=tuple(warnings))

@@ -1,4 +1,4 @@
-"""The run directory: checked before any compute, and held by one run at a time.
+"""The run directory (`--out`): checked before any compute, and held by one run at a time.
 
 * `check_out_dir` refuses an `--out` that is an existing file, cannot be created or written
   (read-only filesystem, no permission), or lies inside the data folder (later runs would read
