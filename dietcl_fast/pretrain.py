@@ -43,6 +43,7 @@ from .data.sampling import EpochSampler
 from .seeding import AUGMENT, PRETRAIN, derive_seed, source_key
 from .ledger import Ledger
 from .models import PRESETS, ModelSpec, build_model, mask_ratio_error, resolve_preset
+from .resolve import resolve_device
 from .run_state import RunStopped
 
 STATE_NAME = "pretrain_state.pt"
@@ -82,10 +83,7 @@ def resolve(cfg: PretrainConfig) -> torch.device:
     learning rate (the preset's MAE blr) and the model the preset and --mask-ratio make
     (ModelSpec's own checks) -> the device."""
     validate(cfg)
-    want = cfg.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible")
-    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(cfg.device) == "cuda"     # train's rule for --device
     cfg.preset = resolve_preset(cfg.preset, use_cuda)
     pdef = PRESETS[cfg.preset]
     cfg.batch_size = int(cfg.batch_size or pdef["batch_size"])
