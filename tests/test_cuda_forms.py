@@ -9,8 +9,9 @@
 * The compiled DietCL step in its CUDA form: on fake CUDA tensors `backend_for` picks the
   Triton path, so the step traces whole (`fullgraph=True`) with the fused custom ops in the
   graph, under bf16 autocast, for every phase shape of a run (on the CPU the step traces the
-  torch reference instead). AOTAutograd's inference graph is built too. The backward through
-  the ops cannot run on fake CUDA tensors (the autograd engine needs a device): on meta
+  torch reference instead): `bench compile-cost` traces each of them as a GPU run compiles
+  them (tests/test_compile_graphs.py runs it). The backward through the ops cannot run on fake
+  CUDA tensors (the autograd engine needs a device): on meta
   tensors, with the fused kernels forced, the ViT-B/16 joint step is traced forward and
   backward (the ops' autograd formulas and backward fakes); opcheck covers their fake kernels
   and autograd formulas op by op (test_kernel_ops.py).
@@ -23,7 +24,6 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_cfg
 
 CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
 KERNELS = {"_mae_loss_fwd_kernel", "_mae_loss_finalize_kernel", "_mae_loss_bwd_kernel",
@@ -88,67 +88,6 @@ def test_every_triton_kernel_compiles_with_another_triton(tmp_path):
     assert res["triton"] != triton.__version__, (res["triton"], d)
     assert res["pass"] and res["summary"]["spills"] == 0
     assert {v["kernel"] for v in res["variants"]} == KERNELS
-
-
-@pytest.mark.slow
-def test_compiled_step_in_its_cuda_form_traces_whole_with_the_fused_ops(tmp_path):
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from dietcl_fast.data import pipeline
-    from dietcl_fast.step_loss import bf16_autocast, device_inputs, fake_micro_batch, stacked_logs
-    from dietcl_fast.trainer import Trainer
-
-    # the micro-batches of a real tiny run, one per phase shape (joint t=0, joint and buffer t=1)
-    tr = Trainer(tiny_cfg("dietcl", budget=2, method__split="ratio:0.5", device="cpu"),
-                 log=lambda m: None)     # host tensors to fake, also where a GPU is
-    mbs, inner = {}, tr.loss_fn
-
-    def keep(model, mb):
-        mbs.setdefault((mb.t, mb.phase), mb)
-        return inner(model, mb)
-    tr.loss_fn = keep
-    tr.run(str(tmp_path / "run"))
-    assert set(mbs) == {(0, "joint"), (1, "joint"), (1, "buffer")}
-
-    graphs = []
-
-    def recording(backend):
-        from torch._dynamo.backends.registry import lookup_backend
-
-        def compile_fn(gm, example_inputs):
-            graphs.append(gm.code)
-            return lookup_backend(backend)(gm, example_inputs)
-        return compile_fn
-
-    stats = dict(pipeline._STATS)           # model_input's per-device constants: leave no fakes
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    try:
-        with mode:
-            model = tr.model.to("cuda")
-        for backend, grad in (("eager", True), ("aot_eager", False)):
-            torch._dynamo.reset()
-            for key, mb in mbs.items():
-                with mode:
-                    fmb = fake_micro_batch(mb, mode, "cuda")
-                    step = device_inputs(torch.compile(stacked_logs(tr.method.loss), fullgraph=True,
-                                                       dynamic=False, backend=recording(backend)),
-                                         tr.spec.in_chans)
-                    with torch.set_grad_enabled(grad), bf16_autocast("cuda"):
-                        loss, names, vals = step(model, fmb)
-                        logits = model.classify_all(next(iter(fmb.x.values())))
-                assert loss.device.type == "cuda" and loss.dtype == torch.float32, key
-                assert loss.requires_grad is grad, key
-                assert logits.dtype == torch.bfloat16           # autocast really was on
-                assert set(names) == ({"Lr", "Lm"} if key == (0, "joint") else
-                                      {"Lr", "Lm", "Lb"} if key == (1, "joint") else {"Lb"}), key
-    finally:
-        torch._dynamo.reset()
-        pipeline._STATS.clear()
-        pipeline._STATS.update(stats)
-    joint = [g for g in graphs if "torch.ops.dietcl.random_masking" in g]
-    assert len(graphs) == 6 and len(joint) == 4, len(graphs)     # 3 phases x 2 backends
-    assert all("torch.ops.dietcl.mae_loss" in g for g in joint)
-    assert not any("torch.ops.dietcl" in g for g in graphs if g not in joint)     # buffer-only: no MAE
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ vit-b16: 1024 in micro-batches of 256, evaluation in batches of 1024), and repor
 * `aot_seconds`: dynamo + AOTAutograd (backend "aot_eager": the joint forward/backward graph
   traced and partitioned; no code generation);
 * optionally (`--inductor-cpu GRAPH`) one graph compiled by inductor on this CPU, on real host
-  tensors at the captured (small) shapes: lowering, scheduling, C++ code generation and its
+  tensors at the captured (small) shapes, from an empty cache (`--inductor-cache warm`: from
+  this machine's cache, what a rerun pays): lowering, scheduling, C++ code generation and its
   compilation, forward and (lazily, on the first backward) backward. Inductor's GPU backend
   generates and compiles Triton kernels instead (in parallel worker processes), so this figure
   is an order of magnitude only, not a GPU compile time.
@@ -133,7 +134,9 @@ def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: in
                eval_batch: int, log) -> dict:
     """Each graph traced (and, backend "aot_eager", run through AOTAutograd) on fake tensors on
     `device` (cuda: the fused kernels' custom ops; cpu: their torch reference) at the GPU run's
-    shapes, under bf16 autocast -> {graph: {seconds, ops, shapes, ...}}. AOTAutograd's joint
+    shapes, under bf16 autocast -> {graph: {seconds, ops, shapes, ..., output}}; `output`: the
+    traced loss's (the evaluation's logits') device and dtype and the loss's logged terms, which
+    say that the graph is the CUDA form (autocast on: bf16 logits, an fp32 loss). AOTAutograd's joint
     trace runs the autograd engine, which needs a real CUDA device: on this machine "aot_eager"
     traces the CPU form."""
     from torch._dynamo.utils import clear_compilation_metrics, counters
@@ -171,8 +174,9 @@ def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: in
                     shapes = {"eval": eval_batch}
                     t0 = time.perf_counter()
                     with torch.inference_mode(), bf16_autocast(device):
-                        fn(x)
+                        y = fn(x)
                     dt = time.perf_counter() - t0
+                    outputs = {"device": str(y.device.type), "dtype": str(y.dtype), "logs": []}
                 else:
                     mb, phase = got[name]
                     mb, shapes = resized(mb, phase, gpu_batch, gpu_micro,
@@ -184,10 +188,12 @@ def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: in
                                                        backend=recording), tr.spec.in_chans)
                     t0 = time.perf_counter()
                     with bf16_autocast(device):
-                        loss, _, _ = step(model, fmb)
+                        loss, names, _ = step(model, fmb)
                     dt = time.perf_counter() - t0
                     if not loss.requires_grad:
                         raise RuntimeError(f"{name}: the traced loss has no gradient")
+                    outputs = {"device": str(loss.device.type), "dtype": str(loss.dtype),
+                               "logs": list(names)}
             ms = [m for m in _metrics_since(0) if m.co_name]
             if len(ms) != 1:
                 raise RuntimeError(f"{name}: {len(ms)} frames compiled (expected one graph)")
@@ -198,7 +204,7 @@ def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: in
                          "backend_seconds": m.backend_compile_time_s,
                          "graph_ops": m.graph_op_count, "per_micro_batch": shapes,
                          "graph_breaks": sum(counters["graph_break"].values()),
-                         "fused_ops_in_graph": ops}
+                         "fused_ops_in_graph": ops, "output": outputs}
             log(f"{backend:9s} {device:4s} {name:9s} {dt:7.2f} s  ({m.graph_op_count} ops, "
                 f"per micro-batch {shapes})")
     finally:
@@ -277,15 +283,21 @@ def trace_meta(tr, got, name: str, gpu_batch: int, gpu_micro: int, log) -> dict:
     return res
 
 
-def inductor_cpu(tr, got, name: str, log) -> dict:
-    """Graph `name` compiled by inductor on this CPU with an empty cache, on real host tensors
-    at the captured shapes: forward (dynamo + AOTAutograd + inductor) and the backward inductor
-    compiles at the first backward."""
+def inductor_cpu(tr, got, name: str, log, cache: str = "cold") -> dict:
+    """Graph `name` compiled by inductor on this CPU, on real host tensors at the captured
+    shapes: forward (dynamo + AOTAutograd + inductor) and the backward inductor compiles at the
+    first backward. cache "cold": an empty inductor cache (a first run on a fresh machine);
+    "warm": this process's own cache (TORCHINDUCTOR_CACHE_DIR or torch's default), what a rerun
+    of the same shapes pays."""
+    import contextlib
+
     from torch._dynamo.utils import clear_compilation_metrics
 
     from dietcl_fast.step_loss import device_inputs, stacked_logs
-    with tempfile.TemporaryDirectory(prefix="dietcl-inductor-cache-") as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache      # cold: nothing compiled before
+    with (tempfile.TemporaryDirectory(prefix="dietcl-inductor-cache-") if cache == "cold"
+          else contextlib.nullcontext()) as empty:
+        if empty is not None:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = empty      # cold: nothing compiled before
         torch._dynamo.reset()
         clear_compilation_metrics()
         model = tr.model
@@ -308,7 +320,7 @@ def inductor_cpu(tr, got, name: str, log) -> dict:
         ms = _metrics_since(0)
         fw = [m for m in ms if m.co_name]
         bw = [m for m in ms if not m.co_name]
-        res = {"graph": name, "first_call_seconds": first, "first_backward_seconds": bwd,
+        res = {"graph": name, "cache": cache, "first_call_seconds": first, "first_backward_seconds": bwd,
                "frame_compile_seconds": fw[0].entire_frame_compile_time_s if fw else None,
                "backend_seconds": fw[0].backend_compile_time_s if fw else None,
                "inductor_forward_seconds": fw[0].inductor_compile_time_s if fw else None,
@@ -319,7 +331,7 @@ def inductor_cpu(tr, got, name: str, log) -> dict:
                           (got[name][0].x.items() if name != "eval" else {})},
                "compile_threads": torch._inductor.config.compile_threads}
         torch._dynamo.reset()
-    log(f"inductor (CPU) {name}: first call {first:.1f} s, first backward {bwd:.1f} s")
+    log(f"inductor (CPU, {cache} cache) {name}: first call {first:.1f} s, first backward {bwd:.1f} s")
     return res
 
 
@@ -339,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "aot_eager; device cuda or cpu; aot_eager needs cpu here)")
     ap.add_argument("--inductor-cpu", default=None, choices=[None, *GRAPHS],
                     help="also compile this graph with inductor on the CPU (minutes on ViT-B/16)")
+    ap.add_argument("--inductor-cache", default="cold", choices=["cold", "warm"],
+                    help="--inductor-cpu's cache: cold (empty: a first compile) or warm (this "
+                         "machine's inductor cache: what a rerun of the same shapes pays)")
     ap.add_argument("--out", default=None, help="write the JSON result here")
     return ap
 
@@ -375,7 +390,7 @@ def main(argv=None) -> int:
             res["traces"][f"{b}:{d}"] = trace_fake(tr, got, b, d, gpu_batch, gpu_micro,
                                                   a.eval_batch, log)
         if a.inductor_cpu:
-            res["inductor_cpu"] = inductor_cpu(tr, got, a.inductor_cpu, log)
+            res["inductor_cpu"] = inductor_cpu(tr, got, a.inductor_cpu, log, a.inductor_cache)
         res["load_average_end"] = os.getloadavg()
     rows = []
     for b, graphs in res["traces"].items():

@@ -29,8 +29,9 @@ import time
 
 RUN = ["--scenario", "time", "--time-steps", "2", "--budget", "41", "--label-rate", "0.05",
        "--no-progress", "--no-knn-readout", "--log-every", "0"]
-TINY = ["--scenario", "time", "--time-steps", "2", "--budget", "2", "--label-rate", "0.1",
-        "--batch-size", "8", "--no-progress", "--no-knn-readout", "--log-every", "0"]
+TINY = ["--scenario", "time", "--time-steps", "1", "--budget", "2", "--label-rate", "0.1",
+        "--batch-size", "8", "--eval-fraction", "0.05", "--no-progress", "--no-knn-readout",
+        "--log-every", "0"]
 BUSY_LOOP = "while True: pass"
 
 
