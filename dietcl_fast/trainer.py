@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from .config import ConfigError
+from .config import Config, ConfigError
 from .data.sampling import EpochSampler
 from .evaluate import KNN_K
 from .meter import Meter
@@ -48,7 +48,7 @@ from .seeding import HEAD_INIT, derive_seed
 
 
 class Trainer:
-    def __init__(self, cfg, *, log=print, meter: Meter | None = None, stream=None):
+    def __init__(self, cfg: Config, *, log=print, meter: Meter | None = None, stream=None):
         """`meter`: told of every iteration and evaluation (meter.py; a bench's, or the
         command line's compile log); `stream`: train on this stream of the config's data
         instead of the one its options build (--split auto's validation stream, tuning.py)."""
