@@ -23,6 +23,7 @@ import torch
 from .batching import Batcher, BatchShare, micro_fits_on_device, probe_micro_batch
 from .buffer import BalancedBuffer
 from .ckpt_writer import Checkpoints
+from .config import Config
 from .engine import DistInfo, build_engine, init_from_env
 from .evaluator import Evaluator
 from .ledger import Ledger
@@ -35,6 +36,7 @@ from .step_loss import step_loss_fn
 
 @dataclass
 class RunParts:
+    """A run's parts (`build_run`), each built once and never replaced."""
     resolved: ResolvedRun       # every option resolved; `.cfg`: the resolved copy (config.yaml)
     dist: DistInfo              # the processes: this one's rank, the world size
     device: torch.device
@@ -100,7 +102,7 @@ class RunParts:
         self.model.load_state_dict(fresh.state_dict())
 
 
-def build_run(cfg, *, log=print, stream=None) -> RunParts:
+def build_run(cfg: Config, *, log=print, stream=None) -> RunParts:
     """The parts of a run of `cfg` (left unchanged: the parts carry a resolved copy); `stream`:
     train on this stream of the config's data instead of the one its options build (--split
     auto's validation stream, tuning.py)."""
