@@ -140,7 +140,8 @@ def train(ctx, **params):
     from dietcl_fast import checkpoint as ckpt_io
     from dietcl_fast.outdir import check_fresh
     from dietcl_fast.meter import run_meter
-    from dietcl_fast.trainer import RunStopped, Trainer
+    from dietcl_fast.run_state import RunStopped
+    from dietcl_fast.trainer import Trainer
     from dietcl_fast.tuning import prepare
     run_dir = None
     try:

@@ -21,6 +21,7 @@ import torch
 
 from .seeding import AUGMENT, MIX_DRAW, derive_seed, source_key
 from .methods import MicroBatch
+from .methods.base import ClassSet
 
 
 @dataclass(frozen=True)
@@ -117,13 +118,25 @@ class Batcher:
 
     `method` supplies `static_shapes` (planned mask noise and Mixup/CutMix draws go with each
     micro-batch) and `labeled_in_step` (labeled images must be of the step's classes, checked
-    on the host before any copy); `mix` is the method config (mixup, mixup_alpha, cutmix_alpha)."""
+    on the host before any copy); `mix` is the method config (mixup, mixup_alpha, cutmix_alpha,
+    label_smoothing)."""
 
     def __init__(self, share: BatchShare, loader, stream, spec, device: torch.device, seed: int,
                  method, mix):
         self.share, self.loader, self.stream, self.spec = share, loader, stream, spec
         self.device, self.seed, self.method, self.mix_cfg = device, seed, method, mix
         self.ahead = None           # ((t, phase, it), ids, tickets) submitted one iteration ahead
+
+    def open_step(self, t: int, head_capacity: int) -> None:
+        """Time step t's classes, its number of seen classes and its class sets (label
+        smoothing over a head of `head_capacity` rows), on the device once per time step: every
+        micro-batch of the step carries them with no transfer."""
+        s, step = self.mix_cfg.label_smoothing, self.stream.steps[t]
+        self.step_classes = torch.as_tensor(np.array(step.classes), dtype=torch.long,
+                                            device=self.device)
+        self.num_seen = self.stream.num_seen_classes(t)
+        self.seen_set = ClassSet.of(range(self.num_seen), head_capacity, s, self.device)
+        self.step_set = ClassSet.of(step.classes, head_capacity, s, self.device)
 
     def draw_ids(self, it: int, gstep: int, counts, samplers, buffer):
         """Ids of iteration `it` (a pure function of the position) and the labels of its
@@ -224,11 +237,11 @@ class Batcher:
                           self.submit(t, p_idx, it + 1, phase, n_counts, n_ids, n_labels))
         return tickets
 
-    def micro_batch(self, t, p_idx, it, j, phase, counts, ticket, keys, host, step_classes,
-                    num_seen, seen, step) -> MicroBatch:
+    def micro_batch(self, t, p_idx, it, j, phase, counts, ticket, keys, host) -> MicroBatch:
         """Global micro-batch j: images from the loader, the labeled sources' labels (one
-        non-blocking copy), and for static-shape methods the planned randomness: MAE mask
-        noise drawn on the device from the micro-batch seed, Mixup/CutMix draws (one copy)."""
+        non-blocking copy), the step's classes (`open_step`), and for static-shape methods the
+        planned randomness: MAE mask noise drawn on the device from the micro-batch seed,
+        Mixup/CutMix draws (one copy)."""
         from .data.mixup import unpack_mix_draw
         key = derive_seed(self.seed, t, p_idx, it, j)
         gen = torch.Generator().manual_seed(key)
@@ -246,9 +259,9 @@ class Batcher:
                 n_global[src] = n
         y_all = host["y"].to(self.device, non_blocking=True)
         ys = dict(zip(host["y_sizes"], torch.split(y_all, list(host["y_sizes"].values()))))
-        mb = MicroBatch(x=xs, y=ys, n_global=n_global, step_classes=step_classes,
-                        num_seen=num_seen, generator=gen, mask_generator=mask_gen, t=t,
-                        phase=phase.name, views=views, seen=seen, step=step)
+        mb = MicroBatch(x=xs, y=ys, n_global=n_global, step_classes=self.step_classes,
+                        num_seen=self.num_seen, generator=gen, mask_generator=mask_gen, t=t,
+                        phase=phase.name, views=views, seen=self.seen_set, step=self.step_set)
         if self.method.static_shapes:
             if "unlabeled" in xs:       # the same draw forward_mae made from mask_generator
                 L = (self.spec.img_size // self.spec.patch_size) ** 2

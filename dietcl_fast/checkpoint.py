@@ -109,7 +109,7 @@ def step_model_path(run_dir: str, t: int) -> str:
 
 def save_step_model(run_dir: str, t: int, record: dict, *, retry_seconds: float = 0.0,
                     log=None) -> str:
-    """Write the model after time step t (the trainer's `model_record`) as
+    """Write the model after time step t (`run_record.model_record`) as
     `run_dir/models/t<t>.pt`, in the checkpoint format (MAGIC | SHA-256 | plain-data payload)."""
     path = step_model_path(run_dir, t)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -14,6 +14,7 @@ run holds: this writer or the engine's own, and which checkpoint is known to be 
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -145,6 +146,13 @@ class Checkpoints:
             self.good_gstep = self.saved_gstep              # that previous write is on disk
         self.dist.barrier()
         self.saved_gstep = gstep
+
+    def kept(self, run_dir: str) -> str:
+        """What a run stopped now keeps, for its stop message."""
+        if self.saved_gstep is None:
+            return "no checkpoint had been written yet"
+        return (f"the last good checkpoint {os.path.join(run_dir, ckpt_io.CKPT_NAME)} "
+                f"(optimiser step {self.saved_gstep}) is kept")
 
     def wait(self, run_dir: str) -> None:
         """The write in flight is on disk (or the run stops saying what to free)."""

@@ -80,6 +80,16 @@ class Evaluator:
         self.seconds += self.log[-1]
         return row, knn_row
 
+    def map(self, ids, fn) -> list:
+        """fn(x) over the images of `ids` (the evaluation transform, `batch_size` at a time, the
+        run's autocast): a method's evaluation-time work (`StepContext.eval_map`), not charged."""
+        out = []
+        for s in range(0, len(ids), self.batch_size):
+            x = self.loader.batch(ids[s:s + self.batch_size], "eval")
+            with self.autocast():
+                out.append(fn(x))
+        return out
+
     def bank_size(self, t: int) -> int:
         """Labeled images of steps 0..t: the common readout's bank."""
         return sum(s.num_labeled for s in self.stream.steps[:t + 1])

@@ -61,3 +61,16 @@ class FiniteWatch:
         if self._first is None or int(self._first) < 0:
             return None
         return int(self._first), [k for k, b in self._terms.items() if bool(b)] or ["loss"]
+
+    def check(self, t: int, phase: str, method: str, kept: str) -> None:
+        """At a sync point (a host sync): stop the run (`RunStopped`) if a non-finite loss was
+        seen, naming where (time step t, `phase`, `method`) and what was `kept`."""
+        bad = self.first_bad()
+        if bad is None:
+            return
+        gstep, terms = bad
+        raise RunStopped(
+            f"the loss became non-finite (NaN or inf) at optimiser step {gstep} "
+            f"(time step {t}, phase {phase}) in term(s) {', '.join(terms)} of method {method}; "
+            f"training stopped and {kept}. Lower --blr, check --recon-weight and the data, "
+            "and start again.")

@@ -120,11 +120,11 @@ def choose_split(trainer, run_dir: str) -> dict:
             led = tr.ledger.to_dict()
             units += sum(led["steps_per_step"][1:])
             flops += sum(led["flops_per_step"][1:])
-            score = float(np.mean(tr.A))
-            rows.append({"threshold": n, "validation_A": [float(a) for a in tr.A],
+            score = float(np.mean(tr.record.A))
+            rows.append({"threshold": n, "validation_A": [float(a) for a in tr.record.A],
                          "score": score})
             trainer.log(f"  threshold {n}: validation A(t) = "
-                        f"[{', '.join(f'{a:.1f}' for a in tr.A)}], mean {score:.2f}%")
+                        f"[{', '.join(f'{a:.1f}' for a in tr.record.A)}], mean {score:.2f}%")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     best = max(rows, key=lambda r: (r["score"], r["threshold"]))

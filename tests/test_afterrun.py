@@ -362,12 +362,13 @@ def test_bad_run_inputs_are_named(runs, tmp_path):
 def _another_runs_step_model(tmp_path):
     """models/t0.pt of a run on another stream (seed 1): written by the trainer's own code."""
     from dietcl_fast import checkpoint as ckpt_io
+    from dietcl_fast.run_record import model_record
     from dietcl_fast.trainer import Trainer
     from conftest import tiny_cfg
     tr = Trainer(tiny_cfg(seed=1), log=lambda m: None)
-    tr.acc, tr.A = [[0.0]], [0.0]
+    tr.record.acc, tr.record.A = [[0.0]], [0.0]
     tr.model.grow_head(tr.stream.num_seen_classes(0))
-    return ckpt_io.save_step_model(str(tmp_path / "seed1"), 0, tr.model_record(0))
+    return ckpt_io.save_step_model(str(tmp_path / "seed1"), 0, model_record(tr.parts, tr.record, 0))
 
 
 def test_methods_that_classify_otherwise_are_refused(runs, tmp_path):

@@ -12,7 +12,8 @@ from torch import nn
 
 from dietcl_fast.config import Config
 from dietcl_fast.methods import MicroBatch, build_method, standalone_context
-from dietcl_fast.trainer import Trainer, cosine_lr
+from dietcl_fast.models import cosine_lr
+from dietcl_fast.trainer import Trainer
 
 from conftest import tiny_cfg as shared_tiny_cfg
 

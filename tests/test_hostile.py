@@ -164,7 +164,7 @@ def test_checkpoint_holds_only_plain_data_and_resumes_rng(killed_run):
     st = ckpt_io.decode_file(str(killed_run / "latest.pt"))     # weights_only=True inside
     assert st["format_version"] == ckpt_io.FORMAT_VERSION
     assert isinstance(st["rng"]["numpy"]["keys"], torch.Tensor)
-    from dietcl_fast.trainer import numpy_rng_state, set_numpy_rng_state
+    from dietcl_fast.run_state import numpy_rng_state, set_numpy_rng_state
     np.random.seed(3)
     s = numpy_rng_state()
     a = np.random.rand(4)

@@ -444,8 +444,8 @@ def test_results_are_written_last(run_copy):
     assert (run_copy / "results.json").exists() and (run_copy / "curve.png").exists()
     import inspect
 
-    from dietcl_fast.trainer import Trainer
-    src = inspect.getsource(Trainer._finish)
+    from dietcl_fast.run_files import finish_run
+    src = inspect.getsource(finish_run)
     assert src.index('"curve.png"') < src.index('"results.json"')
 
 

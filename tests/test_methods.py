@@ -98,12 +98,12 @@ def test_gdumb_retrains_from_scratch(tmp_path, flop_regions):
     init = build_model(tr.spec).state_dict()
     seen = {}
     tr2 = Trainer(tiny_cfg("gdumb", budget=2), log=lambda m: None)
-    orig = tr2._reinitialise          # the trainer re-initialises GDumb's model at step start
+    orig = tr2.parts.reinitialise     # the trainer re-initialises GDumb's model at step start
 
     def spy(t):
         orig(t)
         seen[t] = {k: v.clone() for k, v in tr2.model.state_dict().items()}
-    tr2._reinitialise = spy
+    tr2.parts.reinitialise = spy
     tr2.run(str(tmp_path / "b"))
     for k, v in init.items():
         if not k.startswith("head."):
@@ -257,8 +257,8 @@ def test_a_new_method_declares_its_importance_pass_and_reinit_the_trainer_runs_a
         from dietcl_fast.models import set_fused_attention
         set_fused_attention(tr.model, False)
         reinit = []
-        orig = tr._reinitialise
-        tr._reinitialise = lambda t: (reinit.append(t), orig(t))
+        orig = tr.parts.reinitialise
+        tr.parts.reinitialise = lambda t: (reinit.append(t), orig(t))
         res = tr.run(str(tmp_path))
     finally:
         METHODS.pop("test_probe_method")

@@ -150,14 +150,15 @@ def test_the_options_are_validated_once_and_before_any_process_starts(monkeypatc
     """The trainer's options go through config.validate once (in resolve), before the device is
     resolved and before any process group is joined; a bad option never reaches them."""
     import dietcl_fast.resolve as rp
-    import dietcl_fast.trainer as trainer_mod
+    import dietcl_fast.run_parts as run_parts
+    from dietcl_fast.trainer import Trainer
     from test_trainer import tiny_cfg
     events = []
-    real_validate, real_init = rp.validate, trainer_mod.init_from_env
+    real_validate, real_init = rp.validate, run_parts.init_from_env
     monkeypatch.setattr(rp, "validate", lambda c: (events.append("validate"), real_validate(c))[1])
-    monkeypatch.setattr(trainer_mod, "init_from_env",
+    monkeypatch.setattr(run_parts, "init_from_env",
                         lambda *a, **k: (events.append("processes"), real_init(*a, **k))[1])
-    trainer_mod.Trainer(tiny_cfg(), log=lambda m: None)
+    Trainer(tiny_cfg(), log=lambda m: None)
     assert events == ["validate", "processes"]
     cfg = Config()
     cfg.run.device, cfg.stream.label_rate = "cuda", 2.0     # bad option and (here) no CUDA

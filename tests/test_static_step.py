@@ -165,13 +165,13 @@ def test_eager_micro_batches_hold_the_global_batchs_exact_mix(tmp_path, monkeypa
 def test_micro_batch_auto_picks_the_largest_that_fits(tmp_path, monkeypatch):
     import yaml
 
-    import dietcl_fast.trainer as trainer_mod
+    import dietcl_fast.run_parts as run_parts
     probed = []
 
     def fits(model, spec, device, amp_dtype, m):     # the device's trial step, stood in for
         probed.append(m)
         return m <= 4
-    monkeypatch.setattr(trainer_mod, "micro_fits_on_device", fits)
+    monkeypatch.setattr(run_parts, "micro_fits_on_device", fits)
     cfg = tiny_cfg("er", budget=2, micro_batch="auto")
     tr = Trainer(cfg, log=lambda m: None)
     assert probed == [16, 8, 4] and tr.micro == 4 and tr.n_micro == 4 and tr.G == 16

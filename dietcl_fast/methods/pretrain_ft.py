@@ -5,8 +5,8 @@ the buffer after the step; step 0 all current) with cross-entropy over all seen 
 5x the base LR (the reference's `train_stage2_lr_scale: 5.0`).
 Options (method.pretrain_ft): pretrain_fraction (0.8, --pretrain-ft-fraction), finetune_lr_scale
 (5.0, --pretrain-ft-lr-scale).
-Adaptations: none (the cosine floor is min_lr, unscaled, as in the reference; see the
-trainer's `cosine_lr`).
+Adaptations: none (the cosine floor is min_lr, unscaled, as in the reference; see
+`models.optim.cosine_lr`).
 """
 from __future__ import annotations
 

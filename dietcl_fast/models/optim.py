@@ -1,5 +1,8 @@
-"""Parameter groups for AdamW with layer-wise LR decay (MAE fine-tuning recipe, docs/algorithm.md, Learning rate)."""
+"""Parameter groups for AdamW with layer-wise LR decay and the phases' cosine LR schedule (MAE
+fine-tuning recipe, docs/algorithm.md, Learning rate)."""
 from __future__ import annotations
+
+import math
 
 from torch import nn
 
@@ -38,3 +41,12 @@ def param_groups_lrd(model: nn.Module, weight_decay: float = 0.05, layer_decay: 
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return [groups[k] for k in sorted(groups, key=lambda k: (int(k[5:].split("_")[0]), k))]
+
+
+def cosine_lr(peak: float, min_lr: float, it: int, steps: int) -> float:
+    """LR of iteration `it` of a `steps`-iteration phase: cosine from `peak` to the floor.
+
+    The floor is `min_lr`, unless the phase's peak is below it (the buffer-only phase at 0.1x
+    LR on vit-b16: 4e-5 < 5e-5); then the floor is peak / 2 (the reference code's rule)."""
+    floor = min_lr if peak >= min_lr else peak / 2
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * it / max(steps, 1)))
