@@ -84,17 +84,15 @@ def build_config(ctx: click.Context, params: dict, *, method_options: bool = Tru
 
 def _other_methods_options(ctx: click.Context, method: str) -> list[tuple[str, str]]:
     """(flag, owning method) of each option typed on the command line that belongs to another
-    method than `method` (`method.<name>.*`, or a field declared with `method=`)."""
+    method than `method` (one of its own options, `Option.owner`)."""
     from dietcl_fast.config import OPTIONS
     out = []
     for opt, path in TRAIN_OPTIONS.items():
         o = OPTIONS.get(path)
         if o is None or not _explicit(ctx, opt):
             continue
-        parts = path.split(".")
-        owner = parts[1] if parts[0] == "method" and len(parts) == 3 else o.meta.get("method")
-        if owner and owner != method:
-            out.append((o.flag, owner))
+        if o.owner and o.owner != method:
+            out.append((o.flag, o.owner))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Click options generated from the config dataclasses (dietcl_fast/config.py).
+"""Click options generated from the config dataclasses (dietcl_fast/config.py, and each method's
+`Options` in dietcl_fast/methods/, which the registry adds to the config tree).
 
 Each config field carries its help text, flag, choices and (where it depends on the preset or
 the device) a description of its default in its metadata; this module turns them into click

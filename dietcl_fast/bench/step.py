@@ -271,7 +271,8 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                out: str | None = None, workdir: str | None = None, tiny_peak: bool = False,
                compile_time_step_0: bool = False, mode_seconds: float | None = None,
                echo=print, log=_quiet) -> dict:
-    from dietcl_fast.config import ConfigError, parse_split
+    from dietcl_fast.config import ConfigError
+    from dietcl_fast.methods.dietcl import parse_split
     dev = pick_device(device)
     if preset not in PRESET_DATA:
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESET_DATA)}")
