@@ -132,6 +132,40 @@ def test_streams_never_import_torch():
         assert not any(m == "torch" or m.startswith("torch.") for m in names), path
 
 
+NO_TORCH = """
+import contextlib, io, json, sys
+from dietcl_fast.cli.main import main
+seen = []
+for args in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main.main(args, prog_name="dietcl-fast")
+            code = 0
+        except SystemExit as x:
+            code = x.code or 0
+    seen.append([args, code, "torch" in sys.modules])
+print(json.dumps(seen))
+"""
+
+
+def test_the_command_line_starts_without_torch():
+    """The method registry (each method's options) imports torch, and only the commands that take
+    those options make them, when they parse (cli/options.py: ConfigCommand): `dietcl-fast
+    --help`, the help of the others and `plan` without --sweep (arithmetic only) start without
+    torch; `train --help` does import it (the check can fail)."""
+    import json
+    import subprocess
+    free = [["--help"], ["bench", "--help"], ["bench", "step", "--help"], ["show", "--help"],
+            ["predict", "--help"], ["export", "--help"], ["pretrain", "--help"],
+            ["flops", "--help"], ["plan", "--labelers", "5", "--json"]]
+    p = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps([*free, ["train", "--help"]])],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = json.loads(p.stdout.splitlines()[-1])
+    assert [code for _, code, _ in seen] == [0] * len(seen), seen
+    assert [args for args, _, torch in seen if torch] == [["train", "--help"]], seen
+
+
 def test_the_rules_fail_on_a_violation(tmp_path, monkeypatch):
     """The checker itself: a models module importing data is reported."""
     pkg = tmp_path / "dietcl_fast" / "models"
