@@ -49,8 +49,8 @@ def bench():
               help="Steps per time step for the projected seconds per time step.")
 @click.option("--steps", default=5, type=int, help="Timed iterations per phase (time step 1).")
 @click.option("--warmup", default=2, type=int, help="Untimed iterations per phase before them.")
-@click.option("--split", default=OPTIONS["method.split"].field.default,
-              help="DietCL split used for the projection.")
+@click.option("--split", default=None,
+              help="DietCL split used for the projection [default: train's --split default].")
 @click.option("--batch-size", default=None, type=int, help="Global batch [default: preset's].")
 @click.option("--micro-batch", default=None, type=int, help="Micro-batch [default: preset's].")
 @click.option("--loader", default=OPTIONS["loader.backend"].field.default,

@@ -19,6 +19,8 @@ import sys
 import click
 import numpy as np
 
+from dietcl_fast.cli.options import ConfigCommand
+
 # train options that compare sets itself (per run) or that make no sense for a batch of runs
 _NOT_SHARED = {"method", "seed", "out", "resume", "help"}
 
@@ -211,8 +213,10 @@ def plot(out: str, results: list[dict], order: list[str]) -> None:
     save_figure(fig, os.path.join(out, "compare.png"))
 
 
-def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
-    shared = [p for p in train_cmd.params if p.name not in _NOT_SHARED]
+def make_compare(train_cmd: ConfigCommand, build_config, fail) -> click.Command:
+    def shared() -> list[click.Parameter]:          # train's, when this command first needs them
+        return [p for p in train_cmd.all_params() if p.name not in _NOT_SHARED]
+
     own = [
         click.Option(["--methods"], default="all", show_default=True,
                      help="Comma-separated methods, or 'all' (every registered method)."),
@@ -320,8 +324,8 @@ def make_compare(train_cmd: click.Command, build_config, fail) -> click.Command:
                        "runs are reused, the others resumed)", err=True)
             sys.exit(130)
 
-    return click.Command(
-        "compare", params=own + shared, callback=callback,
+    return ConfigCommand(
+        "compare", params=own, late_params=shared, callback=callback,
         context_settings={"show_default": True},
         help="Run several methods on the same stream, budget and seeds; writes compare.csv, "
              "compare.md (A(T), Ā mean ± std under each method's own classifier and the "

@@ -8,14 +8,10 @@ import sys
 
 import click
 
-from dietcl_fast.cli.options import click_option, cli_options, train_params
+from dietcl_fast.cli.options import ConfigCommand, click_option, cli_options, train_params
 from dietcl_fast.config import (Config, ConfigError, absolute_data, apply_dict, load_yaml,
                                 validate)
 from dietcl_fast.outdir import check_out_dir
-
-# train's config options, generated from the config fields (name, type, default, help), and
-# their map: click parameter name -> config path (section.key)
-TRAIN_PARAMS, TRAIN_OPTIONS = train_params()
 
 
 def _fail(msg: str) -> None:
@@ -58,7 +54,7 @@ def build_config(ctx: click.Context, params: dict, *, method_options: bool = Tru
     if params.get("config"):
         apply_dict(cfg, load_yaml(params["config"]), source=params["config"])
     overrides: dict = {}
-    for opt, path in TRAIN_OPTIONS.items():
+    for opt, path in train_params()[1].items():
         # an option counts when typed on the command line, or when no file set it
         if opt in params and (_explicit(ctx, opt) or not params.get("config")):
             if params[opt] is None and not _explicit(ctx, opt):
@@ -84,17 +80,15 @@ def build_config(ctx: click.Context, params: dict, *, method_options: bool = Tru
 
 def _other_methods_options(ctx: click.Context, method: str) -> list[tuple[str, str]]:
     """(flag, owning method) of each option typed on the command line that belongs to another
-    method than `method` (`method.<name>.*`, or a field declared with `method=`)."""
+    method than `method` (one of its own options, `Option.owner`)."""
     from dietcl_fast.config import OPTIONS
     out = []
-    for opt, path in TRAIN_OPTIONS.items():
+    for opt, path in train_params()[1].items():
         o = OPTIONS.get(path)
         if o is None or not _explicit(ctx, opt):
             continue
-        parts = path.split(".")
-        owner = parts[1] if parts[0] == "method" and len(parts) == 3 else o.meta.get("method")
-        if owner and owner != method:
-            out.append((o.flag, owner))
+        if o.owner and o.owner != method:
+            out.append((o.flag, o.owner))
     return out
 
 
@@ -121,7 +115,10 @@ def main(local_rank):
     baselines) with an exact FLOP ledger."""
 
 
-@main.command(context_settings={"show_default": True})
+# train's config options (generated from the config fields: name, type, default, help) come
+# first, then its own; train_params() also maps click parameter name -> config path
+@main.command(cls=ConfigCommand, late_params=lambda: train_params()[0], at=0,
+              context_settings={"show_default": True})
 @click.option("--local_rank", "--local-rank", "local_rank", default=None, type=int, hidden=True,
               help="Set by the deepspeed launcher; the process reads LOCAL_RANK instead.")
 @click.option("--resume", default=None, type=click.Path(file_okay=False),
@@ -255,9 +252,6 @@ def _interrupted(run_dir: str | None, e: BaseException | None = None) -> None:
     sys.exit(143 if isinstance(e, Preempted) else 130)
 
 
-train.params[:0] = TRAIN_PARAMS      # the config's options first, then --resume/--config
-
-
 def _resume(ctx, params, run_dir: str) -> None:
     from dietcl_fast import checkpoint as ckpt_io
     from dietcl_fast.meter import run_meter
@@ -270,7 +264,7 @@ def _resume(ctx, params, run_dir: str) -> None:
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")) and \
             os.environ.get("RANK", "0") == "0":
         save_yaml(cfg, os.path.join(run_dir, "config.yaml"))    # put back where it was deleted
-    ignored = [o for o in TRAIN_OPTIONS if o in params and _explicit(ctx, o)
+    ignored = [o for o in train_params()[1] if o in params and _explicit(ctx, o)
                and o != "progress"]
     if ignored:
         click.echo(f"note: --resume uses the run's saved config; ignoring "

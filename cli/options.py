@@ -1,4 +1,5 @@
-"""Click options generated from the config dataclasses (dietcl_fast/config.py).
+"""Click options generated from the config dataclasses (dietcl_fast/config.py, and each method's
+`Options` in dietcl_fast/methods/, which the registry adds to the config tree).
 
 Each config field carries its help text, flag, choices and (where it depends on the preset or
 the device) a description of its default in its metadata; this module turns them into click
@@ -6,7 +7,8 @@ options, so an option's name, type, default and help are written once, in the co
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import click
 
@@ -95,7 +97,10 @@ def click_option(o: Option) -> click.Option:
 def cli_options(cls=Config) -> list[Option]:
     """The options of a config tree that have a command-line flag: for `Config`, --method,
     then the stream, --budget, the other sections in field order and each method's own
-    options last; other trees in field order."""
+    options last (the method registry is imported for them: it imports torch); other trees in
+    field order."""
+    if cls is Config:
+        import dietcl_fast.methods  # noqa: F401  (registers each method's options)
     opts = [o for o in options(cls) if o.flag is not None]
     if cls is not Config:
         return opts
@@ -109,11 +114,57 @@ def cli_options(cls=Config) -> list[Option]:
     return sorted(opts, key=rank)          # stable: field order within a rank
 
 
+@functools.cache
 def train_params() -> tuple[list[click.Option], dict[str, str]]:
-    """`train`'s config options and their map: click parameter name -> config path."""
+    """`train`'s config options and their map: click parameter name -> config path. Made on
+    first use (it imports the method registry, and with it torch): by ConfigCommand, when
+    train, compare or plan parses its arguments or shows its help."""
     opts = cli_options(Config)
     names = [param_name(o) for o in opts]
     dup = {n for n in names if names.count(n) > 1}
     if dup:                             # two fields under one flag: a config authoring error
         raise RuntimeError(f"config options share a flag: {', '.join(sorted(dup))}")
     return [click_option(o) for o in opts], {param_name(o): o.path for o in opts}
+
+
+class ConfigCommand(click.Command):
+    """A command that takes train's config options, each method's own among them (train,
+    compare, plan). The method registry that declares those imports torch, so they are made
+    (`late_params()`, placed at index `at` of the command's parameters, None: last) when the
+    command first parses its arguments or shows its help, not when `dietcl-fast` starts:
+    `dietcl-fast --help` and the commands that take none start without torch.
+
+    only_with: a command that reads them only with one of these words of its own (plan:
+    --sweep) parses without them while its command line has none of these words and no word
+    that could name one of them (a word starting with "-" that names none of its own
+    options: --help included), so that `dietcl-fast plan --labelers 5` needs no torch."""
+
+    def __init__(self, *args, late_params: Callable[[], list[click.Parameter]],
+                 at: int | None = None, only_with: tuple[str, ...] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._late, self._at, self._only_with = late_params, at, only_with
+        self._parsing_without = False
+
+    def all_params(self) -> list[click.Parameter]:
+        """The command's parameters, the late ones made if they are not yet."""
+        if self._late is not None:
+            late, self._late = self._late, None
+            at = len(self.params) if self._at is None else self._at
+            self.params = self.params[:at] + late() + self.params[at:]   # a new list
+        return self.params
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._parsing_without:
+            self.all_params()
+        return super().get_params(ctx)
+
+    def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        if self._late is None or self._only_with is None:
+            return super().make_context(info_name, args, parent, **extra)
+        own = {o for p in self.params for o in (*p.opts, *p.secondary_opts)}
+        words = [a.split("=", 1)[0] for a in args if a.startswith("-")]
+        self._parsing_without = not any(w in self._only_with or w not in own for w in words)
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        finally:
+            self._parsing_without = False

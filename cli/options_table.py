@@ -16,7 +16,8 @@ import click
 from dietcl_fast.cli.options import cli_options, default_text
 from dietcl_fast.config import Config, Option, PretrainConfig, options
 
-BEGIN = "<!-- options table: generated from dietcl_fast/config.py by " \
+BEGIN = "<!-- options table: generated from the config (dietcl_fast/config.py, each method's " \
+        "Options in dietcl_fast/methods/) by " \
         "`python -m dietcl_fast.cli.options_table --write docs/options.md`; do not edit by hand -->"
 END = "<!-- end of options table -->"
 
@@ -102,7 +103,7 @@ def main(write, check):
         diff = difflib.unified_diff(text.splitlines(), new.splitlines(), f"{path} (now)",
                                     f"{path} (from the config)", lineterm="", n=0)
         click.echo("\n".join(diff), err=True)
-        click.echo(f"error: {path}: the options table disagrees with dietcl_fast/config.py; run "
+        click.echo(f"error: {path}: the options table disagrees with the config; run "
                    f"python -m dietcl_fast.cli.options_table --write {path}", err=True)
         sys.exit(1)
     click.echo(f"{path}: options table matches the config", err=True)

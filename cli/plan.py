@@ -16,6 +16,7 @@ import sys
 import click
 import numpy as np
 
+from dietcl_fast.cli.options import ConfigCommand
 from dietcl_fast.config import OPTIONS
 from dietcl_fast.plan import PlanDefaults
 
@@ -328,8 +329,10 @@ def _plot(out, doc, unit):
 
 
 # ------------------------------------------------------------------------------ the command
-def make_plan(train_cmd: click.Command, build_config, fail) -> click.Command:
-    shared = [p for p in train_cmd.params if p.name not in _NOT_SHARED]
+def make_plan(train_cmd: ConfigCommand, build_config, fail) -> click.Command:
+    def shared() -> list[click.Parameter]:          # train's, when this command first needs them
+        return [p for p in train_cmd.all_params() if p.name not in _NOT_SHARED]
+
     own = [
         click.Option(["--labelers"], default=D.labelers, type=float, callback=_positive_float("--labelers"),
                      help="L: people labeling."),
@@ -398,7 +401,8 @@ def make_plan(train_cmd: click.Command, build_config, fail) -> click.Command:
                 _sweep(ctx, params, build_config, w, speed, fail)
             else:
                 sweep_only = [o for o in ("methods", "budgets", "seeds", "tolerance", "batch_size")
-                              + tuple(p.name for p in shared if p.name != "progress")
+                              + tuple(p.name for p in ctx.command.params
+                                      if p not in own and p.name != "progress")
                               if o in params and ctx.get_parameter_source(o) not in
                               (None, click.core.ParameterSource.DEFAULT)]
                 if sweep_only:
@@ -407,8 +411,9 @@ def make_plan(train_cmd: click.Command, build_config, fail) -> click.Command:
         except (ConfigError, ValueError, FileNotFoundError) as e:
             fail(str(e))
 
-    return click.Command(
-        "plan", params=own + shared, callback=callback, context_settings={"show_default": True},
+    return ConfigCommand(
+        "plan", params=own, late_params=shared, only_with=("--sweep",), callback=callback,
+        context_settings={"show_default": True},
         help="GPUs and GPU-hours per labeler for a labeling team, from a measured speed (a bench "
              "file, a run, or seconds per step), beside the paper's A100 reference; --explain "
              "prints every formula. --sweep trains DietCL (and --methods) at several budgets and "

@@ -1,7 +1,10 @@
-"""The typed config tree: the one place defaults live.
+"""The typed config tree and its machinery (`option`, `Option`, `options`, `validate`).
 
-A run's config is built from (defaults) <- (YAML file) <- (CLI overrides), validated before any
-compute, and saved resolved (`config.yaml` in the run directory) next to the results.
+Every option is declared once, as an `option(...)` field: the run-wide ones here, each method's
+own beside the method (`Options` in dietcl_fast/methods/<name>.py), joined to the tree when the
+method registers (`method_options`). A run's config is built from (defaults) <- (YAML file) <-
+(CLI overrides), validated before any compute, and saved resolved (`config.yaml` in the run
+directory) next to the results.
 """
 from __future__ import annotations
 
@@ -89,134 +92,13 @@ class ModelConfig:
                                num=dict(lo=0, hi=1, hi_open=True))
 
 
-def _importance_options(name: str, lambda_: float, what: str):
-    """The options of a penalty method with a per-parameter importance pass (EWC, MAS): one
-    declaration for both; each method's section keeps its own defaults and help text."""
-    fields_ = [
-        ("lambda_", float, option(lambda_, help=f"{name}: penalty weight lambda.",
-                                  num=dict(lo=0))),
-        ("gamma", float, option(1.0, help=f"{name}: decay of the accumulated importance at each "
-                                          f"step{what}.", num=dict(lo=0, hi=1))),
-        ("importance_batch", int, option(16, help=f"{name}: images per per-sample-gradient chunk "
-                                                  "of the importance pass.",
-                                         num=dict(lo=1, hi=2 ** 31 - 1, integer=True))),
-        ("importance_budget", float, option(0.1, help=f"{name}: largest share of a step's budget "
-                                                      "spent on the importance pass.",
-                                            num=dict(lo=0, hi=1, hi_open=True))),
-    ]
-    cls = dataclasses.make_dataclass(f"{name}Options", fields_, slots=True)
-    cls.__module__ = __name__
-    return cls
-
-
-# EWC (online form): `lambda_` weighs the quadratic penalty lambda/2 * sum F (w - w*)^2
-EWCOptions = _importance_options("EWC", 100.0, " (online EWC's gamma)")
-MASOptions = _importance_options("MAS", 1.0, "")
-
-
 @dataclass(slots=True)
-class L2POptions:
-    pool_size: int = option(10, help="L2P: prompts in the pool.",
-                            num=dict(lo=1, hi=100000, integer=True))
-    prompt_length: int = option(5, help="L2P: tokens per prompt.",
-                                num=dict(lo=1, hi=100000, integer=True))
-    top_k: int = option(5, help="L2P: prompts selected per image (at most --l2p-pool-size).",
-                        num=dict(lo=1, integer=True))
-    key_weight: float = option(0.1, help="L2P: weight of the key-matching loss.",
-                               num=dict(lo=0))
-
-
-@dataclass(slots=True)
-class CaSSLeOptions:
-    ssl_fraction: float = option(0.8, help="CaSSLe: share of a step's budget for Barlow Twins + "
-                                           "distillation (the rest: the linear probe).",
-                                 num=dict(lo=0, hi=1))
-    bt_lambda: float = option(5e-3, help="CaSSLe: Barlow Twins off-diagonal weight.",
-                              num=dict(lo=0))
-    proj_dim: int = option(0, default_text="2 x the embedding width",
-                           help="CaSSLe: projector width (0: 2 x the embedding width).",
-                           num=dict(lo=0, hi=2 ** 20, integer=True))
-
-
-@dataclass(slots=True)
-class DualNetOptions:
-    threshold: float = option(0.5, help="DualNet: share of iterations that train the slow "
-                                        "learner, in [0, 1].",
-                              num=dict(lo=0, hi=1))
-    bt_lambda: float = option(5e-3, help="DualNet: Barlow Twins off-diagonal weight.",
-                              num=dict(lo=0))
-    proj_dim: int = option(0, default_text="2 x the embedding width",
-                           help="DualNet: projector width (0: 2 x the embedding width).",
-                           num=dict(lo=0, hi=2 ** 20, integer=True))
-    slow_supervised: bool = option(True, help="DualNet: the supervised loss also trains the slow "
-                                              "learner (off: gradient stopped at the slow "
-                                              "features).")
-
-
-@dataclass(slots=True)
-class CCICOptions:
-    contrast_weight: float = option(1.0, help="CCIC: weight of the supervised contrastive term.",
-                                    num=dict(lo=0))
-    consistency_weight: float = option(0.5, help="CCIC: weight of the interpolation-consistency "
-                                                 "term.",
-                                       num=dict(lo=0))
-    unsup_contrast_weight: float = option(0.5, help="CCIC: weight of the pseudo-label "
-                                                    "contrastive term.",
-                                          num=dict(lo=0))
-    margin: float = option(1.0, help="CCIC: margin of the pseudo-label contrastive term.",
-                           num=dict(lo=0))
-    mix_alpha: float = option(0.75, help="CCIC: Beta(alpha, alpha) of the mixup interpolation.",
-                              num=dict(lo=0, lo_open=True))
-    sharp_temp: float = option(0.5, help="CCIC: pseudo-label sharpening temperature.",
-                               num=dict(lo=0, lo_open=True))
-    temperature: float = option(0.1, help="CCIC: contrastive temperature.",
-                                num=dict(lo=0, lo_open=True))
-    knn: int = option(3, help="CCIC: neighbours of the kNN classifier at test time.",
-                      num=dict(lo=1, hi=2 ** 31 - 1, integer=True))
-
-
-@dataclass(slots=True)
-class PretrainFTOptions:
-    pretrain_fraction: float = option(0.8, cli="--pretrain-ft-fraction",
-                                      help="pretrain_ft: share of each step's budget for MAE.",
-                                      num=dict(lo=0, hi=1))
-    finetune_lr_scale: float = option(5.0, cli="--pretrain-ft-lr-scale",
-                                      help="pretrain_ft: LR multiplier of the fine-tuning phase.",
-                                      num=dict(lo=0, lo_open=True))
-
-
-@dataclass(slots=True)
-class JointOptions:
-    pretrain_fraction: float = option(0.8, cli="--joint-pretrain-fraction",
-                                      help="joint: share of the run's budget for MAE on all "
-                                           "unlabeled images.",
-                                      num=dict(lo=0, hi=1))
-
-
-@dataclass(slots=True)
-class MethodConfig:
+class SharedMethodOptions:
+    """The `method` section's options that every method reads (the method's name, the labeled
+    batches' augmentation, the replay buffer's draws). Each method's own options are declared
+    beside it (`dietcl_fast/methods/l2p.py: Options`) and join this section when the method
+    registers (`method_options`): `MethodConfig` is this class with them."""
     name: str = option("dietcl", cli="--method", help="Method to train (dietcl, er, finetune, ...).")
-    split: str = option("ratio:0.8", method="dietcl",
-                        help="DietCL budget split: ratio:F (F joint, rest buffer-only; reference "
-                             "code), threshold:N (paper: min(N, --budget) steps joint, the rest "
-                             "buffer-only; N >= --budget: all joint, and the log says so) or auto "
-                             "(N chosen by validation on the first 3 time steps, the paper's "
-                             "protocol; its compute is reported apart).")
-    auto_candidates: str = option("0.6,0.7,0.8,0.9,1.0", cli=None,
-                                  help="--split auto: candidate thresholds as shares of the "
-                                       "budget, validated on the first 3 steps.")
-    unlabeled_fraction: float = option(0.4, method="dietcl",
-                                       help="Share of each joint batch for Lr, in [0, 1) (0: no "
-                                            "Lr, the paper's ablation without it).",
-                                       num=dict(lo=0, hi=1, hi_open=True))
-    recon_weight: float = option(50.0, method="dietcl", help="w_r, weight of the MAE loss Lr.",
-                                 num=dict(lo=0))
-    joint_buffer: bool = option(True, method="dietcl",
-                                help="DietCL's joint batch draws Lb from the buffer (off: "
-                                     "unlabeled and current labels only, the buffer-only phase "
-                                     "unchanged; the paper's ablation without Lb).")
-    buffer_lr_scale: float = option(0.1, cli=None, help="DietCL buffer-only phase LR multiplier.",
-                                    num=dict(lo=0, lo_open=True))
     mixup: bool = option(True, help="Mixup 0.8 / CutMix 1.0 on labeled batches.")
     mixup_alpha: float = option(0.8, cli=None, help="Mixup's Beta(alpha, alpha).",
                                 num=dict(lo=0))
@@ -228,21 +110,60 @@ class MethodConfig:
                                       help="Replay buffer draws with replacement.")
     buffer_class_balanced: bool = option(False, cli=None,
                                          help="Replay buffer balances classes (else time steps).")
-    memory: Optional[int] = option(None, method="gdumb", default_text="every label seen",
-                                   help="GDumb: memory size in labeled samples.",
-                                   num=dict(lo=1, integer=True, optional=True,
-                                            why=" sample (leave it out to keep every labeled "
-                                                "sample)"))
-    # each method's own options (checked when that method runs)
-    ewc: EWCOptions = option(default_factory=EWCOptions, help="EWC's options.")
-    mas: MASOptions = option(default_factory=MASOptions, help="MAS's options.")
-    l2p: L2POptions = option(default_factory=L2POptions, help="L2P's options.")
-    cassle: CaSSLeOptions = option(default_factory=CaSSLeOptions, help="CaSSLe's options.")
-    dualnet: DualNetOptions = option(default_factory=DualNetOptions, help="DualNet's options.")
-    ccic: CCICOptions = option(default_factory=CCICOptions, help="CCIC's options.")
-    pretrain_ft: PretrainFTOptions = option(default_factory=PretrainFTOptions,
-                                            help="pretrain_ft's options.")
-    joint: JointOptions = option(default_factory=JointOptions, help="joint's options.")
+
+
+# method name -> (its options dataclass or None, in a section of its own?, its check or None);
+# filled by the method registry (dietcl_fast/methods/__init__.py: register), in import order
+_METHOD_OPTIONS: dict[str, tuple] = {}
+
+
+def method_options(name: str, cls: Optional[type], *, section: bool = True) -> None:
+    """Make method `name`'s own options part of the config tree: `cls` is a dataclass of
+    `option(...)` fields declared beside the method (its `Options`); section=True: the section
+    `method.<name>` (flags --<name>-<key>), False: keys of the `method` section itself (DietCL's
+    and GDumb's: `method.split`, --split). `cls.check(options)`, where the class defines it: the
+    checks that bind one option to another, raising MethodOptionError naming the option; it is
+    given the section (`cfg.method.l2p`), or `cfg.method` for keys of the method section.
+
+    The method registry calls this for every method it registers, so a Config built after
+    `import dietcl_fast.methods` (the command line, the trainer and `resolve` import it) holds
+    every method's options, and the command line, YAML files, `validate` and the options table
+    know them from here. It rebuilds `MethodConfig` (SharedMethodOptions plus every registered
+    method's options, in registration order) and `OPTIONS`; Configs made before keep their
+    class."""
+    import typing
+    global MethodConfig
+    _METHOD_OPTIONS[name] = (cls, section, getattr(cls, "check", None))
+    keys = {f.name for f in fields(SharedMethodOptions)}
+    flat, sections = [], []
+    for owner, (c, in_section, _) in _METHOD_OPTIONS.items():
+        if c is None:
+            continue
+        if in_section:
+            new = [(owner, c, option(default_factory=c, help=f"{owner}'s options.",
+                                     method=owner))]
+        else:                   # each field as declared, marked as the method's
+            hints = typing.get_type_hints(c)
+            new = [(f.name, hints[f.name],
+                    field(default=f.default, default_factory=f.default_factory,
+                          metadata={**f.metadata, "method": owner})) for f in fields(c)]
+        for key, _, _ in new:
+            if key in keys:
+                raise ValueError(f"method {owner}: its option {key!r} is already a key of the "
+                                 "`method` section")
+            keys.add(key)
+        (sections if in_section else flat).extend(new)
+    MethodConfig = dataclasses.make_dataclass("MethodConfig", flat + sections,
+                                              bases=(SharedMethodOptions,), slots=True)
+    MethodConfig.__module__ = __name__
+    MethodConfig.__doc__ = ("The `method` section: SharedMethodOptions plus each registered "
+                            "method's own options (`method_options`).")
+    OPTIONS.clear()
+    OPTIONS.update((o.path, o) for o in options())
+
+
+# no method's options until the registry adds them (`method_options`)
+MethodConfig = SharedMethodOptions
 
 
 @dataclass(slots=True)
@@ -365,7 +286,8 @@ class RunConfig:
 class Config:
     stream: StreamConfig = field(default_factory=StreamConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
+    # the class of the moment: every registered method's options (`method_options`)
+    method: MethodConfig = field(default_factory=lambda: MethodConfig())
     optim: OptimConfig = field(default_factory=OptimConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -427,6 +349,8 @@ class Option:
     field: dataclasses.Field
     type: Any                   # the field's type with Optional removed (int, float, bool, str, Any)
     optional: bool
+    # the method that reads it (its options are checked only when it runs), or None: every run's
+    owner: Optional[str] = None
 
     @property
     def meta(self) -> dict:
@@ -454,27 +378,27 @@ def _leaf_type(tp):
     return tp, False
 
 
-def options(cls=None, prefix: str = "") -> list[Option]:
-    """Every leaf option of a config dataclass (default: Config), depth first, in field order."""
+def options(cls=None, prefix: str = "", owner: Optional[str] = None) -> list[Option]:
+    """Every leaf option of a config dataclass (default: Config), depth first, in field order;
+    a field declared with `method=` (a method's section, or its key) and what it holds belong to
+    that method."""
     import typing
     cls = cls or Config
     hints = typing.get_type_hints(cls)
     out = []
     for f in fields(cls):
         tp, opt = _leaf_type(hints[f.name])
-        path = f"{prefix}{f.name}"
+        path, by = f"{prefix}{f.name}", f.metadata.get("method") or owner
         if dataclasses.is_dataclass(tp):
-            out += options(tp, path + ".")
+            out += options(tp, path + ".", by)
         else:
-            out.append(Option(path, f, tp, opt or f.default is None))
+            out.append(Option(path, f, tp, opt or f.default is None, by))
     return out
 
 
-# every option of the run config by path (`run.budget`, `method.ewc.lambda_`)
+# every option of the run config by path (`run.budget`, `method.ewc.lambda_`); each method's
+# own options join it when the method registers (`method_options`)
 OPTIONS = {o.path: o for o in options()}
-# the methods with a section of their own options (method.ewc, method.l2p, ...)
-METHOD_SECTIONS = tuple(dict.fromkeys(o.path.split(".")[1] for o in OPTIONS.values()
-                                      if o.path.startswith("method.") and o.path.count(".") == 2))
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -527,8 +451,9 @@ def _get(cfg, path: str):
     return obj
 
 
-def _named(path: str, value) -> str:
-    """'--seed -5 (run.seed)', or 'optim.beta2=1.5' for keys without a command-line option."""
+def named(path: str, value) -> str:
+    """How an error names option `path` with its value: '--seed -5 (run.seed)', or
+    'optim.beta2=1.5' for keys without a command-line option."""
     o = OPTIONS.get(path)
     flag = o.flag if o is not None else "--" + path.split(".")[-1].replace("_", "-")
     if flag is None:
@@ -553,7 +478,7 @@ def _num(cfg: "Config", path: str, *, lo=None, hi=None, lo_open=False, hi_open=F
         rng = f" {'<' if hi_open else '<='} {fmt(hi)}"
     else:
         rng = ""
-    msg = f"{_named(path, v)}: must be {kind}{rng}{why}"
+    msg = f"{named(path, v)}: must be {kind}{rng}{why}"
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise error(msg, path)
     if isinstance(v, float) and not math.isfinite(v):
@@ -574,74 +499,29 @@ def _choice(cfg: "Config", path: str, choices=None) -> None:
 
 
 def _not_a_choice(path: str, v, choices) -> str:
-    return f"{_named(path, v)}: choose one of {', '.join(map(str, choices))}"
+    return f"{named(path, v)}: choose one of {', '.join(map(str, choices))}"
 
 
 def _bool(cfg: "Config", path: str, error=ConfigError) -> None:
     v = _get(cfg, path)
     if not isinstance(v, bool):
-        raise error(f"{_named(path, v)}: expected true or false", path)
-
-
-def parse_candidates(text: str) -> list[float]:
-    """`method.auto_candidates` (--split auto's candidate thresholds as shares of the budget)
-    -> the shares; ConfigError naming the option."""
-    try:
-        fs = [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        fs = []
-    if not fs or any(not 0.0 <= f <= 1.0 for f in fs):
-        raise ConfigError(f"method.auto_candidates {text!r}: expected comma-separated shares of "
-                          "the budget in [0, 1], e.g. 0.6,0.7,0.8,0.9,1.0")
-    return fs
-
-
-def parse_split(split: str) -> tuple[str, float]:
-    """DietCL's `--split` -> ("ratio", F) | ("threshold", N) | ("auto", nan); ValueError naming
-    the option and the accepted forms."""
-    if split == "auto":
-        return "auto", float("nan")
-    try:
-        kind, val = split.split(":")
-        v = float(val)
-    except ValueError:
-        raise ValueError(f"--split {split!r}: expected ratio:F, threshold:N or auto") from None
-    if kind == "ratio" and 0.0 <= v <= 1.0:
-        return kind, v
-    if kind == "threshold" and v >= 0 and float(v).is_integer():
-        return kind, v
-    raise ValueError(f"--split {split!r}: expected ratio:F (F in [0, 1]), threshold:N (N a whole "
-                     "number >= 0) or auto")
-
-
-def _split(cfg: "Config") -> None:
-    """`--split` well formed (a threshold at or above --budget is allowed: the paper's rule
-    spends a budget below its threshold on the joint loss alone; the run's log says so). That
-    it is a string at all is checked by `validate` for every method, before this."""
-    try:
-        parse_split(cfg.method.split)
-    except ValueError as e:
-        raise MethodOptionError(str(e), "method.split") from None
+        raise error(f"{named(path, v)}: expected true or false", path)
 
 
 def validate_method_options(cfg: "Config") -> None:
     """The options of the method that runs (cfg.method.name); another method's are not read.
-    Each option's declared bounds (`option(num=...)`), and the bounds that depend on another
-    option. Raises MethodOptionError naming the option."""
+    Each option's declared bounds (`option(num=...)`) and type, then the method's own check of
+    the bounds that depend on another option (its options' `check`, `method_options`). Raises
+    MethodOptionError naming the option."""
     name = cfg.method.name
-    if name == "dietcl":
-        _split(cfg)
-    if name == "gdumb":
-        _bounds(cfg, OPTIONS["method.memory"], error=MethodOptionError)
-    if name in METHOD_SECTIONS:
-        for o in (o for path, o in OPTIONS.items() if path.startswith(f"method.{name}.")):
+    for o in OPTIONS.values():
+        if o.owner == name:
             _bounds(cfg, o, error=MethodOptionError)
             if o.type is bool:
                 _bool(cfg, o.path, error=MethodOptionError)
-    if name == "l2p" and cfg.method.l2p.top_k > cfg.method.l2p.pool_size:
-        raise MethodOptionError(f"{_named('method.l2p.top_k', cfg.method.l2p.top_k)}: must be at "
-                                f"most --l2p-pool-size ({cfg.method.l2p.pool_size})",
-                                "method.l2p.top_k")
+    _, in_section, check = _METHOD_OPTIONS.get(name, (None, True, None))
+    if check is not None:
+        check(getattr(cfg.method, name) if in_section else cfg.method)
 
 
 def _bounds(cfg, o: "Option", error=None) -> None:
@@ -658,24 +538,25 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     samples per step, ...) happen when the stream is built, still before compute."""
     _choice(cfg, "stream.scenario")
     if not isinstance(cfg.stream.data, str) or not cfg.stream.data.strip():
-        raise ConfigError(f"{_named('stream.data', cfg.stream.data)}: give a dataset name "
+        raise ConfigError(f"{named('stream.data', cfg.stream.data)}: give a dataset name "
                           "or a path (an empty value would silently mean the current directory)",
                           "stream.data")
     _choice(cfg, "model.preset")
     if cfg.model.pretrained is not None and not isinstance(cfg.model.pretrained, str):
-        raise ConfigError(f"{_named('model.pretrained', cfg.model.pretrained)}: expected a path",
+        raise ConfigError(f"{named('model.pretrained', cfg.model.pretrained)}: expected a path",
                           "model.pretrained")
     if cfg.model.pretrained and not (is_shipped(cfg.model.pretrained)
                                      or os.path.isfile(cfg.model.pretrained)):
         raise ConfigError(f"--pretrained {cfg.model.pretrained!r}: no such file, and not a shipped "
                           f"encoder ({', '.join(SHIPPED) or 'none'})", "model.pretrained")
     m = cfg.method
+    stale = [f.name for f in fields(MethodConfig) if not hasattr(m, f.name)]
+    if stale:
+        raise ConfigError(f"method: this config was made before the options of {', '.join(stale)} "
+                          "were registered; make it after `import dietcl_fast.methods`", "method")
     if not isinstance(m.name, str) or not m.name:
-        raise ConfigError(f"{_named('method.name', m.name)}: give a method name", "method.name")
-    if not isinstance(m.split, str):
-        raise ConfigError(f"{_named('method.split', m.split)}: expected ratio:F, threshold:N or "
-                          "auto", "method.split")
-    for key in ("mixup", "buffer_replacement", "buffer_class_balanced", "joint_buffer"):
+        raise ConfigError(f"{named('method.name', m.name)}: give a method name", "method.name")
+    for key in ("mixup", "buffer_replacement", "buffer_class_balanced"):
         _bool(cfg, f"method.{key}")
     _choice(cfg, "loader.backend")
     _choice(cfg, "loader.on_bad_image")
@@ -686,12 +567,12 @@ def validate(cfg: "Config", *, method_options: bool = True) -> "Config":
     if cfg.engine.compile is not None:
         _bool(cfg, "engine.compile")
     if cfg.run.out is not None and (not isinstance(cfg.run.out, str) or not cfg.run.out.strip()):
-        raise ConfigError(f"{_named('run.out', cfg.run.out)}: give a directory path", "run.out")
+        raise ConfigError(f"{named('run.out', cfg.run.out)}: give a directory path", "run.out")
     _choice(cfg, "run.device")
-    # every declared range (option(num=...)); a method's own options (its section, gdumb's
-    # --memory) only when it runs, in validate_method_options; "auto" is --micro-batch's word
+    # every declared range (option(num=...)); a method's own options only when it runs, in
+    # validate_method_options; "auto" is --micro-batch's word
     for o in OPTIONS.values():
-        if o.path.count(".") > 1 or o.path == "method.memory":
+        if o.owner is not None:
             continue
         if not (o.meta.get("auto") and _get(cfg, o.path) == "auto"):
             _bounds(cfg, o)
@@ -735,7 +616,10 @@ def apply_dict(cfg, d: dict, *, source: str = "config", _prefix: str = "") -> No
         if k not in known:
             if not _prefix:
                 raise ConfigError(f"{source}: unknown section {k!r}; known: {', '.join(known)}")
-            raise ConfigError(f"{source}: unknown key {_prefix}{k}; known: {', '.join(known)}")
+            hint = (" (no method's own options are known: import dietcl_fast.methods first)"
+                    if _prefix == "method." and not _METHOD_OPTIONS else "")
+            raise ConfigError(f"{source}: unknown key {_prefix}{k}; known: {', '.join(known)}"
+                              f"{hint}")
         cur = getattr(cfg, k)
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
@@ -774,7 +658,7 @@ def _coerce(value: Any, current: Any, where: str, source: str = "config") -> Any
     except (TypeError, ValueError, OverflowError):
         kind = {"int": "whole number", "float": "number", "bool": "boolean"}.get(
             type(current).__name__, type(current).__name__)
-        raise ConfigError(f"{_named(where, value)}: not a valid {kind} (from {source})") from None
+        raise ConfigError(f"{named(where, value)}: not a valid {kind} (from {source})") from None
     return value
 
 

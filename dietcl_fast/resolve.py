@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .config import Config, ConfigError, parse_split, validate
+from .config import Config, ConfigError, validate
 from .engine import resolve_engine
 from .metrics_log import require_tensorboard
 from .models import PRESETS, mask_ratio_error, resolve_preset
@@ -89,6 +89,7 @@ def resolve(cfg: Config, device: Optional[torch.device] = None, world: int = 1, 
     `--device` resolved ("cuda" | "cpu") and the engine resolved (the trainer joins its
     processes there); the checks that need the device and the world size come after it."""
     from .methods import method_class
+    from .methods.dietcl import parse_split
     cfg = validate(copy.deepcopy(cfg))      # validate normalises (8.0 -> 8): on the copy
     if cfg.run.tensorboard:
         require_tensorboard()               # not installed: stop now, saying how to install it

@@ -31,7 +31,8 @@ import time
 
 import numpy as np
 
-from .config import ConfigError, parse_candidates
+from .config import ConfigError
+from .methods.dietcl import parse_candidates
 from .seeding import VALIDATION_SPLIT, derive_seed
 
 VALIDATION_STEPS = 3

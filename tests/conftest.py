@@ -22,6 +22,8 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import dietcl_fast.methods  # noqa: E402,F401  (the registry: every method's options in Config)
+
 # one thread here too: inductor's generated CPU code depends on the thread count, so the
 # in-process compiled runs and the CLI processes the tests start share its on-disk cache only
 # when both run with the same count

@@ -133,6 +133,40 @@ def test_streams_never_import_torch():
         assert not any(m == "torch" or m.startswith("torch.") for m in names), path
 
 
+NO_TORCH = """
+import contextlib, io, json, sys
+from dietcl_fast.cli.main import main
+seen = []
+for args in json.loads(sys.argv[1]):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            main.main(args, prog_name="dietcl-fast")
+            code = 0
+        except SystemExit as x:
+            code = x.code or 0
+    seen.append([args, code, "torch" in sys.modules])
+print(json.dumps(seen))
+"""
+
+
+def test_the_command_line_starts_without_torch():
+    """The method registry (each method's options) imports torch, and only the commands that take
+    those options make them, when they parse (cli/options.py: ConfigCommand): `dietcl-fast
+    --help`, the help of the others and `plan` without --sweep (arithmetic only) start without
+    torch; `train --help` does import it (the check can fail)."""
+    import json
+    import subprocess
+    free = [["--help"], ["bench", "--help"], ["bench", "step", "--help"], ["show", "--help"],
+            ["predict", "--help"], ["export", "--help"], ["pretrain", "--help"],
+            ["flops", "--help"], ["plan", "--labelers", "5", "--json"]]
+    p = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps([*free, ["train", "--help"]])],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    seen = json.loads(p.stdout.splitlines()[-1])
+    assert [code for _, code, _ in seen] == [0] * len(seen), seen
+    assert [args for args, _, torch in seen if torch] == [["train", "--help"]], seen
+
+
 def test_the_rules_fail_on_a_violation(tmp_path, monkeypatch):
     """The checker itself: a models module importing data is reported."""
     pkg = tmp_path / "dietcl_fast" / "models"
@@ -146,19 +180,31 @@ def test_the_rules_fail_on_a_violation(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ a new method: one file
-NEW_METHOD = '''"""Current labels and the replay buffer, half and half; cross-entropy over all seen classes."""
+NEW_METHOD = '''"""Current labels and the replay buffer (a share of each batch, its option); cross-entropy over
+all seen classes."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from dietcl_fast.config import option
 from dietcl_fast.methods import register
 from dietcl_fast.methods.base import Method, MicroBatch, Phase, StepContext
+
+
+@dataclass(slots=True)
+class Options:
+    buffer_share: float = option(0.5, help="half_replay: share of each batch drawn from the "
+                                           "replay buffer.", num=dict(lo=0, hi=1))
 
 
 @register
 class HalfReplay(Method):
     name = "half_replay"
+    options = Options
 
     def phases(self, ctx: StepContext) -> list[Phase]:
-        mix = {"labeled": 0.5, "buffer": 0.5} if ctx.t else {"labeled": 1.0}
+        b = self.mcfg.half_replay.buffer_share
+        mix = {"labeled": 1.0 - b, "buffer": b} if ctx.t else {"labeled": 1.0}
         return [Phase("train", ctx.budget, mix)]
 
     def loss(self, model, mb: MicroBatch):
@@ -170,29 +216,78 @@ class HalfReplay(Method):
         return total, logs
 '''
 
+# in a fresh process: the method's module is imported (standing for its registry line), then
+# each command line runs through `dietcl-fast`'s own entry (click, standalone); prints
+# [[exit status, stdout, stderr], ...]
+DRIVER = """
+import contextlib, io, json, sys
+import half_replay
+from dietcl_fast.cli.main import main
+out = []
+for args in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        try:
+            main.main(args, prog_name="dietcl-fast")
+            code = 0
+        except SystemExit as x:
+            code = x.code or 0
+    out.append([code, o.getvalue(), e.getvalue()])
+print(json.dumps(out))
+"""
+
 
 def test_a_new_method_is_one_file(tmp_path):
     """docs/architecture.md: a method is one file plus its registry line (here: the import that
-    registers it). The real `dietcl-fast train` command then trains it, within its budget."""
+    registers it), its options included. Its option is a `dietcl-fast train` flag with its help,
+    is refused outside its declared range (flag and YAML key alike, naming it), is taken from a
+    YAML file and from the command line, and reaches the method: the real `train` command
+    trains it within its budget, drawing the share of the buffer it was given."""
     import json
     import subprocess
 
+    import yaml
+
     (tmp_path / "half_replay.py").write_text(NEW_METHOD)
     out = tmp_path / "run"
-    code = ("import sys; import half_replay; from dietcl_fast.cli.main import main; "
-            "sys.argv = ['dietcl-fast'] + sys.argv[1:]; main()")
+    bad, good = tmp_path / "bad.yaml", tmp_path / "good.yaml"
+    bad.write_text(yaml.safe_dump({"method": {"name": "half_replay",
+                                              "half_replay": {"buffer_share": -0.5}}}))
+    good.write_text(yaml.safe_dump({"method": {"name": "half_replay",
+                                               "half_replay": {"buffer_share": 0.75}}}))
+    small = ["--time-steps", "2", "--budget", "3", "--batch-size", "16", "--micro-batch", "8",
+             "--label-rate", "0.05", "--no-progress"]
+    commands = [["train", "--help"],
+                ["train", "--method", "half_replay", "--half-replay-buffer-share", "1.5",
+                 "--out", str(tmp_path / "no1")],
+                ["train", "--config", str(bad), "--out", str(tmp_path / "no2")],
+                ["train", "--check", "--config", str(good)],
+                ["train", "--method", "half_replay", "--half-replay-buffer-share", "0.25", *small,
+                 "--out", str(out)]]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
                MPLBACKEND="Agg", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", code, "train", "--method", "half_replay",
-                        "--time-steps", "2", "--budget", "3", "--batch-size", "16",
-                        "--micro-batch", "8", "--label-rate", "0.05", "--no-progress",
-                        "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands)], env=env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
+    helped, too_big, too_small, checked, trained = json.loads(p.stdout.splitlines()[-1])
+    assert helped[0] == 0 and "--half-replay-buffer-share" in helped[1]
+    assert "share of each batch drawn from the replay buffer" in " ".join(helped[1].split())
+    for (code, _, err), value in ((too_big, "1.5"), (too_small, "-0.5")):
+        assert code == 2 and f"--half-replay-buffer-share {value}" in err, err
+        assert "method.half_replay.buffer_share" in err and "must be" in err, err
+    assert not (tmp_path / "no1").exists() and not (tmp_path / "no2").exists()
+    assert checked[0] == 0, checked[2]
+    assert yaml.safe_load(checked[1])["method"]["half_replay"] == {"buffer_share": 0.75}
+    assert trained[0] == 0, trained[2][-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "half_replay"
     assert len(res["accuracy_matrix"]) == 2
     assert res["ledger"]["steps_per_step"] == [3.0, 3.0]          # the whole budget, no more
     assert res["ledger"]["per_path"]["classify"]["images_fwd_bwd"] == 2 * 3 * 16
+    # the option reached the method: step 1 draws 4 of each 16 images from the buffer
+    assert res["passes"][1]["buffer"]["draws"] == 3 * 4, res["passes"]
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"]["half_replay"] == {"buffer_share": 0.25}
 
 
 # ------------------------------------------------------------- where backends and engines are named

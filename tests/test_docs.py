@@ -139,7 +139,8 @@ def leaf(args: list[str]):
 
 
 def _names(cmd: click.Command) -> set[str]:
-    return {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} | {"--help", "-h"}
+    return {o for p in cmd.get_params(click.Context(cmd)) for o in (*p.opts, *p.secondary_opts)} \
+        | {"--help", "-h"}
 
 
 def parse(args: list[str]):

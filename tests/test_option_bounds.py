@@ -1,4 +1,4 @@
-"""Every numeric option's range is declared once (`option(num=...)` in config.py) and every layer
+"""Every numeric option's range is declared once (`option(num=...)` beside it) and every layer
 trusts the check `validate` makes from it. Each option's boundary values go through the library
 (`validate`, `validate_pretrain`) and through the command line (`train --check` and
 `pretrain --check`, which also resolve the run and build the method or the model, so a layer

@@ -1,4 +1,5 @@
-"""One source for every option: the config dataclasses (dietcl_fast/config.py).
+"""One source for every option: the config dataclasses (dietcl_fast/config.py, and each method's
+`Options` beside it).
 
 The option table of docs/options.md and `train`/`pretrain`'s command-line options are generated
 from the config fields; these tests run the `dietcl-fast` command (through click, in process) and

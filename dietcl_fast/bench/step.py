@@ -265,13 +265,16 @@ def project(mode_res: dict, budget: int, split: str) -> dict:
 
 
 def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = "auto",
-               budget: int = 500, steps: int = 5, warmup: int = 2, split: str = "ratio:0.8",
+               budget: int = 500, steps: int = 5, warmup: int = 2, split: str | None = None,
                batch_size: int | None = None, micro_batch: int | None = None,
                loader: str = "auto", modes=MODES, label_rate: float = 0.1,
                out: str | None = None, workdir: str | None = None, tiny_peak: bool = False,
                compile_time_step_0: bool = False, mode_seconds: float | None = None,
                echo=print, log=_quiet) -> dict:
-    from dietcl_fast.config import ConfigError, parse_split
+    from dietcl_fast.config import Config, ConfigError
+    from dietcl_fast.methods.dietcl import parse_split
+    if split is None:
+        split = Config().method.split               # DietCL's default (train's --split)
     dev = pick_device(device)
     if preset not in PRESET_DATA:
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESET_DATA)}")

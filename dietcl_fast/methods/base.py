@@ -184,6 +184,14 @@ class Method:
     # (L2P's prompts: predict runs it, export cannot write it as a plain ViT); "own": eval_model
     # builds another classifier (CCIC's kNN over labeled features, DualNet's fast learner)
     classifier = "vit"
+    # the method's own options: a dataclass of `config.option(...)` fields declared beside it
+    # (`Options`), with a `check(self)` where one option bounds another; None: no options. Each
+    # method declares its own (a subclass does not inherit them). They become the config section
+    # `method.<name>` (flags --<name>-<key>), or with options_section = False keys of the
+    # `method` section itself (DietCL's and GDumb's: method.split, --split); see
+    # config.method_options
+    options = None
+    options_section = True
 
     def __init__(self, cfg):
         self.cfg = cfg

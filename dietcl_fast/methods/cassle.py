@@ -17,22 +17,37 @@ batch, not one). Exact FLOPs of all paths are counted on a meta-device copy
 (methods/base.measure_path).
 Adaptations: no BatchNorm in the projector (micro-batches may hold one image); Barlow Twins is
 computed per micro-batch; the unlabeled augmentation is the stream's (crop + flip).
-Options (method.cassle, --cassle-*): ssl_fraction (0.8), bt_lambda (5e-3), proj_dim (2 x embed dim).
+Options: `Options` below (config method.cassle, flags --cassle-*).
 """
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
+from ..config import option
 from . import register
 from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
 from .ssl import Projector, barlow_twins
 
 
+@dataclass(slots=True)
+class Options:
+    ssl_fraction: float = option(0.8, help="CaSSLe: share of a step's budget for Barlow Twins + "
+                                           "distillation (the rest: the linear probe).",
+                                 num=dict(lo=0, hi=1))
+    bt_lambda: float = option(5e-3, help="CaSSLe: Barlow Twins off-diagonal weight.",
+                              num=dict(lo=0))
+    proj_dim: int = option(0, default_text="2 x the embedding width",
+                           help="CaSSLe: projector width (0: 2 x the embedding width).",
+                           num=dict(lo=0, hi=2 ** 20, integer=True))
+
+
 @register
 class CaSSLe(Method):
     name = "cassle"
+    options = Options
     buffer_insertion = "after"      # the probe replays as the reference's ER: past steps only
 
     def __init__(self, cfg):

@@ -32,20 +32,44 @@ MixMatch's mixed labeled batch); the supervised contrastive loss stands in for t
 batch-hard triplet on labeled data; the buffer holds every labeled sample (no reservoir
 size) and receives step t's labels after step t, so the "past steps" mask of the code is the
 whole buffer; no last-10%-of-epochs switch-off of the contrastive terms (no epochs here).
-Options (method.ccic, --ccic-*): contrast_weight (1.0), consistency_weight (0.5, the code's lamda),
-unsup_contrast_weight (0.5, the code's alpha), margin (1.0), mix_alpha (0.75),
-sharp_temp (0.5), temperature (0.1, supervised contrastive), knn (3).
+Options: `Options` below (config method.ccic, flags --ccic-*); consistency_weight is the code's
+lamda, unsup_contrast_weight its alpha, temperature the supervised contrastive one.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import option
 from ..evaluate import knn_votes
 from . import register
 from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
 from .ssl import Projector, supcon
+
+
+@dataclass(slots=True)
+class Options:
+    contrast_weight: float = option(1.0, help="CCIC: weight of the supervised contrastive term.",
+                                    num=dict(lo=0))
+    consistency_weight: float = option(0.5, help="CCIC: weight of the interpolation-consistency "
+                                                 "term.",
+                                       num=dict(lo=0))
+    unsup_contrast_weight: float = option(0.5, help="CCIC: weight of the pseudo-label "
+                                                    "contrastive term.",
+                                          num=dict(lo=0))
+    margin: float = option(1.0, help="CCIC: margin of the pseudo-label contrastive term.",
+                           num=dict(lo=0))
+    mix_alpha: float = option(0.75, help="CCIC: Beta(alpha, alpha) of the mixup interpolation.",
+                              num=dict(lo=0, lo_open=True))
+    sharp_temp: float = option(0.5, help="CCIC: pseudo-label sharpening temperature.",
+                               num=dict(lo=0, lo_open=True))
+    temperature: float = option(0.1, help="CCIC: contrastive temperature.",
+                                num=dict(lo=0, lo_open=True))
+    knn: int = option(3, help="CCIC: neighbours of the kNN classifier at test time.",
+                      num=dict(lo=1, hi=2 ** 31 - 1, integer=True))
 
 
 def negative_only_triplet(za: torch.Tensor, zb: torch.Tensor, margin: float) -> torch.Tensor:
@@ -87,6 +111,7 @@ class KNNClassifier:
 @register
 class CCIC(Method):
     name = "ccic"
+    options = Options
     classifier = "own"          # see Method.classifier
     buffer_insertion = "after"      # the buffer holds past steps: the contrastive term's negatives
 

@@ -34,17 +34,87 @@ Adaptations (also in docs/methods.md):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from dietcl_fast.config import parse_candidates, parse_split
-
+from ..config import ConfigError, MethodOptionError, named, option
 from . import register
 from .base import Method, MicroBatch, Phase, StepContext
+
+
+@dataclass(slots=True)
+class Options:
+    """DietCL's options: keys of the `method` section itself (method.split, --split)."""
+    split: str = option("ratio:0.8",
+                        help="DietCL budget split: ratio:F (F joint, rest buffer-only; reference "
+                             "code), threshold:N (paper: min(N, --budget) steps joint, the rest "
+                             "buffer-only; N >= --budget: all joint, and the log says so) or auto "
+                             "(N chosen by validation on the first 3 time steps, the paper's "
+                             "protocol; its compute is reported apart).")
+    auto_candidates: str = option("0.6,0.7,0.8,0.9,1.0", cli=None,
+                                  help="--split auto: candidate thresholds as shares of the "
+                                       "budget, validated on the first 3 steps.")
+    unlabeled_fraction: float = option(0.4,
+                                       help="Share of each joint batch for Lr, in [0, 1) (0: no "
+                                            "Lr, the paper's ablation without it).",
+                                       num=dict(lo=0, hi=1, hi_open=True))
+    recon_weight: float = option(50.0, help="w_r, weight of the MAE loss Lr.", num=dict(lo=0))
+    joint_buffer: bool = option(True,
+                                help="DietCL's joint batch draws Lb from the buffer (off: "
+                                     "unlabeled and current labels only, the buffer-only phase "
+                                     "unchanged; the paper's ablation without Lb).")
+    buffer_lr_scale: float = option(0.1, cli=None, help="DietCL buffer-only phase LR multiplier.",
+                                    num=dict(lo=0, lo_open=True))
+
+    def check(self) -> None:
+        """`--split` well formed (a threshold at or above --budget is allowed: the paper's rule
+        spends a budget below its threshold on the joint loss alone; the run's log says so)."""
+        if not isinstance(self.split, str):
+            raise MethodOptionError(f"{named('method.split', self.split)}: expected ratio:F, "
+                                    "threshold:N or auto", "method.split")
+        try:
+            parse_split(self.split)
+        except ValueError as e:
+            raise MethodOptionError(str(e), "method.split") from None
+
+
+def parse_split(split: str) -> tuple[str, float]:
+    """DietCL's `--split` -> ("ratio", F) | ("threshold", N) | ("auto", nan); ValueError naming
+    the option and the accepted forms."""
+    if split == "auto":
+        return "auto", float("nan")
+    try:
+        kind, val = split.split(":")
+        v = float(val)
+    except ValueError:
+        raise ValueError(f"--split {split!r}: expected ratio:F, threshold:N or auto") from None
+    if kind == "ratio" and 0.0 <= v <= 1.0:
+        return kind, v
+    if kind == "threshold" and v >= 0 and float(v).is_integer():
+        return kind, v
+    raise ValueError(f"--split {split!r}: expected ratio:F (F in [0, 1]), threshold:N (N a whole "
+                     "number >= 0) or auto")
+
+
+def parse_candidates(text: str) -> list[float]:
+    """`method.auto_candidates` (--split auto's candidate thresholds as shares of the budget)
+    -> the shares; ConfigError naming the option."""
+    try:
+        fs = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        fs = []
+    if not fs or any(not 0.0 <= f <= 1.0 for f in fs):
+        raise ConfigError(f"method.auto_candidates {text!r}: expected comma-separated shares of "
+                          "the budget in [0, 1], e.g. 0.6,0.7,0.8,0.9,1.0")
+    return fs
 
 
 @register
 class DietCL(Method):
     name = "dietcl"
+    options = Options
+    options_section = False         # method.split, --split: the keys DietCL's options have
     static_shapes = True
     labeled_in_step = True
 

@@ -35,20 +35,37 @@ unlabeled images (the semi-supervised setting) with the stream's augmentation (c
 the original's inner/outer SSL loop with its `beta` interpolation and the logit-distillation
 term of its task-aware code are not used: one optimiser step per iteration, as every method
 here.
-Options (config method.dualnet, flags --dualnet-*): threshold (0.5), bt_lambda (5e-3),
-proj_dim (0: 2 x embed dim), slow_supervised (true).
+Options: `Options` below (config method.dualnet, flags --dualnet-*).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import option
 from ..seeding import DUALNET_SLOW, derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
 from .ssl import Projector, barlow_twins
+
+
+@dataclass(slots=True)
+class Options:
+    threshold: float = option(0.5, help="DualNet: share of iterations that train the slow "
+                                        "learner, in [0, 1].",
+                              num=dict(lo=0, hi=1))
+    bt_lambda: float = option(5e-3, help="DualNet: Barlow Twins off-diagonal weight.",
+                              num=dict(lo=0))
+    proj_dim: int = option(0, default_text="2 x the embedding width",
+                           help="DualNet: projector width (0: 2 x the embedding width).",
+                           num=dict(lo=0, hi=2 ** 20, integer=True))
+    slow_supervised: bool = option(True, help="DualNet: the supervised loss also trains the slow "
+                                              "learner (off: gradient stopped at the slow "
+                                              "features).")
 
 
 class FastLearner(nn.Module):
@@ -105,6 +122,7 @@ class _FastClassifier:
 @register
 class DualNet(Method):
     name = "dualnet"
+    options = Options
     classifier = "own"          # see Method.classifier
     buffer_insertion = "after"      # replay from past steps only (the original's memory_sampling)
 

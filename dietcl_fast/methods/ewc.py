@@ -13,24 +13,52 @@ min(labeled, that many) images. The pass is declared (`importance_pass`) and run
 which charges every chunk's forward+backward on `classify` BEFORE it runs, in the step's budget
 (the training phase gets the rest). Head rows
 added later are not penalised.
-Options (config method.ewc, flags --ewc-*): lambda_ (default 100), gamma (1.0),
-importance_batch (16), importance_budget (0.1).
+Options: `EWCOptions` below (config method.ewc, flags --ewc-*).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import option
 from ..seeding import IMPORTANCE_IMAGES, derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase
 from .context import ImportancePass, StepContext
 
 
+def importance_options(name: str, lambda_: float, what: str, module: str):
+    """The options of a penalty method with a per-parameter importance pass (EWC, MAS): one
+    declaration for both; each method's section keeps its own defaults and help text. `module`:
+    the module that holds the class as `<name>Options` (so that a config pickles)."""
+    fields_ = [
+        ("lambda_", float, option(lambda_, help=f"{name}: penalty weight lambda.",
+                                  num=dict(lo=0))),
+        ("gamma", float, option(1.0, help=f"{name}: decay of the accumulated importance at each "
+                                          f"step{what}.", num=dict(lo=0, hi=1))),
+        ("importance_batch", int, option(16, help=f"{name}: images per per-sample-gradient chunk "
+                                                  "of the importance pass.",
+                                         num=dict(lo=1, hi=2 ** 31 - 1, integer=True))),
+        ("importance_budget", float, option(0.1, help=f"{name}: largest share of a step's budget "
+                                                      "spent on the importance pass.",
+                                            num=dict(lo=0, hi=1, hi_open=True))),
+    ]
+    cls = dataclasses.make_dataclass(f"{name}Options", fields_, slots=True)
+    cls.__module__ = module
+    return cls
+
+
+# online EWC: `lambda_` weighs the quadratic penalty lambda/2 * sum F (w - w*)^2
+EWCOptions = importance_options("EWC", 100.0, " (online EWC's gamma)", __name__)
+
+
 @register
 class EWC(Method):
     name = "ewc"
+    options = EWCOptions
 
     def __init__(self, cfg):
         super().__init__(cfg)

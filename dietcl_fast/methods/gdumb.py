@@ -14,17 +14,33 @@ seen classes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 
+from ..config import option
 from ..seeding import GDUMB_MEMORY, derive_seed
 from . import register
 from .base import Method, MicroBatch, Phase
 from .context import StepContext
 
 
+@dataclass(slots=True)
+class Options:
+    """GDumb's option: a key of the `method` section itself (method.memory, --memory)."""
+    memory: Optional[int] = option(None, default_text="every label seen",
+                                   help="GDumb: memory size in labeled samples.",
+                                   num=dict(lo=1, integer=True, optional=True,
+                                            why=" sample (leave it out to keep every labeled "
+                                                "sample)"))
+
+
 @register
 class GDumb(Method):
     name = "gdumb"
+    options = Options
+    options_section = False         # method.memory, --memory
     reinitialise = True          # the trainer re-initialises the model at every step's start
 
     def __init__(self, cfg):

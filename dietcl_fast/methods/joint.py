@@ -10,19 +10,31 @@ step T-1 is opened with T x B units. The run's total never exceeds T x B.
 Adaptations (budget): the MAE phase is 80% of the T x B units whatever the stream's size, so on
 a small stream it makes several passes over the unlabeled images (the paper's "one pass" is
 what that share buys on ImageNet10K); only A(T) is meaningful.
-Option: pretrain_fraction (0.8)."""
+Option: `Options` below (config method.joint)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
+from ..config import option
 from . import register
 from .base import MicroBatch, Phase, StepContext
 from .pretrain_ft import PretrainFT
 
 
+@dataclass(slots=True)
+class Options:
+    pretrain_fraction: float = option(0.8, cli="--joint-pretrain-fraction",
+                                      help="joint: share of the run's budget for MAE on all "
+                                           "unlabeled images.",
+                                      num=dict(lo=0, hi=1))
+
+
 @register
 class Joint(PretrainFT):
     name = "joint"
+    options = Options
 
     def step_budget(self, ctx: StepContext) -> float:
         T = ctx.time_steps

@@ -17,13 +17,34 @@ meta-device copy (methods/base.measure_path).
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import MethodOptionError, named, option
 from . import register
 from .base import Method, MicroBatch, Phase, measure_path, meta_images, StepContext
+
+
+@dataclass(slots=True)
+class Options:
+    """L2P's options: config `method.l2p`, flags --l2p-*."""
+    pool_size: int = option(10, help="L2P: prompts in the pool.",
+                            num=dict(lo=1, hi=100000, integer=True))
+    prompt_length: int = option(5, help="L2P: tokens per prompt.",
+                                num=dict(lo=1, hi=100000, integer=True))
+    top_k: int = option(5, help="L2P: prompts selected per image (at most --l2p-pool-size).",
+                        num=dict(lo=1, integer=True))
+    key_weight: float = option(0.1, help="L2P: weight of the key-matching loss.",
+                               num=dict(lo=0))
+
+    def check(self) -> None:
+        """The top_k prompts are chosen from the pool."""
+        if self.top_k > self.pool_size:
+            raise MethodOptionError(f"{named('method.l2p.top_k', self.top_k)}: must be at most "
+                                    f"--l2p-pool-size ({self.pool_size})", "method.l2p.top_k")
 
 
 class PromptPool(nn.Module):
@@ -60,6 +81,7 @@ def prompted_features(model, x, q=None):
 @register
 class L2P(Method):
     name = "l2p"
+    options = Options
     classifier = "vit+modules"  # see Method.classifier
 
     def __init__(self, cfg):

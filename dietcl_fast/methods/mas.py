@@ -5,18 +5,20 @@ quadratic penalty, budget reservation and charging as EWC (see ewc.py): every im
 is a charged forward+backward on `classify`.
 Adaptations (budget): importance from at most `importance_budget` (10%) of the step's budget
 worth of the step's labeled images (the same images EWC uses; MAS itself may use any data).
-Options (config method.mas, flags --mas-*): lambda_ (default 1.0), gamma, importance_batch,
-importance_budget.
+Options: `MASOptions` below, EWC's with lambda_ 1.0 (config method.mas, flags --mas-*).
 """
 from __future__ import annotations
 
 from . import register
-from .ewc import EWC
+from .ewc import EWC, importance_options
+
+MASOptions = importance_options("MAS", 1.0, "", __name__)
 
 
 @register
 class MAS(EWC):
     name = "mas"
+    options = MASOptions
 
     def sample_objective(self, logits, y):
         return logits.float().pow(2).sum()
