@@ -230,7 +230,7 @@ def test_check_agree_names_data_that_differs(monkeypatch):
 def test_a_disk_turning_read_only_stops_cleanly_and_the_lock_never_raises(tmp_path, monkeypatch):
     """Every write fails (EROFS) after the start, the lock's removal too: one clean error
     saying what was kept, exit 2, no traceback."""
-    from dietcl_fast import fsio, outdir
+    from dietcl_fast import fsio, outdir, run_files
     real_unlink, real_write = os.unlink, fsio.atomic_write_bytes
     state = {"ro": False}
 
@@ -250,7 +250,7 @@ def test_a_disk_turning_read_only_stops_cleanly_and_the_lock_never_raises(tmp_pa
         real_check(*a, **k)
         state["ro"] = True
     monkeypatch.setattr(ckpt_io, "atomic_write_bytes", write)
-    monkeypatch.setattr(outdir, "check_space", turn_read_only)
+    monkeypatch.setattr(run_files, "check_space", turn_read_only)   # the run's start calls it
     monkeypatch.setattr(os, "unlink", unlink)
     r = invoke(*TRAIN, "--ckpt-retry-seconds", "0", "--ckpt-every", "1", "--out", tmp_path / "run")
     refused(r, "Read-only file system", "The run stopped after retrying",
