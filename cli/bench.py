@@ -217,13 +217,14 @@ def index(rows, classes, scan_files, workers, workdir, keep, tiny, out):
 
 @bench.command(context_settings={"show_default": True})
 @click.option("--threads-list", default="1,2", help="--threads values to time, comma-separated.")
-@click.option("--waits", default="active,passive",
+@click.option("--waits", default="active,passive,auto",
               help="OpenMP waiting policies to time, comma-separated: active, passive "
-                   "(OMP_WAIT_POLICY) or spinN (GOMP_SPINCOUNT=N).")
+                   "(OMP_WAIT_POLICY), auto (none set: the command chooses from the load at "
+                   "its start) or spinN (GOMP_SPINCOUNT=N).")
 @click.option("--busy", default=2, type=int, help="CPU-bound loops started beside the busy runs.")
 @click.option("--repeats", default=1, type=int, help="Runs per cell (the fastest is kept).")
 @click.option("--machines", default="idle,busy", help="idle, busy or both, comma-separated.")
-@click.option("--tiny", is_flag=True, help="A 2-step run at batch 8 (tests).")
+@click.option("--tiny", is_flag=True, help="A 1-step run at batch 8 (tests).")
 @OUT
 def threads(threads_list, waits, busy, repeats, machines, tiny, out):
     """CPU threads on an idle and a busy machine: one short training run per --threads value

@@ -110,9 +110,17 @@ def default_run_dir(cfg: Config) -> str:
 @click.option("--local_rank", "--local-rank", "local_rank", default=None, type=int, hidden=True,
               help="Set by the deepspeed launcher, which puts it before the subcommand; the "
                    "process reads LOCAL_RANK instead.")
-def main(local_rank):
+@click.pass_context
+def main(ctx, local_rank):
     """dietcl-fast: semi-supervised continual learning under a compute budget (DietCL and
     baselines) with an exact FLOP ledger."""
+    if ctx.invoked_subcommand in TRAINING_COMMANDS and "--help" not in sys.argv[1:]:
+        from dietcl_fast import omp_wait     # before torch loads: OpenMP reads it once
+        omp_wait.choose()
+
+
+# the commands that train: OpenMP's waiting policy is chosen at their start (omp_wait.py)
+TRAINING_COMMANDS = ("train", "compare", "pretrain")
 
 
 # train's config options (generated from the config fields: name, type, default, help) come

@@ -230,9 +230,11 @@ class EngineConfig:
                                           "(torch.compile, no graph break).")
     threads: Optional[int] = option(None, default_text="torch's default: the cores",
                                     help="CPU threads of torch's operators in this process "
-                                         "(recorded in results.json). On a machine busy with "
-                                         "other CPU-bound work, 1 (`dietcl-fast bench threads`, "
-                                         "docs/bench.md).",
+                                         "(recorded in results.json). Where other processes "
+                                         "keep the cores busy when a run starts, the threads "
+                                         "wait for work asleep instead of spinning "
+                                         "(OMP_WAIT_POLICY=PASSIVE, unless set; the same "
+                                         "results, docs/bench.md).",
                                     num=dict(lo=1, hi=4096, integer=True, optional=True))
 
 

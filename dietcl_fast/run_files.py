@@ -15,6 +15,7 @@ import os
 
 import torch
 
+from . import omp_wait
 from .config import ConfigError, save_yaml
 from .evaluate import summarise
 from .metrics_log import TENSORBOARD_DIR, MetricsLog
@@ -118,7 +119,8 @@ def finish_run(run_dir: str, parts, record: RunRecord) -> dict:
         "stream": stream.to_dict(),
         "versions": versions(),
         "threads": {"torch": torch.get_num_threads(),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset")},
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+                    "omp_wait_chosen": omp_wait.CHOICE},
         "device": {"type": parts.device.type, "count": dist.world_size,
                    "name": (torch.cuda.get_device_name(parts.device)
                             if parts.device.type == "cuda" else "cpu")},

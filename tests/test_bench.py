@@ -187,16 +187,21 @@ def test_bench_buffer_and_engines(tmp_path):
 
 def test_bench_threads_times_real_runs_idle_and_busy(tmp_path):
     """`bench threads` at its tiny size: real `dietcl-fast train` processes, one alone and one
-    beside a CPU-bound loop the bench starts (and stops: no loop outlives it); each run records
-    the thread count it was given. About 15 s: two training processes."""
+    beside a CPU-bound loop the bench starts (and stops: no loop outlives it), each choosing
+    its OpenMP waiting policy from the load at its start (`--waits auto`): beside the loop
+    (a core kept busy: over omp_wait.BUSY_CORES) it waits asleep; alone it depends on what else
+    this machine runs. Each run records the thread count it was given. About 15 s: two
+    training processes."""
     before = set(_python_loops())
-    p = run([*CLI, "bench", "threads", "--tiny", "--threads-list", "2", "--waits", "passive",
+    p = run([*CLI, "bench", "threads", "--tiny", "--threads-list", "2", "--waits", "auto",
              "--busy", "1", "--out", str(tmp_path / "t.json")])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     t = json.loads((tmp_path / "t.json").read_text())
     assert t["kind"] == "dietcl-fast/bench-threads" and len(t["loadavg_before"]) == 3
     assert [(r["machine"], r["threads"], r["wait"]) for r in t["rows"]] == [
-        ("idle", 2, "passive"), ("busy", 2, "passive")]
+        ("idle", 2, "auto"), ("busy", 2, "auto")]
+    assert t["rows"][1]["policy_used"] == ["PASSIVE"]
+    assert set(t["rows"][0]["policy_used"]) <= {"unset", "PASSIVE"}
     assert all(r["seconds"] > 0 for r in t["rows"]) and t["rows"][1]["busy_over_idle"] > 0
     assert "| machine |" in p.stdout
     assert set(_python_loops()) <= before          # the busy loop was stopped

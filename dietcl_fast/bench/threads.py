@@ -7,7 +7,8 @@ timed for each combination of
 * `--threads N` (torch's intra-op threads; N in --threads-list),
 * OpenMP's waiting policy: `active` (threads spin while they wait for work, the OpenMP
   default) or `passive` (they sleep at once; `OMP_WAIT_POLICY=PASSIVE` in the run's
-  environment), or `spinN`: spin N times, then sleep (`GOMP_SPINCOUNT=N`, libgomp's),
+  environment), `spinN`: spin N times, then sleep (`GOMP_SPINCOUNT=N`, libgomp's), or `auto`:
+  none set, the command chooses from the load at its start (dietcl_fast/omp_wait.py),
 * the machine: `idle` (nothing started by the bench) or `busy` (the bench starts --busy
   CPU-bound processes, each a Python loop, beside the run, and stops them after).
 
@@ -21,6 +22,7 @@ loaded machine is not an idle figure.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -35,14 +37,15 @@ TINY = ["--scenario", "time", "--time-steps", "1", "--budget", "2", "--label-rat
 BUSY_LOOP = "while True: pass"
 
 
-def _train(args: list, threads: int, wait: str, out: str) -> float:
-    """One `dietcl-fast train` process -> its wall seconds (start to exit)."""
+def _train(args: list, threads: int, wait: str, out: str) -> tuple[float, str]:
+    """One `dietcl-fast train` process -> (its wall seconds, start to exit; the waiting policy
+    it ran with, from its results.json)."""
     env = dict(os.environ)
     for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         env.pop(k, None)
     if wait.startswith("spin"):          # spin this many times, then sleep (libgomp)
         env["GOMP_SPINCOUNT"] = wait[4:]
-    else:
+    elif wait != "auto":                 # auto: the command chooses (dietcl_fast/omp_wait.py)
         env["OMP_WAIT_POLICY"] = wait.upper()
     env.pop("OMP_NUM_THREADS", None)         # --threads decides, not the environment
     cmd = [sys.executable, "-m", "dietcl_fast.cli.main", "train", *args,
@@ -53,7 +56,9 @@ def _train(args: list, threads: int, wait: str, out: str) -> float:
     if p.returncode != 0:
         raise RuntimeError(f"bench threads: {' '.join(cmd)} exited {p.returncode}:\n"
                            f"{p.stdout[-2000:]}")
-    return sec
+    with open(os.path.join(out, "results.json")) as f:
+        used = json.load(f)["threads"]["omp_wait_policy"]
+    return sec, used
 
 
 def bench_threads(threads_list=(1, 2), waits=("active", "passive"), busy: int = 2,
@@ -64,10 +69,10 @@ def bench_threads(threads_list=(1, 2), waits=("active", "passive"), busy: int = 
     from .common import header, table, write_json
     if not threads_list or any(int(n) < 1 for n in threads_list):
         raise ValueError(f"--threads-list {threads_list!r}: whole numbers >= 1")
-    bad = [w for w in waits if w not in ("active", "passive")
+    bad = [w for w in waits if w not in ("active", "passive", "auto")
            and not (w.startswith("spin") and w[4:].isdigit())]
     if bad or not waits:
-        raise ValueError(f"--waits {','.join(waits)}: choose from active, passive, spinN")
+        raise ValueError(f"--waits {','.join(waits)}: choose from active, passive, auto, spinN")
     if not machines or any(m not in ("idle", "busy") for m in machines):
         raise ValueError(f"--machines {','.join(machines)}: choose from idle, busy")
     if busy < 1 or repeats < 1:
@@ -89,15 +94,16 @@ def bench_threads(threads_list=(1, 2), waits=("active", "passive"), busy: int = 
             try:
                 for n in threads_list:
                     for wait in waits:
-                        secs = []
+                        secs, used = [], []
                         for _ in range(repeats):
                             n_run += 1
-                            secs.append(_train(args, int(n), wait,
-                                               os.path.join(work, f"run{n_run}")))
+                            s, u = _train(args, int(n), wait, os.path.join(work, f"run{n_run}"))
+                            secs.append(s), used.append(u)
                         sec = min(secs)
                         rows.append({"machine": machine, "threads": int(n), "wait": wait,
-                                     "seconds": sec, "all_seconds": secs})
-                        echo(f"  {machine:4s} threads {n} {wait:7s}: {sec:6.2f} s")
+                                     "seconds": sec, "all_seconds": secs, "policy_used": used})
+                        echo(f"  {machine:4s} threads {n} {wait:7s}: {sec:6.2f} s "
+                             f"(OMP_WAIT_POLICY {', '.join(sorted(set(used)))})")
             finally:
                 for p in loops:
                     p.kill()
@@ -112,11 +118,12 @@ def bench_threads(threads_list=(1, 2), waits=("active", "passive"), busy: int = 
         r["over_best_idle"] = r["seconds"] / best_idle if best_idle else None
     res["rows"] = rows
     echo(table([{**r, "seconds": f"{r['seconds']:.2f}",
+                  "policy": ", ".join(sorted(set(r["policy_used"]))),
                   "busy_over_idle": None if r["busy_over_idle"] is None else f"{r['busy_over_idle']:.2f}",
                   "over_best_idle": None if r["over_best_idle"] is None
                   else f"{r['over_best_idle']:.2f}"} for r in rows],
                [("machine", "machine"), ("threads", "threads"), ("wait", "wait"),
-                ("seconds", "seconds"), ("busy_over_idle", "busy / idle"),
+                ("policy", "OMP_WAIT_POLICY used"), ("seconds", "seconds"), ("busy_over_idle", "busy / idle"),
                 ("over_best_idle", "/ best idle")]))
     if out:
         write_json(out, res)
