@@ -39,6 +39,15 @@ def test_the_options_table_matches_the_config():
     assert p.returncode == 0, p.stderr
 
 
+def table_tool(*args):
+    """`python -m dietcl_fast.cli.options_table ARGS` in this process (its click command; the
+    test above runs it as a process) -> click's Result (exit_code, stdout, stderr)."""
+    from click.testing import CliRunner
+
+    from dietcl_fast.cli.options_table import main
+    return CliRunner().invoke(main, list(args))
+
+
 def test_check_fails_when_the_table_and_the_config_disagree(tmp_path):
     readme = tmp_path / "options.md"
     text = open(TABLE, encoding="utf-8").read()
@@ -46,21 +55,21 @@ def test_check_fails_when_the_table_and_the_config_disagree(tmp_path):
     assert "| `--time-steps` | `stream.time_steps` | `5` |" in text
     readme.write_text(text.replace("| `--time-steps` | `stream.time_steps` | `5` |",
                                    "| `--time-steps` | `stream.time_steps` | `6` |"))
-    p = run("-m", "dietcl_fast.cli.options_table", "--check", str(readme))
-    assert p.returncode == 1 and "--time-steps" in p.stderr and "disagrees" in p.stderr
+    p = table_tool("--check", str(readme))
+    assert p.exit_code == 1 and "--time-steps" in p.stderr and "disagrees" in p.stderr
     # a row dropped
     lines = [ln for ln in text.splitlines() if not ln.startswith("| `--ckpt-every`")]
     readme.write_text("\n".join(lines) + "\n")
-    assert run("-m", "dietcl_fast.cli.options_table", "--check", str(readme)).returncode == 1
+    assert table_tool("--check", str(readme)).exit_code == 1
     # --write repairs it; then --check passes
-    p = run("-m", "dietcl_fast.cli.options_table", "--write", str(readme))
-    assert p.returncode == 0, p.stderr
+    p = table_tool("--write", str(readme))
+    assert p.exit_code == 0, p.stderr
     assert readme.read_text() == text
-    assert run("-m", "dietcl_fast.cli.options_table", "--check", str(readme)).returncode == 0
+    assert table_tool("--check", str(readme)).exit_code == 0
     # no markers: a clear error, not a silent pass
     readme.write_text("# nothing here\n")
-    p = run("-m", "dietcl_fast.cli.options_table", "--check", str(readme))
-    assert p.returncode == 2 and "marker" in p.stderr
+    p = table_tool("--check", str(readme))
+    assert p.exit_code == 2 and "marker" in p.stderr
 
 
 def _rows(text):
