@@ -15,6 +15,7 @@ run holds: this writer or the engine's own, and which checkpoint is known to be 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -49,6 +50,23 @@ def snapshot(obj, events: list):
     return obj                              # int, float, str, bytes, None, bool: immutable
 
 
+
+def _start_holding_signals(thread: threading.Thread) -> None:
+    """thread.start() with SIGINT and SIGTERM held on this thread until it returns: the
+    handlers raise (KeyboardInterrupt, a preemption's clean stop), and raised inside
+    Thread.start's wait they left a writer running that could not be joined ("cannot join
+    thread before it is started", seen once under SIGTERM). Held, the signal is handled right
+    after, with the writer started and joinable. Unix; elsewhere a plain start."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        thread.start()
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        thread.start()
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
 class BackgroundCheckpointer:
     def __init__(self, save=ckpt_io.save_checkpoint):
         self._save = save
@@ -70,7 +88,7 @@ class BackgroundCheckpointer:
             event.record()                  # after every non-blocking copy on this stream
         self._thread = threading.Thread(target=self._write, args=(run_dir, snap, event),
                                         name="checkpoint-writer", daemon=False)
-        self._thread.start()
+        _start_holding_signals(self._thread)
         self.log.append(time.perf_counter() - t0)
         self.critical_seconds += self.log[-1]
 

@@ -14,8 +14,9 @@ command that trains, from how busy the machine is then:
 The thread count does not change (`--threads`): each operator splits its work the same way
 either way, so the results are the same bits; only the time differs. An OMP_WAIT_POLICY the
 user set wins; so does a process that has already loaded torch (a test calling the command
-line in process), where the variable could no longer act. Linux only (/proc/stat); elsewhere
-nothing is chosen. `CHOICE` keeps what was decided, for results.json.
+line in process), where the variable could no longer act: there the first decision stays.
+Linux only (/proc/stat); elsewhere nothing is chosen. `CHOICE` keeps what was decided, for
+results.json (None in a process that never ran a command that trains: a library caller).
 """
 from __future__ import annotations
 
@@ -52,10 +53,12 @@ def choose(log=lambda msg: print(msg, file=sys.stderr)) -> dict:
     {"policy": OMP_WAIT_POLICY or "default", "by": "environment" | "torch already loaded" |
     "unmeasured" | "load", "other_busy_cores": float (by "load")}."""
     global CHOICE
+    if "torch" in sys.modules:      # OpenMP has read its policy already: what was chosen stays
+        if CHOICE is None:
+            CHOICE = {"policy": "default", "by": "torch already loaded"}
+        return CHOICE
     if "OMP_WAIT_POLICY" in os.environ:
         CHOICE = {"policy": os.environ["OMP_WAIT_POLICY"], "by": "environment"}
-    elif "torch" in sys.modules:
-        CHOICE = {"policy": "default", "by": "torch already loaded"}
     else:
         try:
             with open("/proc/stat") as f:

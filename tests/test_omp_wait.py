@@ -27,12 +27,20 @@ def test_the_rule_counts_other_processes_busy_cores():
 
 
 def test_a_policy_the_user_set_or_a_loaded_torch_is_left_alone(monkeypatch):
+    import os
+    import sys
+    monkeypatch.setattr(omp_wait, "CHOICE", None)
+    monkeypatch.delitem(sys.modules, "torch")       # as at a command's start: not loaded yet
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert omp_wait.choose() == {"policy": "ACTIVE", "by": "environment"}
-    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert "torch" not in sys.modules               # choosing loads nothing
+    monkeypatch.undo()
+    monkeypatch.setattr(omp_wait, "CHOICE", None)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert omp_wait.choose() == {"policy": "default", "by": "torch already loaded"}
-    import os
     assert "OMP_WAIT_POLICY" not in os.environ      # too late to act: not set
+    omp_wait.CHOICE = {"policy": "PASSIVE", "by": "load", "other_busy_cores": 1.0}
+    assert omp_wait.choose()["by"] == "load"        # decided once, before torch loaded: kept
 
 
 def test_waiting_asleep_gives_the_same_bits(tmp_path):

@@ -29,7 +29,7 @@ def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     assert on_disk["accuracy_matrix"] == res["accuracy_matrix"]
     # the thread count, resolved (torch's default: this process's), applied and recorded
     assert res["config"]["engine"]["threads"] == torch.get_num_threads() == res["threads"]["torch"]
-    assert set(res["threads"]) == {"torch", "omp_wait_policy"}
+    assert set(res["threads"]) == {"torch", "omp_wait_policy", "omp_wait_chosen"}
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert (tmp_path / "config.yaml").exists()
     led = res["ledger"]
