@@ -51,21 +51,37 @@ def snapshot(obj, events: list):
 
 
 
-def _start_holding_signals(thread: threading.Thread) -> None:
-    """thread.start() with SIGINT and SIGTERM held on this thread until it returns: the
-    handlers raise (KeyboardInterrupt, a preemption's clean stop), and raised inside
-    Thread.start's wait they left a writer running that could not be joined ("cannot join
-    thread before it is started", seen once under SIGTERM). Held, the signal is handled right
-    after, with the writer started and joinable. Unix; elsewhere a plain start."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
-        thread.start()
-        return
-    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+def _started_with_signals_held(make) -> tuple[threading.Thread, list]:
+    """thread = make(); thread.start(), with SIGINT and SIGTERM recorded instead of handled
+    until the thread has started -> (thread, the signals caught meanwhile). Their handlers raise
+    (KeyboardInterrupt, a preemption's clean stop); raised inside Thread.start's wait they left
+    a writer running that could not be joined ("cannot join thread before it is started", seen
+    once under SIGTERM). The caller stores the thread, then `_deliver`s what was caught: the
+    handler runs with the writer started and joinable, whichever thread the OS gave the signal
+    to. Swapping Python handlers needs the main thread; elsewhere a plain start."""
+    if threading.current_thread() is not threading.main_thread():
+        t = make()
+        t.start()
+        return t, []
+    caught: list = []
+    held = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(sig)):     # a Python handler that may raise
+            held[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
-        thread.start()
+        t = make()
+        t.start()
     finally:
-        mask(signal.SIG_SETMASK, old)
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+    return t, caught
+
+
+def _deliver(caught: list) -> None:
+    """The signals `_started_with_signals_held` recorded, handled now (their own handlers)."""
+    for sig in caught:
+        signal.raise_signal(sig)
+
 
 class BackgroundCheckpointer:
     def __init__(self, save=ckpt_io.save_checkpoint):
@@ -86,11 +102,12 @@ class BackgroundCheckpointer:
         if events:
             event = torch.cuda.Event()
             event.record()                  # after every non-blocking copy on this stream
-        self._thread = threading.Thread(target=self._write, args=(run_dir, snap, event),
-                                        name="checkpoint-writer", daemon=False)
-        _start_holding_signals(self._thread)
+        self._thread, caught = _started_with_signals_held(lambda: threading.Thread(
+            target=self._write, args=(run_dir, snap, event), name="checkpoint-writer",
+            daemon=False))
         self.log.append(time.perf_counter() - t0)
         self.critical_seconds += self.log[-1]
+        _deliver(caught)
 
     def _write(self, run_dir, snap, event) -> None:
         t0 = time.perf_counter()

@@ -533,3 +533,36 @@ def test_sigterm_keeps_the_checkpoint_says_how_to_resume_and_releases_the_lock(t
     assert f"dietcl-fast train --resume {out}" in err
     assert not (out / ".lock").exists()
     ckpt_io.load_checkpoint(str(out))       # intact
+
+
+def test_a_signal_while_the_checkpoint_writer_starts_is_handled_once_it_has_started():
+    """SIGTERM (a preemption; Ctrl-C alike) arriving while the writer thread starts, with
+    another thread alive (the OS may hand the signal to any thread): the handler, which raises,
+    runs only after the writer has started, so the writer can be joined (it once raised
+    "cannot join thread before it is started" on the way out); the handler is put back."""
+    import threading
+
+    from dietcl_fast.ckpt_writer import _deliver, _started_with_signals_held
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Stop()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    other = threading.Thread(target=time.sleep, args=(1,), daemon=True)
+    other.start()
+    try:
+        def make():
+            os.kill(os.getpid(), signal.SIGTERM)        # arrives mid-start
+            time.sleep(0.05)
+            return threading.Thread(target=time.sleep, args=(0.1,))
+        t, caught = _started_with_signals_held(make)
+        assert caught == [signal.SIGTERM] and t.ident is not None
+        assert signal.getsignal(signal.SIGTERM) is handler
+        with pytest.raises(Stop):
+            _deliver(caught)
+        t.join()
+    finally:
+        signal.signal(signal.SIGTERM, old)
