@@ -114,7 +114,7 @@ def default_run_dir(cfg: Config) -> str:
 def main(ctx, local_rank):
     """dietcl-fast: semi-supervised continual learning under a compute budget (DietCL and
     baselines) with an exact FLOP ledger."""
-    if ctx.invoked_subcommand in TRAINING_COMMANDS and "--help" not in sys.argv[1:]:
+    if ctx.invoked_subcommand in TRAINING_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
         from dietcl_fast import omp_wait     # before torch loads: OpenMP reads it once
         omp_wait.choose()
 

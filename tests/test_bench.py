@@ -201,7 +201,6 @@ def test_bench_threads_times_real_runs_idle_and_busy(tmp_path):
     assert [(r["machine"], r["threads"], r["wait"]) for r in t["rows"]] == [
         ("idle", 2, "auto"), ("busy", 2, "auto")]
     assert t["rows"][1]["policy_used"] == ["PASSIVE"]
-    assert set(t["rows"][0]["policy_used"]) <= {"unset", "PASSIVE"}
     assert all(r["seconds"] > 0 for r in t["rows"]) and t["rows"][1]["busy_over_idle"] > 0
     assert "| machine |" in p.stdout
     assert set(_python_loops()) <= before          # the busy loop was stopped
@@ -276,9 +275,10 @@ def test_gpu_suite_killed_part_keeps_its_partial_figures(tmp_path):
     fi""")
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": py}
-    # deadline 25: env ends at once, mae_loss gets 25 - 10 (the reserve) = 15 s >= its minimum
-    # 10 and is stopped at them; then 0 s are left for loader (minimum 15)
-    p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--deadline", "25",
+    # deadline 30: env ends at once, mae_loss gets up to 30 - 10 (the reserve) = 20 s (10 s to
+    # spare over its minimum 10 for the env part's summary on a busy machine) and is stopped at
+    # them; then 0 s are left for loader (minimum 15)
+    p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--deadline", "30",
              "--only", "mae_loss,loader"], env=env)
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
@@ -286,7 +286,7 @@ def test_gpu_suite_killed_part_keeps_its_partial_figures(tmp_path):
     assert s["parts"]["mae_loss"]["timed_out"] and not s["parts"]["mae_loss"]["pass"]
     assert s["parts"]["loader"]["skipped"]                   # no time left after the stop
     assert s["mae_loss_fused_speedup"] == 2.5
-    assert s["elapsed_seconds"] <= 25
+    assert s["elapsed_seconds"] <= 30
     assert set(os.listdir(out)) == {"mae_loss.json", "suite.log", "summary.json", "logs.tar.gz"}
 
 

@@ -145,8 +145,8 @@ def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
     assert "| eager:cuda | t1-joint |" in p.stdout
     ind = r["inductor_cpu"]         # one graph on inductor's CPU backend
     assert ind["graph"] == "t1-buffer" and ind["cache"] == "warm" and ind["frame_compile_seconds"] > 0
-    # the backward compiled (or, warm, loaded) at the first backward; batch 8
-    assert ind["first_backward_seconds"] > 0 and ind["shapes"]["buffer"][0] == 8
+    assert ind["shapes"]["buffer"][0] == 8      # batch 8
+    # (a warm cache loads the backward's code: no compile metric to check, unlike a cold one)
 
 
 @pytest.mark.slow

@@ -10,7 +10,9 @@
   Triton path, so the step traces whole (`fullgraph=True`) with the fused custom ops in the
   graph, under bf16 autocast, for every phase shape of a run (on the CPU the step traces the
   torch reference instead): `bench compile-cost` traces each of them as a GPU run compiles
-  them (tests/test_compile_graphs.py runs it). The backward through the ops cannot run on fake
+  them (tests/test_compile_graphs.py runs it; autocast is seen there in the evaluation graph's
+  bf16 logits; AOTAutograd runs on the CPU form, the fused ops' AOT dispatch is opcheck's, op
+  by op, in test_kernel_ops.py). The backward through the ops cannot run on fake
   CUDA tensors (the autograd engine needs a device): on meta
   tensors, with the fused kernels forced, the ViT-B/16 joint step is traced forward and
   backward (the ops' autograd formulas and backward fakes); opcheck covers their fake kernels

@@ -98,12 +98,12 @@ def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, t
     starts under it and its run matches the one-process reference exactly. Over 20 s: two runs
     through the real launcher, 2 ranks each (the launcher is the point), and two one-process
     runs in this process."""
-    refs = one_process_references(tmp_path)
+    refs = one_process_references(tmp_path, 15)
     p = launcher("deepspeed", *UNEVEN, "--out", str(tmp_path / "ds"))
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     assert "--local_rank=1" in out and "x 2 processes (engine deepspeed, ZeRO-0)" in out
-    same_images(refs["one"], results(tmp_path / "ds"), refs["one_micro"])
+    same_images(refs["one"], results(tmp_path / "ds"), refs["one_micro"], 15)
     cmp = tmp_path / "cmp"
     p = launcher("deepspeed", "compare", "--methods", "dietcl", "--seeds", "0", *TINY[1:],
                  "--out", str(cmp))

@@ -23,17 +23,19 @@ from launchers import TINY, UNEVEN, launch, launcher, one_process_references, re
 
 @pytest.mark.slow
 def test_torchrun_at_an_uneven_batch_matches_one_process(tmp_path):
-    """The real torchrun starting 2 ranks at --batch-size 30 with the default micro-batch (15 a
-    rank; DietCL's 40/30/30 mix, 12 + 9 + 9, does not cut into 2 equal micro-batches) against one
-    process at its default micro-batch (30) and at 15: the images each time step charges, path
-    by path, each pool's draws and (at the same micro-batches) the ledger, the accuracies and the
+    """The real torchrun starting 2 ranks at --batch-size 30 in micro-batches of 5 (15 a rank:
+    3 micro-batches accumulated under DDP's no_sync; DietCL's 40/30/30 mix, 12 + 9 + 9, does not
+    cut into equal micro-batches) against one process at its default micro-batch (30) and at 5:
+    the images each time step charges, path by path, each pool's draws and (at the same
+    micro-batches) the ledger, the accuracies (the method's and the kNN readout's) and the
     weights are the same: DDP's all-reduce gives the one-process gradient (launchers.same_images
-    says why the default micro-batches give equal images but not equal weights). DDP is wrapped
+    says why other micro-batches give equal images but not equal weights). DDP is wrapped
     without a deprecated argument and without a search for unused parameters. The DeepSpeed
-    launcher's run of the same claim is in test_deepspeed.py. Over 20 s: a 2-rank run through
-    the real torchrun (the launcher is the point) and two one-process runs in this process."""
-    refs = one_process_references(tmp_path)
-    p = launcher("torchrun", *UNEVEN, "--out", str(tmp_path / "torchrun"))
+    launcher's run of the claim, at the default micro-batch, is in test_deepspeed.py. Over 20 s:
+    a 2-rank run through the real torchrun (the launcher is the point) and two one-process runs
+    in this process."""
+    refs = one_process_references(tmp_path, 5)
+    p = launcher("torchrun", *UNEVEN, "--micro-batch", "5", "--out", str(tmp_path / "torchrun"))
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     assert "x 2 processes (engine torch)" in out
@@ -43,7 +45,7 @@ def test_torchrun_at_an_uneven_batch_matches_one_process(tmp_path):
     # that it found none; with one unused, it would stop with an error)
     assert "FutureWarning" not in out and "broadcast_buffers" not in out, out[-3000:]
     assert "find_unused_parameters=True was specified" not in out, out[-3000:]
-    same_images(refs["one"], results(tmp_path / "torchrun"), refs["one_micro"])
+    same_images(refs["one"], results(tmp_path / "torchrun"), refs["one_micro"], 5)
     # the weights themselves, against the run with the same micro-batches: DDP's all-reduce must
     # give the one-process gradient every step
     one, two = (decode_file(tmp_path / n / "latest.pt")["model"] for n in ("one_micro", "torchrun"))

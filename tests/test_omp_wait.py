@@ -15,6 +15,37 @@ intr 1
 """
 
 
+def test_over_the_cpus_this_process_may_use():
+    text = STAT.format(busy=100, idle=1000) + "cpu1 7 0 0 3 0 0 0 0 0 0\n"
+    assert omp_wait.cpu_ticks(text, [0]) == (1, 2) and omp_wait.cpu_ticks(text, [0, 1]) == (8, 12)
+
+
+def test_a_busy_machine_gets_passive_waiting_and_an_idle_one_the_default(monkeypatch):
+    """choose() as a command's start runs it (torch not loaded yet): two /proc/stat samples
+    0.2 s apart; other processes' busy cores decide; PASSIVE goes into the environment OpenMP
+    will read."""
+    import os
+    import sys
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(omp_wait, "SAMPLE_SECONDS", 0.0)
+    def stat(busy, idle):            # two CPUs, each with these ticks
+        return "".join(f"cpu{c} {busy} 0 0 {idle} 0 0 0 0 0 0\n" for c in (0, 1))
+    for busy, want in ((120, "PASSIVE"), (101, "default")):      # of 20 ticks a CPU
+        samples = iter([stat(100, 1000), stat(busy, 1120 - busy)])
+        monkeypatch.setattr(omp_wait, "_read_stat", lambda: next(samples))
+        monkeypatch.setattr(omp_wait, "CHOICE", None)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        got = omp_wait.choose(log=lambda m: None)
+        assert got["by"] == "load" and got["policy"] == want, got
+        assert os.environ.get("OMP_WAIT_POLICY") == ("PASSIVE" if want == "PASSIVE" else None)
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(omp_wait, "CHOICE", None)
+    monkeypatch.setenv("WORLD_SIZE", "2")            # a launcher's rank: nothing measured
+    assert omp_wait.choose() == {"policy": "default", "by": "launcher"}
+
+
 def test_the_rule_counts_other_processes_busy_cores():
     a = omp_wait.cpu_ticks(STAT.format(busy=100, idle=1000))
     b = omp_wait.cpu_ticks(STAT.format(busy=140, idle=1000))     # 40 busy ticks of 40: all busy
@@ -50,12 +81,16 @@ def test_waiting_asleep_gives_the_same_bits(tmp_path):
     and how it was chosen."""
     args = ["train", "--time-steps", "2", "--budget", "2", "--batch-size", "16", "--label-rate",
             "0.05", "--eval-fraction", "0.05", "--no-progress", "--threads", "2"]
+    import os
     cli(*args, "--out", tmp_path / "spin")
-    cli(*args, "--out", tmp_path / "sleep", extra_env={"OMP_WAIT_POLICY": "PASSIVE"})
+    # the other policy than this process's (a shell may have set PASSIVE for the suite)
+    other = "ACTIVE" if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" else "PASSIVE"
+    cli(*args, "--out", tmp_path / "sleep", extra_env={"OMP_WAIT_POLICY": other})
     a, b = (decode_file(tmp_path / n / "latest.pt")["model"] for n in ("spin", "sleep"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((tmp_path / n / "results.json").read_text()) for n in ("spin", "sleep"))
     assert ra["accuracy_matrix"] == rb["accuracy_matrix"] and ra["ledger"] == rb["ledger"]
-    assert rb["threads"]["torch"] == 2 and rb["threads"]["omp_wait_policy"] == "PASSIVE"
-    assert rb["threads"]["omp_wait_chosen"] == {"policy": "PASSIVE", "by": "environment"}
-    assert ra["threads"]["omp_wait_chosen"] == {"policy": "default", "by": "torch already loaded"}
+    assert rb["threads"]["torch"] == 2 and rb["threads"]["omp_wait_policy"] == other
+    assert rb["threads"]["omp_wait_chosen"] == {"policy": other, "by": "environment"}
+    assert ra["threads"]["omp_wait_chosen"]["by"] == "torch already loaded"
+    assert ra["threads"]["omp_wait_policy"].upper() != other
