@@ -266,7 +266,8 @@ def test_gpu_suite_killed_part_keeps_its_partial_figures(tmp_path):
     """A part still running at its limit (cut to the deadline) is stopped; what it wrote before
     (the benches write their JSON as they go) is in summary.json, the next part is skipped for
     want of time, and the suite still ends with a summary, within the deadline. The python here
-    answers the kernel timings by writing the first rows and hanging, as a stuck compile would."""
+    answers the kernel timings by writing the first rows and hanging, as a stuck compile would.
+    About 20 s: the hung part is waited for until its limit (the limit is the point)."""
     py = fake_python(tmp_path, """
     if [ "$4" = kernels ]; then
         echo '{"complete": false, "speedup": 2.5, "timings": {"rows": [{"op": "loss fwd+bwd",
