@@ -116,6 +116,7 @@ def write_outputs(out: str, results: list[dict], failures: list[tuple] = ()) -> 
     once: the CSV holds each run's values as results.json does, and compare.md rounds its
     means of those to 2 decimals, as the log line and `train`'s table round a run's."""
     from dietcl_fast.fsio import atomic_write_bytes
+    from dietcl_fast.ledger import units_per_step
     rows = []
     for r in results:
         led = r["ledger"]
@@ -126,7 +127,7 @@ def write_outputs(out: str, results: list[dict], failures: list[tuple] = ()) -> 
             "forgetting": r["forgetting"],
             "knn_A_T": knn_of(r).get("final_accuracy"),
             "knn_A_bar": knn_of(r).get("average_accuracy"),
-            "units_spent": round(sum(led["steps_per_step"]), 4),
+            "units_spent": round(sum(units_per_step(led)), 4),
             "flops_total": led["flops_total"], "wall_seconds": round(r["wall_seconds"], 1),
             "A_t": " ".join(f"{a:.2f}" for a in r["A"]), "status": "ok",
         })
@@ -233,6 +234,7 @@ def make_compare(train_cmd: ConfigCommand, build_config, fail) -> click.Command:
         from dietcl_fast.config import ConfigError
         from dietcl_fast.methods import METHODS
         from dietcl_fast.config import MethodOptionError, validate
+        from dietcl_fast.ledger import units_per_step
         from dietcl_fast.outdir import RunLock, check_out_dir
         try:
             # everything is checked before anything is created
@@ -305,7 +307,7 @@ def make_compare(train_cmd: ConfigCommand, build_config, fail) -> click.Command:
                     tqdm.write(f"{m:12s} seed {s}: A(T) {res['final_accuracy']:6.2f}  "
                                f"Ā {res['average_accuracy']:6.2f}  kNN A(T) "
                                f"{'n/a' if knn is None else f'{knn:6.2f}'}  "
-                               f"{sum(res['ledger']['steps_per_step']):.1f} units  "
+                               f"{sum(units_per_step(res['ledger'])):.1f} units  "
                                f"{res['wall_seconds']:.0f} s", file=sys.stderr)
                 if os.environ.get("RANK", "0") == "0":     # one writer under a launcher
                     write_outputs(out, results, failures)

@@ -27,6 +27,13 @@ _NATIVE_NAMES = {"img_size": "img_size", "patch_size": "patch", "in_chans": "in_
                  "mask_ratio": "mask_ratio"}
 
 
+def units_per_step(led: dict) -> list:
+    """A results.json ledger's units spent per time step (one unit: one optimiser step's
+    charge at the global batch). Results written before 2026-12-07 call the list
+    `steps_per_step`; both are read."""
+    return led["units_per_step"] if "units_per_step" in led else led["steps_per_step"]
+
+
 def _native_spec(spec: ModelSpec, num_classes: int) -> "_core.ViTSpec":
     """The one translation of a ModelSpec (+ head size) into the native FLOP model's struct."""
     s = _core.ViTSpec()
@@ -151,7 +158,7 @@ class Ledger:
             "global_batch": self.global_batch,
             "steps": [s["t"] for s in steps],
             "budget_per_step": [s["budget"] for s in steps],
-            "steps_per_step": [s["units"] for s in steps],
+            "units_per_step": [s["units"] for s in steps],
             "flops_per_step": [s["flops"] for s in steps],
             "flops_total": self._l.flops_total,
             "num_charges": self._l.num_charges,

@@ -110,7 +110,7 @@ def choose_split(trainer, run_dir: str) -> dict:
         tr = Trainer(copy.deepcopy(vcfg), log=quiet, stream=vstream)
         tr.train_steps(scratch, 1)                  # step 0: all joint whatever the threshold
         led0 = tr.ledger.to_dict()
-        units += sum(led0["steps_per_step"])
+        units += sum(led0["units_per_step"])
         flops += sum(led0["flops_per_step"])
         snap = copy.deepcopy(tr.state_dict())
         for n in thresholds:
@@ -119,7 +119,7 @@ def choose_split(trainer, run_dir: str) -> dict:
             tr.method.set_threshold(n)
             tr.train_steps(scratch, S)
             led = tr.ledger.to_dict()
-            units += sum(led["steps_per_step"][1:])
+            units += sum(led["units_per_step"][1:])
             flops += sum(led["flops_per_step"][1:])
             score = float(np.mean(tr.record.A))
             rows.append({"threshold": n, "validation_A": [float(a) for a in tr.record.A],

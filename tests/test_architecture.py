@@ -282,7 +282,7 @@ def test_a_new_method_is_one_file(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "half_replay"
     assert len(res["accuracy_matrix"]) == 2
-    assert res["ledger"]["steps_per_step"] == [3.0, 3.0]          # the whole budget, no more
+    assert res["ledger"]["units_per_step"] == [3.0, 3.0]          # the whole budget, no more
     assert res["ledger"]["per_path"]["classify"]["images_fwd_bwd"] == 2 * 3 * 16
     # the option reached the method: step 1 draws 4 of each 16 images from the buffer
     assert res["passes"][1]["buffer"]["draws"] == 3 * 4, res["passes"]

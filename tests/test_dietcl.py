@@ -272,7 +272,7 @@ def test_whole_time_incremental_run_through_the_cli(tmp_path, monkeypatch):
     assert res["scenario"] == "time" and res["method"] == "dietcl"
     assert len(res["A"]) == 3 and all(len(r) == k + 1 for k, r in enumerate(res["accuracy_matrix"]))
     assert all(math.isfinite(a) and 0 <= a <= 100 for r in res["accuracy_matrix"] for a in r)
-    assert res["ledger"]["steps_per_step"] == [pytest.approx(3.0)] * 3
+    assert res["ledger"]["units_per_step"] == [pytest.approx(3.0)] * 3
     # a time stream: classes recur; the step's classes are those with labels at that step
     st = res["stream"]
     assert st["scenario"] == "time" and len(st["step_classes"]) == 3

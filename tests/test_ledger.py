@@ -216,8 +216,8 @@ def test_reregister_updates_costs_and_to_dict():
     led.charge("mae", 512, backward=False)
     d = led.to_dict()
     assert d["global_batch"] == 1024
-    assert d["steps_per_step"][0] == 1.0
-    assert d["steps_per_step"][1] == pytest.approx(1.0 + 0.5 * 40 / 110)
+    assert d["units_per_step"][0] == 1.0
+    assert d["units_per_step"][1] == pytest.approx(1.0 + 0.5 * 40 / 110)
     assert d["flops_per_step"] == [1024 * 300, 1024 * 330 + 512 * 40]
     assert d["flops_total"] == sum(d["flops_per_step"])
     assert d["per_path"]["classify"]["images_fwd_bwd"] == 2048

@@ -326,7 +326,7 @@ def test_training_run_through_each_backend(folder, tmp_path, backend):
     res = Trainer(cfg, log=quiet).run(str(tmp_path))
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["skipped_files"] == [] and 0.0 <= on_disk["data_wait_fraction"] <= 1.0
-    assert res["ledger"]["steps_per_step"] == [pytest.approx(2.0)] * 2
+    assert res["ledger"]["units_per_step"] == [pytest.approx(2.0)] * 2
     assert len(res["accuracy_matrix"]) == 2
 
 

@@ -39,7 +39,7 @@ def test_method_runs_within_budget_and_ledger_equals_flopcounter(tmp_path, flop_
     tr, res, counter = run_counted(tmp_path, flop_regions, method)
     led = res["ledger"]
     T, B = 2, 3
-    spent = led["steps_per_step"]
+    spent = led["units_per_step"]
     assert all(s <= b + 1e-9 for s, b in zip(spent, led["budget_per_step"]))
     assert sum(spent) <= T * B + 1e-9
     assert sum(spent) > 0.5 * T * B                      # the budget is actually used
@@ -175,8 +175,8 @@ def test_joint_sees_all_data_once(tmp_path):
     tr.loader.batch = spy
     res = tr.run(str(tmp_path))
     led = res["ledger"]
-    assert led["budget_per_step"] == [0.0, 8.0] and led["steps_per_step"][0] == 0
-    assert led["steps_per_step"][1] == pytest.approx(8.0)
+    assert led["budget_per_step"] == [0.0, 8.0] and led["units_per_step"][0] == 0
+    assert led["units_per_step"][1] == pytest.approx(8.0)
     all_u = np.concatenate([s.unlabeled_ids for s in tr.stream.steps])
     # 0.8 x 8 -> 6 MAE steps of 16 = 96 images, drawn from the union without repetition
     assert len(seen) == 96 and len(set(seen)) == 96
@@ -268,4 +268,4 @@ def test_a_new_method_declares_its_importance_pass_and_reinit_the_trainer_runs_a
     assert calls["chunks"][0][1] == list(tr.stream.labels_of(step0.labeled_ids[:4]))
     led = res["ledger"]
     assert flop_regions.total == pytest.approx(led["flops_total"], rel=5e-3)   # every pass charged
-    assert all(s <= b + 1e-9 for s, b in zip(led["steps_per_step"], led["budget_per_step"]))
+    assert all(s <= b + 1e-9 for s, b in zip(led["units_per_step"], led["budget_per_step"]))

@@ -37,7 +37,7 @@ def test_pretrain_writes_official_mae_layout(pretrained):
     assert not any(k.startswith(("head.", "encoder.")) for k in keys)
     rep = json.loads((out / "pretrain.json").read_text())
     led = rep["ledger"]
-    assert led["steps_per_step"] == [pytest.approx(4.0)]              # budget spent, no more
+    assert led["units_per_step"] == [pytest.approx(4.0)]              # budget spent, no more
     assert led["per_path"]["mae"]["images_fwd_bwd"] == 4 * 8
     assert len(rep["loss_curve"]) == 4 and all(np.isfinite(rep["loss_curve"]))
     assert "Wrote" in p.stderr
@@ -137,7 +137,7 @@ def test_split_auto_validates_on_held_out_labels_and_reports_its_compute(tmp_pat
     # tuning compute: step 0 once + 2 candidates x 2 further steps, at 2 units per step
     assert tun["units"] == pytest.approx(2 + 2 * 2 * 2)
     assert res["ledger"]["tuning"]["units"] == tun["units"] and res["ledger"]["tuning"]["flops"] > 0
-    assert res["ledger"]["steps_per_step"] == [pytest.approx(2.0)] * 3     # the run's own budget
+    assert res["ledger"]["units_per_step"] == [pytest.approx(2.0)] * 3     # the run's own budget
     assert res["config"]["method"]["split"] == "auto"
     assert not [n for n in os.listdir(out) if n.startswith("split-auto-")]   # scratch removed
 

@@ -33,7 +33,7 @@ def test_run_writes_results_and_never_exceeds_budget(tmp_path, method):
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert (tmp_path / "config.yaml").exists()
     led = res["ledger"]
-    assert led["steps_per_step"] == [pytest.approx(3.0)] * 2      # spent exactly, never more
+    assert led["units_per_step"] == [pytest.approx(3.0)] * 2      # spent exactly, never more
     assert len(res["accuracy_matrix"]) == 2 and len(res["accuracy_matrix"][1]) == 2
     assert all(0 <= a <= 100 for row in res["accuracy_matrix"] for a in row)
     assert res["average_accuracy"] == pytest.approx(np.mean(res["A"]))
@@ -185,7 +185,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert kc["final_accuracy"] == ka["final_accuracy"] and kc["missing_steps"] == [0]
     assert kc["average_accuracy"] is None and kc["forgetting"] is None
     assert a["ledger"]["flops_total"] == b["ledger"]["flops_total"]
-    assert a["ledger"]["steps_per_step"] == b["ledger"]["steps_per_step"]
+    assert a["ledger"]["units_per_step"] == b["ledger"]["units_per_step"]
     assert a["passes"] == b["passes"] and len(a["passes"]) == 2
     # refusing to overwrite a run
     p = cli(*TINY, "--out", str(full), check=False)

@@ -26,7 +26,7 @@ import torch
 from .. import __version__
 from ..data.transforms import norm_stats
 from ..fsio import atomic_write_bytes
-from ..ledger import Ledger
+from ..ledger import Ledger, units_per_step
 from ..models import ModelSpec
 from .run import RunError, RunModel
 
@@ -119,8 +119,8 @@ def provenance(run: RunModel) -> dict:
     if isinstance(st.get("ledger"), (bytes, bytearray)):
         led = Ledger.from_state_bytes(st["ledger"]).to_dict()
         out["ledger"] = {"flops_total": led["flops_total"],
-                         "units_spent": sum(led["steps_per_step"]),
-                         "units_per_time_step": led["steps_per_step"]}
+                         "units_spent": sum(units_per_step(led)),
+                         "units_per_time_step": units_per_step(led)}
     if "A" in st:
         A = st["A"]
         out["A"] = A if isinstance(A, (int, float)) else (A[run.time_step]

@@ -12,7 +12,7 @@ import os
 from .. import checkpoint as ckpt_io
 from ..config import Config
 from ..evaluate import summarise
-from ..ledger import Ledger
+from ..ledger import Ledger, units_per_step
 from ..metrics_log import FILE as METRICS_FILE, TENSORBOARD_DIR, read as read_metrics
 from ..results import table
 from .run import CONFIG, RESULTS, RunError, _position_text, check_run_dir, read_results, read_state
@@ -58,7 +58,7 @@ def summary(run_dir: str) -> dict:
                    **{k: res[k] for k in ("A", "final_accuracy", "average_accuracy", "forgetting")},
                    knn=res.get("readouts", {}).get("knn"),
                    budget={"per_time_step": res["budget"], "global_batch": G,
-                           "units_spent": sum(led["steps_per_step"]),
+                           "units_spent": sum(units_per_step(led)),
                            "units_planned": res["budget"] * res["time_steps"],
                            "flops_total": led["flops_total"]},
                    throughput={"wall_seconds": res["wall_seconds"],
@@ -90,7 +90,7 @@ def summary(run_dir: str) -> dict:
                    accuracy_matrix=acc, **summarise(acc, A),
                    knn={"k": 3, "A": knn.get("A")} if knn.get("A") else None,
                    budget={"per_time_step": cfg.run.budget, "global_batch": cfg.run.batch_size,
-                           "units_spent": sum(led["steps_per_step"]),
+                           "units_spent": sum(units_per_step(led)),
                            "units_planned": cfg.run.budget * T,
                            "flops_total": led["flops_total"]},
                    throughput={"wall_seconds": wall, "optimiser_steps": pos["gstep"],
