@@ -51,34 +51,32 @@ def snapshot(obj, events: list):
 
 
 
-def _started_with_signals_held(make) -> tuple[threading.Thread, list]:
-    """thread = make(); thread.start(), with SIGINT and SIGTERM recorded instead of handled
-    until the thread has started -> (thread, the signals caught meanwhile). Their handlers raise
-    (KeyboardInterrupt, a preemption's clean stop); raised inside Thread.start's wait they left
-    a writer running that could not be joined ("cannot join thread before it is started", seen
-    once under SIGTERM). The caller stores the thread, then `_deliver`s what was caught: the
-    handler runs with the writer started and joinable, whichever thread the OS gave the signal
-    to. Swapping Python handlers needs the main thread; elsewhere a plain start."""
+def _start_with_signals_held(thread: threading.Thread) -> list:
+    """thread.start() with SIGINT and SIGTERM recorded instead of handled until it returns ->
+    the signals caught meanwhile. Their handlers raise (KeyboardInterrupt, a preemption's clean
+    stop); raised inside Thread.start's wait they left a writer running that could not be
+    joined ("cannot join thread before it is started", seen once under SIGTERM). The caller then
+    `_deliver`s what was caught: the handler runs with the writer started and joinable,
+    whichever thread the OS gave the signal to. Swapping Python handlers needs the main thread;
+    elsewhere a plain start."""
     if threading.current_thread() is not threading.main_thread():
-        t = make()
-        t.start()
-        return t, []
+        thread.start()
+        return []
     caught: list = []
     held = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         if callable(signal.getsignal(sig)):     # a Python handler that may raise
             held[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
     try:
-        t = make()
-        t.start()
+        thread.start()
     finally:
         for sig, handler in held.items():
             signal.signal(sig, handler)
-    return t, caught
+    return caught
 
 
 def _deliver(caught: list) -> None:
-    """The signals `_started_with_signals_held` recorded, handled now (their own handlers)."""
+    """The signals `_start_with_signals_held` recorded, handled now (their own handlers)."""
     for sig in caught:
         signal.raise_signal(sig)
 
@@ -102,9 +100,9 @@ class BackgroundCheckpointer:
         if events:
             event = torch.cuda.Event()
             event.record()                  # after every non-blocking copy on this stream
-        self._thread, caught = _started_with_signals_held(lambda: threading.Thread(
-            target=self._write, args=(run_dir, snap, event), name="checkpoint-writer",
-            daemon=False))
+        self._thread = threading.Thread(target=self._write, args=(run_dir, snap, event),
+                                        name="checkpoint-writer", daemon=False)
+        caught = _start_with_signals_held(self._thread)
         self.log.append(time.perf_counter() - t0)
         self.critical_seconds += self.log[-1]
         _deliver(caught)
@@ -122,7 +120,8 @@ class BackgroundCheckpointer:
 
     def _join(self) -> None:
         if self._thread is not None:
-            self._thread.join()
+            if self._thread.ident is not None:      # not started (a signal came first): no write
+                self._thread.join()
             self._thread = None
         if self._error is not None:         # the writer's own error (e.g. CheckpointWriteError)
             e, self._error = self._error, None

@@ -542,7 +542,7 @@ def test_a_signal_while_the_checkpoint_writer_starts_is_handled_once_it_has_star
     "cannot join thread before it is started" on the way out); the handler is put back."""
     import threading
 
-    from dietcl_fast.ckpt_writer import _deliver, _started_with_signals_held
+    from dietcl_fast.ckpt_writer import BackgroundCheckpointer, _deliver, _start_with_signals_held
 
     class Stop(Exception):
         pass
@@ -550,19 +550,27 @@ def test_a_signal_while_the_checkpoint_writer_starts_is_handled_once_it_has_star
     def handler(signum, frame):
         raise Stop()
 
+    class Writer(threading.Thread):
+        def start(self):
+            os.kill(os.getpid(), signal.SIGTERM)        # arrives mid-start
+            time.sleep(0.05)
+            super().start()
+
     old = signal.signal(signal.SIGTERM, handler)
     other = threading.Thread(target=time.sleep, args=(1,), daemon=True)
     other.start()
     try:
-        def make():
-            os.kill(os.getpid(), signal.SIGTERM)        # arrives mid-start
-            time.sleep(0.05)
-            return threading.Thread(target=time.sleep, args=(0.1,))
-        t, caught = _started_with_signals_held(make)
+        t = Writer(target=time.sleep, args=(0.1,))
+        caught = _start_with_signals_held(t)
         assert caught == [signal.SIGTERM] and t.ident is not None
         assert signal.getsignal(signal.SIGTERM) is handler
         with pytest.raises(Stop):
             _deliver(caught)
         t.join()
+        # a writer that a signal stopped before it started holds no write: nothing to wait for
+        w = BackgroundCheckpointer(save=lambda run_dir, state: None)
+        w._thread = threading.Thread(target=lambda: None)
+        w.wait()
+        assert w._thread is None
     finally:
         signal.signal(signal.SIGTERM, old)
