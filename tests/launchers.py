@@ -135,9 +135,7 @@ def same_images(one: dict, two: dict, one_micro: dict, micro: int) -> None:
     assert two["ledger"]["num_charges"] > one["ledger"]["num_charges"]
     assert two["ledger"] == one_micro["ledger"]
     assert two["passes"] == one["passes"] == one_micro["passes"]
-    for acc in (lambda r: r["accuracy_matrix"], lambda r: r["readouts"]["knn"]["accuracy_matrix"]):
-        fa, fb = (np.array(sum(acc(r), [])) for r in (one_micro, two))
-        assert np.abs(fa - fb).max() <= ACC_TOL, (acc(one_micro), acc(two))
+    same_accuracies(one_micro, two)
 
 
 def one_process_references(tmp_path, micro: int) -> dict:
@@ -150,12 +148,15 @@ def one_process_references(tmp_path, micro: int) -> dict:
     return {n: results(tmp_path / n) for n in ("one", "one_micro")}
 
 
+def same_accuracies(a: dict, b: dict) -> None:
+    """The method's accuracy matrices and the common kNN readout's (every rank forwards the
+    whole bank, the eval sets are sharded) agree within ACC_TOL."""
+    for acc in (lambda r: r["accuracy_matrix"], lambda r: r["readouts"]["knn"]["accuracy_matrix"]):
+        fa, fb = (np.array(sum(acc(r), [])) for r in (a, b))
+        assert np.abs(fa - fb).max() <= ACC_TOL, (acc(a), acc(b))
+
+
 def same_run(a, b):
     assert a["ledger"] == b["ledger"]                                  # exact, every field
     assert a["global_batch"] == b["global_batch"] == 16
-    fa, fb = np.array(sum(a["accuracy_matrix"], [])), np.array(sum(b["accuracy_matrix"], []))
-    assert np.abs(fa - fb).max() <= ACC_TOL, (a["accuracy_matrix"], b["accuracy_matrix"])
-    # the common kNN readout: every rank forwards the whole bank, the eval sets are sharded
-    ka, kb = (r["readouts"]["knn"]["accuracy_matrix"] for r in (a, b))
-    fa, fb = np.array(sum(ka, [])), np.array(sum(kb, []))
-    assert np.abs(fa - fb).max() <= ACC_TOL, (ka, kb)
+    same_accuracies(a, b)
