@@ -210,7 +210,7 @@ if [ "$MODE" = gpu ]; then
     TESTDEV=cuda; PYTEST_EXTRA=()
 else
     DEV=(--device cpu); export TRITON_INTERPRET=1
-    KERNELS=(--tiny); STEP=(--preset cpu-tiny --steps 1 --warmup 1 --tiny-peak)
+    KERNELS=(--tiny); STEP=(--preset cpu-tiny --batch-size 16 --steps 1 --warmup 1 --tiny-peak)
     LOADER=(--preset cpu-tiny --backends torch-decode_jpeg-cpu --tiny)
     TESTDEV=cpu
     PYTEST_EXTRA=(--collect-only)   # the test suite runs these tests itself

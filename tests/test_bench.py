@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from conftest import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
 GPU_ORDER = ["env", "build", "kernels", "pytest_kernels", "step", "mae_loss", "loader"]
@@ -86,7 +88,9 @@ def test_bench_step_schema(suite):
     assert r["kind"] == "dietcl-fast/bench-step" and r["version"] == 1
     assert r["device"]["type"] == "cpu" and isinstance(r["device"]["name"], str)
     assert r["device"]["count"] >= 1
-    assert r["preset"] == "cpu-tiny" and r["global_batch"] == 64 and r["budget"] == 500
+    # the suite's CPU mode runs the cpu-tiny model at a global batch of 16, not its 64: the same
+    # lines, a quarter of the triton interpreter's work
+    assert r["preset"] == "cpu-tiny" and r["global_batch"] == 16 and r["budget"] == 500
     assert set(r["modes"]) == {"eager", "compiled"}
     for m in ("eager", "compiled"):
         mode = r["modes"][m]
@@ -94,7 +98,7 @@ def test_bench_step_schema(suite):
         for ph in ("joint", "buffer"):
             p = mode["phases"][ph]
             assert p["seconds_per_iteration"] > 0 and p["iterations"] == 1
-            assert p["images_per_second"] == pytest.approx(64 / p["seconds_per_iteration"])
+            assert p["images_per_second"] == pytest.approx(16 / p["seconds_per_iteration"])
             assert 0 <= p["data_wait_fraction"] <= 1 and p["flops_per_iteration"] > 0
             assert p["mfu"] == pytest.approx(p["achieved_flops_per_second"] / r["matmul_peak_flops"])
         assert mode["eval_seconds"] > 0 and mode["checkpoint_seconds"] > 0
@@ -221,7 +225,9 @@ def _python_loops():
     (["kernels", "--device", "cpu"], "--tiny"),
 ])
 def test_bench_bad_options_stop_before_compute(args, needle):
-    p = run([*CLI, "bench", *args])
+    """In this process (conftest.cli: the entry point's exit status and stderr, an escaping
+    exception printed as Python prints it): a rejected option is not a process's business."""
+    p = cli("bench", *args, check=False)
     assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from conftest import tiny_cfg
+from conftest import cli, tiny_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,10 +38,10 @@ def aot_eager(monkeypatch):
 @pytest.mark.parametrize("compile_from", [0, 1])
 def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, aot_eager,
                                                                       compile_from):
-    """Four time steps of DietCL, compiled: the loss graphs of time step 0's joint phase (no
+    """Three time steps of DietCL, compiled: the loss graphs of time step 0's joint phase (no
     buffer), the joint phase with the buffer and the buffer-only phase, each built in its first
-    iteration and never again (time steps 2 and 3 reuse them: the head grows, the class sets
-    change, the shapes do not), and the evaluation graph(s) (at most one per padded size), each
+    iteration and never again (time step 2 reuses them: the head grows, the class sets change,
+    the shapes do not), and the evaluation graph(s) (at most one per padded size), each
     logged by the compile meter the command line installs (meter.CompileMeter).
     With `compile_from = 1` (what `bench step` does) time step 0 runs in an eager trainer whose
     state the compiled one resumes, and builds none."""
@@ -52,7 +52,7 @@ def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, a
     from dietcl_fast.trainer import Trainer
     cfg = tiny_cfg("dietcl", budget=4, method__split="ratio:0.5", engine__compile=True,
                    device="cpu", stream__eval_fraction=0.2)    # evaluation sets as users have
-    cfg.stream.time_steps = 4
+    cfg.stream.time_steps = 3
     logged = []
     meter = CompileMeter(logged.append)
     state, run = None, str(tmp_path / "run")
@@ -95,9 +95,7 @@ def test_an_eager_run_keeps_no_compile_log(tmp_path):
 def test_bench_step_compiled_mode_needs_a_warmup_iteration():
     """The compiled mode builds time step 1's graphs in each phase's first iteration: with
     --warmup 0 that iteration would be timed, so the bench refuses before any compute."""
-    p = subprocess.run([sys.executable, "-m", "dietcl_fast.cli.main", "bench", "step",
-                        "--warmup", "0", "--device", "cpu"], capture_output=True, text=True,
-                       timeout=300, cwd=ROOT)
+    p = cli("bench", "step", "--warmup", "0", "--device", "cpu", check=False)   # in process
     assert p.returncode == 2 and "--warmup 0" in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 

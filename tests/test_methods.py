@@ -26,17 +26,56 @@ def tiny_cfg(method, budget=3, **opts):
     return cfg
 
 
-def run_counted(tmp_path, counter, method, budget=3, **opts):
+def run_counted(tmp_path, counter, method, budget=3, before_run=None, **opts):
     from dietcl_fast.models import set_fused_attention
     tr = counter.watch(Trainer(tiny_cfg(method, budget, **opts), log=lambda m: None))
     set_fused_attention(tr.model, False)
+    if before_run is not None:
+        before_run(tr)
     res = tr.run(str(tmp_path))
     return tr, res, counter
 
 
+class UnlabeledLabelGuard:
+    """Installed on a trainer before its run: every micro-batch the method's loss receives is
+    checked to hold no label of the unlabeled source, and every lookup of the stream's labels
+    is recorded; `check()` after the run fails if a micro-batch ran with none, or if a lookup
+    asked for an unlabeled image's label."""
+
+    def __init__(self, monkeypatch, method):
+        self.monkeypatch, self.method = monkeypatch, method
+        self.seen_sources, self.looked_up = set(), []
+
+    def __call__(self, tr):
+        self.unlabeled = np.concatenate([s.unlabeled_ids for s in tr.stream.steps])
+        orig_labels_of, looked_up = type(tr.stream).labels_of, self.looked_up
+        self.monkeypatch.setattr(type(tr.stream), "labels_of", lambda stream, ids: (
+            looked_up.append(np.asarray(ids)), orig_labels_of(stream, ids))[1])
+        orig_loss, method, seen = tr.loss_fn, self.method, self.seen_sources
+
+        def loss(model, mb):
+            assert "unlabeled" not in mb.y, f"{method} got the unlabeled source's labels"
+            assert set(mb.y) <= {"labeled", "buffer"} and set(mb.y) <= set(mb.x)
+            seen.update(mb.x)
+            return orig_loss(model, mb)
+        tr.loss_fn = loss
+
+    def check(self):
+        assert self.seen_sources, "no micro-batch ran"
+        for ids in self.looked_up:
+            assert not np.isin(ids, self.unlabeled).any(), \
+                f"{self.method}: labels of unlabeled images looked up"
+
+
 @pytest.mark.parametrize("method", ALL)
-def test_method_runs_within_budget_and_ledger_equals_flopcounter(tmp_path, flop_regions, method):
-    tr, res, counter = run_counted(tmp_path, flop_regions, method)
+def test_method_runs_within_budget_and_ledger_equals_flopcounter(tmp_path, flop_regions,
+                                                                  monkeypatch, method):
+    """A tiny run of each method: never over budget, the budget used, the ledger's FLOPs what
+    FlopCounterMode counted; and in the same run the unlabeled source's labels are never
+    looked up and never reach a micro-batch (UnlabeledLabelGuard)."""
+    guard = UnlabeledLabelGuard(monkeypatch, method)
+    tr, res, counter = run_counted(tmp_path, flop_regions, method, before_run=guard)
+    guard.check()
     led = res["ledger"]
     T, B = 2, 3
     spent = led["units_per_step"]
