@@ -218,7 +218,10 @@ class EngineConfig:
     zero_stage: int = option(0, help="DeepSpeed ZeRO stage (0: replicated optimiser, 1: sharded "
                                      "optimiser state, 2: + sharded gradients; 3 is refused, see "
                                      "docs/scaling.md).",
-                             num=dict(lo=0, hi=3, integer=True))
+                             num=dict(lo=0, hi=2, integer=True,
+                                      why=" (stage 3 partitions the parameters, which the "
+                                          "growing head and the per-phase optimiser rebuild do "
+                                          "not support; ViT-B/16 fits one GPU with stage 2)"))
     micro_batch: Any = option(None, auto=True, default_text="the preset's",
                               help="Micro-batch (gradient accumulation makes up the global "
                                    "batch), or auto: on a GPU the largest that fits, probed once "

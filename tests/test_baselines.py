@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

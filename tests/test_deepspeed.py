@@ -18,6 +18,7 @@ import os
 
 import pytest
 
+from conftest import cli
 from kill import EXIT_STATUS, exit_after
 from launchers import (_DIRS, TINY, UNEVEN, launch, launcher, ok, one_process_references,
                        results, run_once, same_images, same_run, single,
@@ -115,8 +116,8 @@ def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, t
 @ds
 @pytest.mark.slow
 def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
-    """Over 20 s: a killed 2-rank run, a refused 1-process resume, the 2-rank resume and a
-    refused second training, each real processes (an abrupt exit needs a process)."""
+    """Over 20 s: a killed 2-rank run, a refused 1-process resume and the 2-rank resume, each
+    real processes (an abrupt exit needs a process), then a refused second training."""
     args = [*TINY, "--engine", "deepspeed", "--zero-stage", "2"]
     full, _ = run_once("ds2z2", tmp_path_factory, 2, *args)
     part = tmp_path / "part"
@@ -143,9 +144,11 @@ def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
     b = results(part)
     assert full["accuracy_matrix"] == b["accuracy_matrix"]       # bit-identical on the CPU
     assert full["ledger"] == b["ledger"]
-    # a second training into the same directory is refused
-    p = single(*TINY, "--engine", "deepspeed", "--out", str(part))
-    assert p.returncode == 2 and "--resume" in p.stderr
+    # a second training into the same directory is refused, before anything is built (in this
+    # process: the refusal reads the DeepSpeed checkpoint's config, no process group is opened)
+    p = cli(*TINY, "--engine", "deepspeed", "--out", part, check=False)
+    assert p.returncode == 2 and "already holds a run" in p.stderr and "--resume" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 @ds
@@ -171,18 +174,27 @@ def test_engine_deepspeed_without_deepspeed_says_how_to_install(tmp_path):
     assert "pip install 'dietcl-fast[deepspeed]'" in p.stderr and "Traceback" not in p.stderr
 
 
-@ds
-def test_global_batch_must_divide_deepspeed_zero3(tmp_path):
-    p = single(*TINY, "--engine", "deepspeed", "--zero-stage", "3", "--out", str(tmp_path / "z3"))
-    assert p.returncode == 2 and "--zero-stage 3" in p.stderr
+def test_zero_stage_3_is_refused_before_compute(tmp_path):
+    """The option's range is [0, 2] (stage 3 partitions the parameters): refused by the
+    config's check, in this process, before a model, a loader or DeepSpeed is built."""
+    p = cli(*TINY, "--engine", "deepspeed", "--zero-stage", "3", "--out", tmp_path / "z3",
+            check=False)
+    assert p.returncode == 2 and "--zero-stage 3" in p.stderr and "stage 3 partitions" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "z3").exists()
 
 
 @ds
-def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path):
-    p = single(*TINY, "--local_rank=0", "--budget", "1", "--time-steps", "1", "--out",
-               str(tmp_path / "r"), extra_env={"CROSS_RANK": "0", "CROSS_SIZE": "1"})
-    ok(p)
-    assert "(engine deepspeed, ZeRO-0)" in p.stderr      # auto: started "by the deepspeed launcher"
+def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path, monkeypatch):
+    """`--local_rank=N` is accepted after the subcommand as well (the real launcher puts it
+    before: test_real_deepspeed_launcher_train_and_compare_match_one_process runs that), and
+    engine auto picks DeepSpeed in the environment the launcher sets (CROSS_RANK, CROSS_SIZE).
+    `train --check` resolves the options as the run would, in this process, and writes
+    nothing; the launcher test trains."""
+    monkeypatch.setenv("CROSS_RANK", "0")
+    monkeypatch.setenv("CROSS_SIZE", "1")
+    p = cli(*TINY, "--local_rank=0", "--check", "--out", tmp_path / "r")
+    assert "engine deepspeed" in p.stderr, p.stderr     # auto: started "by the deepspeed launcher"
+    assert not (tmp_path / "r").exists()
 
 
 _AUTOCAST_PROBE = r"""

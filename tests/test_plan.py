@@ -2,7 +2,6 @@
 (table, --json, --out, --explain, bad input) and --sweep on tiny real runs."""
 import csv
 import json
-import math
 import os
 import subprocess
 import sys

@@ -1,13 +1,11 @@
 """The training step's hot path: no device-to-host sync inside an iteration, static per-source
 micro-batch sizes, and the `--micro-batch auto` probe. (That the unlabeled source's labels
 never reach a method is checked in every method's run of test_methods.py.)"""
-import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dietcl_fast.methods import METHODS
 from dietcl_fast.methods.base import Phase
 from dietcl_fast.trainer import Trainer
 
