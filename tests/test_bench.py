@@ -167,19 +167,18 @@ def test_bench_kernels_loader_results(suite):
 
 
 def test_bench_flops(tmp_path):
-    p = run([*CLI, "bench", "flops", "--tiny", "--device", "cpu", "--out", str(tmp_path / "f.json")])
-    assert p.returncode == 0, p.stderr[-2000:]
+    """In process (conftest.cli), as `bench buffer` below: nothing of either is a process's."""
+    cli("bench", "flops", "--tiny", "--device", "cpu", "--out", tmp_path / "f.json")
     f = json.loads((tmp_path / "f.json").read_text())
     assert f["ledger_exact"] and 0 < f["mfu"]
 
 
 def test_bench_buffer_and_engines(tmp_path):
-    p = run([*CLI, "bench", "buffer", "--tiny", "--out", str(tmp_path / "b.json")])
-    assert p.returncode == 0, p.stderr[-2000:]
+    p = cli("bench", "buffer", "--tiny", "--out", tmp_path / "b.json")
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["kind"] == "dietcl-fast/bench-buffer" and b["speedup"] > 0
     assert "| workload |" in p.stdout
-    # DeepSpeed included when installed
+    # DeepSpeed included when installed: a process (DeepSpeed's engine opens a process group)
     p = run([*CLI, "bench", "engines", "--tiny", "--engines", "torch,ds0",
              "--out", str(tmp_path / "e.json")])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
