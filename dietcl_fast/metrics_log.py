@@ -111,9 +111,11 @@ class MetricsLog:
         if tensorboard:
             SummaryWriter = require_tensorboard()
             g = resume[0] if resume else 0
+            tb_dir = os.path.join(run_dir, TENSORBOARD_DIR)
+            after_earlier_event_files(tb_dir)
             # purge_step: TensorBoard drops the events of steps >= g that an earlier process
             # wrote; the kept records of step g are written again
-            self.tb = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR), purge_step=g)
+            self.tb = SummaryWriter(tb_dir, purge_step=g)
             for r in records:
                 if r["optimiser_step"] >= g:
                     self._scalars(r)
@@ -177,6 +179,27 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+
+
+EVENTS_PREFIX = "events.out.tfevents."
+
+
+def after_earlier_event_files(tb_dir: str) -> None:
+    """Wait (a second at most) until the clock is past the start second of the newest event file
+    in `tb_dir`. TensorBoard reads a run's event files in name order, and a name is
+    `events.out.tfevents.<start second>.<host>.<pid>...`: a writer started in the same second
+    as the killed process's (a resume right after a kill) could sort before it, by pid, and
+    TensorBoard, reading the killed process's steps after the resumed ones, would drop the
+    resumed ones as out of order. A file dated more than a second ahead of this clock (copied
+    from another machine) is not waited for."""
+    seconds = [int(s) for s in (n[len(EVENTS_PREFIX):].split(".", 1)[0]
+                                for n in (os.listdir(tb_dir) if os.path.isdir(tb_dir) else ())
+                                if n.startswith(EVENTS_PREFIX)) if s.isdigit()]
+    if not seconds:
+        return
+    wait = max(seconds) + 1 - time.time()
+    if 0 < wait <= 2:
+        time.sleep(wait + 0.01)
 
 
 def scalars(rec: dict) -> list[tuple[str, float]]:

@@ -137,6 +137,38 @@ def test_tensorboard_events_are_the_logs_records(runs):
     assert len(os.listdir(runs["run"] / "tensorboard")) == 2        # one file per process
 
 
+@pytest.mark.skipif(not HAVE_TB, reason="needs the tensorboard extra (in .[dev])")
+def test_a_resume_in_the_second_of_the_kill_keeps_its_tensorboard_steps(tmp_path):
+    """A resume started in the same second as the killed process's writer (seen once in the
+    suite: the module's run above failed its TensorBoard check): the killed process's event file
+    is named with this second and a pid that sorts after any, so TensorBoard, which reads the
+    files in name order, would read it last and drop the resumed steps as out of order; the
+    resumed writer waits until the clock has passed that second and every step is there."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dietcl_fast.metrics_log import EVENTS_PREFIX, MetricsLog
+
+    def steps(log, gs):
+        for g in gs:
+            log.log_step(gstep=g, t=0, phase="joint", it=g, losses={"L": 1.0 / g}, lr=0.01 * g,
+                         flops=10 * g, data_seconds=0.0)
+        log.close()
+    steps(MetricsLog(str(tmp_path), every=1, global_batch=8, tensorboard=True), range(1, 6))
+    tb = tmp_path / "tensorboard"
+    (killed,) = os.listdir(tb)
+    head, _pid, uid = killed.rsplit(".", 2)        # events.out.tfevents.<second>.<host>.<pid>.<n>
+    host = head[len(EVENTS_PREFIX):].split(".", 1)[1]
+    os.rename(tb / killed, tb / f"{EVENTS_PREFIX}{int(time.time()):010d}.{host}.{'9' * 9}.{uid}")
+    steps(MetricsLog(str(tmp_path), every=1, global_batch=8, tensorboard=True, resume=(4, 0)),
+          range(5, 9))
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    assert [(e.step, round(e.value, 6)) for e in acc.Scalars("train/lr")] == \
+        [(g, round(0.01 * g, 6)) for g in range(1, 9)]
+
+
 def test_tensorboard_missing_is_a_clear_error_before_any_compute(tmp_path, monkeypatch):
     """--tensorboard without the package: train and compare stop before anything is created,
     naming the option and the install command."""
