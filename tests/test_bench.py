@@ -193,8 +193,8 @@ def test_bench_threads_times_real_runs_idle_and_busy(tmp_path):
     beside a CPU-bound loop the bench starts (and stops: no loop outlives it), each choosing
     its OpenMP waiting policy from the load at its start (`--waits auto`): beside the loop
     (a core kept busy: over omp_wait.BUSY_CORES) it waits asleep; alone it depends on what else
-    this machine runs. Each run records the thread count it was given. About 15 s: two
-    training processes."""
+    this machine runs. Each run records the thread count it was given. 15-30 s: two real
+    training processes (the point of the bench), the second beside the busy loop."""
     before = set(_python_loops())
     p = run([*CLI, "bench", "threads", "--tiny", "--threads-list", "2", "--waits", "auto",
              "--busy", "1", "--out", str(tmp_path / "t.json")])

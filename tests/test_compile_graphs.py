@@ -44,7 +44,8 @@ def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, a
     the shapes do not), and the evaluation graph(s) (at most one per padded size), each
     logged by the compile meter the command line installs (meter.CompileMeter).
     With `compile_from = 1` (what `bench step` does) time step 0 runs in an eager trainer whose
-    state the compiled one resumes, and builds none."""
+    state the compiled one resumes, and builds none. 15-25 s on 2 cores: dynamo traces each graph
+    (and AOTAutograd its backward) in this process; the first case pays dynamo's start-up too."""
     import copy
 
     from dietcl_fast.evaluate import eval_pad_sizes
