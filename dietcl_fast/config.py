@@ -219,9 +219,10 @@ class EngineConfig:
                                      "optimiser state, 2: + sharded gradients; 3 is refused, see "
                                      "docs/scaling.md).",
                              num=dict(lo=0, hi=2, integer=True,
-                                      why=" (stage 3 partitions the parameters, which the "
-                                          "growing head and the per-phase optimiser rebuild do "
-                                          "not support; ViT-B/16 fits one GPU with stage 2)"))
+                                      why=" (ZeRO-3 is not supported: it partitions the "
+                                          "parameters, which the growing head and the "
+                                          "per-phase optimiser rebuild do not allow; see "
+                                          "docs/scaling.md)"))
     micro_batch: Any = option(None, auto=True, default_text="the preset's",
                               help="Micro-batch (gradient accumulation makes up the global "
                                    "batch), or auto: on a GPU the largest that fits, probed once "

@@ -112,7 +112,11 @@ class MetricsLog:
             SummaryWriter = require_tensorboard()
             g = resume[0] if resume else 0
             tb_dir = os.path.join(run_dir, TENSORBOARD_DIR)
-            after_earlier_event_files(tb_dir)
+            ahead = after_earlier_event_files(tb_dir)
+            if ahead:
+                log(f"note: {tb_dir} holds an event file dated {ahead:.0f} s ahead of this "
+                    "machine's clock; TensorBoard may read it after this run's and drop this "
+                    "run's steps up to its date as out of order")
             # purge_step: TensorBoard drops the events of steps >= g that an earlier process
             # wrote; the kept records of step g are written again
             self.tb = SummaryWriter(tb_dir, purge_step=g)
@@ -184,22 +188,25 @@ class MetricsLog:
 EVENTS_PREFIX = "events.out.tfevents."
 
 
-def after_earlier_event_files(tb_dir: str) -> None:
-    """Wait (a second at most) until the clock is past the start second of the newest event file
-    in `tb_dir`. TensorBoard reads a run's event files in name order, and a name is
+def after_earlier_event_files(tb_dir: str) -> float:
+    """Wait (two seconds at most) until the clock is past the start second of the newest event
+    file in `tb_dir`. TensorBoard reads a run's event files in name order, and a name is
     `events.out.tfevents.<start second>.<host>.<pid>...`: a writer started in the same second
     as the killed process's (a resume right after a kill) could sort before it, by pid, and
     TensorBoard, reading the killed process's steps after the resumed ones, would drop the
     resumed ones as out of order. A file dated more than a second ahead of this clock (copied
-    from another machine) is not waited for."""
+    from another machine) is not waited for -> how many seconds ahead it is, else 0."""
     seconds = [int(s) for s in (n[len(EVENTS_PREFIX):].split(".", 1)[0]
                                 for n in (os.listdir(tb_dir) if os.path.isdir(tb_dir) else ())
                                 if n.startswith(EVENTS_PREFIX)) if s.isdigit()]
     if not seconds:
-        return
+        return 0.0
     wait = max(seconds) + 1 - time.time()
-    if 0 < wait <= 2:
+    if wait > 2:
+        return wait - 1
+    if wait > 0:
         time.sleep(wait + 0.01)
+    return 0.0
 
 
 def scalars(rec: dict) -> list[tuple[str, float]]:

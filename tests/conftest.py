@@ -23,6 +23,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import dietcl_fast.methods  # noqa: E402,F401  (the registry: every method's options in Config)
+# `--cpu-profile FILE`: each test's wall and CPU seconds (tests/cpu_profile.py, docs/testing.md)
+from cpu_profile import pytest_addoption, pytest_runtest_protocol  # noqa: E402,F401
 
 # one thread here too: inductor's generated CPU code depends on the thread count, so the
 # in-process compiled runs and the CLI processes the tests start share its on-disk cache only

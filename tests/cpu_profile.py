@@ -1,7 +1,8 @@
-"""Where the suite's time goes, per test: a pytest plugin and its summary.
+"""Where the suite's time goes, per test: pytest hooks (tests/conftest.py imports them) and
+their summary.
 
-    python -m pytest -q -p cpu_profile --cpu-profile prof.jsonl     # the suite, profiled
-    python tests/cpu_profile.py prof.jsonl                          # the heaviest tests and files
+    python -m pytest -q --cpu-profile prof.jsonl      # the suite, profiled
+    python tests/cpu_profile.py prof.jsonl            # the heaviest tests and files
 
 On 2 cores the suite is bound by CPU, not by waiting, and most of its CPU is spent in the
 processes tests start (a process that imports torch and timm costs ~4 CPU-s before it does
@@ -53,8 +54,8 @@ def summary(path: str, top: int = 25) -> str:
     -> text (seconds)."""
     recs = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
     if not recs:
-        raise ValueError(f"{path}: no test records (was the suite run with -p cpu_profile "
-                         "--cpu-profile FILE?)")
+        raise ValueError(f"{path}: no test records (was the suite run with --cpu-profile "
+                         "FILE?)")
     cpu = lambda r: r["self"] + r["children"]                   # noqa: E731
     files = collections.Counter()
     for r in recs:

@@ -169,6 +169,23 @@ def test_a_resume_in_the_second_of_the_kill_keeps_its_tensorboard_steps(tmp_path
         [(g, round(0.01 * g, 6)) for g in range(1, 9)]
 
 
+@pytest.mark.skipif(not HAVE_TB, reason="needs the tensorboard extra (in .[dev])")
+def test_an_event_file_from_a_clock_ahead_is_not_waited_for_but_said(tmp_path):
+    """An event file dated far ahead of this clock (copied from another machine): the writer
+    does not wait for it, and the log says what TensorBoard may do with it."""
+    import time
+
+    from dietcl_fast.metrics_log import EVENTS_PREFIX, MetricsLog
+    tb = tmp_path / "tensorboard"
+    tb.mkdir()
+    (tb / f"{EVENTS_PREFIX}{int(time.time()) + 100:010d}.elsewhere.12.0").write_bytes(b"")
+    notes, t0 = [], time.monotonic()
+    MetricsLog(str(tmp_path), every=1, global_batch=8, tensorboard=True,
+               log=notes.append).close()
+    assert time.monotonic() - t0 < 30           # no wait for the file (seconds of imports at most)
+    assert len(notes) == 1 and "ahead of this machine's clock" in notes[0], notes
+
+
 def test_tensorboard_missing_is_a_clear_error_before_any_compute(tmp_path, monkeypatch):
     """--tensorboard without the package: train and compare stop before anything is created,
     naming the option and the install command."""

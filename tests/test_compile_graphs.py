@@ -38,10 +38,10 @@ def aot_eager(monkeypatch):
 @pytest.mark.parametrize("compile_from", [0, 1])
 def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, aot_eager,
                                                                       compile_from):
-    """Three time steps of DietCL, compiled: the loss graphs of time step 0's joint phase (no
-    buffer), the joint phase with the buffer and the buffer-only phase, each built in its first
-    iteration and never again (time step 2 reuses them: the head grows, the class sets change,
-    the shapes do not), and the evaluation graph(s) (at most one per padded size), each
+    """Three time steps of DietCL after the first compiled one, compiled: the loss graphs of
+    time step 0's joint phase (no buffer), the joint phase with the buffer and the buffer-only
+    phase, each built in its first iteration and never again (the last time step reuses them:
+    the head grows, the class sets change, the shapes do not), and the evaluation graph(s) (at most one per padded size), each
     logged by the compile meter the command line installs (meter.CompileMeter).
     With `compile_from = 1` (what `bench step` does) time step 0 runs in an eager trainer whose
     state the compiled one resumes, and builds none. 15-25 s on 2 cores: dynamo traces each graph
@@ -53,7 +53,7 @@ def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, a
     from dietcl_fast.trainer import Trainer
     cfg = tiny_cfg("dietcl", budget=4, method__split="ratio:0.5", engine__compile=True,
                    device="cpu", stream__eval_fraction=0.2)    # evaluation sets as users have
-    cfg.stream.time_steps = 3
+    cfg.stream.time_steps = 3 + compile_from     # a last time step that builds nothing
     logged = []
     meter = CompileMeter(logged.append)
     state, run = None, str(tmp_path / "run")
