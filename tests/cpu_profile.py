@@ -66,7 +66,8 @@ def summary(path: str, top: int = 25) -> str:
              f"{sum(r['wall'] for r in recs):.0f} worker-s of wall time",
              "", "   cpu    self children   wall  test"]
     for r in sorted(recs, key=cpu, reverse=True)[:top]:
-        lines.append(f"{cpu(r):6.1f} {r['self']:7.1f} {r['children']:8.1f} {r['wall']:6.1f}  {r['id']}")
+        lines.append(f"{cpu(r):6.1f} {r['self']:7.1f} {r['children']:8.1f} {r['wall']:6.1f}  "
+                     f"{r['id']}")
     lines += ["", "   cpu  file"]
     lines += [f"{v:6.1f}  {f}" for f, v in files.most_common()]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from .. import checkpoint as ckpt_io
 from ..config import Config
 from ..evaluate import summarise
 from ..ledger import Ledger, units_per_step
-from ..metrics_log import FILE as METRICS_FILE, TENSORBOARD_DIR, read as read_metrics
+from ..metrics_log import EVENTS_PREFIX, FILE as METRICS_FILE, TENSORBOARD_DIR, read as read_metrics
 from ..results import table
 from .run import CONFIG, RESULTS, RunError, _position_text, check_run_dir, read_results, read_state
 
@@ -32,7 +32,7 @@ def files(run_dir: str) -> dict:
         out[METRICS_FILE] = f"{len(read_metrics(p))} records"
     tb = os.path.join(run_dir, TENSORBOARD_DIR)
     if os.path.isdir(tb):
-        n = len(glob.glob(os.path.join(tb, "**", "events.out.tfevents.*"), recursive=True))
+        n = len(glob.glob(os.path.join(tb, "**", EVENTS_PREFIX + "*"), recursive=True))
         out[TENSORBOARD_DIR + "/"] = f"{n} event file(s): tensorboard --logdir {tb}"
     kept = ckpt_io.step_models(run_dir)
     if kept:
