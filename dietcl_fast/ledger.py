@@ -3,7 +3,7 @@
 One unit = one forward+backward pass of ``global_batch`` images (default 1024), whatever mix of
 paths (classifier, MAE, ...) they take.  Per-image FLOPs come from the exact FLOP model of the
 native core (``flops_per_image``), in torch ``FlopCounterMode`` conventions with attention as
-plain matmuls (timm fused attention off); ``*_flash`` keys count the attention backward at
+plain matmuls (fused attention off); ``*_flash`` keys count the attention backward at
 2.5x forward as FlopCounterMode does for flash attention.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def flops_report(embed_dim, depth, heads, patch, img_size, in_chans, num_classes
                      decoder_depth=decoder_depth, decoder_num_heads=decoder_heads,
                      mask_ratio=mask_ratio)
     out = flops_per_image(spec, num_classes)
-    out["convention"] = ("torch FlopCounterMode, attention as plain matmuls (timm fused attn off); "
+    out["convention"] = ("torch FlopCounterMode, attention as plain matmuls (fused attention off); "
                          "*_flash: attention backward 2.5x forward")
     out["config"] = {**{k: v for k, v in asdict(spec).items() if k in _NATIVE_NAMES},
                      "num_classes": num_classes}

@@ -5,7 +5,7 @@ their summary.
     python tests/cpu_profile.py prof.jsonl            # the heaviest tests and files
 
 On 2 cores the suite is bound by CPU, not by waiting, and most of its CPU is spent in the
-processes tests start (a process that imports torch and timm costs ~4 CPU-s before it does
+processes tests start (a process that imports torch costs ~2 CPU-s before it does
 anything): wall seconds alone do not say which tests to make cheaper. Each test appends one JSON
 line: its id, wall seconds, the CPU seconds of the test's own process (`self`) and of the
 processes it started and waited for (`children`, from getrusage: a process reaped during a

@@ -104,7 +104,7 @@ def test_compile_traces_through_the_ops_with_no_graph_break():
 def layout_samples(dtype=torch.float32, device="cpu"):
     """(op name, op, args) for every op, with the layouts a run passes and dense non-contiguous
     ones: channels-last images, the decoder's `pred[:, 1:]` view, a densely permuted `pred`,
-    transposed patch tokens (timm on NCHW images), `pos_embed[:, 1:]`, permuted gradients. The
+    transposed patch tokens (the patch embedding on NCHW images), `pos_embed[:, 1:]`, permuted gradients. The
     real kernels write fresh contiguous outputs whatever the inputs' strides; a fake that
     follows an input's strides (`empty_like`) disagrees on the permuted samples."""
     g = torch.Generator().manual_seed(3)

@@ -146,3 +146,78 @@ def test_spec_validation_and_presets():
     assert resolve_preset("auto", True) == "vit-b16"
     with pytest.raises(ValueError, match="--preset 'huge'"):
         resolve_preset("huge", False)
+
+
+# ---------------------------------------------------------------- the encoder is timm's network
+def _timm_vit(spec):
+    """timm's VisionTransformer as DietModel's encoder is described (dietcl_fast/models/vit.py)."""
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(
+        img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans, num_classes=0,
+        global_pool="avg", fc_norm=False, embed_dim=spec.embed_dim, depth=spec.depth,
+        num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True, class_token=True)
+
+
+def _same_modules(ours, theirs, x, fused):
+    """Same parameters and buffers (names and bits), and the same outputs and gradients for x."""
+    from dietcl_fast.models import set_fused_attention
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    set_fused_attention(ours, fused)
+    set_fused_attention(theirs, fused)
+    outs = []
+    for m in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+        outs.append((y.detach(), xi.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (ya, ga, pa), (yb, gb, pb) = outs
+    assert torch.equal(ya, yb) and torch.equal(ga, gb)
+    assert all((pa[n] is None and pb[n] is None) or torch.equal(pa[n], pb[n]) for n in pa)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_encoder_is_timms_vision_transformer(tiny_spec, fused):
+    """ViTEncoder against timm's VisionTransformer(global_pool="avg", fc_norm=False): from the
+    same seed the same parameters bit for bit (so a run's weights do not depend on whether timm
+    is imported), the generator left in the same state (what DietModel draws next is the same),
+    and the same pooled features and gradients, with SDPA and with plain-matmul attention. At
+    three channels and at the spec's one."""
+    from dietcl_fast.models.vit import ViTEncoder
+    for chans in sorted({tiny_spec.in_chans, 3}):
+        spec = ModelSpec(**{**tiny_spec.to_dict(), "in_chans": chans})
+        torch.manual_seed(7)
+        ours = ViTEncoder(spec.img_size, spec.patch_size, chans, spec.embed_dim, spec.depth,
+                          spec.num_heads, spec.mlp_ratio)
+        after_ours = torch.get_rng_state()
+        torch.manual_seed(7)
+        theirs = _timm_vit(spec)
+        assert torch.equal(after_ours, torch.get_rng_state())
+        x = torch.randn(3, chans, spec.img_size, spec.img_size)
+        _same_modules(ours, theirs, x, fused)
+
+
+def test_the_decoder_block_is_timms_block(tiny_spec):
+    """The MAE decoder's Block against timm's Block(qkv_bias=True, LayerNorm eps 1e-6), the one
+    DietModel's decoder was built from: same draws, names, outputs and gradients."""
+    from functools import partial
+
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    from dietcl_fast.models.vit import Block
+    d, h = tiny_spec.decoder_embed_dim, tiny_spec.decoder_num_heads
+    torch.manual_seed(3)
+    ours = Block(d, h, mlp_ratio=tiny_spec.mlp_ratio)
+    torch.manual_seed(3)
+    theirs = TimmBlock(d, h, mlp_ratio=tiny_spec.mlp_ratio, qkv_bias=True,
+                       norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+    for fused in (True, False):
+        _same_modules(ours, theirs, torch.randn(2, 5, d), fused)
+        ours.zero_grad(), theirs.zero_grad()
+
+
+def test_a_wrong_image_size_is_named(tiny_spec):
+    m = build_model(tiny_spec, num_classes=2)
+    with pytest.raises(ValueError, match=r"images are \(8, 8\), the model takes \(16, 16\)"):
+        m.classify(torch.randn(1, tiny_spec.in_chans, 8, 8))

@@ -2,8 +2,8 @@
 
 1. Correctness against float64 on exactly what the trainer passes: fp32 images in both
    layouts a run hands over (channels-last from the torch and DALI loaders, whose patch
-   embedding then gives contiguous tokens; contiguous from the memory loader, with timm's
-   transposed tokens), the decoder output's `pred[:, 1:]` view (non-contiguous: the class
+   embedding then gives contiguous tokens; contiguous from the memory loader, with the
+   embedding's transposed tokens), the decoder output's `pred[:, 1:]` view (non-contiguous: the class
    token's row is skipped) in the autocast dtype (bf16 on a GPU, fp32 on the CPU), masks from
    the real masking, micro-batches of uneven size (the unlabeled share of a 1,024 global
    batch over 4 micro-batches: 103 and 102 images; tiny: 7 and 6), and random masking of

@@ -89,7 +89,7 @@ class FastLearner(nn.Module):
 def slow_features(model, x: torch.Tensor) -> list:
     """The slow learner's per-block patch tokens [N, L, D] (the last after the final norm)."""
     enc = model.encoder
-    z = enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(x))))
+    z = enc.embed_tokens(x)
     hs = []
     for i, blk in enumerate(enc.blocks):
         z = blk(z)

@@ -1,7 +1,7 @@
 """L2P (Wang et al. 2022): a pool of prompts with keys on a FROZEN encoder. The query is the
 frozen encoder's pooled feature of the image (a forward-only pass, charged on path
 `l2p_query`); the top-k prompts by cosine key-query similarity are prepended after [CLS]
-(tokens [cls, prompts, patches], run through the timm blocks) and their outputs averaged into
+(tokens [cls, prompts, patches], run through the encoder blocks) and their outputs averaged into
 the feature for the linear head; a surrogate loss pulls the selected keys to the queries.
 Only prompts, keys and the head are trained. "Unlimited replay, limited steps": every step
 trains on draws from the buffer of all labeled data seen so far, within the step's budget.
@@ -71,7 +71,7 @@ def prompted_features(model, x, q=None):
     if q is None:
         q = query(model, x)
     idx, sim = pool.select(q)
-    tok = enc.norm_pre(enc.patch_drop(enc._pos_embed(enc.patch_embed(x))))
+    tok = enc.embed_tokens(x)
     p = pool.prompts[idx].reshape(x.shape[0], pool.top_k * pool.length, -1).to(tok.dtype)
     tok = torch.cat([tok[:, :1], p, tok[:, 1:]], dim=1)
     tok = enc.norm(enc.blocks(tok))

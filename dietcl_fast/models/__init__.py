@@ -1,4 +1,4 @@
-"""Models: timm ViT encoder, MAE decoder, growable head; presets; MAE checkpoint loading."""
+"""Models: the ViT encoder (timm's network, written out), MAE decoder, growable head; presets; MAE checkpoint loading."""
 from .vit_mae import DietModel, build_model, set_fused_attention
 from .head import GrowableHead
 from .optim import cosine_lr, param_groups_lrd

@@ -1,8 +1,7 @@
-"""The model every method shares: a timm ViT encoder (global average pool after the final norm),
-the MAE decoder, and a growable linear head. Names follow facebookresearch/mae."""
+"""The model every method shares: the ViT encoder (timm's network and names, global average pool
+after the final norm; see vit.py), the MAE decoder, and a growable linear head. Names follow
+facebookresearch/mae."""
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from torch import nn
@@ -10,17 +9,7 @@ from torch import nn
 from .head import GrowableHead
 from .pos_embed import sincos_2d
 from .spec import ModelSpec
-
-
-def _timm():
-    try:
-        import timm  # noqa: F401
-        from timm.models.vision_transformer import Block, VisionTransformer
-    except Exception as e:  # timm breaks beside some torch/torchvision pairs: say so plainly
-        raise RuntimeError(
-            f"timm could not be imported ({type(e).__name__}: {e}); dietcl-fast needs timm with a "
-            "torchvision that matches the installed torch") from e
-    return Block, VisionTransformer
+from .vit import Block, ViTEncoder
 
 
 class DietModel(nn.Module):
@@ -35,30 +24,24 @@ class DietModel(nn.Module):
         super().__init__()
         spec.validate()
         self.spec = spec
-        Block, VisionTransformer = _timm()
-        # fc_norm=False keeps timm's final `norm` before the average pool (docs/algorithm.md,
-        # Model: average pool after the final norm); that also matches the MAE checkpoint's `norm.*`.
-        self.encoder = VisionTransformer(
-            img_size=spec.img_size, patch_size=spec.patch_size, in_chans=spec.in_chans,
-            num_classes=0, global_pool="avg", fc_norm=False, embed_dim=spec.embed_dim,
-            depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
-            class_token=True)
+        # The final `norm` sits before the average pool (docs/algorithm.md, Model: average pool
+        # after the final norm), as the MAE checkpoint's `norm.*` and timm's fc_norm=False.
+        self.encoder = ViTEncoder(spec.img_size, spec.patch_size, spec.in_chans, spec.embed_dim,
+                                  spec.depth, spec.num_heads, spec.mlp_ratio)
         grid = spec.img_size // spec.patch_size
         # MAE: fixed sin-cos positions (not learned) for encoder and decoder.
         self.encoder.pos_embed.data.copy_(torch.from_numpy(sincos_2d(spec.embed_dim, grid)).unsqueeze(0))
         self.encoder.pos_embed.requires_grad_(False)
 
         d = spec.decoder_embed_dim
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)    # MAE's decoder (as timm's encoder)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_embed = nn.Linear(spec.embed_dim, d, bias=True)
         self.decoder_pos_embed = nn.Parameter(
             torch.from_numpy(sincos_2d(d, grid)).unsqueeze(0), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
-            Block(d, spec.decoder_num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
-                  norm_layer=norm_layer)
+            Block(d, spec.decoder_num_heads, mlp_ratio=spec.mlp_ratio)
             for _ in range(spec.decoder_depth)])
-        self.decoder_norm = norm_layer(d)
+        self.decoder_norm = nn.LayerNorm(d, eps=1e-6)                # MAE's decoder (as the encoder)
         self.decoder_pred = nn.Linear(d, spec.patch_size ** 2 * spec.in_chans, bias=True)
         torch.nn.init.normal_(self.mask_token, std=0.02)
         self.head = GrowableHead(spec.embed_dim, num_classes, head_capacity)
@@ -147,8 +130,7 @@ class DietModel(nn.Module):
 
 
 def set_fused_attention(model: nn.Module, enabled: bool) -> None:
-    """Switch timm's fused SDPA attention on every attention module (it is read at construction,
-    so timm.layers.set_fused_attn alone does not reach existing modules). Off = attention as
+    """Switch fused SDPA attention on every attention module (on by default). Off = attention as
     plain matmuls, the ledger's counting convention."""
     for m in model.modules():
         if hasattr(m, "fused_attn"):
