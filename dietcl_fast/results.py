@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from .fsio import atomic_write_bytes
 
@@ -13,14 +14,23 @@ def versions() -> dict:
     import numpy
     import torch
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    # the installed distributions' versions, read without importing them (importing timm costs
-    # ~2.6 CPU-s; the run does not use it: dietcl_fast/models/vit.py)
+    # timm's version from its distribution, without importing it (~2.6 CPU-s where nothing has
+    # imported torch._dynamo; the model does not use it: dietcl_fast/models/vit.py); triton's from
+    # the module when the run imported it, else from whichever distribution ships it
     from importlib.metadata import PackageNotFoundError, version
-    for dist in ("timm", "triton"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
+
+    def installed(*dists):
+        for dist in dists:
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                pass
+        return None
+    triton = sys.modules.get("triton")
+    found = {"timm": installed("timm"),
+             "triton": getattr(triton, "__version__", None) if triton is not None else installed(
+                 "triton", "pytorch-triton", "pytorch-triton-rocm", "triton-windows")}
+    out.update({k: v for k, v in found.items() if v is not None})
     from . import __version__
     out["dietcl_fast"] = __version__
     out["cuda"] = torch.version.cuda

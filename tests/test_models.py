@@ -218,6 +218,33 @@ def test_the_decoder_block_is_timms_block(tiny_spec):
 
 
 def test_a_wrong_image_size_is_named(tiny_spec):
+    """Eagerly and inside a fullgraph torch.compile (the trainer's step is one): the message
+    survives dynamo (a plain raise inside a traced graph would not)."""
     m = build_model(tiny_spec, num_classes=2)
-    with pytest.raises(ValueError, match=r"images are \(8, 8\), the model takes \(16, 16\)"):
-        m.classify(torch.randn(1, tiny_spec.in_chans, 8, 8))
+    x = torch.randn(1, tiny_spec.in_chans, 8, 8)
+    msg = r"images are \(8, 8\), the model takes \(16, 16\)"
+    with pytest.raises(AssertionError, match=msg):
+        m.classify(x)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(Exception, match=msg):
+            torch.compile(m.classify, backend="eager", fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_versions_name_timm_and_triton_without_importing_them(monkeypatch):
+    """results.json's versions: timm from its distribution (importing it costs seconds), triton
+    from the module a run imported, else from whichever distribution ships it."""
+    import sys
+    from importlib.metadata import version
+
+    from dietcl_fast import results
+    monkeypatch.delitem(sys.modules, "timm", raising=False)
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    v = results.versions()
+    assert "timm" not in sys.modules and "triton" not in sys.modules
+    assert v["timm"] == version("timm") and v["triton"] == version("triton")
+    monkeypatch.setitem(sys.modules, "triton", type(sys)("triton"))
+    sys.modules["triton"].__version__ = "3.0.0+rocm"          # a pytorch-triton-rocm build
+    assert results.versions()["triton"] == "3.0.0+rocm"

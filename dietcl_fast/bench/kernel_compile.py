@@ -15,7 +15,7 @@ real launch, so the set is the one a GPU run compiles. The trainer's launches (`
   the patch tokens in that dtype, images fp32, `pos_embed` fp32 (so the masking output is fp32);
 * image layout `channels_last` (the torch and DALI loaders hand over uint8 [n, S, S, 3] viewed
   as [n, 3, S, S]; the patch embedding then gives contiguous tokens) and `contiguous` (the
-  memory loader; timm's patch embedding then gives transposed tokens);
+  memory loader; the patch embedding then gives transposed tokens);
 * `pred[:, 1:]` (the decoder output without the class token's row: a non-contiguous view),
   `pos_embed[:, 1:]` (a view), the masking's contiguous `mask` and `ids_restore`;
 * micro-batch MAE shares `SIZES`: the finalize kernel's block and the positional-gradient
@@ -89,7 +89,7 @@ def launch_case(case: dict, ML, MK) -> None:
         imgs = imgs.contiguous(memory_format=torch.channels_last)
         x = torch.empty(N, L, D, dtype=dt)                      # conv on NHWC: contiguous tokens
     else:
-        x = torch.empty(N, D, L, dtype=dt).transpose(1, 2)      # timm: flatten(2).transpose(1, 2)
+        x = torch.empty(N, D, L, dtype=dt).transpose(1, 2)      # conv(NCHW).flatten(2).transpose(1, 2)
     pos = torch.empty(1, L + 1, D)[:, 1:, :]                    # encoder pos_embed[:, 1:, :]
     ids = torch.empty(N, L, dtype=torch.int64)                  # argsort(noise): contiguous
     vis, mask, restore = MK._masking_triton(x, pos, ids, K)

@@ -94,7 +94,7 @@ def check_trainer_shapes(device: torch.device, tiny: bool, on_case=None) -> dict
         pred = pred_leaf[:, 1:]                                 # the decoder's view
         if layout == "channels_last":       # the patch embedding's conv keeps NHWC: contiguous
             x = torch.randn(B, L, D, device=device, generator=g).to(dt)
-        else:                               # timm: conv(NCHW).flatten(2).transpose(1, 2)
+        else:                               # conv(NCHW).flatten(2).transpose(1, 2)
             x = torch.randn(B, D, L, device=device, generator=g).to(dt).transpose(1, 2)
         x = x.requires_grad_()
         pos_full = torch.randn(1, L + 1, D, device=device, generator=g).requires_grad_()

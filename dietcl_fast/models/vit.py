@@ -4,12 +4,15 @@ num_classes=0)` with its parameter names, its initialisation (the same draws in 
 and its forward, op for op.
 
 Why not import timm: importing timm imports torchvision, whose `ops` import torch._dynamo,
-triton and the inductor: ~2.6 CPU-s added to every process that builds a model, more than torch
-itself, for a network of a hundred lines. timm stays the reference: tests/test_models.py builds
-timm's VisionTransformer and Block beside these and checks the same parameters from the same seed
-and the same outputs (fused and plain-matmul attention), and `dietcl-fast export` checks every
-export by loading it into timm strictly. Dropout and drop-path are not here: every rate is 0
-(timm's `Dropout(0)` returns its input), and no method sets one.
+triton and the inductor: ~2.6 CPU-s (more than torch itself) for a network of a hundred lines,
+all of it in a process that builds the model without an optimiser (`predict`, `show`), ~0.8 s in
+a training process (torch.optim's first call imports dynamo anyway). timm stays the reference:
+tests/test_models.py builds timm's VisionTransformer and Block beside these and checks the same
+parameters from the same seed and the same outputs (fused and plain-matmul attention), and
+`dietcl-fast export` checks every export by loading it into timm strictly. Dropout and drop-path
+are not here: every rate is 0 (timm's `Dropout(0)` returns its input), and no method sets one.
+Attention is fused (SDPA) from construction on; timm's TIMM_FUSED_ATTN variable and
+`set_fused_attn` do not reach these modules: `set_fused_attention` (vit_mae.py) switches them.
 """
 from __future__ import annotations
 
@@ -49,9 +52,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        s = self.img_size
-        if imgs.shape[-2:] != (s, s):
-            raise ValueError(f"images are {tuple(imgs.shape[-2:])}, the model takes ({s}, {s})")
+        s, (h, w) = self.img_size, imgs.shape[-2:]
+        # torch._assert keeps its message inside a fullgraph torch.compile (a raise does not)
+        torch._assert(h == s and w == s, f"images are ({h}, {w}), the model takes ({s}, {s})")
         return self.proj(imgs).flatten(2).transpose(1, 2)
 
 
