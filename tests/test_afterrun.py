@@ -494,6 +494,19 @@ def test_export_command_loads_in_timm(runs, tmp_path):
     assert m.pretrained_cfg["label_names"] == res["stream"]["class_names"]
 
 
+def test_export_without_an_importable_timm_says_so(tiny_spec, monkeypatch):
+    """The one place the package imports timm: a timm that fails to import (as it does beside a
+    mismatched torchvision) is a RunError naming timm and the cause, not a traceback."""
+    from dietcl_fast.afterrun import RunError
+    from dietcl_fast.afterrun.export import load_timm, timm_state_dict
+    from dietcl_fast.models import build_model
+    sd = timm_state_dict(build_model(tiny_spec, num_classes=2))
+    monkeypatch.setitem(sys.modules, "timm.models.vision_transformer", None)   # import fails
+    with pytest.raises(RunError, match=r"export needs timm, which could not be imported "
+                                       r"\(ModuleNotFoundError: .*torchvision that matches"):
+        load_timm(tiny_spec, sd)
+
+
 def test_export_vit_b16_at_random_init(tmp_path):
     """The paper's ViT-B/16 at random init with a 10-class head: the exported weights load into
     timm's VisionTransformer strictly and give the same logits on a batch of 2 at 224 (atol

@@ -65,8 +65,14 @@ def decoder_state_dict(model) -> dict:
 
 def load_timm(spec: ModelSpec, sd: dict):
     """timm's VisionTransformer built from `model_args` (on the meta device: no init) with the
-    weights `sd` loaded strictly (every key, every shape) -> the model, in eval mode."""
-    from timm.models.vision_transformer import VisionTransformer
+    weights `sd` loaded strictly (every key, every shape) -> the model, in eval mode. The one
+    place the package imports timm; a timm that cannot be imported is a RunError saying so."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except Exception as e:  # timm breaks beside some torch/torchvision pairs: say so plainly
+        raise RunError(f"export needs timm, which could not be imported ({type(e).__name__}: "
+                       f"{e}); install a timm with a torchvision that matches the installed "
+                       "torch") from e
     with torch.device("meta"):
         vit = VisionTransformer(**model_args(spec, int(sd["head.weight"].shape[0])))
     vit.load_state_dict(sd, strict=True, assign=True)

@@ -37,7 +37,8 @@ def trunc_normal_(w: torch.Tensor, std: float = .02, a: float = -2., b: float = 
     return w.clamp_(min=a, max=b)
 
 
-def _layer_norm(dim: int) -> nn.LayerNorm:
+def layer_norm(dim: int) -> nn.LayerNorm:
+    """The LayerNorm of every block, the encoder's and the MAE decoder's final norm (eps 1e-6)."""
     return nn.LayerNorm(dim, eps=1e-6)
 
 
@@ -47,7 +48,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
-        self.img_size, self.patch_size = img_size, patch_size
+        self.img_size = img_size
         self.num_patches = (img_size // patch_size) ** 2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
@@ -105,9 +106,9 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.norm1 = _layer_norm(dim)
+        self.norm1 = layer_norm(dim)
         self.attn = Attention(dim, num_heads)
-        self.norm2 = _layer_norm(dim)
+        self.norm2 = layer_norm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,12 +129,11 @@ class ViTEncoder(nn.Module):
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int,
                  num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.empty(1, 1 + self.patch_embed.num_patches, embed_dim))
         self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
-        self.norm = _layer_norm(embed_dim)
+        self.norm = layer_norm(embed_dim)
         self.init_weights()
 
     @torch.no_grad()

@@ -9,7 +9,7 @@ from torch import nn
 from .head import GrowableHead
 from .pos_embed import sincos_2d
 from .spec import ModelSpec
-from .vit import Block, ViTEncoder
+from .vit import Block, ViTEncoder, layer_norm
 
 
 class DietModel(nn.Module):
@@ -41,7 +41,7 @@ class DietModel(nn.Module):
         self.decoder_blocks = nn.ModuleList([
             Block(d, spec.decoder_num_heads, mlp_ratio=spec.mlp_ratio)
             for _ in range(spec.decoder_depth)])
-        self.decoder_norm = nn.LayerNorm(d, eps=1e-6)                # MAE's decoder (as the encoder)
+        self.decoder_norm = layer_norm(d)                            # MAE's decoder (as the encoder)
         self.decoder_pred = nn.Linear(d, spec.patch_size ** 2 * spec.in_chans, bias=True)
         torch.nn.init.normal_(self.mask_token, std=0.02)
         self.head = GrowableHead(spec.embed_dim, num_classes, head_capacity)
