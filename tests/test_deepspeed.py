@@ -20,7 +20,7 @@ import pytest
 
 from conftest import cli
 from kill import EXIT_STATUS, exit_after
-from launchers import (_DIRS, TINY, UNEVEN, launch, launcher, ok, one_process_references,
+from launchers import (_DIRS, _RUNS, TINY, UNEVEN, launch, launcher, ok, one_process_references,
                        results, run_once, same_images, same_run, single,
                        torch_ref)  # noqa: F401 (fixture)
 
@@ -37,17 +37,28 @@ def ds(f):
 
 @ds
 @pytest.mark.slow
-@pytest.mark.parametrize("world,stage", [(1, 0), (2, 2)])   # ZeRO-1: resume test below; 2 ranks
-def test_deepspeed_matches_torch_engine(tmp_path_factory, torch_ref, world, stage):
-    """Over 20 s: each rank is a real process that imports DeepSpeed and sets up gloo; the
-    2-rank ZeRO-2 run is shared with the kill-and-resume test below."""
-    res, ps = run_once(f"ds{world}z{stage}", tmp_path_factory, world, *TINY, "--engine",
-                       "deepspeed", "--zero-stage", str(stage))
+def test_deepspeed_on_one_process_matches_torch_engine(tmp_path_factory, torch_ref):
+    """ZeRO-0 on one process (ZeRO-2 on 2 ranks: the real launcher's `compare` below; ZeRO-1:
+    the resume test). Over 20 s with the torch reference: a real process that imports
+    DeepSpeed and sets up gloo, shared with the predict/export test below."""
+    res, ps = run_once("ds1z0", tmp_path_factory, 1, *TINY, "--engine", "deepspeed",
+                       "--zero-stage", "0")
     same_run(torch_ref, res)
-    assert f"x {world} processes (engine deepspeed, ZeRO-{stage})" in ps[0].stderr
+    assert "x 1 processes (engine deepspeed, ZeRO-0)" in ps[0].stderr
     assert res["config"]["engine"]["engine"] == "deepspeed"
-    if world > 1:
-        assert "time step" not in ps[1].stderr                  # rank 0 speaks alone
+
+
+def compare_under_launcher(tmp_path_factory):
+    """`compare` of one DietCL run at TINY with ZeRO-2 on 2 ranks, started by the real deepspeed
+    launcher, once per session -> (the run's results, the launcher's CompletedProcess, the
+    compare directory). The ZeRO-2 reference of the kill-and-resume test too."""
+    if "ds2z2-compare" not in _RUNS:
+        cmp = tmp_path_factory.mktemp("ds2z2") / "cmp"
+        p = launcher("deepspeed", "compare", "--methods", "dietcl", "--seeds", "0", *TINY[1:],
+                     "--zero-stage", "2", "--out", str(cmp))
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        _RUNS["ds2z2-compare"] = (results(cmp / "dietcl-s0"), p, cmp)
+    return _RUNS["ds2z2-compare"]
 
 
 @ds
@@ -90,26 +101,26 @@ def test_a_deepspeed_runs_model_is_predicted_exported_and_shown(tmp_path_factory
 
 @ds
 @pytest.mark.slow
-def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, torch_ref):
+def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, tmp_path_factory,
+                                                                     torch_ref):
     """The deepspeed launcher puts --local_rank=N before the subcommand; engine auto picks
     DeepSpeed under it. `train` at --batch-size 30 (15 a rank: DietCL's 12 + 9 + 9 mix does not
     cut into 2 equal micro-batches) charges the images a one-process run charges, path by path,
     with the same draws, and with the same micro-batches the same ledger and accuracies
     (launchers.same_images; torchrun's run of the claim is in test_distributed.py); `compare`
-    starts under it and its run matches the one-process reference exactly. Over 20 s: two runs
-    through the real launcher, 2 ranks each (the launcher is the point), and two one-process
-    runs in this process."""
+    starts under it with ZeRO-2 and its run's ledger is the one-process torch run's, exactly,
+    its accuracies within ACC_TOL. Over 20 s: two runs through the real launcher, 2 ranks each
+    (the launcher is the point), and two one-process runs in this process."""
     refs = one_process_references(tmp_path, 15)
     p = launcher("deepspeed", *UNEVEN, "--out", str(tmp_path / "ds"))
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
     assert "--local_rank=1" in out and "x 2 processes (engine deepspeed, ZeRO-0)" in out
     same_images(refs["one"], results(tmp_path / "ds"), refs["one_micro"], 15)
-    cmp = tmp_path / "cmp"
-    p = launcher("deepspeed", "compare", "--methods", "dietcl", "--seeds", "0", *TINY[1:],
-                 "--out", str(cmp))
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    same_run(torch_ref, results(cmp / "dietcl-s0"))
+    res, p, cmp = compare_under_launcher(tmp_path_factory)
+    assert res["device"]["count"] == 2 and res["config"]["engine"]["engine"] == "deepspeed"
+    assert res["config"]["engine"]["zero_stage"] == 2
+    same_run(torch_ref, res)                        # ZeRO-2 on 2 ranks = torch on 1
     assert (cmp / "compare.csv").read_text().count("\n") == 2          # header + one run
 
 
@@ -117,15 +128,19 @@ def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, t
 @pytest.mark.slow
 def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
     """Over 20 s: a killed 2-rank run, a refused 1-process resume and the 2-rank resume, each
-    real processes (an abrupt exit needs a process), then a refused second training."""
+    real processes (an abrupt exit needs a process), then a refused second training. The
+    uninterrupted run is the real launcher's `compare` run above (made here if this test runs
+    alone)."""
     args = [*TINY, "--engine", "deepspeed", "--zero-stage", "2"]
-    full, _ = run_once("ds2z2", tmp_path_factory, 2, *args)
+    full, _, _ = compare_under_launcher(tmp_path_factory)     # the same run, uninterrupted
     part = tmp_path / "part"
     # budget 3: t=0 joint x3, t=1 joint x2 + buffer x1. Checkpoints every 2 steps; killed
     # abruptly after step 5, so the last checkpoint is step 4: t=1, joint, iteration 1 (mid-phase,
     # with ZeRO-2 optimiser shards that must be restored)
     ps = launch(2, *args, "--out", str(part), "--ckpt-every", "2", extra_env=exit_after(5))
     assert [p.returncode for p in ps] == [EXIT_STATUS] * 2, ps[0].stderr[-2000:]
+    assert "x 2 processes (engine deepspeed, ZeRO-2)" in ps[0].stderr
+    assert "time step" in ps[0].stderr and "time step" not in ps[1].stderr   # rank 0 speaks alone
     assert not (part / "results.json").exists()
     tag = (part / "deepspeed" / "latest_dietcl").read_text()
     assert tag == "g4-t1-p0-i1-1", tag
