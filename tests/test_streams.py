@@ -58,6 +58,10 @@ def test_digits_source():
     assert d.images.shape == (1797, 8, 8) and d.images.dtype == np.uint8
     assert d.images.max() == 255 and d.labels.shape == (1797,) and d.num_classes == 10
     assert d.channels == 1 and d.image_size == (8, 8)
+    from sklearn.datasets import load_digits      # read without it: the same images and labels
+    ref = load_digits()
+    assert np.array_equal(d.images, np.clip(np.rint(ref.images * (255.0 / 16.0)), 0, 255))
+    assert np.array_equal(d.labels, ref.target) and d.labels.dtype == np.int64
 
 
 def test_unknown_dataset_lists_known():
@@ -326,6 +330,6 @@ def test_too_few_samples():
 
 def test_no_torch_import():
     code = "import sys, dietcl_fast.streams as s; s.build_stream(s.load_source('digits'), 'time', 3, 0.05); " \
-           "sys.exit('torch' in sys.modules)"
+           "sys.exit('torch' in sys.modules or 'sklearn' in sys.modules)"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -155,11 +155,24 @@ def _animal_mnist(root=None) -> Source:
 
 
 def _digits(root=None) -> Source:
-    from sklearn.datasets import load_digits
+    """scikit-learn's 8x8 digits (1,797 images, 16 grey levels scaled to 0..255), read from the
+    file scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`, 64 pixels then the label a
+    row) without importing scikit-learn: its import costs ~1 CPU-s a process; the images and
+    labels are `load_digits()`'s (tests/test_streams.py)."""
+    import gzip
+    import importlib.util
 
-    d = load_digits()
-    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-    return Source(name="digits", labels=np.asarray(d.target, dtype=np.int64),
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise StreamError("--data digits needs scikit-learn (pip install scikit-learn)")
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    if not os.path.exists(path):
+        raise StreamError(f"--data digits: scikit-learn's digits file not found: {path}")
+    with gzip.open(path, "rt") as f:
+        d = np.loadtxt(f, delimiter=",")                            # [1797, 65]
+    images = np.clip(np.rint(d[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)), 0, 255)
+    images = images.astype(np.uint8)
+    return Source(name="digits", labels=d[:, -1].astype(np.int64),
                   class_names=[str(i) for i in range(10)], channels=1, kind="array",
                   images=images, image_size=tuple(images.shape[1:3]))
 
