@@ -51,7 +51,10 @@ def tiny_cfg(method: str = "dietcl", budget: int = 3, *, batch_size: int = 16, m
     """The tiny run the trainer tests share: 2 time steps of the embedded stream at 5% labels,
     `budget` optimiser steps per time step at a global batch of `batch_size` in micro-batches of
     `micro_batch`, no progress bar, evaluation in one batch on 5% of each class held out (250
-    images a time step: evaluation took two thirds of a tiny run at the default 20%).
+    images a time step: evaluation took two thirds of a tiny run at the default 20%), and no
+    common kNN readout (`knn_readout=True` where a test reads it: its bank, every label seen,
+    was the largest forward pass of a tiny run, ~18% of these tests' CPU; the readout runs in
+    every pinned-accuracy run, every CLI run the tests start and tests/test_trainer.py).
     `fields`: `section__field=value` for any config field (`optim__min_lr=5e-5`), or a bare
     `field=value` for a run field (`seed=1`); a field the config does not have is an error."""
     from dietcl_fast.config import Config
@@ -65,6 +68,7 @@ def tiny_cfg(method: str = "dietcl", budget: int = 3, *, batch_size: int = 16, m
     cfg.engine.micro_batch = micro_batch
     cfg.run.progress = False
     cfg.run.eval_batch_size = 1024
+    cfg.run.knn_readout = False
     for name, value in fields.items():
         section, key = name.split("__", 1) if "__" in name else ("run", name)
         if not hasattr(getattr(cfg, section), key):
