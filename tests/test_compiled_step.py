@@ -42,6 +42,7 @@ def _tiny(method, budget=4):
     cfg.engine.micro_batch = 16         # the shapes of every compiled DietCL run in this file
     cfg.run.progress = False
     cfg.engine.compile = True
+    cfg.run.knn_readout = False         # no test here reads it (the bank is an eager forward)
     return cfg
 
 
@@ -84,7 +85,8 @@ def cli(*args, **kw):
 
 
 TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--micro-batch", "16",
-        "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5", "--compile"]
+        "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5", "--compile",
+        "--no-knn-readout"]
 
 
 @pytest.mark.slow
@@ -112,7 +114,7 @@ def test_compiled_buffer_phase_with_one_micro_batch(tmp_path):
     (RuntimeError in backward). The run must finish and charge what the eager run charges.
     Over 20 s: a compiled and an eager process (the compiled graphs from inductor's cache)."""
     args = ["train", "--time-steps", "2", "--budget", "2", "--batch-size", "16",
-            "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5"]
+            "--label-rate", "0.05", "--no-progress", "--split", "ratio:0.5", "--no-knn-readout"]
     cli(*args, "--compile", "--out", str(tmp_path / "c"))
     cli(*args, "--no-compile", "--out", str(tmp_path / "e"))
     c = json.loads((tmp_path / "c" / "results.json").read_text())
