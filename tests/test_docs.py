@@ -528,7 +528,8 @@ def test_the_documented_commands_run(tmp_path):
         elif name == "plan" and "--sweep" in rest:
             r = _invoke([*a, "--budgets", "1", "--seeds", "0", "--time-steps", "2",
                          "--train-batch-size", "16", "--micro-batch", "16", "--label-rate", "0.05",
-                         "--no-progress", "--out", str(tmp_path / "sweep")], tmp_path)
+                         "--eval-fraction", "0.05", "--no-knn-readout", "--no-progress",
+                         "--out", str(tmp_path / "sweep")], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
             assert (tmp_path / "sweep" / "plan.md").exists()
         elif name == "plan":
