@@ -1,10 +1,12 @@
 """Starting real `dietcl-fast` processes as 1 or 2 ranks on 127.0.0.1, shared by the torch-engine
 tests (test_distributed.py) and the DeepSpeed-engine tests (test_deepspeed.py). Imports neither
-torch.distributed nor DeepSpeed: every run is a child process.
+torch.distributed nor DeepSpeed: every rank and DeepSpeed run is a child process.
 
 `launcher` uses the real launchers (torchrun, deepspeed); `launch` starts each rank with the
 environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; DS_ACCELERATOR=cpu);
-`single` starts one process. Reference runs are made once per session (`run_once`).
+`single` starts one process. Reference runs are made once per session (`run_once`); the
+one-process torch-engine references run in the test process (`torch_ref`,
+`one_process_references`).
 """
 import json
 import os
@@ -106,7 +108,16 @@ def run_once(key, tmp_path_factory, world, *args, via=None):
 
 @pytest.fixture(scope="module")
 def torch_ref(tmp_path_factory):
-    return run_once("torch1", tmp_path_factory, 1, *TINY)[0]
+    """The one-process torch-engine run of TINY, the reference of the DeepSpeed runs: made once
+    per session in this test process (conftest.cli; the process is not the point: no rank, no
+    launcher, no DeepSpeed) -> its results."""
+    from conftest import cli
+    if "torch1" not in _RUNS:
+        d = tmp_path_factory.mktemp("torch1") / "run"
+        cli(*TINY, "--out", d)
+        _RUNS["torch1"] = (results(d), [])
+        _DIRS["torch1"] = d
+    return _RUNS["torch1"][0]
 
 
 def without_charge_counts(ledger: dict) -> dict:
