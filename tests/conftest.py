@@ -32,9 +32,9 @@ from cpu_profile import pytest_addoption, pytest_runtest_protocol  # noqa: E402,
 torch.set_num_threads(1)
 
 # pytest-xdist hands out whole files (--dist loadfile, pyproject.toml): a file's module-scoped
-# fixtures (one shared run each) run once. test_distributed and test_deepspeed each make the
-# one-process reference run (tests/launchers.py `run_once`, once per process): a few seconds
-# twice, cheaper than running the two heavy files one after the other. Heaviest files first
+# fixtures (one shared run each) run once. test_distributed and test_deepspeed each make their
+# one-process references in their worker (tests/launchers.py): a few seconds twice, cheaper than
+# running the two heavy files one after the other. Heaviest files first
 # (--no-loadscope-reorder keeps this order), so that neither worker is left with a long file
 # at the end.
 FIRST = ["test_bench.py", "test_compiled_step.py", "test_deepspeed.py", "test_distributed.py",
@@ -53,8 +53,10 @@ def tiny_cfg(method: str = "dietcl", budget: int = 3, *, batch_size: int = 16, m
     `micro_batch`, no progress bar, evaluation in one batch on 5% of each class held out (250
     images a time step: evaluation took two thirds of a tiny run at the default 20%), and no
     common kNN readout (`knn_readout=True` where a test reads it: its bank, every label seen,
-    was the largest forward pass of a tiny run, ~18% of these tests' CPU; the readout runs in
-    every pinned-accuracy run, every CLI run the tests start and tests/test_trainer.py).
+    was the largest forward pass of a tiny run, ~18% of these tests' CPU). The readout still runs,
+    and is checked, in every pinned-accuracy run (every method), tests/test_trainer.py (scored
+    against a pass of its own; kill and resume), the compiled kill-and-resume runs, test_compare
+    and the launchers' 1- and 2-rank runs (sharded evaluation).
     `fields`: `section__field=value` for any config field (`optim__min_lr=5e-5`), or a bare
     `field=value` for a run field (`seed=1`); a field the config does not have is an error."""
     from dietcl_fast.config import Config

@@ -1,6 +1,7 @@
 """Starting real `dietcl-fast` processes as 1 or 2 ranks on 127.0.0.1, shared by the torch-engine
-tests (test_distributed.py) and the DeepSpeed-engine tests (test_deepspeed.py). Imports neither
-torch.distributed nor DeepSpeed: every rank and DeepSpeed run is a child process.
+tests (test_distributed.py) and the DeepSpeed-engine tests (test_deepspeed.py). Every rank and
+every DeepSpeed run is a child process; this module never opens a process group or imports
+DeepSpeed.
 
 `launcher` uses the real launchers (torchrun, deepspeed); `launch` starts each rank with the
 environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; DS_ACCELERATOR=cpu);

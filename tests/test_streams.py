@@ -64,6 +64,20 @@ def test_digits_source():
     assert np.array_equal(d.labels, ref.target) and d.labels.dtype == np.int64
 
 
+def test_digits_without_the_shipped_file_or_without_sklearn(monkeypatch):
+    """The file where scikit-learn keeps it elsewhere: load_digits() gives the same arrays;
+    scikit-learn absent: a clear error naming --data digits."""
+    import importlib.util
+    ref = load_source("digits")
+    monkeypatch.setattr(os.path, "exists", lambda p: False if p.endswith("digits.csv.gz")
+                        else os.path.lexists(p))
+    d = load_source("digits")
+    assert np.array_equal(d.images, ref.images) and np.array_equal(d.labels, ref.labels)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(StreamError, match=r"--data digits needs scikit-learn"):
+        load_source("digits")
+
+
 def test_unknown_dataset_lists_known():
     with pytest.raises(StreamError, match=r"unknown dataset 'nope'.*animal-mnist, digits"):
         load_source("nope")

@@ -157,8 +157,8 @@ def _animal_mnist(root=None) -> Source:
 def _digits(root=None) -> Source:
     """scikit-learn's 8x8 digits (1,797 images, 16 grey levels scaled to 0..255), read from the
     file scikit-learn ships (`sklearn/datasets/data/digits.csv.gz`, 64 pixels then the label a
-    row) without importing scikit-learn: its import costs ~1 CPU-s a process; the images and
-    labels are `load_digits()`'s (tests/test_streams.py)."""
+    row) without importing scikit-learn: its import costs ~1 CPU-s a process. Where an install
+    keeps the file elsewhere, `load_digits()` reads it (the same arrays, tests/test_streams.py)."""
     import gzip
     import importlib.util
 
@@ -166,10 +166,13 @@ def _digits(root=None) -> Source:
     if spec is None or not spec.submodule_search_locations:
         raise StreamError("--data digits needs scikit-learn (pip install scikit-learn)")
     path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
-    if not os.path.exists(path):
-        raise StreamError(f"--data digits: scikit-learn's digits file not found: {path}")
-    with gzip.open(path, "rt") as f:
-        d = np.loadtxt(f, delimiter=",")                            # [1797, 65]
+    if os.path.exists(path):
+        with gzip.open(path, "rt") as f:
+            d = np.loadtxt(f, delimiter=",")                        # [1797, 65]
+    else:
+        from sklearn.datasets import load_digits
+        ref = load_digits()
+        d = np.concatenate([ref.data, ref.target[:, None]], axis=1)
     images = np.clip(np.rint(d[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)), 0, 255)
     images = images.astype(np.uint8)
     return Source(name="digits", labels=d[:, -1].astype(np.int64),
