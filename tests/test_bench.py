@@ -209,6 +209,17 @@ def test_bench_threads_times_real_runs_idle_and_busy(tmp_path):
     assert set(_python_loops()) <= before          # the busy loop was stopped
 
 
+def test_bench_threads_stops_when_a_busy_loop_cannot_start(monkeypatch, tmp_path):
+    """The busy machine starts once every loop has said it runs; a loop that exits at once
+    stops the bench with its status, before any timed run (in this process)."""
+    from dietcl_fast.bench import threads
+    monkeypatch.setattr(threads, "BUSY_LOOP", "import sys; sys.exit(3)")
+    monkeypatch.setattr(threads, "_train", lambda *a: pytest.fail("a run was timed"))
+    with pytest.raises(RuntimeError, match=r"busy loop exited at once \(status 3\)"):
+        threads.bench_threads(threads_list=(1,), waits=("auto",), busy=1, machines=("busy",),
+                              tiny=True, echo=lambda m: None)
+
+
 def _python_loops():
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if "while True: pass" in line]

@@ -34,7 +34,8 @@ RUN = ["--scenario", "time", "--time-steps", "2", "--budget", "41", "--label-rat
 TINY = ["--scenario", "time", "--time-steps", "1", "--budget", "2", "--label-rate", "0.1",
         "--batch-size", "8", "--eval-fraction", "0.05", "--no-progress", "--no-knn-readout",
         "--log-every", "0"]
-BUSY_LOOP = "while True: pass"
+# says it is running (one byte on stdout), then keeps a core busy
+BUSY_LOOP = "import sys; sys.stdout.write('1'); sys.stdout.flush(); exec('while True: pass')"
 
 
 def _train(args: list, threads: int, wait: str, out: str) -> tuple[float, str]:
@@ -89,9 +90,13 @@ def bench_threads(threads_list=(1, 2), waits=("active", "passive"), busy: int = 
         for machine in [m for m in ("idle", "busy") if m in machines]:
             loops = []
             if machine == "busy":
-                loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP]) for _ in range(busy)]
-                time.sleep(1.0)         # the loops are running before the run starts
+                loops = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdout=subprocess.PIPE)
+                         for _ in range(busy)]
             try:
+                for p in loops:         # every loop is running before the run starts
+                    if p.stdout.read(1) != b"1":
+                        raise RuntimeError(f"bench threads: a busy loop exited at once "
+                                           f"(status {p.wait()})")
                 for n in threads_list:
                     for wait in waits:
                         secs, used = [], []
@@ -108,6 +113,7 @@ def bench_threads(threads_list=(1, 2), waits=("active", "passive"), busy: int = 
                 for p in loops:
                     p.kill()
                     p.wait()
+                    p.stdout.close()
     idle = {(r["threads"], r["wait"]): r["seconds"] for r in rows if r["machine"] == "idle"}
     for r in rows:
         key = (r["threads"], r["wait"])
