@@ -127,8 +127,8 @@ def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, t
 @ds
 @pytest.mark.slow
 def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
-    """Over 20 s: a killed 2-rank run, a refused 1-process resume and the 2-rank resume, each
-    real processes (an abrupt exit needs a process), then a refused second training. The
+    """Over 20 s: a killed 2-rank run and the 2-rank resume, real processes (an abrupt exit needs
+    a process); a refused 1-process resume and a refused second training in this process. The
     uninterrupted run is the real launcher's `compare` run above (made here if this test runs
     alone)."""
     args = [*TINY, "--engine", "deepspeed", "--zero-stage", "2"]
@@ -149,10 +149,12 @@ def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
     assert sorted(os.listdir(part / "deepspeed" / tag)) == sorted(    # + each writer's checksum
         f + s for f in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                         "zero_pp_rank_1_mp_rank_00_optim_states.pt") for s in ("", ".sha256"))
-    # mid-phase ZeRO-2 state was sharded over 2 ranks: one process must refuse, clearly
-    p = single("train", "--resume", str(part), "--no-progress")
+    # mid-phase ZeRO-2 state was sharded over 2 ranks: one process must refuse, clearly, before
+    # it builds anything (in this process: no process group is opened, DeepSpeed not imported)
+    p = cli("train", "--resume", str(part), "--no-progress", check=False)
     assert p.returncode == 2 and "sharded over 2 ranks" in p.stderr and "has 1" in p.stderr, \
         p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
     ps = launch(2, "train", "--resume", str(part), "--no-progress")
     ok(ps)
     assert "resuming" in ps[0].stderr and "time step" not in ps[1].stderr
@@ -185,6 +187,23 @@ def test_deepspeed_zero1_resume_on_other_world_size_at_phase_boundary(tmp_path, 
     p = single("train", "--resume", str(part), "--no-progress")
     ok(p)
     same_run(torch_ref, results(part))
+
+
+def test_a_resume_on_another_world_size_is_checked_from_the_checkpoint():
+    """Only ZeRO-1/2 optimiser state saved mid-phase is tied to its world size (the kill test
+    above runs the refusal through the command line, the ZeRO-1 test a phase-boundary resume)."""
+    from dietcl_fast.engine.deepspeed_engine import check_resume_world_size
+    z2 = {"kind": "deepspeed", "world_size": 2, "zero_stage": 2}
+    mid, boundary = {"it": 1}, {"it": 0}
+    for ckpt, world in (({"engine": None, "position": mid}, 1),
+                        ({"engine": {"kind": "torch"}, "position": mid}, 1),
+                        ({"engine": {**z2, "zero_stage": 0}, "position": mid}, 1),
+                        ({"engine": z2, "position": mid}, 2),
+                        ({"engine": z2, "position": boundary}, 1)):   # no optimiser state kept
+        check_resume_world_size(ckpt, world)
+    with pytest.raises(ValueError, match=r"ZeRO-2 optimiser state sharded over 2 ranks, and "
+                                         r"this run has 1\. Resume on 2 processes"):
+        check_resume_world_size({"engine": z2, "position": mid}, 1)
 
 
 def test_engine_deepspeed_without_deepspeed_says_how_to_install(tmp_path):
