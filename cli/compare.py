@@ -61,7 +61,6 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
     from dietcl_fast import checkpoint as ckpt_io
     from dietcl_fast.fsio import atomic_write_bytes
     from dietcl_fast.config import Config
-    from dietcl_fast.engine.deepspeed_engine import check_resume_world_size
     from dietcl_fast.outdir import RunLock, check_out_dir
     from dietcl_fast.meter import run_meter
     from dietcl_fast.trainer import Trainer
@@ -89,7 +88,7 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
                 logf.flush()
             if ckpt_io.has_checkpoint(run_dir):
                 state = ckpt_io.load_checkpoint(run_dir)
-                check_resume_world_size(state, int(os.environ.get("WORLD_SIZE", "1")))
+                ckpt_io.check_resumable(state)
                 rcfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
                 rcfg.run.progress = False
                 return Trainer(rcfg, log=log, meter=run_meter(rcfg.engine.compile, log)).run(

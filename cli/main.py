@@ -266,12 +266,11 @@ def _resume(ctx, params, run_dir: str) -> None:
     from dietcl_fast.trainer import Trainer
     from dietcl_fast.config import save_yaml
     from dietcl_fast.outdir import check_owner
-    from dietcl_fast.engine.deepspeed_engine import check_resume_world_size
     state = ckpt_io.load_checkpoint(run_dir)
     cfg = Config.from_dict(state["config"], source=f"{run_dir}/latest.pt")
     check_owner(run_dir, state["config"])   # the directory's own run, and config.yaml agrees
     # sharded optimiser state on another world size: refused before anything is built
-    check_resume_world_size(state, int(os.environ.get("WORLD_SIZE", "1")))
+    ckpt_io.check_resumable(state)
     if not os.path.isfile(os.path.join(run_dir, "config.yaml")) and \
             os.environ.get("RANK", "0") == "0":
         save_yaml(cfg, os.path.join(run_dir, "config.yaml"))    # put back where it was deleted

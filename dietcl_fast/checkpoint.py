@@ -31,7 +31,8 @@ import time
 
 import torch
 
-from .engine.deepspeed_engine import DS_SUBDIR, POINTER, load_client_state
+from .engine.deepspeed_engine import (DS_SUBDIR, POINTER, check_resume_world_size,
+                                      load_client_state)
 from .fsio import (FORMAT_VERSION, MAGIC, CheckpointError, atomic_write_bytes,  # noqa: F401
                    is_run_checkpoint, plain_state)
 
@@ -183,6 +184,19 @@ def decode_file(path: str) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} does not hold a state dict")
     return _checked(state, path)
+
+
+def engine_state_to_restore(st: dict) -> dict | None:
+    """The engine (optimiser) state a resume of checkpoint state `st` restores: a mid-phase
+    checkpoint's (position `it` > 0); a phase starts with a fresh optimiser, so a checkpoint at
+    a phase boundary restores none (run_record.checkpoint_state, run_record.restore)."""
+    return st.get("engine") if st["position"]["it"] > 0 else None
+
+
+def check_resumable(st: dict) -> None:
+    """Refuse, before anything is built, to resume checkpoint state `st` on this launch's world
+    size (WORLD_SIZE, 1 without a launcher) when its optimiser state is sharded over another."""
+    check_resume_world_size(engine_state_to_restore(st), int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def load_checkpoint(run_dir: str) -> dict:

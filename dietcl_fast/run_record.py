@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .checkpoint import engine_state_to_restore
 from .evaluator import empty_knn_record
 from .fsio import CheckpointError
 from .mfu import TrainClock
@@ -89,7 +90,7 @@ def restore(parts, record: RunRecord, st: dict) -> dict | None:
     parts.checkpoints.resumed_at(record.pos.gstep)
     torch.set_rng_state(st["rng"]["torch"])
     set_numpy_rng_state(st["rng"]["numpy"])
-    return st["engine"] if record.pos.it > 0 else None
+    return engine_state_to_restore(st)
 
 
 def model_record(parts, record: RunRecord, t: int) -> dict:

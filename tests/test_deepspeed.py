@@ -189,21 +189,23 @@ def test_deepspeed_zero1_resume_on_other_world_size_at_phase_boundary(tmp_path, 
     same_run(torch_ref, results(part))
 
 
-def test_a_resume_on_another_world_size_is_checked_from_the_checkpoint():
+def test_a_resume_on_another_world_size_is_checked_from_the_checkpoint(monkeypatch):
     """Only ZeRO-1/2 optimiser state saved mid-phase is tied to its world size (the kill test
     above runs the refusal through the command line, the ZeRO-1 test a phase-boundary resume)."""
-    from dietcl_fast.engine.deepspeed_engine import check_resume_world_size
+    from dietcl_fast.checkpoint import check_resumable
     z2 = {"kind": "deepspeed", "world_size": 2, "zero_stage": 2}
     mid, boundary = {"it": 1}, {"it": 0}
-    for ckpt, world in (({"engine": None, "position": mid}, 1),
-                        ({"engine": {"kind": "torch"}, "position": mid}, 1),
-                        ({"engine": {**z2, "zero_stage": 0}, "position": mid}, 1),
-                        ({"engine": z2, "position": mid}, 2),
-                        ({"engine": z2, "position": boundary}, 1)):   # no optimiser state kept
-        check_resume_world_size(ckpt, world)
+    for ckpt, world in (({"engine": None, "position": mid}, "1"),
+                        ({"engine": {"kind": "torch"}, "position": mid}, "1"),
+                        ({"engine": {**z2, "zero_stage": 0}, "position": mid}, "1"),
+                        ({"engine": z2, "position": mid}, "2"),
+                        ({"engine": z2, "position": boundary}, "1")):   # no optimiser state kept
+        monkeypatch.setenv("WORLD_SIZE", world)
+        check_resumable(ckpt)
+    monkeypatch.delenv("WORLD_SIZE")                                    # no launcher: 1
     with pytest.raises(ValueError, match=r"ZeRO-2 optimiser state sharded over 2 ranks, and "
                                          r"this run has 1\. Resume on 2 processes"):
-        check_resume_world_size({"engine": z2, "position": mid}, 1)
+        check_resumable({"engine": z2, "position": mid})
 
 
 def test_engine_deepspeed_without_deepspeed_says_how_to_install(tmp_path):

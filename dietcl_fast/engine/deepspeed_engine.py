@@ -74,20 +74,11 @@ def import_deepspeed():
     return deepspeed
 
 
-
-def check_resume_world_size(checkpoint: dict, world_size: int) -> None:
-    """A run's checkpoint (checkpoint.load_checkpoint) against the resuming run's world size,
-    before anything is built (cli/main.py, cli/compare.py): ZeRO-1/2 optimiser state saved
-    mid-phase is sharded over the ranks that wrote it and resumes only on as many. At a phase
-    boundary (position `it` 0) the optimiser state is not restored (run_record.restore), so any
-    world size resumes."""
-    mid_phase = int(checkpoint.get("position", {}).get("it", 0)) > 0
-    _check_world_size(checkpoint.get("engine") if mid_phase else None, world_size)
-
-
-def _check_world_size(state: dict | None, world_size: int) -> None:
-    """The engine state of a mid-phase checkpoint (None: none to restore) on `world_size`
-    ranks; raises ValueError naming both world sizes."""
+def check_resume_world_size(state: dict | None, world_size: int) -> None:
+    """The engine state a resume restores (checkpoint.engine_state_to_restore; None: none) on
+    `world_size` ranks: ZeRO-1/2 optimiser state is sharded over the ranks that wrote it and
+    resumes only on as many -> ValueError naming both world sizes. Checked before anything is
+    built (checkpoint.check_resumable) and again when the engine loads the state."""
     if not state or state.get("kind") != "deepspeed":
         return
     old_w, stage = int(state["world_size"]), int(state["zero_stage"])
@@ -97,6 +88,7 @@ def _check_world_size(state: dict | None, world_size: int) -> None:
             f"sharded over {old_w} ranks, and this run has {world_size}. Resume on "
             f"{old_w} processes (or let the run reach a phase boundary: checkpoints at time-step "
             f"ends hold no optimiser state and resume on any world size).")
+
 
 class DeepSpeedEngine:
     name = "deepspeed"
@@ -236,7 +228,7 @@ class DeepSpeedEngine:
         if state.get("kind") != "deepspeed":
             raise ValueError("this checkpoint was written by the torch engine; resume it with "
                              "--engine torch (the run's saved config)")
-        _check_world_size(state, self.world_size)
+        check_resume_world_size(state, self.world_size)
         if self.ds is None:
             raise RuntimeError("deepspeed engine: load_state_dict before build_optimizer")
         tag_dir = checked_tag_dir(os.path.dirname(state["dir"]), state["tag"])
