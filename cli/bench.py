@@ -136,7 +136,7 @@ def kernels(tiny, batch, compile_ref, check, timings, warmup_ms, rep_ms, compile
 @click.option("--seconds", default=5.0, type=float, help="Seconds per measurement.")
 @click.option("--step-batch", default=None, type=int,
               help="Images per training step [default: --batch on the CPU, 256 on a GPU].")
-@click.option("--tiny", is_flag=True, help="48 small JPEGs, 1-second measurements (tests).")
+@click.option("--tiny", is_flag=True, help="48 small JPEGs, 0.3-second measurements (tests).")
 @DEVICE
 @OUT
 def loader(preset, n, batch, data, backends, workers, seconds, step_batch, tiny, device, out):

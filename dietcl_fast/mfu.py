@@ -20,16 +20,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_PEAKS: dict[tuple, dict] = {}     # measured once per process: (device, n, dtype, seconds)
+_PEAKS: dict[tuple, dict] = {}     # (device, n, dtype) -> the longest measurement in this process
+PEAK_SHARE = 0.1                   # a run's peak measurement lasts at most this share of its training
+PEAK_MIN_SECONDS = 0.1
+
+
+def default_seconds(device: torch.device, tiny: bool = False) -> float:
+    """How long `matmul_peak` measures unless told: 1 s on a GPU, 0.5 s on the CPU, 0.2 s tiny."""
+    return 0.2 if tiny else (1.0 if torch.device(device).type == "cuda" else 0.5)
+
+
+def run_peak_seconds(device: torch.device, train_seconds: float) -> float:
+    """How long a run measures the peak it rates its MFU against: a tenth of its timed training,
+    at least 0.1 s and at most the device's default. A run that trained for hours measures for
+    the full default; a one-second test run does not spend half a second more on the rating."""
+    return min(default_seconds(device), max(PEAK_MIN_SECONDS, PEAK_SHARE * train_seconds))
 
 
 def matmul_peak(device: torch.device, tiny: bool = False, seconds: float | None = None) -> dict:
     """The dense matmul rate of this device: bf16 on a GPU (n = 8192; 2048 tiny), fp32 on the
-    CPU (n = 1024; 256 tiny). The best of repeated timed batches over `seconds` (default 1 s on
-    a GPU, 0.5 s on the CPU, 0.2 s tiny) -> {"flops_per_second" (2 n^3 per matmul), "n",
-    "dtype"}. Measured at the first call with these arguments in a process, then reused (a
-    bench's trainers do not measure again what the bench just measured); the operands come
-    from a local generator, so torch's global random state is left as it was."""
+    CPU (n = 1024; 256 tiny). The best of repeated timed batches over `seconds` (default:
+    `default_seconds`) -> {"flops_per_second" (2 n^3 per matmul), "n", "dtype", "seconds"}.
+    Measured once per process and size, then reused by any call asking for no longer a
+    measurement (a bench's trainers do not measure again what the bench just measured; a
+    longer request measures again); the operands come from a local generator, so torch's
+    global random state is left as it was."""
     device = torch.device(device)
     if device.type == "cuda":
         n, dtype = (2048 if tiny else 8192), torch.bfloat16
@@ -38,9 +53,9 @@ def matmul_peak(device: torch.device, tiny: bool = False, seconds: float | None 
     else:
         n, dtype = (256 if tiny else 1024), torch.float32
     if seconds is None:
-        seconds = 0.2 if tiny else (1.0 if device.type == "cuda" else 0.5)
-    key = (str(device), n, dtype, seconds)
-    if key not in _PEAKS:
+        seconds = default_seconds(device, tiny)
+    key = (str(device), n, dtype)
+    if key not in _PEAKS or _PEAKS[key]["seconds"] < seconds:
         _PEAKS[key] = _measure(device, n, dtype, seconds)
     return dict(_PEAKS[key])
 
@@ -64,7 +79,8 @@ def _measure(device: torch.device, n: int, dtype: torch.dtype, seconds: float) -
             reps *= 2
         if time.perf_counter() > t_end:
             break
-    return {"flops_per_second": best, "n": n, "dtype": str(dtype).replace("torch.", "")}
+    return {"flops_per_second": best, "n": n, "dtype": str(dtype).replace("torch.", ""),
+            "seconds": seconds}
 
 
 def mfu(train_flops: float, train_seconds: float, peak_flops_per_second: float,
@@ -110,10 +126,12 @@ class TrainClock:
 
     def summary(self, measure_peak: bool, world_size: int) -> dict:
         """results.json's MFU fields: train_seconds, train_flops, achieved_flops_per_second,
-        matmul_peak (measured once per process; None where `measure_peak` is false: ranks
-        other than 0) and mfu."""
+        matmul_peak (measured for `run_peak_seconds` of this training, or reused from a longer
+        measurement in this process; None where `measure_peak` is false: ranks other than 0)
+        and mfu."""
         achieved = self.flops / self.seconds if self.seconds > 0 else 0.0
-        peak = matmul_peak(self.device) if measure_peak else None
+        peak = (matmul_peak(self.device, seconds=run_peak_seconds(self.device, self.seconds))
+                if measure_peak else None)
         return {"train_seconds": self.seconds, "train_flops": self.flops,
                 "achieved_flops_per_second": achieved, "matmul_peak": peak,
                 "mfu": (mfu(self.flops, self.seconds, peak["flops_per_second"], world_size)

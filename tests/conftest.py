@@ -7,6 +7,18 @@ import sys
 import tempfile
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Compiled bytecode of the checkout's own code, kept in its __pycache__ folders (git-ignored)
+# whatever PYTHONDONTWRITEBYTECODE says (set on some machines, this one included): without it,
+# each of the ~100 processes the suite starts compiles the package's modules again (~0.2 CPU-s
+# each), and each xdist worker rewrites and compiles every test module's asserts (~4 CPU-s).
+# compileall writes only what changed since the last run; pytest then caches its rewritten
+# test modules beside them.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if "PYTEST_XDIST_WORKER" not in os.environ:      # once, before the workers start
+    import compileall
+    for _d in ("dietcl_fast", "cli", "kernels", "tests"):
+        compileall.compile_dir(os.path.join(_ROOT, _d), quiet=2, workers=1)
+sys.dont_write_bytecode = False
 # one thread per process, in every worker and every process a test starts (they inherit this):
 # the suite runs two xdist workers on two cores, and torch's OpenMP threads beyond one per core
 # spin and contend. Measured (bench/RESULTS.md, "Test suite wall time"): test_methods +
@@ -18,6 +30,12 @@ os.environ["MKL_NUM_THREADS"] = "1"
 _CACHE = tempfile.mkdtemp(prefix="dietcl-test-cache-")
 os.environ["DIETCL_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# DeepSpeed builds its CPU communication op (shm) on first use, into TORCH_EXTENSIONS_DIR, and
+# ninja rebuilds it whenever the compile command changes. The command holds the virtual
+# environment's path, so two checkouts sharing ~/.cache/torch_extensions (CI's clean clone on a
+# developer's machine) rebuild it in turn: ~60 CPU-s in the next suite run of each. One build
+# per checkout, in its build/ folder (ignored by git), unless the caller chose a folder.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_ROOT, "build", "torch-extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -105,17 +105,31 @@ def test_micro_batch_j_holds_draw_items_j_j_plus_M_whatever_the_world_size(G, mi
         assert all_j == list(range(G // micro))
 
 
-def test_mfu_is_flops_per_synchronised_second_over_the_measured_peak_of_all_processes():
+def test_mfu_is_flops_per_synchronised_second_over_the_measured_peak_of_all_processes(monkeypatch):
     assert mfu(3e12, 2.0, 1.5e12) == pytest.approx(1.0)
     assert mfu(3e12, 2.0, 1.5e12, world_size=2) == pytest.approx(0.5)
     assert mfu(1e12, 0.0, 1e12) is None and mfu(1e12, 1.0, 0.0) is None
+    from dietcl_fast import mfu as mfu_module
     from dietcl_fast.mfu import matmul_peak
+    monkeypatch.setattr(mfu_module, "_PEAKS", {})       # nothing measured yet in this process
     peak = matmul_peak(CPU, tiny=True)
     assert peak["dtype"] == "float32" and peak["n"] == 256 and peak["flops_per_second"] > 1e6
     # measured once per process (a bench's trainers reuse it) without touching torch's RNG
     state = torch.get_rng_state()
     again = matmul_peak(CPU, tiny=True)
     assert again == peak and again is not peak and torch.equal(torch.get_rng_state(), state)
+    # a shorter request reuses the longer measurement; a longer one measures again
+    assert peak["seconds"] == 0.2 and matmul_peak(CPU, tiny=True, seconds=0.1) == peak
+    longer = matmul_peak(CPU, tiny=True, seconds=0.3)
+    assert longer["seconds"] == 0.3 and matmul_peak(CPU, tiny=True) == longer
+
+
+def test_a_run_measures_the_peak_for_a_tenth_of_its_training_within_bounds():
+    from dietcl_fast.mfu import run_peak_seconds
+    assert run_peak_seconds(CPU, 0.3) == 0.1                       # the floor
+    assert run_peak_seconds(CPU, 2.5) == pytest.approx(0.25)       # a tenth
+    assert run_peak_seconds(CPU, 3600.0) == 0.5                    # the CPU's full default
+    assert run_peak_seconds(torch.device("cuda"), 3600.0) == 1.0   # a GPU's
 
 
 def test_no_kill_aid_in_the_package_or_its_options(tmp_path):

@@ -160,7 +160,7 @@ def bench_loader(preset: str = "cpu-tiny", n: int = 400, batch: int = 64, size=(
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     if tiny:
-        n, batch, size, seconds = 48, 16, (64, 48), min(seconds, 1.0)
+        n, batch, size, seconds = 48, 16, (64, 48), min(seconds, 0.3)
     if n < 1 or batch < 1 or seconds <= 0:
         raise ValueError("bench loader: --n, --batch must be >= 1 and --seconds > 0")
     img_size = PRESETS[preset]["spec"]["img_size"]
