@@ -45,7 +45,7 @@ extras = {
     "dali": ["nvidia-dali-cuda130"],
     "deepspeed": ["deepspeed>=0.15"],
     "tensorboard": ["tensorboard>=2.14"],
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "scipy>=1.11", "pybind11>=2.12", "cmake>=3.18"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "pybind11>=2.12", "cmake>=3.18"],
 }
 extras["dev"] = sorted(set(extras["dali"] + extras["deepspeed"] + extras["tensorboard"]
                            + extras["test"]))

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -204,49 +203,6 @@ def test_tensorboard_missing_is_a_clear_error_before_any_compute(tmp_path, monke
     assert r.exit_code == 2 and "--tensorboard needs the tensorboard package" in r.output, \
         r.output
     assert not out.exists()                     # refused once, before any run
-
-
-_DS_MONITOR_PROBE = r"""
-import json, os, sys
-os.environ["DS_ACCELERATOR"] = "cpu"
-import torch
-from dietcl_fast.engine import build_engine, init_from_env
-dist = init_from_env("cpu", force_group=True)
-model = torch.nn.Linear(4, 2)
-eng = build_engine("deepspeed", model, torch.device("cpu"), None, dist_info=dist, zero_stage=0,
-                   micro_batch=2, accum=1, log=lambda m: None)
-eng.monitor_dir = sys.argv[1]
-for phase in range(2):                      # the trainer builds a fresh engine per phase
-    eng.build_optimizer([{"params": list(model.parameters())}], lr=0.1, betas=(0.9, 0.95))
-    for _ in range(3):
-        eng.set_lr(0.1 * (phase + 1))
-        eng.forward_backward(lambda m, x: (m(x).sum(), {}), torch.randn(2, 4))
-        eng.step()
-eng._destroy()
-from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-mux = EventMultiplexer()
-mux.AddRunsFromDirectory(sys.argv[1])
-mux.Reload()
-print(json.dumps({run: [e.value for e in mux.Scalars(run, "Train/Samples/lr")]
-                  for run in mux.Runs()}))
-"""
-
-
-@pytest.mark.deepspeed
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None or not HAVE_TB,
-                    reason="needs the deepspeed and tensorboard extras")
-def test_deepspeed_monitor_writes_beside_the_log(tmp_path):
-    """With --tensorboard the DeepSpeed engine points DeepSpeed's own monitor at
-    <run>/tensorboard/deepspeed: its learning rate per optimiser step, one event file per
-    phase (a fresh DeepSpeed engine each), closed when the phase's engine goes."""
-    d = tmp_path / "tensorboard"
-    r = subprocess.run([sys.executable, "-c", _DS_MONITOR_PROBE, str(d)], capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = json.loads(r.stdout.strip().splitlines()[-1])
-    assert list(runs) == ["deepspeed"], runs
-    assert sorted(runs["deepspeed"]) == pytest.approx([0.1] * 3 + [0.2] * 3)
-    assert len(os.listdir(d / "deepspeed")) == 2
 
 
 # ------------------------------------------------------------------ predict

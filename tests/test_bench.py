@@ -233,6 +233,8 @@ def _python_loops():
     (["step", "--modes", "eager,fast"], "--modes eager,fast"),
     (["loader", "--backends", "torch-nvjpeg", "--device", "cpu"], "--backends 'torch-nvjpeg'"),
     (["kernels", "--device", "cpu"], "--tiny"),
+    (["compile-cost", "--traces", "eager:cuda,aot_eager:cpu:t2-joint"], "'aot_eager:cpu:t2-joint'"),
+    (["compile-cost", "--traces", "aot_eager:cuda"], "'aot_eager:cuda'"),
 ])
 def test_bench_bad_options_stop_before_compute(args, needle):
     """In this process (conftest.cli: the entry point's exit status and stderr, an escaping

@@ -11,7 +11,9 @@ share this module. Claims checked:
 * kill-and-resume under deepspeed (2 processes, ZeRO-2) gives the uninterrupted run's results;
   resuming a mid-phase ZeRO-2 checkpoint on another world size stops with a clear message, a
   phase-boundary one resumes on another world size;
-* `--engine deepspeed` without DeepSpeed, and ZeRO-3, stop clearly.
+* `--engine deepspeed` without DeepSpeed, and ZeRO-3, stop clearly;
+* the engine computes in bf16 whichever way it is called, and DeepSpeed's monitor writes one
+  event file per phase (one probe process for both).
 """
 import importlib.util
 import os
@@ -208,11 +210,16 @@ def test_a_resume_on_another_world_size_is_checked_from_the_checkpoint(monkeypat
         check_resumable({"engine": z2, "position": mid})
 
 
-def test_engine_deepspeed_without_deepspeed_says_how_to_install(tmp_path):
-    p = single(*TINY, "--engine", "deepspeed", "--out", str(tmp_path / "r"),
-               extra_env={"DIETCL_NO_DEEPSPEED": "1"})
-    assert p.returncode == 2
+def test_engine_deepspeed_without_deepspeed_says_how_to_install(tmp_path, monkeypatch):
+    """In this process, with `import deepspeed` failing as it does where it is not installed
+    (None in sys.modules), whether or not this environment has it."""
+    import sys
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    p = cli(*TINY, "--engine", "deepspeed", "--out", str(tmp_path / "r"), check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
     assert "pip install 'dietcl-fast[deepspeed]'" in p.stderr and "Traceback" not in p.stderr
+    assert "ModuleNotFoundError" in p.stderr or "ImportError" in p.stderr
+    assert not (tmp_path / "r" / "results.json").exists()
 
 
 def test_zero_stage_3_is_refused_before_compute(tmp_path):
@@ -239,7 +246,7 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path, monkeypatc
     assert not (tmp_path / "r").exists()
 
 
-_AUTOCAST_PROBE = r"""
+_ENGINE_PROBE = r"""
 import json, os, sys
 os.environ["DS_ACCELERATOR"] = "cpu"
 import torch
@@ -263,7 +270,7 @@ def loss(model, x):                         # a method's loss, as the trainer ha
     return model.norm(y).float().sum(), {}
 
 dist = init_from_env("cpu", force_group=True)
-out = {}
+out = {"autocast": {}}
 for stage in (0, 2):
     seen.clear()
     logs = []
@@ -276,15 +283,51 @@ for stage in (0, 2):
     eng.ds(x)                               # 2. DeepSpeed's forward, no outer autocast
     with eng.autocast():                    # 3. DeepSpeed's forward inside the engine's autocast
         eng.ds(x)
-    out[stage] = {"seen": list(seen), "log": logs, "comm": eng.grad_comm_dtypes(),
-                  "config": eng.ds_config().get("torch_autocast"),
-                  "param_dtypes": sorted({str(p.dtype) for p in eng.model.parameters()})}
+    out["autocast"][stage] = {"seen": list(seen), "log": logs, "comm": eng.grad_comm_dtypes(),
+                              "config": eng.ds_config().get("torch_autocast"),
+                              "param_dtypes": sorted({str(p.dtype) for p in eng.model.parameters()})}
+    eng._destroy()
+if len(sys.argv) > 1:                       # --tensorboard: DeepSpeed's monitor, two phases
+    model = torch.nn.Linear(4, 2)
+    eng = build_engine("deepspeed", model, torch.device("cpu"), None, dist_info=dist,
+                       zero_stage=0, micro_batch=2, accum=1, log=lambda m: None)
+    eng.monitor_dir = sys.argv[1]
+    for phase in range(2):                  # the trainer builds a fresh engine per phase
+        eng.build_optimizer([{"params": list(model.parameters())}], lr=0.1, betas=(0.9, 0.95))
+        for _ in range(3):
+            eng.set_lr(0.1 * (phase + 1))
+            eng.forward_backward(lambda m, x: (m(x).sum(), {}), torch.randn(2, 4))
+            eng.step()
+    eng._destroy()
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(sys.argv[1])
+    mux.Reload()
+    out["monitor"] = {run: [e.value for e in mux.Scalars(run, "Train/Samples/lr")]
+                      for run in mux.Runs()}
 print(json.dumps(out))
 """
+HAVE_TB = importlib.util.find_spec("tensorboard") is not None
+
+
+@pytest.fixture(scope="module")
+def engine_probe(tmp_path_factory):
+    """One process that opens a 1-rank gloo group (which the test process must not hold) and
+    builds DeepSpeed engines: the bf16 probe at ZeRO-0 and ZeRO-2, then (with tensorboard)
+    DeepSpeed's monitor over two phases -> (its JSON, the monitor's folder)."""
+    import json
+    import subprocess
+    import sys
+    d = tmp_path_factory.mktemp("monitor") / "tensorboard"
+    r = subprocess.run([sys.executable, "-c", _ENGINE_PROBE, *([str(d)] if HAVE_TB else [])],
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.strip().splitlines()[-1]), d
 
 
 @ds
-def test_deepspeed_engine_computes_in_bf16_whichever_way_it_is_called(tmp_path):
+def test_deepspeed_engine_computes_in_bf16_whichever_way_it_is_called(engine_probe):
     """bf16 through DeepSpeed's torch_autocast section (the engine's `bf16` section is not used:
     see deepspeed_engine.py), on the CPU with bf16 autocast standing in for a GPU's: the loss
     computes in bf16 through `forward_backward`, through DeepSpeed's own forward (without the
@@ -293,13 +336,7 @@ def test_deepspeed_engine_computes_in_bf16_whichever_way_it_is_called(tmp_path):
     stay fp32; the log states how
     gradients are reduced: ZeRO-0 all in fp32, ZeRO-2 the Linear layer's two in bf16 and the
     LayerNorm's two in fp32."""
-    import json
-    import subprocess
-    import sys
-    r = subprocess.run([sys.executable, "-c", _AUTOCAST_PROBE], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    assert r.returncode == 0, r.stderr[-4000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = engine_probe[0]["autocast"]
     for stage, res in out.items():
         assert [s[0] for s in res["seen"]] == ["forward_backward", "module forward", "module forward"]
         assert all(s[1] and s[2] == "torch.bfloat16" for s in res["seen"]), (stage, res["seen"])
@@ -311,3 +348,16 @@ def test_deepspeed_engine_computes_in_bf16_whichever_way_it_is_called(tmp_path):
     assert out["2"]["comm"] == {"bfloat16": 2, "float32": 2}
     assert "gradients reduced across ranks: 2 parameters in bfloat16, 2 parameters in float32" \
         in out["2"]["log"][0]
+
+
+@ds
+@pytest.mark.skipif(not HAVE_TB, reason="needs the tensorboard extra (in .[dev])")
+def test_deepspeed_monitor_writes_beside_the_log(engine_probe):
+    """With --tensorboard the DeepSpeed engine points DeepSpeed's own monitor at
+    <run>/tensorboard/deepspeed: its learning rate per optimiser step, one event file per
+    phase (a fresh DeepSpeed engine each), closed when the phase's engine goes."""
+    out, d = engine_probe
+    runs = out["monitor"]
+    assert list(runs) == ["deepspeed"], runs
+    assert sorted(runs["deepspeed"]) == pytest.approx([0.1] * 3 + [0.2] * 3)
+    assert len(os.listdir(d / "deepspeed")) == 2

@@ -131,14 +131,14 @@ def _metrics_since(n_before: int) -> list:
 
 
 def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: int,
-               eval_batch: int, log) -> dict:
+               eval_batch: int, log, graphs=GRAPHS) -> dict:
     """Each graph traced (and, backend "aot_eager", run through AOTAutograd) on fake tensors on
     `device` (cuda: the fused kernels' custom ops; cpu: their torch reference) at the GPU run's
     shapes, under bf16 autocast -> {graph: {seconds, ops, shapes, ..., output}}; `output`: the
     traced loss's (the evaluation's logits') device and dtype and the loss's logged terms, which
     say that the graph is the CUDA form (autocast on: bf16 logits, an fp32 loss). AOTAutograd's joint
     trace runs the autograd engine, which needs a real CUDA device: on this machine "aot_eager"
-    traces the CPU form."""
+    traces the CPU form. `graphs`: which of GRAPHS, in their order."""
     from torch._dynamo.utils import clear_compilation_metrics, counters
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -160,7 +160,7 @@ def trace_fake(tr, got, backend: str, device: str, gpu_batch: int, gpu_micro: in
         model = copy.deepcopy(tr.model)     # the stopped run's last graph holds tr.model's
         with mode:
             model = model.to(device)
-        for name in GRAPHS:
+        for name in (g for g in GRAPHS if g in graphs):
             torch._dynamo.reset()
             clear_compilation_metrics()
             counters.clear()
@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-batch", type=int, default=1024, help="evaluation batch traced")
     ap.add_argument("--traces", default="eager:cuda,eager:cpu,aot_eager:cpu",
                     help="comma list of BACKEND:DEVICE fake-tensor traces (backend eager or "
-                         "aot_eager; device cuda or cpu; aot_eager needs cpu here)")
+                         "aot_eager; device cuda or cpu; aot_eager needs cpu here), each of "
+                         "every graph or of BACKEND:DEVICE:GRAPH+GRAPH (of " + ", ".join(GRAPHS) + ")")
     ap.add_argument("--inductor-cpu", default=None, choices=[None, *GRAPHS],
                     help="also compile this graph with inductor on the CPU (minutes on ViT-B/16)")
     ap.add_argument("--inductor-cache", default="cold", choices=["cold", "warm"],
@@ -366,10 +367,18 @@ def main(argv=None) -> int:
     if gpu_batch % gpu_micro or a.batch_size < 2:
         ap.error(f"--gpu-batch {gpu_batch} must be a multiple of --gpu-micro {gpu_micro}; "
                  f"--batch-size {a.batch_size} >= 2")
-    traces = [tuple(x.split(":", 1)) if ":" in x else (x, "?") for x in a.traces.split(",") if x]
     ok = {("eager", "cuda"), ("eager", "cpu"), ("aot_eager", "cpu")}
-    if not traces or any(t not in ok for t in traces):
-        ap.error(f"--traces {a.traces!r}: choose from " + ", ".join(f"{b}:{d}" for b, d in sorted(ok)))
+    traces = []                             # (backend, device, graphs)
+    for x in (x for x in a.traces.split(",") if x):
+        b, d, gs = (x.split(":", 2) + ["", ""])[:3]
+        graphs = tuple(gs.split("+")) if gs else GRAPHS
+        if (b, d) not in ok or any(g not in GRAPHS for g in graphs):
+            ap.error(f"--traces {a.traces!r}: {x!r} is not BACKEND:DEVICE[:GRAPH+GRAPH] with "
+                     "BACKEND:DEVICE one of " + ", ".join(f"{b}:{d}" for b, d in sorted(ok))
+                     + " and GRAPH one of " + ", ".join(GRAPHS))
+        traces.append((b, d, graphs))
+    if not traces:
+        ap.error("--traces is empty")
 
     from dietcl_fast.bench.common import header
 
@@ -386,9 +395,9 @@ def main(argv=None) -> int:
                "what": "host-side trace cost on this CPU, fake CUDA tensors, bf16 autocast; "
                        "not a GPU compile time",
                "load_average_start": os.getloadavg(), "traces": {}}
-        for b, d in traces:
+        for b, d, graphs in traces:
             res["traces"][f"{b}:{d}"] = trace_fake(tr, got, b, d, gpu_batch, gpu_micro,
-                                                  a.eval_batch, log)
+                                                  a.eval_batch, log, graphs)
         if a.inductor_cpu:
             res["inductor_cpu"] = inductor_cpu(tr, got, a.inductor_cpu, log, a.inductor_cache)
         res["load_average_end"] = os.getloadavg()

@@ -62,11 +62,7 @@ DS_SUBDIR = "deepspeed"
 
 
 def import_deepspeed():
-    """Import DeepSpeed or stop with a message saying how to install it.
-
-    `DIETCL_NO_DEEPSPEED=1` simulates an environment without it (tests)."""
-    if os.environ.get("DIETCL_NO_DEEPSPEED") == "1":
-        raise ValueError(DS_MISSING.format(err="DIETCL_NO_DEEPSPEED=1 hides it"))
+    """Import DeepSpeed or stop with a message saying how to install it."""
     try:
         import deepspeed
     except Exception as e:    # ImportError, or a broken install failing at import
