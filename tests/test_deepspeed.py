@@ -5,9 +5,10 @@ The reference multi-process runs start through the real `deepspeed` launcher (wh
 Tests that need DeepSpeed skip without it; the torch engine's tests (test_distributed.py) do not
 share this module. Claims checked:
 
-* the ledger of a run is identical (exactly, every field) for the deepspeed engine on 1 and 2
-  processes and the torch engine on 1, for ZeRO 0, 1 (2 processes, then resumed on 1) and 2;
-  accuracy matches within ACC_TOL percentage points;
+* the ledger of a run is identical (exactly, every field) for the deepspeed engine and the
+  torch engine on 1 process, for ZeRO 0 (2 ranks under the real launcher, image by image), 1
+  (2 processes, then resumed on 1) and 2 (2 ranks under the real launcher); accuracy matches
+  within ACC_TOL percentage points;
 * kill-and-resume under deepspeed (2 processes, ZeRO-2) gives the uninterrupted run's results;
   resuming a mid-phase ZeRO-2 checkpoint on another world size stops with a clear message, a
   phase-boundary one resumes on another world size;
@@ -23,7 +24,7 @@ import pytest
 from conftest import cli
 from kill import EXIT_STATUS, exit_after
 from launchers import (_DIRS, _RUNS, TINY, UNEVEN, launch, launcher, ok, one_process_references,
-                       results, run_once, same_images, same_run, single,
+                       results, same_images, same_run, single,
                        torch_ref)  # noqa: F401 (fixture)
 
 HAVE_DS = importlib.util.find_spec("deepspeed") is not None
@@ -37,17 +38,23 @@ def ds(f):
     return f
 
 
-@ds
-@pytest.mark.slow
-def test_deepspeed_on_one_process_matches_torch_engine(tmp_path_factory, torch_ref):
-    """ZeRO-0 on one process (ZeRO-2 on 2 ranks: the real launcher's `compare` below; ZeRO-1:
-    the resume test). Over 20 s with the torch reference: a real process that imports
-    DeepSpeed and sets up gloo, shared with the predict/export test below."""
-    res, ps = run_once("ds1z0", tmp_path_factory, 1, *TINY, "--engine", "deepspeed",
-                       "--zero-stage", "0")
-    same_run(torch_ref, res)
-    assert "x 1 processes (engine deepspeed, ZeRO-0)" in ps[0].stderr
-    assert res["config"]["engine"]["engine"] == "deepspeed"
+def zero1_resumed_on_one_process(tmp_path_factory):
+    """ZeRO-1 on 2 processes (the environment a launcher sets), killed in t=1; its last
+    checkpoint (t=0's end) holds no optimiser state, so it resumes on 1 process and finishes
+    there; once per session -> (the killed ranks, the 1-process resume, the run directory). The
+    one DeepSpeed run of the session that ends on one process: the predict/export test below
+    opens its model."""
+    if "ds-z1" not in _RUNS:
+        part = tmp_path_factory.mktemp("ds-z1") / "part"
+        killed = launch(2, *TINY, "--engine", "deepspeed", "--zero-stage", "1", "--out",
+                        str(part), extra_env=exit_after(4))
+        assert [p.returncode for p in killed] == [EXIT_STATUS] * 2, killed[0].stderr[-2000:]
+        tag = (part / "deepspeed" / "latest_dietcl").read_text()
+        resumed = single("train", "--resume", str(part), "--no-progress")
+        ok(resumed)
+        _RUNS["ds-z1"] = (killed, tag, resumed)
+        _DIRS["ds-z1"] = part
+    return _RUNS["ds-z1"] + (_DIRS["ds-z1"],)
 
 
 def compare_under_launcher(tmp_path_factory):
@@ -68,7 +75,7 @@ def test_a_deepspeed_runs_model_is_predicted_exported_and_shown(tmp_path_factory
     """The model of a DeepSpeed run (the module in deepspeed/<tag>/, read through the checksum
     and weights_only path) opens for predict, export and show as a torch-engine run's does: its
     top-1 on the run's evaluation images counts what the run's evaluation counted, and the export
-    gives its logits in timm. Shares the one-process ZeRO-0 run with the test above."""
+    gives its logits in timm. The run is the ZeRO-1 one below, finished on one process."""
     import contextlib
 
     from dietcl_fast.afterrun import open_run
@@ -77,9 +84,8 @@ def test_a_deepspeed_runs_model_is_predicted_exported_and_shown(tmp_path_factory
     from dietcl_fast.afterrun.show import summary
     from dietcl_fast.data import build_loader
     from dietcl_fast.streams import build_stream, load_source
-    res, _ = run_once("ds1z0", tmp_path_factory, 1, *TINY, "--engine", "deepspeed",
-                      "--zero-stage", "0")
-    d = _DIRS["ds1z0"]
+    d = zero1_resumed_on_one_process(tmp_path_factory)[3]
+    res = results(d)
     rm = open_run(str(d))
     assert rm.finished and rm.source == str(d / "deepspeed") and "(deepspeed)" in rm.what
     cfg = rm.cfg
@@ -177,18 +183,20 @@ def test_deepspeed_kill_and_resume(tmp_path, tmp_path_factory):
 
 @ds
 @pytest.mark.slow
-def test_deepspeed_zero1_resume_on_other_world_size_at_phase_boundary(tmp_path, torch_ref):
+def test_deepspeed_zero1_resume_on_other_world_size_at_phase_boundary(tmp_path_factory, torch_ref):
     """ZeRO-1 on 2 processes, killed in t=1; the last checkpoint (t=0's end) holds no optimiser
-    state, so it resumes on 1 process; the whole run equals the torch engine's. Over 20 s: a
-    killed 2-rank run and a 1-process resume, real processes importing DeepSpeed."""
-    part = tmp_path / "part"
-    ps = launch(2, *TINY, "--engine", "deepspeed", "--zero-stage", "1", "--out", str(part),
-                extra_env=exit_after(4))
-    assert [p.returncode for p in ps] == [EXIT_STATUS] * 2, ps[0].stderr[-2000:]
-    assert (part / "deepspeed" / "latest_dietcl").read_text().startswith("g3-t1-")
-    p = single("train", "--resume", str(part), "--no-progress")
-    ok(p)
-    same_run(torch_ref, results(part))
+    state, so it resumes on 1 process, and the whole run equals the torch engine's on one: the
+    one-process DeepSpeed path (ZeRO-1 there; ZeRO-0 on 2 ranks: the real launcher's `train`
+    above, ZeRO-2: its `compare`). Over 20 s: a killed 2-rank run and a 1-process resume, real
+    processes importing DeepSpeed."""
+    killed, tag, resumed, part = zero1_resumed_on_one_process(tmp_path_factory)
+    assert "x 2 processes (engine deepspeed, ZeRO-1)" in killed[0].stderr
+    assert tag.startswith("g3-t1-"), tag
+    assert "resuming" in resumed.stderr
+    assert "x 1 processes (engine deepspeed, ZeRO-1)" in resumed.stderr, resumed.stderr[-2000:]
+    res = results(part)
+    same_run(torch_ref, res)
+    assert res["config"]["engine"]["engine"] == "deepspeed"
 
 
 def test_a_resume_on_another_world_size_is_checked_from_the_checkpoint(monkeypatch):
