@@ -52,15 +52,19 @@ torch.set_num_threads(1)
 # pytest-xdist hands out whole files (--dist loadfile, pyproject.toml): a file's module-scoped
 # fixtures (one shared run each) run once. test_distributed and test_deepspeed each make their
 # one-process references in their worker (tests/launchers.py): a few seconds twice, cheaper than
-# running the two heavy files one after the other. The files are handed out heaviest first (the
-# longest-first rule; --no-loadscope-reorder keeps this order), by their wall seconds in a
-# profiled run (tests/cpu_profile.py; 2026-12-07, the files over 8 s), so that the last files
-# either worker gets are small: alphabetical order left one worker 11 s behind the other.
-FIRST = ["test_deepspeed.py", "test_bench.py", "test_compile_graphs.py", "test_distributed.py",
-         "test_docs.py", "test_compiled_step.py", "test_pinned_accuracy.py", "test_methods.py",
-         "test_first_user.py", "test_regime.py", "test_architecture.py", "test_trainer.py",
-         "test_cuda_forms.py", "test_baselines.py", "test_hostile.py", "test_index.py",
-         "test_afterrun.py", "test_kernels.py"]
+# running the two heavy files one after the other. The files are handed out in this order
+# (--no-loadscope-reorder keeps it), each to the first worker that is nearly done with its
+# last one. The heavy files (over 8 s of wall time in a profiled run, tests/cpu_profile.py,
+# 2026-12-07) come first, so that the last files either worker gets are small (alphabetical
+# order left one worker 11 s behind the other). Among them, the files whose tests run several
+# busy processes at once (DeepSpeed's ranks; bench's GPU suite and busy loop; torchrun's ranks)
+# are spaced by about DeepSpeed's time in in-process files, so that they run beside the other
+# worker's in-process tests rather than beside each other on two cores.
+FIRST = ["test_deepspeed.py", "test_compiled_step.py", "test_pinned_accuracy.py",
+         "test_compile_graphs.py", "test_bench.py", "test_methods.py", "test_docs.py",
+         "test_distributed.py", "test_first_user.py", "test_regime.py", "test_architecture.py",
+         "test_trainer.py", "test_cuda_forms.py", "test_baselines.py", "test_hostile.py",
+         "test_index.py", "test_afterrun.py", "test_kernels.py"]
 
 
 def pytest_collection_modifyitems(config, items):
