@@ -51,8 +51,8 @@ def test_a_compiled_run_builds_one_graph_per_phase_shape_and_no_more(tmp_path, a
     from dietcl_fast.evaluate import eval_pad_sizes
     from dietcl_fast.meter import CompileMeter
     from dietcl_fast.trainer import Trainer
-    # each evaluation set (~150 images) is one partial batch padded to 256 (eval_pad_sizes:
-    # 4, 32, 256), as a user's last partial batch is
+    # each evaluation set (tiny_cfg's 2 % held out: a few dozen images) is one partial batch
+    # padded to 256 (eval_pad_sizes: 4, 32, 256), as a user's last partial batch is
     cfg = tiny_cfg("dietcl", budget=4, method__split="ratio:0.5", engine__compile=True,
                    device="cpu", eval_batch_size=256)
     cfg.stream.time_steps = 3 + compile_from     # a last time step that builds nothing
