@@ -132,7 +132,8 @@ def finish_run(run_dir: str, parts, record: RunRecord) -> dict:
                          "what": "--split auto threshold validation"}
         res["split_tuning"] = tuning
     # MFU: the phases' FLOPs over their synchronised wall time, against the matmul rate
-    # measured on this device (once per process; bf16 on a GPU, fp32 on the CPU), times the processes
+    # measured on this device for a tenth of that time (mfu.run_peak_seconds; reused from a
+    # longer measurement in this process; bf16 on a GPU, fp32 on the CPU), times the processes
     res.update(record.clock.summary(dist.is_main, dist.world_size))
     if dist.is_main:   # results.json last: it marks the run finished
         plot_curve(res, os.path.join(run_dir, "curve.png"))

@@ -12,7 +12,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # each of the ~100 processes the suite starts compiles the package's modules again (~0.2 CPU-s
 # each), and each xdist worker rewrites and compiles every test module's asserts (~4 CPU-s).
 # compileall writes only what changed since the last run; pytest then caches its rewritten
-# test modules beside them.
+# test modules beside them. (The workers then also write the bytecode of any installed module
+# that lacks it, as Python does by default.)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if "PYTEST_XDIST_WORKER" not in os.environ:      # once, before the workers start
     import compileall

@@ -5,7 +5,7 @@ DeepSpeed.
 
 `launcher` uses the real launchers (torchrun, deepspeed); `launch` starts each rank with the
 environment a launcher sets (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT; DS_ACCELERATOR=cpu);
-`single` starts one process. Reference runs are made once per session (`run_once`); the
+`single` starts one process. Shared runs are made once per session (kept in `_RUNS`); the
 one-process torch-engine references run in the test process (`torch_ref`,
 `one_process_references`).
 """
@@ -92,19 +92,6 @@ def results(d):
 
 _RUNS: dict = {}
 _DIRS: dict = {}
-
-
-def run_once(key, tmp_path_factory, world, *args, via=None):
-    """Each reference run happens once per session (they are shared between tests). `via`: a
-    real launcher (torchrun, deepspeed) for 2 ranks instead of the emulated environment."""
-    if key not in _RUNS:
-        d = tmp_path_factory.mktemp(key) / "run"
-        ps = [launcher(via, *args, "--out", str(d))] if via else \
-            launch(world, *args, "--out", str(d)) if world > 1 else [single(*args, "--out", str(d))]
-        ok(ps)
-        _RUNS[key] = (results(d), ps)
-        _DIRS[key] = d
-    return _RUNS[key]
 
 
 @pytest.fixture(scope="module")

@@ -235,6 +235,8 @@ def _python_loops():
     (["kernels", "--device", "cpu"], "--tiny"),
     (["compile-cost", "--traces", "eager:cuda,aot_eager:cpu:t2-joint"], "'aot_eager:cpu:t2-joint'"),
     (["compile-cost", "--traces", "aot_eager:cuda"], "'aot_eager:cuda'"),
+    (["compile-cost", "--traces", "aot_eager:cpu:"], "'aot_eager:cpu:'"),
+    (["compile-cost", "--traces", "eager:cpu,eager:cpu:eval"], "eager:cpu is named twice"),
 ])
 def test_bench_bad_options_stop_before_compute(args, needle):
     """In this process (conftest.cli: the entry point's exit status and stderr, an escaping

@@ -148,6 +148,8 @@ def test_compile_cost_script_traces_every_graph_at_a_tiny_size(tmp_path):
     assert graphs["t1-buffer"]["per_micro_batch"] == {"buffer": 16}
     assert sum(graphs["t1-joint"]["per_micro_batch"].values()) == 16
     assert graphs["eval"]["per_micro_batch"] == {"eval": 32}
+    assert r["traces"]["aot_eager:cpu"]["t1-joint"]["per_micro_batch"] == \
+        graphs["t1-joint"]["per_micro_batch"]
     assert "| eager:cuda | t1-joint |" in p.stdout
     ind = r["inductor_cpu"]         # one graph on inductor's CPU backend
     assert ind["graph"] == "t1-buffer" and ind["cache"] == "warm" and ind["frame_compile_seconds"] > 0

@@ -348,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--eval-batch", type=int, default=1024, help="evaluation batch traced")
     ap.add_argument("--traces", default="eager:cuda,eager:cpu,aot_eager:cpu",
                     help="comma list of BACKEND:DEVICE fake-tensor traces (backend eager or "
-                         "aot_eager; device cuda or cpu; aot_eager needs cpu here), each of "
-                         "every graph or of BACKEND:DEVICE:GRAPH+GRAPH (of " + ", ".join(GRAPHS) + ")")
+                         "aot_eager; device cuda or cpu; aot_eager needs cpu here), each tracing "
+                         "every graph, or BACKEND:DEVICE:GRAPH+GRAPH for only those (of "
+                         + ", ".join(GRAPHS) + ")")
     ap.add_argument("--inductor-cpu", default=None, choices=[None, *GRAPHS],
                     help="also compile this graph with inductor on the CPU (minutes on ViT-B/16)")
     ap.add_argument("--inductor-cache", default="cold", choices=["cold", "warm"],
@@ -370,12 +371,15 @@ def main(argv=None) -> int:
     ok = {("eager", "cuda"), ("eager", "cpu"), ("aot_eager", "cpu")}
     traces = []                             # (backend, device, graphs)
     for x in (x for x in a.traces.split(",") if x):
-        b, d, gs = (x.split(":", 2) + ["", ""])[:3]
-        graphs = tuple(gs.split("+")) if gs else GRAPHS
+        parts = x.split(":", 2)
+        b, d = (parts + [""])[:2]
+        graphs = tuple(parts[2].split("+")) if len(parts) == 3 else GRAPHS
         if (b, d) not in ok or any(g not in GRAPHS for g in graphs):
             ap.error(f"--traces {a.traces!r}: {x!r} is not BACKEND:DEVICE[:GRAPH+GRAPH] with "
                      "BACKEND:DEVICE one of " + ", ".join(f"{b}:{d}" for b, d in sorted(ok))
                      + " and GRAPH one of " + ", ".join(GRAPHS))
+        if any((b, d) == t[:2] for t in traces):
+            ap.error(f"--traces {a.traces!r}: {b}:{d} is named twice")
         traces.append((b, d, graphs))
     if not traces:
         ap.error("--traces is empty")

@@ -138,6 +138,8 @@ def loader_rate(loader, n: int, batch: int, seconds: float, step=None) -> tuple[
         time.sleep(seconds)
     else:
         s_step = step.seconds_per_step(seconds)
+    while d.images == 0 and d.error is None and d.is_alive():   # a loaded machine: one batch at least
+        time.sleep(0.01)
     d.stop.set()
     wall = time.perf_counter() - t0
     images = d.images
