@@ -268,7 +268,7 @@ def test_a_new_method_is_one_file(tmp_path):
     good.write_text(yaml.safe_dump({"method": {"name": "half_replay",
                                                "half_replay": {"buffer_share": 0.75}}}))
     small = ["--time-steps", "2", "--budget", "3", "--batch-size", "16", "--micro-batch", "8",
-             "--label-rate", "0.05", "--eval-fraction", "0.05", "--no-knn-readout", "--no-progress"]
+             "--label-rate", "0.05", "--eval-fraction", "0.02", "--no-knn-readout", "--no-progress"]
     commands = [["train", "--help"],
                 ["train", "--method", "half_replay", "--half-replay-buffer-share", "1.5",
                  "--out", str(tmp_path / "no1")],

@@ -117,7 +117,7 @@ def test_compiled_buffer_phase_with_one_micro_batch(tmp_path):
     (RuntimeError in backward). The run must finish and charge what the eager run charges.
     Over 20 s: a compiled and an eager process (the compiled graphs from inductor's cache)."""
     args = ["train", "--time-steps", "2", "--budget", "2", "--batch-size", "16",
-            "--label-rate", "0.05", "--eval-fraction", "0.05", "--no-progress", "--split",
+            "--label-rate", "0.05", "--eval-fraction", "0.02", "--no-progress", "--split",
             "ratio:0.5", "--no-knn-readout"]
     cli(*args, "--compile", "--out", str(tmp_path / "c"))
     cli(*args, "--no-compile", "--out", str(tmp_path / "e"))

@@ -39,11 +39,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 # size knobs appended to a documented train/compare/sweep line (the last value of an option wins)
-# (evaluation on 5% held out: the default 20% made evaluation most of each tiny run; no common
+# (evaluation on 2% held out: the default 20% made evaluation most of each tiny run; no common
 # kNN readout, whose bank was the largest forward of a tiny run: no documented line sets it, and
 # the quick start's two processes keep it)
 TINY = ["--budget", "2", "--time-steps", "2", "--batch-size", "16", "--micro-batch", "16",
-        "--eval-fraction", "0.05", "--no-progress", "--no-knn-readout"]
+        "--eval-fraction", "0.02", "--no-progress", "--no-knn-readout"]
 # options of tools other than dietcl-fast that the docs show, with their owner
 FOREIGN = {"--hostfile": "deepspeed", "--num_nodes": "deepspeed", "--num_gpus": "deepspeed",
            "--launcher": "deepspeed", "--launcher_args": "deepspeed", "--nnodes": "torchrun",
@@ -528,7 +528,7 @@ def test_the_documented_commands_run(tmp_path):
         elif name == "plan" and "--sweep" in rest:
             r = _invoke([*a, "--budgets", "1", "--seeds", "0", "--time-steps", "2",
                          "--train-batch-size", "16", "--micro-batch", "16", "--label-rate", "0.05",
-                         "--eval-fraction", "0.05", "--no-knn-readout", "--no-progress",
+                         "--eval-fraction", "0.02", "--no-knn-readout", "--no-progress",
                          "--out", str(tmp_path / "sweep")], tmp_path)
             assert r.exit_code == 0, (where, r.output[-3000:], r.exception)
             assert (tmp_path / "sweep" / "plan.md").exists()

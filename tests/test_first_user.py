@@ -15,7 +15,7 @@ from conftest import cli, held_cli, terminal_sigint
 # no common kNN readout (its bank was the largest forward of a tiny run; these tests read
 # what a first user is told, not the readout)
 TINY = ["--time-steps", "2", "--batch-size", "8", "--label-rate", "0.05", "--eval-fraction",
-        "0.05", "--no-progress", "--no-knn-readout"]
+        "0.02", "--no-progress", "--no-knn-readout"]
 
 
 def ctrl_c_after(proc, checkpoint, wait_s=500):

@@ -27,7 +27,7 @@ from dietcl_fast.cli.main import main
 
 PY = sys.executable
 TINY = ["--time-steps", "2", "--budget", "2", "--batch-size", "8", "--label-rate", "0.05",
-        "--eval-fraction", "0.05", "--no-progress"]
+        "--eval-fraction", "0.02", "--no-progress"]
 
 
 def invoke(*args):

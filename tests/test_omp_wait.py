@@ -80,7 +80,7 @@ def test_waiting_asleep_gives_the_same_bits(tmp_path):
     weights to the last bit and the same results. The process records the policy it ran with
     and how it was chosen."""
     args = ["train", "--time-steps", "2", "--budget", "2", "--batch-size", "16", "--label-rate",
-            "0.05", "--eval-fraction", "0.05", "--no-progress", "--threads", "2", "--no-knn-readout"]
+            "0.05", "--eval-fraction", "0.02", "--no-progress", "--threads", "2", "--no-knn-readout"]
     import os
     cli(*args, "--out", tmp_path / "spin")
     # the other policy than this process's (a shell may have set PASSIVE for the suite)

@@ -258,7 +258,7 @@ def test_sweep_on_tiny_runs_reuses_and_recommends(tmp_path):
     out = tmp_path / "sw"
     args = ["--sweep", "--methods", "er", "--budgets", "1,2", "--seeds", "0", "--time-steps", "2",
             "--train-batch-size", "16", "--micro-batch", "8", "--label-rate", "0.05", "--no-progress",
-            "--eval-fraction", "0.05", "--no-knn-readout",      # the plan reads the own readout
+            "--eval-fraction", "0.02", "--no-knn-readout",      # the plan reads the own readout
             "--labelers", "3", "--gpu-hour-price", "2", "--out", str(out)]
     r = invoke(*args)
     assert r.exit_code == 0, (r.output, r.exception)

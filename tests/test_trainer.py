@@ -153,7 +153,7 @@ def test_logits_masking_gives_no_gradient_to_other_classes(tiny_spec):
 
 
 TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--micro-batch", "8",
-        "--label-rate", "0.05", "--eval-fraction", "0.05", "--no-progress"]
+        "--label-rate", "0.05", "--eval-fraction", "0.02", "--no-progress"]
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
