@@ -119,12 +119,18 @@ def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, t
     with the same draws, and with the same micro-batches the same ledger and accuracies
     (launchers.same_images; torchrun's run of the claim is in test_distributed.py); `compare`
     starts under it with ZeRO-2 and its run's ledger is the one-process torch run's, exactly,
-    its accuracies within ACC_TOL. Over 20 s: two runs through the real launcher, 2 ranks each
-    (the launcher is the point), and two one-process runs in this process."""
+    its accuracies within ACC_TOL. DeepSpeed's shared-memory all-reduce buffers (one per rank:
+    the launcher's ranks share a machine) are not left in /dev/shm. Over 20 s: two runs through
+    the real launcher, 2 ranks each (the launcher is the point), and two one-process runs in
+    this process."""
+    import glob
     refs = one_process_references(tmp_path, 15)
+    buffers = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_*")
+    before = set(glob.glob(buffers))
     p = launcher("deepspeed", *UNEVEN, "--out", str(tmp_path / "ds"))
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
+    assert set(glob.glob(buffers)) <= before and "all-reduce buffer" not in out, out[-3000:]
     assert "--local_rank=1" in out and "x 2 processes (engine deepspeed, ZeRO-0)" in out
     same_images(refs["one"], results(tmp_path / "ds"), refs["one_micro"], 15)
     res, p, cmp = compare_under_launcher(tmp_path_factory)

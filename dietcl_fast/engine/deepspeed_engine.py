@@ -58,6 +58,44 @@ DS_MISSING = ("--engine deepspeed needs DeepSpeed, which is not installed in thi
               "(or pip install deepspeed), or use --engine torch (which also runs under torchrun).")
 
 POINTER = "latest_dietcl"       # our atomic pointer (DeepSpeed's own `latest` is not atomic)
+SHM_DIR = "/dev/shm"
+_shm_released = False           # once per process: DeepSpeed sets its shm all-reduce up once
+
+
+def shm_buffer_path(rank: int, env=None) -> str:
+    """Where DeepSpeed's CPU all-reduce (its `shm` op) keeps rank `rank`'s 69 MB buffer: the
+    POSIX shared-memory name its shm.cpp builds from the user id, MASTER_ADDR and MASTER_PORT."""
+    env = os.environ if env is None else env
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_"
+                                 f"{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}")
+
+
+def release_shm_buffer(rank: int, world_size: int, device: torch.device, log) -> bool:
+    """Remove this rank's name of DeepSpeed's shared all-reduce buffer once every rank has mapped
+    every buffer -> whether a name was removed. DeepSpeed (0.19) creates one per rank when the
+    job's ranks all run on one machine on the CPU (LOCAL_SIZE = WORLD_SIZE) and never unlinks
+    it: every such run left 69 MB per rank in /dev/shm, memory, until the machine restarted (140
+    files, 9 GB, on the machine that runs the test suite). Its ranks map each other's buffers
+    while DeepSpeed starts, so after a barrier the names can go; the memory stays mapped until
+    the processes exit, killed or not. Called after the first `deepspeed.initialize` of the
+    process; a buffer expected but not found is said in the log (another DeepSpeed naming)."""
+    global _shm_released
+    if _shm_released or device.type != "cpu":
+        return False
+    _shm_released = True
+    if os.environ.get("LOCAL_SIZE") != str(world_size):
+        return False                # DeepSpeed's shm op is off: ranks on several machines
+    if world_size > 1:
+        torch.distributed.barrier()  # every rank has opened every rank's buffer
+    path = shm_buffer_path(rank)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        log(f"note: DeepSpeed's shared-memory all-reduce buffer {path} was not found (another "
+            "DeepSpeed naming?): if files named deepspeed_allreduce_buffer_* stay in "
+            f"{SHM_DIR} after runs, remove them")
+        return False
+    return True
 DS_SUBDIR = "deepspeed"
 
 
@@ -172,6 +210,7 @@ class DeepSpeedEngine:
         self.ds, self.optimizer, _, _ = self.deepspeed.initialize(
             model=self.model, optimizer=opt, config=self.ds_config(),
             dist_init_required=False)
+        release_shm_buffer(self.rank, self.world_size, self.device, self.log)
         if not self._told:          # once per run: the precision, and how gradients travel
             self._told = True
             self.log(self.precision_summary())
