@@ -11,13 +11,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # whatever PYTHONDONTWRITEBYTECODE says (set on some machines, this one included): without it,
 # each of the ~100 processes the suite starts compiles the package's modules again (~0.2 CPU-s
 # each), and each xdist worker rewrites and compiles every test module's asserts (~4 CPU-s).
-# compileall writes only what changed since the last run; pytest then caches its rewritten
-# test modules beside them. (The workers then also write the bytecode of any installed module
-# that lacks it, as Python does by default.)
+# compileall writes only what changed since the last run (the package, and the sitecustomize
+# the kill tests' processes import); pytest caches its rewritten test modules itself, and the
+# workers the bytecode of the helpers they import (and of any installed module that lacks it,
+# as Python does by default).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if "PYTEST_XDIST_WORKER" not in os.environ:      # once, before the workers start
     import compileall
-    for _d in ("dietcl_fast", "cli", "kernels", "tests"):
+    for _d in ("dietcl_fast", "cli", "kernels", os.path.join("tests", "killsite")):
         compileall.compile_dir(os.path.join(_ROOT, _d), quiet=2, workers=1)
 sys.dont_write_bytecode = False
 # one thread per process, in every worker and every process a test starts (they inherit this):

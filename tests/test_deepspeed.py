@@ -124,8 +124,10 @@ def test_real_deepspeed_launcher_train_and_compare_match_one_process(tmp_path, t
     the real launcher, 2 ranks each (the launcher is the point), and two one-process runs in
     this process."""
     import glob
+
+    from dietcl_fast.engine.deepspeed_engine import shm_buffer_prefix
     refs = one_process_references(tmp_path, 15)
-    buffers = os.path.join("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_*")
+    buffers = shm_buffer_prefix() + "*"
     before = set(glob.glob(buffers))
     p = launcher("deepspeed", *UNEVEN, "--out", str(tmp_path / "ds"))
     out = p.stdout + p.stderr

@@ -58,16 +58,22 @@ DS_MISSING = ("--engine deepspeed needs DeepSpeed, which is not installed in thi
               "(or pip install deepspeed), or use --engine torch (which also runs under torchrun).")
 
 POINTER = "latest_dietcl"       # our atomic pointer (DeepSpeed's own `latest` is not atomic)
+DS_SUBDIR = "deepspeed"
 SHM_DIR = "/dev/shm"
 _shm_released = False           # once per process: DeepSpeed sets its shm all-reduce up once
 
 
-def shm_buffer_path(rank: int, env=None) -> str:
-    """Where DeepSpeed's CPU all-reduce (its `shm` op) keeps rank `rank`'s 69 MB buffer: the
-    POSIX shared-memory name its shm.cpp builds from the user id, MASTER_ADDR and MASTER_PORT."""
-    env = os.environ if env is None else env
-    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_"
-                                 f"{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}")
+def shm_buffer_prefix() -> str:
+    """The start of every path of this user's DeepSpeed CPU all-reduce buffers (its `shm` op):
+    the POSIX shared-memory names its shm.cpp builds from the user id, then MASTER_ADDR,
+    MASTER_PORT and the rank."""
+    return os.path.join(SHM_DIR, f"deepspeed_allreduce_buffer_{os.getuid()}_")
+
+
+def shm_buffer_path(rank: int) -> str:
+    """Where this job's rank `rank` keeps its 69 MB all-reduce buffer."""
+    return (f"{shm_buffer_prefix()}{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
 
 
 def release_shm_buffer(rank: int, world_size: int, device: torch.device, log) -> bool:
@@ -96,7 +102,6 @@ def release_shm_buffer(rank: int, world_size: int, device: torch.device, log) ->
             f"{SHM_DIR} after runs, remove them")
         return False
     return True
-DS_SUBDIR = "deepspeed"
 
 
 def import_deepspeed():
