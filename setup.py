@@ -83,6 +83,6 @@ setup(
     cmdclass={"build_ext": build_ext},
     install_requires=install_requires,
     extras_require=extras,
-    entry_points={"console_scripts": ["dietcl-fast=dietcl_fast.cli.main:main"]},
+    entry_points={"console_scripts": ["dietcl-fast=dietcl_fast.cli.main:entry"]},
     zip_safe=False,
 )

@@ -144,6 +144,7 @@ class ConfigCommand(click.Command):
         super().__init__(*args, **kwargs)
         self._late, self._at, self._only_with = late_params, at, only_with
         self._parsing_without = False
+        self._usage_without = False     # the usage line of an error met while parsing without
 
     def all_params(self) -> list[click.Parameter]:
         """The command's parameters, the late ones made if they are not yet."""
@@ -154,11 +155,12 @@ class ConfigCommand(click.Command):
         return self.params
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if not self._parsing_without:
+        if not (self._parsing_without or self._usage_without):
             self.all_params()
         return super().get_params(ctx)
 
     def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
+        self._usage_without = False
         if self._late is None or self._only_with is None:
             return super().make_context(info_name, args, parent, **extra)
         own = {o for p in self.params for o in (*p.opts, *p.secondary_opts)}
@@ -166,5 +168,11 @@ class ConfigCommand(click.Command):
         self._parsing_without = not any(w in self._only_with or w not in own for w in words)
         try:
             return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError:
+            # a bad value of one of the command's own options (`plan --labelers 0`): the usage
+            # line click prints with it shows the late options as "[OPTIONS]" as it shows the
+            # others, so it is made without them (no torch for a typo)
+            self._usage_without = self._parsing_without
+            raise
         finally:
             self._parsing_without = False

@@ -1,4 +1,5 @@
 import atexit
+import gc
 import os
 import shutil
 import signal
@@ -7,6 +8,10 @@ import sys
 import tempfile
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# the interpreter's final garbage collections over torch's objects cost ~1 CPU-s at each pytest
+# process's exit (controller, workers, the pytest processes tests start): skipped as the
+# program's own exit skips them (dietcl_fast/cli/main.py: entry)
+atexit.register(gc.freeze)
 # Compiled bytecode of the checkout's own code, kept in its __pycache__ folders (git-ignored)
 # whatever PYTHONDONTWRITEBYTECODE says (set on some machines, this one included): without it,
 # each of the ~100 processes the suite starts compiles the package's modules again (~0.2 CPU-s
@@ -28,10 +33,14 @@ sys.dont_write_bytecode = False
 os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 # what the glyphs source generates goes into a cache of this session (set before any test module
-# copies the environment for its processes), never the user's ~/.cache; removed at exit
-_CACHE = tempfile.mkdtemp(prefix="dietcl-test-cache-")
-os.environ["DIETCL_CACHE"] = _CACHE
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# copies the environment for its processes), never the user's ~/.cache; made once, before the
+# xdist workers start, and shared by them (the cache is safe for concurrent processes: a second
+# start waits for the first's set, tests/test_glyphs.py), so the class pool is drawn once
+# (~3 CPU-s a draw) rather than once a worker; removed at exit by the process that made it
+if "PYTEST_XDIST_WORKER" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="dietcl-test-cache-")
+    os.environ["DIETCL_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # DeepSpeed builds its CPU communication op (shm) on first use, into TORCH_EXTENSIONS_DIR, and
 # ninja rebuilds it whenever the compile command changes. The command holds the virtual
 # environment's path, so two checkouts sharing ~/.cache/torch_extensions (CI's clean clone on a
@@ -40,16 +49,23 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(_ROOT, "build", "torch-extensions"))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
-import dietcl_fast.methods  # noqa: E402,F401  (the registry: every method's options in Config)
 # `--cpu-profile FILE`: each test's wall and CPU seconds (tests/cpu_profile.py, docs/testing.md)
 from cpu_profile import pytest_addoption, pytest_runtest_protocol  # noqa: E402,F401
 
-# one thread here too: inductor's generated CPU code depends on the thread count, so the
-# in-process compiled runs and the CLI processes the tests start share its on-disk cache only
-# when both run with the same count
-torch.set_num_threads(1)
+
+def pytest_configure(config):
+    """Torch and the method registry (every method's options in Config) in each process that
+    runs tests, before the test modules are imported. The xdist controller runs none: it skips
+    them, so that the workers start ~2 s sooner. One thread here too: inductor's generated CPU
+    code depends on the thread count, so the in-process compiled runs and the CLI processes the
+    tests start share its on-disk cache only when both run with the same count."""
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    import torch
+
+    import dietcl_fast.methods  # noqa: F401
+    torch.set_num_threads(1)
 
 # pytest-xdist hands out whole files (--dist loadfile, pyproject.toml): a file's module-scoped
 # fixtures (one shared run each) run once. test_distributed and test_deepspeed each make their
@@ -67,6 +83,13 @@ FIRST = ["test_deepspeed.py", "test_compiled_step.py", "test_pinned_accuracy.py"
          "test_distributed.py", "test_first_user.py", "test_regime.py", "test_architecture.py",
          "test_trainer.py", "test_cuda_forms.py", "test_baselines.py", "test_hostile.py",
          "test_index.py", "test_afterrun.py", "test_kernels.py"]
+
+
+def pytest_collection_finish(session):
+    """What exists once the tests are collected (torch, its compiler, the test modules) is kept
+    out of the garbage collector's later passes (`gc.freeze`): each full collection in a worker
+    otherwise walks all of torch's objects again (~0.2 CPU-s each, a dozen a file)."""
+    gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -194,6 +217,8 @@ def in_process(args: list[str], cwd=None) -> subprocess.CompletedProcess:
     1, an escaping exception prints its traceback and exits 1. Torch's thread count and the
     working directory are put back afterwards."""
     import traceback
+
+    import torch
     from click.testing import CliRunner
     from dietcl_fast.cli.main import main
     threads, was = torch.get_num_threads(), os.getcwd()
@@ -234,8 +259,8 @@ def pre_step(opt, args, kwargs):
             os._exit(3)
         time.sleep(0.05)
 register_optimizer_step_pre_hook(pre_step)
-from dietcl_fast.cli.main import main
-main(prog_name="dietcl-fast")
+from dietcl_fast.cli.main import entry
+entry()
 """
 
 

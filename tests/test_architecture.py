@@ -165,18 +165,36 @@ def test_the_command_line_starts_without_torch():
     """The method registry (each method's options) imports torch, and only the commands that take
     those options make them, when they parse (cli/options.py: ConfigCommand): `dietcl-fast
     --help`, the help of the others and `plan` without --sweep (arithmetic only) start without
-    torch; `train --help` does import it (the check can fail)."""
+    torch, and so does `plan`'s refusal of a bad value of its own (the usage line it prints);
+    `train --help` does import it (the check can fail)."""
     import json
     import subprocess
     free = [["--help"], ["bench", "--help"], ["bench", "step", "--help"], ["show", "--help"],
             ["predict", "--help"], ["export", "--help"], ["pretrain", "--help"],
-            ["flops", "--help"], ["plan", "--labelers", "5", "--json"]]
+            ["flops", "--help"], ["plan", "--labelers", "5", "--json"], ["plan", "--labelers", "0"]]
     p = subprocess.run([sys.executable, "-c", NO_TORCH, json.dumps([*free, ["train", "--help"]])],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     seen = json.loads(p.stdout.splitlines()[-1])
-    assert [code for _, code, _ in seen] == [0] * len(seen), seen
+    assert [code for _, code, _ in seen] == [0] * (len(free) - 1) + [2, 0], seen
     assert [args for args, _, torch in seen if torch] == [["train", "--help"]], seen
+
+
+def test_the_program_exits_without_collecting_what_it_imported():
+    """The installed `dietcl-fast` script and `python -m dietcl_fast.cli.main` start `entry`,
+    which registers `gc.freeze` as its first atexit handler: it runs after every other one (last
+    in, first out), so a handler registered before the program starts finds the objects frozen
+    (the interpreter's final collections then skip them: cli/main.py). Without it: False."""
+    import subprocess
+    script = os.path.join(os.path.dirname(sys.executable), "dietcl-fast")
+    for start in (f"runpy.run_path({script!r}, run_name='__main__')",
+                  "runpy.run_module('dietcl_fast.cli.main', run_name='__main__')"):
+        probe = ("import atexit, gc, runpy, sys\n"
+                 "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+                 "sys.argv = ['dietcl-fast', 'plan', '--labelers', '5', '--json']\n" + start)
+        p = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           timeout=120)
+        assert p.stdout.splitlines()[-1:] == ["frozen True"], (start, p.stdout + p.stderr)
 
 
 def test_the_rules_fail_on_a_violation(tmp_path, monkeypatch):

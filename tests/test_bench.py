@@ -23,6 +23,9 @@ CLI = [sys.executable, "-m", "dietcl_fast.cli.main"]
 GPU_ORDER = ["env", "build", "kernels", "pytest_kernels", "step", "mae_loss", "loader"]
 SUITE_FILES = {"kernels.json", "step.json", "mae_loss.json", "loader.json", "suite.log",
                "summary.json", "logs.tar.gz"}
+# the GPU suite with a hung part sleeps ~13 s by design: it starts with this module's first test
+# and runs beside the others (`hung_part`)
+pytestmark = pytest.mark.usefixtures("hung_part")
 
 
 def run(args, **kw):
@@ -282,27 +285,43 @@ exec {sys.executable} "$@"
     return str(fake)
 
 
-def test_gpu_suite_killed_part_keeps_its_partial_figures(tmp_path):
-    """A part still running at its limit (cut to the deadline) is stopped; what it wrote before
-    (the benches write their JSON as they go) is in summary.json, the next part is skipped for
-    want of time, and the suite still ends with a summary, within the deadline. The python here
-    answers the kernel timings by writing the first rows and hanging, as a stuck compile would.
-    About 13 s: the hung part is waited for until its limit (the limit is the point)."""
-    py = fake_python(tmp_path, """
+@pytest.fixture(scope="module")
+def hung_part(tmp_path_factory):
+    """bench/gpu_suite.sh with a part that hangs, started in the background as soon as this
+    module's first test starts (every test of the module uses this fixture) -> (its Popen, its
+    $OUT). The hung part is waited for until its limit, ~13 s of sleep: beside the module's other
+    tests rather than alone. The python here answers the kernel timings by writing the first
+    rows and hanging, as a stuck compile would. deadline 23: env ends at once (the fake python),
+    mae_loss gets up to 23 - 10 (the reserve) = 13 s (3 s to spare over its minimum 10 for the
+    env part's summary, a json-only python, on a busy machine, and bash's whole seconds) and is
+    stopped at them; then no time is left for loader (minimum 15). Stopped with its process
+    group at the module's end if no test waited for it."""
+    tmp = tmp_path_factory.mktemp("hung-part")
+    py = fake_python(tmp, """
     if [ "$4" = kernels ]; then
         echo '{"complete": false, "speedup": 2.5, "timings": {"rows": [{"op": "loss fwd+bwd",
               "variant": "fused", "median_ms": 1.0, "speedup": 2.5}]}}' > "$out"
         exec sleep 600
     fi""")
-    out = tmp_path / "out"
+    out = tmp / "out"
     env = {**os.environ, "OUT": str(out), "PYTHON": py}
-    # deadline 23: env ends at once (the fake python), mae_loss gets up to 23 - 10 (the reserve)
-    # = 13 s (3 s to spare over its minimum 10 for the env part's summary, a json-only python,
-    # on a busy machine, and bash's whole seconds) and is stopped at them; then no time is left
-    # for loader (minimum 15)
-    p = run(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--deadline", "23",
-             "--only", "mae_loss,loader"], env=env)
-    assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
+    p = subprocess.Popen(["bash", "bench/gpu_suite.sh", "--cpu", "--no-build", "--deadline", "23",
+                          "--only", "mae_loss,loader"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    yield p, out
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+
+
+def test_gpu_suite_killed_part_keeps_its_partial_figures(hung_part):
+    """A part still running at its limit (cut to the deadline) is stopped; what it wrote before
+    (the benches write their JSON as they go) is in summary.json, the next part is skipped for
+    want of time, and the suite still ends with a summary, within the deadline (the run:
+    `hung_part`)."""
+    p, out = hung_part
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 1, stdout[-2000:] + stderr[-2000:]
     s = json.loads((out / "summary.json").read_text())
     assert list(s["parts"]) == ["env", "mae_loss", "loader"]
     assert s["parts"]["mae_loss"]["timed_out"] and not s["parts"]["mae_loss"]["pass"]

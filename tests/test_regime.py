@@ -178,13 +178,11 @@ def test_the_shipped_glyphs_encoder_loads_strictly_into_cpu_tiny():
         assert torch.isfinite(m.classify(torch.zeros(2, 3, spec.img_size, spec.img_size))).all()
 
 
-def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_path,
-                                                                          monkeypatch):
+def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_path):
     """dietcl-fast bench pretrain-glyphs as it is run to rebuild the shipped encoder, at its
     tiny size (3 MAE steps on 8 pretraining classes, then the 3-NN and linear probes of the
     random and the pretrained encoder on 4 held-out classes)."""
     import json
-    monkeypatch.setenv("DIETCL_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "pt"
     cli("bench", "pretrain-glyphs", "--tiny", "--out", out, cwd=ROOT)
     probe = json.loads((out / "probe.json").read_text())
@@ -196,10 +194,9 @@ def test_pretrain_glyphs_script_pretrains_probes_and_plots_at_the_tiny_size(tmp_
     assert p.returncode != 0 and "--budget 0: must be >= 1" in p.stderr
 
 
-def test_grad_ratio_script_measures_both_gradients_at_the_tiny_size(tmp_path, monkeypatch):
+def test_grad_ratio_script_measures_both_gradients_at_the_tiny_size(tmp_path):
     """dietcl-fast bench grad-ratio at its tiny size (one tiny batch an encoder)."""
     import json
-    monkeypatch.setenv("DIETCL_CACHE", str(tmp_path / "cache"))
     p = cli("bench", "grad-ratio", "--tiny", "random", "glyphs-mae-tiny", "--out",
             tmp_path / "g.json", cwd=ROOT)
     rows = json.loads((tmp_path / "g.json").read_text())["rows"]

@@ -90,7 +90,8 @@ def _child(argv: list) -> dict:
 
 def _run_child(task: dict, cache: str) -> dict:
     env = dict(os.environ, DIETCL_CACHE=cache, OMP_NUM_THREADS="1")
-    code = ("import json, sys; from dietcl_fast.bench.index import _child; "
+    code = ("import atexit, gc, json, sys; atexit.register(gc.freeze); "   # a quick exit (cli/main.py: entry)
+            "from dietcl_fast.bench.index import _child; "
             "print('@@' + json.dumps(_child(sys.argv[1:])))")
     p = subprocess.run([sys.executable, "-c", code, json.dumps(task)], env=env,
                        capture_output=True, text=True)
