@@ -250,6 +250,7 @@ class HalfReplay(Method):
 # each command line runs through `dietcl-fast`'s own entry (click, standalone); prints
 # [[exit status, stdout, stderr], ...]
 DRIVER = """
+import atexit, gc; atexit.register(gc.freeze)   # a quick exit, as the program's (cli/main.py: entry)
 import contextlib, io, json, sys
 import half_replay
 from dietcl_fast.cli.main import main

@@ -265,6 +265,7 @@ def test_deepspeed_launcher_local_rank_argument_is_accepted(tmp_path, monkeypatc
 
 
 _ENGINE_PROBE = r"""
+import atexit, gc; atexit.register(gc.freeze)   # a quick exit, as the program's (cli/main.py: entry)
 import json, os, sys
 os.environ["DS_ACCELERATOR"] = "cpu"
 import torch

@@ -150,6 +150,7 @@ def test_parquet_is_the_csvs_twin(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- scan once
 START = """
+import atexit, gc; atexit.register(gc.freeze)   # a quick exit, as the program's (cli/main.py: entry)
 import sys, time, os
 from dietcl_fast.config import Config
 from dietcl_fast.streams import load_source
