@@ -447,7 +447,8 @@ def entry() -> None:
     """The `dietcl-fast` program (the console script, `python -m dietcl_fast.cli.main`): `main`,
     then a quicker exit. A process that imported torch spends ~1 CPU-s after its last atexit
     handler in the interpreter's final garbage collections over torch's objects (1.2 of 4.5 CPU-s
-    for one that also built an optimiser; measured in docs/testing.md). The last handler
+    for one that also built an optimiser; bench/RESULTS.md, "Test suite: ... processes that exit
+    quickly"). The last handler
     freezes the objects that exist (`gc.freeze`): the interpreter still runs every handler,
     joins the threads, flushes the standard streams and frees each module, but its collections
     skip them. Registered first, it runs last (handlers run last-in, first-out)."""

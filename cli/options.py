@@ -127,6 +127,9 @@ def train_params() -> tuple[list[click.Option], dict[str, str]]:
     return [click_option(o) for o in opts], {param_name(o): o.path for o in opts}
 
 
+_USAGE_WITHOUT_LATE = "dietcl_fast.usage_without_late_params"
+
+
 class ConfigCommand(click.Command):
     """A command that takes train's config options, each method's own among them (train,
     compare, plan). The method registry that declares those imports torch, so they are made
@@ -144,7 +147,6 @@ class ConfigCommand(click.Command):
         super().__init__(*args, **kwargs)
         self._late, self._at, self._only_with = late_params, at, only_with
         self._parsing_without = False
-        self._usage_without = False     # the usage line of an error met while parsing without
 
     def all_params(self) -> list[click.Parameter]:
         """The command's parameters, the late ones made if they are not yet."""
@@ -155,12 +157,11 @@ class ConfigCommand(click.Command):
         return self.params
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        if not (self._parsing_without or self._usage_without):
+        if not (self._parsing_without or ctx.meta.get(_USAGE_WITHOUT_LATE)):
             self.all_params()
         return super().get_params(ctx)
 
     def make_context(self, info_name, args, parent=None, **extra) -> click.Context:
-        self._usage_without = False
         if self._late is None or self._only_with is None:
             return super().make_context(info_name, args, parent, **extra)
         own = {o for p in self.params for o in (*p.opts, *p.secondary_opts)}
@@ -168,11 +169,13 @@ class ConfigCommand(click.Command):
         self._parsing_without = not any(w in self._only_with or w not in own for w in words)
         try:
             return super().make_context(info_name, args, parent, **extra)
-        except click.UsageError:
+        except click.UsageError as e:
             # a bad value of one of the command's own options (`plan --labelers 0`): the usage
             # line click prints with it shows the late options as "[OPTIONS]" as it shows the
-            # others, so it is made without them (no torch for a typo)
-            self._usage_without = self._parsing_without
+            # others, so it is made without them (no torch for a typo); the mark is on this
+            # invocation's context, which only that error's message reads
+            if self._parsing_without and e.ctx is not None:
+                e.ctx.meta[_USAGE_WITHOUT_LATE] = True
             raise
         finally:
             self._parsing_without = False

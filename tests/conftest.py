@@ -59,8 +59,10 @@ def pytest_configure(config):
     runs tests, before the test modules are imported. The xdist controller runs none: it skips
     them, so that the workers start ~2 s sooner. One thread here too: inductor's generated CPU
     code depends on the thread count, so the in-process compiled runs and the CLI processes the
-    tests start share its on-disk cache only when both run with the same count."""
-    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+    tests start share its on-disk cache only when both run with the same count. (With
+    --collect-only the controller collects the tests itself.)"""
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ \
+            and not config.getvalue("collectonly"):
         return
     import torch
 
@@ -245,7 +247,7 @@ def in_process(args: list[str], cwd=None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["dietcl-fast", *args], code, stdout, stderr)
 
 
-# `dietcl-fast ARGS` with one optimiser step held: the real CLI (`main`, as the entry point runs
+# `dietcl-fast ARGS` with one optimiser step held: the real CLI (`entry`, as the entry point runs
 # it) after a global torch optimiser pre-step hook is registered; the hook's `hold`-th call
 # sleeps until a signal ends the process (the test's Ctrl-C). No hook of the package is used.
 _HELD = """
