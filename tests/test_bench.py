@@ -285,6 +285,19 @@ exec {sys.executable} "$@"
     return str(fake)
 
 
+def end_suite(proc, hung_pid) -> None:
+    """SIGKILL to a GPU suite started with start_new_session (its process group), and to the
+    hung part whose pid the fake python wrote to `hung_pid`: `timeout` runs each part in a
+    process group of its own."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    if hung_pid.exists():
+        try:
+            os.kill(int(hung_pid.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture(scope="module")
 def hung_part(tmp_path_factory, request):
     """bench/gpu_suite.sh with a part that hangs, started in the background as soon as this
@@ -315,14 +328,7 @@ def hung_part(tmp_path_factory, request):
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     yield p, out
     if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        # `timeout` runs each part in a process group of its own: end the hung part too
-        if (tmp / "hung.pid").exists():
-            try:
-                os.kill(int((tmp / "hung.pid").read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_suite(p, tmp / "hung.pid")
 
 
 def test_gpu_suite_killed_part_keeps_its_partial_figures(hung_part):
@@ -368,14 +374,7 @@ def test_gpu_suite_killed_from_outside_leaves_at_most_8_files(tmp_path):
             time.sleep(0.2)
         time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        # `timeout` runs each part in a process group of its own: end the hung part too
-        if (tmp_path / "hung.pid").exists():
-            try:
-                os.kill(int((tmp_path / "hung.pid").read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        end_suite(proc, tmp_path / "hung.pid")
     files = set(os.listdir(out))
     assert len(files) <= 8, files
     assert files == {"summary.json", "suite.log", "logs.tar.gz", "kernels.json", "step.json",
