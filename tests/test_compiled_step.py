@@ -90,8 +90,9 @@ TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--
 
 @pytest.mark.slow
 def test_kill_and_resume_compiled_is_identical(tmp_path):
-    """Over 20 s: three real processes (the full run, the killed run: an abrupt exit needs a
-    process, and its resume), each tracing the compiled graphs (inductor's code from its cache)."""
+    """Over 20 s: three compiled runs, each tracing the compiled graphs (inductor's code from its
+    cache): the full run and the resume in this process, the killed run a real process (an
+    abrupt exit needs one)."""
     full = tmp_path / "full"
     cli(*TINY, "--out", str(full))
     part = tmp_path / "part"
@@ -115,7 +116,7 @@ def test_compiled_buffer_phase_with_one_micro_batch(tmp_path):
     """One micro-batch per global batch: the buffer-only loss is a single term and its log is
     `term.detach() * 1.0`; compiled, that once came back as the loss without a gradient
     (RuntimeError in backward). The run must finish and charge what the eager run charges.
-    Over 20 s: a compiled and an eager process (the compiled graphs from inductor's cache)."""
+    A compiled and an eager run in this process (the compiled graphs from inductor's cache)."""
     args = ["train", "--time-steps", "2", "--budget", "2", "--batch-size", "16",
             "--label-rate", "0.05", "--eval-fraction", "0.02", "--no-progress", "--split",
             "ratio:0.5", "--no-knn-readout"]
