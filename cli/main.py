@@ -448,10 +448,10 @@ def entry() -> None:
     then a quicker exit. A process that imported torch spends ~1 CPU-s after its last atexit
     handler in the interpreter's final garbage collections over torch's objects (1.2 of 4.5 CPU-s
     for one that also built an optimiser; bench/RESULTS.md, "Test suite: ... processes that exit
-    quickly"). The last handler
-    freezes the objects that exist (`gc.freeze`): the interpreter still runs every handler,
-    joins the threads, flushes the standard streams and frees each module, but its collections
-    skip them. Registered first, it runs last (handlers run last-in, first-out)."""
+    quickly"). The last handler freezes the objects that exist (`gc.freeze`): the interpreter
+    still runs every handler, joins the threads, flushes the standard streams and frees each
+    module, but its collections skip them. Registered first, it runs last (handlers run
+    last-in, first-out)."""
     import atexit
     import gc
     atexit.register(gc.freeze)

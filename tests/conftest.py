@@ -8,6 +8,9 @@ import sys
 import tempfile
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+# an xdist worker (or a process a test starts from one: it inherits the variable); otherwise the
+# process that started the session, which prepares what the workers share
+_IN_WORKER = "PYTEST_XDIST_WORKER" in os.environ
 # the interpreter's final garbage collections over torch's objects cost ~1 CPU-s at each pytest
 # process's exit (controller, workers, the pytest processes tests start): skipped as the
 # program's own exit skips them (dietcl_fast/cli/main.py: entry)
@@ -21,7 +24,7 @@ atexit.register(gc.freeze)
 # workers the bytecode of the helpers they import (and of any installed module that lacks it,
 # as Python does by default).
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if "PYTEST_XDIST_WORKER" not in os.environ:      # once, before the workers start
+if not _IN_WORKER:                              # once, before the workers start
     import compileall
     for _d in ("dietcl_fast", "cli", "kernels", os.path.join("tests", "killsite")):
         compileall.compile_dir(os.path.join(_ROOT, _d), quiet=2, workers=1)
@@ -37,7 +40,7 @@ os.environ["MKL_NUM_THREADS"] = "1"
 # xdist workers start, and shared by them (the cache is safe for concurrent processes: a second
 # start waits for the first's set, tests/test_glyphs.py), so the class pool is drawn once
 # (~3 CPU-s a draw) rather than once a worker; removed at exit by the process that made it
-if "PYTEST_XDIST_WORKER" not in os.environ:
+if not _IN_WORKER:
     _CACHE = tempfile.mkdtemp(prefix="dietcl-test-cache-")
     os.environ["DIETCL_CACHE"] = _CACHE
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
@@ -61,7 +64,7 @@ def pytest_configure(config):
     code depends on the thread count, so the in-process compiled runs and the CLI processes the
     tests start share its on-disk cache only when both run with the same count. (With
     --collect-only the controller collects the tests itself.)"""
-    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ \
+    if getattr(config.option, "numprocesses", None) and not _IN_WORKER \
             and not config.getvalue("collectonly"):
         return
     import torch
