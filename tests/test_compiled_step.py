@@ -46,30 +46,47 @@ def _tiny(method, budget=4):
     return cfg
 
 
+_RUNS: dict = {}
+
+
+def compiled_run(method, tmp_path_factory):
+    """The method's tiny run compiled on inductor, in this process, once per session (DietCL's is
+    the uninterrupted run of the kill-and-resume test below, which reads the common readout) ->
+    (its results, the (time step, phase) pairs its compiled loss ran, dynamo's unique-graph
+    count, dynamo's graph breaks)."""
+    from torch._dynamo.utils import counters
+    if method not in _RUNS:
+        torch._dynamo.reset()
+        counters.clear()
+        ran = set()
+        cfg = _tiny(method)
+        cfg.run.knn_readout = method == "dietcl"
+        tr = Trainer(cfg, log=lambda m: None)
+        compiled = tr.loss_fn
+        assert compiled is not tr.method.loss                 # the trainer really compiles
+
+        def loss(model, mb):
+            ran.add((mb.t, mb.phase))
+            return compiled(model, mb)
+        tr.loss_fn = loss
+        res = tr.run(str(tmp_path_factory.mktemp(f"compiled-{method}")))
+        _RUNS[method] = (res, ran, counters["stats"]["unique_graphs"],
+                         dict(counters["graph_break"]))
+    return _RUNS[method]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method,phases", [
     ("dietcl", {(0, "joint"), (1, "joint"), (1, "buffer")}),
     ("er", {(0, "replay"), (1, "replay")}),
 ])
-def test_losses_compile_whole_on_inductor(tmp_path, method, phases):
+def test_losses_compile_whole_on_inductor(tmp_path_factory, method, phases):
     """Over 20 s: torch.compile on inductor builds the method's graphs (C++ compiles on a cold
     cache: minutes; the other DietCL runs of this file then load DietCL's from the cache)."""
-    from torch._dynamo.utils import counters
-    torch._dynamo.reset()
-    counters.clear()
-    ran = set()
-    tr = Trainer(_tiny(method), log=lambda m: None)
-    compiled = tr.loss_fn
-    assert compiled is not tr.method.loss                 # the trainer really compiles
-
-    def loss(model, mb):
-        ran.add((mb.t, mb.phase))
-        return compiled(model, mb)
-    tr.loss_fn = loss
-    res = tr.run(str(tmp_path))
+    res, ran, unique_graphs, graph_breaks = compiled_run(method, tmp_path_factory)
     assert ran == phases
-    assert counters["stats"]["unique_graphs"] >= len(phases)    # one graph per phase shape
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert unique_graphs >= len(phases)                     # one graph per phase shape
+    assert not graph_breaks, graph_breaks
     assert res["config"]["engine"]["compile"] is True
     assert all(0 <= a <= 100 for row in res["accuracy_matrix"] for a in row)
 
@@ -89,20 +106,23 @@ TINY = ["train", "--time-steps", "2", "--budget", "4", "--batch-size", "16", "--
 
 
 @pytest.mark.slow
-def test_kill_and_resume_compiled_is_identical(tmp_path):
-    """Over 20 s: three compiled runs, each tracing the compiled graphs (inductor's code from its
-    cache): the full run and the resume in this process, the killed run a real process (an
-    abrupt exit needs one)."""
-    full = tmp_path / "full"
-    cli(*TINY, "--out", str(full))
+def test_kill_and_resume_compiled_is_identical(tmp_path, tmp_path_factory):
+    """Over 20 s: the killed run, a real process (an abrupt exit needs one), and its resume in
+    this process, each tracing the compiled graphs (inductor's code from its cache); the
+    uninterrupted run is the inductor test's DietCL run above (made here if this test runs
+    alone): the same configuration as the command line's, to the last option."""
+    a = compiled_run("dietcl", tmp_path_factory)[0]
     part = tmp_path / "part"
     p = cli(*TINY, "--out", str(part), "--ckpt-every", "3", check=False, extra_env=exit_after(6))
     assert p.returncode == EXIT_STATUS, p.stderr
     p = cli("train", "--resume", str(part), "--no-progress")
     assert "resuming" in p.stderr
-    a = json.loads((full / "results.json").read_text())
     b = json.loads((part / "results.json").read_text())
-    assert a["config"]["engine"]["compile"] is True and b["config"]["engine"]["compile"] is True
+
+    def run_config(c):                  # all but the run's directory and checkpoint interval
+        return {**c, "run": {k: v for k, v in c["run"].items() if k not in ("out", "ckpt_every")}}
+    assert run_config(a["config"]) == run_config(b["config"])
+    assert a["config"]["engine"]["compile"] is True
     assert a["accuracy_matrix"] == b["accuracy_matrix"]
     # the common readout too (under --compile an eager pass of its own; time step 0's row came
     # from the checkpoint)
