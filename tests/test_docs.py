@@ -51,7 +51,8 @@ FOREIGN = {"--hostfile": "deepspeed", "--num_nodes": "deepspeed", "--num_gpus": 
            "--rdzv_endpoint": "torchrun", "--build": "cmake", "--install": "cmake",
            "--prefix": "cmake", "--test-dir": "ctest", "--write": "options_table",
            "--check": "options_table", "--no-deps": "pip", "--no-build-isolation": "pip",
-           "--no-index": "pip", "--target": "pip", "--logdir": "tensorboard"}
+           "--no-index": "pip", "--target": "pip", "--logdir": "tensorboard",
+           "--against": "tests/cpu_profile.py"}
 
 
 # ------------------------------------------------------------------ reading the docs
