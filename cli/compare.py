@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from dietcl_fast.cli.options import ConfigCommand
+from dietcl_fast.launch_env import is_main
 
 # train options that compare sets itself (per run) or that make no sense for a batch of runs
 _NOT_SHARED = {"method", "seed", "out", "resume", "help"}
@@ -77,7 +78,7 @@ def run_one(cfg, run_dir: str, log_path: str) -> dict:
             if os.path.exists(res_path):
                 from dietcl_fast.results import read_json
                 return read_json(res_path)
-        elif os.environ.get("RANK", "0") == "0":
+        elif is_main():
             from dietcl_fast.outdir import check_fresh
             check_fresh(run_dir)    # a directory holding another run's files is not adopted
             atomic_write_bytes(os.path.join(run_dir, "compare_request.json"),
@@ -310,9 +311,9 @@ def make_compare(train_cmd: ConfigCommand, build_config, fail) -> click.Command:
                                f"{'n/a' if knn is None else f'{knn:6.2f}'}  "
                                f"{sum(units_per_step(res['ledger'])):.1f} units  "
                                f"{res['wall_seconds']:.0f} s", file=sys.stderr)
-                if os.environ.get("RANK", "0") == "0":     # one writer under a launcher
+                if is_main():                       # one writer under a launcher
                     write_outputs(out, results, failures)
-            if os.environ.get("RANK", "0") == "0":
+            if is_main():
                 click.echo(open(os.path.join(out, "compare.md")).read())
                 click.echo(f"wrote {out}/compare.csv, compare.md"
                            f"{', compare.png' if results else ''}", err=True)

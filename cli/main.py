@@ -11,6 +11,7 @@ import click
 from dietcl_fast.cli.options import ConfigCommand, click_option, cli_options, train_params
 from dietcl_fast.config import (Config, ConfigError, absolute_data, apply_dict, load_yaml,
                                 validate)
+from dietcl_fast.launch_env import is_main
 from dietcl_fast.outdir import check_out_dir
 
 
@@ -115,8 +116,12 @@ def main(ctx, local_rank):
     """dietcl-fast: semi-supervised continual learning under a compute budget (DietCL and
     baselines) with an exact FLOP ledger."""
     if ctx.invoked_subcommand in TRAINING_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
-        from dietcl_fast import omp_wait     # before torch loads: OpenMP reads it once
-        omp_wait.choose()
+        from dietcl_fast import launch_env, omp_wait
+        try:                # the launcher's variables, checked once before anything starts
+            launch_env.ranks()
+        except launch_env.LaunchEnvError as e:
+            _fail(str(e))
+        omp_wait.choose()                   # before torch loads: OpenMP reads it once
 
 
 # the commands that train: OpenMP's waiting policy is chosen at their start (omp_wait.py)
@@ -198,10 +203,10 @@ def _check(cfg: Config) -> None:
     import torch
     import yaml
 
+    from dietcl_fast.launch_env import world_size
     from dietcl_fast.methods import build_method
     from dietcl_fast.resolve import resolve, resolve_device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    resolved = resolve(cfg, torch.device(resolve_device(cfg.run.device)), world)
+    resolved = resolve(cfg, torch.device(resolve_device(cfg.run.device)), world_size())
     build_method(resolved.cfg)
     click.echo(yaml.safe_dump(resolved.cfg.to_dict(), sort_keys=False), nl=False)
     click.echo(f"# options checked: {resolved.preset}, global batch {resolved.global_batch} in "
@@ -237,10 +242,11 @@ def _resolved(cfg: Config) -> dict:
     so that it compares with a run's saved config; cfg itself where it cannot be resolved."""
     import torch
 
+    from dietcl_fast.launch_env import world_size
     from dietcl_fast.resolve import resolve, resolve_device
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return resolve(cfg, torch.device(resolve_device(cfg.run.device)), world).cfg.to_dict()
+        return resolve(cfg, torch.device(resolve_device(cfg.run.device)),
+                       world_size()).cfg.to_dict()
     except (ConfigError, ValueError, RuntimeError):
         return cfg.to_dict()
 
@@ -271,8 +277,7 @@ def _resume(ctx, params, run_dir: str) -> None:
     check_owner(run_dir, state["config"])   # the directory's own run, and config.yaml agrees
     # sharded optimiser state on another world size: refused before anything is built
     ckpt_io.check_resumable(state)
-    if not os.path.isfile(os.path.join(run_dir, "config.yaml")) and \
-            os.environ.get("RANK", "0") == "0":
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")) and is_main():
         save_yaml(cfg, os.path.join(run_dir, "config.yaml"))    # put back where it was deleted
     ignored = [o for o in train_params()[1] if o in params and _explicit(ctx, o)
                and o != "progress"]

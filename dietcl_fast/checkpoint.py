@@ -196,7 +196,8 @@ def engine_state_to_restore(st: dict) -> dict | None:
 def check_resumable(st: dict) -> None:
     """Refuse, before anything is built, to resume checkpoint state `st` on this launch's world
     size (WORLD_SIZE, 1 without a launcher) when its optimiser state is sharded over another."""
-    check_resume_world_size(engine_state_to_restore(st), int(os.environ.get("WORLD_SIZE", "1")))
+    from .launch_env import world_size
+    check_resume_world_size(engine_state_to_restore(st), world_size())
 
 
 def load_checkpoint(run_dir: str) -> dict:

@@ -27,6 +27,8 @@ import os
 import sys
 import time
 
+from .launch_env import world_size
+
 SAMPLE_SECONDS = 0.2
 BUSY_CORES = 0.5        # other processes' average use of the cores that makes spinning costly
 CHOICE: dict | None = None
@@ -79,7 +81,7 @@ def choose(log=lambda msg: print(msg, file=sys.stderr)) -> dict:
     if "OMP_WAIT_POLICY" in os.environ:
         CHOICE = {"policy": os.environ["OMP_WAIT_POLICY"], "by": "environment"}
         return CHOICE
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if world_size() > 1:
         # ranks start together and would count each other's start as load, and choose apart:
         # none is chosen (torchrun and deepspeed give each rank one thread unless told)
         CHOICE = {"policy": "default", "by": "launcher"}

@@ -25,6 +25,7 @@ import socket
 import time
 
 from .config import ConfigError
+from .launch_env import is_main
 
 LOCK_NAME = ".lock"
 # the files that mark a directory as a run's (any one of them: the run owns the directory)
@@ -186,7 +187,7 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> "RunLock":
-        if os.environ.get("RANK", "0") != "0":  # under a launcher the main process holds it
+        if not is_main():                   # under a launcher the main process holds it
             return self
         me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         for _ in range(3):

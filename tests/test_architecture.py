@@ -18,8 +18,8 @@ TREES = {"dietcl_fast": "dietcl_fast", "cli": "dietcl_fast.cli", "kernels": "die
 # unit -> layer (docs/architecture.md, "The units and what each may import"); lower layers never import higher
 LAYERS = {
     "_core": 0, "__init__": 0, "seeding": 0, "fsio": 0, "kernels": 0,
-    "mfu": 0, "run_state": 0, "pretrained": 0, "omp_wait": 0,
-    "streams": 1, "buffer": 1, "metrics_log": 1,
+    "mfu": 0, "run_state": 0, "pretrained": 0, "launch_env": 0,
+    "streams": 1, "buffer": 1, "metrics_log": 1, "omp_wait": 1,
     "config": 2, "models": 2, "ledger": 3, "data": 3, "engine": 3,
     "checkpoint": 4, "ckpt_writer": 5, "evaluate": 4, "results": 4, "outdir": 5, "plan": 4,
     "step_loss": 4, "evaluator": 5, "meter": 5, "methods": 6, "run_record": 6, "resolve": 7,

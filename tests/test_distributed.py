@@ -104,6 +104,39 @@ def test_engine_auto_detection():
     assert resolve_engine("torch", {"CROSS_RANK": "0"}) == "torch"
 
 
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not a whole number"),
+    ({"WORLD_SIZE": ""}, "WORLD_SIZE='' in the environment is not a whole number"),
+    ({"RANK": "1.0", "WORLD_SIZE": "2"}, "RANK='1.0' in the environment is not a whole number"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "inconsistent: RANK=2, WORLD_SIZE=2, LOCAL_RANK=2"),
+    ({"WORLD_SIZE": "0"}, "inconsistent: RANK=0, WORLD_SIZE=0, LOCAL_RANK=0"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1"),
+])
+def test_a_malformed_launcher_environment_is_named_before_anything_starts(monkeypatch, tmp_path,
+                                                                          env, needle):
+    """RANK, WORLD_SIZE and LOCAL_RANK are read and checked in one place (launch_env): a value
+    that is not a whole number, or ranks that do not fit the world, stop `train` and `compare`
+    with one line naming the variable (exit 2), before anything is written; well-formed values
+    (surrounding blanks allowed, as int() reads them) give the ranks."""
+    import re
+
+    from conftest import cli
+    from dietcl_fast import launch_env
+    with pytest.raises(launch_env.LaunchEnvError, match=re.escape(needle)):
+        launch_env.ranks(env)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    for cmd in (["train", *TINY[1:]], ["compare", "--methods", "er", *TINY[1:]]):
+        p = cli(*cmd, "--out", tmp_path / cmd[0], check=False)
+        assert p.returncode == 2 and p.stderr.startswith("error: ") and needle in p.stderr, \
+            p.stderr
+        assert "Traceback" not in p.stderr and not (tmp_path / cmd[0]).exists()
+    assert launch_env.ranks({"RANK": " 1", "WORLD_SIZE": "2 ", "LOCAL_RANK": "0"}) == (1, 2, 0)
+    assert launch_env.ranks({}) == (0, 1, 0) and launch_env.is_main({})
+
+
 def test_global_batch_must_divide(tmp_path):
     ps = launch(2, *TINY, "--micro-batch", "16", "--out", str(tmp_path / "r"), timeout=180)
     for p in ps:

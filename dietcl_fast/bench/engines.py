@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from dietcl_fast.launch_env import world_size
 from dietcl_fast.mfu import sync
 
 from .common import header, pick_device, table, write_json
@@ -44,7 +45,7 @@ def bench_engines(engines: str = "torch,ds0,ds1,ds2", batch: int = 1024, micro: 
     if tiny:
         batch, micro, classes = 16, 4, 10
         steps, warmup = min(steps, 3), min(warmup, 1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if batch % (micro * world):
         raise ValueError(f"--batch {batch} must be a multiple of --micro {micro}"
                          + (f" x {world} processes" if world > 1 else ""))

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..launch_env import ranks
+
 __all__ = ["DistInfo", "init_from_env", "launched_by", "resolve_engine", "free_port"]
 
 
@@ -121,12 +123,8 @@ def init_from_env(device_type: str, *, force_group: bool = False) -> DistInfo:
     (DeepSpeed needs a process group even for one process)."""
     env = os.environ
     launcher = launched_by(env)
-    world = int(env.get("WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", "0"))
-    local_rank = int(env.get("LOCAL_RANK", str(rank)))
+    rank, world, local_rank = ranks(env)
     backend = "nccl" if device_type == "cuda" else "gloo"
-    if world < 1 or not (0 <= rank < world):
-        raise ValueError(f"launcher environment is inconsistent: RANK={rank}, WORLD_SIZE={world}")
     if world == 1 and not force_group:
         if dist.is_available() and dist.is_initialized():
             return DistInfo(0, 1, local_rank, dist.get_backend(), launcher)
