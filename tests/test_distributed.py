@@ -111,7 +111,8 @@ def test_engine_auto_detection():
     ({"RANK": "2", "WORLD_SIZE": "2"}, "inconsistent: RANK=2, WORLD_SIZE=2, LOCAL_RANK=2"),
     ({"WORLD_SIZE": "0"}, "inconsistent: RANK=0, WORLD_SIZE=0, LOCAL_RANK=0"),
     ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1"),
-])
+], ids=["not-a-number", "empty", "rank-not-whole", "rank-past-the-world", "world-0",
+        "local-rank-negative"])
 def test_a_malformed_launcher_environment_is_named_before_anything_starts(monkeypatch, tmp_path,
                                                                           env, needle):
     """RANK, WORLD_SIZE and LOCAL_RANK are read and checked in one place (launch_env): a value
