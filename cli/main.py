@@ -11,7 +11,8 @@ import click
 from dietcl_fast.cli.options import ConfigCommand, click_option, cli_options, train_params
 from dietcl_fast.config import (Config, ConfigError, absolute_data, apply_dict, load_yaml,
                                 validate)
-from dietcl_fast.launch_env import is_main
+from dietcl_fast import launch_env
+from dietcl_fast.launch_env import is_main, world_size
 from dietcl_fast.outdir import check_out_dir
 
 
@@ -115,17 +116,23 @@ def default_run_dir(cfg: Config) -> str:
 def main(ctx, local_rank):
     """dietcl-fast: semi-supervised continual learning under a compute budget (DietCL and
     baselines) with an exact FLOP ledger."""
-    if ctx.invoked_subcommand in TRAINING_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
-        from dietcl_fast import launch_env, omp_wait
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        return
+    if ctx.invoked_subcommand in LAUNCHED_COMMANDS:
         try:                # the launcher's variables, checked once before anything starts
             launch_env.ranks()
         except launch_env.LaunchEnvError as e:
             _fail(str(e))
-        omp_wait.choose()                   # before torch loads: OpenMP reads it once
+    if ctx.invoked_subcommand in TRAINING_COMMANDS:
+        from dietcl_fast import omp_wait     # before torch loads: OpenMP reads it once
+        omp_wait.choose()
 
 
 # the commands that train: OpenMP's waiting policy is chosen at their start (omp_wait.py)
 TRAINING_COMMANDS = ("train", "compare", "pretrain")
+# the commands that read the launcher's variables (launch_env), checked at their start: those
+# that train, and the benches (several start trainers or engines)
+LAUNCHED_COMMANDS = (*TRAINING_COMMANDS, "bench")
 
 
 # train's config options (generated from the config fields: name, type, default, help) come
@@ -203,7 +210,6 @@ def _check(cfg: Config) -> None:
     import torch
     import yaml
 
-    from dietcl_fast.launch_env import world_size
     from dietcl_fast.methods import build_method
     from dietcl_fast.resolve import resolve, resolve_device
     resolved = resolve(cfg, torch.device(resolve_device(cfg.run.device)), world_size())
@@ -242,7 +248,6 @@ def _resolved(cfg: Config) -> dict:
     so that it compares with a run's saved config; cfg itself where it cannot be resolved."""
     import torch
 
-    from dietcl_fast.launch_env import world_size
     from dietcl_fast.resolve import resolve, resolve_device
     try:
         return resolve(cfg, torch.device(resolve_device(cfg.run.device)),
@@ -364,6 +369,9 @@ def pretrain(ctx, resume, check, **params):
     from dietcl_fast.run_state import RunStopped
     try:
         cfg = validate_pretrain(PretrainConfig(**params))
+        if world_size() > 1:    # its ranks would each pretrain, into the same --out
+            _fail(f"pretrain runs in one process; WORLD_SIZE={world_size()} says a launcher "
+                  "started several: start it without torchrun or the deepspeed launcher")
         if check:
             import dataclasses
 

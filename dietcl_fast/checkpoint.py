@@ -33,6 +33,7 @@ import torch
 
 from .engine.deepspeed_engine import (DS_SUBDIR, POINTER, check_resume_world_size,
                                       load_client_state)
+from .launch_env import world_size
 from .fsio import (FORMAT_VERSION, MAGIC, CheckpointError, atomic_write_bytes,  # noqa: F401
                    is_run_checkpoint, plain_state)
 
@@ -196,7 +197,6 @@ def engine_state_to_restore(st: dict) -> dict | None:
 def check_resumable(st: dict) -> None:
     """Refuse, before anything is built, to resume checkpoint state `st` on this launch's world
     size (WORLD_SIZE, 1 without a launcher) when its optimiser state is sharded over another."""
-    from .launch_env import world_size
     check_resume_world_size(engine_state_to_restore(st), world_size())
 
 

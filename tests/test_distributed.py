@@ -105,37 +105,67 @@ def test_engine_auto_detection():
 
 
 @pytest.mark.parametrize("env, needle", [
-    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not a whole number"),
-    ({"WORLD_SIZE": ""}, "WORLD_SIZE='' in the environment is not a whole number"),
-    ({"RANK": "1.0", "WORLD_SIZE": "2"}, "RANK='1.0' in the environment is not a whole number"),
-    ({"RANK": "2", "WORLD_SIZE": "2"}, "inconsistent: RANK=2, WORLD_SIZE=2, LOCAL_RANK=2"),
-    ({"WORLD_SIZE": "0"}, "inconsistent: RANK=0, WORLD_SIZE=0, LOCAL_RANK=0"),
-    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1"),
-], ids=["not-a-number", "empty", "rank-not-whole", "rank-past-the-world", "world-0",
-        "local-rank-negative"])
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' in the environment is not an integer"),
+    ({"WORLD_SIZE": ""}, "WORLD_SIZE='' in the environment is not an integer"),
+    ({"RANK": "1.0", "WORLD_SIZE": "2"}, "RANK='1.0' in the environment is not an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2"}, "RANK=2 with WORLD_SIZE=2: a rank is 0 to WORLD_SIZE - 1"),
+    ({"RANK": "1"}, "RANK=1 with WORLD_SIZE unset (1): a rank is 0 to WORLD_SIZE - 1"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: a launcher starts at least 1 process"),
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "-1"}, "LOCAL_RANK=-1: a local rank is 0 or more"),
+], ids=["not-a-number", "empty", "rank-not-an-integer", "rank-past-the-world",
+        "rank-without-a-world", "world-0", "local-rank-negative"])
 def test_a_malformed_launcher_environment_is_named_before_anything_starts(monkeypatch, tmp_path,
-                                                                          env, needle):
+                                                                          request, env, needle):
     """RANK, WORLD_SIZE and LOCAL_RANK are read and checked in one place (launch_env): a value
-    that is not a whole number, or ranks that do not fit the world, stop `train` and `compare`
-    with one line naming the variable (exit 2), before anything is written; well-formed values
-    (surrounding blanks allowed, as int() reads them) give the ranks."""
+    that is not an integer, or ranks that do not fit the world, stop `train`, `compare`,
+    `pretrain` and `bench step` with one line naming the variable, its value and the rule (exit
+    2), before the command starts (here its first step, OpenMP's policy or the bench, fails the
+    test if reached). The first case runs the four as real processes too (the check runs before
+    torch loads; ~0.3 CPU-s each). Well-formed values give the ranks (blanks around a number
+    allowed, as int() reads them)."""
     import re
 
+    import dietcl_fast.bench.step as bench_step
     from conftest import cli
-    from dietcl_fast import launch_env
+    from dietcl_fast import launch_env, omp_wait
     with pytest.raises(launch_env.LaunchEnvError, match=re.escape(needle)):
         launch_env.ranks(env)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+    for k in launch_env.NAMES:
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    for cmd in (["train", *TINY[1:]], ["compare", "--methods", "er", *TINY[1:]]):
-        p = cli(*cmd, "--out", tmp_path / cmd[0], check=False)
-        assert p.returncode == 2 and p.stderr.startswith("error: ") and needle in p.stderr, \
-            p.stderr
-        assert "Traceback" not in p.stderr and not (tmp_path / cmd[0]).exists()
+    cmds = [["train", *TINY[1:]], ["compare", "--methods", "er", *TINY[1:]],
+            ["pretrain", "--budget", "2", "--no-progress"], ["bench", "step"]]
+    for process in (False, True):
+        if process and request.node.callspec.id != "not-a-number":
+            break
+        with monkeypatch.context() as m:
+            if not process:
+                def started(*a, **k):
+                    raise AssertionError("the command started before the launcher's check")
+                m.setattr(omp_wait, "choose", started)
+                m.setattr(bench_step, "bench_step", started)
+            for cmd in cmds:
+                out = tmp_path / f"{cmd[0]}-{process}"
+                p = cli(*cmd, "--out", out, check=False, process=process)
+                assert p.returncode == 2 and p.stderr.startswith("error: ") and needle in p.stderr, \
+                    (cmd, process, p.stderr)
+                assert "unset RANK, WORLD_SIZE and LOCAL_RANK" in p.stderr
+                assert "Traceback" not in p.stderr and not out.exists()
     assert launch_env.ranks({"RANK": " 1", "WORLD_SIZE": "2 ", "LOCAL_RANK": "0"}) == (1, 2, 0)
     assert launch_env.ranks({}) == (0, 1, 0) and launch_env.is_main({})
+
+
+def test_pretrain_under_a_launcher_is_refused(monkeypatch, tmp_path):
+    """pretrain runs in one process: started by a launcher (WORLD_SIZE > 1) each rank would
+    pretrain into the same --out, so it stops and says how to start it."""
+    from conftest import cli
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "pt"
+    p = cli("pretrain", "--budget", "2", "--no-progress", "--out", out, check=False)
+    assert p.returncode == 2 and "pretrain runs in one process; WORLD_SIZE=2" in p.stderr, p.stderr
+    assert "without torchrun or the deepspeed launcher" in p.stderr and not out.exists()
 
 
 def test_global_batch_must_divide(tmp_path):

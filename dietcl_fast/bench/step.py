@@ -272,6 +272,7 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                compile_time_step_0: bool = False, mode_seconds: float | None = None,
                echo=print, log=_quiet) -> dict:
     from dietcl_fast.config import Config, ConfigError
+    from dietcl_fast.launch_env import LaunchEnvError
     from dietcl_fast.methods.dietcl import parse_split
     if split is None:
         split = Config().method.split               # DietCL's default (train's --split)
@@ -313,7 +314,7 @@ def bench_step(preset: str = "cpu-tiny", data: str | None = None, device: str = 
                 with sigterm_raises(limit):
                     r = run_mode(m, data, preset, dev, steps, warmup, os.path.join(tmp, m),
                                  batch_size, micro_batch, loader, label_rate, log, compile_from)
-            except ConfigError:             # bad input: the same for every mode, stop now
+            except (ConfigError, LaunchEnvError):   # bad input, the same for every mode: stop
                 raise
             except Exception as e:          # recorded; the other mode still runs
                 errors[m] = {"error": f"{type(e).__name__}: {e}",
