@@ -13,6 +13,8 @@ checked:
 * the launcher is detected from its environment; a global batch that does not divide stops
   clearly.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -123,8 +125,6 @@ def test_a_malformed_launcher_environment_is_named_before_anything_starts(monkey
     test if reached). The first case runs the four as real processes too (the check runs before
     torch loads; ~0.3 CPU-s each). Well-formed values give the ranks (blanks around a number
     allowed, as int() reads them)."""
-    import re
-
     import dietcl_fast.bench.step as bench_step
     from conftest import cli
     from dietcl_fast import launch_env, omp_wait
@@ -154,6 +154,29 @@ def test_a_malformed_launcher_environment_is_named_before_anything_starts(monkey
                 assert "Traceback" not in p.stderr and not out.exists()
     assert launch_env.ranks({"RANK": " 1", "WORLD_SIZE": "2 ", "LOCAL_RANK": "0"}) == (1, 2, 0)
     assert launch_env.ranks({}) == (0, 1, 0) and launch_env.is_main({})
+
+
+@pytest.mark.parametrize("env, said", [
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "LOCAL_RANK=3 but only 2 GPUs"),
+    ({"RANK": "3", "WORLD_SIZE": "4"}, "LOCAL_RANK unset (so the rank, 3: set it to this "
+                                       "process's GPU on its node"),
+], ids=["set", "unset"])
+def test_a_local_rank_past_the_nodes_gpus_is_named(monkeypatch, env, said):
+    """On GPUs each process takes GPU LOCAL_RANK of its node; one past the node's GPUs stops
+    before any device is touched, naming LOCAL_RANK, or saying that it was unset and taken
+    from the rank (a launcher that sets only RANK and WORLD_SIZE, one process per node). Here
+    with the GPU count made 2."""
+    import torch
+
+    from dietcl_fast.engine.distributed import init_from_env
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("a device was set"))
+    with pytest.raises(ValueError, match=re.escape(said)):
+        init_from_env("cuda")
 
 
 def test_pretrain_under_a_launcher_is_refused(monkeypatch, tmp_path):

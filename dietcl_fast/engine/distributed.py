@@ -131,8 +131,11 @@ def init_from_env(device_type: str, *, force_group: bool = False) -> DistInfo:
         return DistInfo(0, 1, local_rank, None, launcher)
     if device_type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPUs are "
-                             "visible on this node; start at most one process per GPU")
+            said = (f"LOCAL_RANK={local_rank}" if "LOCAL_RANK" in env else
+                    f"LOCAL_RANK unset (so the rank, {local_rank}: set it to this process's GPU "
+                    "on its node; torchrun and the deepspeed launcher do)")
+            raise ValueError(f"{said} but only {torch.cuda.device_count()} GPUs are visible on "
+                             "this node; start at most one process per GPU")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         if world == 1:   # a world of one on the loopback interface, on a free port
