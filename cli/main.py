@@ -11,8 +11,7 @@ import click
 from dietcl_fast.cli.options import ConfigCommand, click_option, cli_options, train_params
 from dietcl_fast.config import (Config, ConfigError, absolute_data, apply_dict, load_yaml,
                                 validate)
-from dietcl_fast import launch_env
-from dietcl_fast.launch_env import is_main, world_size
+from dietcl_fast.launch_env import LaunchEnvError, is_main, ranks, world_size
 from dietcl_fast.outdir import check_out_dir
 
 
@@ -120,8 +119,8 @@ def main(ctx, local_rank):
         return
     if ctx.invoked_subcommand in LAUNCHED_COMMANDS:
         try:                # the launcher's variables, checked once before anything starts
-            launch_env.ranks()
-        except launch_env.LaunchEnvError as e:
+            ranks()
+        except LaunchEnvError as e:
             _fail(str(e))
     if ctx.invoked_subcommand in TRAINING_COMMANDS:
         from dietcl_fast import omp_wait     # before torch loads: OpenMP reads it once
@@ -369,8 +368,9 @@ def pretrain(ctx, resume, check, **params):
     from dietcl_fast.run_state import RunStopped
     try:
         cfg = validate_pretrain(PretrainConfig(**params))
-        if world_size() > 1:    # its ranks would each pretrain, into the same --out
-            _fail(f"pretrain runs in one process; WORLD_SIZE={world_size()} says a launcher "
+        world = world_size()
+        if world > 1:           # its ranks would each pretrain, into the same --out
+            _fail(f"pretrain runs in one process; WORLD_SIZE={world} says a launcher "
                   "started several: start it without torchrun or the deepspeed launcher")
         if check:
             import dataclasses

@@ -33,9 +33,9 @@ import torch
 
 from .engine.deepspeed_engine import (DS_SUBDIR, POINTER, check_resume_world_size,
                                       load_client_state)
-from .launch_env import world_size
 from .fsio import (FORMAT_VERSION, MAGIC, CheckpointError, atomic_write_bytes,  # noqa: F401
                    is_run_checkpoint, plain_state)
+from .launch_env import world_size
 
 CKPT_NAME = "latest.pt"
 STEP_MODELS = "models"                  # models/t<t>.pt: the model after time step t
